@@ -1,0 +1,7 @@
+//! The one integration-test binary (each extra binary re-links kube and k8s-openapi).
+
+mod support;
+
+mod kube_sim;
+mod openai_sim;
+mod vault_contract;

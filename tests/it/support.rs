@@ -1,0 +1,170 @@
+//! Test harness: finds the real components `.ci/run` installed and starts them on
+//! 127.0.0.1 with random ports. A missing component is a test failure, never a skip.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Find an executable: `$OKR_TOOLS_DIR` (default `<repo>/.tools`) `venv/bin` and
+/// `npm/node_modules/.bin`, then `PATH`. Panics with the install hint when absent.
+pub fn tool(name: &str) -> PathBuf {
+    let tools = std::env::var_os("OKR_TOOLS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".tools"));
+    let mut dirs = vec![
+        tools.join("venv/bin"),
+        tools.join("npm/node_modules/.bin"),
+    ];
+    if let Some(path) = std::env::var_os("PATH") {
+        dirs.extend(std::env::split_paths(&path));
+    }
+    for d in dirs {
+        let p = d.join(name);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!(
+        "required test component `{name}` not found in {}/{{venv/bin,npm/node_modules/.bin}} or PATH; \
+         run the README's test command (scripts/test.sh), which installs it",
+        tools.display()
+    );
+}
+
+/// A free TCP port on 127.0.0.1 (bound then released; good enough for a child to take).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process killed on drop, with its output captured to a temp file for failures.
+pub struct ChildGuard {
+    pub child: Child,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl ChildGuard {
+    pub fn spawn(mut cmd: Command) -> ChildGuard {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("output.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let err = out.try_clone().unwrap();
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        ChildGuard {
+            child,
+            log,
+            _dir: dir,
+        }
+    }
+
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Poll `url` until it answers any HTTP status, or panic after `timeout` with `guard`'s output.
+pub async fn wait_http(url: &str, timeout: Duration, guard: &mut ChildGuard) {
+    let client = reqwest::Client::new();
+    let start = Instant::now();
+    loop {
+        if let Ok(Some(status)) = guard.child.try_wait() {
+            panic!("{url}: process exited with {status}:\n{}", guard.output());
+        }
+        if client
+            .get(url)
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        if start.elapsed() > timeout {
+            panic!("{url} not up after {timeout:?}:\n{}", guard.output());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A real OpenBao dev server (root token `root`, `secret/` is KV v2).
+pub struct Bao {
+    pub addr: String,
+    pub token: String,
+    pub guard: ChildGuard,
+}
+
+pub async fn start_bao() -> Bao {
+    let port = free_port();
+    let mut cmd = Command::new(tool("bao"));
+    cmd.args([
+        "server",
+        "-dev",
+        "-dev-root-token-id=root",
+        &format!("-dev-listen-address=127.0.0.1:{port}"),
+    ])
+    .env("BAO_DISABLE_MLOCK", "true")
+    .env_remove("BAO_ADDR")
+    .env_remove("VAULT_ADDR");
+    let mut guard = ChildGuard::spawn(cmd);
+    let addr = format!("http://127.0.0.1:{port}");
+    wait_http(
+        &format!("{addr}/v1/sys/health"),
+        Duration::from_secs(30),
+        &mut guard,
+    )
+    .await;
+    Bao {
+        addr,
+        token: "root".into(),
+        guard,
+    }
+}
+
+/// The OpenAI description the contract tests validate against (copied into the repo).
+pub fn openai_spec() -> PathBuf {
+    repo_root().join("tests/contract/openai-openapi-subset.json")
+}
+
+/// `prism proxy` in front of `upstream` (which must end in `/v1`); clients use
+/// `Prism::url` without `/v1`.
+pub struct Prism {
+    pub url: String,
+    pub guard: ChildGuard,
+}
+
+pub async fn start_prism(spec: &Path, upstream: &str) -> Prism {
+    let port = free_port();
+    let mut cmd = Command::new(tool("prism"));
+    cmd.args(["proxy", "-h", "127.0.0.1", "-p", &port.to_string()])
+        .arg(spec)
+        .arg(upstream)
+        .args(["--errors"]);
+    let mut guard = ChildGuard::spawn(cmd);
+    let url = format!("http://127.0.0.1:{port}");
+    wait_http(&format!("{url}/models"), Duration::from_secs(60), &mut guard).await;
+    Prism { url, guard }
+}
