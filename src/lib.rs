@@ -1,4 +1,5 @@
 //! openai-key-rotator: rotates OpenAI project service-account keys with zero downtime.
+pub mod config;
 pub mod secret;
 #[cfg(feature = "sandbox")]
 pub mod sandbox;
