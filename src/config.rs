@@ -657,11 +657,24 @@ fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
                         .map(|v| v.trim().trim_matches('"').to_string())
                 })
                 .unwrap_or_default();
-            msg = format!("targets[{target_index}] ({name:?}): {msg}");
+            msg = format!("targets[{target_index}] ({name:?}){}: {msg}", key_on_line(text, span.start));
+        } else if let Some(table) = before.rfind("\n[").map(|p| &text[p + 2..]) {
+            let table = table.split(']').next().unwrap_or_default();
+            msg = format!("{table}{}: {msg}", key_on_line(text, span.start));
         }
         msg = format!("line {line}: {msg}");
     }
     msg
+}
+
+/// `.key` when the line holding `offset` reads `key = ...`.
+fn key_on_line(text: &str, offset: usize) -> String {
+    let start = text[..offset.min(text.len())].rfind('\n').map_or(0, |p| p + 1);
+    let line = text[start..].lines().next().unwrap_or_default();
+    match line.split_once('=') {
+        Some((k, _)) if !k.trim().is_empty() && !k.contains('[') => format!(".{}", k.trim()),
+        _ => String::new(),
+    }
 }
 
 #[cfg(test)]
@@ -706,7 +719,7 @@ schedule = "0 0 3 * * *"
     #[test]
     fn bad_cron_names_target_and_field() {
         let e = err(&MINIMAL.replace("0 0 3 * * *", "0 3 * * *"));
-        assert!(e.contains("targets[0] (\"chatbot\")"), "{e}");
+        assert!(e.contains("targets[0] (\"chatbot\").schedule"), "{e}");
         assert!(e.contains("cron"), "{e}");
         assert!(e.contains("6 or 7 fields"), "{e}");
     }
@@ -715,7 +728,9 @@ schedule = "0 0 3 * * *"
     fn bad_duration_is_explained() {
         let e = err(&format!("{MINIMAL}grace_period = \"5 parsecs\"\n"));
         assert!(e.contains("invalid duration \"5 parsecs\""), "{e}");
-        assert!(e.contains("chatbot"), "{e}");
+        assert!(e.contains("targets[0] (\"chatbot\").grace_period"), "{e}");
+        let e = err(&MINIMAL.replace("[vault]\n", "[vault]\nrequest_timeout = \"soon\"\n"));
+        assert!(e.contains("vault.request_timeout: invalid duration"), "{e}");
     }
 
     #[test]
