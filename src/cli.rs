@@ -1,0 +1,137 @@
+//! Command-line interface: argument parsing and the commands' top-level flow.
+
+use crate::config::{Config, LogFormat};
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(name = "openai-key-rotator", version, about = "Rotates OpenAI API keys kept in Vault with zero downtime")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Validate a configuration file: prints OK or every error, naming target and field.
+    CheckConfig {
+        /// TOML configuration file.
+        file: PathBuf,
+    },
+    /// Start the OpenAI, Vault and Kubernetes simulators with a seeded scenario, write a
+    /// kubeconfig and a daemon config for them, and run until SIGTERM/SIGINT.
+    #[cfg(feature = "sandbox")]
+    Sandbox(SandboxArgs),
+}
+
+#[cfg(feature = "sandbox")]
+#[derive(clap::Args, Debug)]
+pub struct SandboxArgs {
+    #[arg(long, default_value_t = crate::sandbox::scenario::DEFAULT_OPENAI_PORT)]
+    pub openai_port: u16,
+    #[arg(long, default_value_t = crate::sandbox::scenario::DEFAULT_VAULT_PORT)]
+    pub vault_port: u16,
+    #[arg(long, default_value_t = crate::sandbox::scenario::DEFAULT_KUBE_PORT)]
+    pub kube_port: u16,
+    /// Folder for the generated files.
+    #[arg(long, default_value = "okr-sandbox")]
+    pub dir: PathBuf,
+    /// Where to write the kubeconfig (default DIR/kubeconfig).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Where to write the daemon config (default DIR/config.toml); the admin key and Vault
+    /// token files go beside it.
+    #[arg(long)]
+    pub write_config: Option<PathBuf>,
+}
+
+/// Logs go to stderr: JSON when not on a terminal (or when asked), human text otherwise.
+pub fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = match format {
+        LogFormat::Json => true,
+        LogFormat::Text => false,
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// Run a parsed command; the process exit code comes from the result.
+pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
+    match cli.command {
+        Command::CheckConfig { file } => match Config::load(&file) {
+            Ok(c) => {
+                println!("OK: {} ({} targets)", file.display(), c.targets.len());
+                Ok(std::process::ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                Ok(std::process::ExitCode::from(1))
+            }
+        },
+        #[cfg(feature = "sandbox")]
+        Command::Sandbox(args) => sandbox(args).await,
+    }
+}
+
+#[cfg(feature = "sandbox")]
+async fn sandbox(args: SandboxArgs) -> anyhow::Result<std::process::ExitCode> {
+    use crate::sandbox::scenario::{Sandbox, SandboxOptions};
+    init_tracing(LogFormat::Text);
+    let sb = Sandbox::start(SandboxOptions {
+        openai_port: args.openai_port,
+        vault_port: args.vault_port,
+        kube_port: args.kube_port,
+        dir: args.dir,
+        kubeconfig: args.kubeconfig,
+        config: args.write_config,
+        ..Default::default()
+    })
+    .await
+    .context("starting the sandbox")?;
+    println!("openai-key-rotator sandbox is running.");
+    println!("  OpenAI API simulator  {}   (admin key in {})", sb.openai_url, sb.config.openai.admin_key_file.as_ref().map(|p| p.display().to_string()).unwrap_or_default());
+    println!("  Vault simulator       {}   (token in {})", sb.vault_url, sb.config_path.with_file_name("vault-token").display());
+    println!("  Kubernetes simulator  {}", sb.kube_url);
+    println!("  project               {}", sb.project_id);
+    println!("  kubeconfig            {}", sb.kubeconfig_path.display());
+    println!("  daemon config         {}", sb.config_path.display());
+    println!();
+    println!("Try:  kubectl --kubeconfig {} get deployments,pods", sb.kubeconfig_path.display());
+    println!("      curl -s -H \"X-Vault-Token: $(cat {})\" {}/v1/secret/metadata/{}", sb.config_path.with_file_name("vault-token").display(), sb.vault_url, sb.config.targets.first().map(|t| t.vault_path.as_str()).unwrap_or(""));
+    println!("Stop with Ctrl-C.");
+    shutdown_signal().await;
+    let stats = sb.consumers.total();
+    println!(
+        "stopping: consumers made {} successful and {} failed calls",
+        stats.ok, stats.failed
+    );
+    drop(sb);
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

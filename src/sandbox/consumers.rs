@@ -1,0 +1,304 @@
+//! Simulated consumer pods: how zero downtime is measured.
+//!
+//! A Deployment registered as a consumer behaves like an application that reads its OpenAI
+//! key once at pod start (from Vault or from a mounted Secret) and then calls the OpenAI data
+//! plane until the pod terminates. A pod becomes Ready only once it holds a key (a readiness
+//! gate on the Kubernetes simulator), exactly like an app whose readiness probe checks its
+//! configuration. Every call is counted; a rotation that kills a key still in use shows up as
+//! failed calls.
+
+use super::kube::{KubeSim, PodEvent};
+use crate::secret::Secret;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
+
+/// Where a consumer pod reads its key at start.
+#[derive(Clone, Debug)]
+pub enum KeySource {
+    /// A KV v2 read (`GET /v1/{mount}/data/{path}`), as an app with a Vault agent would.
+    Vault {
+        addr: String,
+        token: Secret,
+        mount: String,
+        path: String,
+        field: String,
+    },
+    /// A Secret in the pod's namespace, as if mounted as a file or env var.
+    Secret { name: String, key: String },
+}
+
+#[derive(Clone, Debug)]
+pub struct ConsumerSpec {
+    pub source: KeySource,
+    /// OpenAI base URL ending in `/v1`.
+    pub openai_base_url: String,
+    /// Pause between calls of one pod.
+    pub interval: Duration,
+}
+
+/// Counters of one consumer Deployment (or of all, from [`Consumers::total`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConsumerStats {
+    pub ok: u64,
+    pub failed: u64,
+    pub pods_started: u64,
+    /// The last failure, as "pod: status or error" (never a key value).
+    pub last_failure: Option<String>,
+}
+
+#[derive(Default)]
+struct Counters {
+    ok: AtomicU64,
+    failed: AtomicU64,
+    pods_started: AtomicU64,
+    last_failure: Mutex<Option<String>>,
+}
+
+impl Counters {
+    fn snapshot(&self) -> ConsumerStats {
+        ConsumerStats {
+            ok: self.ok.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            pods_started: self.pods_started.load(Ordering::Relaxed),
+            last_failure: self.last_failure.lock().unwrap().clone(),
+        }
+    }
+}
+
+type WorkloadKey = (String, String);
+
+struct Registered {
+    spec: ConsumerSpec,
+    counters: Arc<Counters>,
+}
+
+#[derive(Default)]
+struct State {
+    workloads: HashMap<WorkloadKey, Registered>,
+    /// Running pods: (namespace, pod) → its stop token.
+    pods: HashMap<WorkloadKey, CancellationToken>,
+}
+
+/// The consumer runtime, driven by the Kubernetes simulator's pod events.
+#[derive(Clone)]
+pub struct Consumers {
+    kube: KubeSim,
+    state: Arc<Mutex<State>>,
+    http: reqwest::Client,
+    cancel: CancellationToken,
+}
+
+impl Consumers {
+    /// Start following `kube`'s pod events; stops (with every pod loop) on `cancel`.
+    pub fn start(kube: &KubeSim, cancel: CancellationToken) -> Consumers {
+        let consumers = Consumers {
+            kube: kube.clone(),
+            state: Arc::default(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()
+                .expect("reqwest client"),
+            cancel,
+        };
+        let mut events = kube.pod_events();
+        let this = consumers.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = this.cancel.cancelled() => break,
+                    ev = events.recv() => match ev {
+                        Ok(ev) => this.on_event(ev),
+                        Err(RecvError::Lagged(n)) => {
+                            tracing::error!(missed = n, "consumer runtime lagged behind pod events");
+                        }
+                        Err(RecvError::Closed) => break,
+                    }
+                }
+            }
+        });
+        consumers
+    }
+
+    /// Make `deployment`'s pods consumers. Register before the Deployment's pods start:
+    /// pods that already run are not retrofitted.
+    pub fn add(&self, namespace: &str, deployment: &str, spec: ConsumerSpec) {
+        self.kube.set_readiness_gate(namespace, deployment, true);
+        self.state.lock().unwrap().workloads.insert(
+            (namespace.to_string(), deployment.to_string()),
+            Registered {
+                spec,
+                counters: Arc::default(),
+            },
+        );
+    }
+
+    pub fn stats(&self, namespace: &str, deployment: &str) -> ConsumerStats {
+        self.state
+            .lock()
+            .unwrap()
+            .workloads
+            .get(&(namespace.to_string(), deployment.to_string()))
+            .map(|r| r.counters.snapshot())
+            .unwrap_or_default()
+    }
+
+    /// Sum over every consumer workload.
+    pub fn total(&self) -> ConsumerStats {
+        let state = self.state.lock().unwrap();
+        let mut total = ConsumerStats::default();
+        for r in state.workloads.values() {
+            let s = r.counters.snapshot();
+            total.ok += s.ok;
+            total.failed += s.failed;
+            total.pods_started += s.pods_started;
+            if s.last_failure.is_some() {
+                total.last_failure = s.last_failure;
+            }
+        }
+        total
+    }
+
+    /// Pods currently running a consumer loop.
+    pub fn running_pods(&self) -> usize {
+        self.state.lock().unwrap().pods.len()
+    }
+
+    fn on_event(&self, ev: PodEvent) {
+        match ev {
+            PodEvent::Started {
+                namespace,
+                pod,
+                workload: Some((kind, name)),
+                ..
+            } if kind == "Deployment" => {
+                let mut state = self.state.lock().unwrap();
+                let Some(reg) = state.workloads.get(&(namespace.clone(), name)) else {
+                    return;
+                };
+                let spec = reg.spec.clone();
+                let counters = reg.counters.clone();
+                let stop = self.cancel.child_token();
+                state.pods.insert((namespace.clone(), pod.clone()), stop.clone());
+                drop(state);
+                counters.pods_started.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(self.clone().run_pod(namespace, pod, spec, counters, stop));
+            }
+            PodEvent::Terminated { namespace, pod, .. } => {
+                if let Some(stop) = self.state.lock().unwrap().pods.remove(&(namespace, pod)) {
+                    stop.cancel();
+                }
+            }
+            PodEvent::Started { .. } => {}
+        }
+    }
+
+    async fn run_pod(
+        self,
+        namespace: String,
+        pod: String,
+        spec: ConsumerSpec,
+        counters: Arc<Counters>,
+        stop: CancellationToken,
+    ) {
+        // Read the key once, as an app does at start; not Ready until it has one.
+        let key = loop {
+            match self.read_key(&namespace, &spec.source).await {
+                Ok(k) => break k,
+                Err(e) => {
+                    tracing::debug!(%namespace, %pod, error = %e, "consumer waiting for its key");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    }
+                }
+            }
+        };
+        self.kube.open_readiness_gate(&namespace, &pod);
+        let url = format!("{}/models", spec.openai_base_url.trim_end_matches('/'));
+        loop {
+            let outcome = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = self.http.get(&url).bearer_auth(key.expose()).send() => r,
+            };
+            match outcome {
+                Ok(resp) if resp.status().is_success() => {
+                    counters.ok.fetch_add(1, Ordering::Relaxed);
+                }
+                other => {
+                    let why = match other {
+                        Ok(resp) => format!("HTTP {}", resp.status()),
+                        Err(e) => format!("request error: {}", without_url(&e)),
+                    };
+                    counters.failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%namespace, %pod, failure = %why, "consumer call failed");
+                    *counters.last_failure.lock().unwrap() = Some(format!("{pod}: {why}"));
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(spec.interval) => {}
+            }
+        }
+    }
+
+    async fn read_key(&self, namespace: &str, source: &KeySource) -> Result<Secret, String> {
+        match source {
+            KeySource::Vault {
+                addr,
+                token,
+                mount,
+                path,
+                field,
+            } => {
+                let url = format!(
+                    "{}/v1/{}/data/{}",
+                    addr.trim_end_matches('/'),
+                    mount.trim_matches('/'),
+                    path.trim_matches('/')
+                );
+                let resp = self
+                    .http
+                    .get(&url)
+                    .header("X-Vault-Token", token.expose())
+                    .send()
+                    .await
+                    .map_err(|e| without_url(&e))?;
+                if !resp.status().is_success() {
+                    return Err(format!("vault read: HTTP {}", resp.status()));
+                }
+                let body: serde_json::Value = resp.json().await.map_err(|e| e.to_string())?;
+                body.pointer(&format!("/data/data/{field}"))
+                    .and_then(|v| v.as_str())
+                    .map(Secret::new)
+                    .ok_or_else(|| format!("vault read: no string field {field:?}"))
+            }
+            KeySource::Secret { name, key } => {
+                let secret = self
+                    .kube
+                    .secret(namespace, name)
+                    .ok_or_else(|| format!("secret {namespace}/{name} not found"))?;
+                let bytes = secret
+                    .data
+                    .as_ref()
+                    .and_then(|d| d.get(key))
+                    .ok_or_else(|| format!("secret {namespace}/{name} has no key {key:?}"))?;
+                String::from_utf8(bytes.0.clone())
+                    .map(Secret::new)
+                    .map_err(|_| format!("secret {namespace}/{name} key {key:?} is not UTF-8"))
+            }
+        }
+    }
+}
+
+/// reqwest errors print the URL; ours carry no secrets, but keep messages short.
+fn without_url(e: &reqwest::Error) -> String {
+    let mut s = e.to_string();
+    if let Some(url) = e.url() {
+        s = s.replace(url.as_str(), "<url>");
+    }
+    s
+}
