@@ -7,7 +7,11 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
-#[command(name = "openai-key-rotator", version, about = "Rotates OpenAI API keys kept in Vault with zero downtime")]
+#[command(
+    name = "openai-key-rotator",
+    version,
+    about = "Rotates OpenAI API keys kept in Vault with zero downtime"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -22,11 +26,11 @@ pub enum Command {
     },
     /// Start the OpenAI, Vault and Kubernetes simulators with a seeded scenario, write a
     /// kubeconfig and a daemon config for them, and run until SIGTERM/SIGINT.
-    #[cfg(feature = "sandbox")]
+    #[cfg(all(feature = "sandbox", any()))] // TEMP until the simulators merge
     Sandbox(SandboxArgs),
 }
 
-#[cfg(feature = "sandbox")]
+#[cfg(all(feature = "sandbox", any()))] // TEMP until the simulators merge
 #[derive(clap::Args, Debug)]
 pub struct SandboxArgs {
     #[arg(long, default_value_t = crate::sandbox::scenario::DEFAULT_OPENAI_PORT)]
@@ -79,12 +83,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 Ok(std::process::ExitCode::from(1))
             }
         },
-        #[cfg(feature = "sandbox")]
+        #[cfg(all(feature = "sandbox", any()))] // TEMP until the simulators merge
         Command::Sandbox(args) => sandbox(args).await,
     }
 }
 
-#[cfg(feature = "sandbox")]
+#[cfg(all(feature = "sandbox", any()))] // TEMP until the simulators merge
 async fn sandbox(args: SandboxArgs) -> anyhow::Result<std::process::ExitCode> {
     use crate::sandbox::scenario::{Sandbox, SandboxOptions};
     init_tracing(LogFormat::Text);
@@ -100,15 +104,40 @@ async fn sandbox(args: SandboxArgs) -> anyhow::Result<std::process::ExitCode> {
     .await
     .context("starting the sandbox")?;
     println!("openai-key-rotator sandbox is running.");
-    println!("  OpenAI API simulator  {}   (admin key in {})", sb.openai_url, sb.config.openai.admin_key_file.as_ref().map(|p| p.display().to_string()).unwrap_or_default());
-    println!("  Vault simulator       {}   (token in {})", sb.vault_url, sb.config_path.with_file_name("vault-token").display());
+    println!(
+        "  OpenAI API simulator  {}   (admin key in {})",
+        sb.openai_url,
+        sb.config
+            .openai
+            .admin_key_file
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    );
+    println!(
+        "  Vault simulator       {}   (token in {})",
+        sb.vault_url,
+        sb.config_path.with_file_name("vault-token").display()
+    );
     println!("  Kubernetes simulator  {}", sb.kube_url);
     println!("  project               {}", sb.project_id);
     println!("  kubeconfig            {}", sb.kubeconfig_path.display());
     println!("  daemon config         {}", sb.config_path.display());
     println!();
-    println!("Try:  kubectl --kubeconfig {} get deployments,pods", sb.kubeconfig_path.display());
-    println!("      curl -s -H \"X-Vault-Token: $(cat {})\" {}/v1/secret/metadata/{}", sb.config_path.with_file_name("vault-token").display(), sb.vault_url, sb.config.targets.first().map(|t| t.vault_path.as_str()).unwrap_or(""));
+    println!(
+        "Try:  kubectl --kubeconfig {} get deployments,pods",
+        sb.kubeconfig_path.display()
+    );
+    println!(
+        "      curl -s -H \"X-Vault-Token: $(cat {})\" {}/v1/secret/metadata/{}",
+        sb.config_path.with_file_name("vault-token").display(),
+        sb.vault_url,
+        sb.config
+            .targets
+            .first()
+            .map(|t| t.vault_path.as_str())
+            .unwrap_or("")
+    );
     println!("Stop with Ctrl-C.");
     shutdown_signal().await;
     let stats = sb.consumers.total();

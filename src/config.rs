@@ -530,7 +530,8 @@ impl Config {
                 self.openai.base_url
             ));
         }
-        if !(self.vault.address.starts_with("http://") || self.vault.address.starts_with("https://"))
+        if !(self.vault.address.starts_with("http://")
+            || self.vault.address.starts_with("https://"))
         {
             errors.push(format!(
                 "vault.address: {:?} must be an http(s) URL",
@@ -566,7 +567,10 @@ impl Config {
             if t.vault_path.trim_matches('/').is_empty() {
                 errors.push(format!("{at}.vault_path: must not be empty"));
             }
-            if t.vault_path.trim_matches('/').starts_with(d.state_prefix.trim_matches('/')) {
+            if t.vault_path
+                .trim_matches('/')
+                .starts_with(d.state_prefix.trim_matches('/'))
+            {
                 errors.push(format!(
                     "{at}.vault_path: {:?} lies under daemon.state_prefix {:?}",
                     t.vault_path, d.state_prefix
@@ -601,7 +605,10 @@ impl Config {
             }
             for (j, p) in t.smoke_probes.iter().enumerate() {
                 if url::Url::parse(&p.url).is_err() {
-                    errors.push(format!("{at}.smoke_probes[{j}].url: {:?} is not a URL", p.url));
+                    errors.push(format!(
+                        "{at}.smoke_probes[{j}].url: {:?} is not a URL",
+                        p.url
+                    ));
                 }
                 if !(100..=599).contains(&p.expect_status) {
                     errors.push(format!(
@@ -657,7 +664,10 @@ fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
                         .map(|v| v.trim().trim_matches('"').to_string())
                 })
                 .unwrap_or_default();
-            msg = format!("targets[{target_index}] ({name:?}){}: {msg}", key_on_line(text, span.start));
+            msg = format!(
+                "targets[{target_index}] ({name:?}){}: {msg}",
+                key_on_line(text, span.start)
+            );
         } else if let Some(table) = before.rfind("\n[").map(|p| &text[p + 2..]) {
             let table = table.split(']').next().unwrap_or_default();
             msg = format!("{table}{}: {msg}", key_on_line(text, span.start));
@@ -669,7 +679,9 @@ fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
 
 /// `.key` when the line holding `offset` reads `key = ...`.
 fn key_on_line(text: &str, offset: usize) -> String {
-    let start = text[..offset.min(text.len())].rfind('\n').map_or(0, |p| p + 1);
+    let start = text[..offset.min(text.len())]
+        .rfind('\n')
+        .map_or(0, |p| p + 1);
     let line = text[start..].lines().next().unwrap_or_default();
     match line.split_once('=') {
         Some((k, _)) if !k.trim().is_empty() && !k.contains('[') => format!(".{}", k.trim()),
@@ -751,7 +763,10 @@ schedule = "0 0 3 * * *"
     fn duplicate_target_is_rejected() {
         let second = MINIMAL.split("[[targets]]").nth(1).unwrap();
         let e = err(&format!("{MINIMAL}[[targets]]{second}"));
-        assert!(e.contains("targets[1] (\"chatbot\").name: duplicate"), "{e}");
+        assert!(
+            e.contains("targets[1] (\"chatbot\").name: duplicate"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! openai-key-rotator: rotates OpenAI project service-account keys with zero downtime.
 pub mod cli;
 pub mod config;
-pub mod secret;
-pub mod vault;
+pub mod rotation;
 #[cfg(feature = "sandbox")]
 pub mod sandbox;
+pub mod secret;
+pub mod vault;

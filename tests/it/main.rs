@@ -4,4 +4,5 @@ mod support;
 
 mod kube_sim;
 mod openai_sim;
+mod sandbox;
 mod vault_contract;

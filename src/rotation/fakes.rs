@@ -1,0 +1,608 @@
+//! In-memory implementations of the three ports, with fault switches and a shared log of
+//! what happened in which order, so unit tests can assert the invariants (I1–I3) fast.
+
+use super::ports::*;
+use crate::config::WorkloadRef;
+use crate::secret::Secret;
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+
+/// Ordered record of backend-visible actions, shared by the fakes.
+#[derive(Clone, Default)]
+pub struct Log(Arc<Mutex<Vec<String>>>);
+
+impl Log {
+    pub fn push(&self, s: impl Into<String>) {
+        self.0.lock().unwrap().push(s.into());
+    }
+    pub fn entries(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+    /// Index of the first entry starting with `prefix`.
+    pub fn position(&self, prefix: &str) -> Option<usize> {
+        self.entries().iter().position(|e| e.starts_with(prefix))
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct FakeAccount {
+    pub id: String,
+    pub name: String,
+    pub project: String,
+    pub key_id: String,
+    pub key: Secret,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Default)]
+pub struct IssuerState {
+    pub accounts: BTreeMap<String, FakeAccount>,
+    pub next: u64,
+    /// Fail the next N creates without creating anything.
+    pub fail_creates: u32,
+    /// The next create happens but its answer is lost (error returned).
+    pub lose_next_create_response: bool,
+    /// Fail the next N deletes.
+    pub fail_deletes: u32,
+    /// `check_key` fails for every key.
+    pub reject_checks: bool,
+    /// Runs once, right after the next create (e.g. a concurrent Vault writer).
+    pub on_create: Option<Box<dyn FnOnce() + Send>>,
+    /// Requests per key id with their times (drain tests).
+    pub usage: BTreeMap<String, Vec<DateTime<Utc>>>,
+}
+
+#[derive(Clone)]
+pub struct FakeIssuer {
+    pub state: Arc<Mutex<IssuerState>>,
+    log: Log,
+}
+
+impl FakeIssuer {
+    pub fn new(log: Log) -> Self {
+        FakeIssuer {
+            state: Arc::default(),
+            log,
+        }
+    }
+
+    /// Create an account directly (seeding), returning it.
+    pub fn seed(&self, project: &str, name: &str) -> FakeAccount {
+        let mut s = self.state.lock().unwrap();
+        s.next += 1;
+        let n = s.next;
+        let a = FakeAccount {
+            id: format!("svc_acct_{n}"),
+            name: name.into(),
+            project: project.into(),
+            key_id: format!("key_{n}"),
+            key: Secret::new(format!("sk-svcacct-fake-{n}-{}", uuid::Uuid::new_v4())),
+            created_at: Utc::now(),
+        };
+        s.accounts.insert(a.id.clone(), a.clone());
+        a
+    }
+
+    pub fn is_live(&self, key: &Secret) -> bool {
+        self.state
+            .lock()
+            .unwrap()
+            .accounts
+            .values()
+            .any(|a| &a.key == key)
+    }
+
+    pub fn account_ids(&self) -> BTreeSet<String> {
+        self.state
+            .lock()
+            .unwrap()
+            .accounts
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    pub fn record_use(&self, key_id: &str, at: DateTime<Utc>) {
+        self.state
+            .lock()
+            .unwrap()
+            .usage
+            .entry(key_id.into())
+            .or_default()
+            .push(at);
+    }
+}
+
+fn openai_err(message: &str) -> BackendError {
+    BackendError::Failed {
+        backend: Backend::OpenAi,
+        message: message.into(),
+        transient: true,
+    }
+}
+
+#[async_trait]
+impl KeyIssuer for FakeIssuer {
+    async fn create_service_account(
+        &self,
+        project: &str,
+        name: &str,
+    ) -> Result<MintedKey, BackendError> {
+        {
+            let mut s = self.state.lock().unwrap();
+            if s.fail_creates > 0 {
+                s.fail_creates -= 1;
+                return Err(openai_err("create failed (injected)"));
+            }
+        }
+        let a = self.seed(project, name);
+        self.log.push(format!("create {} {}", a.id, a.name));
+        let hook = self.state.lock().unwrap().on_create.take();
+        if let Some(hook) = hook {
+            hook();
+        }
+        let mut s = self.state.lock().unwrap();
+        if s.lose_next_create_response {
+            s.lose_next_create_response = false;
+            return Err(openai_err("create response lost (injected)"));
+        }
+        Ok(MintedKey {
+            account: AccountRef {
+                id: a.id,
+                key_id: a.key_id,
+            },
+            name: a.name,
+            key: a.key,
+            created_at: a.created_at,
+        })
+    }
+
+    async fn list_service_accounts(&self, project: &str) -> Result<Vec<AccountInfo>, BackendError> {
+        Ok(self
+            .state
+            .lock()
+            .unwrap()
+            .accounts
+            .values()
+            .filter(|a| a.project == project)
+            .map(|a| AccountInfo {
+                id: a.id.clone(),
+                name: a.name.clone(),
+                created_at: a.created_at,
+            })
+            .collect())
+    }
+
+    async fn delete_service_account(&self, _project: &str, id: &str) -> Result<(), BackendError> {
+        let mut s = self.state.lock().unwrap();
+        if s.fail_deletes > 0 {
+            s.fail_deletes -= 1;
+            return Err(openai_err("delete failed (injected)"));
+        }
+        if s.accounts.remove(id).is_some() {
+            self.log.push(format!("delete {id}"));
+        }
+        Ok(())
+    }
+
+    async fn check_key(&self, key: &Secret) -> Result<(), BackendError> {
+        let ok = !self.state.lock().unwrap().reject_checks && self.is_live(key);
+        if ok {
+            Ok(())
+        } else {
+            Err(BackendError::Failed {
+                backend: Backend::OpenAi,
+                message: "HTTP 401 invalid_api_key".into(),
+                transient: false,
+            })
+        }
+    }
+
+    async fn key_usage(
+        &self,
+        _project: &str,
+        key_id: &str,
+        since: DateTime<Utc>,
+    ) -> Result<KeyUsage, BackendError> {
+        let s = self.state.lock().unwrap();
+        let uses = s.usage.get(key_id).cloned().unwrap_or_default();
+        Ok(KeyUsage {
+            last_used_at: uses.iter().max().copied(),
+            requests_since: uses.iter().filter(|t| **t >= since).count() as u64,
+        })
+    }
+}
+
+#[derive(Default)]
+pub struct StoreState {
+    /// path → versions (data maps); version n is index n-1.
+    pub versions: BTreeMap<String, Vec<serde_json::Map<String, serde_json::Value>>>,
+    pub meta: BTreeMap<String, KeyMeta>,
+    /// Fail the next N `write_key` calls with a transient error (nothing written).
+    pub fail_key_writes: u32,
+    /// Fail every operation (Vault down).
+    pub down: bool,
+}
+
+#[derive(Clone)]
+pub struct FakeStore {
+    pub state: Arc<Mutex<StoreState>>,
+    log: Log,
+}
+
+fn vault_down() -> BackendError {
+    BackendError::Failed {
+        backend: Backend::Vault,
+        message: "connection refused (injected)".into(),
+        transient: true,
+    }
+}
+
+impl FakeStore {
+    pub fn new(log: Log) -> Self {
+        FakeStore {
+            state: Arc::default(),
+            log,
+        }
+    }
+
+    /// Write as another client would (no CAS), e.g. seeding or a concurrent writer.
+    pub fn put(&self, path: &str, field: &str, value: &str, meta: KeyMeta) -> u64 {
+        let mut s = self.state.lock().unwrap();
+        let mut data = serde_json::Map::new();
+        data.insert(field.into(), value.into());
+        let v = s.versions.entry(path.into()).or_default();
+        v.push(data);
+        let n = v.len() as u64;
+        s.meta.insert(path.into(), meta);
+        n
+    }
+
+    pub fn current(&self, path: &str, field: &str) -> Option<(u64, Secret)> {
+        let s = self.state.lock().unwrap();
+        let v = s.versions.get(path)?;
+        let data = v.last()?;
+        Some((
+            v.len() as u64,
+            Secret::new(data.get(field)?.as_str()?.to_string()),
+        ))
+    }
+
+    /// Every document and key data as text (for leak scans).
+    pub fn dump(&self) -> String {
+        let s = self.state.lock().unwrap();
+        format!("{:?}", s.versions)
+    }
+}
+
+#[async_trait]
+impl SecretStore for FakeStore {
+    async fn read_key(&self, path: &str, field: &str) -> Result<Option<StoredKey>, BackendError> {
+        let s = self.state.lock().unwrap();
+        if s.down {
+            return Err(vault_down());
+        }
+        let Some(v) = s.versions.get(path) else {
+            return Ok(None);
+        };
+        let Some(key) = v.last().and_then(|d| d.get(field)).and_then(|x| x.as_str()) else {
+            return Ok(None);
+        };
+        Ok(Some(StoredKey {
+            version: v.len() as u64,
+            key: Secret::new(key),
+            meta: s.meta.get(path).cloned().unwrap_or_default(),
+        }))
+    }
+
+    async fn read_key_version(
+        &self,
+        path: &str,
+        field: &str,
+        version: u64,
+    ) -> Result<Secret, BackendError> {
+        let s = self.state.lock().unwrap();
+        if s.down {
+            return Err(vault_down());
+        }
+        s.versions
+            .get(path)
+            .and_then(|v| v.get((version as usize).wrapping_sub(1)))
+            .and_then(|d| d.get(field))
+            .and_then(|x| x.as_str())
+            .map(Secret::new)
+            .ok_or(BackendError::NotFound {
+                backend: Backend::Vault,
+                what: format!("{path} version {version}"),
+            })
+    }
+
+    async fn write_key(
+        &self,
+        path: &str,
+        field: &str,
+        key: &Secret,
+        meta: &KeyMeta,
+        expected_version: u64,
+    ) -> Result<u64, BackendError> {
+        let mut s = self.state.lock().unwrap();
+        if s.down {
+            return Err(vault_down());
+        }
+        if s.fail_key_writes > 0 {
+            s.fail_key_writes -= 1;
+            return Err(vault_down());
+        }
+        let current = s.versions.get(path).map_or(0, |v| v.len() as u64);
+        if current != expected_version {
+            return Err(BackendError::Conflict {
+                backend: Backend::Vault,
+                what: path.into(),
+                message: "check-and-set parameter did not match the current version".into(),
+            });
+        }
+        let versions = s.versions.entry(path.into()).or_default();
+        let mut data = versions.last().cloned().unwrap_or_default();
+        data.insert(field.into(), key.expose().into());
+        versions.push(data);
+        let n = versions.len() as u64;
+        s.meta.insert(path.into(), meta.clone());
+        self.log.push(format!(
+            "publish {path} v{n} {}",
+            meta.account.as_ref().map_or("-", |a| a.id.as_str())
+        ));
+        Ok(n)
+    }
+
+    async fn read_doc(&self, path: &str) -> Result<Option<(u64, serde_json::Value)>, BackendError> {
+        let s = self.state.lock().unwrap();
+        if s.down {
+            return Err(vault_down());
+        }
+        Ok(s.versions.get(path).and_then(|v| {
+            v.last().map(|d| {
+                (
+                    v.len() as u64,
+                    d.get("doc").cloned().unwrap_or(serde_json::Value::Null),
+                )
+            })
+        }))
+    }
+
+    async fn write_doc(
+        &self,
+        path: &str,
+        doc: &serde_json::Value,
+        expected_version: u64,
+    ) -> Result<u64, BackendError> {
+        let mut s = self.state.lock().unwrap();
+        if s.down {
+            return Err(vault_down());
+        }
+        let current = s.versions.get(path).map_or(0, |v| v.len() as u64);
+        if current != expected_version {
+            return Err(BackendError::Conflict {
+                backend: Backend::Vault,
+                what: path.into(),
+                message: "check-and-set parameter did not match the current version".into(),
+            });
+        }
+        let mut data = serde_json::Map::new();
+        data.insert("doc".into(), doc.clone());
+        let v = s.versions.entry(path.into()).or_default();
+        v.push(data);
+        Ok(v.len() as u64)
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
+        let s = self.state.lock().unwrap();
+        let prefix = format!("{}/", prefix.trim_end_matches('/'));
+        let mut out = BTreeSet::new();
+        for p in s.versions.keys() {
+            if let Some(rest) = p.strip_prefix(&prefix) {
+                match rest.split_once('/') {
+                    Some((dir, _)) => out.insert(format!("{dir}/")),
+                    None => out.insert(rest.to_string()),
+                };
+            }
+        }
+        Ok(out.into_iter().collect())
+    }
+}
+
+/// How a fake workload reacts to a roll.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Behaviour {
+    /// Completes after `polls_to_complete` state queries.
+    #[default]
+    Healthy,
+    /// Never completes (pods never ready); reports Progressing forever.
+    NeverReady,
+    /// Reports ProgressDeadlineExceeded.
+    DeadlineExceeded,
+    /// The patch itself is refused.
+    RejectPatch,
+}
+
+#[derive(Default, Clone, Debug)]
+pub struct FakeWorkload {
+    pub annotation: Option<String>,
+    pub behaviour: Behaviour,
+    /// State queries left before the current rollout completes.
+    pub polls_left: u32,
+    pub rolls: u32,
+}
+
+#[derive(Default)]
+pub struct RollerState {
+    pub workloads: BTreeMap<String, FakeWorkload>,
+    pub polls_to_complete: u32,
+    /// Secrets: "ns/name/key" → sha256 hex.
+    pub secrets: BTreeMap<String, String>,
+    pub nudges: Vec<String>,
+    pub events: Vec<(String, String)>,
+}
+
+#[derive(Clone)]
+pub struct FakeRoller {
+    pub state: Arc<Mutex<RollerState>>,
+    log: Log,
+}
+
+impl FakeRoller {
+    pub fn new(log: Log) -> Self {
+        FakeRoller {
+            state: Arc::new(Mutex::new(RollerState {
+                polls_to_complete: 2,
+                ..Default::default()
+            })),
+            log,
+        }
+    }
+
+    pub fn set_behaviour(&self, w: &WorkloadRef, b: Behaviour) {
+        self.state
+            .lock()
+            .unwrap()
+            .workloads
+            .entry(w.to_string())
+            .or_default()
+            .behaviour = b;
+    }
+
+    pub fn workload(&self, w: &WorkloadRef) -> FakeWorkload {
+        self.state
+            .lock()
+            .unwrap()
+            .workloads
+            .get(&w.to_string())
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub fn set_secret_hash(&self, ns: &str, name: &str, key: &str, sha: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .secrets
+            .insert(format!("{ns}/{name}/{key}"), sha.into());
+    }
+}
+
+#[async_trait]
+impl WorkloadRoller for FakeRoller {
+    async fn roll(&self, workload: &WorkloadRef, rollout_id: &str) -> Result<(), BackendError> {
+        let mut s = self.state.lock().unwrap();
+        let polls = s.polls_to_complete;
+        let w = s.workloads.entry(workload.to_string()).or_default();
+        if w.behaviour == Behaviour::RejectPatch {
+            return Err(BackendError::Failed {
+                backend: Backend::Kubernetes,
+                message: "patch refused (injected)".into(),
+                transient: false,
+            });
+        }
+        if w.annotation.as_deref() != Some(rollout_id) {
+            w.annotation = Some(rollout_id.into());
+            w.polls_left = polls;
+            w.rolls += 1;
+            self.log.push(format!("roll {workload} {rollout_id}"));
+        }
+        Ok(())
+    }
+
+    async fn rollout_state(
+        &self,
+        workload: &WorkloadRef,
+        rollout_id: &str,
+    ) -> Result<RolloutState, BackendError> {
+        let mut s = self.state.lock().unwrap();
+        let w = s.workloads.entry(workload.to_string()).or_default();
+        if w.annotation.as_deref() != Some(rollout_id) {
+            return Ok(RolloutState::Progressing(
+                "pod template does not carry the rotation id".into(),
+            ));
+        }
+        match w.behaviour {
+            Behaviour::NeverReady => Ok(RolloutState::Progressing(
+                "0 of 2 updated replicas are available".into(),
+            )),
+            Behaviour::DeadlineExceeded => Ok(RolloutState::Failed(
+                "deployment exceeded its progress deadline".into(),
+            )),
+            _ if w.polls_left > 0 => {
+                w.polls_left -= 1;
+                Ok(RolloutState::Progressing(
+                    "1 old replicas are pending termination".into(),
+                ))
+            }
+            _ => {
+                self.log.push(format!("complete {workload} {rollout_id}"));
+                Ok(RolloutState::Complete)
+            }
+        }
+    }
+
+    async fn ready_pods_with(
+        &self,
+        workload: &WorkloadRef,
+        rollout_id: &str,
+    ) -> Result<u32, BackendError> {
+        let s = self.state.lock().unwrap();
+        let Some(w) = s.workloads.get(&workload.to_string()) else {
+            return Ok(0);
+        };
+        // A never-ready rollout has no ready pods on the new template; a healthy one has
+        // them once its rollout completed.
+        let on_it = w.annotation.as_deref() == Some(rollout_id);
+        let ready = on_it && w.behaviour == Behaviour::Healthy && w.polls_left == 0;
+        Ok(if ready { 2 } else { 0 })
+    }
+
+    async fn secret_sha256(
+        &self,
+        namespace: &str,
+        name: &str,
+        key: &str,
+    ) -> Result<Option<String>, BackendError> {
+        Ok(self
+            .state
+            .lock()
+            .unwrap()
+            .secrets
+            .get(&format!("{namespace}/{name}/{key}"))
+            .cloned())
+    }
+
+    async fn nudge_secret(
+        &self,
+        namespace: &str,
+        name: &str,
+        annotation: &str,
+        value: &str,
+    ) -> Result<(), BackendError> {
+        self.state
+            .lock()
+            .unwrap()
+            .nudges
+            .push(format!("{namespace}/{name} {annotation}={value}"));
+        Ok(())
+    }
+
+    async fn event(
+        &self,
+        workload: &WorkloadRef,
+        _type: EventType,
+        reason: &str,
+        _note: &str,
+    ) -> Result<(), BackendError> {
+        self.state
+            .lock()
+            .unwrap()
+            .events
+            .push((workload.to_string(), reason.into()));
+        Ok(())
+    }
+}

@@ -1,0 +1,862 @@
+//! The state machine over in-memory fakes: every step outcome, rollback paths, resume from
+//! every journal state, and the invariants I1–I4 checked at every step.
+
+use super::engine::*;
+use super::fakes::*;
+use super::journal::*;
+use super::ports::*;
+use crate::config::{
+    DrainConfig, DrainTimeout, DurationStr, SmokeProbe, SyncedSecret, Target, WorkloadRef,
+};
+use crate::secret::Secret;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const PROJECT: &str = "proj_test";
+const PATH: &str = "apps/chat/openai";
+const FIELD: &str = "api_key";
+
+struct World {
+    log: Log,
+    issuer: FakeIssuer,
+    store: FakeStore,
+    roller: FakeRoller,
+    target: Target,
+    old: FakeAccount,
+    checker: Arc<InvariantChecker>,
+}
+
+fn workloads() -> Vec<WorkloadRef> {
+    vec![
+        "demo/Deployment/api".parse().unwrap(),
+        "demo/Deployment/worker".parse().unwrap(),
+    ]
+}
+
+fn world() -> World {
+    let log = Log::default();
+    let issuer = FakeIssuer::new(log.clone());
+    let store = FakeStore::new(log.clone());
+    let roller = FakeRoller::new(log.clone());
+    let old = issuer.seed(PROJECT, "chat-initial");
+    store.put(
+        PATH,
+        FIELD,
+        old.key.expose(),
+        KeyMeta {
+            account: Some(AccountRef {
+                id: old.id.clone(),
+                key_id: old.key_id.clone(),
+            }),
+            rotation_id: Some("seed".into()),
+            key_created_at: Some(old.created_at),
+        },
+    );
+    let target = Target {
+        name: "chat".into(),
+        project_id: PROJECT.into(),
+        vault_path: PATH.into(),
+        vault_field: FIELD.into(),
+        workloads: workloads(),
+        synced_secret: None,
+        schedule: None,
+        max_key_age: None,
+        jitter: DurationStr::default(),
+        grace_period: DurationStr(Duration::from_millis(5)),
+        drain: None,
+        smoke_probes: vec![],
+        rollout_timeout: DurationStr(Duration::from_secs(2)),
+    };
+    let checker = Arc::new(InvariantChecker {
+        issuer: issuer.clone(),
+        store: store.clone(),
+        log: log.clone(),
+        violations: Mutex::default(),
+        keys: Mutex::default(),
+    });
+    World {
+        log,
+        issuer,
+        store,
+        roller,
+        target,
+        old,
+        checker,
+    }
+}
+
+fn opts(crash_at: Option<CrashPoint>) -> EngineOptions {
+    EngineOptions {
+        poll_interval: Duration::from_millis(2),
+        drain_poll_interval: Duration::from_millis(20),
+        retire_attempts: 3,
+        retire_backoff: Duration::from_millis(1),
+        crash_at,
+        ..Default::default()
+    }
+}
+
+impl World {
+    fn engine(&self, crash_at: Option<CrashPoint>) -> Engine {
+        Engine::new(
+            Arc::new(self.issuer.clone()),
+            Arc::new(self.store.clone()),
+            Arc::new(self.roller.clone()),
+            opts(crash_at),
+        )
+        .with_observer(self.checker.clone())
+    }
+
+    async fn rotate(&self, req: RotationRequest) -> Result<Journal, EngineError> {
+        self.engine(None)
+            .rotate(&self.target, req, Arc::default())
+            .await
+    }
+
+    fn current_key(&self) -> Secret {
+        self.store.current(PATH, FIELD).unwrap().1
+    }
+
+    fn managed_accounts(&self) -> usize {
+        self.issuer.account_ids().len()
+    }
+
+    fn assert_clean(&self) {
+        let v = self.checker.violations.lock().unwrap();
+        assert!(v.is_empty(), "invariant violations: {v:#?}");
+        assert!(self.issuer.is_live(&self.current_key()), "I1 at the end");
+        self.assert_journal_has_no_keys();
+    }
+
+    /// I4: the journal documents hold ids and hashes, never a key value.
+    fn assert_journal_has_no_keys(&self) {
+        let docs = {
+            let s = self.store.state.lock().unwrap();
+            s.versions
+                .iter()
+                .filter(|(p, _)| p.starts_with("openai-key-rotator/state"))
+                .map(|(_, v)| format!("{v:?}"))
+                .collect::<String>()
+        };
+        assert!(!docs.is_empty(), "journal written");
+        let mut keys: Vec<String> = self.checker.keys.lock().unwrap().iter().cloned().collect();
+        keys.push(self.old.key.expose().to_string());
+        for k in keys {
+            assert!(!docs.contains(&k), "a key value is in the journal");
+        }
+    }
+}
+
+fn req() -> RotationRequest {
+    RotationRequest::new(Trigger::Cli, "test", "unit test")
+}
+
+/// Checks I1 (Vault's current key is live) at every step boundary and I2 (the old account
+/// dies only after every workload verified the new rollout) at every deletion.
+struct InvariantChecker {
+    issuer: FakeIssuer,
+    store: FakeStore,
+    log: Log,
+    violations: Mutex<Vec<String>>,
+    /// Every key value seen in Vault (for the leak scan).
+    keys: Mutex<std::collections::BTreeSet<String>>,
+}
+
+impl Observer for InvariantChecker {
+    fn on_event(&self, j: &Journal, ev: &RotationEvent) {
+        if let Some((_, key)) = self.store.current(PATH, FIELD) {
+            self.keys.lock().unwrap().insert(key.expose().to_string());
+            if !self.issuer.is_live(&key) && !j.revoke_first {
+                self.violations
+                    .lock()
+                    .unwrap()
+                    .push(format!("I1: Vault serves a dead key at {ev:?}"));
+            }
+        }
+        if let RotationEvent::AccountDeleted { account_id, why } = ev {
+            let is_old = j.old_account.as_ref().map(|a| &a.id) == Some(account_id);
+            if is_old && *why != "revoke_first" {
+                for w in workloads() {
+                    let done = format!("complete {w} {}", j.rotation_id);
+                    if self.log.position(&done).is_none() {
+                        self.violations.lock().unwrap().push(format!(
+                            "I2: old account {account_id} deleted before {w} verified"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn happy_path_completes_in_order_and_retires_the_old_account() {
+    let w = world();
+    let j = w.rotate(req()).await.unwrap();
+    assert_eq!(j.status, Status::Completed, "{j:#?}");
+    assert!(j.error.is_none());
+    let new = j.new_account.clone().unwrap();
+    assert!(j.new_account_name.starts_with("okr-chat-"));
+    assert!(j.old_retired);
+    assert_eq!(w.issuer.account_ids(), [new.id.clone()].into());
+    assert_eq!(
+        w.current_key().sha256_hex(),
+        j.new_key_sha256.clone().unwrap()
+    );
+
+    // Order: create < publish < roll both < both complete < delete old.
+    let log = w.log.entries();
+    let pos = |p: &str| {
+        log.iter()
+            .position(|e| e.starts_with(p))
+            .unwrap_or_else(|| panic!("{p} missing in {log:#?}"))
+    };
+    let id = &j.rotation_id;
+    assert!(pos("create") < pos("publish"));
+    assert!(pos("publish") < pos(&format!("roll demo/Deployment/api {id}")));
+    assert!(
+        pos(&format!("complete demo/Deployment/worker {id}"))
+            < pos(&format!("delete {}", w.old.id))
+    );
+    assert!(
+        pos(&format!("complete demo/Deployment/api {id}")) < pos(&format!("delete {}", w.old.id))
+    );
+
+    let steps: Vec<_> = j
+        .steps
+        .iter()
+        .map(|s| (s.step, s.outcome.clone().unwrap()))
+        .collect();
+    assert_eq!(
+        steps.iter().map(|s| s.0).collect::<Vec<_>>(),
+        vec![
+            Step::Mint,
+            Step::Publish,
+            Step::Sync,
+            Step::Roll,
+            Step::Verify,
+            Step::Drain,
+            Step::Retire
+        ]
+    );
+    assert!(steps[2].1.starts_with("skipped"));
+    // Vault metadata names the new account.
+    let meta = w.store.state.lock().unwrap().meta[PATH].clone();
+    assert_eq!(meta.account, Some(new));
+    assert_eq!(meta.rotation_id.as_deref(), Some(id.as_str()));
+    // History is kept under the rotation id; events went to both workloads.
+    let engine = w.engine(None);
+    assert_eq!(
+        engine.history(id).await.unwrap().unwrap().status,
+        Status::Completed
+    );
+    let events = w.roller.state.lock().unwrap().events.clone();
+    assert_eq!(
+        events.iter().filter(|e| e.1 == "RotationCompleted").count(),
+        2
+    );
+    w.assert_clean();
+
+    // A second rotation starts from the first one's key.
+    let j2 = w.rotate(req()).await.unwrap();
+    assert_eq!(j2.status, Status::Completed);
+    assert_eq!(j2.old_account, j.new_account);
+    assert_eq!(w.managed_accounts(), 1);
+    w.assert_clean();
+}
+
+#[tokio::test]
+async fn never_ready_rollout_rolls_back_and_the_old_key_stays_current_and_live() {
+    let mut w = world();
+    w.target.rollout_timeout = DurationStr(Duration::from_millis(100));
+    w.roller
+        .set_behaviour(&workloads()[1], Behaviour::NeverReady);
+    let j = w.rotate(req()).await.unwrap();
+    assert_eq!(j.status, Status::RolledBack, "{j:#?}");
+    assert!(
+        j.error
+            .as_deref()
+            .unwrap()
+            .contains("not rolled out in time"),
+        "{j:?}"
+    );
+    // The old key is current again (as a new version) and live.
+    assert_eq!(w.current_key(), w.old.key);
+    assert!(w.issuer.is_live(&w.old.key));
+    assert_eq!(j.rollback_vault_version, Some(3));
+    // No ready pod carries the new key, so its account is gone.
+    assert_eq!(w.issuer.account_ids(), [w.old.id.clone()].into());
+    assert!(j.pending_deletions.is_empty());
+    // Both workloads were rolled again.
+    assert_eq!(
+        w.roller.workload(&workloads()[0]).annotation.unwrap(),
+        format!("{}-rollback", j.rotation_id)
+    );
+    // Vault metadata points at the old account again.
+    let meta = w.store.state.lock().unwrap().meta[PATH].clone();
+    assert_eq!(meta.account.unwrap().id, w.old.id);
+    w.assert_clean();
+}
+
+#[tokio::test]
+async fn progress_deadline_exceeded_rolls_back_without_waiting_out_the_timeout() {
+    let mut w = world();
+    w.target.rollout_timeout = DurationStr(Duration::from_secs(3600));
+    w.roller
+        .set_behaviour(&workloads()[0], Behaviour::DeadlineExceeded);
+    let j = tokio::time::timeout(Duration::from_secs(10), w.rotate(req()))
+        .await
+        .expect("no hour-long wait")
+        .unwrap();
+    assert_eq!(j.status, Status::RolledBack);
+    assert!(j.error.unwrap().contains("progress deadline"));
+    assert_eq!(w.current_key(), w.old.key);
+    w.assert_clean();
+}
+
+#[tokio::test]
+async fn a_refused_patch_rolls_back() {
+    let w = world();
+    w.roller
+        .set_behaviour(&workloads()[1], Behaviour::RejectPatch);
+    let j = w.rotate(req()).await.unwrap();
+    assert_eq!(j.status, Status::RolledBack);
+    assert!(j.error.unwrap().contains("patch refused"));
+    assert_eq!(w.current_key(), w.old.key);
+    assert_eq!(w.managed_accounts(), 1);
+    w.assert_clean();
+}
+
+#[tokio::test]
+async fn a_new_key_that_does_not_answer_rolls_back() {
+    let w = world();
+    w.issuer.state.lock().unwrap().reject_checks = true;
+    let j = w.rotate(req()).await.unwrap();
+    assert_eq!(j.status, Status::RolledBack);
+    assert!(j.error.unwrap().contains("GET /v1/models"));
+    assert_eq!(w.current_key(), w.old.key);
+    assert_eq!(w.issuer.account_ids(), [w.old.id.clone()].into());
+    w.assert_clean();
+}
+
+async fn probe_server(status: u16) -> (String, tokio::task::JoinHandle<()>) {
+    let app = axum::Router::new().route(
+        "/ok",
+        axum::routing::get(
+            move || async move { axum::http::StatusCode::from_u16(status).unwrap() },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/ok", listener.local_addr().unwrap());
+    (
+        url,
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() }),
+    )
+}
+
+fn probe(url: &str) -> SmokeProbe {
+    SmokeProbe {
+        url: url.into(),
+        expect_status: 200,
+        consecutive_successes: 3,
+        interval: DurationStr(Duration::from_millis(5)),
+        timeout: DurationStr(Duration::from_secs(1)),
+    }
+}
+
+#[tokio::test]
+async fn smoke_probes_gate_the_rotation() {
+    let (good, _g) = probe_server(200).await;
+    let mut w = world();
+    w.target.smoke_probes = vec![probe(&good)];
+    assert_eq!(w.rotate(req()).await.unwrap().status, Status::Completed);
+    w.assert_clean();
+
+    // Negative control: a failing probe rolls back.
+    let (bad, _b) = probe_server(503).await;
+    let mut w = world();
+    w.target.rollout_timeout = DurationStr(Duration::from_millis(200));
+    w.target.smoke_probes = vec![probe(&good), probe(&bad)];
+    let j = w.rotate(req()).await.unwrap();
+    assert_eq!(j.status, Status::RolledBack);
+    let e = j.error.unwrap();
+    assert!(e.contains("smoke probe") && e.contains("HTTP 503"), "{e}");
+    assert_eq!(w.current_key(), w.old.key);
+    w.assert_clean();
+}
+
+#[tokio::test]
+async fn cas_conflict_fails_cleanly_and_loses_nothing() {
+    let w = world();
+    let store = w.store.clone();
+    w.issuer.state.lock().unwrap().on_create = Some(Box::new(move || {
+        store.put(PATH, FIELD, "someone-elses-value", KeyMeta::default());
+    }));
+    let j = w.rotate(req()).await.unwrap();
+    assert_eq!(j.status, Status::Failed);
+    let e = j.error.unwrap();
+    assert!(e.contains("check-and-set"), "{e}");
+    // The other writer's value stands; our new account is gone; the old one lives.
+    assert_eq!(w.current_key().expose(), "someone-elses-value");
+    assert_eq!(w.issuer.account_ids(), [w.old.id.clone()].into());
+    assert!(!w.log.entries().iter().any(|e| e.starts_with("roll")));
+}
+
+#[tokio::test]
+async fn a_failed_mint_changes_nothing_and_a_lost_create_answer_leaves_no_orphan() {
+    let w = world();
+    w.issuer.state.lock().unwrap().fail_creates = 1;
+    let j = w.rotate(req()).await.unwrap();
+    assert_eq!(j.status, Status::Failed);
+    assert_eq!(w.issuer.account_ids(), [w.old.id.clone()].into());
+    assert_eq!(w.current_key(), w.old.key);
+
+    w.issuer.state.lock().unwrap().lose_next_create_response = true;
+    let j = w.rotate(req()).await.unwrap();
+    assert_eq!(j.status, Status::Failed);
+    assert_eq!(
+        w.issuer.account_ids(),
+        [w.old.id.clone()].into(),
+        "found by name and deleted"
+    );
+    // And the target is free for the next rotation.
+    assert_eq!(w.rotate(req()).await.unwrap().status, Status::Completed);
+    w.assert_clean();
+}
+
+#[tokio::test]
+async fn retire_failure_completes_with_pending_deletion_retried_later() {
+    let w = world();
+    w.issuer.state.lock().unwrap().fail_deletes = 3;
+    let j = w.rotate(req()).await.unwrap();
+    assert_eq!(j.status, Status::Completed);
+    assert_eq!(j.pending_deletions.len(), 1);
+    assert_eq!(j.pending_deletions[0].account.id, w.old.id);
+    assert!(!j.old_retired);
+    assert!(w.issuer.account_ids().contains(&w.old.id));
+    // The retry (resume on a finished rotation) deletes it.
+    let j = w
+        .engine(None)
+        .resume(&w.target, Arc::default())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(j.pending_deletions.is_empty());
+    assert!(j.old_retired);
+    assert!(!w.issuer.account_ids().contains(&w.old.id));
+    w.assert_clean();
+}
+
+#[tokio::test]
+async fn emergency_skips_grace_and_drain() {
+    let mut w = world();
+    w.target.grace_period = DurationStr(Duration::from_secs(3600));
+    w.target.drain = Some(DrainConfig {
+        quiet_for: DurationStr(Duration::from_secs(3600)),
+        max_wait: DurationStr(Duration::from_secs(7200)),
+        on_timeout: DrainTimeout::Keep,
+    });
+    let mut r = req();
+    r.emergency = true;
+    let j = tokio::time::timeout(Duration::from_secs(10), w.rotate(r))
+        .await
+        .expect("no grace wait")
+        .unwrap();
+    assert_eq!(j.status, Status::Completed);
+    assert!(j.emergency);
+    let drain = j.steps.iter().find(|s| s.step == Step::Drain).unwrap();
+    assert_eq!(drain.outcome.as_deref(), Some("skipped (emergency)"));
+    w.assert_clean();
+}
+
+#[tokio::test]
+async fn an_emergency_upgrade_cuts_a_running_grace_period_short() {
+    let mut w = world();
+    w.target.grace_period = DurationStr(Duration::from_secs(3600));
+    let control = Arc::new(RotationControl::default());
+    let engine = w.engine(None);
+    let c2 = control.clone();
+    let upgrade = async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        c2.upgrade_to_emergency(false);
+    };
+    let (j, ()) = tokio::time::timeout(
+        Duration::from_secs(10),
+        futures::future::join(engine.rotate(&w.target, req(), control), upgrade),
+    )
+    .await
+    .expect("upgrade must end the grace period");
+    let j = j.unwrap();
+    assert_eq!(j.status, Status::Completed);
+    assert!(j.emergency);
+    w.assert_clean();
+}
+
+#[tokio::test]
+async fn revoke_first_deletes_the_old_account_before_rolling() {
+    let w = world();
+    let mut r = req();
+    r.emergency = true;
+    r.revoke_first = true;
+    let j = w.rotate(r).await.unwrap();
+    assert_eq!(j.status, Status::Completed);
+    assert!(j.revoke_first);
+    let delete = w.log.position(&format!("delete {}", w.old.id)).unwrap();
+    let roll = w.log.position("roll").unwrap();
+    assert!(delete < roll, "{:#?}", w.log.entries());
+    assert!(w.issuer.is_live(&w.current_key()));
+
+    // With revoke_first there is no way back: a failed rollout is Failed, new key kept.
+    let w = world();
+    w.roller
+        .set_behaviour(&workloads()[0], Behaviour::DeadlineExceeded);
+    let mut r = req();
+    r.emergency = true;
+    r.revoke_first = true;
+    let j = w.rotate(r).await.unwrap();
+    assert_eq!(j.status, Status::Failed);
+    assert!(j.error.unwrap().contains("revoke_first"));
+    assert!(
+        w.issuer.is_live(&w.current_key()),
+        "I1 holds: Vault serves the new key"
+    );
+}
+
+#[tokio::test]
+async fn a_lagging_synced_secret_is_waited_for() {
+    let mut w = world();
+    w.target.synced_secret = Some(SyncedSecret {
+        namespace: "demo".into(),
+        name: "chat-openai".into(),
+        key: "api_key".into(),
+        force_sync_annotation: Some("force-sync".into()),
+        timeout: DurationStr(Duration::from_secs(5)),
+    });
+    // The "operator" syncs 150 ms after Vault holds the new key.
+    let (store, roller) = (w.store.clone(), w.roller.clone());
+    let old = w.old.key.clone();
+    let syncer = tokio::spawn(async move {
+        loop {
+            if let Some((_, k)) = store.current(PATH, FIELD) {
+                if k != old {
+                    tokio::time::sleep(Duration::from_millis(150)).await;
+                    roller.set_secret_hash("demo", "chat-openai", "api_key", &k.sha256_hex());
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    let j = w.rotate(req()).await.unwrap();
+    syncer.await.unwrap();
+    assert_eq!(j.status, Status::Completed);
+    let sync = j.steps.iter().find(|s| s.step == Step::Sync).unwrap();
+    let waited = sync.finished_at.unwrap() - sync.started_at;
+    assert!(waited >= chrono::Duration::milliseconds(140), "{waited}");
+    // Rolling waited for the sync.
+    assert_eq!(w.roller.state.lock().unwrap().nudges.len(), 1);
+    w.assert_clean();
+
+    // Negative control: a Secret that never syncs rolls back before any roll.
+    let mut w = world();
+    w.target.synced_secret = Some(SyncedSecret {
+        namespace: "demo".into(),
+        name: "chat-openai".into(),
+        key: "api_key".into(),
+        force_sync_annotation: None,
+        timeout: DurationStr(Duration::from_millis(50)),
+    });
+    let j = w.rotate(req()).await.unwrap();
+    assert_eq!(j.status, Status::RolledBack);
+    assert!(j.error.unwrap().contains("did not receive the new key"));
+    assert!(
+        !w.log.entries().iter().any(|e| e.starts_with("roll")),
+        "no roll before sync"
+    );
+    assert_eq!(w.current_key(), w.old.key);
+    assert_eq!(w.managed_accounts(), 1);
+    w.assert_clean();
+}
+
+#[tokio::test]
+async fn drain_waits_until_the_old_key_is_quiet() {
+    let mut w = world();
+    w.target.drain = Some(DrainConfig {
+        quiet_for: DurationStr(Duration::from_millis(200)),
+        max_wait: DurationStr(Duration::from_secs(10)),
+        on_timeout: DrainTimeout::Keep,
+    });
+    // A straggler uses the old key for 300 ms more.
+    let issuer = w.issuer.clone();
+    let key_id = w.old.key_id.clone();
+    let straggler = tokio::spawn(async move {
+        let end = tokio::time::Instant::now() + Duration::from_millis(300);
+        while tokio::time::Instant::now() < end {
+            issuer.record_use(&key_id, chrono::Utc::now());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    let start = std::time::Instant::now();
+    let j = w.rotate(req()).await.unwrap();
+    straggler.await.unwrap();
+    assert_eq!(j.status, Status::Completed);
+    assert!(
+        start.elapsed() >= Duration::from_millis(450),
+        "{:?}",
+        start.elapsed()
+    );
+    let drain = j.steps.iter().find(|s| s.step == Step::Drain).unwrap();
+    assert!(
+        drain.outcome.as_deref().unwrap().contains("quiet"),
+        "{drain:?}"
+    );
+    // The old key was last used at most quiet_for before the delete... i.e. not after it.
+    let last = w.issuer.state.lock().unwrap().usage[&w.old.key_id]
+        .iter()
+        .max()
+        .copied()
+        .unwrap();
+    let retire = j.steps.iter().find(|s| s.step == Step::Retire).unwrap();
+    assert!(retire.started_at - last >= chrono::Duration::milliseconds(200));
+    w.assert_clean();
+}
+
+#[tokio::test]
+async fn drain_timeout_with_keep_leaves_the_old_account_pending() {
+    let mut w = world();
+    w.target.drain = Some(DrainConfig {
+        quiet_for: DurationStr(Duration::from_millis(100)),
+        max_wait: DurationStr(Duration::from_millis(150)),
+        on_timeout: DrainTimeout::Keep,
+    });
+    let issuer = w.issuer.clone();
+    let key_id = w.old.key_id.clone();
+    let busy = tokio::spawn(async move {
+        for _ in 0..100 {
+            issuer.record_use(&key_id, chrono::Utc::now());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    let j = w.rotate(req()).await.unwrap();
+    busy.abort();
+    assert_eq!(j.status, Status::Completed);
+    assert!(!j.old_retired);
+    assert_eq!(j.pending_deletions[0].account.id, w.old.id);
+    assert!(w.issuer.account_ids().contains(&w.old.id));
+    w.assert_clean();
+}
+
+#[tokio::test]
+async fn a_running_rotation_makes_the_target_busy() {
+    let w = world();
+    let e = w.engine(Some(CrashPoint::Journaled(Step::Roll, StepState::Started)));
+    assert!(matches!(
+        e.rotate(&w.target, req(), Arc::default()).await,
+        Err(EngineError::Crashed(_))
+    ));
+    match w.rotate(req()).await {
+        Err(EngineError::Busy { rotation_id, .. }) => assert!(is_rotation_id(&rotation_id)),
+        other => panic!("{other:?}"),
+    }
+}
+
+fn all_crash_points() -> Vec<CrashPoint> {
+    let mut v = vec![CrashPoint::AfterMintCall];
+    for step in [
+        Step::Mint,
+        Step::Publish,
+        Step::Sync,
+        Step::Roll,
+        Step::Verify,
+        Step::Drain,
+        Step::Retire,
+    ] {
+        v.push(CrashPoint::Journaled(step, StepState::Started));
+        v.push(CrashPoint::Journaled(step, StepState::Done));
+    }
+    v
+}
+
+#[tokio::test]
+async fn resume_from_every_journal_state_completes_without_orphans() {
+    for point in all_crash_points() {
+        let w = world();
+        let crashed = w
+            .engine(Some(point))
+            .rotate(&w.target, req(), Arc::default())
+            .await;
+        assert!(
+            matches!(crashed, Err(EngineError::Crashed(p)) if p == point),
+            "{point:?}: {crashed:?}"
+        );
+        assert!(
+            w.issuer.is_live(&w.current_key()),
+            "{point:?}: I1 after the crash"
+        );
+
+        let j = w
+            .engine(None)
+            .resume(&w.target, Arc::default())
+            .await
+            .unwrap_or_else(|e| panic!("{point:?}: {e}"))
+            .unwrap();
+        assert_eq!(j.status, Status::Completed, "{point:?}: {j:#?}");
+        // Exactly one account remains: the one whose key Vault serves (I3: no orphan).
+        let ids = w.issuer.account_ids();
+        assert_eq!(ids.len(), 1, "{point:?}: {ids:?}");
+        let meta = w.store.state.lock().unwrap().meta[PATH].clone();
+        assert!(ids.contains(&meta.account.unwrap().id), "{point:?}");
+        assert!(!ids.contains(&w.old.id), "{point:?}: old retired");
+        w.assert_clean();
+        // Resuming again is a no-op.
+        let again = w
+            .engine(None)
+            .resume(&w.target, Arc::default())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(again.rotation_id, j.rotation_id);
+        assert_eq!(w.issuer.account_ids(), ids);
+    }
+}
+
+#[tokio::test]
+async fn resume_during_rollback_finishes_the_rollback() {
+    for point in [
+        CrashPoint::Journaled(Step::Rollback, StepState::Started),
+        CrashPoint::Journaled(Step::Verify, StepState::Started),
+    ] {
+        let mut w = world();
+        w.target.rollout_timeout = DurationStr(Duration::from_millis(50));
+        w.roller
+            .set_behaviour(&workloads()[0], Behaviour::DeadlineExceeded);
+        let crashed = w
+            .engine(Some(point))
+            .rotate(&w.target, req(), Arc::default())
+            .await;
+        assert!(
+            matches!(crashed, Err(EngineError::Crashed(_))),
+            "{crashed:?}"
+        );
+        let j = w
+            .engine(None)
+            .resume(&w.target, Arc::default())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(j.status, Status::RolledBack, "{point:?}: {j:#?}");
+        assert_eq!(w.current_key(), w.old.key, "{point:?}");
+        assert_eq!(
+            w.issuer.account_ids(),
+            [w.old.id.clone()].into(),
+            "{point:?}"
+        );
+        w.assert_clean();
+    }
+}
+
+#[tokio::test]
+async fn vault_failures_at_publish_fail_cleanly_or_interrupt_for_resume() {
+    // The write fails but Vault answers the read-back: nothing was written, so the
+    // rotation fails cleanly and its new account is deleted.
+    let w = world();
+    w.store.state.lock().unwrap().fail_key_writes = 1;
+    let j = w.rotate(req()).await.unwrap();
+    assert_eq!(j.status, Status::Failed, "{j:#?}");
+    assert_eq!(w.issuer.account_ids(), [w.old.id.clone()].into());
+    assert_eq!(w.current_key(), w.old.key);
+
+    // Vault goes down right after the create call: the journal cannot record the new
+    // account, so the engine stops; resume finds the account by its name, deletes it (its
+    // key was never stored anywhere) and mints again.
+    let store = w.store.clone();
+    w.issuer.state.lock().unwrap().on_create = Some(Box::new(move || {
+        store.state.lock().unwrap().down = true;
+    }));
+    let e = w.rotate(req()).await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            EngineError::Interrupted {
+                step: Step::Mint,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("vault"), "{e}");
+    w.store.state.lock().unwrap().down = false;
+    let j = w
+        .engine(None)
+        .resume(&w.target, Arc::default())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(j.status, Status::Completed, "{j:#?}");
+    assert_eq!(w.managed_accounts(), 1);
+    w.assert_clean();
+}
+
+#[tokio::test]
+async fn sweep_deletes_only_unreferenced_old_managed_accounts() {
+    let w = world();
+    let j = w.rotate(req()).await.unwrap();
+    let current = j.new_account.unwrap().id;
+    let orphan = w.issuer.seed(
+        PROJECT,
+        &account_name("okr", "chat", "20260101000000-abcdef"),
+    );
+    let other_target_orphan = w.issuer.seed(
+        PROJECT,
+        &account_name("okr", "gone-target", "20260101000000-abcdef"),
+    );
+    let unmanaged = w.issuer.seed(PROJECT, "hand-made-account");
+    let engine = w.engine(None);
+    // Everything is younger than an hour: nothing is swept.
+    let r = engine
+        .sweep(&[w.target.clone()], Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert!(r.deleted.is_empty());
+    assert_eq!(r.kept_young, 2);
+    let r = engine
+        .sweep(&[w.target.clone()], Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(
+        r.deleted
+            .iter()
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>(),
+        [orphan.id, other_target_orphan.id].into()
+    );
+    assert_eq!(w.issuer.account_ids(), [current, unmanaged.id].into());
+    w.assert_clean();
+}
+
+#[tokio::test]
+async fn dry_run_plan_touches_nothing() {
+    let mut w = world();
+    w.target.drain = Some(DrainConfig {
+        quiet_for: DurationStr(Duration::from_secs(60)),
+        max_wait: DurationStr(Duration::from_secs(600)),
+        on_timeout: DrainTimeout::Retire,
+    });
+    let plan = w.engine(None).plan(&w.target).await.unwrap();
+    let text = plan.join("\n");
+    assert!(
+        text.contains("mint: create service account okr-chat-<rotation-id>"),
+        "{text}"
+    );
+    assert!(text.contains("check-and-set on version 1"), "{text}");
+    assert!(
+        text.contains("roll: annotate demo/Deployment/worker"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("retire: delete service account {}", w.old.id)),
+        "{text}"
+    );
+    assert!(w.log.entries().is_empty(), "{:?}", w.log.entries());
+    assert!(!text.contains(w.old.key.expose()));
+}

@@ -1,0 +1,256 @@
+//! The seeded sandbox end to end: simulators wired together, consumer pods measuring
+//! availability, and the `sandbox` command as a user runs it.
+
+use crate::support::{self, ChildGuard};
+use openai_key_rotator::config::Config;
+use openai_key_rotator::sandbox::scenario::{Sandbox, SandboxOptions};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const PATH: &str = "demo/chatbot/openai";
+
+fn kubectl(kubeconfig: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(support::tool("kubectl"))
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .output()
+        .expect("run kubectl")
+}
+
+async fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn current_key(sb: &Sandbox) -> String {
+    let (_, data) = sb.vault.read_raw(PATH).expect("key in vault");
+    data["api_key"].as_str().unwrap().to_string()
+}
+
+/// Publish a new key the way a rotation does, retiring `old_id` either after the rollout
+/// (right) or before it (wrong). Returns the new account.
+async fn manual_rotation(
+    sb: &Sandbox,
+    old_id: &str,
+    name: &str,
+    retire_before_roll: bool,
+) -> openai_key_rotator::sandbox::openai::ServiceAccountInfo {
+    let (acct, key) = sb
+        .openai
+        .create_service_account(&sb.project_id, name)
+        .unwrap();
+    let mut data = serde_json::Map::new();
+    data.insert("api_key".into(), key.expose().into());
+    sb.vault.put_raw(PATH, data);
+    let delete_old = || async {
+        let resp = reqwest::Client::new()
+            .delete(format!(
+                "{}/organization/projects/{}/service_accounts/{}",
+                sb.openai_url, sb.project_id, old_id
+            ))
+            .bearer_auth(sb.admin_key.expose())
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_success(), "{}", resp.status());
+    };
+    if retire_before_roll {
+        delete_old().await;
+    }
+    for d in ["chatbot-api", "chatbot-worker"] {
+        let out = kubectl(
+            &sb.kubeconfig_path,
+            &["rollout", "restart", &format!("deployment/{d}")],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for d in ["chatbot-api", "chatbot-worker"] {
+        let out = kubectl(
+            &sb.kubeconfig_path,
+            &[
+                "rollout",
+                "status",
+                &format!("deployment/{d}"),
+                "--timeout=60s",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    if !retire_before_roll {
+        delete_old().await;
+    }
+    acct
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_measure_availability_through_a_manual_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let sb = Sandbox::start(SandboxOptions::for_tests(dir.path()))
+        .await
+        .unwrap();
+    assert!(
+        sb.wait_ready(Duration::from_secs(30)).await,
+        "seeded rollouts"
+    );
+
+    // The written config is valid and points at the simulators.
+    let config = Config::load(&sb.config_path).unwrap();
+    assert_eq!(config.openai.base_url, sb.openai_url);
+    assert_eq!(config.vault.address, sb.vault_url);
+    assert_eq!(config.targets[0].project_id, sb.project_id);
+    assert!(sb.openai.key_is_live(&current_key(&sb)), "I1 holds at seed");
+
+    // Four consumer pods call with the seeded key, all successfully.
+    wait_for("consumer traffic", Duration::from_secs(10), || {
+        sb.consumers.total().ok >= 40
+    })
+    .await;
+    assert_eq!(sb.consumers.running_pods(), 4);
+    assert_eq!(sb.consumers.total().failed, 0, "{:?}", sb.consumers.total());
+
+    // The right order (publish, roll, verify, retire) keeps every call green, and the
+    // new pods really use the new key.
+    let seeded = sb.openai.service_accounts(&sb.project_id);
+    assert_eq!(seeded.len(), 1);
+    let first = manual_rotation(&sb, &seeded[0].id, "manual-1", false).await;
+    let new_key_id = first.key_id.clone();
+    let before = sb.consumers.total().ok;
+    wait_for("traffic on the new key", Duration::from_secs(10), || {
+        sb.openai.requests_served(&new_key_id) >= 20 && sb.consumers.total().ok > before + 20
+    })
+    .await;
+    let stats = sb.consumers.total();
+    assert_eq!(
+        stats.failed, 0,
+        "zero downtime in the right order: {stats:?}"
+    );
+    assert_eq!(stats.pods_started, 8);
+
+    // Negative control: retiring the old account before the roll is seen as failures.
+    manual_rotation(&sb, &first.id, "manual-2", true).await;
+    let stats = sb.consumers.total();
+    assert!(
+        stats.failed > 0,
+        "the wrong order must show failed calls: {stats:?}"
+    );
+    assert!(
+        stats.last_failure.as_deref().unwrap_or("").contains("401"),
+        "{stats:?}"
+    );
+    // No key value ever reaches the failure record.
+    assert!(!stats.last_failure.unwrap().contains(&current_key(&sb)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandbox_command_writes_working_files_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_openai-key-rotator");
+    let mut cmd = Command::new(bin);
+    cmd.args([
+        "sandbox",
+        "--openai-port",
+        "0",
+        "--vault-port",
+        "0",
+        "--kube-port",
+        "0",
+        "--dir",
+    ])
+    .arg(dir.path())
+    .env("RUST_LOG", "warn");
+    let mut guard = ChildGuard::spawn(cmd);
+    let start = Instant::now();
+    while !guard.output().contains("Stop with Ctrl-C") {
+        if let Ok(Some(status)) = guard.child.try_wait() {
+            panic!("sandbox exited early ({status}):\n{}", guard.output());
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "sandbox not up:\n{}",
+            guard.output()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let check = Command::new(bin)
+        .arg("check-config")
+        .arg(dir.path().join("config.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(String::from_utf8_lossy(&check.stdout).starts_with("OK"));
+
+    let out = kubectl(
+        &dir.path().join("kubeconfig"),
+        &["get", "deployments", "-o", "name"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let names = String::from_utf8_lossy(&out.stdout);
+    assert!(names.contains("deployment.apps/chatbot-api"), "{names}");
+    assert!(names.contains("deployment.apps/chatbot-worker"), "{names}");
+
+    // The admin key file works against the simulator it was written for.
+    let text = std::fs::read_to_string(dir.path().join("config.toml")).unwrap();
+    let config = Config::parse(&text, "sandbox config").unwrap();
+    let admin = std::fs::read_to_string(dir.path().join("openai-admin-key")).unwrap();
+    let resp = reqwest::Client::new()
+        .get(format!("{}/organization/projects", config.openai.base_url))
+        .bearer_auth(admin.trim())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    // Key and token files are private.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("openai-admin-key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "admin key file mode {mode:o}");
+    }
+    // The admin key never appears in what the command printed.
+    assert!(!guard.output().contains(admin.trim()));
+
+    let pid = guard.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = guard.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status}:\n{}", guard.output());
+    assert!(guard.output().contains("stopping: consumers made"));
+}
