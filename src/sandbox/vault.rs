@@ -249,6 +249,9 @@ impl ApiError {
 #[derive(Debug)]
 enum Reply {
     Json(StatusCode, Value),
+    /// A non-2xx response that still carries the envelope (deleted version, invalid KV
+    /// path): Vault writes these without the encoder's trailing newline.
+    Enveloped(StatusCode, Value),
     /// 204, as Vault answers writes that return nothing.
     NoContent,
     /// A status with an empty body (Vault's PATCH of a missing key).
@@ -260,6 +263,7 @@ impl IntoResponse for Reply {
         let (status, body) = match self {
             // Go's json.Encoder ends every body with a newline; so do we.
             Reply::Json(s, v) => (s, format!("{v}\n")),
+            Reply::Enveloped(s, v) => (s, v.to_string()),
             Reply::NoContent => (StatusCode::NO_CONTENT, String::new()),
             Reply::Empty(s) => (s, String::new()),
         };
@@ -516,7 +520,7 @@ impl State {
             "data" => self.data_op(req, path, now),
             "metadata" => self.metadata_op(req, path, now),
             "delete" | "undelete" | "destroy" => self.versions_op(req, op, path, now),
-            _ => Ok(Reply::Json(
+            _ => Ok(Reply::Enveloped(
                 StatusCode::NOT_FOUND,
                 json!({
                     "request_id": uuid::Uuid::new_v4().to_string(),
@@ -700,7 +704,7 @@ impl State {
         match &v.data {
             Some(data) if v.readable(now) => ok(json!({ "data": data, "metadata": meta })),
             // Deleted or destroyed: 404, but Vault still sends the envelope with metadata.
-            _ => Ok(Reply::Json(
+            _ => Ok(Reply::Enveloped(
                 StatusCode::NOT_FOUND,
                 envelope(json!({ "data": null, "metadata": meta }), Value::Null),
             )),
@@ -763,6 +767,9 @@ impl State {
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
+        if ct.trim().is_empty() {
+            return Err(ApiError::BadRequest("mime: no media type".into()));
+        }
         if ct.split(';').next().map(str::trim) != Some("application/merge-patch+json") {
             return Err(ApiError::UnsupportedMediaType(format!(
                 "PATCH requires Content-Type of application/merge-patch+json, provided {ct}"
@@ -896,10 +903,12 @@ impl State {
                 }
                 Some(out)
             }
-            Some(other) => return Err(ApiError::BadRequest(format!(
+            Some(other) => {
+                return Err(ApiError::BadRequest(format!(
                 "error converting input for field \"custom_metadata\": '' expected a map, got '{}'",
                 go_kind(other)
-            ))),
+            )))
+            }
         };
         let entry = self
             .entries
