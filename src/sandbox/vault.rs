@@ -245,8 +245,7 @@ impl ApiError {
     }
 }
 
-/// A response before it becomes HTTP.
-#[derive(Debug)]
+/// A response before it becomes HTTP. No `Debug`: a success body holds key values.
 enum Reply {
     Json(StatusCode, Value),
     /// A non-2xx response that still carries the envelope (deleted version, invalid KV
@@ -1778,7 +1777,11 @@ mod tests {
             b"{\"data\": {\"k\": \"sk-SECRET-VALUE\"",
             Utc::now(),
         );
-        assert!(!format!("{reply:?}").contains("SECRET-VALUE"));
+        let Reply::Json(status, body) = reply else {
+            panic!("expected a JSON error reply");
+        };
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(!body.to_string().contains("SECRET-VALUE"), "{body}");
         let dbg = format!("{sim:?}");
         assert!(
             !dbg.contains("SECRET-VALUE") && !dbg.contains(ROOT),

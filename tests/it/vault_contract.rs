@@ -269,6 +269,16 @@ pub async fn contract(addr: &str, token: &str) {
         (400, vec!["lease is not renewable".to_string()])
     );
 
+    // vaultrs 0.8's health type requires `performance_standby`, which OpenBao 2.7.2 does
+    // not send: `sys::health` fails to parse on the real server, so the simulator must not
+    // "fix" it (the daemon has to read `sys/health` itself).
+    match vaultrs::sys::health(&c).await {
+        Err(ClientError::RestClientError {
+            source: rustify::errors::ClientError::ResponseParseError { .. },
+        }) => {}
+        other => panic!("vaultrs sys::health: expected a parse error, got {other:?}"),
+    }
+
     // Mount configuration as a fresh dev server has it.
     let cfg = kv2::config::read(&c, MOUNT).await.expect("read config");
     assert!(!cfg.cas_required);
