@@ -242,3 +242,60 @@ pub trait WorkloadRoller: Send + Sync {
         note: &str,
     ) -> Result<(), BackendError>;
 }
+
+/// Outcome class of one backend call (a bounded metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StatusClass {
+    /// 2xx (and 404 where it means "already gone").
+    Success,
+    /// 429.
+    RateLimited,
+    /// Other 4xx.
+    ClientError,
+    /// 5xx.
+    ServerError,
+    /// No HTTP answer: connect error or timeout.
+    Transport,
+}
+
+impl StatusClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StatusClass::Success => "2xx",
+            StatusClass::RateLimited => "429",
+            StatusClass::ClientError => "4xx",
+            StatusClass::ServerError => "5xx",
+            StatusClass::Transport => "transport",
+        }
+    }
+
+    pub fn from_status(status: u16) -> StatusClass {
+        match status {
+            429 => StatusClass::RateLimited,
+            400..=499 => StatusClass::ClientError,
+            500..=599 => StatusClass::ServerError,
+            _ => StatusClass::Success,
+        }
+    }
+}
+
+/// Hears every backend call the real clients make (metrics implement it). `operation` is
+/// one of a fixed set of names per client, e.g. "service_accounts.create".
+pub trait CallObserver: Send + Sync {
+    fn call(
+        &self,
+        backend: Backend,
+        operation: &'static str,
+        status: StatusClass,
+        elapsed: std::time::Duration,
+    );
+    fn retry(&self, backend: Backend, operation: &'static str);
+}
+
+/// A [`CallObserver`] that ignores everything.
+pub struct NoCalls;
+
+impl CallObserver for NoCalls {
+    fn call(&self, _: Backend, _: &'static str, _: StatusClass, _: std::time::Duration) {}
+    fn retry(&self, _: Backend, _: &'static str) {}
+}
