@@ -117,7 +117,10 @@ pub(super) async fn completions(
     };
 
     let st = sim.lock();
-    let end = query_int(&pairs, "end_time")?.unwrap_or_else(|| st.now());
+    // Without `end_time` the range runs to the end of the current bucket, so a request
+    // served this very second is already counted.
+    let end =
+        query_int(&pairs, "end_time")?.unwrap_or_else(|| (st.now().div_euclid(width) + 1) * width);
     if end <= start {
         return Err(ApiError::bad_request(
             "Invalid 'end_time': must be greater than 'start_time'.",
