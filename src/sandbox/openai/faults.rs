@@ -55,6 +55,11 @@ pub struct FailNth {
     pub n: u64,
     #[serde(default = "default_status")]
     pub status: u16,
+    /// The call takes effect first (an account is created or deleted) and only the answer
+    /// is replaced by the 5xx: a lost response, the case where a blind retry of a create
+    /// makes a duplicate.
+    #[serde(default)]
+    pub after_effect: bool,
 }
 
 /// The next `count` calls in scope fail.
@@ -64,6 +69,9 @@ pub struct FailNext {
     pub count: u64,
     #[serde(default = "default_status")]
     pub status: u16,
+    /// As [`FailNth::after_effect`].
+    #[serde(default)]
+    pub after_effect: bool,
 }
 
 fn default_status() -> u16 {
@@ -90,14 +98,22 @@ impl Faults {
 
     pub fn fail_nth(n: u64, status: u16) -> Self {
         Faults {
-            fail_nth: Some(FailNth { n, status }),
+            fail_nth: Some(FailNth {
+                n,
+                status,
+                after_effect: false,
+            }),
             ..Faults::default()
         }
     }
 
     pub fn fail_next(count: u64, status: u16) -> Self {
         Faults {
-            fail_next: Some(FailNext { count, status }),
+            fail_next: Some(FailNext {
+                count,
+                status,
+                after_effect: false,
+            }),
             ..Faults::default()
         }
     }
@@ -111,6 +127,17 @@ impl Faults {
 
     pub fn in_scope(mut self, scope: FaultScope) -> Self {
         self.scope = scope;
+        self
+    }
+
+    /// Make the 5xx faults lose the response of a call that took effect.
+    pub fn after_effect(mut self) -> Self {
+        if let Some(f) = &mut self.fail_nth {
+            f.after_effect = true;
+        }
+        if let Some(f) = &mut self.fail_next {
+            f.after_effect = true;
+        }
         self
     }
 
@@ -161,6 +188,8 @@ pub(crate) enum Verdict {
     /// Go on; add these headers (rate-limit headers while a rate limit is set).
     Proceed(HeaderMap),
     Fail(ApiError),
+    /// Let the handler run, then answer this instead (a lost response).
+    FailAfter(ApiError),
 }
 
 impl FaultState {
@@ -255,14 +284,22 @@ impl FaultState {
             );
             insert(&mut headers, "x-ratelimit-reset-requests", fmt_reset(reset));
         }
+        let fail = |status: u16, after_effect: bool| {
+            if after_effect {
+                Verdict::FailAfter(server_error(status))
+            } else {
+                Verdict::Fail(server_error(status))
+            }
+        };
         if self.fail_next_left > 0 {
             self.fail_next_left -= 1;
-            let status = self.faults.fail_next.as_ref().map_or(500, |f| f.status);
-            return Verdict::Fail(server_error(status));
+            if let Some(f) = &self.faults.fail_next {
+                return fail(f.status, f.after_effect);
+            }
         }
         if let Some(f) = &self.faults.fail_nth {
             if f.n == self.matched {
-                return Verdict::Fail(server_error(f.status));
+                return fail(f.status, f.after_effect);
             }
         }
         Verdict::Proceed(headers)

@@ -78,6 +78,21 @@ pub struct OpenAiSim {
     inner: Arc<Inner>,
 }
 
+/// Counts only: the state holds key material.
+impl std::fmt::Debug for OpenAiSim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let st = self.lock();
+        f.debug_struct("OpenAiSim")
+            .field("projects", &st.projects.len())
+            .field(
+                "service_accounts",
+                &st.accounts.iter().filter(|a| !a.deleted).count(),
+            )
+            .field("faults", &st.faults.faults)
+            .finish()
+    }
+}
+
 struct Inner {
     state: Mutex<State>,
     /// Bumped whenever the faults change, so hung calls re-check them.
@@ -470,13 +485,17 @@ async fn fault_layer(AxState(sim): AxState<OpenAiSim>, req: Request, next: Next)
     let verdict = {
         let mut st = sim.lock();
         let v = st.faults.decide(op, data_plane);
-        if data_plane && matches!(v, faults::Verdict::Fail(_)) {
+        if data_plane && matches!(v, faults::Verdict::Fail(_) | faults::Verdict::FailAfter(_)) {
             st.counts.faulted += 1;
         }
         v
     };
     match verdict {
         faults::Verdict::Fail(err) => err.into_response(),
+        faults::Verdict::FailAfter(err) => {
+            let _effect = next.run(req).await;
+            err.into_response()
+        }
         faults::Verdict::Proceed(headers) => {
             let mut resp = next.run(req).await;
             resp.headers_mut().extend(headers);

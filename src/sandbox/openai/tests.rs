@@ -268,6 +268,21 @@ async fn service_accounts_create_list_paginate_get_delete() {
         .admin(Method::GET, "/organization/projects/proj_nope", None)
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    // Default limit 20.
+    for i in 0..21 {
+        f.sim
+            .create_service_account(&f.project, &format!("bulk-{i}"))
+            .unwrap();
+    }
+    let (_, v) = f.admin(Method::GET, &f.sa_path(), None).await;
+    assert_eq!(v["data"].as_array().unwrap().len(), 20);
+    assert_eq!(v["has_more"], true);
+    let (_, v) = f
+        .admin(Method::GET, &format!("{}?limit=100", f.sa_path()), None)
+        .await;
+    assert_eq!(v["data"].as_array().unwrap().len(), 25);
+    assert_eq!(v["has_more"], false);
+    assert!(!format!("{:?}", f.sim).contains("sk-svcacct"));
     // Empty list: nulls for the cursors.
     let empty = f.sim.create_project("Empty");
     let (_, v) = f
@@ -790,6 +805,24 @@ async fn fail_nth_and_fail_next_hit_exactly_the_chosen_calls() {
     );
     assert_eq!(f.sim.calls("service_accounts.list"), 2 + 5 + 3);
 
+    // A lost response: the create takes effect, the client still sees a 500.
+    f.sim.set_faults(
+        Faults::fail_nth(1, 500)
+            .after_effect()
+            .only("service_accounts.create"),
+    );
+    let (s, _) = f
+        .admin(Method::POST, &list, Some(json!({"name": "lost"})))
+        .await;
+    assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR);
+    let names: Vec<String> = f
+        .sim
+        .service_accounts(&f.project)
+        .into_iter()
+        .map(|a| a.name)
+        .collect();
+    assert_eq!(names, ["r2", "lost"]);
+
     let bad = Faults::fail_next(1, 404);
     assert!(matches!(
         f.sim.try_set_faults(bad),
@@ -801,6 +834,7 @@ async fn fail_nth_and_fail_next_hit_exactly_the_chosen_calls() {
 #[tokio::test]
 async fn latency_fault_is_measurable() {
     let f = fx().await;
+    f.admin(Method::GET, "/organization/projects", None).await; // warm the connection
     let t = Instant::now();
     f.admin(Method::GET, "/organization/projects", None).await;
     let fast = t.elapsed();
