@@ -1,0 +1,583 @@
+//! In-memory simulator of the OpenAI Admin API (projects, project service accounts, project
+//! API keys, completions usage) and a minimal data plane (`/v1/models`,
+//! `/v1/chat/completions`), with per-test fault injection.
+//!
+//! Shapes follow the official OpenAPI description (tests/contract/openai-openapi-subset.json);
+//! the contract test drives this simulator through Prism to prove it. Key values are held
+//! as [`Secret`], returned once by the create call and never logged or echoed.
+//!
+//! Layout: `admin` (Admin API handlers), `data` (data plane), `usage` (the Usage API),
+//! `faults` (fault injection), `error` (OpenAI's error shape), this file (state, router,
+//! public handle, control API).
+
+mod admin;
+mod data;
+mod error;
+mod faults;
+mod usage;
+
+#[cfg(test)]
+mod tests;
+
+pub use faults::{FailNext, FailNth, FaultScope, Faults, RateLimit};
+
+use crate::sandbox::{serve, Server};
+use crate::secret::Secret;
+use axum::extract::{MatchedPath, Request, State as AxState};
+use axum::http::{Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::{Json, Router};
+use error::ApiError;
+use rand::distr::{Alphanumeric, SampleString};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// Errors of the seeding helpers (the HTTP API answers in OpenAI's error shape instead).
+#[derive(Debug, thiserror::Error)]
+pub enum OpenAiSimError {
+    #[error("no such project: {0}")]
+    UnknownProject(String),
+    #[error("invalid fault settings: {0}")]
+    InvalidFaults(String),
+}
+
+/// A live (not deleted) service account, as the seeding helpers and tests see it.
+/// Carries the key id, never the key value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServiceAccountInfo {
+    pub id: String,
+    pub project_id: String,
+    pub name: String,
+    pub role: String,
+    pub created_at: i64,
+    /// `None` when created with `create_service_account_only`.
+    pub key_id: Option<String>,
+}
+
+/// Data-plane outcomes so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct DataPlaneCounts {
+    /// Authenticated with a live key and answered 2xx.
+    pub accepted: u64,
+    /// Answered 401 (missing, unknown or dead key).
+    pub rejected_401: u64,
+    /// Answered by an injected fault (429/5xx) before reaching the handler.
+    pub faulted: u64,
+}
+
+/// The simulator handle: cheap to clone, all clones share one state.
+#[derive(Clone)]
+pub struct OpenAiSim {
+    inner: Arc<Inner>,
+}
+
+/// Counts only: the state holds key material.
+impl std::fmt::Debug for OpenAiSim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let st = self.lock();
+        f.debug_struct("OpenAiSim")
+            .field("projects", &st.projects.len())
+            .field(
+                "service_accounts",
+                &st.accounts.iter().filter(|a| !a.deleted).count(),
+            )
+            .field("faults", &st.faults.faults)
+            .finish()
+    }
+}
+
+struct Inner {
+    state: Mutex<State>,
+    /// Bumped whenever the faults change, so hung calls re-check them.
+    fault_gen: watch::Sender<u64>,
+}
+
+struct State {
+    admin_key: Secret,
+    projects: Vec<ProjectRec>,
+    /// Creation order; deleted accounts stay as tombstones so an `after` cursor that names
+    /// one still resolves.
+    accounts: Vec<AccountRec>,
+    /// SHA-256 of a key value -> index in `accounts`.
+    key_index: HashMap<String, usize>,
+    usage: Vec<usage::UsageEvent>,
+    /// Accepted data-plane calls per key id.
+    served: HashMap<String, u64>,
+    counts: DataPlaneCounts,
+    calls: BTreeMap<String, u64>,
+    faults: faults::FaultState,
+    /// Fixed "now" (Unix seconds) when set; the system clock otherwise.
+    clock: Option<i64>,
+}
+
+struct ProjectRec {
+    id: String,
+    name: String,
+    created_at: i64,
+}
+
+struct AccountRec {
+    id: String,
+    project_id: String,
+    name: String,
+    role: &'static str,
+    created_at: i64,
+    deleted: bool,
+    key: Option<KeyRec>,
+}
+
+struct KeyRec {
+    id: String,
+    name: String,
+    value: Secret,
+    created_at: i64,
+    last_used_at: Option<i64>,
+}
+
+impl State {
+    fn now(&self) -> i64 {
+        self.clock.unwrap_or_else(system_now)
+    }
+
+    fn project(&self, id: &str) -> Option<&ProjectRec> {
+        self.projects.iter().find(|p| p.id == id)
+    }
+
+    fn live_account(&self, project_id: &str, id: &str) -> Option<&AccountRec> {
+        self.accounts
+            .iter()
+            .find(|a| !a.deleted && a.project_id == project_id && a.id == id)
+    }
+
+    /// Create a service account (and, unless `account_only`, its key). The caller checked
+    /// that the project exists.
+    fn add_account(
+        &mut self,
+        project_id: &str,
+        name: &str,
+        account_only: bool,
+    ) -> (usize, Option<Secret>) {
+        let now = self.now();
+        let (key, value) = if account_only {
+            (None, None)
+        } else {
+            let value = Secret::new(new_key_value());
+            let rec = KeyRec {
+                id: new_id("key_", 16),
+                name: "Secret Key".to_string(),
+                value: value.clone(),
+                created_at: now,
+                last_used_at: None,
+            };
+            (Some(rec), Some(value))
+        };
+        let idx = self.accounts.len();
+        if let Some(v) = &value {
+            self.key_index.insert(v.sha256_hex(), idx);
+        }
+        self.accounts.push(AccountRec {
+            id: new_id("svc_acct_", 24),
+            project_id: project_id.to_string(),
+            name: name.to_string(),
+            role: if account_only { "none" } else { "member" },
+            created_at: now,
+            deleted: false,
+            key,
+        });
+        (idx, value)
+    }
+}
+
+impl AccountRec {
+    fn info(&self) -> ServiceAccountInfo {
+        ServiceAccountInfo {
+            id: self.id.clone(),
+            project_id: self.project_id.clone(),
+            name: self.name.clone(),
+            role: self.role.to_string(),
+            created_at: self.created_at,
+            key_id: self.key.as_ref().map(|k| k.id.clone()),
+        }
+    }
+}
+
+impl OpenAiSim {
+    /// A simulator with no projects that accepts `admin_key` on the Admin API.
+    pub fn new(admin_key: Secret) -> Self {
+        let (fault_gen, _) = watch::channel(0);
+        OpenAiSim {
+            inner: Arc::new(Inner {
+                state: Mutex::new(State {
+                    admin_key,
+                    projects: Vec::new(),
+                    accounts: Vec::new(),
+                    key_index: HashMap::new(),
+                    usage: Vec::new(),
+                    served: HashMap::new(),
+                    counts: DataPlaneCounts::default(),
+                    calls: BTreeMap::new(),
+                    faults: faults::FaultState::default(),
+                    clock: None,
+                }),
+                fault_gen,
+            }),
+        }
+    }
+
+    /// The API under `/v1`, the control API under `/_sim`.
+    pub fn router(&self) -> Router {
+        let admin = Router::new()
+            .route("/v1/organization/projects", get(admin::list_projects))
+            .route(
+                "/v1/organization/projects/{project_id}",
+                get(admin::get_project),
+            )
+            .route(
+                "/v1/organization/projects/{project_id}/service_accounts",
+                get(admin::list_service_accounts).post(admin::create_service_account),
+            )
+            .route(
+                "/v1/organization/projects/{project_id}/service_accounts/{service_account_id}",
+                get(admin::get_service_account).delete(admin::delete_service_account),
+            )
+            .route(
+                "/v1/organization/projects/{project_id}/api_keys",
+                get(admin::list_api_keys),
+            )
+            .route(
+                "/v1/organization/projects/{project_id}/api_keys/{api_key_id}",
+                get(admin::get_api_key).delete(admin::delete_api_key),
+            )
+            .route(
+                "/v1/organization/usage/completions",
+                get(usage::completions),
+            )
+            .route_layer(middleware::from_fn_with_state(
+                self.clone(),
+                admin::require_admin_key,
+            ));
+        let data = Router::new()
+            .route("/v1/models", get(data::list_models))
+            .route(
+                "/v1/chat/completions",
+                axum::routing::post(data::chat_completion),
+            );
+        Router::new()
+            .merge(admin)
+            .merge(data)
+            // Outermost on the API routes: faults hit before authentication, like an
+            // overloaded edge in front of the real API.
+            .route_layer(middleware::from_fn_with_state(self.clone(), fault_layer))
+            .route(
+                "/_sim/faults",
+                put(put_faults).delete(delete_faults).get(get_faults),
+            )
+            .route("/_sim/stats", get(get_stats))
+            .fallback(invalid_url)
+            .method_not_allowed_fallback(invalid_url)
+            .with_state(self.clone())
+    }
+
+    /// Serve on `bind` (loopback(0) for tests) until `cancel` fires or the server drops.
+    pub async fn serve(
+        &self,
+        bind: SocketAddr,
+        cancel: CancellationToken,
+    ) -> std::io::Result<Server> {
+        serve(self.router(), bind, cancel).await
+    }
+
+    /// Seeding helper: a new active project; returns its id (`proj_...`).
+    pub fn create_project(&self, name: &str) -> String {
+        let mut st = self.lock();
+        let id = new_id("proj_", 24);
+        let created_at = st.now();
+        st.projects.push(ProjectRec {
+            id: id.clone(),
+            name: name.to_string(),
+            created_at,
+        });
+        id
+    }
+
+    /// Seeding helper: create a service account and its key directly (as if via the API).
+    pub fn create_service_account(
+        &self,
+        project_id: &str,
+        name: &str,
+    ) -> Result<(ServiceAccountInfo, Secret), OpenAiSimError> {
+        let mut st = self.lock();
+        if st.project(project_id).is_none() {
+            return Err(OpenAiSimError::UnknownProject(project_id.to_string()));
+        }
+        let (idx, value) = st.add_account(project_id, name, false);
+        let value = value.expect("a key is minted unless account_only");
+        Ok((st.accounts[idx].info(), value))
+    }
+
+    /// Live service accounts of a project, in creation order (empty for an unknown project).
+    pub fn service_accounts(&self, project_id: &str) -> Vec<ServiceAccountInfo> {
+        self.lock()
+            .accounts
+            .iter()
+            .filter(|a| !a.deleted && a.project_id == project_id)
+            .map(AccountRec::info)
+            .collect()
+    }
+
+    /// Whether the data plane would accept this key value now.
+    pub fn key_is_live(&self, key_value: &str) -> bool {
+        let st = self.lock();
+        let hash = Secret::new(key_value).sha256_hex();
+        st.key_index
+            .get(&hash)
+            .is_some_and(|&i| !st.accounts[i].deleted)
+    }
+
+    /// Data-plane calls accepted with this key id.
+    pub fn requests_served(&self, key_id: &str) -> u64 {
+        self.lock().served.get(key_id).copied().unwrap_or(0)
+    }
+
+    pub fn data_plane_counts(&self) -> DataPlaneCounts {
+        self.lock().counts
+    }
+
+    /// Replace the fault settings; counting (Nth call, rate window) restarts now.
+    /// Panics on invalid settings (a test bug); the HTTP control API answers 400 instead.
+    pub fn set_faults(&self, faults: Faults) {
+        if let Err(e) = self.try_set_faults(faults) {
+            panic!("{e}");
+        }
+    }
+
+    /// [`set_faults`](Self::set_faults) that reports invalid settings instead of panicking.
+    pub fn try_set_faults(&self, faults: Faults) -> Result<(), OpenAiSimError> {
+        faults.validate().map_err(OpenAiSimError::InvalidFaults)?;
+        self.lock().faults = faults::FaultState::new(faults);
+        self.inner.fault_gen.send_modify(|g| *g += 1);
+        Ok(())
+    }
+
+    /// Remove all faults; hung calls resume and get answered.
+    pub fn clear_faults(&self) {
+        self.lock().faults = faults::FaultState::default();
+        self.inner.fault_gen.send_modify(|g| *g += 1);
+    }
+
+    pub fn faults(&self) -> Faults {
+        self.lock().faults.faults.clone()
+    }
+
+    /// Calls that reached `operation` (e.g. `"service_accounts.create"`), faulted ones
+    /// included: what a retrying client actually sent. See [`OPERATIONS`].
+    pub fn calls(&self, operation: &str) -> u64 {
+        self.lock().calls.get(operation).copied().unwrap_or(0)
+    }
+
+    /// Fix "now" (Unix seconds) for timestamps and usage buckets; `None` = system clock.
+    pub fn set_clock(&self, now: Option<i64>) {
+        self.lock().clock = now;
+    }
+
+    /// Move a fixed clock forward (starting from the system time if none was set).
+    pub fn advance_clock(&self, secs: i64) {
+        let mut st = self.lock();
+        let now = st.now();
+        st.clock = Some(now + secs);
+    }
+
+    pub fn now(&self) -> i64 {
+        self.lock().now()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent data (every mutation is a
+        // single push/assign), so a poisoned lock is still usable.
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Every operation name [`OpenAiSim::calls`] and `Faults::operations` understand.
+pub const OPERATIONS: &[&str] = &[
+    "projects.list",
+    "projects.retrieve",
+    "service_accounts.list",
+    "service_accounts.create",
+    "service_accounts.retrieve",
+    "service_accounts.delete",
+    "api_keys.list",
+    "api_keys.retrieve",
+    "api_keys.delete",
+    "usage.completions",
+    "models.list",
+    "chat.completions.create",
+];
+
+/// The operation a routed request is, from its method and route template.
+fn operation(method: &Method, route: &str) -> Option<&'static str> {
+    const P: &str = "/v1/organization/projects";
+    let op = match (method.as_str(), route.strip_prefix(P)) {
+        ("GET", Some("")) => "projects.list",
+        ("GET", Some("/{project_id}")) => "projects.retrieve",
+        ("GET", Some("/{project_id}/service_accounts")) => "service_accounts.list",
+        ("POST", Some("/{project_id}/service_accounts")) => "service_accounts.create",
+        ("GET", Some("/{project_id}/service_accounts/{service_account_id}")) => {
+            "service_accounts.retrieve"
+        }
+        ("DELETE", Some("/{project_id}/service_accounts/{service_account_id}")) => {
+            "service_accounts.delete"
+        }
+        ("GET", Some("/{project_id}/api_keys")) => "api_keys.list",
+        ("GET", Some("/{project_id}/api_keys/{api_key_id}")) => "api_keys.retrieve",
+        ("DELETE", Some("/{project_id}/api_keys/{api_key_id}")) => "api_keys.delete",
+        ("GET", None) if route == "/v1/organization/usage/completions" => "usage.completions",
+        ("GET", None) if route == "/v1/models" => "models.list",
+        ("POST", None) if route == "/v1/chat/completions" => "chat.completions.create",
+        _ => return None,
+    };
+    Some(op)
+}
+
+fn is_data_plane(op: &str) -> bool {
+    matches!(op, "models.list" | "chat.completions.create")
+}
+
+/// Counts the call, then applies the current faults (latency, hang, rate limit, 5xx).
+async fn fault_layer(AxState(sim): AxState<OpenAiSim>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_string())
+        .unwrap_or_default();
+    let Some(op) = operation(req.method(), &route) else {
+        return next.run(req).await;
+    };
+    let data_plane = is_data_plane(op);
+    let latency = {
+        let mut st = sim.lock();
+        *st.calls.entry(op.to_string()).or_default() += 1;
+        st.faults.latency(op, data_plane)
+    };
+    if let Some(d) = latency {
+        tokio::time::sleep(d).await;
+    }
+    // Hang: wait until the faults change and re-check; never answer while it applies.
+    loop {
+        let mut changed = sim.inner.fault_gen.subscribe();
+        if !sim.lock().faults.hangs(op, data_plane) {
+            break;
+        }
+        if changed.changed().await.is_err() {
+            break;
+        }
+    }
+    let verdict = {
+        let mut st = sim.lock();
+        let v = st.faults.decide(op, data_plane);
+        if data_plane && matches!(v, faults::Verdict::Fail(_) | faults::Verdict::FailAfter(_)) {
+            st.counts.faulted += 1;
+        }
+        v
+    };
+    match verdict {
+        faults::Verdict::Fail(err) => err.into_response(),
+        faults::Verdict::FailAfter(err) => {
+            let _effect = next.run(req).await;
+            err.into_response()
+        }
+        faults::Verdict::Proceed(headers) => {
+            let mut resp = next.run(req).await;
+            resp.headers_mut().extend(headers);
+            resp
+        }
+    }
+}
+
+/// Unknown path or method: OpenAI answers 404 `Invalid URL (METHOD /path)`.
+async fn invalid_url(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("Invalid URL ({method} {})", uri.path()),
+    )
+}
+
+async fn put_faults(AxState(sim): AxState<OpenAiSim>, body: axum::body::Bytes) -> Response {
+    let faults: Faults = match serde_json::from_slice(&body) {
+        Ok(f) => f,
+        Err(e) => {
+            return ApiError::new(StatusCode::BAD_REQUEST, format!("invalid faults: {e}"))
+                .into_response()
+        }
+    };
+    match sim.try_set_faults(faults) {
+        Ok(()) => Json(sim.faults()).into_response(),
+        Err(e) => ApiError::new(StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+    }
+}
+
+async fn delete_faults(AxState(sim): AxState<OpenAiSim>) -> StatusCode {
+    sim.clear_faults();
+    StatusCode::NO_CONTENT
+}
+
+async fn get_faults(AxState(sim): AxState<OpenAiSim>) -> Json<Faults> {
+    Json(sim.faults())
+}
+
+async fn get_stats(AxState(sim): AxState<OpenAiSim>) -> Json<serde_json::Value> {
+    let st = sim.lock();
+    Json(serde_json::json!({
+        "calls": st.calls,
+        "data_plane": st.counts,
+        "faults": st.faults.faults,
+    }))
+}
+
+fn system_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// `prefix` + `len` random alphanumerics, e.g. `svc_acct_Xy3...`.
+fn new_id(prefix: &str, len: usize) -> String {
+    format!(
+        "{prefix}{}",
+        Alphanumeric.sample_string(&mut rand::rng(), len)
+    )
+}
+
+/// A key value shaped like upstream's: `sk-svcacct-` + 64 random + `T3BlbkFJ` + 64 random
+/// (about 760 bits of randomness).
+fn new_key_value() -> String {
+    let mut rng = rand::rng();
+    format!(
+        "sk-svcacct-{}T3BlbkFJ{}",
+        Alphanumeric.sample_string(&mut rng, 64),
+        Alphanumeric.sample_string(&mut rng, 64)
+    )
+}
+
+/// The form a key may be shown in (401 messages, `redacted_value`): the first 8 and last
+/// 4 characters of a long key, nothing of a short one.
+fn redact(value: &str, sep: &str) -> String {
+    let chars: Vec<char> = value.chars().collect();
+    if chars.len() < 24 {
+        return sep.to_string();
+    }
+    let head: String = chars[..8].iter().collect();
+    let tail: String = chars[chars.len() - 4..].iter().collect();
+    format!("{head}{sep}{tail}")
+}
