@@ -5,5 +5,6 @@ pub mod retry;
 pub mod rotation;
 #[cfg(feature = "sandbox")]
 pub mod sandbox;
+pub mod scheduler;
 pub mod secret;
 pub mod vault;
