@@ -33,6 +33,9 @@ pub struct RotationRequest {
     pub emergency: bool,
     /// Delete the old account before rolling (a short outage over a leaked key).
     pub revoke_first: bool,
+    /// Use this id (made by [`new_rotation_id`]) instead of a fresh one, so a caller can
+    /// answer with the id before the rotation starts.
+    pub rotation_id: Option<String>,
 }
 
 impl RotationRequest {
@@ -43,6 +46,7 @@ impl RotationRequest {
             reason: reason.into(),
             emergency: false,
             revoke_first: false,
+            rotation_id: None,
         }
     }
 }
@@ -53,9 +57,18 @@ impl RotationRequest {
 pub struct RotationControl {
     emergency: AtomicBool,
     revoke_first: AtomicBool,
+    stop: AtomicBool,
 }
 
 impl RotationControl {
+    /// Ask the rotation to stop at the next step boundary (shutdown), leaving its journal
+    /// for `resume`.
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+    pub fn stop_requested(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
     pub fn upgrade_to_emergency(&self, revoke_first: bool) {
         self.emergency.store(true, Ordering::SeqCst);
         if revoke_first {
@@ -128,6 +141,9 @@ pub enum EngineError {
     Backend(#[from] BackendError),
     #[error("simulated crash at {0:?}")]
     Crashed(CrashPoint),
+    /// Stopped at a step boundary on request (shutdown); the journal resumes the rest.
+    #[error("rotation {rotation_id} stopped before {step} (shutdown); it resumes on restart")]
+    Stopped { rotation_id: String, step: Step },
 }
 
 /// What observers (metrics, audit, progress streams, Events) hear.
@@ -393,7 +409,10 @@ impl Engine {
             .read_key(&target.vault_path, &target.vault_field)
             .await?;
         let now = Utc::now();
-        let rotation_id = new_rotation_id(now);
+        let rotation_id = request
+            .rotation_id
+            .clone()
+            .unwrap_or_else(|| new_rotation_id(now));
         let journal = Journal {
             new_account_name: account_name(&self.opts.account_prefix, &target.name, &rotation_id),
             rotation_id,
@@ -558,6 +577,14 @@ impl Engine {
     ) -> Result<Journal, EngineError> {
         let mut step = from;
         loop {
+            // Shutdown: stop between steps, never inside one. Not between mint and publish
+            // (the new key exists only in memory there), and a rollback always runs through.
+            if control.stop_requested() && !matches!(step, Step::Publish | Step::Rollback) {
+                return Err(EngineError::Stopped {
+                    rotation_id: rec.journal.rotation_id.clone(),
+                    step,
+                });
+            }
             match step {
                 Step::Mint => {
                     self.begin(rec, Step::Mint).await?;
