@@ -2,6 +2,7 @@
 pub mod cli;
 pub mod config;
 pub mod retry;
+pub mod daemon;
 pub mod rotation;
 #[cfg(feature = "sandbox")]
 pub mod sandbox;

@@ -606,3 +606,81 @@ impl WorkloadRoller for FakeRoller {
         Ok(())
     }
 }
+
+/// The three fakes sharing one log, with seeded targets: a fixture for engine, daemon and
+/// API tests.
+#[derive(Clone)]
+pub struct FakeWorld {
+    pub log: Log,
+    pub issuer: FakeIssuer,
+    pub store: FakeStore,
+    pub roller: FakeRoller,
+}
+
+impl Default for FakeWorld {
+    fn default() -> Self {
+        let log = Log::default();
+        FakeWorld {
+            issuer: FakeIssuer::new(log.clone()),
+            store: FakeStore::new(log.clone()),
+            roller: FakeRoller::new(log.clone()),
+            log,
+        }
+    }
+}
+
+impl FakeWorld {
+    /// A target `name` in project `proj_test` with a live seeded key at `apps/<name>/openai`
+    /// created at `key_created_at`, two workloads, and short timings.
+    pub fn seed_target(
+        &self,
+        name: &str,
+        key_created_at: DateTime<Utc>,
+    ) -> (crate::config::Target, FakeAccount) {
+        use crate::config::DurationStr;
+        use std::time::Duration;
+        let old = self.issuer.seed("proj_test", &format!("{name}-initial"));
+        let path = format!("apps/{name}/openai");
+        self.store.put(
+            &path,
+            "api_key",
+            old.key.expose(),
+            KeyMeta {
+                account: Some(AccountRef {
+                    id: old.id.clone(),
+                    key_id: old.key_id.clone(),
+                }),
+                rotation_id: Some("seed".into()),
+                key_created_at: Some(key_created_at),
+            },
+        );
+        let target = crate::config::Target {
+            name: name.into(),
+            project_id: "proj_test".into(),
+            vault_path: path,
+            vault_field: "api_key".into(),
+            workloads: vec![
+                format!("demo/Deployment/{name}-api").parse().unwrap(),
+                format!("demo/Deployment/{name}-worker").parse().unwrap(),
+            ],
+            synced_secret: None,
+            schedule: None,
+            max_key_age: None,
+            jitter: DurationStr::default(),
+            grace_period: DurationStr(Duration::from_millis(5)),
+            drain: None,
+            smoke_probes: vec![],
+            rollout_timeout: DurationStr(Duration::from_secs(2)),
+        };
+        (target, old)
+    }
+
+    pub fn engine(&self, opts: super::EngineOptions) -> super::Engine {
+        super::Engine::new(
+            Arc::new(self.issuer.clone()),
+            Arc::new(self.store.clone()),
+            Arc::new(self.roller.clone()),
+            opts,
+        )
+    }
+}

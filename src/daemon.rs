@@ -1,0 +1,881 @@
+//! The long-running service: resumes unfinished rotations, schedules every target, takes
+//! triggers (signal, HTTP, CLI), keeps one rotation per target and a global bound, and shuts
+//! down between steps.
+
+use crate::config::{Config, Target};
+use crate::rotation::journal::new_rotation_id;
+use crate::rotation::ports::SecretStore;
+use crate::rotation::{
+    Engine, EngineError, Journal, Observer, RotationControl, RotationEvent, RotationRequest,
+    Status, Trigger,
+};
+use crate::scheduler::{next_due, Backoff, Due, TargetHistory};
+use chrono::{DateTime, Utc};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tokio::sync::{watch, Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+#[derive(Debug, Clone)]
+pub struct DaemonOptions {
+    pub backoff: Backoff,
+    /// How often orphaned managed accounts are swept.
+    pub sweep_interval: Duration,
+    /// How often finished rotations' pending deletions (and interrupted rotations) are retried.
+    pub pending_retry_interval: Duration,
+    /// The scheduler re-reads key ages at least this often.
+    pub max_sleep: Duration,
+    /// On shutdown, how long running steps may take to finish.
+    pub shutdown_grace: Duration,
+    /// Who this replica is (for "not leader" answers).
+    pub identity: String,
+}
+
+impl Default for DaemonOptions {
+    fn default() -> Self {
+        DaemonOptions {
+            backoff: Backoff::default(),
+            sweep_interval: Duration::from_secs(3600),
+            pending_retry_interval: Duration::from_secs(300),
+            max_sleep: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(60),
+            identity: "openai-key-rotator".into(),
+        }
+    }
+}
+
+/// A request to rotate one target now.
+#[derive(Debug, Clone)]
+pub struct TriggerRequest {
+    pub target: String,
+    pub trigger: Trigger,
+    pub actor: String,
+    pub reason: String,
+    pub emergency: bool,
+    pub revoke_first: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Accepted {
+    /// A new rotation with this id (it may wait for a free slot).
+    Started(String),
+    /// The target was mid-rotation; that rotation became an emergency one.
+    Upgraded(String),
+}
+
+impl Accepted {
+    pub fn rotation_id(&self) -> &str {
+        match self {
+            Accepted::Started(id) | Accepted::Upgraded(id) => id,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TriggerError {
+    #[error("unknown target {0:?}")]
+    UnknownTarget(String),
+    #[error("target {target} is already rotating (rotation {rotation_id})")]
+    AlreadyRunning { target: String, rotation_id: String },
+    #[error("this replica is not the leader (leader: {})", leader.as_deref().unwrap_or("unknown"))]
+    NotLeader { leader: Option<String> },
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+}
+
+/// Hears schedule changes (metrics).
+pub trait ScheduleObserver: Send + Sync {
+    fn next_rotation(&self, target: &str, at: Option<DateTime<Utc>>);
+    fn key_created(&self, target: &str, at: Option<DateTime<Utc>>);
+    fn trigger_refused(&self, request: &TriggerRequest, error: &TriggerError);
+    fn rotation_upgraded(&self, request: &TriggerRequest, rotation_id: &str);
+}
+
+pub struct NoSchedule;
+impl ScheduleObserver for NoSchedule {
+    fn next_rotation(&self, _: &str, _: Option<DateTime<Utc>>) {}
+    fn key_created(&self, _: &str, _: Option<DateTime<Utc>>) {}
+    fn trigger_refused(&self, _: &TriggerRequest, _: &TriggerError) {}
+    fn rotation_upgraded(&self, _: &TriggerRequest, _: &str) {}
+}
+
+/// Live journals of recent rotations, fed by the engine's events (for the API).
+#[derive(Default)]
+pub struct LiveRotations {
+    journals: Mutex<BTreeMap<String, Journal>>,
+}
+
+const KEEP_RECENT: usize = 500;
+
+impl LiveRotations {
+    pub fn get(&self, id: &str) -> Option<Journal> {
+        self.journals.lock().unwrap().get(id).cloned()
+    }
+    fn put(&self, j: &Journal) {
+        let mut m = self.journals.lock().unwrap();
+        m.insert(j.rotation_id.clone(), j.clone());
+        // Ids sort by time: drop the oldest finished ones beyond the bound.
+        while m.len() > KEEP_RECENT {
+            let oldest = m
+                .iter()
+                .find(|(_, j)| j.status.is_terminal())
+                .map(|(k, _)| k.clone());
+            match oldest {
+                Some(k) => m.remove(&k),
+                None => break,
+            };
+        }
+    }
+}
+
+impl Observer for LiveRotations {
+    fn on_event(&self, journal: &Journal, _event: &RotationEvent) {
+        self.put(journal);
+    }
+}
+
+/// Fan one event stream out to several observers.
+pub struct Fanout(pub Vec<Arc<dyn Observer>>);
+impl Observer for Fanout {
+    fn on_event(&self, journal: &Journal, event: &RotationEvent) {
+        for o in &self.0 {
+            o.on_event(journal, event);
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+struct TargetState {
+    history: TargetHistory,
+    next: Option<Due>,
+    running: Option<Running>,
+    last: Option<(String, Status, DateTime<Utc>)>,
+}
+
+#[derive(Debug, Clone)]
+struct Running {
+    id: String,
+    control: Arc<RotationControl>,
+}
+
+/// What `GET /v1/targets` shows for one target.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TargetStatus {
+    pub name: String,
+    pub state: &'static str,
+    pub running_rotation: Option<String>,
+    pub last_rotation: Option<String>,
+    pub last_outcome: Option<&'static str>,
+    pub last_finished_at: Option<DateTime<Utc>>,
+    pub next_rotation_at: Option<DateTime<Utc>>,
+    pub next_trigger: Option<&'static str>,
+    pub key_created_at: Option<DateTime<Utc>>,
+    pub key_age_seconds: Option<i64>,
+    pub consecutive_failures: u32,
+}
+
+struct Inner {
+    config: RwLock<Arc<Config>>,
+    engine: Arc<Engine>,
+    store: Arc<dyn SecretStore>,
+    live: Arc<LiveRotations>,
+    schedule_obs: Arc<dyn ScheduleObserver>,
+    targets: Mutex<BTreeMap<String, TargetState>>,
+    slots: Arc<Semaphore>,
+    wake: Notify,
+    opts: DaemonOptions,
+    leader: watch::Receiver<bool>,
+    leader_name: watch::Receiver<Option<String>>,
+    accepting: AtomicBool,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+/// Cloneable handle to the running daemon.
+#[derive(Clone)]
+pub struct Daemon {
+    inner: Arc<Inner>,
+}
+
+/// Always-leader watch channels for a single replica.
+pub fn sole_leader() -> (watch::Receiver<bool>, watch::Receiver<Option<String>>) {
+    let (tx, rx) = watch::channel(true);
+    let (ntx, nrx) = watch::channel(None);
+    // Keep the senders alive for the process lifetime: the value never changes.
+    std::mem::forget(tx);
+    std::mem::forget(ntx);
+    (rx, nrx)
+}
+
+impl Daemon {
+    /// `engine` must report to `live` (directly or through a [`Fanout`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: Arc<Config>,
+        engine: Arc<Engine>,
+        store: Arc<dyn SecretStore>,
+        live: Arc<LiveRotations>,
+        schedule_obs: Arc<dyn ScheduleObserver>,
+        leader: (watch::Receiver<bool>, watch::Receiver<Option<String>>),
+        opts: DaemonOptions,
+        shutdown: CancellationToken,
+    ) -> Daemon {
+        let targets = config
+            .targets
+            .iter()
+            .map(|t| (t.name.clone(), TargetState::default()))
+            .collect();
+        let slots = Arc::new(Semaphore::new(config.daemon.max_concurrent_rotations.max(1)));
+        Daemon {
+            inner: Arc::new(Inner {
+                config: RwLock::new(config),
+                engine,
+                store,
+                live,
+                schedule_obs,
+                targets: Mutex::new(targets),
+                slots,
+                wake: Notify::new(),
+                opts,
+                leader: leader.0,
+                leader_name: leader.1,
+                accepting: AtomicBool::new(true),
+                tasks: TaskTracker::new(),
+                shutdown,
+            }),
+        }
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.inner.config.read().unwrap().clone()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        *self.inner.leader.borrow()
+    }
+
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.inner.shutdown.clone()
+    }
+
+    /// Swap in a new, already validated configuration. Targets removed from it keep running
+    /// rotations to the end; new targets are scheduled at once.
+    pub fn reload(&self, config: Arc<Config>) {
+        {
+            let mut targets = self.inner.targets.lock().unwrap();
+            targets.retain(|name, st| config.target(name).is_some() || st.running.is_some());
+            for t in &config.targets {
+                targets.entry(t.name.clone()).or_default();
+            }
+        }
+        *self.inner.config.write().unwrap() = config;
+        self.inner.wake.notify_one();
+    }
+
+    /// Rotate a target now (or upgrade its running rotation to an emergency).
+    pub fn trigger(&self, req: TriggerRequest) -> Result<Accepted, TriggerError> {
+        let result = self.try_trigger(&req);
+        match &result {
+            Err(e) => self.inner.schedule_obs.trigger_refused(&req, e),
+            Ok(Accepted::Upgraded(id)) => self.inner.schedule_obs.rotation_upgraded(&req, id),
+            Ok(Accepted::Started(_)) => {}
+        }
+        result
+    }
+
+    fn try_trigger(&self, req: &TriggerRequest) -> Result<Accepted, TriggerError> {
+        let config = self.config();
+        let Some(target) = config.target(&req.target).cloned() else {
+            return Err(TriggerError::UnknownTarget(req.target.clone()));
+        };
+        if !self.inner.accepting.load(Ordering::SeqCst) {
+            return Err(TriggerError::ShuttingDown);
+        }
+        if !self.is_leader() {
+            return Err(TriggerError::NotLeader {
+                leader: self.inner.leader_name.borrow().clone(),
+            });
+        }
+        let mut targets = self.inner.targets.lock().unwrap();
+        let st = targets.entry(target.name.clone()).or_default();
+        if let Some(r) = &st.running {
+            if req.emergency {
+                r.control.upgrade_to_emergency(req.revoke_first);
+                return Ok(Accepted::Upgraded(r.id.clone()));
+            }
+            return Err(TriggerError::AlreadyRunning {
+                target: target.name.clone(),
+                rotation_id: r.id.clone(),
+            });
+        }
+        let manual = !matches!(req.trigger, Trigger::Schedule | Trigger::MaxAge);
+        if manual {
+            // A person asked: the failure back-off no longer applies.
+            st.history.consecutive_failures = 0;
+        }
+        let id = new_rotation_id(Utc::now());
+        let control = Arc::new(RotationControl::default());
+        st.running = Some(Running {
+            id: id.clone(),
+            control: control.clone(),
+        });
+        drop(targets);
+        let request = RotationRequest {
+            trigger: req.trigger,
+            actor: req.actor.clone(),
+            reason: req.reason.clone(),
+            emergency: req.emergency,
+            revoke_first: req.revoke_first,
+            rotation_id: Some(id.clone()),
+        };
+        let this = self.clone();
+        self.inner
+            .tasks
+            .spawn(async move { this.run_rotation(target, Some(request), control).await });
+        Ok(Accepted::Started(id))
+    }
+
+    /// One rotation (or a resume when `request` is None), holding a concurrency slot.
+    async fn run_rotation(
+        &self,
+        target: Target,
+        request: Option<RotationRequest>,
+        control: Arc<RotationControl>,
+    ) {
+        let permit = tokio::select! {
+            p = self.inner.slots.clone().acquire_owned() => p.ok(),
+            _ = self.inner.shutdown.cancelled() => None,
+        };
+        let result = match permit {
+            None => None,
+            Some(_permit) => Some(match request {
+                Some(req) => self.inner.engine.rotate(&target, req, control).await.map(Some),
+                None => self.inner.engine.resume(&target, control).await,
+            }),
+        };
+        let now = Utc::now();
+        let mut targets = self.inner.targets.lock().unwrap();
+        let st = targets.entry(target.name.clone()).or_default();
+        st.running = None;
+        match result {
+            None => {}
+            Some(Ok(Some(j))) => {
+                st.last = Some((j.rotation_id.clone(), j.status, now));
+                match j.status {
+                    Status::Completed => {
+                        st.history.consecutive_failures = 0;
+                        st.history.last_failure_at = None;
+                        // Until the next Vault read, the publish time is the key's age.
+                        if let Some(t) = j
+                            .steps
+                            .iter()
+                            .rev()
+                            .find(|s| s.step == crate::rotation::Step::Publish)
+                            .and_then(|s| s.finished_at)
+                        {
+                            st.history.key_created_at = Some(t);
+                        }
+                    }
+                    Status::RolledBack | Status::Failed => {
+                        st.history.consecutive_failures += 1;
+                        st.history.last_failure_at = Some(now);
+                    }
+                    Status::Running | Status::RollingBack => {}
+                }
+            }
+            Some(Ok(None)) => {}
+            Some(Err(EngineError::Stopped { .. })) => {
+                tracing::info!(target = %target.name, "rotation stopped for shutdown; it resumes on restart");
+            }
+            Some(Err(EngineError::Busy { rotation_id, .. })) => {
+                tracing::warn!(target = %target.name, %rotation_id, "an unfinished rotation holds this target; resuming it");
+                st.history.last_failure_at = Some(now);
+            }
+            Some(Err(e)) => {
+                tracing::error!(target = %target.name, error = %e, "rotation interrupted; it will be resumed");
+                st.history.consecutive_failures += 1;
+                st.history.last_failure_at = Some(now);
+            }
+        }
+        drop(targets);
+        self.inner.wake.notify_one();
+    }
+
+    /// Resume what a previous run left unfinished (and retry pending deletions).
+    fn resume_all(&self) {
+        let config = self.config();
+        for target in config.targets.iter().cloned() {
+            if self.running(&target.name).is_some() {
+                continue;
+            }
+            let this = self.clone();
+            self.inner.tasks.spawn(async move {
+                let journal = match this.inner.engine.journal(&target.name).await {
+                    Ok(j) => j,
+                    Err(e) => {
+                        tracing::warn!(target = %target.name, error = %e, "cannot read the journal");
+                        return;
+                    }
+                };
+                let Some((_, j)) = journal else { return };
+                if j.status.is_terminal() && j.pending_deletions.is_empty() {
+                    return;
+                }
+                let control = Arc::new(RotationControl::default());
+                {
+                    let mut targets = this.inner.targets.lock().unwrap();
+                    let st = targets.entry(target.name.clone()).or_default();
+                    if st.running.is_some() {
+                        return;
+                    }
+                    st.running = Some(Running {
+                        id: j.rotation_id.clone(),
+                        control: control.clone(),
+                    });
+                }
+                this.run_rotation(target, None, control).await
+            });
+        }
+    }
+
+    /// Refresh key ages from Vault and recompute every target's next rotation.
+    async fn refresh(&self) -> Vec<(String, Due)> {
+        let config = self.config();
+        let now = Utc::now();
+        let mut due_now = Vec::new();
+        for t in &config.targets {
+            let created = match self.inner.store.read_key(&t.vault_path, &t.vault_field).await {
+                Ok(Some(k)) => Some(k.meta.key_created_at),
+                Ok(None) => Some(None),
+                Err(e) => {
+                    tracing::warn!(target = %t.name, error = %e, "cannot read the key's age from Vault");
+                    None
+                }
+            };
+            let mut targets = self.inner.targets.lock().unwrap();
+            let st = targets.entry(t.name.clone()).or_default();
+            if let Some(created) = created {
+                st.history.key_created_at = created;
+            }
+            st.next = next_due(t, &st.history, now, &self.inner.opts.backoff);
+            self.inner
+                .schedule_obs
+                .key_created(&t.name, st.history.key_created_at);
+            self.inner
+                .schedule_obs
+                .next_rotation(&t.name, st.next.map(|d| d.at));
+            if let Some(d) = st.next {
+                if d.at <= now && st.running.is_none() {
+                    due_now.push((t.name.clone(), d));
+                }
+            }
+        }
+        due_now
+    }
+
+    /// Time until the earliest next rotation (bounded by `max_sleep`).
+    fn sleep_for(&self) -> Duration {
+        let now = Utc::now();
+        let targets = self.inner.targets.lock().unwrap();
+        targets
+            .values()
+            .filter(|s| s.running.is_none())
+            .filter_map(|s| s.next)
+            .map(|d| (d.at - now).to_std().unwrap_or_default())
+            .min()
+            .unwrap_or(self.inner.opts.max_sleep)
+            .min(self.inner.opts.max_sleep)
+    }
+
+    /// Run until shutdown: resume, then schedule, sweep and retry. Returns after running
+    /// steps finished (or the grace period passed).
+    pub async fn run(&self) {
+        let mut leader = self.inner.leader.clone();
+        let mut resumed = false;
+        let mut last_sweep: Option<tokio::time::Instant> = None;
+        let mut last_retry = tokio::time::Instant::now();
+        while !self.inner.shutdown.is_cancelled() {
+            if !*leader.borrow() {
+                resumed = false;
+                tokio::select! {
+                    _ = leader.changed() => continue,
+                    _ = self.inner.shutdown.cancelled() => break,
+                }
+            }
+            if !resumed {
+                self.resume_all();
+                resumed = true;
+                last_retry = tokio::time::Instant::now();
+            }
+            for (name, due) in self.refresh().await {
+                let req = TriggerRequest {
+                    target: name.clone(),
+                    trigger: due.trigger,
+                    actor: "schedule".into(),
+                    reason: match due.trigger {
+                        Trigger::MaxAge => "key older than max_key_age".into(),
+                        _ => "scheduled".into(),
+                    },
+                    emergency: false,
+                    revoke_first: false,
+                };
+                match self.trigger(req) {
+                    Ok(a) => tracing::info!(target = %name, rotation_id = %a.rotation_id(), trigger = due.trigger.as_str(), "scheduled rotation started"),
+                    Err(e) => tracing::debug!(target = %name, error = %e, "scheduled rotation not started"),
+                }
+            }
+            if last_retry.elapsed() >= self.inner.opts.pending_retry_interval {
+                self.resume_all();
+                last_retry = tokio::time::Instant::now();
+            }
+            if last_sweep.is_none_or(|t| t.elapsed() >= self.inner.opts.sweep_interval) {
+                self.sweep_in_background();
+                last_sweep = Some(tokio::time::Instant::now());
+            }
+            let sleep = self.sleep_for();
+            tokio::select! {
+                _ = tokio::time::sleep(sleep) => {}
+                _ = self.inner.wake.notified() => {}
+                _ = leader.changed() => {}
+                _ = self.inner.shutdown.cancelled() => break,
+            }
+        }
+        self.drain_for_shutdown().await;
+    }
+
+    fn sweep_in_background(&self) {
+        let this = self.clone();
+        self.inner.tasks.spawn(async move {
+            let config = this.config();
+            let min_age = config.daemon.sweep_min_age.get();
+            match this.inner.engine.sweep(&config.targets, min_age).await {
+                Ok(r) if !r.deleted.is_empty() => {
+                    tracing::warn!(deleted = ?r.deleted, "swept orphaned managed service accounts")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "sweep failed"),
+            }
+        });
+    }
+
+    /// Stop taking work, ask running rotations to stop between steps, wait (bounded).
+    async fn drain_for_shutdown(&self) {
+        self.inner.accepting.store(false, Ordering::SeqCst);
+        for st in self.inner.targets.lock().unwrap().values() {
+            if let Some(r) = &st.running {
+                r.control.request_stop();
+            }
+        }
+        self.inner.tasks.close();
+        if tokio::time::timeout(self.inner.opts.shutdown_grace, self.inner.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                grace = ?self.inner.opts.shutdown_grace,
+                "running steps did not finish in time; exiting, the journal resumes them"
+            );
+        }
+    }
+
+    /// A rotation by id: live if recent, else from the journal history in Vault.
+    pub async fn rotation(&self, id: &str) -> Result<Option<Journal>, EngineError> {
+        if let Some(j) = self.inner.live.get(id) {
+            return Ok(Some(j));
+        }
+        self.inner.engine.history(id).await
+    }
+
+    pub fn targets(&self) -> Vec<TargetStatus> {
+        let config = self.config();
+        let now = Utc::now();
+        let targets = self.inner.targets.lock().unwrap();
+        config
+            .targets
+            .iter()
+            .map(|t| {
+                let st = targets.get(&t.name).cloned().unwrap_or_default();
+                TargetStatus {
+                    name: t.name.clone(),
+                    state: if st.running.is_some() {
+                        "rotating"
+                    } else if st.history.consecutive_failures > 0 {
+                        "backing_off"
+                    } else {
+                        "idle"
+                    },
+                    running_rotation: st.running.as_ref().map(|r| r.id.clone()),
+                    last_rotation: st.last.as_ref().map(|l| l.0.clone()),
+                    last_outcome: st.last.as_ref().map(|l| l.1.as_str()),
+                    last_finished_at: st.last.as_ref().map(|l| l.2),
+                    next_rotation_at: st.next.map(|d| d.at),
+                    next_trigger: st.next.map(|d| d.trigger.as_str()),
+                    key_created_at: st.history.key_created_at,
+                    key_age_seconds: st.history.key_created_at.map(|c| (now - c).num_seconds()),
+                    consecutive_failures: st.history.consecutive_failures,
+                }
+            })
+            .collect()
+    }
+
+    /// The rotation id running for `target`, if any.
+    pub fn running(&self, target: &str) -> Option<String> {
+        self.inner
+            .targets
+            .lock()
+            .unwrap()
+            .get(target)
+            .and_then(|s| s.running.as_ref().map(|r| r.id.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{DurationStr, VaultConfig};
+    use crate::rotation::fakes::FakeWorld;
+    use crate::rotation::{EngineOptions, Step};
+
+    fn config(targets: Vec<Target>, max_concurrent: usize) -> Arc<Config> {
+        let mut c = Config {
+            daemon: Default::default(),
+            openai: Default::default(),
+            vault: VaultConfig {
+                address: "http://127.0.0.1:1".into(),
+                kv_mount: "secret".into(),
+                ca_cert: None,
+                request_timeout: DurationStr::from_secs(1),
+                auth: Default::default(),
+            },
+            kubernetes: Default::default(),
+            targets,
+        };
+        c.daemon.max_concurrent_rotations = max_concurrent;
+        Arc::new(c)
+    }
+
+    fn engine_opts() -> EngineOptions {
+        EngineOptions {
+            poll_interval: Duration::from_millis(2),
+            drain_poll_interval: Duration::from_millis(10),
+            retire_backoff: Duration::from_millis(1),
+            ..Default::default()
+        }
+    }
+
+    struct Harness {
+        world: FakeWorld,
+        daemon: Daemon,
+        live: Arc<LiveRotations>,
+        shutdown: CancellationToken,
+    }
+
+    fn harness(world: FakeWorld, targets: Vec<Target>, max_concurrent: usize) -> Harness {
+        let live = Arc::new(LiveRotations::default());
+        let engine = Arc::new(world.engine(engine_opts()).with_observer(live.clone()));
+        let shutdown = CancellationToken::new();
+        let daemon = Daemon::new(
+            config(targets, max_concurrent),
+            engine,
+            Arc::new(world.store.clone()),
+            live.clone(),
+            Arc::new(NoSchedule),
+            sole_leader(),
+            DaemonOptions {
+                max_sleep: Duration::from_millis(50),
+                shutdown_grace: Duration::from_secs(5),
+                ..Default::default()
+            },
+            shutdown.clone(),
+        );
+        Harness {
+            world,
+            daemon,
+            live,
+            shutdown,
+        }
+    }
+
+    fn manual(target: &str) -> TriggerRequest {
+        TriggerRequest {
+            target: target.into(),
+            trigger: Trigger::Api,
+            actor: "ops".into(),
+            reason: "test".into(),
+            emergency: false,
+            revoke_first: false,
+        }
+    }
+
+    async fn wait_finished(h: &Harness, id: &str) -> Journal {
+        for _ in 0..2000 {
+            if let Some(j) = h.daemon.rotation(id).await.unwrap() {
+                if j.status.is_terminal() && h.daemon.running(&j.target).is_none() {
+                    return j;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("rotation {id} did not finish");
+    }
+
+    #[tokio::test]
+    async fn one_rotation_per_target_and_emergency_upgrades_the_running_one() {
+        let world = FakeWorld::default();
+        let (mut t, _) = world.seed_target("chat", Utc::now());
+        t.grace_period = DurationStr(Duration::from_secs(3600));
+        let h = harness(world, vec![t], 2);
+        let id = match h.daemon.trigger(manual("chat")).unwrap() {
+            Accepted::Started(id) => id,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            h.daemon.trigger(manual("chat")),
+            Err(TriggerError::AlreadyRunning {
+                target: "chat".into(),
+                rotation_id: id.clone()
+            })
+        );
+        // Wait until it sits in the hour-long grace period, then upgrade.
+        for _ in 0..1000 {
+            if h.live.get(&id).is_some_and(|j| j.step == Step::Drain) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut emergency = manual("chat");
+        emergency.emergency = true;
+        assert_eq!(h.daemon.trigger(emergency), Ok(Accepted::Upgraded(id.clone())));
+        let j = wait_finished(&h, &id).await;
+        assert_eq!(j.status, Status::Completed);
+        assert!(j.emergency);
+        assert_eq!(j.actor, "ops");
+        // The target is free again.
+        assert!(matches!(h.daemon.trigger(manual("chat")), Ok(Accepted::Started(_))));
+    }
+
+    #[tokio::test]
+    async fn refusals_are_explicit() {
+        let world = FakeWorld::default();
+        let (t, _) = world.seed_target("chat", Utc::now());
+        let h = harness(world, vec![t.clone()], 1);
+        assert_eq!(
+            h.daemon.trigger(manual("nope")),
+            Err(TriggerError::UnknownTarget("nope".into()))
+        );
+        // Not the leader.
+        let (tx, rx) = watch::channel(false);
+        let (_ntx, nrx) = watch::channel(Some("okr-0".to_string()));
+        let live = Arc::new(LiveRotations::default());
+        let follower = Daemon::new(
+            config(vec![t], 1),
+            Arc::new(h.world.engine(engine_opts())),
+            Arc::new(h.world.store.clone()),
+            live,
+            Arc::new(NoSchedule),
+            (rx, nrx),
+            DaemonOptions::default(),
+            CancellationToken::new(),
+        );
+        assert_eq!(
+            follower.trigger(manual("chat")),
+            Err(TriggerError::NotLeader {
+                leader: Some("okr-0".into())
+            })
+        );
+        drop(tx);
+        // Shutting down.
+        h.shutdown.cancel();
+        h.daemon.run().await;
+        assert_eq!(h.daemon.trigger(manual("chat")), Err(TriggerError::ShuttingDown));
+    }
+
+    #[tokio::test]
+    async fn the_global_bound_queues_rotations() {
+        let world = FakeWorld::default();
+        let (a, _) = world.seed_target("a", Utc::now());
+        let (b, _) = world.seed_target("b", Utc::now());
+        let h = harness(world, vec![a, b], 1);
+        let ia = h.daemon.trigger(manual("a")).unwrap();
+        let ib = h.daemon.trigger(manual("b")).unwrap();
+        let ja = wait_finished(&h, ia.rotation_id()).await;
+        let jb = wait_finished(&h, ib.rotation_id()).await;
+        assert_eq!((ja.status, jb.status), (Status::Completed, Status::Completed));
+        // With one slot the second rotation started only after the first finished.
+        let (first, second) = if ja.started_at <= jb.started_at { (&ja, &jb) } else { (&jb, &ja) };
+        assert!(second.started_at >= first.updated_at, "{} vs {}", second.started_at, first.updated_at);
+    }
+
+    #[tokio::test]
+    async fn schedule_rotates_an_overdue_key_once_then_waits() {
+        let world = FakeWorld::default();
+        let (mut t, old) = world.seed_target("chat", Utc::now() - chrono::Duration::days(40));
+        t.max_key_age = Some(DurationStr::from_secs(30 * 86400));
+        let h = harness(world, vec![t], 1);
+        let d = h.daemon.clone();
+        let run = tokio::spawn(async move { d.run().await });
+        // The overdue key is rotated by the scheduler...
+        for _ in 0..2000 {
+            if !h.world.issuer.account_ids().contains(&old.id) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(!h.world.issuer.account_ids().contains(&old.id), "old key retired");
+        // ...exactly once: the new key is young, so nothing else happens.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let creates = h.world.log.entries().iter().filter(|e| e.starts_with("create")).count();
+        assert_eq!(creates, 1, "{:#?}", h.world.log.entries());
+        let status = h.daemon.targets();
+        assert_eq!(status[0].last_outcome, Some("completed"));
+        assert!(status[0].key_age_seconds.unwrap() < 60);
+        assert_eq!(status[0].next_trigger, Some("max_age"));
+        h.shutdown.cancel();
+        run.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn shutdown_stops_between_steps_and_a_new_daemon_resumes() {
+        let world = FakeWorld::default();
+        let (mut t, old) = world.seed_target("chat", Utc::now());
+        t.grace_period = DurationStr(Duration::from_millis(300));
+        let h = harness(world.clone(), vec![t.clone()], 1);
+        let d = h.daemon.clone();
+        let run = tokio::spawn(async move { d.run().await });
+        let id = h.daemon.trigger(manual("chat")).unwrap().rotation_id().to_string();
+        for _ in 0..1000 {
+            if h.live.get(&id).is_some_and(|j| j.step == Step::Drain) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        h.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), run)
+            .await
+            .expect("bounded shutdown")
+            .unwrap();
+        // Stopped after drain, before retire: the old account still lives.
+        let j = h.live.get(&id).unwrap();
+        assert!(!j.status.is_terminal(), "{j:#?}");
+        assert!(world.issuer.account_ids().contains(&old.id));
+
+        // A fresh daemon resumes and finishes it.
+        let h2 = harness(world.clone(), vec![t], 1);
+        let d2 = h2.daemon.clone();
+        let run2 = tokio::spawn(async move { d2.run().await });
+        for _ in 0..2000 {
+            if !world.issuer.account_ids().contains(&old.id) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let j = wait_finished(&h2, &id).await;
+        assert_eq!(j.status, Status::Completed);
+        assert!(!world.issuer.account_ids().contains(&old.id));
+        h2.shutdown.cancel();
+        run2.await.unwrap();
+    }
+}
