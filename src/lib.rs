@@ -1,4 +1,4 @@
 //! openai-key-rotator: rotates OpenAI project service-account keys with zero downtime.
-pub mod secret;
 #[cfg(feature = "sandbox")]
 pub mod sandbox;
+pub mod secret;

@@ -19,10 +19,7 @@ pub fn tool(name: &str) -> PathBuf {
     let tools = std::env::var_os("OKR_TOOLS_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join(".tools"));
-    let mut dirs = vec![
-        tools.join("venv/bin"),
-        tools.join("npm/node_modules/.bin"),
-    ];
+    let mut dirs = vec![tools.join("venv/bin"), tools.join("npm/node_modules/.bin")];
     if let Some(path) = std::env::var_os("PATH") {
         dirs.extend(std::env::split_paths(&path));
     }
@@ -165,6 +162,11 @@ pub async fn start_prism(spec: &Path, upstream: &str) -> Prism {
         .args(["--errors"]);
     let mut guard = ChildGuard::spawn(cmd);
     let url = format!("http://127.0.0.1:{port}");
-    wait_http(&format!("{url}/models"), Duration::from_secs(60), &mut guard).await;
+    wait_http(
+        &format!("{url}/models"),
+        Duration::from_secs(60),
+        &mut guard,
+    )
+    .await;
     Prism { url, guard }
 }

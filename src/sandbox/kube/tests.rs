@@ -1,0 +1,1 @@
+//! Handle-level tests: the controller driven in process, no HTTP.
