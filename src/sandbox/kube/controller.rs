@@ -256,12 +256,15 @@ fn kubelet(inner: &mut Inner, opts: &KubeSimOptions, now: Instant) {
             .unwrap_or_default();
         let delay = settings.ready_delay.unwrap_or(opts.pod_ready_delay);
         let running = !first_seen;
+        let rt = inner.pods.get_mut(&key).expect("inserted above");
+        // Never-ready and gates hold pods back from becoming ready; a pod that is ready
+        // stays ready until it terminates (the "new pods never become ready" fault).
         let ready = running
             && !is_terminating(&pod)
-            && !settings.never_ready
-            && now.duration_since(created) >= delay
-            && (!settings.gated || inner.open_gates.contains(&key));
-        let rt = inner.pods.get_mut(&key).expect("inserted above");
+            && (rt.ready_since.is_some()
+                || (!settings.never_ready
+                    && now.duration_since(created) >= delay
+                    && (!settings.gated || inner.open_gates.contains(&key))));
         match (ready, rt.ready_since) {
             (true, None) => rt.ready_since = Some(now),
             (false, Some(_)) => rt.ready_since = None,

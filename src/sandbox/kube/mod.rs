@@ -252,6 +252,25 @@ preferences: {{}}
         self.shared.lock().store.rv()
     }
 
+    /// A minimal Deployment to seed with: labels and selector `app=<name>`, one container
+    /// `app` (image `registry.example/<name>:1.0`). Add env or annotations before creating.
+    pub fn simple_deployment(ns: &str, name: &str, replicas: i32) -> Deployment {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": name, "namespace": ns, "labels": {"app": name}},
+            "spec": {
+                "replicas": replicas,
+                "selector": {"matchLabels": {"app": name}},
+                "template": {
+                    "metadata": {"labels": {"app": name}},
+                    "spec": {"containers": [{"name": "app", "image": format!("registry.example/{name}:1.0")}]}
+                }
+            }
+        }))
+        .expect("a well-formed Deployment literal")
+    }
+
     /// Create a Deployment (namespace from its metadata, default `default`) through the
     /// same admission as the API; the controller brings it up.
     pub fn create_deployment(&self, dep: Deployment) -> Result<Deployment, KubeSimError> {
@@ -294,6 +313,35 @@ preferences: {{}}
             .filter(|o| sel.matches_obj(o))
             .filter_map(typed)
             .collect()
+    }
+
+    /// Change a Deployment as a client's update would (admission, generation bump, status
+    /// kept); e.g. set a pod-template annotation to start a rollout.
+    pub fn update_deployment(
+        &self,
+        ns: &str,
+        name: &str,
+        change: impl FnOnce(&mut Deployment),
+    ) -> Result<Deployment, KubeSimError> {
+        let info = Res::Deployment.info();
+        let mut inner = self.shared.lock();
+        let cur = inner
+            .store
+            .get(Res::Deployment, ns, name)
+            .cloned()
+            .ok_or_else(|| KubeSimError::not_found(info, name))?;
+        let mut dep: Deployment = typed(&cur)
+            .ok_or_else(|| KubeSimError::BadRequest("stored object did not decode".into()))?;
+        change(&mut dep);
+        let v = serde_json::to_value(&dep)
+            .map_err(|e| KubeSimError::BadRequest(format!("cannot encode object: {e}")))?;
+        let v = objects::admit(Res::Deployment, v)?;
+        objects::validate_update(Res::Deployment, &cur, &v)?;
+        let stored = inner
+            .store
+            .update(Res::Deployment, ns, name, v, WriteScope::Main, false)?;
+        typed(&stored)
+            .ok_or_else(|| KubeSimError::BadRequest("stored object did not decode".into()))
     }
 
     pub fn deployment(&self, ns: &str, name: &str) -> Option<Deployment> {
@@ -363,7 +411,8 @@ preferences: {{}}
             .or_default());
     }
 
-    /// Pods of this Deployment never become Ready (a broken image or readiness probe).
+    /// New pods of this Deployment never become Ready (a broken image or readiness probe);
+    /// pods that are already ready stay ready.
     pub fn set_never_ready(&self, ns: &str, deployment: &str, never: bool) {
         self.with_workload(ns, deployment, |w| w.never_ready = never);
     }
