@@ -9,6 +9,7 @@ use super::objects;
 use super::patch::{self, PatchKind};
 use super::selector::{FieldSelector, LabelSelector};
 use super::store::{meta_str, ChangeKind, WriteScope};
+use super::table::{self, Include};
 use super::Shared;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -154,6 +155,21 @@ fn dry_run(q: &Query) -> bool {
     q.get("dryRun").is_some_and(|v| v == "All")
 }
 
+/// A request body in the content type it declares: JSON (default) or YAML. Protobuf, which
+/// client-go sends for built-in kinds unless told otherwise, is refused with 415.
+fn decode_body(content_type: &str, body: &[u8]) -> Result<Value, KubeSimError> {
+    let mime = content_type.split(';').next().unwrap_or("").trim();
+    match mime {
+        "" | "application/json" | "*/*" => parse_json(body),
+        "application/yaml" => serde_yaml_ng::from_slice(body).map_err(|e| {
+            KubeSimError::BadRequest(format!("error decoding YAML: {}", e.to_string().replace('"', "'")))
+        }),
+        other => Err(KubeSimError::UnsupportedMediaType(format!(
+            "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml (got \"{other}\")"
+        ))),
+    }
+}
+
 fn parse_json(body: &[u8]) -> Result<Value, KubeSimError> {
     serde_json::from_slice(body).map_err(|e| {
         KubeSimError::BadRequest(format!(
@@ -174,6 +190,13 @@ async fn dispatch(
         return not_found_resource();
     };
     let q = query(&uri);
+    let tbl = table::wants_table(&headers)
+        .then(|| Include::from_query(q.get("includeObject").map(String::as_str)));
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
     let result = match route {
         Route::Discovery(g, v) if method == Method::GET => {
             return match discovery::resource_list(&g, &v) {
@@ -195,12 +218,14 @@ async fn dispatch(
                 }
             }
             match method {
-                Method::GET if flag(&q, "watch") => return watch(&st, info, ns, &q),
-                Method::GET => list(&st.shared, info, ns.as_deref(), &q),
-                Method::POST if info.res == Res::TokenReview => token_review(&st.shared, &body),
+                Method::GET if flag(&q, "watch") => return watch(&st, info, ns, &q, tbl),
+                Method::GET => list(&st.shared, info, ns.as_deref(), &q, tbl),
+                Method::POST if info.res == Res::TokenReview => {
+                    token_review(&st.shared, &ct, &body)
+                }
                 Method::POST => match ns.as_deref() {
-                    Some(ns) => create(&st.shared, info, ns, &body, &q),
-                    None if !info.namespaced => create(&st.shared, info, "", &body, &q),
+                    Some(ns) => create(&st.shared, info, ns, &ct, &body, &q),
+                    None if !info.namespaced => create(&st.shared, info, "", &ct, &body, &q),
                     None => Err(KubeSimError::MethodNotAllowed),
                 },
                 Method::DELETE => match ns.as_deref() {
@@ -219,6 +244,7 @@ async fn dispatch(
             let scope = match sub.as_deref() {
                 None => WriteScope::Main,
                 Some("status") if info.status_subresource => WriteScope::Status,
+                Some("scale") if info.has_scale() => WriteScope::Main,
                 Some(_) => return not_found_resource(),
             };
             if info.res == Res::TokenReview {
@@ -229,16 +255,17 @@ async fn dispatch(
                     return err_resp(&e);
                 }
             }
+            if sub.as_deref() == Some("scale") {
+                let r = scale(&st.shared, info, &ns, &name, &method, &ct, &body, &q);
+                return match r {
+                    Ok((code, v)) => json_resp(code, &v),
+                    Err(e) => err_resp(&e),
+                };
+            }
             match method {
-                Method::GET => get_object(&st.shared, info, &ns, &name),
-                Method::PUT => update(&st.shared, info, &ns, &name, &body, scope, &q),
-                Method::PATCH => {
-                    let ct = headers
-                        .get(header::CONTENT_TYPE)
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("");
-                    patch_object(&st.shared, info, &ns, &name, ct, &body, scope, &q)
-                }
+                Method::GET => get_object(&st.shared, info, &ns, &name, tbl),
+                Method::PUT => update(&st.shared, info, &ns, &name, &ct, &body, scope, &q),
+                Method::PATCH => patch_object(&st.shared, info, &ns, &name, &ct, &body, scope, &q),
                 Method::DELETE if scope == WriteScope::Main => {
                     delete(&st.shared, info, &ns, &name, &body, &q)
                 }
@@ -281,16 +308,29 @@ fn ensure_namespaces(inner: &mut super::Inner, names: &[String]) {
     }
 }
 
-fn get_object(shared: &Shared, info: &ResInfo, ns: &str, name: &str) -> ApiResult {
+fn get_object(
+    shared: &Shared,
+    info: &ResInfo,
+    ns: &str,
+    name: &str,
+    tbl: Option<Include>,
+) -> ApiResult {
     let mut inner = shared.lock();
     if info.res == Res::Namespace {
         ensure_namespaces(&mut inner, &[name.to_string()]);
     }
-    inner
+    let obj = inner
         .store
         .get(info.res, ns, name)
-        .map(|v| (StatusCode::OK, v.clone()))
-        .ok_or_else(|| KubeSimError::not_found(info, name))
+        .cloned()
+        .ok_or_else(|| KubeSimError::not_found(info, name))?;
+    Ok(match tbl {
+        Some(inc) => {
+            let rv = json!({"resourceVersion": meta_str(&obj, "resourceVersion")});
+            (StatusCode::OK, table::table(info, &[obj], rv, inc))
+        }
+        None => (StatusCode::OK, obj),
+    })
 }
 
 fn encode_continue(rv: u64, ns: &str, name: &str) -> String {
@@ -322,7 +362,13 @@ fn selectors(info: &ResInfo, q: &Query) -> Result<(LabelSelector, FieldSelector)
     ))
 }
 
-fn list(shared: &Shared, info: &ResInfo, ns: Option<&str>, q: &Query) -> ApiResult {
+fn list(
+    shared: &Shared,
+    info: &ResInfo,
+    ns: Option<&str>,
+    q: &Query,
+    tbl: Option<Include>,
+) -> ApiResult {
     let (labels, fields) = selectors(info, q)?;
     let limit = q
         .get("limit")
@@ -369,6 +415,9 @@ fn list(shared: &Shared, info: &ResInfo, ns: Option<&str>, q: &Query) -> ApiResu
             meta["remainingItemCount"] = json!(remaining);
         }
     }
+    if let Some(inc) = tbl {
+        return Ok((StatusCode::OK, table::table(info, &items, meta, inc)));
+    }
     Ok((
         StatusCode::OK,
         json!({
@@ -383,8 +432,15 @@ fn list(shared: &Shared, info: &ResInfo, ns: Option<&str>, q: &Query) -> ApiResu
 // ---------------------------------------------------------------------------------------
 // write verbs
 
-fn create(shared: &Shared, info: &ResInfo, ns: &str, body: &[u8], q: &Query) -> ApiResult {
-    let obj = parse_json(body)?;
+fn create(
+    shared: &Shared,
+    info: &ResInfo,
+    ns: &str,
+    ct: &str,
+    body: &[u8],
+    q: &Query,
+) -> ApiResult {
+    let obj = decode_body(ct, body)?;
     let body_ns = obj
         .pointer("/metadata/namespace")
         .and_then(Value::as_str)
@@ -400,16 +456,18 @@ fn create(shared: &Shared, info: &ResInfo, ns: &str, body: &[u8], q: &Query) -> 
     Ok((StatusCode::CREATED, created))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn update(
     shared: &Shared,
     info: &ResInfo,
     ns: &str,
     name: &str,
+    ct: &str,
     body: &[u8],
     scope: WriteScope,
     q: &Query,
 ) -> ApiResult {
-    let obj = objects::admit(info.res, parse_json(body)?)?;
+    let obj = objects::admit(info.res, decode_body(ct, body)?)?;
     let mut inner = shared.lock();
     let cur = inner
         .store
@@ -465,6 +523,99 @@ fn patch_object(
         .store
         .update(info.res, ns, name, new, scope, dry_run(q))?;
     Ok((StatusCode::OK, stored))
+}
+
+/// The autoscaling/v1 `Scale` view of a Deployment or ReplicaSet.
+fn scale_view(obj: &Value) -> Value {
+    let selector = obj
+        .pointer("/spec/selector")
+        .and_then(|s| {
+            serde_json::from_value::<k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>(
+                s.clone(),
+            )
+            .ok()
+        })
+        .map(|s| {
+            s.match_labels
+                .unwrap_or_default()
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default();
+    json!({
+        "kind": "Scale",
+        "apiVersion": "autoscaling/v1",
+        "metadata": {
+            "name": meta_str(obj, "name"),
+            "namespace": meta_str(obj, "namespace"),
+            "uid": meta_str(obj, "uid"),
+            "resourceVersion": meta_str(obj, "resourceVersion"),
+            "creationTimestamp": obj.pointer("/metadata/creationTimestamp").cloned().unwrap_or(Value::Null),
+        },
+        "spec": {"replicas": obj.pointer("/spec/replicas").and_then(Value::as_i64).unwrap_or(0)},
+        "status": {
+            "replicas": obj.pointer("/status/replicas").and_then(Value::as_i64).unwrap_or(0),
+            "selector": selector,
+        },
+    })
+}
+
+/// `GET|PUT|PATCH .../{name}/scale`: reads and writes `spec.replicas` only.
+#[allow(clippy::too_many_arguments)]
+fn scale(
+    shared: &Shared,
+    info: &ResInfo,
+    ns: &str,
+    name: &str,
+    method: &Method,
+    ct: &str,
+    body: &[u8],
+    q: &Query,
+) -> ApiResult {
+    let mut inner = shared.lock();
+    let cur = inner
+        .store
+        .get(info.res, ns, name)
+        .cloned()
+        .ok_or_else(|| KubeSimError::not_found(info, name))?;
+    let view = scale_view(&cur);
+    let wanted = match *method {
+        Method::GET => return Ok((StatusCode::OK, view)),
+        Method::PUT => decode_body(ct, body)?,
+        Method::PATCH => {
+            let kind = PatchKind::from_content_type(ct)?;
+            let p = patch::parse_body(kind, body)?;
+            let mut doc = view;
+            patch::apply(kind, &mut doc, &p)?;
+            doc
+        }
+        _ => return Err(KubeSimError::MethodNotAllowed),
+    };
+    let replicas = wanted
+        .pointer("/spec/replicas")
+        .and_then(Value::as_i64)
+        .filter(|r| *r >= 0 && *r <= i64::from(i32::MAX))
+        .ok_or_else(|| KubeSimError::Invalid {
+            qualified_kind: "Scale.autoscaling".into(),
+            group: "autoscaling".into(),
+            kind: "Scale".into(),
+            name: name.into(),
+            causes: vec![super::error::FieldCause {
+                reason: "FieldValueInvalid",
+                field: "spec.replicas".into(),
+                message: "Invalid value: must be greater than or equal to 0".into(),
+            }],
+        })?;
+    let mut next = cur.clone();
+    next["spec"]["replicas"] = json!(replicas);
+    let want_rv = meta_str(&wanted, "resourceVersion");
+    next["metadata"]["resourceVersion"] = json!(want_rv);
+    let stored = inner
+        .store
+        .update(info.res, ns, name, next, WriteScope::Main, dry_run(q))?;
+    Ok((StatusCode::OK, scale_view(&stored)))
 }
 
 /// `DeleteOptions` from the body (kube-rs sends them there) and the query (kubectl).
@@ -590,8 +741,8 @@ fn delete_collection(shared: &Shared, info: &ResInfo, ns: &str, q: &Query) -> Ap
 // ---------------------------------------------------------------------------------------
 // TokenReview
 
-fn token_review(shared: &Shared, body: &[u8]) -> ApiResult {
-    let mut tr = objects::admit(Res::TokenReview, parse_json(body)?)?;
+fn token_review(shared: &Shared, ct: &str, body: &[u8]) -> ApiResult {
+    let mut tr = objects::admit(Res::TokenReview, decode_body(ct, body)?)?;
     let token = tr
         .pointer("/spec/token")
         .and_then(Value::as_str)
@@ -641,7 +792,21 @@ fn bookmark(info: &ResInfo, rv: u64, initial_end: bool) -> Bytes {
     )
 }
 
-fn watch(st: &AppState, info: &'static ResInfo, ns: Option<String>, q: &Query) -> Response {
+fn watch(
+    st: &AppState,
+    info: &'static ResInfo,
+    ns: Option<String>,
+    q: &Query,
+    tbl: Option<Include>,
+) -> Response {
+    // With a Table Accept header every event carries a one-row Table.
+    let line = move |kind: &str, o: &Value| match tbl {
+        Some(inc) => watch_line(
+            kind,
+            &table::table(info, std::slice::from_ref(o), json!({}), inc),
+        ),
+        None => watch_line(kind, o),
+    };
     let (labels, fields) = match selectors(info, q) {
         Ok(s) => s,
         Err(e) => return err_resp(&e),
@@ -681,7 +846,7 @@ fn watch(st: &AppState, info: &'static ResInfo, ns: Option<String>, q: &Query) -
             Some(0) | None => {
                 for o in inner.store.list(info.res, ns.as_deref()) {
                     if matches(o) {
-                        initial.push(watch_line("ADDED", o));
+                        initial.push(line("ADDED", o));
                     }
                 }
                 if send_initial && bookmarks {
@@ -692,7 +857,7 @@ fn watch(st: &AppState, info: &'static ResInfo, ns: Option<String>, q: &Query) -
             Some(v) if send_initial => {
                 for o in inner.store.list(info.res, ns.as_deref()) {
                     if matches(o) {
-                        initial.push(watch_line("ADDED", o));
+                        initial.push(line("ADDED", o));
                     }
                 }
                 if bookmarks {
@@ -761,7 +926,7 @@ fn watch(st: &AppState, info: &'static ResInfo, ns: Option<String>, q: &Query) -
                         k if now_in => k.as_str(),
                         _ => continue,
                     };
-                    if tx.send(Ok(watch_line(kind, &c.obj))).await.is_err() {
+                    if tx.send(Ok(line(kind, &c.obj))).await.is_err() {
                         return;
                     }
                 }

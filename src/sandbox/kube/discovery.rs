@@ -200,6 +200,11 @@ impl ResInfo {
         }
     }
 
+    /// Has a `/scale` subresource (autoscaling/v1 `Scale`), as `kubectl scale` uses.
+    pub fn has_scale(&self) -> bool {
+        matches!(self.res, Res::Deployment | Res::ReplicaSet)
+    }
+
     /// `deployments.apps` or `pods`: how the API server names a resource in messages.
     pub fn qualified(&self) -> String {
         if self.group.is_empty() {
@@ -319,6 +324,17 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
                 "singularName": "",
                 "namespaced": r.namespaced,
                 "kind": r.kind,
+                "verbs": ["get", "patch", "update"],
+            }));
+        }
+        if r.has_scale() {
+            resources.push(json!({
+                "name": format!("{}/scale", r.plural),
+                "singularName": "",
+                "namespaced": r.namespaced,
+                "group": "autoscaling",
+                "version": "v1",
+                "kind": "Scale",
                 "verbs": ["get", "patch", "update"],
             }));
         }

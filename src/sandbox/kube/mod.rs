@@ -21,6 +21,7 @@ mod objects;
 mod patch;
 pub mod selector;
 mod store;
+mod table;
 
 pub use controller::{rollout_status, RolloutStatus};
 pub use error::{FieldCause, KubeSimError};
