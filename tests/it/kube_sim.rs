@@ -503,7 +503,9 @@ async fn kube_rs_optimistic_concurrency_leases_secrets_and_faults() {
     let client = kube_client(&server, "okr").await;
     let deps: Api<Deployment> = Api::default_namespaced(client.clone());
 
-    // Replace with a stale resourceVersion → 409 Conflict.
+    // Replace with a stale resourceVersion → 409 Conflict. (Wait for the rollout first: the
+    // controller's status writes bump the resourceVersion too, as on a real cluster.)
+    assert!(sim.wait_rollout_complete("okr", "web", Duration::from_secs(10)).await);
     let stale = deps.get("web").await.unwrap();
     let mut fresh = stale.clone();
     fresh
@@ -755,4 +757,113 @@ async fn kube_rs_events_recorder_and_token_review() {
     let st = bad.status.unwrap();
     assert_ne!(st.authenticated, Some(true));
     assert!(st.error.is_some());
+}
+
+/// A service-account-shaped JWT. OpenBao does not check the signature when a TokenReview
+/// endpoint is configured: the review is the authentication.
+fn service_account_jwt(ns: &str, name: &str, uid: &str) -> String {
+    use base64::Engine;
+    let enc = |v: Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    format!(
+        "{}.{}.{}",
+        enc(json!({"alg": "RS256", "typ": "JWT"})),
+        enc(json!({
+            "iss": "kubernetes/serviceaccount",
+            "kubernetes.io/serviceaccount/namespace": ns,
+            "kubernetes.io/serviceaccount/secret.name": format!("{name}-token"),
+            "kubernetes.io/serviceaccount/service-account.name": name,
+            "kubernetes.io/serviceaccount/service-account.uid": uid,
+            "sub": format!("system:serviceaccount:{ns}:{name}"),
+        })),
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b"not-checked"),
+    )
+}
+
+#[tokio::test]
+async fn openbao_kubernetes_auth_logs_in_through_our_token_review() {
+    let (sim, server) = start(50).await;
+    let bao = support::start_bao().await;
+    let http = reqwest::Client::new();
+    let call = |path: &str, body: Value| {
+        http.post(format!("{}/v1/{path}", bao.addr))
+            .header("X-Vault-Token", &bao.token)
+            .json(&body)
+            .send()
+    };
+    // Any well-formed certificate: the simulator is plain HTTP, the CA is never used.
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("ca.pem"), dir.path().join("ca.key"));
+    let st = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=okr-sim",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("run openssl");
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let pem = std::fs::read_to_string(&cert).unwrap();
+
+    for (path, body) in [
+        ("sys/auth/kubernetes", json!({"type": "kubernetes"})),
+        (
+            "auth/kubernetes/config",
+            json!({"kubernetes_host": server.url(), "disable_local_ca_jwt": true,
+                   "token_reviewer_jwt": "reviewer-token", "kubernetes_ca_cert": pem}),
+        ),
+        (
+            "auth/kubernetes/role/okr",
+            json!({"bound_service_account_names": "okr", "bound_service_account_namespaces": "okr",
+                   "policies": "default", "ttl": "1h"}),
+        ),
+    ] {
+        let r = call(path, body).await.unwrap();
+        assert!(
+            r.status().is_success(),
+            "{path}: {}",
+            r.text().await.unwrap()
+        );
+    }
+
+    let uid = KubeSim::service_account_uid("okr", "okr");
+    let jwt = service_account_jwt("okr", "okr", &uid);
+    let login = |jwt: String| {
+        http.post(format!("{}/v1/auth/kubernetes/login", bao.addr))
+            .json(&json!({"role": "okr", "jwt": jwt}))
+            .send()
+    };
+    // Negative control: not registered with the simulator, so its review says no.
+    let r = login(jwt.clone()).await.unwrap();
+    assert_eq!(r.status().as_u16(), 403, "{}", r.text().await.unwrap());
+
+    assert_eq!(sim.add_service_account_token(&jwt, "okr", "okr"), uid);
+    let r = login(jwt).await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        !body["auth"]["client_token"]
+            .as_str()
+            .unwrap_or("")
+            .is_empty(),
+        "{body}"
+    );
+    assert_eq!(body["auth"]["metadata"]["service_account_name"], "okr");
+    assert_eq!(
+        body["auth"]["metadata"]["service_account_uid"],
+        uid.as_str()
+    );
 }

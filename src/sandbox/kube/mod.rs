@@ -455,17 +455,36 @@ preferences: {{}}
     }
 
     /// Register a bearer token TokenReview will authenticate as
-    /// `system:serviceaccount:NS:NAME`. Only its SHA-256 is kept.
-    pub fn add_service_account_token(&self, token: &str, namespace: &str, name: &str) {
+    /// `system:serviceaccount:NS:NAME`. Only its SHA-256 is kept. Returns the service
+    /// account's uid (see [`KubeSim::service_account_uid`]), which a JWT for it carries.
+    pub fn add_service_account_token(&self, token: &str, namespace: &str, name: &str) -> String {
         let hash = hex::encode(Sha256::digest(token.as_bytes()));
+        let uid = Self::service_account_uid(namespace, name);
         self.shared.lock().tokens.insert(
             hash,
             TokenIdentity {
                 namespace: namespace.into(),
                 name: name.into(),
-                uid: uuid::Uuid::new_v4().to_string(),
+                uid: uid.clone(),
             },
         );
+        uid
+    }
+
+    /// The uid TokenReview reports for a service account: stable per (namespace, name), so
+    /// a JWT can carry it in `kubernetes.io/serviceaccount/service-account.uid` (OpenBao
+    /// checks that the two match).
+    pub fn service_account_uid(namespace: &str, name: &str) -> String {
+        let d = Sha256::digest(format!("serviceaccount/{namespace}/{name}").as_bytes());
+        let h = hex::encode(&d[..16]);
+        format!(
+            "{}-{}-{}-{}-{}",
+            &h[..8],
+            &h[8..12],
+            &h[12..16],
+            &h[16..20],
+            &h[20..32]
+        )
     }
 
     /// Drop the watch history, as an etcd compaction would: watches resuming from any
