@@ -223,6 +223,25 @@ async fn kubectl_get_restart_and_rollout_status() {
     );
     let out = k.ok(&["rollout", "history", "deployment/web"]).await;
     assert!(out.lines().any(|l| l.starts_with('2')), "{out}");
+
+    // `kubectl scale` goes through the scale subresource; deleting the Deployment
+    // garbage-collects its ReplicaSets and pods.
+    k.ok(&["scale", "deployment/web", "--replicas=1"]).await;
+    k.ok(&["rollout", "status", "deployment/web", "--timeout=60s"])
+        .await;
+    assert_eq!(active_pods(&sim.pods("demo", "app=web")).len(), 1);
+    let out = k.ok(&["delete", "deployment", "web"]).await;
+    assert!(out.contains("deployment.apps \"web\" deleted"), "{out}");
+    let t = Instant::now();
+    while !(sim.pods("demo", "app=web").is_empty()
+        && sim.replica_sets("demo", "app=web").is_empty())
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "owned objects not collected"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]
@@ -505,7 +524,10 @@ async fn kube_rs_optimistic_concurrency_leases_secrets_and_faults() {
 
     // Replace with a stale resourceVersion → 409 Conflict. (Wait for the rollout first: the
     // controller's status writes bump the resourceVersion too, as on a real cluster.)
-    assert!(sim.wait_rollout_complete("okr", "web", Duration::from_secs(10)).await);
+    assert!(
+        sim.wait_rollout_complete("okr", "web", Duration::from_secs(10))
+            .await
+    );
     let stale = deps.get("web").await.unwrap();
     let mut fresh = stale.clone();
     fresh
@@ -645,6 +667,42 @@ async fn kube_rs_optimistic_concurrency_leases_secrets_and_faults() {
         api_code(&leases.get("okr-leader").await.unwrap_err()).0,
         404
     );
+
+    // A label-selected watch sees an object leave (DELETED) and re-enter (ADDED) the
+    // selection, as the API server's watch cache reports it.
+    let rv = secrets
+        .get("openai")
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
+    let mut w = secrets
+        .watch(&WatchParams::default().labels("team=a").timeout(10), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    for team in ["a", "b", "a"] {
+        let p = json!({"metadata": {"labels": {"team": team}}});
+        secrets
+            .patch("openai", &PatchParams::default(), &Patch::Merge(&p))
+            .await
+            .unwrap();
+    }
+    let mut kinds = Vec::new();
+    while kinds.len() < 3 {
+        match tokio::time::timeout(Duration::from_secs(5), w.next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(WatchEvent::Added(_))) => kinds.push("ADDED"),
+            Some(Ok(WatchEvent::Modified(_))) => kinds.push("MODIFIED"),
+            Some(Ok(WatchEvent::Deleted(_))) => kinds.push("DELETED"),
+            Some(Ok(WatchEvent::Bookmark(_))) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(kinds, ["ADDED", "DELETED", "ADDED"]);
 
     // A watch from a compacted resourceVersion gets a 410 ERROR event.
     let rv = deps
