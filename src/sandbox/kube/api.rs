@@ -817,6 +817,7 @@ fn watch(
     let timeout = q
         .get("timeoutSeconds")
         .and_then(|t| t.parse::<u64>().ok())
+        .filter(|t| *t > 0)
         .map(Duration::from_secs)
         .unwrap_or(st.shared.opts.default_watch_timeout);
     let from_rv = q
