@@ -1,0 +1,519 @@
+//! A Kubernetes API server subset, in memory, faithful enough for the real `kubectl` and
+//! kube-rs: discovery, get/list/watch/create/update/patch/delete with selectors and
+//! optimistic concurrency for Deployments, ReplicaSets, Pods, Secrets, Events (both APIs),
+//! Leases and TokenReviews, plus a rollout controller (Deployment → ReplicaSet → Pod, with a
+//! simulated kubelet) that writes status the way the real controllers do.
+//!
+//! ```no_run
+//! # async fn demo() -> std::io::Result<()> {
+//! use openai_key_rotator::sandbox::{kube::{KubeSim, KubeSimOptions}, loopback};
+//! let sim = KubeSim::new(KubeSimOptions::default());
+//! let server = sim.serve(loopback(0), Default::default()).await?;
+//! let kubeconfig = KubeSim::kubeconfig_yaml(&server.url(), Some("default"));
+//! # let _ = kubeconfig; Ok(()) }
+//! ```
+
+mod api;
+pub mod controller;
+pub mod discovery;
+mod error;
+mod objects;
+mod patch;
+pub mod selector;
+mod store;
+mod table;
+
+pub use controller::{rollout_status, RolloutStatus};
+pub use error::{FieldCause, KubeSimError};
+
+use discovery::Res;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use selector::LabelSelector;
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use store::{Store, WriteScope};
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::Server;
+
+/// Lifecycle notifications for simulated pods (consumers build on these).
+#[derive(Clone, Debug)]
+pub enum PodEvent {
+    /// A pod was created (phase Pending). `workload` is the owning Deployment (kind, name).
+    Started {
+        namespace: String,
+        pod: String,
+        workload: Option<(String, String)>,
+        labels: BTreeMap<String, String>,
+        annotations: BTreeMap<String, String>,
+    },
+    /// A pod was deleted / terminated (graceful deletion began, or it was removed outright).
+    Terminated {
+        namespace: String,
+        pod: String,
+        workload: Option<(String, String)>,
+    },
+}
+
+/// Tunables. `Default` suits tests and the demo.
+#[derive(Clone, Debug)]
+pub struct KubeSimOptions {
+    /// Time from pod creation until its containers report ready.
+    pub pod_ready_delay: Duration,
+    /// Controller/kubelet loop period.
+    pub tick: Duration,
+    /// How long a deleted pod stays Terminating (capped by its grace period).
+    pub pod_termination_delay: Duration,
+    /// Watch events kept for resuming watches; older resourceVersions get 410.
+    pub watch_history: usize,
+    /// Period of BOOKMARK events on watches that allow them.
+    pub bookmark_interval: Duration,
+    /// Watch duration when the client sends no `timeoutSeconds`.
+    pub default_watch_timeout: Duration,
+}
+
+impl Default for KubeSimOptions {
+    fn default() -> Self {
+        KubeSimOptions {
+            pod_ready_delay: Duration::from_millis(300),
+            tick: Duration::from_millis(50),
+            pod_termination_delay: Duration::from_millis(100),
+            watch_history: 10_000,
+            bookmark_interval: Duration::from_secs(5),
+            default_watch_timeout: Duration::from_secs(1800),
+        }
+    }
+}
+
+/// Per-workload behaviour set through the handle.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct WorkloadSettings {
+    pub never_ready: bool,
+    pub ready_delay: Option<Duration>,
+    pub gated: bool,
+}
+
+/// Who a registered service-account token authenticates as.
+#[derive(Clone, Debug)]
+pub(crate) struct TokenIdentity {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+/// Simulated kubelet state of one pod (monotonic times the JSON cannot hold).
+#[derive(Clone, Debug)]
+pub(crate) struct PodRuntime {
+    pub created: Instant,
+    pub terminating_since: Option<Instant>,
+    pub ready_since: Option<Instant>,
+}
+
+pub(crate) struct Inner {
+    pub store: Store,
+    /// Keyed by (namespace, deployment name).
+    pub workloads: HashMap<(String, String), WorkloadSettings>,
+    /// (namespace, pod) whose readiness gate a consumer opened.
+    pub open_gates: HashSet<(String, String)>,
+    /// SHA-256 of the token → identity; the tokens themselves are not kept.
+    pub tokens: HashMap<String, TokenIdentity>,
+    pub writes: u64,
+    /// (write number, HTTP status) faults still to fire.
+    pub faults: Vec<(u64, u16)>,
+    pub pods: HashMap<(String, String), PodRuntime>,
+}
+
+pub(crate) struct Shared {
+    pub inner: Mutex<Inner>,
+    pub opts: KubeSimOptions,
+    pub changes: watch::Receiver<u64>,
+    pub pod_events: broadcast::Sender<PodEvent>,
+}
+
+impl Shared {
+    pub fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves consistent-enough state for a simulator.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The simulator handle. Cheap to clone; all clones share one cluster.
+#[derive(Clone)]
+pub struct KubeSim {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for KubeSim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeSim")
+            .field("resource_version", &self.resource_version())
+            .finish_non_exhaustive()
+    }
+}
+
+fn typed<T: DeserializeOwned>(v: &serde_json::Value) -> Option<T> {
+    serde_json::from_value(v.clone()).ok()
+}
+
+impl KubeSim {
+    pub fn new(opts: KubeSimOptions) -> Self {
+        let (tx, rx) = watch::channel(1);
+        let (pod_events, _) = broadcast::channel(1024);
+        let store = Store::new(opts.watch_history, tx, pod_events.clone());
+        KubeSim {
+            shared: Arc::new(Shared {
+                inner: Mutex::new(Inner {
+                    store,
+                    workloads: HashMap::new(),
+                    open_gates: HashSet::new(),
+                    tokens: HashMap::new(),
+                    writes: 0,
+                    faults: Vec::new(),
+                    pods: HashMap::new(),
+                }),
+                opts,
+                changes: rx,
+                pod_events,
+            }),
+        }
+    }
+
+    /// The API routes. Watches on this router end only when their client leaves or times
+    /// out; [`KubeSim::serve`] also ends them on cancellation.
+    pub fn router(&self) -> axum::Router {
+        api::router(self.shared.clone(), CancellationToken::new())
+    }
+
+    /// Serve and start the controller; both stop on `cancel` or when the [`Server`] drops.
+    pub async fn serve(
+        &self,
+        bind: SocketAddr,
+        cancel: CancellationToken,
+    ) -> std::io::Result<Server> {
+        let router = api::router(self.shared.clone(), cancel.clone());
+        let server = super::serve(router, bind, cancel.clone()).await?;
+        self.start_controller(cancel);
+        Ok(server)
+    }
+
+    /// Run the controller loop until `cancel` (for callers that serve [`Self::router`]
+    /// themselves).
+    pub fn start_controller(&self, cancel: CancellationToken) {
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(shared.opts.tick);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tick.tick() => {
+                        let mut inner = shared.lock();
+                        controller::reconcile(&mut inner, &shared.opts, Instant::now());
+                    }
+                }
+            }
+        });
+    }
+
+    /// kubeconfig YAML for `server_url` (no auth; current-context set; namespace optional).
+    pub fn kubeconfig_yaml(server_url: &str, namespace: Option<&str>) -> String {
+        let ns = namespace
+            .map(|n| format!("\n    namespace: {n}"))
+            .unwrap_or_default();
+        format!(
+            "apiVersion: v1
+kind: Config
+clusters:
+- name: okr-sim
+  cluster:
+    server: {server_url}
+contexts:
+- name: okr-sim
+  context:
+    cluster: okr-sim
+    user: okr-sim{ns}
+current-context: okr-sim
+users:
+- name: okr-sim
+  user: {{}}
+preferences: {{}}
+"
+        )
+    }
+
+    /// The current global resourceVersion.
+    pub fn resource_version(&self) -> u64 {
+        self.shared.lock().store.rv()
+    }
+
+    /// A minimal Deployment to seed with: labels and selector `app=<name>`, one container
+    /// `app` (image `registry.example/<name>:1.0`). Add env or annotations before creating.
+    pub fn simple_deployment(ns: &str, name: &str, replicas: i32) -> Deployment {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": name, "namespace": ns, "labels": {"app": name}},
+            "spec": {
+                "replicas": replicas,
+                "selector": {"matchLabels": {"app": name}},
+                "template": {
+                    "metadata": {"labels": {"app": name}},
+                    "spec": {"containers": [{"name": "app", "image": format!("registry.example/{name}:1.0")}]}
+                }
+            }
+        }))
+        .expect("a well-formed Deployment literal")
+    }
+
+    /// Create a Deployment (namespace from its metadata, default `default`) through the
+    /// same admission as the API; the controller brings it up.
+    pub fn create_deployment(&self, dep: Deployment) -> Result<Deployment, KubeSimError> {
+        let v = self.create(Res::Deployment, &dep)?;
+        typed(&v).ok_or_else(|| KubeSimError::BadRequest("stored object did not decode".into()))
+    }
+
+    fn create<
+        T: serde::Serialize
+            + k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>,
+    >(
+        &self,
+        res: Res,
+        obj: &T,
+    ) -> Result<serde_json::Value, KubeSimError> {
+        let ns = obj
+            .metadata()
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let v = serde_json::to_value(obj)
+            .map_err(|e| KubeSimError::BadRequest(format!("cannot encode object: {e}")))?;
+        let v = objects::admit(res, v)?;
+        self.shared.lock().store.create(res, &ns, v, false)
+    }
+
+    fn get_typed<T: DeserializeOwned>(&self, res: Res, ns: &str, name: &str) -> Option<T> {
+        self.shared.lock().store.get(res, ns, name).and_then(typed)
+    }
+
+    fn list_typed<T: DeserializeOwned>(&self, res: Res, ns: &str, label_selector: &str) -> Vec<T> {
+        let Ok(sel) = LabelSelector::parse(label_selector) else {
+            return Vec::new();
+        };
+        let inner = self.shared.lock();
+        inner
+            .store
+            .list(res, Some(ns))
+            .into_iter()
+            .filter(|o| sel.matches_obj(o))
+            .filter_map(typed)
+            .collect()
+    }
+
+    /// Change a Deployment as a client's update would (admission, generation bump, status
+    /// kept); e.g. set a pod-template annotation to start a rollout.
+    pub fn update_deployment(
+        &self,
+        ns: &str,
+        name: &str,
+        change: impl FnOnce(&mut Deployment),
+    ) -> Result<Deployment, KubeSimError> {
+        let info = Res::Deployment.info();
+        let mut inner = self.shared.lock();
+        let cur = inner
+            .store
+            .get(Res::Deployment, ns, name)
+            .cloned()
+            .ok_or_else(|| KubeSimError::not_found(info, name))?;
+        let mut dep: Deployment = typed(&cur)
+            .ok_or_else(|| KubeSimError::BadRequest("stored object did not decode".into()))?;
+        change(&mut dep);
+        let v = serde_json::to_value(&dep)
+            .map_err(|e| KubeSimError::BadRequest(format!("cannot encode object: {e}")))?;
+        let v = objects::admit(Res::Deployment, v)?;
+        objects::validate_update(Res::Deployment, &cur, &v)?;
+        let stored = inner
+            .store
+            .update(Res::Deployment, ns, name, v, WriteScope::Main, false)?;
+        typed(&stored)
+            .ok_or_else(|| KubeSimError::BadRequest("stored object did not decode".into()))
+    }
+
+    pub fn deployment(&self, ns: &str, name: &str) -> Option<Deployment> {
+        self.get_typed(Res::Deployment, ns, name)
+    }
+
+    /// ReplicaSets in `ns` matching `label_selector` (an invalid selector matches nothing).
+    pub fn replica_sets(&self, ns: &str, label_selector: &str) -> Vec<ReplicaSet> {
+        self.list_typed(Res::ReplicaSet, ns, label_selector)
+    }
+
+    /// Pods in `ns` matching `label_selector` (an invalid selector matches nothing),
+    /// Terminating ones included (check `metadata.deletionTimestamp`).
+    pub fn pods(&self, ns: &str, label_selector: &str) -> Vec<Pod> {
+        self.list_typed(Res::Pod, ns, label_selector)
+    }
+
+    /// Create the Secret, or replace it unconditionally if it exists.
+    pub fn put_secret(&self, secret: Secret) -> Result<Secret, KubeSimError> {
+        let ns = secret
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let name = secret.metadata.name.clone().unwrap_or_default();
+        let mut v = serde_json::to_value(&secret)
+            .map_err(|e| KubeSimError::BadRequest(format!("cannot encode object: {e}")))?;
+        v["metadata"]
+            .as_object_mut()
+            .map(|m| m.remove("resourceVersion"));
+        let v = objects::admit(Res::Secret, v)?;
+        let mut inner = self.shared.lock();
+        let stored = if inner.store.get(Res::Secret, &ns, &name).is_some() {
+            inner
+                .store
+                .update(Res::Secret, &ns, &name, v, WriteScope::All, false)?
+        } else {
+            inner.store.create(Res::Secret, &ns, v, false)?
+        };
+        typed(&stored)
+            .ok_or_else(|| KubeSimError::BadRequest("stored object did not decode".into()))
+    }
+
+    pub fn secret(&self, ns: &str, name: &str) -> Option<Secret> {
+        self.get_typed(Res::Secret, ns, name)
+    }
+
+    pub fn lease(&self, ns: &str, name: &str) -> Option<Lease> {
+        self.get_typed(Res::Lease, ns, name)
+    }
+
+    /// events.k8s.io/v1 Events in `ns` (what kube-rs' `Recorder` publishes).
+    pub fn events(&self, ns: &str) -> Vec<k8s_openapi::api::events::v1::Event> {
+        self.list_typed(Res::EventV1, ns, "")
+    }
+
+    /// core/v1 Events in `ns`.
+    pub fn core_events(&self, ns: &str) -> Vec<k8s_openapi::api::core::v1::Event> {
+        self.list_typed(Res::Event, ns, "")
+    }
+
+    fn with_workload(&self, ns: &str, deployment: &str, f: impl FnOnce(&mut WorkloadSettings)) {
+        let mut inner = self.shared.lock();
+        f(inner
+            .workloads
+            .entry((ns.to_string(), deployment.to_string()))
+            .or_default());
+    }
+
+    /// New pods of this Deployment never become Ready (a broken image or readiness probe);
+    /// pods that are already ready stay ready.
+    pub fn set_never_ready(&self, ns: &str, deployment: &str, never: bool) {
+        self.with_workload(ns, deployment, |w| w.never_ready = never);
+    }
+
+    /// Ready delay for this Deployment's pods (instead of `pod_ready_delay`).
+    pub fn set_ready_delay(&self, ns: &str, deployment: &str, delay: Duration) {
+        self.with_workload(ns, deployment, |w| w.ready_delay = Some(delay));
+    }
+
+    /// When set for a workload, its pods become Ready only after BOTH the ready delay passed
+    /// and `open_readiness_gate(ns, pod)` was called (a consumer calls it once it holds a key).
+    pub fn set_readiness_gate(&self, namespace: &str, deployment: &str, gated: bool) {
+        self.with_workload(namespace, deployment, |w| w.gated = gated);
+    }
+
+    pub fn open_readiness_gate(&self, namespace: &str, pod: &str) {
+        self.shared
+            .lock()
+            .open_gates
+            .insert((namespace.to_string(), pod.to_string()));
+    }
+
+    pub fn pod_events(&self) -> broadcast::Receiver<PodEvent> {
+        self.shared.pod_events.subscribe()
+    }
+
+    /// Make the `n`-th write request from now (1 = the next; create, update, patch and
+    /// delete over HTTP, not this handle's helpers) fail with `status` (409 → Conflict,
+    /// 429, 5xx), without touching the store.
+    pub fn fail_nth_write(&self, n: u64, status: u16) {
+        let mut inner = self.shared.lock();
+        let at = inner.writes + n.max(1);
+        inner.faults.push((at, status));
+    }
+
+    /// Write requests received over HTTP so far (injected failures included).
+    pub fn write_count(&self) -> u64 {
+        self.shared.lock().writes
+    }
+
+    /// Register a bearer token TokenReview will authenticate as
+    /// `system:serviceaccount:NS:NAME`. Only its SHA-256 is kept. Returns the service
+    /// account's uid (see [`KubeSim::service_account_uid`]), which a JWT for it carries.
+    pub fn add_service_account_token(&self, token: &str, namespace: &str, name: &str) -> String {
+        let hash = hex::encode(Sha256::digest(token.as_bytes()));
+        let uid = Self::service_account_uid(namespace, name);
+        self.shared.lock().tokens.insert(
+            hash,
+            TokenIdentity {
+                namespace: namespace.into(),
+                name: name.into(),
+                uid: uid.clone(),
+            },
+        );
+        uid
+    }
+
+    /// The uid TokenReview reports for a service account: stable per (namespace, name), so
+    /// a JWT can carry it in `kubernetes.io/serviceaccount/service-account.uid` (OpenBao
+    /// checks that the two match).
+    pub fn service_account_uid(namespace: &str, name: &str) -> String {
+        let d = Sha256::digest(format!("serviceaccount/{namespace}/{name}").as_bytes());
+        let h = hex::encode(&d[..16]);
+        format!(
+            "{}-{}-{}-{}-{}",
+            &h[..8],
+            &h[8..12],
+            &h[12..16],
+            &h[16..20],
+            &h[20..32]
+        )
+    }
+
+    /// Drop the watch history, as an etcd compaction would: watches resuming from any
+    /// earlier resourceVersion get `410 Expired`.
+    pub fn compact_watch_history(&self) {
+        self.shared.lock().store.compact();
+    }
+
+    /// Wait until the Deployment's rollout is complete by kubectl's rule. False on timeout,
+    /// on `ProgressDeadlineExceeded`, or if the Deployment does not exist.
+    pub async fn wait_rollout_complete(&self, ns: &str, name: &str, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut changes = self.shared.changes.clone();
+        loop {
+            changes.borrow_and_update();
+            match self.deployment(ns, name).map(|d| rollout_status(&d)) {
+                Some(RolloutStatus::Complete) => return true,
+                Some(RolloutStatus::Failed(_)) | None => return false,
+                Some(RolloutStatus::Waiting(_)) => {}
+            }
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
+                return false;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,414 @@
+//! Handle-level tests: the controller driven in process, no HTTP.
+
+use super::*;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use tokio::time::timeout;
+
+fn fast() -> KubeSimOptions {
+    KubeSimOptions {
+        pod_ready_delay: Duration::from_millis(40),
+        tick: Duration::from_millis(10),
+        pod_termination_delay: Duration::from_millis(30),
+        ..Default::default()
+    }
+}
+
+fn running(opts: KubeSimOptions) -> (KubeSim, CancellationToken) {
+    let sim = KubeSim::new(opts);
+    let cancel = CancellationToken::new();
+    sim.start_controller(cancel.clone());
+    (sim, cancel)
+}
+
+fn active(pods: &[Pod]) -> Vec<&Pod> {
+    pods.iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .collect()
+}
+
+fn is_ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+fn set_annotation(d: &mut Deployment, key: &str, value: &str) {
+    let spec = d.spec.as_mut().unwrap();
+    spec.template
+        .metadata
+        .get_or_insert_with(Default::default)
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(key.into(), value.into());
+}
+
+#[tokio::test]
+async fn a_new_deployment_comes_up_with_real_status() {
+    let (sim, _stop) = running(fast());
+    sim.create_deployment(KubeSim::simple_deployment("ns", "web", 3))
+        .unwrap();
+    assert!(
+        sim.wait_rollout_complete("ns", "web", Duration::from_secs(10))
+            .await
+    );
+    let d = sim.deployment("ns", "web").unwrap();
+    let st = d.status.clone().unwrap();
+    assert_eq!(st.observed_generation, Some(1));
+    assert_eq!(
+        (
+            st.replicas,
+            st.updated_replicas,
+            st.ready_replicas,
+            st.available_replicas
+        ),
+        (Some(3), Some(3), Some(3), Some(3))
+    );
+    assert_eq!(st.unavailable_replicas, None, "zero is omitted, as in Go");
+    let conds = st.conditions.unwrap();
+    let get = |t: &str| conds.iter().find(|c| c.type_ == t).unwrap();
+    assert_eq!(get("Available").status, "True");
+    assert_eq!(
+        get("Progressing").reason.as_deref(),
+        Some("NewReplicaSetAvailable")
+    );
+    assert_eq!(d.metadata.annotations.unwrap()[controller::REVISION], "1");
+
+    let rss = sim.replica_sets("ns", "app=web");
+    assert_eq!(rss.len(), 1);
+    let rs = &rss[0];
+    let hash = rs.metadata.labels.as_ref().unwrap()[controller::HASH_LABEL].clone();
+    assert_eq!(
+        rs.metadata.name.as_deref(),
+        Some(format!("web-{hash}").as_str())
+    );
+    let owner = &rs.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.controller),
+        ("Deployment", Some(true))
+    );
+
+    let pods = sim.pods("ns", "app=web");
+    assert_eq!(pods.len(), 3);
+    for p in &pods {
+        assert!(is_ready(p));
+        let name = p.metadata.name.as_deref().unwrap();
+        assert!(
+            name.starts_with(&format!("web-{hash}-"))
+                && name.len() == format!("web-{hash}-").len() + 5
+        );
+        assert_eq!(
+            p.metadata.labels.as_ref().unwrap()[controller::HASH_LABEL],
+            hash
+        );
+        let st = p.status.as_ref().unwrap();
+        assert_eq!(st.phase.as_deref(), Some("Running"));
+        assert!(st.container_statuses.as_ref().unwrap()[0].ready);
+    }
+    // A pod-template-hash selector finds the same pods.
+    assert_eq!(
+        sim.pods("ns", &format!("pod-template-hash={hash}")).len(),
+        3
+    );
+    assert!(
+        sim.pods("ns", "app in (").is_empty(),
+        "bad selector matches nothing"
+    );
+}
+
+#[tokio::test]
+async fn rolling_update_honours_surge_and_unavailable() {
+    let (sim, _stop) = running(fast());
+    let mut d = KubeSim::simple_deployment("ns", "api", 4);
+    let strategy = d
+        .spec
+        .as_mut()
+        .unwrap()
+        .strategy
+        .get_or_insert_with(Default::default);
+    strategy.rolling_update = Some(k8s_openapi::api::apps::v1::RollingUpdateDeployment {
+        max_surge: Some(IntOrString::Int(1)),
+        max_unavailable: Some(IntOrString::Int(0)),
+    });
+    sim.create_deployment(d).unwrap();
+    assert!(
+        sim.wait_rollout_complete("ns", "api", Duration::from_secs(10))
+            .await
+    );
+    let before = sim.deployment("ns", "api").unwrap();
+
+    let after = sim
+        .update_deployment("ns", "api", |d| {
+            set_annotation(d, "openai-key-rotator/rotation-id", "r1")
+        })
+        .unwrap();
+    assert_eq!(after.metadata.generation, Some(2));
+    assert_eq!(
+        before.status, after.status,
+        "a main-resource update keeps status"
+    );
+
+    let started = Instant::now();
+    let mut saw_old_and_new = false;
+    loop {
+        let pods = sim.pods("ns", "app=api");
+        let live = active(&pods);
+        let hashes: HashSet<&str> = live
+            .iter()
+            .map(|p| p.metadata.labels.as_ref().unwrap()[controller::HASH_LABEL].as_str())
+            .collect();
+        saw_old_and_new |= hashes.len() == 2;
+        assert!(
+            live.len() <= 5,
+            "maxSurge 1: at most 5 pods, saw {}",
+            live.len()
+        );
+        let ready = live.iter().filter(|p| is_ready(p)).count();
+        assert!(ready >= 4, "maxUnavailable 0: saw {ready} ready");
+        if let Some(RolloutStatus::Complete) =
+            sim.deployment("ns", "api").map(|d| rollout_status(&d))
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "rollout did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    assert!(
+        saw_old_and_new,
+        "old and new pods overlapped during the rollout"
+    );
+
+    let d = sim.deployment("ns", "api").unwrap();
+    assert_eq!(
+        d.metadata.annotations.as_ref().unwrap()[controller::REVISION],
+        "2"
+    );
+    let rss = sim.replica_sets("ns", "app=api");
+    assert_eq!(rss.len(), 2);
+    let new_rs = rss
+        .iter()
+        .find(|r| r.metadata.annotations.as_ref().unwrap()[controller::REVISION] == "2")
+        .unwrap();
+    let old_rs = rss
+        .iter()
+        .find(|r| r.metadata.name != new_rs.metadata.name)
+        .unwrap();
+    assert_eq!(old_rs.spec.as_ref().unwrap().replicas, Some(0));
+    let new_hash = &new_rs.metadata.labels.as_ref().unwrap()[controller::HASH_LABEL];
+    let pods = sim.pods("ns", "app=api");
+    let live = active(&pods);
+    assert_eq!(live.len(), 4);
+    for p in live {
+        assert_eq!(
+            &p.metadata.labels.as_ref().unwrap()[controller::HASH_LABEL],
+            new_hash
+        );
+        assert_eq!(
+            p.metadata.annotations.as_ref().unwrap()["openai-key-rotator/rotation-id"],
+            "r1"
+        );
+        assert!(is_ready(p));
+    }
+}
+
+#[tokio::test]
+async fn a_never_ready_rollout_exceeds_its_progress_deadline() {
+    let (sim, _stop) = running(fast());
+    let mut d = KubeSim::simple_deployment("ns", "stuck", 2);
+    d.spec.as_mut().unwrap().progress_deadline_seconds = Some(1);
+    sim.create_deployment(d).unwrap();
+    assert!(
+        sim.wait_rollout_complete("ns", "stuck", Duration::from_secs(10))
+            .await
+    );
+
+    sim.set_never_ready("ns", "stuck", true);
+    sim.update_deployment("ns", "stuck", |d| set_annotation(d, "x", "1"))
+        .unwrap();
+    // Not complete while the new pod is never ready...
+    assert!(
+        !sim.wait_rollout_complete("ns", "stuck", Duration::from_secs(5))
+            .await,
+        "must not complete"
+    );
+    let d = sim.deployment("ns", "stuck").unwrap();
+    let RolloutStatus::Failed(msg) = rollout_status(&d) else {
+        panic!("expected the deadline to be exceeded: {:?}", d.status);
+    };
+    assert!(msg.contains("exceeded its progress deadline"));
+    let st = d.status.unwrap();
+    let p = st
+        .conditions
+        .unwrap()
+        .into_iter()
+        .find(|c| c.type_ == "Progressing")
+        .unwrap();
+    assert_eq!(
+        (p.status.as_str(), p.reason.as_deref()),
+        ("False", Some("ProgressDeadlineExceeded"))
+    );
+    // maxUnavailable 25% of 2 rounds down to 0: both old pods stay up and ready.
+    assert_eq!(st.available_replicas, Some(2));
+    assert_eq!(st.updated_replicas, Some(1));
+}
+
+#[tokio::test]
+async fn recreate_stops_old_pods_before_starting_new_ones() {
+    let (sim, _stop) = running(fast());
+    let mut events = sim.pod_events();
+    let mut d = KubeSim::simple_deployment("ns", "batch", 2);
+    d.spec.as_mut().unwrap().strategy = Some(k8s_openapi::api::apps::v1::DeploymentStrategy {
+        type_: Some("Recreate".into()),
+        rolling_update: None,
+    });
+    sim.create_deployment(d).unwrap();
+    assert!(
+        sim.wait_rollout_complete("ns", "batch", Duration::from_secs(10))
+            .await
+    );
+    let old: HashSet<String> = sim
+        .pods("ns", "app=batch")
+        .into_iter()
+        .filter_map(|p| p.metadata.name)
+        .collect();
+    sim.update_deployment("ns", "batch", |d| set_annotation(d, "x", "2"))
+        .unwrap();
+    assert!(
+        sim.wait_rollout_complete("ns", "batch", Duration::from_secs(10))
+            .await
+    );
+
+    let mut log = Vec::new();
+    while let Ok(ev) = events.try_recv() {
+        log.push(ev);
+    }
+    let last_old_gone = log
+        .iter()
+        .rposition(|e| matches!(e, PodEvent::Terminated { pod, .. } if old.contains(pod)))
+        .expect("old pods terminated");
+    let first_new = log
+        .iter()
+        .position(|e| matches!(e, PodEvent::Started { pod, .. } if !old.contains(pod)))
+        .expect("new pods started");
+    assert!(last_old_gone < first_new, "{log:?}");
+    let live = sim.pods("ns", "app=batch");
+    assert!(live
+        .iter()
+        .all(|p| !old.contains(p.metadata.name.as_deref().unwrap())));
+}
+
+#[tokio::test]
+async fn readiness_gates_and_pod_events() {
+    let (sim, _stop) = running(fast());
+    let mut events = sim.pod_events();
+    sim.set_readiness_gate("ns", "consumer", true);
+    let mut d = KubeSim::simple_deployment("ns", "consumer", 1);
+    set_annotation(&mut d, "consumer/key-source", "vault");
+    sim.create_deployment(d).unwrap();
+
+    let ev = timeout(Duration::from_secs(5), events.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let PodEvent::Started {
+        namespace,
+        pod,
+        workload,
+        labels,
+        annotations,
+    } = ev
+    else {
+        panic!("expected Started, got {ev:?}");
+    };
+    assert_eq!(namespace, "ns");
+    assert_eq!(
+        workload,
+        Some(("Deployment".to_string(), "consumer".to_string()))
+    );
+    assert_eq!(labels["app"], "consumer");
+    assert_eq!(annotations["consumer/key-source"], "vault");
+
+    // Gated: never ready on its own, however long the delay.
+    assert!(
+        !sim.wait_rollout_complete("ns", "consumer", Duration::from_millis(400))
+            .await
+    );
+    assert!(!is_ready(&sim.pods("ns", "app=consumer")[0]));
+    sim.open_readiness_gate("ns", &pod);
+    assert!(
+        sim.wait_rollout_complete("ns", "consumer", Duration::from_secs(5))
+            .await
+    );
+
+    // A rollout terminates the old pod: its consumer hears about it.
+    sim.set_readiness_gate("ns", "consumer", false);
+    sim.update_deployment("ns", "consumer", |d| set_annotation(d, "r", "2"))
+        .unwrap();
+    let term = timeout(Duration::from_secs(5), async {
+        loop {
+            if let Ok(PodEvent::Terminated {
+                pod: p, workload, ..
+            }) = events.recv().await
+            {
+                break (p, workload);
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(term.0, pod);
+    assert_eq!(
+        term.1,
+        Some(("Deployment".to_string(), "consumer".to_string()))
+    );
+}
+
+#[tokio::test]
+async fn ready_delay_is_per_workload() {
+    let (sim, _stop) = running(fast());
+    sim.set_ready_delay("ns", "slow", Duration::from_millis(600));
+    sim.create_deployment(KubeSim::simple_deployment("ns", "slow", 1))
+        .unwrap();
+    sim.create_deployment(KubeSim::simple_deployment("ns", "quick", 1))
+        .unwrap();
+    assert!(
+        sim.wait_rollout_complete("ns", "quick", Duration::from_secs(5))
+            .await
+    );
+    let t = Instant::now();
+    assert!(
+        sim.wait_rollout_complete("ns", "slow", Duration::from_secs(5))
+            .await
+    );
+    assert!(
+        t.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        t.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn secrets_and_tokens_through_the_handle() {
+    let sim = KubeSim::new(fast());
+    let s: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "k", "namespace": "ns"}, "stringData": {"OPENAI_API_KEY": "sk-1"}
+    }))
+    .unwrap();
+    let stored = sim.put_secret(s.clone()).unwrap();
+    assert_eq!(stored.data.unwrap()["OPENAI_API_KEY"].0, b"sk-1");
+    let rv1 = stored.metadata.resource_version.clone();
+    let mut s2 = s;
+    s2.string_data = Some([("OPENAI_API_KEY".to_string(), "sk-2".to_string())].into());
+    let stored = sim.put_secret(s2).unwrap();
+    assert_ne!(stored.metadata.resource_version, rv1);
+    assert_eq!(
+        sim.secret("ns", "k").unwrap().data.unwrap()["OPENAI_API_KEY"].0,
+        b"sk-2"
+    );
+    assert!(sim.secret("ns", "missing").is_none());
+    let dbg = format!("{sim:?}");
+    assert!(!dbg.contains("sk-2"), "{dbg}");
+}
