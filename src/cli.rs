@@ -26,11 +26,11 @@ pub enum Command {
     },
     /// Start the OpenAI, Vault and Kubernetes simulators with a seeded scenario, write a
     /// kubeconfig and a daemon config for them, and run until SIGTERM/SIGINT.
-    #[cfg(all(feature = "sandbox", any()))] // TEMP until the simulators merge
+    #[cfg(feature = "sandbox")]
     Sandbox(SandboxArgs),
 }
 
-#[cfg(all(feature = "sandbox", any()))] // TEMP until the simulators merge
+#[cfg(feature = "sandbox")]
 #[derive(clap::Args, Debug)]
 pub struct SandboxArgs {
     #[arg(long, default_value_t = crate::sandbox::scenario::DEFAULT_OPENAI_PORT)]
@@ -83,12 +83,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 Ok(std::process::ExitCode::from(1))
             }
         },
-        #[cfg(all(feature = "sandbox", any()))] // TEMP until the simulators merge
+        #[cfg(feature = "sandbox")]
         Command::Sandbox(args) => sandbox(args).await,
     }
 }
 
-#[cfg(all(feature = "sandbox", any()))] // TEMP until the simulators merge
+#[cfg(feature = "sandbox")]
 async fn sandbox(args: SandboxArgs) -> anyhow::Result<std::process::ExitCode> {
     use crate::sandbox::scenario::{Sandbox, SandboxOptions};
     init_tracing(LogFormat::Text);

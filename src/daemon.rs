@@ -228,7 +228,9 @@ impl Daemon {
             .iter()
             .map(|t| (t.name.clone(), TargetState::default()))
             .collect();
-        let slots = Arc::new(Semaphore::new(config.daemon.max_concurrent_rotations.max(1)));
+        let slots = Arc::new(Semaphore::new(
+            config.daemon.max_concurrent_rotations.max(1),
+        ));
         Daemon {
             inner: Arc::new(Inner {
                 config: RwLock::new(config),
@@ -352,7 +354,12 @@ impl Daemon {
         let result = match permit {
             None => None,
             Some(_permit) => Some(match request {
-                Some(req) => self.inner.engine.rotate(&target, req, control).await.map(Some),
+                Some(req) => self
+                    .inner
+                    .engine
+                    .rotate(&target, req, control)
+                    .await
+                    .map(Some),
                 None => self.inner.engine.resume(&target, control).await,
             }),
         };
@@ -447,7 +454,12 @@ impl Daemon {
         let now = Utc::now();
         let mut due_now = Vec::new();
         for t in &config.targets {
-            let created = match self.inner.store.read_key(&t.vault_path, &t.vault_field).await {
+            let created = match self
+                .inner
+                .store
+                .read_key(&t.vault_path, &t.vault_field)
+                .await
+            {
                 Ok(Some(k)) => Some(k.meta.key_created_at),
                 Ok(None) => Some(None),
                 Err(e) => {
@@ -523,8 +535,12 @@ impl Daemon {
                     revoke_first: false,
                 };
                 match self.trigger(req) {
-                    Ok(a) => tracing::info!(target = %name, rotation_id = %a.rotation_id(), trigger = due.trigger.as_str(), "scheduled rotation started"),
-                    Err(e) => tracing::debug!(target = %name, error = %e, "scheduled rotation not started"),
+                    Ok(a) => {
+                        tracing::info!(target = %name, rotation_id = %a.rotation_id(), trigger = due.trigger.as_str(), "scheduled rotation started")
+                    }
+                    Err(e) => {
+                        tracing::debug!(target = %name, error = %e, "scheduled rotation not started")
+                    }
                 }
             }
             if last_retry.elapsed() >= self.inner.opts.pending_retry_interval {
@@ -748,13 +764,19 @@ mod tests {
         }
         let mut emergency = manual("chat");
         emergency.emergency = true;
-        assert_eq!(h.daemon.trigger(emergency), Ok(Accepted::Upgraded(id.clone())));
+        assert_eq!(
+            h.daemon.trigger(emergency),
+            Ok(Accepted::Upgraded(id.clone()))
+        );
         let j = wait_finished(&h, &id).await;
         assert_eq!(j.status, Status::Completed);
         assert!(j.emergency);
         assert_eq!(j.actor, "ops");
         // The target is free again.
-        assert!(matches!(h.daemon.trigger(manual("chat")), Ok(Accepted::Started(_))));
+        assert!(matches!(
+            h.daemon.trigger(manual("chat")),
+            Ok(Accepted::Started(_))
+        ));
     }
 
     #[tokio::test]
@@ -790,7 +812,10 @@ mod tests {
         // Shutting down.
         h.shutdown.cancel();
         h.daemon.run().await;
-        assert_eq!(h.daemon.trigger(manual("chat")), Err(TriggerError::ShuttingDown));
+        assert_eq!(
+            h.daemon.trigger(manual("chat")),
+            Err(TriggerError::ShuttingDown)
+        );
     }
 
     #[tokio::test]
@@ -803,10 +828,22 @@ mod tests {
         let ib = h.daemon.trigger(manual("b")).unwrap();
         let ja = wait_finished(&h, ia.rotation_id()).await;
         let jb = wait_finished(&h, ib.rotation_id()).await;
-        assert_eq!((ja.status, jb.status), (Status::Completed, Status::Completed));
+        assert_eq!(
+            (ja.status, jb.status),
+            (Status::Completed, Status::Completed)
+        );
         // With one slot the second rotation started only after the first finished.
-        let (first, second) = if ja.started_at <= jb.started_at { (&ja, &jb) } else { (&jb, &ja) };
-        assert!(second.started_at >= first.updated_at, "{} vs {}", second.started_at, first.updated_at);
+        let (first, second) = if ja.started_at <= jb.started_at {
+            (&ja, &jb)
+        } else {
+            (&jb, &ja)
+        };
+        assert!(
+            second.started_at >= first.updated_at,
+            "{} vs {}",
+            second.started_at,
+            first.updated_at
+        );
     }
 
     #[tokio::test]
@@ -824,10 +861,19 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        assert!(!h.world.issuer.account_ids().contains(&old.id), "old key retired");
+        assert!(
+            !h.world.issuer.account_ids().contains(&old.id),
+            "old key retired"
+        );
         // ...exactly once: the new key is young, so nothing else happens.
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let creates = h.world.log.entries().iter().filter(|e| e.starts_with("create")).count();
+        let creates = h
+            .world
+            .log
+            .entries()
+            .iter()
+            .filter(|e| e.starts_with("create"))
+            .count();
         assert_eq!(creates, 1, "{:#?}", h.world.log.entries());
         let status = h.daemon.targets();
         assert_eq!(status[0].last_outcome, Some("completed"));
@@ -845,7 +891,12 @@ mod tests {
         let h = harness(world.clone(), vec![t.clone()], 1);
         let d = h.daemon.clone();
         let run = tokio::spawn(async move { d.run().await });
-        let id = h.daemon.trigger(manual("chat")).unwrap().rotation_id().to_string();
+        let id = h
+            .daemon
+            .trigger(manual("chat"))
+            .unwrap()
+            .rotation_id()
+            .to_string();
         for _ in 0..1000 {
             if h.live.get(&id).is_some_and(|j| j.step == Step::Drain) {
                 break;

@@ -1,8 +1,8 @@
 //! openai-key-rotator: rotates OpenAI project service-account keys with zero downtime.
 pub mod cli;
 pub mod config;
-pub mod retry;
 pub mod daemon;
+pub mod retry;
 pub mod rotation;
 #[cfg(feature = "sandbox")]
 pub mod sandbox;

@@ -182,7 +182,9 @@ impl Consumers {
                 let spec = reg.spec.clone();
                 let counters = reg.counters.clone();
                 let stop = self.cancel.child_token();
-                state.pods.insert((namespace.clone(), pod.clone()), stop.clone());
+                state
+                    .pods
+                    .insert((namespace.clone(), pod.clone()), stop.clone());
                 drop(state);
                 counters.pods_started.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(self.clone().run_pod(namespace, pod, spec, counters, stop));

@@ -4,8 +4,10 @@
 //! simulator keeps its state in memory and serves real HTTP on 127.0.0.1, so the daemon's
 //! real clients (and clients nobody here wrote: kubectl, vaultrs, Prism) talk to it.
 
+pub mod consumers;
 pub mod kube;
 pub mod openai;
+pub mod scenario;
 pub mod vault;
 
 use std::net::SocketAddr;

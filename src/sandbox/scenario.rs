@@ -15,8 +15,8 @@ use crate::config::{
 };
 use crate::secret::Secret;
 use crate::vault::meta;
-use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::apps::v1::RollingUpdateDeployment;
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{Container, PodSpec, PodTemplateSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -264,11 +264,7 @@ impl Sandbox {
 
     /// Seed one target: a live service account whose key is current in Vault (with the
     /// metadata the daemon reads), and two consumer Deployments reading it.
-    async fn seed_target(
-        &self,
-        name: &str,
-        opts: &SandboxOptions,
-    ) -> Result<Target, SandboxError> {
+    async fn seed_target(&self, name: &str, opts: &SandboxOptions) -> Result<Target, SandboxError> {
         let seed_err = |message: String| SandboxError::Seed {
             what: format!("target {name}"),
             message,
@@ -290,7 +286,10 @@ impl Sandbox {
                 .to_rfc3339(),
         });
         let resp = reqwest::Client::new()
-            .post(format!("{}/v1/secret/metadata/{vault_path}", self.vault_url))
+            .post(format!(
+                "{}/v1/secret/metadata/{vault_path}",
+                self.vault_url
+            ))
             .header("X-Vault-Token", self.vault_token.expose())
             .json(&serde_json::json!({ "custom_metadata": custom }))
             .timeout(Duration::from_secs(5))
@@ -335,11 +334,7 @@ impl Sandbox {
             vault_field: "api_key".into(),
             workloads,
             synced_secret: None,
-            schedule: Some(
-                opts.schedule
-                    .parse::<CronSchedule>()
-                    .map_err(seed_err)?,
-            ),
+            schedule: Some(opts.schedule.parse::<CronSchedule>().map_err(seed_err)?),
             max_key_age: None,
             jitter: DurationStr::default(),
             grace_period: DurationStr::from_secs(2),

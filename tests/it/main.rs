@@ -4,5 +4,5 @@ mod support;
 
 mod kube_sim;
 mod openai_sim;
-// mod sandbox; // TEMP: enabled once the OpenAI and Kubernetes simulators merge
+mod sandbox;
 mod vault_contract;

@@ -126,7 +126,7 @@ async fn consumers_measure_availability_through_a_manual_rotation() {
     let seeded = sb.openai.service_accounts(&sb.project_id);
     assert_eq!(seeded.len(), 1);
     let first = manual_rotation(&sb, &seeded[0].id, "manual-1", false).await;
-    let new_key_id = first.key_id.clone();
+    let new_key_id = first.key_id.clone().expect("a key");
     let before = sb.consumers.total().ok;
     wait_for("traffic on the new key", Duration::from_secs(10), || {
         sb.openai.requests_served(&new_key_id) >= 20 && sb.consumers.total().ok > before + 20
