@@ -814,13 +814,13 @@ async fn sweep_deletes_only_unreferenced_old_managed_accounts() {
     let engine = w.engine(None);
     // Everything is younger than an hour: nothing is swept.
     let r = engine
-        .sweep(&[w.target.clone()], Duration::from_secs(3600))
+        .sweep(std::slice::from_ref(&w.target), Duration::from_secs(3600))
         .await
         .unwrap();
     assert!(r.deleted.is_empty());
     assert_eq!(r.kept_young, 2);
     let r = engine
-        .sweep(&[w.target.clone()], Duration::ZERO)
+        .sweep(std::slice::from_ref(&w.target), Duration::ZERO)
         .await
         .unwrap();
     assert_eq!(
