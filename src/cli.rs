@@ -24,10 +24,71 @@ pub enum Command {
         /// TOML configuration file.
         file: PathBuf,
     },
+    /// Rotate a target now through the running daemon (`--addr`, `--token`), or in-process
+    /// with `--config FILE --once`.
+    Rotate(RotateArgs),
+    /// Print the daemon's targets: state, last rotation, key age, next rotation.
+    Status(RemoteArgs),
     /// Start the OpenAI, Vault and Kubernetes simulators with a seeded scenario, write a
     /// kubeconfig and a daemon config for them, and run until SIGTERM/SIGINT.
     #[cfg(feature = "sandbox")]
     Sandbox(SandboxArgs),
+}
+
+/// Where the daemon's API is and how to authenticate.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RemoteArgs {
+    /// Daemon API address.
+    #[arg(long, env = "OKR_ADDR", default_value = "http://127.0.0.1:8080")]
+    pub addr: String,
+    /// API bearer token (prefer OKR_TOKEN or --token-file: arguments show up in `ps`).
+    #[arg(long, env = "OKR_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// File holding the API bearer token.
+    #[arg(long, env = "OKR_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+impl RemoteArgs {
+    fn client(&self) -> anyhow::Result<crate::client::ApiClient> {
+        let token = match (&self.token_file, &self.token) {
+            (Some(f), _) => Some(
+                std::fs::read_to_string(f)
+                    .with_context(|| format!("reading token file {}", f.display()))?
+                    .trim()
+                    .to_string(),
+            ),
+            (None, Some(t)) => Some(t.clone()),
+            (None, None) => None,
+        };
+        Ok(crate::client::ApiClient::new(
+            &self.addr,
+            token.map(crate::secret::Secret::new),
+        ))
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RotateArgs {
+    /// Target name (from the configuration).
+    pub target: String,
+    /// Skip the grace period and the drain; upgrades a rotation already running.
+    #[arg(long)]
+    pub emergency: bool,
+    /// With --emergency: delete the old key BEFORE rolling (a short outage over a leaked key).
+    #[arg(long, requires = "emergency")]
+    pub revoke_first: bool,
+    /// Why (recorded in the audit trail).
+    #[arg(long, default_value = "")]
+    pub reason: String,
+    /// Follow the rotation, a line per step; exit non-zero unless it completes.
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait follows before giving up.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub wait_timeout: std::time::Duration,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 }
 
 #[cfg(feature = "sandbox")]
@@ -83,9 +144,52 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 Ok(std::process::ExitCode::from(1))
             }
         },
+        Command::Rotate(args) => rotate_remote(args).await,
+        Command::Status(remote) => {
+            let v = remote.client()?.targets().await?;
+            print!("{}", crate::client::format_targets(&v));
+            Ok(std::process::ExitCode::SUCCESS)
+        }
         #[cfg(feature = "sandbox")]
         Command::Sandbox(args) => sandbox(args).await,
     }
+}
+
+async fn rotate_remote(args: RotateArgs) -> anyhow::Result<std::process::ExitCode> {
+    let client = args.remote.client()?;
+    let reason = if args.reason.is_empty() {
+        "cli".to_string()
+    } else {
+        args.reason.clone()
+    };
+    let answer = client
+        .trigger(&args.target, &reason, args.emergency, args.revoke_first)
+        .await?;
+    let id = answer["rotation_id"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("the daemon did not return a rotation id"))?
+        .to_string();
+    match answer["status"].as_str() {
+        Some("upgraded") => println!("rotation {id} of {} upgraded to an emergency", args.target),
+        _ => println!("rotation {id} of {} started", args.target),
+    }
+    if !args.wait {
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
+    let mut out = std::io::stdout();
+    let status = client
+        .follow(
+            &id,
+            &mut out,
+            std::time::Duration::from_millis(500),
+            args.wait_timeout,
+        )
+        .await?;
+    Ok(if status == "completed" {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::from(2)
+    })
 }
 
 #[cfg(feature = "sandbox")]

@@ -1,5 +1,6 @@
 //! openai-key-rotator: rotates OpenAI project service-account keys with zero downtime.
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod http;

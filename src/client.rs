@@ -1,0 +1,210 @@
+//! The CLI's client of a running daemon's API (`rotate`, `status`).
+
+use crate::secret::Secret;
+use serde_json::Value;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the daemon at {addr}: {message}")]
+    Unreachable { addr: String, message: String },
+    #[error("the daemon answered {status}: {message}")]
+    Api {
+        status: u16,
+        message: String,
+        body: Value,
+    },
+    #[error("unexpected answer from the daemon: {0}")]
+    Protocol(String),
+}
+
+pub struct ApiClient {
+    base: String,
+    token: Option<Secret>,
+    http: reqwest::Client,
+}
+
+impl ApiClient {
+    pub fn new(addr: &str, token: Option<Secret>) -> ApiClient {
+        ApiClient {
+            base: addr.trim_end_matches('/').to_string(),
+            token,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .expect("reqwest client"),
+        }
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<Value, ClientError> {
+        let req = match &self.token {
+            Some(t) => req.bearer_auth(t.expose()),
+            None => req,
+        };
+        let resp = req.send().await.map_err(|e| ClientError::Unreachable {
+            addr: self.base.clone(),
+            message: if e.is_timeout() {
+                "timed out".into()
+            } else if e.is_connect() {
+                "connection refused (is the daemon running? set --addr or OKR_ADDR)".into()
+            } else {
+                "request failed".into()
+            },
+        })?;
+        let status = resp.status().as_u16();
+        let body: Value = resp
+            .json()
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        if status >= 400 {
+            let mut message = body["error"].as_str().unwrap_or("error").to_string();
+            if let Some(leader) = body["leader"].as_str() {
+                message.push_str(&format!(" (leader: {leader})"));
+            }
+            return Err(ClientError::Api {
+                status,
+                message,
+                body,
+            });
+        }
+        Ok(body)
+    }
+
+    /// `POST /v1/targets/{target}/rotations`; returns the answer (`rotation_id`, `status`).
+    pub async fn trigger(
+        &self,
+        target: &str,
+        reason: &str,
+        emergency: bool,
+        revoke_first: bool,
+    ) -> Result<Value, ClientError> {
+        let url = format!("{}/v1/targets/{}/rotations", self.base, urlencode(target));
+        self.send(self.http.post(url).json(&serde_json::json!({
+            "reason": reason,
+            "emergency": emergency,
+            "revoke_first": revoke_first,
+        })))
+        .await
+    }
+
+    pub async fn rotation(&self, id: &str) -> Result<Value, ClientError> {
+        self.send(
+            self.http
+                .get(format!("{}/v1/rotations/{}", self.base, urlencode(id))),
+        )
+        .await
+    }
+
+    pub async fn targets(&self) -> Result<Value, ClientError> {
+        self.send(self.http.get(format!("{}/v1/targets", self.base)))
+            .await
+    }
+
+    /// Print a line per step as the rotation progresses (with elapsed time since the
+    /// rotation started); returns its final status (`completed`, `rolled_back`, `failed`).
+    pub async fn follow(
+        &self,
+        id: &str,
+        out: &mut (dyn Write + Send),
+        poll: Duration,
+        timeout: Duration,
+    ) -> Result<String, ClientError> {
+        let start = Instant::now();
+        let mut printed = 0usize;
+        let mut started_printed = false;
+        loop {
+            let j = self.rotation(id).await?;
+            let steps = j["steps"].as_array().cloned().unwrap_or_default();
+            let t0 = j["started_at"]
+                .as_str()
+                .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok());
+            let since = |t: &Value| -> String {
+                match (
+                    t0,
+                    t.as_str()
+                        .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok()),
+                ) {
+                    (Some(a), Some(b)) => {
+                        format!("{:>7.1}s", (b - a).num_milliseconds() as f64 / 1000.0)
+                    }
+                    _ => "       ?".into(),
+                }
+            };
+            // A step line when it finishes; the running step once as "started".
+            while printed < steps.len() {
+                let s = &steps[printed];
+                if s["finished_at"].is_null() {
+                    if !started_printed {
+                        let _ = writeln!(
+                            out,
+                            "{} {:<8} started",
+                            since(&s["started_at"]),
+                            s["step"].as_str().unwrap_or("?")
+                        );
+                        started_printed = true;
+                    }
+                    break;
+                }
+                let _ = writeln!(
+                    out,
+                    "{} {:<8} {}",
+                    since(&s["finished_at"]),
+                    s["step"].as_str().unwrap_or("?"),
+                    s["outcome"].as_str().unwrap_or("")
+                );
+                printed += 1;
+                started_printed = false;
+            }
+            let status = j["status"].as_str().unwrap_or("").to_string();
+            if matches!(status.as_str(), "completed" | "rolled_back" | "failed") {
+                if let Some(e) = j["error"].as_str() {
+                    let _ = writeln!(out, "error: {e}");
+                }
+                let _ = writeln!(out, "rotation {id}: {status}");
+                return Ok(status);
+            }
+            if start.elapsed() > timeout {
+                return Err(ClientError::Protocol(format!(
+                    "rotation {id} still {status} after {timeout:?}"
+                )));
+            }
+            tokio::time::sleep(poll).await;
+        }
+    }
+}
+
+fn urlencode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// One line per target, for `status`.
+pub fn format_targets(v: &Value) -> String {
+    let mut out = format!(
+        "{:<20} {:<12} {:<22} {:<12} {:<10} {}\n",
+        "TARGET", "STATE", "LAST ROTATION", "OUTCOME", "KEY AGE", "NEXT ROTATION"
+    );
+    for t in v["targets"].as_array().cloned().unwrap_or_default() {
+        let age = t["key_age_seconds"]
+            .as_i64()
+            .map(|s| humantime::format_duration(Duration::from_secs(s.max(0) as u64)).to_string())
+            .map(|s| s.split(' ').take(2).collect::<Vec<_>>().join(" "))
+            .unwrap_or_else(|| "-".into());
+        out.push_str(&format!(
+            "{:<20} {:<12} {:<22} {:<12} {:<10} {}\n",
+            t["name"].as_str().unwrap_or("?"),
+            t["state"].as_str().unwrap_or("?"),
+            t["running_rotation"]
+                .as_str()
+                .or(t["last_rotation"].as_str())
+                .unwrap_or("-"),
+            t["last_outcome"].as_str().unwrap_or("-"),
+            age,
+            match (t["next_rotation_at"].as_str(), t["next_trigger"].as_str()) {
+                (Some(at), Some(why)) => format!("{at} ({why})"),
+                _ => "-".into(),
+            }
+        ));
+    }
+    out
+}
