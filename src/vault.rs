@@ -19,6 +19,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
@@ -86,6 +87,18 @@ struct Session {
     token_sha256: String,
 }
 
+/// Where the store's Vault token stands (ids and times only; for metrics and tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenStatus {
+    /// Time left before the token expires; `None` = it does not expire.
+    pub expires_in: Option<Duration>,
+    pub renewable: bool,
+    /// Logins (or token reads) so far, the first one included.
+    pub logins: u32,
+    /// Successful renew-self calls so far.
+    pub renewals: u32,
+}
+
 /// Vault KV v2 through vaultrs. Cheap to share behind an `Arc`; the token is swapped in
 /// place after a re-login, so every later call uses the new one.
 pub struct VaultStore {
@@ -97,6 +110,8 @@ pub struct VaultStore {
     /// built from it.
     template: VaultClientSettings,
     session: RwLock<Session>,
+    logins: AtomicU32,
+    renewals: AtomicU32,
 }
 
 impl fmt::Debug for VaultStore {
@@ -426,6 +441,8 @@ impl VaultStore {
             retry: kv_retry,
             template,
             session: RwLock::new(session),
+            logins: AtomicU32::new(1),
+            renewals: AtomicU32::new(0),
         })
     }
 
@@ -533,6 +550,7 @@ impl VaultStore {
                         s.ttl = ttl;
                         s.renewable = auth.renewable;
                         s.obtained = Instant::now();
+                        self.renewals.fetch_add(1, Ordering::Relaxed);
                         return Ok("renewed");
                     }
                 }
@@ -562,7 +580,19 @@ impl VaultStore {
             obtained: Instant::now(),
             token_sha256: grant.token.sha256_hex(),
         };
+        self.logins.fetch_add(1, Ordering::Relaxed);
         Ok("logged in again")
+    }
+
+    /// Where the token stands.
+    pub fn token_status(&self) -> TokenStatus {
+        let s = self.read_session();
+        TokenStatus {
+            expires_in: s.ttl.map(|t| t.saturating_sub(s.obtained.elapsed())),
+            renewable: s.renewable,
+            logins: self.logins.load(Ordering::Relaxed),
+            renewals: self.renewals.load(Ordering::Relaxed),
+        }
     }
 
     fn read_session(&self) -> std::sync::RwLockReadGuard<'_, Session> {
@@ -670,7 +700,7 @@ impl VaultStore {
             message: format!("write {at}: version {expected} exceeds what check-and-set accepts"),
             transient: false,
         })?;
-        let maybe_landed = std::sync::atomic::AtomicBool::new(false);
+        let maybe_landed = AtomicBool::new(false);
         let maybe_landed = &maybe_landed;
         let mount = self.mount.as_str();
         let at_ref = at.as_str();
@@ -678,11 +708,10 @@ impl VaultStore {
             .retry
             .run(
                 |_| async move {
-                    use std::sync::atomic::Ordering::SeqCst;
-                    if maybe_landed.load(SeqCst) {
+                    if maybe_landed.load(Ordering::SeqCst) {
                         match self.landed(path, data, expected).await {
                             Ok(Landed::Yes(v)) => return Attempt::Done(Ok(v)),
-                            Ok(Landed::Unchanged) => maybe_landed.store(false, SeqCst),
+                            Ok(Landed::Unchanged) => maybe_landed.store(false, Ordering::SeqCst),
                             Ok(Landed::Moved(v)) => {
                                 return Attempt::Done(Err(Ok(conflict(
                                     at_ref,
@@ -709,7 +738,7 @@ impl VaultStore {
                             )))),
                             f if f.transient() => {
                                 if f.maybe_applied() {
-                                    maybe_landed.store(true, SeqCst);
+                                    maybe_landed.store(true, Ordering::SeqCst);
                                 }
                                 Attempt::Retry(Err(f), None)
                             }
@@ -729,7 +758,7 @@ impl VaultStore {
             Err(Ok(e)) => Err(e),
             Err(Err(f)) => {
                 let mut e = f.into_backend("write", &at);
-                if maybe_landed.load(std::sync::atomic::Ordering::SeqCst) {
+                if maybe_landed.load(Ordering::SeqCst) {
                     if let BackendError::Failed { message, .. } = &mut e {
                         message.push_str(" (the write may have been applied; read back to know)");
                     }
