@@ -17,7 +17,7 @@ use openai_key_rotator::rotation::fakes::{FakeStore, Log};
 use openai_key_rotator::rotation::ports::{AccountRef, BackendError, KeyMeta, SecretStore};
 use openai_key_rotator::sandbox::{loopback, serve, Server};
 use openai_key_rotator::secret::Secret;
-use openai_key_rotator::vault::{meta, VaultError, VaultStore};
+use openai_key_rotator::vault::{meta, VaultError, VaultStore, QUIET_LOG_DIRECTIVES};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -1189,4 +1189,49 @@ async fn vault_store_logs_and_errors_never_hold_key_or_token() {
         logs.text().contains(k.expose()),
         "capture misses TRACE events"
     );
+}
+
+/// vaultrs and rustify report an expected 404 (a path not written yet) at ERROR; the
+/// directives in `QUIET_LOG_DIRECTIVES` silence that, and only that.
+#[tokio::test(flavor = "current_thread")]
+async fn vault_store_quiet_log_directives_silence_expected_404_errors() {
+    let bao = support::start_bao().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_token(&bao.addr, &bao.token, dir.path()).await;
+    let missing = format!("{}/not-yet", unique_base());
+    let capture = |directives: &[&str]| {
+        let logs = Captured::default();
+        let filter = tracing_subscriber::EnvFilter::new(
+            std::iter::once("info")
+                .chain(directives.iter().copied())
+                .collect::<Vec<_>>()
+                .join(","),
+        );
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(false)
+            .with_writer(logs.clone())
+            .finish();
+        (logs, subscriber)
+    };
+    // Without the directives: ERROR lines for a normal miss (the control).
+    let (loud, subscriber) = capture(&[]);
+    {
+        let _g = tracing::subscriber::set_default(subscriber);
+        assert!(store.read_key(&missing, "api_key").await.unwrap().is_none());
+    }
+    assert!(loud.text().contains("ERROR"), "{}", loud.text());
+    // With them: none, while our own logs still come through.
+    let (quiet, subscriber) = capture(QUIET_LOG_DIRECTIVES);
+    {
+        let _g = tracing::subscriber::set_default(subscriber);
+        assert!(store.read_key(&missing, "api_key").await.unwrap().is_none());
+        store
+            .write_key(&missing, "api_key", &key("q"), &key_meta(1), 0)
+            .await
+            .unwrap();
+    }
+    let text = quiet.text();
+    assert!(!text.contains("ERROR"), "{text}");
+    assert!(text.contains("published key to Vault"), "{text}");
 }
