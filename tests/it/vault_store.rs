@@ -175,6 +175,19 @@ async fn vault_store_behaves_like_the_engines_fake() {
     let real = script(&store, &base).await;
     let fake = script(&FakeStore::new(Log::default()), &base).await;
     assert_eq!(real, fake, "VaultStore and FakeStore disagree");
+    // The demo runs the same client against the Vault simulator: it must agree too.
+    let sim = openai_key_rotator::sandbox::vault::VaultSim::new(Secret::new("sim-root"));
+    let sim_server = sim
+        .serve(loopback(0), CancellationToken::new())
+        .await
+        .expect("vault sim");
+    let on_sim = store_with_token(&sim_server.url(), "sim-root", dir.path()).await;
+    on_sim.health().await.expect("sim health");
+    assert_eq!(
+        script(&on_sim, &base).await,
+        fake,
+        "VaultStore on the simulator and FakeStore disagree"
+    );
     // The script is not vacuous: it saw versions, conflicts, misses and lists.
     let all = real.join("\n");
     for expected in [
