@@ -6,3 +6,4 @@ mod kube_sim;
 mod openai_sim;
 mod sandbox;
 mod vault_contract;
+mod vault_store;
