@@ -114,8 +114,21 @@ pub struct Bao {
     pub guard: ChildGuard,
 }
 
+/// A free port whose successor is free too: a dev OpenBao also listens on API port + 1
+/// (its cluster listener), so parallel starts must not collide there.
+fn free_port_pair() -> u16 {
+    for _ in 0..100 {
+        let a = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = a.local_addr().unwrap().port();
+        if port < u16::MAX && TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port pair on 127.0.0.1");
+}
+
 pub async fn start_bao() -> Bao {
-    let port = free_port();
+    let port = free_port_pair();
     let mut cmd = Command::new(tool("bao"));
     cmd.args([
         "server",
