@@ -1,6 +1,7 @@
 //! Command-line interface: argument parsing and the commands' top-level flow.
 
 use crate::config::{Config, LogFormat};
+#[cfg(all(feature = "sandbox", any()))] // TEMP until the simulators merge
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::io::IsTerminal;
@@ -24,10 +25,25 @@ pub enum Command {
         /// TOML configuration file.
         file: PathBuf,
     },
+    /// Inspect the audit trail.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Start the OpenAI, Vault and Kubernetes simulators with a seeded scenario, write a
     /// kubeconfig and a daemon config for them, and run until SIGTERM/SIGINT.
     #[cfg(all(feature = "sandbox", any()))] // TEMP until the simulators merge
     Sandbox(SandboxArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditCommand {
+    /// Check an audit file's hash chain: prints `OK: N records` (exit 0) or
+    /// `BROKEN at line L: reason` (exit 2); an unreadable file is an error (exit 1).
+    Verify {
+        /// The audit file (JSON lines).
+        file: PathBuf,
+    },
 }
 
 #[cfg(all(feature = "sandbox", any()))] // TEMP until the simulators merge
@@ -83,8 +99,30 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 Ok(std::process::ExitCode::from(1))
             }
         },
+        Command::Audit {
+            command: AuditCommand::Verify { file },
+        } => Ok(audit_verify(&file)),
         #[cfg(all(feature = "sandbox", any()))] // TEMP until the simulators merge
         Command::Sandbox(args) => sandbox(args).await,
+    }
+}
+
+/// `audit verify FILE`: the result on stdout, the exit code says which.
+fn audit_verify(file: &std::path::Path) -> std::process::ExitCode {
+    use crate::audit::{verify, VerifyOutcome};
+    match verify(file) {
+        Ok(VerifyOutcome::Ok { records }) => {
+            println!("OK: {records} records");
+            std::process::ExitCode::SUCCESS
+        }
+        Ok(VerifyOutcome::Broken { line, reason }) => {
+            println!("BROKEN at line {line}: {reason}");
+            std::process::ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::from(1)
+        }
     }
 }
 

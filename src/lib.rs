@@ -1,6 +1,8 @@
 //! openai-key-rotator: rotates OpenAI project service-account keys with zero downtime.
+pub mod audit;
 pub mod cli;
 pub mod config;
+pub mod metrics;
 pub mod retry;
 pub mod rotation;
 #[cfg(feature = "sandbox")]
