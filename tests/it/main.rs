@@ -2,7 +2,9 @@
 
 mod support;
 
+mod audit_cli;
 mod kube_sim;
+mod metrics_exposition;
 mod openai_sim;
 // mod sandbox; // TEMP: enabled once the OpenAI and Kubernetes simulators merge
 mod vault_contract;
