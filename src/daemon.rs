@@ -90,16 +90,21 @@ pub enum TriggerError {
 pub trait ScheduleObserver: Send + Sync {
     fn next_rotation(&self, target: &str, at: Option<DateTime<Utc>>);
     fn key_created(&self, target: &str, at: Option<DateTime<Utc>>);
+    fn rotation_requested(&self, request: &TriggerRequest, rotation_id: &str);
     fn trigger_refused(&self, request: &TriggerRequest, error: &TriggerError);
     fn rotation_upgraded(&self, request: &TriggerRequest, rotation_id: &str);
+    /// The sweep deleted these orphaned managed accounts.
+    fn swept(&self, account_ids: &[String]);
 }
 
 pub struct NoSchedule;
 impl ScheduleObserver for NoSchedule {
     fn next_rotation(&self, _: &str, _: Option<DateTime<Utc>>) {}
     fn key_created(&self, _: &str, _: Option<DateTime<Utc>>) {}
+    fn rotation_requested(&self, _: &TriggerRequest, _: &str) {}
     fn trigger_refused(&self, _: &TriggerRequest, _: &TriggerError) {}
     fn rotation_upgraded(&self, _: &TriggerRequest, _: &str) {}
+    fn swept(&self, _: &[String]) {}
 }
 
 /// Live journals of recent rotations, fed by the engine's events (for the API).
@@ -283,7 +288,7 @@ impl Daemon {
         match &result {
             Err(e) => self.inner.schedule_obs.trigger_refused(&req, e),
             Ok(Accepted::Upgraded(id)) => self.inner.schedule_obs.rotation_upgraded(&req, id),
-            Ok(Accepted::Started(_)) => {}
+            Ok(Accepted::Started(id)) => self.inner.schedule_obs.rotation_requested(&req, id),
         }
         result
     }
@@ -569,7 +574,8 @@ impl Daemon {
             let min_age = config.daemon.sweep_min_age.get();
             match this.inner.engine.sweep(&config.targets, min_age).await {
                 Ok(r) if !r.deleted.is_empty() => {
-                    tracing::warn!(deleted = ?r.deleted, "swept orphaned managed service accounts")
+                    tracing::warn!(deleted = ?r.deleted, "swept orphaned managed service accounts");
+                    this.inner.schedule_obs.swept(&r.deleted);
                 }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "sweep failed"),

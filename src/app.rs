@@ -1,0 +1,468 @@
+//! Wiring: configuration → backend clients → engine → daemon → HTTP server and signals.
+
+use crate::audit::{Audit, AuditEvent, AuditFields};
+use crate::config::Config;
+use crate::daemon::{
+    sole_leader, Daemon, DaemonOptions, Fanout, LiveRotations, ScheduleObserver, TriggerError,
+    TriggerRequest,
+};
+use crate::http::{self, ApiTokens, AppState, Readiness};
+use crate::kube::KubeRoller;
+use crate::metrics::Metrics;
+use crate::openai::{load_admin_key, OpenAiClient};
+use crate::retry::RetryPolicy;
+use crate::rotation::ports::{CallObserver, SecretStore};
+use crate::rotation::{Engine, EngineOptions, Journal, Observer, RotationEvent, Trigger};
+use crate::vault::VaultStore;
+use anyhow::Context;
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// `run` flags that override the file.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    pub config: PathBuf,
+    pub listen: Option<SocketAddr>,
+    pub api_tokens_file: Option<PathBuf>,
+    pub audit_file: Option<PathBuf>,
+}
+
+/// The connected backends and the engine over them.
+pub struct Services {
+    pub metrics: Arc<Metrics>,
+    pub audit: Audit,
+    pub issuer: Arc<OpenAiClient>,
+    pub store: Arc<VaultStore>,
+    pub roller: Arc<KubeRoller>,
+    pub engine: Arc<Engine>,
+    pub live: Arc<LiveRotations>,
+}
+
+pub fn engine_options(config: &Config) -> EngineOptions {
+    EngineOptions {
+        account_prefix: config.daemon.account_prefix.clone(),
+        state_prefix: config.daemon.state_prefix.clone(),
+        ..EngineOptions::default()
+    }
+}
+
+/// Connect to OpenAI, Vault and Kubernetes and build the engine, reporting to metrics,
+/// audit, the live view and the log.
+pub async fn connect(config: &Config, audit: Audit, cancel: &CancellationToken) -> anyhow::Result<Services> {
+    let names: Vec<String> = config.targets.iter().map(|t| t.name.clone()).collect();
+    let metrics = Arc::new(Metrics::new(&names));
+    let calls: Arc<dyn CallObserver> = metrics.clone();
+    let admin_key = load_admin_key(&config.openai).context("loading the OpenAI admin key")?;
+    let issuer = Arc::new(
+        OpenAiClient::new(&config.openai, admin_key, calls.clone())
+            .context("building the OpenAI client")?,
+    );
+    let store = Arc::new(
+        VaultStore::connect(
+            &config.vault,
+            RetryPolicy {
+                max_retries: 4,
+                ..RetryPolicy::default()
+            },
+        )
+        .await
+        .context("connecting to Vault")?,
+    );
+    store.spawn_token_maintenance(cancel.child_token());
+    let roller = Arc::new(
+        KubeRoller::connect(&config.kubernetes, calls)
+            .await
+            .context("connecting to Kubernetes")?,
+    );
+    let live = Arc::new(LiveRotations::default());
+    let observer: Arc<dyn Observer> = Arc::new(Fanout(vec![
+        live.clone(),
+        metrics.clone(),
+        Arc::new(audit.clone()),
+        Arc::new(LogObserver),
+    ]));
+    let engine = Arc::new(
+        Engine::new(issuer.clone(), store.clone(), roller.clone(), engine_options(config))
+            .with_observer(observer),
+    );
+    Ok(Services {
+        metrics,
+        audit,
+        issuer,
+        store,
+        roller,
+        engine,
+        live,
+    })
+}
+
+/// Logs each step as it starts and ends: the human-readable story of a rotation.
+pub struct LogObserver;
+
+impl Observer for LogObserver {
+    fn on_event(&self, j: &Journal, event: &RotationEvent) {
+        let (id, target) = (&j.rotation_id, &j.target);
+        match event {
+            RotationEvent::Started => tracing::info!(rotation_id = %id, %target, trigger = j.trigger.as_str(), actor = %j.actor, reason = %j.reason, emergency = j.emergency, "rotation started"),
+            RotationEvent::StepStarted(step) => tracing::info!(rotation_id = %id, %target, step = step.as_str(), "step started"),
+            RotationEvent::StepFinished { step, outcome, duration } => tracing::info!(rotation_id = %id, %target, step = step.as_str(), %outcome, elapsed = ?duration, "step finished"),
+            RotationEvent::Finished => {
+                let status = j.status.as_str();
+                match &j.error {
+                    Some(e) => tracing::warn!(rotation_id = %id, %target, %status, error = %e, "rotation finished"),
+                    None => tracing::info!(rotation_id = %id, %target, %status, "rotation finished"),
+                }
+            }
+            RotationEvent::AccountDeleted { account_id, why } => tracing::info!(rotation_id = %id, %target, %account_id, %why, "service account deleted"),
+        }
+    }
+}
+
+/// Daemon → metrics and audit.
+struct Hooks {
+    metrics: Arc<Metrics>,
+    audit: Audit,
+}
+
+impl Hooks {
+    fn record(&self, f: AuditFields) {
+        if let Err(e) = self.audit.record(f) {
+            tracing::error!(error = %e, "audit write failed");
+        }
+    }
+}
+
+impl ScheduleObserver for Hooks {
+    fn next_rotation(&self, target: &str, at: Option<DateTime<Utc>>) {
+        self.metrics.set_next_rotation(target, at);
+    }
+    fn key_created(&self, target: &str, at: Option<DateTime<Utc>>) {
+        self.metrics.set_key_created(target, at);
+    }
+    fn rotation_requested(&self, r: &TriggerRequest, rotation_id: &str) {
+        self.record(AuditFields {
+            rotation_id: Some(rotation_id.into()),
+            target: Some(r.target.clone()),
+            actor: Some(r.actor.clone()),
+            trigger: Some(r.trigger.as_str().into()),
+            reason: Some(r.reason.clone()),
+            outcome: Some(if r.emergency { "emergency" } else { "accepted" }.into()),
+            ..AuditFields::new(AuditEvent::RotationRequested)
+        });
+    }
+    fn trigger_refused(&self, r: &TriggerRequest, e: &TriggerError) {
+        self.record(AuditFields {
+            target: Some(r.target.clone()),
+            actor: Some(r.actor.clone()),
+            trigger: Some(r.trigger.as_str().into()),
+            reason: Some(r.reason.clone()),
+            outcome: Some("refused".into()),
+            message: Some(e.to_string()),
+            ..AuditFields::new(AuditEvent::TriggerRefused)
+        });
+    }
+    fn swept(&self, account_ids: &[String]) {
+        self.metrics.orphans_swept(account_ids.len() as u64);
+        for id in account_ids {
+            self.record(AuditFields {
+                service_account_id: Some(id.clone()),
+                actor: Some("sweep".into()),
+                outcome: Some("deleted".into()),
+                ..AuditFields::new(AuditEvent::SweepDeleted)
+            });
+        }
+    }
+    fn rotation_upgraded(&self, r: &TriggerRequest, rotation_id: &str) {
+        self.record(AuditFields {
+            rotation_id: Some(rotation_id.into()),
+            target: Some(r.target.clone()),
+            actor: Some(r.actor.clone()),
+            trigger: Some(r.trigger.as_str().into()),
+            reason: Some(r.reason.clone()),
+            outcome: Some("upgraded to emergency".into()),
+            ..AuditFields::new(AuditEvent::RotationRequested)
+        });
+    }
+}
+
+/// `/readyz`: Vault and Kubernetes answer (the configuration loaded, or we would not run).
+struct BackendReadiness {
+    store: Arc<VaultStore>,
+    roller: Arc<KubeRoller>,
+}
+
+#[async_trait]
+impl Readiness for BackendReadiness {
+    async fn check(&self) -> Result<(), Vec<String>> {
+        let (v, k) = tokio::join!(self.store.health(), self.roller.ping());
+        let problems: Vec<String> = [v.err(), k.err()]
+            .into_iter()
+            .flatten()
+            .map(|e| e.to_string())
+            .collect();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+}
+
+fn load_config(opts: &RunOptions) -> anyhow::Result<Config> {
+    let mut config = Config::load(&opts.config)?;
+    if let Some(l) = opts.listen {
+        config.daemon.listen = l;
+    }
+    if let Some(f) = &opts.audit_file {
+        config.daemon.audit.file = Some(f.clone());
+    }
+    Ok(config)
+}
+
+/// What a running daemon exposes to its caller (the demo and tests use it).
+pub struct Running {
+    pub daemon: Daemon,
+    pub services: Arc<Services>,
+    pub addr: SocketAddr,
+    pub done: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+/// Start the daemon: connect, serve HTTP, handle signals, schedule. Runs until `shutdown`
+/// (or SIGTERM/SIGINT when `signals`), then stops taking work and lets running steps finish.
+pub async fn start(opts: RunOptions, shutdown: CancellationToken, signals: bool) -> anyhow::Result<Running> {
+    let config = load_config(&opts)?;
+    let audit = Audit::open(config.daemon.audit.file.as_deref(), config.daemon.audit.stdout)
+        .context("opening the audit trail")?;
+    let services = Arc::new(connect(&config, audit.clone(), &shutdown).await?);
+    let hooks = Arc::new(Hooks {
+        metrics: services.metrics.clone(),
+        audit: audit.clone(),
+    });
+    services.metrics.set_leader(true);
+    let daemon = Daemon::new(
+        Arc::new(config.clone()),
+        services.engine.clone(),
+        services.store.clone() as Arc<dyn SecretStore>,
+        services.live.clone(),
+        hooks.clone(),
+        sole_leader(),
+        DaemonOptions::default(),
+        shutdown.clone(),
+    );
+    let tokens = match &opts.api_tokens_file {
+        Some(f) => ApiTokens::load(f)?,
+        None => {
+            tracing::warn!("no --api-tokens-file: the trigger API refuses every call");
+            ApiTokens::default()
+        }
+    };
+    let tokens = Arc::new(RwLock::new(tokens));
+    let metrics = services.metrics.clone();
+    let state = AppState {
+        daemon: daemon.clone(),
+        tokens: tokens.clone(),
+        readiness: Arc::new(BackendReadiness {
+            store: services.store.clone(),
+            roller: services.roller.clone(),
+        }),
+        metrics: Arc::new(move || metrics.render()),
+    };
+    let listener = tokio::net::TcpListener::bind(config.daemon.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.daemon.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, targets = config.targets.len(), "openai-key-rotator running");
+    let server_stop = shutdown.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, http::router(state))
+            .with_graceful_shutdown(async move { server_stop.cancelled().await })
+            .await
+    });
+    if signals {
+        spawn_signal_handlers(daemon.clone(), opts.clone(), tokens, services.clone(), hooks, shutdown.clone())?;
+    }
+    let d = daemon.clone();
+    let done = tokio::spawn(async move {
+        d.run().await;
+        server.await??;
+        Ok(())
+    });
+    Ok(Running {
+        daemon,
+        services,
+        addr,
+        done,
+    })
+}
+
+/// SIGUSR1: emergency-rotate every target (what an incident responder reaches for);
+/// SIGHUP: reload config and API tokens, keeping the old ones if the new are invalid;
+/// SIGTERM/SIGINT: shut down.
+fn spawn_signal_handlers(
+    daemon: Daemon,
+    opts: RunOptions,
+    tokens: Arc<RwLock<ApiTokens>>,
+    services: Arc<Services>,
+    hooks: Arc<Hooks>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut usr1 = signal(SignalKind::user_defined1())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); shutdown.cancel(); }
+                _ = int.recv() => { tracing::info!("SIGINT: shutting down"); shutdown.cancel(); }
+                _ = usr1.recv() => {
+                    tracing::warn!("SIGUSR1: emergency rotation of every target");
+                    for t in &daemon.config().targets {
+                        let r = daemon.trigger(TriggerRequest {
+                            target: t.name.clone(),
+                            trigger: Trigger::Signal,
+                            actor: "signal".into(),
+                            reason: "SIGUSR1".into(),
+                            emergency: true,
+                            revoke_first: false,
+                        });
+                        match r {
+                            Ok(a) => tracing::info!(target = %t.name, rotation_id = %a.rotation_id(), "rotation requested by signal"),
+                            Err(e) => tracing::warn!(target = %t.name, error = %e, "signal rotation refused"),
+                        }
+                    }
+                }
+                _ = hup.recv() => reload(&daemon, &opts, &tokens, &services, &hooks),
+            }
+        }
+    });
+    Ok(())
+}
+
+fn reload(
+    daemon: &Daemon,
+    opts: &RunOptions,
+    tokens: &Arc<RwLock<ApiTokens>>,
+    services: &Services,
+    hooks: &Hooks,
+) {
+    let result = load_config(opts).and_then(|new| {
+        let new_tokens = match &opts.api_tokens_file {
+            Some(f) => Some(ApiTokens::load(f)?),
+            None => None,
+        };
+        Ok((new, new_tokens))
+    });
+    match result {
+        Ok((new, new_tokens)) => {
+            let old = daemon.config();
+            if old.vault != new.vault || old.openai != new.openai || old.kubernetes != new.kubernetes || old.daemon.listen != new.daemon.listen {
+                tracing::warn!("SIGHUP: backend or listen settings changed; they take effect on restart (targets and schedules apply now)");
+            }
+            let names: Vec<String> = new.targets.iter().map(|t| t.name.clone()).collect();
+            services.metrics.set_targets(&names);
+            daemon.reload(Arc::new(new));
+            if let Some(t) = new_tokens {
+                *tokens.write().unwrap() = t;
+            }
+            tracing::info!(targets = names.len(), "SIGHUP: configuration reloaded");
+            hooks.record(AuditFields {
+                actor: Some("signal".into()),
+                outcome: Some("reloaded".into()),
+                message: Some(format!("{} targets", names.len())),
+                ..AuditFields::new(AuditEvent::ConfigReloaded)
+            });
+        }
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "SIGHUP: new configuration rejected; keeping the running one");
+            hooks.record(AuditFields {
+                actor: Some("signal".into()),
+                outcome: Some("rejected".into()),
+                message: Some(format!("{e:#}")),
+                ..AuditFields::new(AuditEvent::ConfigReloaded)
+            });
+        }
+    }
+}
+
+/// `rotate TARGET --config FILE --once [--dry-run]`: one rotation in-process.
+pub async fn rotate_once(config_path: &Path, target: &str, dry_run: bool, emergency: bool, reason: &str) -> anyhow::Result<std::process::ExitCode> {
+    let config = Config::load(config_path)?;
+    let t = config
+        .target(target)
+        .with_context(|| format!("no target {target:?} in {}", config_path.display()))?
+        .clone();
+    let cancel = CancellationToken::new();
+    let audit = Audit::open(config.daemon.audit.file.as_deref(), config.daemon.audit.stdout)?;
+    let services = connect(&config, audit, &cancel).await?;
+    if dry_run {
+        println!("plan for target {target} (nothing is changed):");
+        for line in services.engine.plan(&t).await? {
+            println!("  {line}");
+        }
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
+    let mut req = crate::rotation::RotationRequest::new(Trigger::Cli, "cli", if reason.is_empty() { "cli --once" } else { reason });
+    req.emergency = emergency;
+    let journal = match services.engine.rotate(&t, req, Arc::default()).await {
+        Ok(j) => j,
+        Err(crate::rotation::EngineError::Busy { rotation_id, .. }) => {
+            println!("rotation {rotation_id} of {target} is unfinished; resuming it");
+            services
+                .engine
+                .resume(&t, Arc::default())
+                .await?
+                .context("the journal vanished")?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    cancel.cancel();
+    println!("rotation {} of {target}: {}", journal.rotation_id, journal.status.as_str());
+    for s in &journal.steps {
+        println!("  {:<8} {}", s.step.as_str(), s.outcome.as_deref().unwrap_or("-"));
+    }
+    if let Some(e) = &journal.error {
+        println!("error: {e}");
+    }
+    Ok(if journal.status == crate::rotation::Status::Completed {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::from(2)
+    })
+}
+
+/// `sweep --config FILE [--min-age D]`: delete orphaned managed accounts now.
+pub async fn sweep_once(config_path: &Path, min_age: Option<Duration>) -> anyhow::Result<std::process::ExitCode> {
+    let config = Config::load(config_path)?;
+    let cancel = CancellationToken::new();
+    let audit = Audit::open(config.daemon.audit.file.as_deref(), config.daemon.audit.stdout)?;
+    let services = connect(&config, audit.clone(), &cancel).await?;
+    let r = services
+        .engine
+        .sweep(&config.targets, min_age.unwrap_or(config.daemon.sweep_min_age.get()))
+        .await?;
+    cancel.cancel();
+    for id in &r.deleted {
+        let _ = audit.record(AuditFields {
+            service_account_id: Some(id.clone()),
+            actor: Some("cli".into()),
+            outcome: Some("deleted".into()),
+            ..AuditFields::new(AuditEvent::SweepDeleted)
+        });
+        println!("deleted orphaned service account {id}");
+    }
+    println!(
+        "sweep: {} deleted, {} kept (referenced), {} kept (younger than the safety margin)",
+        r.deleted.len(),
+        r.kept_referenced,
+        r.kept_young
+    );
+    Ok(std::process::ExitCode::SUCCESS)
+}
