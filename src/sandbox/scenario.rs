@@ -69,6 +69,8 @@ pub struct SandboxOptions {
     pub pod_ready_delay: Duration,
     /// Targets to seed; each gets two consumer Deployments `<name>-api` and `<name>-worker`.
     pub targets: Vec<String>,
+    /// Use this Vault (address, token) instead of the simulator, e.g. a real OpenBao in tests.
+    pub external_vault: Option<(String, Secret)>,
 }
 
 impl Default for SandboxOptions {
@@ -84,6 +86,7 @@ impl Default for SandboxOptions {
             consumer_interval: Duration::from_millis(200),
             pod_ready_delay: Duration::from_millis(500),
             targets: vec!["chatbot".into()],
+            external_vault: None,
         }
     }
 }
@@ -106,7 +109,8 @@ impl SandboxOptions {
 /// A running, seeded sandbox. Dropping it stops every simulator and consumer.
 pub struct Sandbox {
     pub openai: OpenAiSim,
-    pub vault: VaultSim,
+    /// The Vault simulator, unless an external Vault was given.
+    pub vault: Option<VaultSim>,
     pub kube: KubeSim,
     pub consumers: Consumers,
     pub project_id: String,
@@ -140,7 +144,10 @@ impl Sandbox {
     pub async fn start(opts: SandboxOptions) -> Result<Sandbox, SandboxError> {
         let cancel = CancellationToken::new();
         let admin_key = random_token("sk-admin-");
-        let vault_token = random_token("hvs.");
+        let vault_token = match &opts.external_vault {
+            Some((_, token)) => token.clone(),
+            None => random_token("hvs."),
+        };
 
         let openai = OpenAiSim::new(admin_key.clone());
         let vault = VaultSim::new(vault_token.clone());
@@ -153,10 +160,19 @@ impl Sandbox {
             .serve(loopback(opts.openai_port), cancel.child_token())
             .await
             .map_err(bind_err("OpenAI", opts.openai_port))?;
-        let vault_srv = vault
-            .serve(loopback(opts.vault_port), cancel.child_token())
-            .await
-            .map_err(bind_err("Vault", opts.vault_port))?;
+        let mut servers = Vec::new();
+        let (vault, vault_url) = match &opts.external_vault {
+            Some((addr, _)) => (None, addr.trim_end_matches('/').to_string()),
+            None => {
+                let srv = vault
+                    .serve(loopback(opts.vault_port), cancel.child_token())
+                    .await
+                    .map_err(bind_err("Vault", opts.vault_port))?;
+                let url = srv.url();
+                servers.push(srv);
+                (Some(vault), url)
+            }
+        };
         let kube_srv = kube
             .serve(loopback(opts.kube_port), cancel.child_token())
             .await
@@ -186,7 +202,7 @@ impl Sandbox {
         let project_id = openai.create_project("Sandbox project");
         let mut sandbox = Sandbox {
             openai_url: format!("{}/v1", openai_srv.url()),
-            vault_url: vault_srv.url(),
+            vault_url,
             kube_url: kube_srv.url(),
             openai,
             vault,
@@ -211,7 +227,10 @@ impl Sandbox {
             config_path: config_path.clone(),
             kubeconfig_path: kubeconfig_path.clone(),
             cancel,
-            _servers: vec![openai_srv, vault_srv, kube_srv],
+            _servers: {
+                servers.extend([openai_srv, kube_srv]);
+                servers
+            },
         };
 
         for name in &opts.targets {
@@ -274,9 +293,18 @@ impl Sandbox {
             .openai
             .create_service_account(&self.project_id, &format!("{name}-initial"))
             .map_err(|e| seed_err(e.to_string()))?;
-        let mut data = serde_json::Map::new();
-        data.insert("api_key".into(), key.expose().into());
-        self.vault.put_raw(&vault_path, data);
+        let http = reqwest::Client::new();
+        let resp = http
+            .post(format!("{}/v1/secret/data/{vault_path}", self.vault_url))
+            .header("X-Vault-Token", self.vault_token.expose())
+            .json(&serde_json::json!({ "data": { "api_key": key.expose() } }))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .map_err(|e| seed_err(format!("vault write: {}", e.without_url())))?;
+        if !resp.status().is_success() {
+            return Err(seed_err(format!("vault write: HTTP {}", resp.status())));
+        }
         let custom = serde_json::json!({
             meta::SERVICE_ACCOUNT_ID: account.id,
             meta::KEY_ID: account.key_id,
@@ -368,7 +396,7 @@ impl Sandbox {
 
 /// A Deployment like a real app's: 2 replicas, a rolling update that never drops below the
 /// desired count (maxUnavailable 0, maxSurge 1), the key's Vault path as an annotation.
-fn consumer_deployment(name: &str, replicas: i32, vault_path: &str) -> Deployment {
+pub fn consumer_deployment(name: &str, replicas: i32, vault_path: &str) -> Deployment {
     let labels: BTreeMap<String, String> = [("app".to_string(), name.to_string())].into();
     Deployment {
         metadata: ObjectMeta {

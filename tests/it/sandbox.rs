@@ -28,7 +28,7 @@ async fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
 }
 
 fn current_key(sb: &Sandbox) -> String {
-    let (_, data) = sb.vault.read_raw(PATH).expect("key in vault");
+    let (_, data) = sb.vault.as_ref().unwrap().read_raw(PATH).expect("key in vault");
     data["api_key"].as_str().unwrap().to_string()
 }
 
@@ -46,7 +46,7 @@ async fn manual_rotation(
         .unwrap();
     let mut data = serde_json::Map::new();
     data.insert("api_key".into(), key.expose().into());
-    sb.vault.put_raw(PATH, data);
+    sb.vault.as_ref().unwrap().put_raw(PATH, data);
     let delete_old = || async {
         let resp = reqwest::Client::new()
             .delete(format!(
