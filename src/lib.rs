@@ -1,6 +1,7 @@
 //! openai-key-rotator: rotates OpenAI project service-account keys with zero downtime.
 pub mod cli;
 pub mod config;
+pub mod openai;
 pub mod retry;
 pub mod rotation;
 #[cfg(feature = "sandbox")]
