@@ -85,10 +85,11 @@ pub enum OpenAiError {
 pub fn load_admin_key(cfg: &OpenAiConfig) -> Result<Secret, OpenAiError> {
     let (value, source_desc) = match &cfg.admin_key_file {
         Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|source| OpenAiError::AdminKeyFile {
-                path: path.clone(),
-                source,
-            })?;
+            let text =
+                std::fs::read_to_string(path).map_err(|source| OpenAiError::AdminKeyFile {
+                    path: path.clone(),
+                    source,
+                })?;
             (
                 Secret::new(text.trim()),
                 format!("openai.admin_key_file {}", path.display()),
@@ -255,7 +256,10 @@ enum Failure {
         detail: String,
     },
     /// A 2xx whose body does not have the described shape.
-    BadBody { status: u16, detail: String },
+    BadBody {
+        status: u16,
+        detail: String,
+    },
 }
 
 impl Failure {
@@ -335,8 +339,8 @@ impl OpenAiClient {
             url: cfg.base_url.clone(),
             reason: reason.to_string(),
         };
-        let base = Url::parse(cfg.base_url.trim_end_matches('/'))
-            .map_err(|e| bad(&e.to_string()))?;
+        let base =
+            Url::parse(cfg.base_url.trim_end_matches('/')).map_err(|e| bad(&e.to_string()))?;
         if !matches!(base.scheme(), "http" | "https") {
             return Err(bad("must be an http(s) URL"));
         }
@@ -544,7 +548,10 @@ impl OpenAiClient {
         let Some(key) = created.api_key else {
             return Err(Failure::BadBody {
                 status: 200,
-                detail: format!("service account {} came back without an api_key", created.id),
+                detail: format!(
+                    "service account {} came back without an api_key",
+                    created.id
+                ),
             });
         };
         Ok(MintedKey {
@@ -595,8 +602,9 @@ impl KeyIssuer for OpenAiClient {
     ) -> Result<MintedKey, BackendError> {
         const OP: &str = "service_accounts.create";
         let what = format!("project {project} name {name:?}");
-        let body = serde_json::to_vec(&CreateServiceAccountRequest { name })
-            .map_err(|e| failed_msg(OP, &what, &format!("cannot encode the request: {e}"), false))?;
+        let body = serde_json::to_vec(&CreateServiceAccountRequest { name }).map_err(|e| {
+            failed_msg(OP, &what, &format!("cannot encode the request: {e}"), false)
+        })?;
         let mut retries = 0u32;
         let mut had_ambiguous = false;
         loop {
@@ -673,7 +681,9 @@ impl KeyIssuer for OpenAiClient {
             };
             let page: ServiceAccountList =
                 parse(200, &body).map_err(|f| failed(OP, &what, &f, 1))?;
-            let next = page.last_id.or_else(|| page.data.last().map(|a| a.id.clone()));
+            let next = page
+                .last_id
+                .or_else(|| page.data.last().map(|a| a.id.clone()));
             for a in page.data {
                 let created_at = timestamp(a.created_at).ok_or_else(|| {
                     failed(
@@ -740,7 +750,12 @@ impl KeyIssuer for OpenAiClient {
                 if d.deleted {
                     Ok(())
                 } else {
-                    Err(failed_msg(OP, &what, "the API answered deleted: false", true))
+                    Err(failed_msg(
+                        OP,
+                        &what,
+                        "the API answered deleted: false",
+                        true,
+                    ))
                 }
             }
             Err((f, n)) => Err(failed(OP, &what, &f, n)),
@@ -1050,8 +1065,16 @@ mod tests {
         )
         .unwrap();
         let d = format!("{c:?}");
-        assert!(!d.contains("SECRET-VALUE") && d.contains("127.0.0.1"), "{d}");
-        let u = c.url(&["organization", "projects", "proj/../x?y", "service_accounts"]);
+        assert!(
+            !d.contains("SECRET-VALUE") && d.contains("127.0.0.1"),
+            "{d}"
+        );
+        let u = c.url(&[
+            "organization",
+            "projects",
+            "proj/../x?y",
+            "service_accounts",
+        ]);
         assert_eq!(
             u.as_str(),
             "http://127.0.0.1:1/v1/organization/projects/proj%2F..%2Fx%3Fy/service_accounts"
@@ -1080,7 +1103,10 @@ mod tests {
         h.insert("retry-after-ms", "250".parse().unwrap());
         assert_eq!(retry_after(&h), Some(Duration::from_millis(250)));
         h.remove("retry-after-ms");
-        h.insert("retry-after", "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap());
+        h.insert(
+            "retry-after",
+            "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap(),
+        );
         assert_eq!(retry_after(&h), None);
         h.insert("retry-after", "-1".parse().unwrap());
         assert_eq!(retry_after(&h), None);
@@ -1097,7 +1123,10 @@ mod tests {
         );
         let d = error_detail(b"<html>sk-svcacct-FULLVALUE</html>", &[&key]);
         assert!(!d.contains("FULLVALUE") && d.contains("bytes"), "{d}");
-        let long = format!(r#"{{"error":{{"message":"{}","type":"x"}}}}"#, "a".repeat(1000));
+        let long = format!(
+            r#"{{"error":{{"message":"{}","type":"x"}}}}"#,
+            "a".repeat(1000)
+        );
         assert!(error_detail(long.as_bytes(), &[]).len() < 320);
     }
 
@@ -1128,9 +1157,21 @@ mod tests {
         assert!(tr(Transport::NotSent).retryable() && !tr(Transport::NotSent).ambiguous());
         assert!(tr(Transport::Timeout).ambiguous() && tr(Transport::Broken).ambiguous());
         let e = failed("x", "y", &st(401), 1);
-        assert!(matches!(e, BackendError::Failed { transient: false, .. }));
+        assert!(matches!(
+            e,
+            BackendError::Failed {
+                transient: false,
+                ..
+            }
+        ));
         let e = failed("x", "y", &st(503), 3);
-        assert!(matches!(e, BackendError::Failed { transient: true, .. }));
+        assert!(matches!(
+            e,
+            BackendError::Failed {
+                transient: true,
+                ..
+            }
+        ));
         assert!(e.to_string().contains("after 3 attempts"), "{e}");
     }
 
