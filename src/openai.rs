@@ -70,6 +70,8 @@ pub enum OpenAiError {
         "the OpenAI admin key from {source_desc} contains characters not allowed in an HTTP header"
     )]
     AdminKeyInvalid { source_desc: String },
+    #[error("the OpenAI admin key given to the client is empty or contains characters not allowed in an HTTP header")]
+    AdminKeyUnusable,
     #[error("no OpenAI admin key: openai.admin_key_file is unset and environment variable {var} is not set")]
     AdminKeyEnvMissing { var: String },
     #[error("environment variable {var} (the OpenAI admin key) is not valid UTF-8")]
@@ -348,9 +350,7 @@ impl OpenAiClient {
             return Err(bad("must be a plain base URL without query or fragment"));
         }
         if admin_key.is_empty() || !admin_key.expose().bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(OpenAiError::AdminKeyInvalid {
-                source_desc: "the caller".into(),
-            });
+            return Err(OpenAiError::AdminKeyUnusable);
         }
         let timeout = cfg.request_timeout.get();
         let http = reqwest::Client::builder()
