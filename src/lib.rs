@@ -6,6 +6,7 @@ pub mod config;
 pub mod daemon;
 pub mod http;
 pub mod metrics;
+pub mod openai;
 pub mod retry;
 pub mod rotation;
 #[cfg(feature = "sandbox")]

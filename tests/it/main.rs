@@ -5,6 +5,7 @@ mod support;
 mod audit_cli;
 mod kube_sim;
 mod metrics_exposition;
+mod openai_client;
 mod openai_sim;
 mod sandbox;
 mod vault_contract;

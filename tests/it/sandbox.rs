@@ -28,7 +28,12 @@ async fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
 }
 
 fn current_key(sb: &Sandbox) -> String {
-    let (_, data) = sb.vault.as_ref().unwrap().read_raw(PATH).expect("key in vault");
+    let (_, data) = sb
+        .vault
+        .as_ref()
+        .unwrap()
+        .read_raw(PATH)
+        .expect("key in vault");
     data["api_key"].as_str().unwrap().to_string()
 }
 

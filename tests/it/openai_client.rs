@@ -1,0 +1,866 @@
+//! The real OpenAI Admin API client (`openai_key_rotator::openai`) against the OpenAI
+//! simulator: directly (CRUD, paging, usage, faults, leak check) and through Prism with the
+//! official description (every `KeyIssuer` method, no contract violations).
+
+use crate::support;
+use axum::response::IntoResponse;
+use chrono::{DateTime, Utc};
+use openai_key_rotator::config::{DurationStr, OpenAiConfig};
+use openai_key_rotator::openai::OpenAiClient;
+use openai_key_rotator::retry::RetryPolicy;
+use openai_key_rotator::rotation::ports::{
+    Backend, BackendError, CallObserver, KeyIssuer, StatusClass,
+};
+use openai_key_rotator::sandbox::openai::{Faults, OpenAiSim, RateLimit};
+use openai_key_rotator::sandbox::{loopback, serve, Server};
+use openai_key_rotator::secret::Secret;
+use serde_json::json;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+const ADMIN: &str = "sk-admin-client-test-ADMINVALUE-0123456789abcdef";
+
+/// Hears every call and retry the client reports.
+#[derive(Default)]
+struct Recorder {
+    calls: Mutex<Vec<(&'static str, StatusClass)>>,
+    retries: Mutex<Vec<&'static str>>,
+}
+
+impl CallObserver for Recorder {
+    fn call(&self, backend: Backend, op: &'static str, status: StatusClass, _: Duration) {
+        assert_eq!(backend, Backend::OpenAi);
+        self.calls.lock().unwrap().push((op, status));
+    }
+    fn retry(&self, backend: Backend, op: &'static str) {
+        assert_eq!(backend, Backend::OpenAi);
+        self.retries.lock().unwrap().push(op);
+    }
+}
+
+impl Recorder {
+    fn calls(&self, op: &str, class: StatusClass) -> usize {
+        let calls = self.calls.lock().unwrap();
+        calls
+            .iter()
+            .filter(|(o, c)| *o == op && *c == class)
+            .count()
+    }
+    fn retries(&self) -> usize {
+        self.retries.lock().unwrap().len()
+    }
+}
+
+/// A served simulator with one project.
+struct Env {
+    sim: OpenAiSim,
+    server: Server,
+    project: String,
+}
+
+async fn env() -> Env {
+    let sim = OpenAiSim::new(Secret::new(ADMIN));
+    let project = sim.create_project("client-test");
+    let server = sim
+        .serve(loopback(0), CancellationToken::new())
+        .await
+        .expect("serve simulator");
+    Env {
+        sim,
+        server,
+        project,
+    }
+}
+
+impl Env {
+    fn base(&self) -> String {
+        format!("{}/v1", self.server.url())
+    }
+}
+
+fn config(base: &str, timeout: Duration, max_retries: u32) -> OpenAiConfig {
+    OpenAiConfig {
+        base_url: base.to_string(),
+        request_timeout: DurationStr(timeout),
+        max_retries,
+        ..OpenAiConfig::default()
+    }
+}
+
+/// A client with short backoffs (Retry-After still applies, capped at 10 s).
+fn client(base: &str, admin: &str, rec: &Arc<Recorder>, max_retries: u32) -> OpenAiClient {
+    client_with(base, admin, rec, Duration::from_secs(10), max_retries)
+}
+
+fn client_with(
+    base: &str,
+    admin: &str,
+    rec: &Arc<Recorder>,
+    timeout: Duration,
+    max_retries: u32,
+) -> OpenAiClient {
+    let calls: Arc<dyn CallObserver> = rec.clone();
+    OpenAiClient::new(
+        &config(base, timeout, max_retries),
+        Secret::new(admin),
+        calls,
+    )
+    .expect("client")
+    .with_retry_policy(RetryPolicy {
+        max_retries,
+        base: Duration::from_millis(1),
+        max_backoff: Duration::from_secs(10),
+    })
+}
+
+/// One chat completion on the simulator's data plane with `key` (feeds the Usage API).
+async fn chat(base: &str, key: &Secret) {
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/chat/completions"))
+        .bearer_auth(key.expose())
+        .json(&json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .expect("chat");
+    assert_eq!(resp.status(), 200);
+}
+
+fn named(sim: &OpenAiSim, project: &str, name: &str) -> Vec<String> {
+    sim.service_accounts(project)
+        .into_iter()
+        .filter(|a| a.name == name)
+        .map(|a| a.id)
+        .collect()
+}
+
+fn assert_final(e: &BackendError, needle: &str) {
+    match e {
+        BackendError::Failed {
+            transient: false,
+            message,
+            ..
+        } => assert!(message.contains(needle), "{message}"),
+        other => panic!("expected a final error containing {needle:?}, got {other:?}"),
+    }
+}
+
+fn assert_transient(e: &BackendError, needle: &str) {
+    match e {
+        BackendError::Failed {
+            transient: true,
+            message,
+            ..
+        } => assert!(message.contains(needle), "{message}"),
+        other => panic!("expected a transient error containing {needle:?}, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn create_list_delete_check_key_and_ping() {
+    let env = env().await;
+    let rec = Arc::new(Recorder::default());
+    let c = client(&env.base(), ADMIN, &rec, 3);
+    let p = &env.project;
+
+    c.ping().await.expect("ping");
+    assert_eq!(env.sim.calls("projects.list"), 1);
+
+    let minted = c
+        .create_service_account(p, "okr-chatbot-r1")
+        .await
+        .expect("create");
+    assert_eq!(minted.name, "okr-chatbot-r1");
+    assert!(minted.account.id.starts_with("svc_acct_"));
+    assert!(minted.account.key_id.starts_with("key_"));
+    assert!(env.sim.key_is_live(minted.key.expose()));
+    assert_eq!(
+        named(&env.sim, p, "okr-chatbot-r1"),
+        [minted.account.id.clone()]
+    );
+    let age = Utc::now() - minted.created_at;
+    assert!(age.num_seconds().abs() < 60, "{age}");
+
+    // Paging: 150 more accounts, so the default page of 100 needs two pages.
+    for i in 0..150 {
+        env.sim
+            .create_service_account(p, &format!("seed-{i:03}"))
+            .unwrap();
+    }
+    let want: Vec<String> = env
+        .sim
+        .service_accounts(p)
+        .into_iter()
+        .map(|a| a.id)
+        .collect();
+    let before = env.sim.calls("service_accounts.list");
+    let listed = c.list_service_accounts(p).await.expect("list");
+    let ids: Vec<String> = listed.iter().map(|a| a.id.clone()).collect();
+    assert_eq!(ids, want);
+    assert_eq!(env.sim.calls("service_accounts.list") - before, 2);
+    assert_eq!(listed[0].name, "okr-chatbot-r1");
+    assert_eq!(listed[0].created_at, minted.created_at);
+
+    // A small page size walks every `after` cursor: ceil(151 / 7) = 22 pages.
+    let small = client(&env.base(), ADMIN, &rec, 3).with_page_size(7);
+    let before = env.sim.calls("service_accounts.list");
+    let listed = small.list_service_accounts(p).await.expect("list by 7");
+    assert_eq!(listed.len(), 151);
+    assert_eq!(env.sim.calls("service_accounts.list") - before, 22);
+    // The page cap guards against a server that never stops saying has_more.
+    let capped = client(&env.base(), ADMIN, &rec, 3)
+        .with_page_size(7)
+        .with_max_pages(3);
+    let e = capped.list_service_accounts(p).await.unwrap_err();
+    assert_final(&e, "after 3 pages");
+
+    // The new key answers; after the delete it is dead (401, final, not retried).
+    c.check_key(&minted.key).await.expect("check_key");
+    c.delete_service_account(p, &minted.account.id)
+        .await
+        .expect("delete");
+    assert!(named(&env.sim, p, "okr-chatbot-r1").is_empty());
+    c.delete_service_account(p, &minted.account.id)
+        .await
+        .expect("delete twice: 404 counts as done");
+    assert_eq!(env.sim.calls("service_accounts.delete"), 2);
+    assert_eq!(
+        rec.calls("service_accounts.delete", StatusClass::Success),
+        2
+    );
+    let models_before = env.sim.calls("models.list");
+    let e = c.check_key(&minted.key).await.unwrap_err();
+    assert_final(&e, "HTTP 401");
+    assert_final(&e, "invalid_api_key");
+    assert_eq!(
+        env.sim.calls("models.list") - models_before,
+        1,
+        "401 is not retried"
+    );
+    assert!(!e.to_string().contains(minted.key.expose()));
+
+    // An unknown project is NotFound, for create and list.
+    let e = c
+        .create_service_account("proj_nope", "okr-x")
+        .await
+        .unwrap_err();
+    assert!(matches!(e, BackendError::NotFound { .. }), "{e:?}");
+    let e = c.list_service_accounts("proj_nope").await.unwrap_err();
+    assert!(matches!(e, BackendError::NotFound { .. }), "{e:?}");
+    assert_eq!(rec.retries(), 0);
+}
+
+#[tokio::test]
+async fn key_usage_counts_model_requests_since_and_last_used() {
+    let env = env().await;
+    let rec = Arc::new(Recorder::default());
+    let c = client(&env.base(), ADMIN, &rec, 3);
+    let p = &env.project;
+    // A fixed clock an hour back, so `since` can be moved around freely.
+    let t0 = env.sim.now() - 3600;
+    env.sim.set_clock(Some(t0));
+    let at = |s: i64| DateTime::from_timestamp(s, 0).unwrap();
+
+    let busy = c.create_service_account(p, "okr-busy").await.unwrap();
+    let quiet = c.create_service_account(p, "okr-quiet").await.unwrap();
+    for _ in 0..3 {
+        chat(&env.base(), &busy.key).await;
+    }
+    env.sim.advance_clock(300);
+    for _ in 0..2 {
+        chat(&env.base(), &busy.key).await;
+    }
+    assert_eq!(env.sim.requests_served(&busy.account.key_id), 5);
+
+    let u = c
+        .key_usage(p, &busy.account.key_id, at(t0 - 60))
+        .await
+        .unwrap();
+    assert_eq!(u.requests_since, 5);
+    assert_eq!(u.last_used_at, Some(at(t0 + 300)));
+    let u = c
+        .key_usage(p, &busy.account.key_id, at(t0 + 120))
+        .await
+        .unwrap();
+    assert_eq!(u.requests_since, 2, "only the requests after `since`");
+    let u = c
+        .key_usage(p, &busy.account.key_id, at(t0 + 301))
+        .await
+        .unwrap();
+    assert_eq!(u.requests_since, 0);
+
+    let u = c
+        .key_usage(p, &quiet.account.key_id, at(t0 - 60))
+        .await
+        .unwrap();
+    assert_eq!(u.requests_since, 0, "a quiet key");
+    assert_eq!(u.last_used_at, None);
+
+    // Two days of 1-minute buckets take three pages (1440 buckets each).
+    let before = env.sim.calls("usage.completions");
+    let u = c
+        .key_usage(p, &busy.account.key_id, at(t0 - 2 * 86_400))
+        .await
+        .unwrap();
+    assert_eq!(u.requests_since, 5);
+    assert_eq!(env.sim.calls("usage.completions") - before, 3);
+
+    // A deleted key: usage history stays, last_used_at is gone (404 → None).
+    c.delete_service_account(p, &busy.account.id).await.unwrap();
+    let u = c
+        .key_usage(p, &busy.account.key_id, at(t0 - 60))
+        .await
+        .unwrap();
+    assert_eq!(u.requests_since, 5);
+    assert_eq!(u.last_used_at, None);
+    assert!(rec.calls("api_keys.get", StatusClass::Success) >= 5);
+}
+
+#[tokio::test]
+async fn bad_admin_key_is_final_and_not_retried() {
+    let env = env().await;
+    let rec = Arc::new(Recorder::default());
+    let wrong = "sk-admin-WRONGVALUE-not-the-admin-key-0123456789";
+    let c = client(&env.base(), wrong, &rec, 5);
+    let e = c.list_service_accounts(&env.project).await.unwrap_err();
+    assert_final(&e, "HTTP 401");
+    assert_final(&e, "invalid_api_key");
+    assert_eq!(env.sim.calls("service_accounts.list"), 1, "no retry on 401");
+    assert_eq!(rec.retries(), 0);
+    assert_eq!(
+        rec.calls("service_accounts.list", StatusClass::ClientError),
+        1
+    );
+    let e = c.ping().await.unwrap_err();
+    assert_final(&e, "HTTP 401");
+    let e = c
+        .create_service_account(&env.project, "okr-x")
+        .await
+        .unwrap_err();
+    assert_final(&e, "HTTP 401");
+    assert_eq!(env.sim.calls("service_accounts.create"), 1);
+    for shown in [format!("{e}"), format!("{e:?}")] {
+        assert!(!shown.contains(wrong) && !shown.contains(ADMIN), "{shown}");
+    }
+}
+
+#[tokio::test]
+async fn rate_limit_storm_is_ridden_out_honouring_retry_after() {
+    let env = env().await;
+    let p = &env.project;
+    let rec = Arc::new(Recorder::default());
+    let c = client(&env.base(), ADMIN, &rec, 5);
+    env.sim.set_faults(Faults::rate_limit(2));
+
+    let start = Instant::now();
+    let minted = c
+        .create_service_account(p, "okr-storm")
+        .await
+        .expect("create");
+    for _ in 0..2 {
+        c.list_service_accounts(p).await.expect("list");
+    }
+    c.key_usage(
+        p,
+        &minted.account.key_id,
+        Utc::now() - chrono::Duration::minutes(5),
+    )
+    .await
+    .expect("usage");
+    c.delete_service_account(p, &minted.account.id)
+        .await
+        .expect("delete");
+    c.list_service_accounts(p).await.expect("list");
+    let elapsed = start.elapsed();
+
+    let retries = rec.retries();
+    let limited: usize = rec
+        .calls
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, c)| *c == StatusClass::RateLimited)
+        .count();
+    // 7 admin calls at 2 per second: the storm was really hit, and each 429 was retried
+    // once (no 429 right after a wait, as the wait was the server's Retry-After).
+    assert!(retries >= 2, "retries {retries}");
+    assert_eq!(limited, retries);
+    assert_eq!(rec.calls.lock().unwrap().len(), 7 + retries);
+    // Retry-After was 1 s each time; the backoff alone would have retried within ms.
+    assert!(
+        elapsed >= Duration::from_millis(1000 * retries as u64 - 50),
+        "{retries} retries in {elapsed:?}: Retry-After not honoured"
+    );
+    assert!(named(&env.sim, p, "okr-storm").is_empty());
+
+    // Negative control: with max_retries 0 the same storm fails, after exactly one call.
+    env.sim.set_faults(Faults::rate_limit(2));
+    let rec0 = Arc::new(Recorder::default());
+    let c0 = client(&env.base(), ADMIN, &rec0, 0);
+    let before = env.sim.calls("service_accounts.list");
+    c0.list_service_accounts(p).await.expect("1st within limit");
+    c0.list_service_accounts(p).await.expect("2nd within limit");
+    let e = c0.list_service_accounts(p).await.unwrap_err();
+    assert_transient(&e, "HTTP 429");
+    assert_transient(&e, "rate_limit_exceeded");
+    assert_eq!(env.sim.calls("service_accounts.list") - before, 3);
+    assert_eq!(rec0.retries(), 0);
+}
+
+#[tokio::test]
+async fn max_retries_bounds_the_attempts() {
+    let env = env().await;
+    let p = &env.project;
+    let rec = Arc::new(Recorder::default());
+    let c = client(&env.base(), ADMIN, &rec, 2);
+
+    // Every call 429 with Retry-After: 0.
+    env.sim.set_faults(Faults {
+        rate_limit: Some(RateLimit {
+            requests_per_second: 0,
+            retry_after_secs: Some(0),
+            omit_retry_after: false,
+        }),
+        ..Faults::default()
+    });
+    let e = c.list_service_accounts(p).await.unwrap_err();
+    assert_transient(&e, "gave up after 3 attempts");
+    assert_eq!(env.sim.calls("service_accounts.list"), 3);
+    assert_eq!(rec.retries(), 2);
+
+    // A 429 on create is answered before processing: retried, bounded, nothing created.
+    let e = c.create_service_account(p, "okr-429").await.unwrap_err();
+    assert_transient(&e, "HTTP 429");
+    assert_eq!(env.sim.calls("service_accounts.create"), 3);
+    assert_eq!(
+        env.sim.calls("service_accounts.list"),
+        3,
+        "a 429 needs no clean-up listing"
+    );
+
+    // 5xx storms are bounded the same way.
+    env.sim.set_faults(Faults::fail_next(100, 503));
+    let before = env.sim.calls("service_accounts.delete");
+    let e = c.delete_service_account(p, "svc_acct_x").await.unwrap_err();
+    assert_transient(&e, "HTTP 503");
+    assert_eq!(env.sim.calls("service_accounts.delete") - before, 3);
+}
+
+#[tokio::test]
+async fn server_error_on_the_nth_call_is_retried() {
+    let env = env().await;
+    let p = &env.project;
+    let rec = Arc::new(Recorder::default());
+    let c = client(&env.base(), ADMIN, &rec, 3);
+    let (acct, _key) = env.sim.create_service_account(p, "okr-victim").unwrap();
+
+    env.sim.set_faults(Faults::fail_nth(2, 503));
+    c.list_service_accounts(p).await.expect("call 1 passes");
+    c.delete_service_account(p, &acct.id)
+        .await
+        .expect("call 2 fails with 503, the retry passes");
+    assert_eq!(env.sim.calls("service_accounts.delete"), 2);
+    assert_eq!(
+        rec.calls("service_accounts.delete", StatusClass::ServerError),
+        1
+    );
+    assert_eq!(rec.retries(), 1);
+    assert!(env.sim.service_accounts(p).is_empty());
+}
+
+#[tokio::test]
+async fn a_hang_fails_within_timeout_times_attempts() {
+    let env = env().await;
+    let p = &env.project;
+    let rec = Arc::new(Recorder::default());
+    let timeout = Duration::from_millis(300);
+    let c = client_with(&env.base(), ADMIN, &rec, timeout, 2);
+
+    env.sim.set_faults(Faults::hang());
+    let start = Instant::now();
+    let e = c.list_service_accounts(p).await.unwrap_err();
+    let elapsed = start.elapsed();
+    assert_transient(&e, "no answer within");
+    assert_eq!(env.sim.calls("service_accounts.list"), 3);
+    assert_eq!(
+        rec.calls("service_accounts.list", StatusClass::Transport),
+        3
+    );
+    assert!(elapsed >= timeout * 3, "{elapsed:?}");
+    assert!(
+        elapsed < timeout * 3 + Duration::from_secs(2),
+        "{elapsed:?}"
+    );
+
+    // A hang on create only: each attempt times out (ambiguous), the name is looked up
+    // between attempts, and nothing is left behind.
+    env.sim
+        .set_faults(Faults::hang().only("service_accounts.create"));
+    let lists = env.sim.calls("service_accounts.list");
+    let start = Instant::now();
+    let e = c.create_service_account(p, "okr-hung").await.unwrap_err();
+    let elapsed = start.elapsed();
+    assert_transient(&e, "no answer within");
+    assert!(
+        elapsed < timeout * 3 + Duration::from_secs(2),
+        "{elapsed:?}"
+    );
+    assert_eq!(env.sim.calls("service_accounts.create"), 3);
+    assert_eq!(env.sim.calls("service_accounts.list") - lists, 2);
+    env.sim.clear_faults();
+    assert!(named(&env.sim, p, "okr-hung").is_empty());
+}
+
+#[tokio::test]
+async fn a_create_whose_answer_is_lost_leaves_exactly_one_account() {
+    let env = env().await;
+    let p = &env.project;
+    let rec = Arc::new(Recorder::default());
+    let c = client(&env.base(), ADMIN, &rec, 3);
+
+    // Control: the fault really creates the account before answering 500, so a blind
+    // retry (what the official SDK does) leaves two accounts of one name.
+    env.sim.set_faults(
+        Faults::fail_nth(1, 500)
+            .after_effect()
+            .only("service_accounts.create"),
+    );
+    let http = reqwest::Client::new();
+    for _ in 0..2 {
+        http.post(format!(
+            "{}/organization/projects/{p}/service_accounts",
+            env.base()
+        ))
+        .bearer_auth(ADMIN)
+        .json(&json!({"name": "okr-naive"}))
+        .send()
+        .await
+        .unwrap();
+    }
+    assert_eq!(
+        named(&env.sim, p, "okr-naive").len(),
+        2,
+        "the fault took effect"
+    );
+
+    env.sim.set_faults(
+        Faults::fail_nth(1, 500)
+            .after_effect()
+            .only("service_accounts.create"),
+    );
+    let creates = env.sim.calls("service_accounts.create");
+    let minted = c
+        .create_service_account(p, "okr-lost")
+        .await
+        .expect("create");
+    assert_eq!(env.sim.calls("service_accounts.create") - creates, 2);
+    assert_eq!(named(&env.sim, p, "okr-lost"), [minted.account.id.clone()]);
+    assert!(env.sim.key_is_live(minted.key.expose()));
+    // The lost one was deleted: one delete by the clean-up, and the key we hold works.
+    assert_eq!(
+        rec.calls("service_accounts.delete", StatusClass::Success),
+        1
+    );
+    c.check_key(&minted.key)
+        .await
+        .expect("the minted key works");
+
+    // A 429 on create needs no clean-up: it was answered before processing.
+    env.sim
+        .set_faults(Faults::rate_limit(1).only("service_accounts.create"));
+    let lists = env.sim.calls("service_accounts.list");
+    c.create_service_account(p, "okr-rl-1").await.unwrap();
+    c.create_service_account(p, "okr-rl-2").await.unwrap();
+    assert_eq!(env.sim.calls("service_accounts.list"), lists);
+    assert_eq!(
+        rec.calls("service_accounts.create", StatusClass::RateLimited),
+        1
+    );
+    assert_eq!(named(&env.sim, p, "okr-rl-2").len(), 1);
+}
+
+// ---------------------------------------------------------------------------------------
+// Leak check.
+
+#[derive(Clone, Default)]
+struct LogBuf(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuf {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogBuf {
+    type Writer = LogBuf;
+    fn make_writer(&'a self) -> LogBuf {
+        self.clone()
+    }
+}
+
+/// Everything at TRACE (our events, hyper-util's, and reqwest's `log` records through the
+/// bridge that `SubscriberInitExt::set_default` installs) goes to one buffer; no key value
+/// may appear there or in any error. Current-thread runtime: the simulator's and hyper's
+/// tasks run on this thread, under this thread's subscriber.
+#[tokio::test]
+async fn no_key_value_reaches_logs_or_errors() {
+    use tracing_subscriber::util::SubscriberInitExt;
+    // tracing caches each callsite's interest process-wide. With a single registered
+    // dispatcher it computes that from the default of whichever thread hits the callsite
+    // first, so a callsite first reached by another test's thread is cached as "never"
+    // and this subscriber would silently miss it. A second live dispatcher makes the cached
+    // interest "sometimes", i.e. asked per event of this thread's subscriber.
+    let _second = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
+    let buf = LogBuf::default();
+    let _guard = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(buf.clone())
+        .finish()
+        .set_default();
+    // A callsite registered by another thread while the two were being set up may still
+    // hold a stale interest: rebuild now and once any such registration has finished.
+    tracing::callsite::rebuild_interest_cache();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    tracing::callsite::rebuild_interest_cache();
+
+    let env = env().await;
+    let p = &env.project;
+    let rec = Arc::new(Recorder::default());
+    let c = client(&env.base(), ADMIN, &rec, 2);
+    let mut shown = vec![format!("{c:?}")];
+
+    // A lost create first (retry and clean-up paths log), then the normal cycle.
+    env.sim.set_faults(
+        Faults::fail_nth(1, 500)
+            .after_effect()
+            .only("service_accounts.create"),
+    );
+    let minted = c.create_service_account(p, "okr-leak").await.unwrap();
+    env.sim.clear_faults();
+    shown.push(format!("{minted:?}"));
+    c.check_key(&minted.key).await.unwrap();
+    c.delete_service_account(p, &minted.account.id)
+        .await
+        .unwrap();
+    let e = c.check_key(&minted.key).await.unwrap_err();
+    shown.extend([format!("{e}"), format!("{e:?}")]);
+    let wrong = "sk-admin-WRONGVALUE-not-the-admin-key-0123456789";
+    let bad = client(&env.base(), wrong, &rec, 2);
+    shown.push(format!("{bad:?}"));
+    let e = bad
+        .create_service_account(p, "okr-leak-2")
+        .await
+        .unwrap_err();
+    shown.extend([format!("{e}"), format!("{e:?}")]);
+
+    let logs = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    // The capture works: our events and reqwest's `log` records are there.
+    assert!(logs.contains("service_accounts.create"), "{logs}");
+    assert!(logs.contains(&minted.account.id), "{logs}");
+    assert!(logs.contains("starting new connection"), "{logs}");
+    assert!(logs.contains("TRACE"), "{logs}");
+    // Every call's event arrived (a stale callsite would lose some, and hide a leak).
+    let events = logs
+        .lines()
+        .filter(|l| l.contains("openai_key_rotator::openai: openai call"))
+        .count();
+    assert_eq!(events, rec.calls.lock().unwrap().len(), "{logs}");
+    for secret in [minted.key.expose(), ADMIN, wrong] {
+        assert!(!logs.contains(secret), "a key value is in the logs");
+        for s in &shown {
+            assert!(!s.contains(secret), "a key value is in {s}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Through Prism.
+
+/// A recording forwarder between the client and Prism: keeps every `sl-violations` header
+/// and every Prism problem document the client's own requests got.
+#[derive(Clone)]
+struct Tap {
+    upstream: String,
+    http: reqwest::Client,
+    seen: Arc<Mutex<Vec<String>>>,
+    violations: Arc<Mutex<Vec<String>>>,
+}
+
+async fn tap(
+    axum::extract::State(t): axum::extract::State<Tap>,
+    req: axum::extract::Request,
+) -> axum::response::Response {
+    let (parts, body) = req.into_parts();
+    let body = axum::body::to_bytes(body, 1 << 20)
+        .await
+        .unwrap_or_default();
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let what = format!("{} {}", parts.method, parts.uri.path());
+    let mut fwd = t
+        .http
+        .request(parts.method.clone(), format!("{}{target}", t.upstream))
+        .body(body);
+    for (name, value) in &parts.headers {
+        if name != http::header::HOST && name != http::header::CONTENT_LENGTH {
+            fwd = fwd.header(name, value);
+        }
+    }
+    let resp = match fwd.send().await {
+        Ok(r) => r,
+        Err(e) => {
+            t.violations.lock().unwrap().push(format!("{what}: {e}"));
+            return (http::StatusCode::BAD_GATEWAY, "tap: upstream failed").into_response();
+        }
+    };
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = resp.bytes().await.unwrap_or_default();
+    t.seen
+        .lock()
+        .unwrap()
+        .push(format!("{what} -> {}", status.as_u16()));
+    if let Some(v) = headers.get("sl-violations") {
+        let v = String::from_utf8_lossy(v.as_bytes()).to_string();
+        t.violations.lock().unwrap().push(format!("{what}: {v}"));
+    }
+    if headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|ct| ct.as_bytes().starts_with(b"application/problem+json"))
+    {
+        let doc = String::from_utf8_lossy(&bytes).to_string();
+        t.violations.lock().unwrap().push(format!("{what}: {doc}"));
+    }
+    let mut out = axum::response::Response::new(axum::body::Body::from(bytes));
+    *out.status_mut() = status;
+    for (name, value) in &headers {
+        if name != http::header::TRANSFER_ENCODING && name != http::header::CONTENT_LENGTH {
+            out.headers_mut().append(name, value.clone());
+        }
+    }
+    out
+}
+
+/// Prism's log lines reporting a violation (as the simulator's contract test reads them).
+fn violation_lines(output: &str) -> Vec<String> {
+    output
+        .lines()
+        .filter(|l| {
+            l.contains("Violation:")
+                || l.contains("#VIOLATIONS")
+                || l.contains("#UNPROCESSABLE_ENTITY")
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test]
+async fn every_key_issuer_method_passes_the_official_description_through_prism() {
+    let env = env().await;
+    let p = &env.project;
+    let prism = support::start_prism(&support::openai_spec(), &env.base()).await;
+    let t = Tap {
+        upstream: prism.url.clone(),
+        http: reqwest::Client::new(),
+        seen: Arc::default(),
+        violations: Arc::default(),
+    };
+    let router = axum::Router::new().fallback(tap).with_state(t.clone());
+    let tap_server = serve(router, loopback(0), CancellationToken::new())
+        .await
+        .expect("serve tap");
+    let rec = Arc::new(Recorder::default());
+    // Prism serves without /v1: the client's base URL is the tap's root.
+    let c = client(&tap_server.url(), ADMIN, &rec, 2).with_page_size(2);
+
+    c.ping().await.expect("ping");
+    for i in 0..3 {
+        env.sim
+            .create_service_account(p, &format!("seed-{i}"))
+            .unwrap();
+    }
+    let minted = c
+        .create_service_account(p, "okr-prism")
+        .await
+        .expect("create");
+    let listed = c.list_service_accounts(p).await.expect("list (2 per page)");
+    assert_eq!(listed.len(), 4);
+    c.check_key(&minted.key).await.expect("check_key");
+    for _ in 0..2 {
+        chat(&env.base(), &minted.key).await;
+    }
+    let u = c
+        .key_usage(
+            p,
+            &minted.account.key_id,
+            Utc::now() - chrono::Duration::minutes(5),
+        )
+        .await
+        .expect("key_usage");
+    assert_eq!(u.requests_since, 2);
+    assert!(u.last_used_at.is_some());
+    c.delete_service_account(p, &minted.account.id)
+        .await
+        .expect("delete");
+
+    let seen = t.seen.lock().unwrap().clone();
+    for want in [
+        "GET /organization/projects -> 200",
+        "POST /organization/projects/",
+        "GET /models -> 200",
+        "GET /organization/usage/completions -> 200",
+        "DELETE /organization/projects/",
+    ] {
+        assert!(
+            seen.iter().any(|s| s.contains(want)),
+            "{want} not in {seen:#?}"
+        );
+    }
+    assert!(
+        seen.iter()
+            .filter(|s| s.contains("/service_accounts -> 200") && s.starts_with("GET"))
+            .count()
+            >= 2,
+        "paging did not go through Prism: {seen:#?}"
+    );
+    assert!(seen.iter().all(|s| s.ends_with("-> 200")), "{seen:#?}");
+    let violations = t.violations.lock().unwrap().clone();
+    let lines = violation_lines(&prism.guard.output());
+    assert!(
+        violations.is_empty() && lines.is_empty(),
+        "contract violations:\n{}\nPrism log:\n{}",
+        violations.join("\n"),
+        lines.join("\n")
+    );
+
+    // Negative control: deleting again gets a 404, a status the description does not
+    // declare for this path. The client takes it as done, and the tap sees Prism flag it.
+    c.delete_service_account(p, &minted.account.id)
+        .await
+        .expect("404 counts as done");
+    let violations = t.violations.lock().unwrap().clone();
+    assert_eq!(violations.len(), 1, "{violations:#?}");
+    assert!(
+        violations[0].contains("Unable to match the returned status code"),
+        "{}",
+        violations[0]
+    );
+    // Prism logs after answering: once the control's line is there, every earlier request
+    // has been logged too, and the control must be the only violation line.
+    let mut lines = Vec::new();
+    for _ in 0..50 {
+        lines = violation_lines(&prism.guard.output());
+        if !lines.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let lines_now = violation_lines(&prism.guard.output());
+    assert_eq!(lines_now.len(), 1, "Prism log:\n{}", prism.guard.output());
+    assert_eq!(lines, lines_now);
+}
