@@ -176,7 +176,7 @@ async fn create_list_delete_check_key_and_ping() {
     assert!(env.sim.key_is_live(minted.key.expose()));
     assert_eq!(
         named(&env.sim, p, "okr-chatbot-r1"),
-        [minted.account.id.clone()]
+        vec![minted.account.id.clone()]
     );
     let age = Utc::now() - minted.created_at;
     assert!(age.num_seconds().abs() < 60, "{age}");
@@ -554,7 +554,7 @@ async fn a_create_whose_answer_is_lost_leaves_exactly_one_account() {
         .await
         .expect("create");
     assert_eq!(env.sim.calls("service_accounts.create") - creates, 2);
-    assert_eq!(named(&env.sim, p, "okr-lost"), [minted.account.id.clone()]);
+    assert_eq!(named(&env.sim, p, "okr-lost"), vec![minted.account.id.clone()]);
     assert!(env.sim.key_is_live(minted.key.expose()));
     // The lost one was deleted: one delete by the clean-up, and the key we hold works.
     assert_eq!(
