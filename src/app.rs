@@ -54,6 +54,17 @@ pub fn engine_options(config: &Config) -> EngineOptions {
 /// Connect to OpenAI, Vault and Kubernetes and build the engine, reporting to metrics,
 /// audit, the live view and the log.
 pub async fn connect(config: &Config, audit: Audit, cancel: &CancellationToken) -> anyhow::Result<Services> {
+    connect_with(config, audit, cancel, engine_options(config), Vec::new()).await
+}
+
+/// [`connect`] with explicit engine options and extra observers (tests).
+pub async fn connect_with(
+    config: &Config,
+    audit: Audit,
+    cancel: &CancellationToken,
+    opts: EngineOptions,
+    extra: Vec<Arc<dyn Observer>>,
+) -> anyhow::Result<Services> {
     let names: Vec<String> = config.targets.iter().map(|t| t.name.clone()).collect();
     let metrics = Arc::new(Metrics::new(&names));
     let calls: Arc<dyn CallObserver> = metrics.clone();
@@ -80,15 +91,16 @@ pub async fn connect(config: &Config, audit: Audit, cancel: &CancellationToken) 
             .context("connecting to Kubernetes")?,
     );
     let live = Arc::new(LiveRotations::default());
-    let observer: Arc<dyn Observer> = Arc::new(Fanout(vec![
+    let mut observers: Vec<Arc<dyn Observer>> = vec![
         live.clone(),
         metrics.clone(),
         Arc::new(audit.clone()),
         Arc::new(LogObserver),
-    ]));
+    ];
+    observers.extend(extra);
     let engine = Arc::new(
-        Engine::new(issuer.clone(), store.clone(), roller.clone(), engine_options(config))
-            .with_observer(observer),
+        Engine::new(issuer.clone(), store.clone(), roller.clone(), opts)
+            .with_observer(Arc::new(Fanout(observers))),
     );
     Ok(Services {
         metrics,

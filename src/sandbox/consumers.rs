@@ -48,6 +48,8 @@ pub struct ConsumerStats {
     pub pods_started: u64,
     /// The last failure, as "pod: status or error" (never a key value).
     pub last_failure: Option<String>,
+    /// Failed calls per pod name.
+    pub failures_by_pod: std::collections::BTreeMap<String, u64>,
 }
 
 #[derive(Default)]
@@ -56,6 +58,7 @@ struct Counters {
     failed: AtomicU64,
     pods_started: AtomicU64,
     last_failure: Mutex<Option<String>>,
+    failures_by_pod: Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 impl Counters {
@@ -65,6 +68,7 @@ impl Counters {
             failed: self.failed.load(Ordering::Relaxed),
             pods_started: self.pods_started.load(Ordering::Relaxed),
             last_failure: self.last_failure.lock().unwrap().clone(),
+            failures_by_pod: self.failures_by_pod.lock().unwrap().clone(),
         }
     }
 }
@@ -158,6 +162,7 @@ impl Consumers {
             if s.last_failure.is_some() {
                 total.last_failure = s.last_failure;
             }
+            total.failures_by_pod.extend(s.failures_by_pod);
         }
         total
     }
@@ -238,6 +243,12 @@ impl Consumers {
                     counters.failed.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(%namespace, %pod, failure = %why, "consumer call failed");
                     *counters.last_failure.lock().unwrap() = Some(format!("{pod}: {why}"));
+                    *counters
+                        .failures_by_pod
+                        .lock()
+                        .unwrap()
+                        .entry(pod.clone())
+                        .or_default() += 1;
                 }
             }
             tokio::select! {
