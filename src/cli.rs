@@ -24,9 +24,24 @@ pub enum Command {
         /// TOML configuration file.
         file: PathBuf,
     },
+    /// Run the daemon: resume unfinished rotations, schedule every target, serve the API
+    /// and metrics; SIGUSR1 emergency-rotates every target, SIGHUP reloads, SIGTERM stops.
+    Run(RunArgs),
     /// Rotate a target now through the running daemon (`--addr`, `--token`), or in-process
     /// with `--config FILE --once`.
     Rotate(RotateArgs),
+    /// Delete orphaned managed service accounts (ones no journal or Vault version references).
+    Sweep {
+        #[arg(long)]
+        config: PathBuf,
+        /// Spare accounts younger than this (default: daemon.sweep_min_age).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        min_age: Option<std::time::Duration>,
+    },
+    /// The simulators plus the real daemon rotating two targets every few seconds, with
+    /// the API, metrics and audit trail live. Runs until Ctrl-C.
+    #[cfg(feature = "sandbox")]
+    Demo(DemoArgs),
     /// Print the daemon's targets: state, last rotation, key age, next rotation.
     Status(RemoteArgs),
     /// Inspect the audit trail.
@@ -74,9 +89,56 @@ impl RemoteArgs {
 }
 
 #[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Listen address (overrides daemon.listen).
+    #[arg(long)]
+    pub listen: Option<std::net::SocketAddr>,
+    /// API tokens, one `name:token` per line (as mounted from a Kubernetes Secret).
+    #[arg(long, env = "OKR_API_TOKENS_FILE")]
+    pub api_tokens_file: Option<PathBuf>,
+    /// Audit file (overrides daemon.audit.file).
+    #[arg(long)]
+    pub audit_file: Option<PathBuf>,
+}
+
+#[cfg(feature = "sandbox")]
+#[derive(clap::Args, Debug)]
+pub struct DemoArgs {
+    /// Seconds between scheduled rotations of each target (5-59).
+    #[arg(long, default_value_t = 15)]
+    pub every: u32,
+    /// Stop by itself after this long (default: run until Ctrl-C).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub duration: Option<std::time::Duration>,
+    /// Daemon API and metrics address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: std::net::SocketAddr,
+    #[arg(long, default_value_t = crate::sandbox::scenario::DEFAULT_OPENAI_PORT)]
+    pub openai_port: u16,
+    #[arg(long, default_value_t = crate::sandbox::scenario::DEFAULT_VAULT_PORT)]
+    pub vault_port: u16,
+    #[arg(long, default_value_t = crate::sandbox::scenario::DEFAULT_KUBE_PORT)]
+    pub kube_port: u16,
+    /// Folder for the generated files (config, kubeconfig, tokens, audit trail).
+    #[arg(long, default_value = "okr-demo")]
+    pub dir: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
 pub struct RotateArgs {
     /// Target name (from the configuration).
     pub target: String,
+    /// Run the rotation in this process with this configuration (requires --once).
+    #[arg(long, requires = "once")]
+    pub config: Option<PathBuf>,
+    /// With --config: rotate once in-process and exit non-zero unless it completes.
+    #[arg(long, requires = "config")]
+    pub once: bool,
+    /// With --once: print the plan and touch nothing.
+    #[arg(long, requires = "once")]
+    pub dry_run: bool,
     /// Skip the grace period and the drain; upgrades a rotation already running.
     #[arg(long)]
     pub emergency: bool,
@@ -165,7 +227,54 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 Ok(std::process::ExitCode::from(1))
             }
         },
-        Command::Rotate(args) => rotate_remote(args).await,
+        Command::Run(args) => {
+            let config = Config::load(&args.config)?;
+            init_tracing(config.daemon.log_format);
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            let running = crate::app::start(
+                crate::app::RunOptions {
+                    config: args.config,
+                    listen: args.listen,
+                    api_tokens_file: args.api_tokens_file,
+                    audit_file: args.audit_file,
+                },
+                shutdown,
+                true,
+            )
+            .await?;
+            running.done.await??;
+            tracing::info!("stopped");
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Rotate(args) => match &args.config {
+            Some(config) => {
+                init_tracing(LogFormat::Auto);
+                crate::app::rotate_once(config, &args.target, args.dry_run, args.emergency, &args.reason).await
+            }
+            None => rotate_remote(args).await,
+        },
+        Command::Sweep { config, min_age } => {
+            init_tracing(LogFormat::Auto);
+            crate::app::sweep_once(&config, min_age).await
+        }
+        #[cfg(feature = "sandbox")]
+        Command::Demo(args) => {
+            init_tracing(LogFormat::Text);
+            let opts = crate::demo::DemoOptions {
+                sandbox: crate::sandbox::scenario::SandboxOptions {
+                    openai_port: args.openai_port,
+                    vault_port: args.vault_port,
+                    kube_port: args.kube_port,
+                    dir: args.dir,
+                    ..crate::demo::DemoOptions::default().sandbox
+                },
+                listen: args.listen,
+                every_secs: args.every,
+                duration: args.duration,
+            };
+            crate::demo::run(opts).await?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
         Command::Status(remote) => {
             let v = remote.client()?.targets().await?;
             print!("{}", crate::client::format_targets(&v));

@@ -1,0 +1,656 @@
+//! Rotations end to end with the real clients: a real OpenBao, the OpenAI and Kubernetes
+//! simulators, consumer pods measuring availability. Each test asserts the invariants:
+//! I1 (Vault serves a live key, sampled continuously), I2 (the old account dies only after
+//! every workload verified the new rollout), I3 (no orphaned account), I4 (no key value in
+//! logs, audit, metrics, journal or errors).
+
+use crate::support::{self, Bao};
+use openai_key_rotator::app::{self, Services};
+use openai_key_rotator::audit::{self, Audit, VerifyOutcome};
+use openai_key_rotator::config::{
+    Config, DrainConfig, DrainTimeout, DurationStr, SmokeProbe, SyncedSecret, Target,
+};
+use openai_key_rotator::rotation::{
+    EngineError, EngineOptions, Journal, Observer, RotationControl, RotationEvent,
+    RotationRequest, Status, Step, Trigger,
+};
+use openai_key_rotator::sandbox::consumers::{ConsumerSpec, KeySource};
+use openai_key_rotator::sandbox::kube::{rollout_status, RolloutStatus};
+use openai_key_rotator::sandbox::openai::Faults;
+use openai_key_rotator::sandbox::scenario::{consumer_deployment, Sandbox, SandboxOptions, NAMESPACE};
+use openai_key_rotator::secret::Secret;
+use std::io::Write;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// Every log line of this test binary, at debug (trace for our crate): the leak scan reads it.
+fn captured_logs() -> &'static Mutex<Vec<u8>> {
+    static LOGS: OnceLock<&'static Mutex<Vec<u8>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf: &'static Mutex<Vec<u8>> = Box::leak(Box::new(Mutex::new(Vec::new())));
+        #[derive(Clone, Copy)]
+        struct W(&'static Mutex<Vec<u8>>);
+        impl Write for W {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let w = W(buf);
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("debug,openai_key_rotator=trace,hyper=info,h2=info,tower=info")
+            .with_writer(move || w)
+            .with_ansi(false)
+            .try_init();
+        buf
+    })
+}
+
+/// Samples I1 every 20 ms: Vault's current key answers the OpenAI data plane.
+struct I1Sampler {
+    violations: Arc<Mutex<Vec<String>>>,
+    stop: CancellationToken,
+}
+
+impl I1Sampler {
+    fn start(env: &Env) -> I1Sampler {
+        let violations = Arc::new(Mutex::new(Vec::new()));
+        let stop = CancellationToken::new();
+        let (v, s) = (violations.clone(), stop.clone());
+        let (addr, token) = (env.bao.addr.clone(), env.bao.token.clone());
+        let paths: Vec<String> = env.config.targets.iter().map(|t| t.vault_path.clone()).collect();
+        let sim = env.sb.openai.clone();
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            while !s.is_cancelled() {
+                for p in &paths {
+                    let r = http
+                        .get(format!("{addr}/v1/secret/data/{p}"))
+                        .header("X-Vault-Token", &token)
+                        .send()
+                        .await;
+                    if let Ok(r) = r {
+                        if let Ok(body) = r.json::<serde_json::Value>().await {
+                            if let Some(k) = body.pointer("/data/data/api_key").and_then(|x| x.as_str()) {
+                                if !sim.key_is_live(k) {
+                                    v.lock().unwrap().push(format!("I1: {p} serves a dead key"));
+                                }
+                            }
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        I1Sampler { violations, stop }
+    }
+
+    fn finish(self) -> Vec<String> {
+        self.stop.cancel();
+        self.violations.lock().unwrap().clone()
+    }
+}
+
+/// Checks I2 when an old account is deleted: every workload's Deployment carries the
+/// rotation id, its rollout is complete by kubectl's rule, and every ready pod runs it.
+struct I2Checker {
+    kube: openai_key_rotator::sandbox::kube::KubeSim,
+    targets: Vec<Target>,
+    violations: Mutex<Vec<String>>,
+    old_deleted: Mutex<Vec<String>>,
+}
+
+impl Observer for I2Checker {
+    fn on_event(&self, j: &Journal, event: &RotationEvent) {
+        let RotationEvent::AccountDeleted { account_id, why } = event else { return };
+        if j.old_account.as_ref().map(|a| &a.id) != Some(account_id) || *why == "revoke_first" {
+            return;
+        }
+        self.old_deleted.lock().unwrap().push(account_id.clone());
+        let Some(t) = self.targets.iter().find(|t| t.name == j.target) else { return };
+        for w in &t.workloads {
+            let d = self.kube.deployment(&w.namespace, &w.name).expect("deployment");
+            let ann = d.spec.as_ref().and_then(|s| s.template.metadata.as_ref()).and_then(|m| m.annotations.as_ref()).and_then(|a| a.get("openai-key-rotator/rotation-id")).cloned();
+            let mut problems = Vec::new();
+            if ann.as_deref() != Some(j.rotation_id.as_str()) {
+                problems.push(format!("template carries {ann:?}"));
+            }
+            if rollout_status(&d) != RolloutStatus::Complete {
+                problems.push(format!("rollout {:?}", rollout_status(&d)));
+            }
+            for p in self.kube.pods(&w.namespace, &format!("app={}", w.name)) {
+                let ready = p.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+                let terminating = p.metadata.deletion_timestamp.is_some();
+                let pod_id = p.metadata.annotations.as_ref().and_then(|a| a.get("openai-key-rotator/rotation-id")).cloned();
+                if ready && !terminating && pod_id.as_deref() != Some(j.rotation_id.as_str()) {
+                    problems.push(format!("ready pod {:?} runs {pod_id:?}", p.metadata.name));
+                }
+            }
+            if !problems.is_empty() {
+                self.violations.lock().unwrap().push(format!("I2: {account_id} deleted while {w}: {}", problems.join(", ")));
+            }
+        }
+    }
+}
+
+struct Env {
+    bao: Bao,
+    sb: Sandbox,
+    config: Config,
+    services: Services,
+    i2: Arc<I2Checker>,
+    dir: tempfile::TempDir,
+    _cancel: CancellationToken,
+}
+
+fn engine_opts() -> EngineOptions {
+    EngineOptions {
+        poll_interval: Duration::from_millis(100),
+        drain_poll_interval: Duration::from_millis(250),
+        retire_backoff: Duration::from_millis(100),
+        ..EngineOptions::default()
+    }
+}
+
+async fn env_with(tweak: impl FnOnce(&mut Config)) -> Env {
+    captured_logs();
+    let bao = support::start_bao().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = SandboxOptions::for_tests(dir.path());
+    opts.external_vault = Some((bao.addr.clone(), Secret::new(bao.token.clone())));
+    let sb = Sandbox::start(opts).await.expect("sandbox");
+    assert!(sb.wait_ready(Duration::from_secs(30)).await, "seeded rollouts");
+    let mut config = sb.config.clone();
+    for t in &mut config.targets {
+        t.grace_period = DurationStr(Duration::from_millis(200));
+        t.rollout_timeout = DurationStr(Duration::from_secs(30));
+    }
+    tweak(&mut config);
+    let i2 = Arc::new(I2Checker {
+        kube: sb.kube.clone(),
+        targets: config.targets.clone(),
+        violations: Mutex::default(),
+        old_deleted: Mutex::default(),
+    });
+    let cancel = CancellationToken::new();
+    let audit = Audit::open(Some(&dir.path().join("audit.jsonl")), false).unwrap();
+    let services = app::connect_with(&config, audit, &cancel, engine_opts(), vec![i2.clone()])
+        .await
+        .expect("connect");
+    Env {
+        bao,
+        sb,
+        config,
+        services,
+        i2,
+        dir,
+        _cancel: cancel,
+    }
+}
+
+impl Env {
+    fn target(&self) -> Target {
+        self.config.targets[0].clone()
+    }
+
+    async fn rotate(&self, req: RotationRequest) -> Result<Journal, EngineError> {
+        self.services.engine.rotate(&self.target(), req, Arc::default()).await
+    }
+
+    async fn vault_key(&self, path: &str, version: Option<u64>) -> Option<String> {
+        let url = match version {
+            Some(v) => format!("{}/v1/secret/data/{path}?version={v}", self.bao.addr),
+            None => format!("{}/v1/secret/data/{path}", self.bao.addr),
+        };
+        let body: serde_json::Value = reqwest::Client::new()
+            .get(url)
+            .header("X-Vault-Token", &self.bao.token)
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        body.pointer("/data/data/api_key")?.as_str().map(String::from)
+    }
+
+    async fn vault_version(&self, path: &str) -> u64 {
+        let body: serde_json::Value = reqwest::Client::new()
+            .get(format!("{}/v1/secret/metadata/{path}", self.bao.addr))
+            .header("X-Vault-Token", &self.bao.token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        body.pointer("/data/current_version").and_then(|v| v.as_u64()).unwrap_or(0)
+    }
+
+    /// Every key value ever published to the targets' paths (all Vault versions).
+    async fn all_keys(&self) -> Vec<String> {
+        let mut keys = Vec::new();
+        for t in &self.config.targets {
+            for v in 1..=self.vault_version(&t.vault_path).await {
+                keys.extend(self.vault_key(&t.vault_path, Some(v)).await);
+            }
+        }
+        keys
+    }
+
+    /// Every version of every journal document, as text.
+    async fn journal_text(&self) -> String {
+        let http = reqwest::Client::new();
+        let mut out = String::new();
+        let mut stack = vec![self.config.daemon.state_prefix.clone()];
+        while let Some(prefix) = stack.pop() {
+            let r = http
+                .request(reqwest::Method::from_bytes(b"LIST").unwrap(), format!("{}/v1/secret/metadata/{prefix}", self.bao.addr))
+                .header("X-Vault-Token", &self.bao.token)
+                .send()
+                .await
+                .unwrap();
+            if !r.status().is_success() {
+                continue;
+            }
+            let body: serde_json::Value = r.json().await.unwrap();
+            for k in body.pointer("/data/keys").and_then(|k| k.as_array()).cloned().unwrap_or_default() {
+                let k = k.as_str().unwrap();
+                let path = format!("{prefix}/{}", k.trim_end_matches('/'));
+                if k.ends_with('/') {
+                    stack.push(path);
+                    continue;
+                }
+                for v in 1..=self.vault_version(&path).await {
+                    let doc = http
+                        .get(format!("{}/v1/secret/data/{path}?version={v}", self.bao.addr))
+                        .header("X-Vault-Token", &self.bao.token)
+                        .send()
+                        .await
+                        .unwrap()
+                        .text()
+                        .await
+                        .unwrap();
+                    out.push_str(&doc);
+                }
+            }
+        }
+        out
+    }
+
+    /// I2 held, no orphans (I3), and no key value anywhere it must not be (I4).
+    async fn assert_invariants(&self, errors: &[String]) {
+        let v = self.i2.violations.lock().unwrap().clone();
+        assert!(v.is_empty(), "{v:#?}");
+        // I3: every account left is referenced by Vault's current metadata or a journal.
+        let journal = self.journal_text().await;
+        assert!(journal.contains("rotation_id"), "the journal was written");
+        for a in self.sb.openai.service_accounts(&self.sb.project_id) {
+            let current = self.services.engine.journal(&self.target().name).await.unwrap();
+            let referenced = journal.contains(&a.id) || a.name.ends_with("-initial")
+                || current.is_some_and(|(_, j)| j.pending_deletions.iter().any(|p| p.account.id == a.id));
+            assert!(referenced, "orphaned account {} ({})", a.id, a.name);
+        }
+        // I4.
+        let keys = self.all_keys().await;
+        assert!(!keys.is_empty());
+        let logs = String::from_utf8_lossy(&captured_logs().lock().unwrap()).to_string();
+        assert!(logs.contains("step finished"), "logs captured");
+        let audit_text = std::fs::read_to_string(self.dir.path().join("audit.jsonl")).unwrap();
+        let metrics = self.services.metrics.render();
+        for k in &keys {
+            assert!(!logs.contains(k.as_str()), "a key value is in the logs");
+            assert!(!audit_text.contains(k.as_str()), "a key value is in the audit trail");
+            assert!(!metrics.contains(k.as_str()), "a key value is in the metrics");
+            assert!(!journal.contains(k.as_str()), "a key value is in the journal");
+            for e in errors {
+                assert!(!e.contains(k.as_str()), "a key value is in an error: {e}");
+            }
+        }
+        assert!(matches!(audit::verify(&self.dir.path().join("audit.jsonl")).unwrap(), VerifyOutcome::Ok { .. }));
+    }
+}
+
+fn req() -> RotationRequest {
+    RotationRequest::new(Trigger::Cli, "test", "e2e")
+}
+
+fn step_outcome(j: &Journal, step: Step) -> String {
+    j.steps.iter().rev().find(|s| s.step == step).and_then(|s| s.outcome.clone()).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_rotation_keeps_every_invariant() {
+    let env = env_with(|_| {}).await;
+    let t = env.target();
+    let seeded = env.vault_key(&t.vault_path, None).await.unwrap();
+    let old = env.sb.openai.service_accounts(&env.sb.project_id);
+    assert_eq!(old.len(), 1);
+    let i1 = I1Sampler::start(&env);
+    let j = env.rotate(req()).await.unwrap();
+    assert_eq!(j.status, Status::Completed, "{j:#?}");
+    assert_eq!(i1.finish(), Vec::<String>::new());
+    // The new key is current, live, and belongs to the account the journal names.
+    let current = env.vault_key(&t.vault_path, None).await.unwrap();
+    assert_ne!(current, seeded);
+    assert!(env.sb.openai.key_is_live(&current));
+    assert!(!env.sb.openai.key_is_live(&seeded), "old key retired");
+    let accounts = env.sb.openai.service_accounts(&env.sb.project_id);
+    assert_eq!(accounts.len(), 1);
+    assert_eq!(Some(&accounts[0].id), j.new_account.as_ref().map(|a| &a.id));
+    assert_eq!(accounts[0].name, j.new_account_name);
+    assert_eq!(*env.i2.old_deleted.lock().unwrap(), vec![old[0].id.clone()]);
+    // Consumers never saw a failure, and the new pods use the new key.
+    let stats = env.sb.consumers.total();
+    assert_eq!(stats.failed, 0, "{stats:?}");
+    assert!(env.sb.openai.requests_served(j.new_account.as_ref().unwrap().key_id.as_str()) > 0);
+    // Kubernetes Events on both workloads.
+    let events = env.sb.kube.events(NAMESPACE);
+    for w in &t.workloads {
+        for reason in ["RotationStarted", "RotationCompleted"] {
+            assert!(events.iter().any(|e| e.reason.as_deref() == Some(reason) && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(w.name.as_str())), "{reason} on {w}");
+        }
+    }
+    env.assert_invariants(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_that_never_becomes_ready_rolls_back() {
+    let env = env_with(|c| c.targets[0].rollout_timeout = DurationStr(Duration::from_secs(3))).await;
+    let t = env.target();
+    let seeded = env.vault_key(&t.vault_path, None).await.unwrap();
+    env.sb.kube.set_never_ready(NAMESPACE, &t.workloads[1].name, true);
+    let i1 = I1Sampler::start(&env);
+    let j = env.rotate(req()).await.unwrap();
+    assert_eq!(j.status, Status::RolledBack, "{j:#?}");
+    assert_eq!(i1.finish(), Vec::<String>::new());
+    assert!(j.error.as_deref().unwrap().contains(&t.workloads[1].name), "{:?}", j.error);
+    // The old key is current again and live; the new account is gone.
+    assert_eq!(env.vault_key(&t.vault_path, None).await.unwrap(), seeded);
+    assert!(env.sb.openai.key_is_live(&seeded));
+    assert_eq!(env.sb.openai.service_accounts(&env.sb.project_id).len(), 1);
+    // No ready pod ever failed: only pods of the never-ready template (which never served)
+    // saw the new key die.
+    let stats = env.sb.consumers.total();
+    let bad_rs: Vec<String> = env
+        .sb
+        .kube
+        .replica_sets(NAMESPACE, &format!("app={}", t.workloads[1].name))
+        .into_iter()
+        .filter(|rs| rs.spec.as_ref().and_then(|s| s.template.as_ref()).and_then(|t| t.metadata.as_ref()).and_then(|m| m.annotations.as_ref()).and_then(|a| a.get("openai-key-rotator/rotation-id")) == Some(&j.rotation_id))
+        .filter_map(|rs| rs.metadata.name)
+        .collect();
+    for (pod, n) in &stats.failures_by_pod {
+        assert!(bad_rs.iter().any(|rs| pod.starts_with(rs.as_str())), "ready pod {pod} failed {n} calls: {stats:?}");
+    }
+    env.assert_invariants(&[j.error.clone().unwrap()]).await;
+}
+
+async fn probe_server(status: u16) -> String {
+    let app = axum::Router::new().route(
+        "/healthz",
+        axum::routing::get(move || async move { axum::http::StatusCode::from_u16(status).unwrap() }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/healthz", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_smoke_probe_rolls_back() {
+    let url = probe_server(503).await;
+    let env = env_with(|c| {
+        c.targets[0].rollout_timeout = DurationStr(Duration::from_secs(4));
+        c.targets[0].smoke_probes = vec![SmokeProbe {
+            url: url.clone(),
+            expect_status: 200,
+            consecutive_successes: 2,
+            interval: DurationStr(Duration::from_millis(100)),
+            timeout: DurationStr(Duration::from_secs(1)),
+        }];
+    })
+    .await;
+    let seeded = env.vault_key(&env.target().vault_path, None).await.unwrap();
+    let i1 = I1Sampler::start(&env);
+    let j = env.rotate(req()).await.unwrap();
+    assert_eq!(j.status, Status::RolledBack, "{j:#?}");
+    assert!(j.error.as_deref().unwrap().contains("HTTP 503"), "{:?}", j.error);
+    assert_eq!(i1.finish(), Vec::<String>::new());
+    assert_eq!(env.vault_key(&env.target().vault_path, None).await.unwrap(), seeded);
+    assert!(env.sb.openai.key_is_live(&seeded));
+    // Every pod that took the new key was rolled back before its account died.
+    assert_eq!(env.sb.consumers.total().failed, 0, "{:?}", env.sb.consumers.total());
+    env.assert_invariants(&[j.error.clone().unwrap()]).await;
+
+    // Control: the same rotation with a passing probe completes.
+    let ok = probe_server(200).await;
+    let mut t = env.target();
+    t.smoke_probes[0].url = ok;
+    let j = env.services.engine.rotate(&t, req(), Arc::default()).await.unwrap();
+    assert_eq!(j.status, Status::Completed, "{j:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_synced_secret_is_waited_for() {
+    let env = env_with(|_| {}).await;
+    let mut t = env.target();
+    // An External-Secrets-like operator: copies the Vault key into a Secret 1.5 s after it
+    // changes (or at once when nudged... it ignores nudges, like a slow operator).
+    let secret_name = "chatbot-openai";
+    let put = |value: &str| {
+        let s = k8s_openapi::api::core::v1::Secret {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                name: Some(secret_name.into()),
+                namespace: Some(NAMESPACE.into()),
+                ..Default::default()
+            },
+            data: Some([("api_key".to_string(), k8s_openapi::ByteString(value.as_bytes().to_vec()))].into()),
+            ..Default::default()
+        };
+        env.sb.kube.put_secret(s).unwrap();
+    };
+    put(&env.vault_key(&t.vault_path, None).await.unwrap());
+    let (addr, token, path, kube) = (env.bao.addr.clone(), env.bao.token.clone(), t.vault_path.clone(), env.sb.kube.clone());
+    let stop = CancellationToken::new();
+    let s2 = stop.clone();
+    let synced_at = Arc::new(Mutex::new(None::<chrono::DateTime<chrono::Utc>>));
+    let synced = synced_at.clone();
+    tokio::spawn(async move {
+        let http = reqwest::Client::new();
+        let mut seen: Option<String> = None;
+        while !s2.is_cancelled() {
+            let body: serde_json::Value = http.get(format!("{addr}/v1/secret/data/{path}")).header("X-Vault-Token", &token).send().await.unwrap().json().await.unwrap();
+            let k = body.pointer("/data/data/api_key").and_then(|x| x.as_str()).unwrap().to_string();
+            if seen.as_ref().is_some_and(|s| *s != k) {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                let s = k8s_openapi::api::core::v1::Secret {
+                    metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                        name: Some("chatbot-openai".into()),
+                        namespace: Some(NAMESPACE.into()),
+                        ..Default::default()
+                    },
+                    data: Some([("api_key".to_string(), k8s_openapi::ByteString(k.as_bytes().to_vec()))].into()),
+                    ..Default::default()
+                };
+                kube.put_secret(s).unwrap();
+                *synced.lock().unwrap() = Some(chrono::Utc::now());
+            }
+            seen = Some(k);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    // A third workload mounts the Secret instead of reading Vault.
+    let deploy = "chatbot-mounted";
+    env.sb.consumers.add(
+        NAMESPACE,
+        deploy,
+        ConsumerSpec {
+            source: KeySource::Secret {
+                name: secret_name.into(),
+                key: "api_key".into(),
+            },
+            openai_base_url: env.sb.openai_url.clone(),
+            interval: Duration::from_millis(50),
+        },
+    );
+    env.sb.kube.create_deployment(consumer_deployment(deploy, 2, &t.vault_path)).unwrap();
+    assert!(env.sb.kube.wait_rollout_complete(NAMESPACE, deploy, Duration::from_secs(20)).await);
+    t.workloads.push(format!("{NAMESPACE}/Deployment/{deploy}").parse().unwrap());
+    t.synced_secret = Some(SyncedSecret {
+        namespace: NAMESPACE.into(),
+        name: secret_name.into(),
+        key: "api_key".into(),
+        force_sync_annotation: Some("force-sync".into()),
+        timeout: DurationStr(Duration::from_secs(20)),
+    });
+    let j = env.services.engine.rotate(&t, req(), Arc::default()).await.unwrap();
+    stop.cancel();
+    assert_eq!(j.status, Status::Completed, "{j:#?}");
+    let sync = j.steps.iter().find(|s| s.step == Step::Sync).unwrap();
+    let roll = j.steps.iter().find(|s| s.step == Step::Roll).unwrap();
+    let waited = sync.finished_at.unwrap() - sync.started_at;
+    assert!(waited >= chrono::Duration::milliseconds(1300), "sync waited {waited}");
+    assert!(roll.started_at >= synced_at.lock().unwrap().expect("synced"), "rolled only after the Secret held the new key");
+    // The nudge annotation was set on the Secret.
+    let s = env.sb.kube.secret(NAMESPACE, secret_name).unwrap();
+    assert!(s.metadata.annotations.unwrap_or_default().contains_key("force-sync"));
+    let stats = env.sb.consumers.stats(NAMESPACE, deploy);
+    assert_eq!(stats.failed, 0, "{stats:?}");
+    assert_eq!(env.sb.consumers.total().failed, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_waits_while_the_old_key_still_has_traffic() {
+    let env = env_with(|c| {
+        c.targets[0].drain = Some(DrainConfig {
+            quiet_for: DurationStr(Duration::from_secs(2)),
+            max_wait: DurationStr(Duration::from_secs(30)),
+            on_timeout: DrainTimeout::Keep,
+        });
+    })
+    .await;
+    let t = env.target();
+    let old_key = env.vault_key(&t.vault_path, None).await.unwrap();
+    // A straggler (a cron job, a laptop) keeps using the old key for 3 s after publish.
+    let (url, stop) = (format!("{}/chat/completions", env.sb.openai_url), CancellationToken::new());
+    let s2 = stop.clone();
+    let last_use = Arc::new(Mutex::new(Instant::now()));
+    let lu = last_use.clone();
+    let (addr, token, path) = (env.bao.addr.clone(), env.bao.token.clone(), t.vault_path.clone());
+    let old2 = old_key.clone();
+    tokio::spawn(async move {
+        let http = reqwest::Client::new();
+        // Wait for the publish, then 3 s of traffic.
+        loop {
+            let body: serde_json::Value = http.get(format!("{addr}/v1/secret/data/{path}")).header("X-Vault-Token", &token).send().await.unwrap().json().await.unwrap();
+            if body.pointer("/data/data/api_key").and_then(|x| x.as_str()) != Some(old2.as_str()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let end = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < end && !s2.is_cancelled() {
+            let r = http.post(&url).bearer_auth(&old2).json(&serde_json::json!({"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]})).send().await.unwrap();
+            assert!(r.status().is_success(), "the old key must live while it is used: {}", r.status());
+            *lu.lock().unwrap() = Instant::now();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let j = env.rotate(req()).await.unwrap();
+    stop.cancel();
+    assert_eq!(j.status, Status::Completed, "{j:#?}");
+    assert!(step_outcome(&j, Step::Drain).contains("quiet"), "{}", step_outcome(&j, Step::Drain));
+    let drain = j.steps.iter().find(|s| s.step == Step::Drain).unwrap();
+    let waited = drain.finished_at.unwrap() - drain.started_at;
+    assert!(waited >= chrono::Duration::seconds(3), "drain waited only {waited}");
+    assert!(last_use.lock().unwrap().elapsed() >= Duration::from_millis(1500));
+    assert!(!env.sb.openai.key_is_live(&old_key));
+    env.assert_invariants(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vault_cas_conflict_fails_cleanly_and_loses_nothing() {
+    let env = env_with(|_| {}).await;
+    let t = env.target();
+    let seeded = env.vault_key(&t.vault_path, None).await.unwrap();
+    // Slow the create down and write to Vault meanwhile, as another writer would.
+    env.sb.openai.set_faults(Faults::latency(Duration::from_millis(800)).only("service_accounts.create"));
+    let (addr, token, path) = (env.bao.addr.clone(), env.bao.token.clone(), t.vault_path.clone());
+    let writer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let r = reqwest::Client::new()
+            .post(format!("{addr}/v1/secret/data/{path}"))
+            .header("X-Vault-Token", &token)
+            .json(&serde_json::json!({"data": {"api_key": "written-by-someone-else", "note": "hand edit"}}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    });
+    let j = env.rotate(req()).await.unwrap();
+    writer.await.unwrap();
+    env.sb.openai.clear_faults();
+    assert_eq!(j.status, Status::Failed, "{j:#?}");
+    let e = j.error.clone().unwrap();
+    assert!(e.contains("check-and-set"), "{e}");
+    // The other writer's value stands, our new account is gone, the seeded one lives.
+    assert_eq!(env.vault_key(&t.vault_path, None).await.unwrap(), "written-by-someone-else");
+    let accounts = env.sb.openai.service_accounts(&env.sb.project_id);
+    assert_eq!(accounts.len(), 1, "{accounts:?}");
+    assert!(env.sb.openai.key_is_live(&seeded));
+    assert!(!e.contains(&seeded));
+    // The target is free again (no stuck journal).
+    assert!(matches!(env.services.engine.journal(&t.name).await.unwrap(), Some((_, j)) if j.status.is_terminal()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_storm_slows_the_rotation_but_it_succeeds() {
+    let env = env_with(|_| {}).await;
+    env.sb.openai.set_faults(Faults::rate_limit(2));
+    let j = env.rotate(req()).await.unwrap();
+    env.sb.openai.clear_faults();
+    assert_eq!(j.status, Status::Completed, "{j:#?}");
+    let metrics = env.services.metrics.render();
+    let retries: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("openai_key_rotator_retries_total{backend=\"openai\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0);
+    assert!(retries >= 1.0, "the storm was felt: {retries}");
+    assert!(metrics.contains("status_class=\"429\""), "429s counted");
+    assert_eq!(env.sb.openai.service_accounts(&env.sb.project_id).len(), 1, "no duplicate account from retries");
+    assert_eq!(env.sb.consumers.total().failed, 0);
+    env.assert_invariants(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_rotations_without_one_failed_call_and_the_negative_control() {
+    let env = env_with(|c| c.targets[0].grace_period = DurationStr(Duration::from_millis(100))).await;
+    let i1 = I1Sampler::start(&env);
+    for n in 0..20 {
+        let j = env.rotate(req()).await.unwrap();
+        assert_eq!(j.status, Status::Completed, "rotation {n}: {j:#?}");
+    }
+    assert_eq!(i1.finish(), Vec::<String>::new());
+    let stats = env.sb.consumers.total();
+    assert_eq!(stats.failed, 0, "zero downtime over 20 rotations: {stats:?}");
+    assert!(stats.ok > 500, "consumers were busy: {stats:?}");
+    assert_eq!(env.sb.openai.service_accounts(&env.sb.project_id).len(), 1);
+    env.assert_invariants(&[]).await;
+
+    // Negative control: retiring before the roll completes (revoke_first does exactly that)
+    // is visible as failed calls, so the zero above is a real measurement.
+    let mut r = req();
+    r.emergency = true;
+    r.revoke_first = true;
+    let j = env.services.engine.rotate(&env.target(), r, Arc::new(RotationControl::default())).await.unwrap();
+    assert_eq!(j.status, Status::Completed);
+    let stats = env.sb.consumers.total();
+    assert!(stats.failed > 0, "retire-before-roll must fail calls: {stats:?}");
+    assert!(stats.last_failure.unwrap().contains("401"));
+}
