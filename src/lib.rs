@@ -2,6 +2,7 @@
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod kube;
 pub mod retry;
 pub mod rotation;
 #[cfg(feature = "sandbox")]
