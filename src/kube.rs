@@ -97,12 +97,14 @@ impl KubeRoller {
                         source,
                     })?
             }
-            (None, Some(context)) => kube::Config::from_kubeconfig(&options)
-                .await
-                .map_err(|source| KubeError::Context {
-                    context: context.clone(),
-                    source,
-                })?,
+            (None, Some(context)) => {
+                kube::Config::from_kubeconfig(&options)
+                    .await
+                    .map_err(|source| KubeError::Context {
+                        context: context.clone(),
+                        source,
+                    })?
+            }
             (None, None) => kube::Config::infer().await.map_err(KubeError::Infer)?,
         };
         Self::from_config(config, calls)
@@ -220,7 +222,13 @@ impl KubeRoller {
             .await
     }
 
-    async fn get<K>(&self, op: &'static str, ns: &str, name: &str, what: &str) -> Result<K, BackendError>
+    async fn get<K>(
+        &self,
+        op: &'static str,
+        ns: &str,
+        name: &str,
+        what: &str,
+    ) -> Result<K, BackendError>
     where
         K: kube::Resource<Scope = NamespaceResourceScope, DynamicType = ()>
             + Clone
@@ -367,7 +375,11 @@ impl WorkloadRoller for KubeRoller {
         )))
     }
 
-    async fn ready_pods_with(&self, w: &WorkloadRef, rollout_id: &str) -> Result<u32, BackendError> {
+    async fn ready_pods_with(
+        &self,
+        w: &WorkloadRef,
+        rollout_id: &str,
+    ) -> Result<u32, BackendError> {
         let wl = self.workload(w).await?;
         let n = self
             .ready_pods(w, &wl)
@@ -494,14 +506,15 @@ impl Workload {
     /// A StatefulSet's rolling-update partition.
     fn partition(&self) -> Option<i32> {
         match self {
-            Workload::StatefulSet(s) => s
-                .spec
-                .as_ref()?
-                .update_strategy
-                .as_ref()?
-                .rolling_update
-                .as_ref()?
-                .partition,
+            Workload::StatefulSet(s) => {
+                s.spec
+                    .as_ref()?
+                    .update_strategy
+                    .as_ref()?
+                    .rolling_update
+                    .as_ref()?
+                    .partition
+            }
             _ => None,
         }
     }
@@ -760,18 +773,16 @@ fn classify(e: &kube::Error, op: &str, what: &str) -> Failure {
                 after,
             }
         }
-        kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::Auth(_) => {
-            Failure {
-                error: BackendError::Failed {
-                    backend: K8S,
-                    message: format!("{op} {what}: {e}"),
-                    transient: true,
-                },
-                class: StatusClass::Transport,
-                retry: true,
-                after: None,
-            }
-        }
+        kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::Auth(_) => Failure {
+            error: BackendError::Failed {
+                backend: K8S,
+                message: format!("{op} {what}: {e}"),
+                transient: true,
+            },
+            class: StatusClass::Transport,
+            retry: true,
+            after: None,
+        },
         kube::Error::SerdeError(_) | kube::Error::FromUtf8(_) => Failure {
             error: BackendError::Failed {
                 backend: K8S,
@@ -795,3 +806,381 @@ fn classify(e: &kube::Error, op: &str, what: &str) -> Failure {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn from<T: DeserializeOwned>(v: serde_json::Value) -> T {
+        serde_json::from_value(v).expect("a well-formed literal")
+    }
+
+    fn progressing(s: RolloutState) -> String {
+        match s {
+            RolloutState::Progressing(m) => m,
+            other => panic!("expected Progressing, got {other:?}"),
+        }
+    }
+
+    fn failed(s: RolloutState) -> String {
+        match s {
+            RolloutState::Failed(m) => m,
+            other => panic!("expected Failed, got {other:?}"),
+        }
+    }
+
+    fn deployment(
+        generation: i64,
+        spec: serde_json::Value,
+        status: serde_json::Value,
+    ) -> Deployment {
+        let mut spec_full = json!({
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": []}}
+        });
+        for (k, v) in spec.as_object().expect("object") {
+            spec_full[k] = v.clone();
+        }
+        from(json!({
+            "metadata": {"name": "web", "namespace": "ns", "generation": generation},
+            "spec": spec_full,
+            "status": status
+        }))
+    }
+
+    #[test]
+    fn deployment_rules_follow_kubectl() {
+        let spec = json!({"replicas": 3});
+        let m = progressing(deployment_state(&deployment(
+            2,
+            spec.clone(),
+            json!({"observedGeneration": 1, "replicas": 3, "updatedReplicas": 3, "availableReplicas": 3}),
+        )));
+        assert_eq!(m, "Waiting for deployment spec update to be observed...");
+
+        let m = failed(deployment_state(&deployment(
+            2,
+            spec.clone(),
+            json!({"observedGeneration": 2, "replicas": 4, "updatedReplicas": 1,
+                   "conditions": [{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}]}),
+        )));
+        assert_eq!(m, "deployment \"web\" exceeded its progress deadline");
+        // The same condition with another reason is no failure.
+        assert_eq!(
+            progressing(deployment_state(&deployment(
+                2,
+                spec.clone(),
+                json!({"observedGeneration": 2, "replicas": 4, "updatedReplicas": 1,
+                       "conditions": [{"type": "Progressing", "status": "True", "reason": "ReplicaSetUpdated"}]}),
+            ))),
+            "Waiting for deployment \"web\" rollout to finish: 1 out of 3 new replicas have been updated..."
+        );
+
+        let m = progressing(deployment_state(&deployment(
+            2,
+            spec.clone(),
+            json!({"observedGeneration": 2, "replicas": 4, "updatedReplicas": 3, "availableReplicas": 3}),
+        )));
+        assert_eq!(
+            m,
+            "Waiting for deployment \"web\" rollout to finish: 1 old replicas are pending termination..."
+        );
+
+        let m = progressing(deployment_state(&deployment(
+            2,
+            spec.clone(),
+            json!({"observedGeneration": 2, "replicas": 3, "updatedReplicas": 3, "availableReplicas": 2}),
+        )));
+        assert_eq!(
+            m,
+            "Waiting for deployment \"web\" rollout to finish: 2 of 3 updated replicas are available..."
+        );
+
+        assert_eq!(
+            deployment_state(&deployment(
+                2,
+                spec.clone(),
+                json!({"observedGeneration": 2, "replicas": 3, "updatedReplicas": 3, "availableReplicas": 3}),
+            )),
+            RolloutState::Complete
+        );
+        // Zero replicas and no status counts: complete, as kubectl says.
+        assert_eq!(
+            deployment_state(&deployment(
+                1,
+                json!({"replicas": 0}),
+                json!({"observedGeneration": 1})
+            )),
+            RolloutState::Complete
+        );
+        let m = progressing(deployment_state(&deployment(
+            2,
+            json!({"replicas": 3, "paused": true}),
+            json!({"observedGeneration": 2, "replicas": 3, "updatedReplicas": 0}),
+        )));
+        assert!(m.ends_with("(the deployment is paused)"), "{m}");
+    }
+
+    fn statefulset(
+        generation: i64,
+        strategy: serde_json::Value,
+        status: serde_json::Value,
+    ) -> StatefulSet {
+        from(json!({
+            "metadata": {"name": "db", "namespace": "ns", "generation": generation},
+            "spec": {
+                "replicas": 3,
+                "serviceName": "db",
+                "selector": {"matchLabels": {"app": "db"}},
+                "template": {"metadata": {"labels": {"app": "db"}}, "spec": {"containers": []}},
+                "updateStrategy": strategy
+            },
+            "status": status
+        }))
+    }
+
+    #[test]
+    fn statefulset_rules_follow_kubectl() {
+        let rolling = json!({"type": "RollingUpdate", "rollingUpdate": {"partition": 0}});
+        let m = failed(statefulset_state(&statefulset(
+            1,
+            json!({"type": "OnDelete"}),
+            json!({"replicas": 3, "observedGeneration": 1, "readyReplicas": 3}),
+        )));
+        assert!(
+            m.contains("OnDelete") && m.contains("only available for RollingUpdate"),
+            "{m}"
+        );
+
+        for status in [
+            json!({"replicas": 3}),
+            json!({"replicas": 3, "observedGeneration": 1}),
+        ] {
+            assert_eq!(
+                progressing(statefulset_state(&statefulset(2, rolling.clone(), status))),
+                "Waiting for statefulset spec update to be observed..."
+            );
+        }
+        assert_eq!(
+            progressing(statefulset_state(&statefulset(
+                2,
+                rolling.clone(),
+                json!({"replicas": 3, "observedGeneration": 2, "readyReplicas": 2, "updatedReplicas": 3}),
+            ))),
+            "Waiting for 1 pods to be ready..."
+        );
+        assert_eq!(
+            progressing(statefulset_state(&statefulset(
+                2,
+                rolling.clone(),
+                json!({"replicas": 3, "observedGeneration": 2, "readyReplicas": 3, "updatedReplicas": 1}),
+            ))),
+            "Waiting for partitioned roll out to finish: 1 out of 3 new pods have been updated..."
+        );
+        let partitioned = json!({"type": "RollingUpdate", "rollingUpdate": {"partition": 1}});
+        assert_eq!(
+            progressing(statefulset_state(&statefulset(
+                2,
+                partitioned.clone(),
+                json!({"replicas": 3, "observedGeneration": 2, "readyReplicas": 3, "updatedReplicas": 1}),
+            ))),
+            "Waiting for partitioned roll out to finish: 1 out of 2 new pods have been updated..."
+        );
+        // With rollingUpdate set, kubectl is done once enough pods are updated (revisions
+        // are not compared; our ready-pod check covers the rest).
+        assert_eq!(
+            statefulset_state(&statefulset(
+                2,
+                partitioned,
+                json!({"replicas": 3, "observedGeneration": 2, "readyReplicas": 3, "updatedReplicas": 2,
+                       "currentRevision": "db-1", "updateRevision": "db-2"}),
+            )),
+            RolloutState::Complete
+        );
+        // Without rollingUpdate (and with the type left to its default) the revisions decide.
+        for strategy in [json!({"type": "RollingUpdate"}), json!({})] {
+            assert_eq!(
+                progressing(statefulset_state(&statefulset(
+                    2,
+                    strategy.clone(),
+                    json!({"replicas": 3, "observedGeneration": 2, "readyReplicas": 3, "updatedReplicas": 2,
+                           "currentRevision": "db-1", "updateRevision": "db-2"}),
+                ))),
+                "waiting for statefulset rolling update to complete 2 pods at revision db-2..."
+            );
+            assert_eq!(
+                statefulset_state(&statefulset(
+                    2,
+                    strategy,
+                    json!({"replicas": 3, "observedGeneration": 2, "readyReplicas": 3, "updatedReplicas": 3,
+                           "currentRevision": "db-2", "updateRevision": "db-2"}),
+                )),
+                RolloutState::Complete
+            );
+        }
+    }
+
+    fn daemonset(
+        generation: i64,
+        strategy: serde_json::Value,
+        status: serde_json::Value,
+    ) -> DaemonSet {
+        from(json!({
+            "metadata": {"name": "agent", "namespace": "ns", "generation": generation},
+            "spec": {
+                "selector": {"matchLabels": {"app": "agent"}},
+                "template": {"metadata": {"labels": {"app": "agent"}}, "spec": {"containers": []}},
+                "updateStrategy": strategy
+            },
+            "status": status
+        }))
+    }
+
+    #[test]
+    fn daemonset_rules_follow_kubectl() {
+        let rolling = json!({"type": "RollingUpdate"});
+        let base = |updated: i32, available: i32, observed: i64| {
+            json!({"currentNumberScheduled": 4, "desiredNumberScheduled": 4, "numberMisscheduled": 0,
+                   "numberReady": available, "numberAvailable": available,
+                   "updatedNumberScheduled": updated, "observedGeneration": observed})
+        };
+        let m = failed(daemonset_state(&daemonset(
+            1,
+            json!({"type": "OnDelete"}),
+            base(4, 4, 1),
+        )));
+        assert!(m.contains("daemon set \"agent\" uses the OnDelete"), "{m}");
+        assert_eq!(
+            progressing(daemonset_state(&daemonset(
+                2,
+                rolling.clone(),
+                base(4, 4, 1)
+            ))),
+            "Waiting for daemon set spec update to be observed..."
+        );
+        assert_eq!(
+            progressing(daemonset_state(&daemonset(2, rolling.clone(), base(1, 4, 2)))),
+            "Waiting for daemon set \"agent\" rollout to finish: 1 out of 4 new pods have been updated..."
+        );
+        assert_eq!(
+            progressing(daemonset_state(&daemonset(2, rolling.clone(), base(4, 3, 2)))),
+            "Waiting for daemon set \"agent\" rollout to finish: 3 of 4 updated pods are available..."
+        );
+        assert_eq!(
+            daemonset_state(&daemonset(2, rolling, base(4, 4, 2))),
+            RolloutState::Complete
+        );
+        assert_eq!(
+            daemonset_state(&daemonset(2, json!({}), base(4, 4, 2))),
+            RolloutState::Complete
+        );
+    }
+
+    #[test]
+    fn workload_accessors_read_template_and_partition() {
+        let mut s = statefulset(
+            1,
+            json!({"type": "RollingUpdate", "rollingUpdate": {"partition": 2}}),
+            json!({"replicas": 3}),
+        );
+        let tm = s.spec.as_mut().unwrap().template.metadata.as_mut().unwrap();
+        tm.annotations = Some([(ROTATION_ANNOTATION.to_string(), "r7".to_string())].into());
+        let w = Workload::StatefulSet(s);
+        assert_eq!(w.rotation_id(), Some("r7"));
+        assert_eq!(w.partition(), Some(2));
+        assert_eq!(
+            w.selector()
+                .and_then(|s| s.match_labels.as_ref())
+                .map(|m| m["app"].as_str()),
+            Some("db")
+        );
+        let d = Workload::Deployment(deployment(1, json!({}), json!({})));
+        assert_eq!(d.rotation_id(), None);
+        assert_eq!(d.partition(), None);
+    }
+
+    #[test]
+    fn ready_means_condition_true_and_not_terminating() {
+        let pod = |ready: &str, deleting: bool| -> Pod {
+            let mut meta = json!({"name": "p"});
+            if deleting {
+                meta["deletionTimestamp"] = json!("2025-01-01T00:00:00Z");
+            }
+            from(
+                json!({"metadata": meta, "status": {"conditions": [{"type": "Ready", "status": ready}]}}),
+            )
+        };
+        assert!(pod_is_ready(&pod("True", false)));
+        assert!(!pod_is_ready(&pod("False", false)));
+        assert!(!pod_is_ready(&pod("True", true)));
+        assert!(!pod_is_ready(&from(json!({"metadata": {"name": "p"}}))));
+    }
+
+    fn api_error(code: u16, reason: &str, retry_after: u32) -> kube::Error {
+        let status: kube::core::Status = from(json!({
+            "status": "Failure", "code": code, "reason": reason, "message": "boom",
+            "details": {"retryAfterSeconds": retry_after}
+        }));
+        kube::Error::Api(Box::new(status))
+    }
+
+    #[test]
+    fn errors_map_to_backend_errors() {
+        let f = classify(
+            &api_error(404, "NotFound", 0),
+            "workload.get",
+            "Deployment ns/web",
+        );
+        assert!(
+            matches!(f.error, BackendError::NotFound { ref what, .. } if what == "Deployment ns/web")
+        );
+        assert!(!f.retry);
+        assert_eq!(f.class, StatusClass::ClientError);
+
+        let f = classify(&api_error(409, "Conflict", 0), "workload.patch", "x");
+        assert!(matches!(f.error, BackendError::Conflict { .. }));
+        assert!(f.retry);
+
+        let f = classify(&api_error(429, "TooManyRequests", 3), "pods.list", "x");
+        assert!(f.retry);
+        assert_eq!(f.after, Some(Duration::from_secs(3)));
+        assert_eq!(f.class, StatusClass::RateLimited);
+        assert!(matches!(
+            f.error,
+            BackendError::Failed {
+                transient: true,
+                ..
+            }
+        ));
+
+        let f = classify(&api_error(500, "InternalError", 0), "pods.list", "x");
+        assert!(f.retry && f.after.is_none());
+        assert_eq!(f.class, StatusClass::ServerError);
+        let msg = f.error.to_string();
+        assert!(
+            msg.contains("pods.list x: HTTP 500 InternalError: boom"),
+            "{msg}"
+        );
+
+        let f = classify(&api_error(403, "Forbidden", 0), "secret.get", "x");
+        assert!(!f.retry);
+        assert!(matches!(
+            f.error,
+            BackendError::Failed {
+                transient: false,
+                ..
+            }
+        ));
+
+        let bad_json = serde_json::from_str::<serde_json::Value>("{").unwrap_err();
+        let f = classify(&kube::Error::SerdeError(bad_json), "workload.get", "x");
+        assert!(!f.retry);
+    }
+
+    #[test]
+    fn truncate_keeps_char_boundaries() {
+        assert_eq!(truncate("abc", 10), "abc");
+        assert_eq!(truncate("abcdef", 3), "abc");
+        assert_eq!(truncate("aé", 2), "a");
+    }
+}
