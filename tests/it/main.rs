@@ -2,6 +2,7 @@
 
 mod support;
 
+mod kube_roller;
 mod kube_sim;
 mod openai_sim;
 mod sandbox;
