@@ -695,3 +695,47 @@ async fn connect_ping_and_transport_failures() {
     );
     assert_eq!(calls.retries(), retries + MAX_RETRIES as usize);
 }
+
+#[tokio::test]
+async fn a_server_that_never_answers_times_out() {
+    // Accepts connections and reads nothing back: each attempt must hit our timeout.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let hold = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((sock, _)) = listener.accept().await {
+            open.push(sock);
+        }
+    });
+    let calls = Arc::new(Calls::default());
+    let config = kube::Config::new(url.parse().unwrap());
+    let roller = KubeRoller::from_config(config, calls.clone())
+        .unwrap()
+        .with_retry(RetryPolicy {
+            max_retries: 1,
+            base: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(10),
+        })
+        .with_timeout(Duration::from_millis(300));
+    let t = Instant::now();
+    match roller.ping().await {
+        Err(BackendError::Failed {
+            transient, message, ..
+        }) => {
+            assert!(transient);
+            assert!(message.contains("no answer within"), "{message}");
+        }
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    assert!(
+        t.elapsed() >= Duration::from_millis(600),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert_eq!(
+        calls.of("version.get", 0),
+        [StatusClass::Transport, StatusClass::Transport]
+    );
+    hold.abort();
+}
