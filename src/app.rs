@@ -53,7 +53,11 @@ pub fn engine_options(config: &Config) -> EngineOptions {
 
 /// Connect to OpenAI, Vault and Kubernetes and build the engine, reporting to metrics,
 /// audit, the live view and the log.
-pub async fn connect(config: &Config, audit: Audit, cancel: &CancellationToken) -> anyhow::Result<Services> {
+pub async fn connect(
+    config: &Config,
+    audit: Audit,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Services> {
     connect_with(config, audit, cancel, engine_options(config), Vec::new()).await
 }
 
@@ -120,17 +124,33 @@ impl Observer for LogObserver {
     fn on_event(&self, j: &Journal, event: &RotationEvent) {
         let (id, target) = (&j.rotation_id, &j.target);
         match event {
-            RotationEvent::Started => tracing::info!(rotation_id = %id, %target, trigger = j.trigger.as_str(), actor = %j.actor, reason = %j.reason, emergency = j.emergency, "rotation started"),
-            RotationEvent::StepStarted(step) => tracing::info!(rotation_id = %id, %target, step = step.as_str(), "step started"),
-            RotationEvent::StepFinished { step, outcome, duration } => tracing::info!(rotation_id = %id, %target, step = step.as_str(), %outcome, elapsed = ?duration, "step finished"),
+            RotationEvent::Started => {
+                tracing::info!(rotation_id = %id, %target, trigger = j.trigger.as_str(), actor = %j.actor, reason = %j.reason, emergency = j.emergency, "rotation started")
+            }
+            RotationEvent::StepStarted(step) => {
+                tracing::info!(rotation_id = %id, %target, step = step.as_str(), "step started")
+            }
+            RotationEvent::StepFinished {
+                step,
+                outcome,
+                duration,
+            } => {
+                tracing::info!(rotation_id = %id, %target, step = step.as_str(), %outcome, elapsed = ?duration, "step finished")
+            }
             RotationEvent::Finished => {
                 let status = j.status.as_str();
                 match &j.error {
-                    Some(e) => tracing::warn!(rotation_id = %id, %target, %status, error = %e, "rotation finished"),
-                    None => tracing::info!(rotation_id = %id, %target, %status, "rotation finished"),
+                    Some(e) => {
+                        tracing::warn!(rotation_id = %id, %target, %status, error = %e, "rotation finished")
+                    }
+                    None => {
+                        tracing::info!(rotation_id = %id, %target, %status, "rotation finished")
+                    }
                 }
             }
-            RotationEvent::AccountDeleted { account_id, why } => tracing::info!(rotation_id = %id, %target, %account_id, %why, "service account deleted"),
+            RotationEvent::AccountDeleted { account_id, why } => {
+                tracing::info!(rotation_id = %id, %target, %account_id, %why, "service account deleted")
+            }
         }
     }
 }
@@ -246,10 +266,17 @@ pub struct Running {
 
 /// Start the daemon: connect, serve HTTP, handle signals, schedule. Runs until `shutdown`
 /// (or SIGTERM/SIGINT when `signals`), then stops taking work and lets running steps finish.
-pub async fn start(opts: RunOptions, shutdown: CancellationToken, signals: bool) -> anyhow::Result<Running> {
+pub async fn start(
+    opts: RunOptions,
+    shutdown: CancellationToken,
+    signals: bool,
+) -> anyhow::Result<Running> {
     let config = load_config(&opts)?;
-    let audit = Audit::open(config.daemon.audit.file.as_deref(), config.daemon.audit.stdout)
-        .context("opening the audit trail")?;
+    let audit = Audit::open(
+        config.daemon.audit.file.as_deref(),
+        config.daemon.audit.stdout,
+    )
+    .context("opening the audit trail")?;
     let services = Arc::new(connect(&config, audit.clone(), &shutdown).await?);
     let hooks = Arc::new(Hooks {
         metrics: services.metrics.clone(),
@@ -296,7 +323,14 @@ pub async fn start(opts: RunOptions, shutdown: CancellationToken, signals: bool)
             .await
     });
     if signals {
-        spawn_signal_handlers(daemon.clone(), opts.clone(), tokens, services.clone(), hooks, shutdown.clone())?;
+        spawn_signal_handlers(
+            daemon.clone(),
+            opts.clone(),
+            tokens,
+            services.clone(),
+            hooks,
+            shutdown.clone(),
+        )?;
     }
     let d = daemon.clone();
     let done = tokio::spawn(async move {
@@ -375,7 +409,11 @@ fn reload(
     match result {
         Ok((new, new_tokens)) => {
             let old = daemon.config();
-            if old.vault != new.vault || old.openai != new.openai || old.kubernetes != new.kubernetes || old.daemon.listen != new.daemon.listen {
+            if old.vault != new.vault
+                || old.openai != new.openai
+                || old.kubernetes != new.kubernetes
+                || old.daemon.listen != new.daemon.listen
+            {
                 tracing::warn!("SIGHUP: backend or listen settings changed; they take effect on restart (targets and schedules apply now)");
             }
             let names: Vec<String> = new.targets.iter().map(|t| t.name.clone()).collect();
@@ -405,14 +443,23 @@ fn reload(
 }
 
 /// `rotate TARGET --config FILE --once [--dry-run]`: one rotation in-process.
-pub async fn rotate_once(config_path: &Path, target: &str, dry_run: bool, emergency: bool, reason: &str) -> anyhow::Result<std::process::ExitCode> {
+pub async fn rotate_once(
+    config_path: &Path,
+    target: &str,
+    dry_run: bool,
+    emergency: bool,
+    reason: &str,
+) -> anyhow::Result<std::process::ExitCode> {
     let config = Config::load(config_path)?;
     let t = config
         .target(target)
         .with_context(|| format!("no target {target:?} in {}", config_path.display()))?
         .clone();
     let cancel = CancellationToken::new();
-    let audit = Audit::open(config.daemon.audit.file.as_deref(), config.daemon.audit.stdout)?;
+    let audit = Audit::open(
+        config.daemon.audit.file.as_deref(),
+        config.daemon.audit.stdout,
+    )?;
     let services = connect(&config, audit, &cancel).await?;
     if dry_run {
         println!("plan for target {target} (nothing is changed):");
@@ -421,7 +468,15 @@ pub async fn rotate_once(config_path: &Path, target: &str, dry_run: bool, emerge
         }
         return Ok(std::process::ExitCode::SUCCESS);
     }
-    let mut req = crate::rotation::RotationRequest::new(Trigger::Cli, "cli", if reason.is_empty() { "cli --once" } else { reason });
+    let mut req = crate::rotation::RotationRequest::new(
+        Trigger::Cli,
+        "cli",
+        if reason.is_empty() {
+            "cli --once"
+        } else {
+            reason
+        },
+    );
     req.emergency = emergency;
     let journal = match services.engine.rotate(&t, req, Arc::default()).await {
         Ok(j) => j,
@@ -436,9 +491,17 @@ pub async fn rotate_once(config_path: &Path, target: &str, dry_run: bool, emerge
         Err(e) => return Err(e.into()),
     };
     cancel.cancel();
-    println!("rotation {} of {target}: {}", journal.rotation_id, journal.status.as_str());
+    println!(
+        "rotation {} of {target}: {}",
+        journal.rotation_id,
+        journal.status.as_str()
+    );
     for s in &journal.steps {
-        println!("  {:<8} {}", s.step.as_str(), s.outcome.as_deref().unwrap_or("-"));
+        println!(
+            "  {:<8} {}",
+            s.step.as_str(),
+            s.outcome.as_deref().unwrap_or("-")
+        );
     }
     if let Some(e) = &journal.error {
         println!("error: {e}");
@@ -451,14 +514,23 @@ pub async fn rotate_once(config_path: &Path, target: &str, dry_run: bool, emerge
 }
 
 /// `sweep --config FILE [--min-age D]`: delete orphaned managed accounts now.
-pub async fn sweep_once(config_path: &Path, min_age: Option<Duration>) -> anyhow::Result<std::process::ExitCode> {
+pub async fn sweep_once(
+    config_path: &Path,
+    min_age: Option<Duration>,
+) -> anyhow::Result<std::process::ExitCode> {
     let config = Config::load(config_path)?;
     let cancel = CancellationToken::new();
-    let audit = Audit::open(config.daemon.audit.file.as_deref(), config.daemon.audit.stdout)?;
+    let audit = Audit::open(
+        config.daemon.audit.file.as_deref(),
+        config.daemon.audit.stdout,
+    )?;
     let services = connect(&config, audit.clone(), &cancel).await?;
     let r = services
         .engine
-        .sweep(&config.targets, min_age.unwrap_or(config.daemon.sweep_min_age.get()))
+        .sweep(
+            &config.targets,
+            min_age.unwrap_or(config.daemon.sweep_min_age.get()),
+        )
         .await?;
     cancel.cancel();
     for id in &r.deleted {

@@ -249,7 +249,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Rotate(args) => match &args.config {
             Some(config) => {
                 init_tracing(LogFormat::Auto);
-                crate::app::rotate_once(config, &args.target, args.dry_run, args.emergency, &args.reason).await
+                crate::app::rotate_once(
+                    config,
+                    &args.target,
+                    args.dry_run,
+                    args.emergency,
+                    &args.reason,
+                )
+                .await
             }
             None => rotate_remote(args).await,
         },

@@ -67,7 +67,16 @@ pub async fn run(mut opts: DemoOptions) -> anyhow::Result<(u64, u64)> {
     let api = format!("http://{}", running.addr);
     let first = &sb.config.targets[0].name;
     println!();
-    println!("openai-key-rotator demo: rotating {} every {}s (Ctrl-C to stop)", sb.config.targets.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(" and "), opts.every_secs);
+    println!(
+        "openai-key-rotator demo: rotating {} every {}s (Ctrl-C to stop)",
+        sb.config
+            .targets
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect::<Vec<_>>()
+            .join(" and "),
+        opts.every_secs
+    );
     println!("  API + metrics   {api}   (token: {token})");
     println!("  audit trail     {}", audit_file.display());
     println!("  kubeconfig      {}", sb.kubeconfig_path.display());
@@ -75,7 +84,10 @@ pub async fn run(mut opts: DemoOptions) -> anyhow::Result<(u64, u64)> {
     println!("  curl -s -H 'Authorization: Bearer {token}' {api}/v1/targets");
     println!("  curl -s -X POST -H 'Authorization: Bearer {token}' -d '{{\"reason\":\"leak drill\",\"emergency\":true}}' {api}/v1/targets/{first}/rotations");
     println!("  curl -s {api}/metrics | grep ^openai_key_rotator_rotations_total");
-    println!("  cargo run --release -- audit verify {}", audit_file.display());
+    println!(
+        "  cargo run --release -- audit verify {}",
+        audit_file.display()
+    );
     println!();
 
     let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
@@ -110,7 +122,10 @@ pub async fn run(mut opts: DemoOptions) -> anyhow::Result<(u64, u64)> {
         .metrics
         .render()
         .lines()
-        .filter(|l| l.starts_with("openai_key_rotator_rotations_total{") && l.contains("outcome=\"completed\""))
+        .filter(|l| {
+            l.starts_with("openai_key_rotator_rotations_total{")
+                && l.contains("outcome=\"completed\"")
+        })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>();
     println!("demo stopped: {completed} rotations completed; consumers made {} successful and {} failed calls", s.ok, s.failed);

@@ -1,10 +1,14 @@
 //! openai-key-rotator: rotates OpenAI project service-account keys with zero downtime.
+pub mod app;
 pub mod audit;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;
+#[cfg(feature = "sandbox")]
+pub mod demo;
 pub mod http;
+pub mod kube;
 pub mod metrics;
 pub mod openai;
 pub mod retry;

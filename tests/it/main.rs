@@ -3,10 +3,12 @@
 mod support;
 
 mod audit_cli;
+mod kube_roller;
 mod kube_sim;
 mod metrics_exposition;
 mod openai_client;
 mod openai_sim;
+mod rotation_e2e;
 mod sandbox;
 mod vault_contract;
 mod vault_store;

@@ -554,7 +554,10 @@ async fn a_create_whose_answer_is_lost_leaves_exactly_one_account() {
         .await
         .expect("create");
     assert_eq!(env.sim.calls("service_accounts.create") - creates, 2);
-    assert_eq!(named(&env.sim, p, "okr-lost"), vec![minted.account.id.clone()]);
+    assert_eq!(
+        named(&env.sim, p, "okr-lost"),
+        vec![minted.account.id.clone()]
+    );
     assert!(env.sim.key_is_live(minted.key.expose()));
     // The lost one was deleted: one delete by the clean-up, and the key we hold works.
     assert_eq!(

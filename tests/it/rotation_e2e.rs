@@ -11,13 +11,15 @@ use openai_key_rotator::config::{
     Config, DrainConfig, DrainTimeout, DurationStr, SmokeProbe, SyncedSecret, Target,
 };
 use openai_key_rotator::rotation::{
-    EngineError, EngineOptions, Journal, Observer, RotationControl, RotationEvent,
-    RotationRequest, Status, Step, Trigger,
+    EngineError, EngineOptions, Journal, Observer, RotationControl, RotationEvent, RotationRequest,
+    Status, Step, Trigger,
 };
 use openai_key_rotator::sandbox::consumers::{ConsumerSpec, KeySource};
 use openai_key_rotator::sandbox::kube::{rollout_status, RolloutStatus};
 use openai_key_rotator::sandbox::openai::Faults;
-use openai_key_rotator::sandbox::scenario::{consumer_deployment, Sandbox, SandboxOptions, NAMESPACE};
+use openai_key_rotator::sandbox::scenario::{
+    consumer_deployment, Sandbox, SandboxOptions, NAMESPACE,
+};
 use openai_key_rotator::secret::Secret;
 use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -62,7 +64,12 @@ impl I1Sampler {
         let stop = CancellationToken::new();
         let (v, s) = (violations.clone(), stop.clone());
         let (addr, token) = (env.bao.addr.clone(), env.bao.token.clone());
-        let paths: Vec<String> = env.config.targets.iter().map(|t| t.vault_path.clone()).collect();
+        let paths: Vec<String> = env
+            .config
+            .targets
+            .iter()
+            .map(|t| t.vault_path.clone())
+            .collect();
         let sim = env.sb.openai.clone();
         tokio::spawn(async move {
             let http = reqwest::Client::new();
@@ -75,7 +82,9 @@ impl I1Sampler {
                         .await;
                     if let Ok(r) = r {
                         if let Ok(body) = r.json::<serde_json::Value>().await {
-                            if let Some(k) = body.pointer("/data/data/api_key").and_then(|x| x.as_str()) {
+                            if let Some(k) =
+                                body.pointer("/data/data/api_key").and_then(|x| x.as_str())
+                            {
                                 if !sim.key_is_live(k) {
                                     v.lock().unwrap().push(format!("I1: {p} serves a dead key"));
                                 }
@@ -106,15 +115,28 @@ struct I2Checker {
 
 impl Observer for I2Checker {
     fn on_event(&self, j: &Journal, event: &RotationEvent) {
-        let RotationEvent::AccountDeleted { account_id, why } = event else { return };
+        let RotationEvent::AccountDeleted { account_id, why } = event else {
+            return;
+        };
         if j.old_account.as_ref().map(|a| &a.id) != Some(account_id) || *why == "revoke_first" {
             return;
         }
         self.old_deleted.lock().unwrap().push(account_id.clone());
-        let Some(t) = self.targets.iter().find(|t| t.name == j.target) else { return };
+        let Some(t) = self.targets.iter().find(|t| t.name == j.target) else {
+            return;
+        };
         for w in &t.workloads {
-            let d = self.kube.deployment(&w.namespace, &w.name).expect("deployment");
-            let ann = d.spec.as_ref().and_then(|s| s.template.metadata.as_ref()).and_then(|m| m.annotations.as_ref()).and_then(|a| a.get("openai-key-rotator/rotation-id")).cloned();
+            let d = self
+                .kube
+                .deployment(&w.namespace, &w.name)
+                .expect("deployment");
+            let ann = d
+                .spec
+                .as_ref()
+                .and_then(|s| s.template.metadata.as_ref())
+                .and_then(|m| m.annotations.as_ref())
+                .and_then(|a| a.get("openai-key-rotator/rotation-id"))
+                .cloned();
             let mut problems = Vec::new();
             if ann.as_deref() != Some(j.rotation_id.as_str()) {
                 problems.push(format!("template carries {ann:?}"));
@@ -123,15 +145,27 @@ impl Observer for I2Checker {
                 problems.push(format!("rollout {:?}", rollout_status(&d)));
             }
             for p in self.kube.pods(&w.namespace, &format!("app={}", w.name)) {
-                let ready = p.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+                let ready = p
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
                 let terminating = p.metadata.deletion_timestamp.is_some();
-                let pod_id = p.metadata.annotations.as_ref().and_then(|a| a.get("openai-key-rotator/rotation-id")).cloned();
+                let pod_id = p
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get("openai-key-rotator/rotation-id"))
+                    .cloned();
                 if ready && !terminating && pod_id.as_deref() != Some(j.rotation_id.as_str()) {
                     problems.push(format!("ready pod {:?} runs {pod_id:?}", p.metadata.name));
                 }
             }
             if !problems.is_empty() {
-                self.violations.lock().unwrap().push(format!("I2: {account_id} deleted while {w}: {}", problems.join(", ")));
+                self.violations.lock().unwrap().push(format!(
+                    "I2: {account_id} deleted while {w}: {}",
+                    problems.join(", ")
+                ));
             }
         }
     }
@@ -163,7 +197,10 @@ async fn env_with(tweak: impl FnOnce(&mut Config)) -> Env {
     let mut opts = SandboxOptions::for_tests(dir.path());
     opts.external_vault = Some((bao.addr.clone(), Secret::new(bao.token.clone())));
     let sb = Sandbox::start(opts).await.expect("sandbox");
-    assert!(sb.wait_ready(Duration::from_secs(30)).await, "seeded rollouts");
+    assert!(
+        sb.wait_ready(Duration::from_secs(30)).await,
+        "seeded rollouts"
+    );
     let mut config = sb.config.clone();
     for t in &mut config.targets {
         t.grace_period = DurationStr(Duration::from_millis(200));
@@ -198,7 +235,10 @@ impl Env {
     }
 
     async fn rotate(&self, req: RotationRequest) -> Result<Journal, EngineError> {
-        self.services.engine.rotate(&self.target(), req, Arc::default()).await
+        self.services
+            .engine
+            .rotate(&self.target(), req, Arc::default())
+            .await
     }
 
     async fn vault_key(&self, path: &str, version: Option<u64>) -> Option<String> {
@@ -215,7 +255,9 @@ impl Env {
             .json()
             .await
             .ok()?;
-        body.pointer("/data/data/api_key")?.as_str().map(String::from)
+        body.pointer("/data/data/api_key")?
+            .as_str()
+            .map(String::from)
     }
 
     async fn vault_version(&self, path: &str) -> u64 {
@@ -228,7 +270,9 @@ impl Env {
             .json()
             .await
             .unwrap();
-        body.pointer("/data/current_version").and_then(|v| v.as_u64()).unwrap_or(0)
+        body.pointer("/data/current_version")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0)
     }
 
     /// Every key value ever published to the targets' paths (all Vault versions).
@@ -249,7 +293,10 @@ impl Env {
         let mut stack = vec![self.config.daemon.state_prefix.clone()];
         while let Some(prefix) = stack.pop() {
             let r = http
-                .request(reqwest::Method::from_bytes(b"LIST").unwrap(), format!("{}/v1/secret/metadata/{prefix}", self.bao.addr))
+                .request(
+                    reqwest::Method::from_bytes(b"LIST").unwrap(),
+                    format!("{}/v1/secret/metadata/{prefix}", self.bao.addr),
+                )
                 .header("X-Vault-Token", &self.bao.token)
                 .send()
                 .await
@@ -258,7 +305,12 @@ impl Env {
                 continue;
             }
             let body: serde_json::Value = r.json().await.unwrap();
-            for k in body.pointer("/data/keys").and_then(|k| k.as_array()).cloned().unwrap_or_default() {
+            for k in body
+                .pointer("/data/keys")
+                .and_then(|k| k.as_array())
+                .cloned()
+                .unwrap_or_default()
+            {
                 let k = k.as_str().unwrap();
                 let path = format!("{prefix}/{}", k.trim_end_matches('/'));
                 if k.ends_with('/') {
@@ -267,7 +319,10 @@ impl Env {
                 }
                 for v in 1..=self.vault_version(&path).await {
                     let doc = http
-                        .get(format!("{}/v1/secret/data/{path}?version={v}", self.bao.addr))
+                        .get(format!(
+                            "{}/v1/secret/data/{path}?version={v}",
+                            self.bao.addr
+                        ))
                         .header("X-Vault-Token", &self.bao.token)
                         .send()
                         .await
@@ -290,9 +345,16 @@ impl Env {
         let journal = self.journal_text().await;
         assert!(journal.contains("rotation_id"), "the journal was written");
         for a in self.sb.openai.service_accounts(&self.sb.project_id) {
-            let current = self.services.engine.journal(&self.target().name).await.unwrap();
-            let referenced = journal.contains(&a.id) || a.name.ends_with("-initial")
-                || current.is_some_and(|(_, j)| j.pending_deletions.iter().any(|p| p.account.id == a.id));
+            let current = self
+                .services
+                .engine
+                .journal(&self.target().name)
+                .await
+                .unwrap();
+            let referenced = journal.contains(&a.id)
+                || a.name.ends_with("-initial")
+                || current
+                    .is_some_and(|(_, j)| j.pending_deletions.iter().any(|p| p.account.id == a.id));
             assert!(referenced, "orphaned account {} ({})", a.id, a.name);
         }
         // I4.
@@ -304,14 +366,26 @@ impl Env {
         let metrics = self.services.metrics.render();
         for k in &keys {
             assert!(!logs.contains(k.as_str()), "a key value is in the logs");
-            assert!(!audit_text.contains(k.as_str()), "a key value is in the audit trail");
-            assert!(!metrics.contains(k.as_str()), "a key value is in the metrics");
-            assert!(!journal.contains(k.as_str()), "a key value is in the journal");
+            assert!(
+                !audit_text.contains(k.as_str()),
+                "a key value is in the audit trail"
+            );
+            assert!(
+                !metrics.contains(k.as_str()),
+                "a key value is in the metrics"
+            );
+            assert!(
+                !journal.contains(k.as_str()),
+                "a key value is in the journal"
+            );
             for e in errors {
                 assert!(!e.contains(k.as_str()), "a key value is in an error: {e}");
             }
         }
-        assert!(matches!(audit::verify(&self.dir.path().join("audit.jsonl")).unwrap(), VerifyOutcome::Ok { .. }));
+        assert!(matches!(
+            audit::verify(&self.dir.path().join("audit.jsonl")).unwrap(),
+            VerifyOutcome::Ok { .. }
+        ));
     }
 }
 
@@ -320,7 +394,12 @@ fn req() -> RotationRequest {
 }
 
 fn step_outcome(j: &Journal, step: Step) -> String {
-    j.steps.iter().rev().find(|s| s.step == step).and_then(|s| s.outcome.clone()).unwrap_or_default()
+    j.steps
+        .iter()
+        .rev()
+        .find(|s| s.step == step)
+        .and_then(|s| s.outcome.clone())
+        .unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -347,12 +426,22 @@ async fn a_full_rotation_keeps_every_invariant() {
     // Consumers never saw a failure, and the new pods use the new key.
     let stats = env.sb.consumers.total();
     assert_eq!(stats.failed, 0, "{stats:?}");
-    assert!(env.sb.openai.requests_served(j.new_account.as_ref().unwrap().key_id.as_str()) > 0);
+    assert!(
+        env.sb
+            .openai
+            .requests_served(j.new_account.as_ref().unwrap().key_id.as_str())
+            > 0
+    );
     // Kubernetes Events on both workloads.
     let events = env.sb.kube.events(NAMESPACE);
     for w in &t.workloads {
         for reason in ["RotationStarted", "RotationCompleted"] {
-            assert!(events.iter().any(|e| e.reason.as_deref() == Some(reason) && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(w.name.as_str())), "{reason} on {w}");
+            assert!(
+                events.iter().any(|e| e.reason.as_deref() == Some(reason)
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref())
+                        == Some(w.name.as_str())),
+                "{reason} on {w}"
+            );
         }
     }
     env.assert_invariants(&[]).await;
@@ -360,15 +449,22 @@ async fn a_full_rotation_keeps_every_invariant() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollout_that_never_becomes_ready_rolls_back() {
-    let env = env_with(|c| c.targets[0].rollout_timeout = DurationStr(Duration::from_secs(3))).await;
+    let env =
+        env_with(|c| c.targets[0].rollout_timeout = DurationStr(Duration::from_secs(3))).await;
     let t = env.target();
     let seeded = env.vault_key(&t.vault_path, None).await.unwrap();
-    env.sb.kube.set_never_ready(NAMESPACE, &t.workloads[1].name, true);
+    env.sb
+        .kube
+        .set_never_ready(NAMESPACE, &t.workloads[1].name, true);
     let i1 = I1Sampler::start(&env);
     let j = env.rotate(req()).await.unwrap();
     assert_eq!(j.status, Status::RolledBack, "{j:#?}");
     assert_eq!(i1.finish(), Vec::<String>::new());
-    assert!(j.error.as_deref().unwrap().contains(&t.workloads[1].name), "{:?}", j.error);
+    assert!(
+        j.error.as_deref().unwrap().contains(&t.workloads[1].name),
+        "{:?}",
+        j.error
+    );
     // The old key is current again and live; the new account is gone.
     assert_eq!(env.vault_key(&t.vault_path, None).await.unwrap(), seeded);
     assert!(env.sb.openai.key_is_live(&seeded));
@@ -381,11 +477,22 @@ async fn a_rollout_that_never_becomes_ready_rolls_back() {
         .kube
         .replica_sets(NAMESPACE, &format!("app={}", t.workloads[1].name))
         .into_iter()
-        .filter(|rs| rs.spec.as_ref().and_then(|s| s.template.as_ref()).and_then(|t| t.metadata.as_ref()).and_then(|m| m.annotations.as_ref()).and_then(|a| a.get("openai-key-rotator/rotation-id")) == Some(&j.rotation_id))
+        .filter(|rs| {
+            rs.spec
+                .as_ref()
+                .and_then(|s| s.template.as_ref())
+                .and_then(|t| t.metadata.as_ref())
+                .and_then(|m| m.annotations.as_ref())
+                .and_then(|a| a.get("openai-key-rotator/rotation-id"))
+                == Some(&j.rotation_id)
+        })
         .filter_map(|rs| rs.metadata.name)
         .collect();
     for (pod, n) in &stats.failures_by_pod {
-        assert!(bad_rs.iter().any(|rs| pod.starts_with(rs.as_str())), "ready pod {pod} failed {n} calls: {stats:?}");
+        assert!(
+            bad_rs.iter().any(|rs| pod.starts_with(rs.as_str())),
+            "ready pod {pod} failed {n} calls: {stats:?}"
+        );
     }
     env.assert_invariants(&[j.error.clone().unwrap()]).await;
 }
@@ -393,7 +500,9 @@ async fn a_rollout_that_never_becomes_ready_rolls_back() {
 async fn probe_server(status: u16) -> String {
     let app = axum::Router::new().route(
         "/healthz",
-        axum::routing::get(move || async move { axum::http::StatusCode::from_u16(status).unwrap() }),
+        axum::routing::get(
+            move || async move { axum::http::StatusCode::from_u16(status).unwrap() },
+        ),
     );
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/healthz", l.local_addr().unwrap());
@@ -419,19 +528,36 @@ async fn a_failing_smoke_probe_rolls_back() {
     let i1 = I1Sampler::start(&env);
     let j = env.rotate(req()).await.unwrap();
     assert_eq!(j.status, Status::RolledBack, "{j:#?}");
-    assert!(j.error.as_deref().unwrap().contains("HTTP 503"), "{:?}", j.error);
+    assert!(
+        j.error.as_deref().unwrap().contains("HTTP 503"),
+        "{:?}",
+        j.error
+    );
     assert_eq!(i1.finish(), Vec::<String>::new());
-    assert_eq!(env.vault_key(&env.target().vault_path, None).await.unwrap(), seeded);
+    assert_eq!(
+        env.vault_key(&env.target().vault_path, None).await.unwrap(),
+        seeded
+    );
     assert!(env.sb.openai.key_is_live(&seeded));
     // Every pod that took the new key was rolled back before its account died.
-    assert_eq!(env.sb.consumers.total().failed, 0, "{:?}", env.sb.consumers.total());
+    assert_eq!(
+        env.sb.consumers.total().failed,
+        0,
+        "{:?}",
+        env.sb.consumers.total()
+    );
     env.assert_invariants(&[j.error.clone().unwrap()]).await;
 
     // Control: the same rotation with a passing probe completes.
     let ok = probe_server(200).await;
     let mut t = env.target();
     t.smoke_probes[0].url = ok;
-    let j = env.services.engine.rotate(&t, req(), Arc::default()).await.unwrap();
+    let j = env
+        .services
+        .engine
+        .rotate(&t, req(), Arc::default())
+        .await
+        .unwrap();
     assert_eq!(j.status, Status::Completed, "{j:#?}");
 }
 
@@ -449,13 +575,24 @@ async fn a_lagging_synced_secret_is_waited_for() {
                 namespace: Some(NAMESPACE.into()),
                 ..Default::default()
             },
-            data: Some([("api_key".to_string(), k8s_openapi::ByteString(value.as_bytes().to_vec()))].into()),
+            data: Some(
+                [(
+                    "api_key".to_string(),
+                    k8s_openapi::ByteString(value.as_bytes().to_vec()),
+                )]
+                .into(),
+            ),
             ..Default::default()
         };
         env.sb.kube.put_secret(s).unwrap();
     };
     put(&env.vault_key(&t.vault_path, None).await.unwrap());
-    let (addr, token, path, kube) = (env.bao.addr.clone(), env.bao.token.clone(), t.vault_path.clone(), env.sb.kube.clone());
+    let (addr, token, path, kube) = (
+        env.bao.addr.clone(),
+        env.bao.token.clone(),
+        t.vault_path.clone(),
+        env.sb.kube.clone(),
+    );
     let stop = CancellationToken::new();
     let s2 = stop.clone();
     let synced_at = Arc::new(Mutex::new(None::<chrono::DateTime<chrono::Utc>>));
@@ -464,8 +601,20 @@ async fn a_lagging_synced_secret_is_waited_for() {
         let http = reqwest::Client::new();
         let mut seen: Option<String> = None;
         while !s2.is_cancelled() {
-            let body: serde_json::Value = http.get(format!("{addr}/v1/secret/data/{path}")).header("X-Vault-Token", &token).send().await.unwrap().json().await.unwrap();
-            let k = body.pointer("/data/data/api_key").and_then(|x| x.as_str()).unwrap().to_string();
+            let body: serde_json::Value = http
+                .get(format!("{addr}/v1/secret/data/{path}"))
+                .header("X-Vault-Token", &token)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let k = body
+                .pointer("/data/data/api_key")
+                .and_then(|x| x.as_str())
+                .unwrap()
+                .to_string();
             if seen.as_ref().is_some_and(|s| *s != k) {
                 tokio::time::sleep(Duration::from_millis(1500)).await;
                 let s = k8s_openapi::api::core::v1::Secret {
@@ -474,7 +623,13 @@ async fn a_lagging_synced_secret_is_waited_for() {
                         namespace: Some(NAMESPACE.into()),
                         ..Default::default()
                     },
-                    data: Some([("api_key".to_string(), k8s_openapi::ByteString(k.as_bytes().to_vec()))].into()),
+                    data: Some(
+                        [(
+                            "api_key".to_string(),
+                            k8s_openapi::ByteString(k.as_bytes().to_vec()),
+                        )]
+                        .into(),
+                    ),
                     ..Default::default()
                 };
                 kube.put_secret(s).unwrap();
@@ -498,9 +653,18 @@ async fn a_lagging_synced_secret_is_waited_for() {
             interval: Duration::from_millis(50),
         },
     );
-    env.sb.kube.create_deployment(consumer_deployment(deploy, 2, &t.vault_path)).unwrap();
-    assert!(env.sb.kube.wait_rollout_complete(NAMESPACE, deploy, Duration::from_secs(20)).await);
-    t.workloads.push(format!("{NAMESPACE}/Deployment/{deploy}").parse().unwrap());
+    env.sb
+        .kube
+        .create_deployment(consumer_deployment(deploy, 2, &t.vault_path))
+        .unwrap();
+    assert!(
+        env.sb
+            .kube
+            .wait_rollout_complete(NAMESPACE, deploy, Duration::from_secs(20))
+            .await
+    );
+    t.workloads
+        .push(format!("{NAMESPACE}/Deployment/{deploy}").parse().unwrap());
     t.synced_secret = Some(SyncedSecret {
         namespace: NAMESPACE.into(),
         name: secret_name.into(),
@@ -508,17 +672,32 @@ async fn a_lagging_synced_secret_is_waited_for() {
         force_sync_annotation: Some("force-sync".into()),
         timeout: DurationStr(Duration::from_secs(20)),
     });
-    let j = env.services.engine.rotate(&t, req(), Arc::default()).await.unwrap();
+    let j = env
+        .services
+        .engine
+        .rotate(&t, req(), Arc::default())
+        .await
+        .unwrap();
     stop.cancel();
     assert_eq!(j.status, Status::Completed, "{j:#?}");
     let sync = j.steps.iter().find(|s| s.step == Step::Sync).unwrap();
     let roll = j.steps.iter().find(|s| s.step == Step::Roll).unwrap();
     let waited = sync.finished_at.unwrap() - sync.started_at;
-    assert!(waited >= chrono::Duration::milliseconds(1300), "sync waited {waited}");
-    assert!(roll.started_at >= synced_at.lock().unwrap().expect("synced"), "rolled only after the Secret held the new key");
+    assert!(
+        waited >= chrono::Duration::milliseconds(1300),
+        "sync waited {waited}"
+    );
+    assert!(
+        roll.started_at >= synced_at.lock().unwrap().expect("synced"),
+        "rolled only after the Secret held the new key"
+    );
     // The nudge annotation was set on the Secret.
     let s = env.sb.kube.secret(NAMESPACE, secret_name).unwrap();
-    assert!(s.metadata.annotations.unwrap_or_default().contains_key("force-sync"));
+    assert!(s
+        .metadata
+        .annotations
+        .unwrap_or_default()
+        .contains_key("force-sync"));
     let stats = env.sb.consumers.stats(NAMESPACE, deploy);
     assert_eq!(stats.failed, 0, "{stats:?}");
     assert_eq!(env.sb.consumers.total().failed, 0);
@@ -537,17 +716,32 @@ async fn drain_waits_while_the_old_key_still_has_traffic() {
     let t = env.target();
     let old_key = env.vault_key(&t.vault_path, None).await.unwrap();
     // A straggler (a cron job, a laptop) keeps using the old key for 3 s after publish.
-    let (url, stop) = (format!("{}/chat/completions", env.sb.openai_url), CancellationToken::new());
+    let (url, stop) = (
+        format!("{}/chat/completions", env.sb.openai_url),
+        CancellationToken::new(),
+    );
     let s2 = stop.clone();
     let last_use = Arc::new(Mutex::new(Instant::now()));
     let lu = last_use.clone();
-    let (addr, token, path) = (env.bao.addr.clone(), env.bao.token.clone(), t.vault_path.clone());
+    let (addr, token, path) = (
+        env.bao.addr.clone(),
+        env.bao.token.clone(),
+        t.vault_path.clone(),
+    );
     let old2 = old_key.clone();
     tokio::spawn(async move {
         let http = reqwest::Client::new();
         // Wait for the publish, then 3 s of traffic.
         loop {
-            let body: serde_json::Value = http.get(format!("{addr}/v1/secret/data/{path}")).header("X-Vault-Token", &token).send().await.unwrap().json().await.unwrap();
+            let body: serde_json::Value = http
+                .get(format!("{addr}/v1/secret/data/{path}"))
+                .header("X-Vault-Token", &token)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
             if body.pointer("/data/data/api_key").and_then(|x| x.as_str()) != Some(old2.as_str()) {
                 break;
             }
@@ -556,7 +750,11 @@ async fn drain_waits_while_the_old_key_still_has_traffic() {
         let end = Instant::now() + Duration::from_secs(3);
         while Instant::now() < end && !s2.is_cancelled() {
             let r = http.post(&url).bearer_auth(&old2).json(&serde_json::json!({"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]})).send().await.unwrap();
-            assert!(r.status().is_success(), "the old key must live while it is used: {}", r.status());
+            assert!(
+                r.status().is_success(),
+                "the old key must live while it is used: {}",
+                r.status()
+            );
             *lu.lock().unwrap() = Instant::now();
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -564,10 +762,17 @@ async fn drain_waits_while_the_old_key_still_has_traffic() {
     let j = env.rotate(req()).await.unwrap();
     stop.cancel();
     assert_eq!(j.status, Status::Completed, "{j:#?}");
-    assert!(step_outcome(&j, Step::Drain).contains("quiet"), "{}", step_outcome(&j, Step::Drain));
+    assert!(
+        step_outcome(&j, Step::Drain).contains("quiet"),
+        "{}",
+        step_outcome(&j, Step::Drain)
+    );
     let drain = j.steps.iter().find(|s| s.step == Step::Drain).unwrap();
     let waited = drain.finished_at.unwrap() - drain.started_at;
-    assert!(waited >= chrono::Duration::seconds(3), "drain waited only {waited}");
+    assert!(
+        waited >= chrono::Duration::seconds(3),
+        "drain waited only {waited}"
+    );
     assert!(last_use.lock().unwrap().elapsed() >= Duration::from_millis(1500));
     assert!(!env.sb.openai.key_is_live(&old_key));
     env.assert_invariants(&[]).await;
@@ -579,8 +784,14 @@ async fn a_vault_cas_conflict_fails_cleanly_and_loses_nothing() {
     let t = env.target();
     let seeded = env.vault_key(&t.vault_path, None).await.unwrap();
     // Slow the create down and write to Vault meanwhile, as another writer would.
-    env.sb.openai.set_faults(Faults::latency(Duration::from_millis(800)).only("service_accounts.create"));
-    let (addr, token, path) = (env.bao.addr.clone(), env.bao.token.clone(), t.vault_path.clone());
+    env.sb
+        .openai
+        .set_faults(Faults::latency(Duration::from_millis(800)).only("service_accounts.create"));
+    let (addr, token, path) = (
+        env.bao.addr.clone(),
+        env.bao.token.clone(),
+        t.vault_path.clone(),
+    );
     let writer = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let r = reqwest::Client::new()
@@ -599,13 +810,18 @@ async fn a_vault_cas_conflict_fails_cleanly_and_loses_nothing() {
     let e = j.error.clone().unwrap();
     assert!(e.contains("check-and-set"), "{e}");
     // The other writer's value stands, our new account is gone, the seeded one lives.
-    assert_eq!(env.vault_key(&t.vault_path, None).await.unwrap(), "written-by-someone-else");
+    assert_eq!(
+        env.vault_key(&t.vault_path, None).await.unwrap(),
+        "written-by-someone-else"
+    );
     let accounts = env.sb.openai.service_accounts(&env.sb.project_id);
     assert_eq!(accounts.len(), 1, "{accounts:?}");
     assert!(env.sb.openai.key_is_live(&seeded));
     assert!(!e.contains(&seeded));
     // The target is free again (no stuck journal).
-    assert!(matches!(env.services.engine.journal(&t.name).await.unwrap(), Some((_, j)) if j.status.is_terminal()));
+    assert!(
+        matches!(env.services.engine.journal(&t.name).await.unwrap(), Some((_, j)) if j.status.is_terminal())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -623,14 +839,19 @@ async fn a_429_storm_slows_the_rotation_but_it_succeeds() {
         .unwrap_or(0.0);
     assert!(retries >= 1.0, "the storm was felt: {retries}");
     assert!(metrics.contains("status_class=\"429\""), "429s counted");
-    assert_eq!(env.sb.openai.service_accounts(&env.sb.project_id).len(), 1, "no duplicate account from retries");
+    assert_eq!(
+        env.sb.openai.service_accounts(&env.sb.project_id).len(),
+        1,
+        "no duplicate account from retries"
+    );
     assert_eq!(env.sb.consumers.total().failed, 0);
     env.assert_invariants(&[]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_rotations_without_one_failed_call_and_the_negative_control() {
-    let env = env_with(|c| c.targets[0].grace_period = DurationStr(Duration::from_millis(100))).await;
+    let env =
+        env_with(|c| c.targets[0].grace_period = DurationStr(Duration::from_millis(100))).await;
     let i1 = I1Sampler::start(&env);
     for n in 0..20 {
         let j = env.rotate(req()).await.unwrap();
@@ -638,7 +859,10 @@ async fn twenty_rotations_without_one_failed_call_and_the_negative_control() {
     }
     assert_eq!(i1.finish(), Vec::<String>::new());
     let stats = env.sb.consumers.total();
-    assert_eq!(stats.failed, 0, "zero downtime over 20 rotations: {stats:?}");
+    assert_eq!(
+        stats.failed, 0,
+        "zero downtime over 20 rotations: {stats:?}"
+    );
     assert!(stats.ok > 500, "consumers were busy: {stats:?}");
     assert_eq!(env.sb.openai.service_accounts(&env.sb.project_id).len(), 1);
     env.assert_invariants(&[]).await;
@@ -648,9 +872,17 @@ async fn twenty_rotations_without_one_failed_call_and_the_negative_control() {
     let mut r = req();
     r.emergency = true;
     r.revoke_first = true;
-    let j = env.services.engine.rotate(&env.target(), r, Arc::new(RotationControl::default())).await.unwrap();
+    let j = env
+        .services
+        .engine
+        .rotate(&env.target(), r, Arc::new(RotationControl::default()))
+        .await
+        .unwrap();
     assert_eq!(j.status, Status::Completed);
     let stats = env.sb.consumers.total();
-    assert!(stats.failed > 0, "retire-before-roll must fail calls: {stats:?}");
+    assert!(
+        stats.failed > 0,
+        "retire-before-roll must fail calls: {stats:?}"
+    );
     assert!(stats.last_failure.unwrap().contains("401"));
 }

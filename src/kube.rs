@@ -1,0 +1,1192 @@
+//! The daemon's Kubernetes client: rolls workloads by annotating their pod template, judges
+//! rollouts by kubectl's `rollout status` rule plus "every ready pod carries the rotation
+//! id", reads synced Secrets by hash only, and records Events on the rolled workloads.
+//!
+//! Every request runs under a per-attempt timeout and the shared bounded retry
+//! ([`crate::retry`]) on 409/429/5xx/transport failures, and each attempt is reported to the
+//! [`CallObserver`]. kube's own retry layer is switched off so the observer sees every
+//! attempt and there is one retry bound, not two stacked ones.
+
+use crate::config::{KubernetesConfig, WorkloadKind, WorkloadRef};
+use crate::retry::{Attempt, RetryPolicy};
+use crate::rotation::ports::{
+    Backend, BackendError, CallObserver, EventType, RolloutState, StatusClass, WorkloadRoller,
+};
+use async_trait::async_trait;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{ObjectReference, Pod, Secret as K8sSecret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::NamespaceResourceScope;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::core::Selector;
+use kube::runtime::events::{self, Recorder, Reporter};
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+use std::fmt::Debug;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The pod-template annotation a roll sets; its value is the rotation (rollout) id.
+pub const ROTATION_ANNOTATION: &str = "openai-key-rotator/rotation-id";
+
+/// Name under which writes (managedFields) and Events are attributed to us.
+const MANAGER: &str = "openai-key-rotator";
+/// Default bound on one request (connect, send, answer).
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The Events API rejects notes over 1 kB.
+const MAX_NOTE_BYTES: usize = 1024;
+const K8S: Backend = Backend::Kubernetes;
+
+/// Setting up the client (talking to the API server maps to [`BackendError`]).
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error("cannot load kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: PathBuf,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error("cannot load the default kubeconfig with context {context:?}: {source}")]
+    Context {
+        context: String,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error("no Kubernetes configuration found (kubeconfig or in-cluster): {0}")]
+    Infer(#[source] kube::config::InferConfigError),
+    #[error("cannot build the Kubernetes client: {0}")]
+    Client(#[source] kube::Error),
+}
+
+/// [`WorkloadRoller`] over kube-rs.
+#[derive(Clone)]
+pub struct KubeRoller {
+    client: kube::Client,
+    calls: Arc<dyn CallObserver>,
+    /// One recorder for the roller's life, so repeats of an Event become a series.
+    recorder: Recorder,
+    retry: RetryPolicy,
+    timeout: Duration,
+}
+
+impl KubeRoller {
+    /// From a kubeconfig path (+ context) or, when unset, `kube::Config::infer()`
+    /// (`KUBECONFIG` / `~/.kube/config`, else in-cluster).
+    pub async fn connect(
+        cfg: &KubernetesConfig,
+        calls: Arc<dyn CallObserver>,
+    ) -> Result<Self, KubeError> {
+        let options = KubeConfigOptions {
+            context: cfg.context.clone(),
+            ..Default::default()
+        };
+        let config = match (&cfg.kubeconfig, &cfg.context) {
+            (Some(path), _) => {
+                let kc = Kubeconfig::read_from(path).map_err(|source| KubeError::Kubeconfig {
+                    path: path.clone(),
+                    source,
+                })?;
+                kube::Config::from_custom_kubeconfig(kc, &options)
+                    .await
+                    .map_err(|source| KubeError::Kubeconfig {
+                        path: path.clone(),
+                        source,
+                    })?
+            }
+            (None, Some(context)) => {
+                kube::Config::from_kubeconfig(&options)
+                    .await
+                    .map_err(|source| KubeError::Context {
+                        context: context.clone(),
+                        source,
+                    })?
+            }
+            (None, None) => kube::Config::infer().await.map_err(KubeError::Infer)?,
+        };
+        Self::from_config(config, calls)
+    }
+
+    /// From a ready `kube::Config` (kube's retry layer is turned off: ours is used).
+    /// Must run inside a Tokio runtime.
+    pub fn from_config(
+        mut config: kube::Config,
+        calls: Arc<dyn CallObserver>,
+    ) -> Result<Self, KubeError> {
+        config.default_retry = false;
+        config.connect_timeout = Some(config.connect_timeout.unwrap_or(CONNECT_TIMEOUT));
+        // No client-wide read timeout: `client()` is shared with watches and long polls;
+        // each of our calls gets its own bound instead.
+        let client = kube::Client::try_from(config).map_err(KubeError::Client)?;
+        let reporter = match std::env::var("POD_NAME") {
+            Ok(pod) if !pod.is_empty() => Reporter {
+                controller: MANAGER.into(),
+                instance: Some(pod),
+            },
+            _ => Reporter::from(MANAGER), // hostname as the instance
+        };
+        Ok(KubeRoller {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            calls,
+            retry: RetryPolicy::default(),
+            timeout: DEFAULT_TIMEOUT,
+        })
+    }
+
+    /// Replace the retry policy (tests use short backoffs).
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Replace the per-attempt timeout.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    pub fn client(&self) -> kube::Client {
+        self.client.clone()
+    }
+
+    /// For /readyz: the API server answers (`/version`).
+    pub async fn ping(&self) -> Result<(), BackendError> {
+        self.call("version.get", "the API server version", false, || {
+            self.client.apiserver_version()
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// One logical call: per-attempt timeout, bounded retry, every attempt reported.
+    /// `absent_ok`: a 404 is an expected answer (reported as success, not retried).
+    async fn call<T, F, Fut>(
+        &self,
+        op: &'static str,
+        what: &str,
+        absent_ok: bool,
+        f: F,
+    ) -> Result<T, BackendError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, kube::Error>>,
+    {
+        let f = &f;
+        let this = self;
+        self.retry
+            .run(
+                move |_| async move {
+                    let start = Instant::now();
+                    let res = tokio::time::timeout(this.timeout, f()).await;
+                    let elapsed = start.elapsed();
+                    let failure = match res {
+                        Ok(Ok(v)) => {
+                            this.calls.call(K8S, op, StatusClass::Success, elapsed);
+                            return Attempt::Done(Ok(v));
+                        }
+                        Ok(Err(e)) => classify(&e, op, what),
+                        Err(_) => Failure {
+                            error: BackendError::Failed {
+                                backend: K8S,
+                                message: format!(
+                                    "{op} {what}: no answer within {:?}",
+                                    this.timeout
+                                ),
+                                transient: true,
+                            },
+                            class: StatusClass::Transport,
+                            retry: true,
+                            after: None,
+                        },
+                    };
+                    let class = match failure.error {
+                        BackendError::NotFound { .. } if absent_ok => StatusClass::Success,
+                        _ => failure.class,
+                    };
+                    this.calls.call(K8S, op, class, elapsed);
+                    if failure.retry {
+                        Attempt::Retry(failure.error, failure.after)
+                    } else {
+                        Attempt::Done(Err(failure.error))
+                    }
+                },
+                |e, n| {
+                    this.calls.retry(K8S, op);
+                    tracing::debug!(operation = op, retry = n + 1, error = %e, "retrying a Kubernetes call");
+                },
+            )
+            .await
+    }
+
+    async fn get<K>(
+        &self,
+        op: &'static str,
+        ns: &str,
+        name: &str,
+        what: &str,
+    ) -> Result<K, BackendError>
+    where
+        K: kube::Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + DeserializeOwned
+            + Debug,
+    {
+        let api: Api<K> = Api::namespaced(self.client.clone(), ns);
+        self.call(op, what, false, || api.get(name)).await
+    }
+
+    async fn patch<K>(
+        &self,
+        op: &'static str,
+        ns: &str,
+        name: &str,
+        what: &str,
+        patch: &Patch<serde_json::Value>,
+    ) -> Result<(), BackendError>
+    where
+        K: kube::Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + DeserializeOwned
+            + Debug,
+    {
+        let api: Api<K> = Api::namespaced(self.client.clone(), ns);
+        let params = PatchParams {
+            field_manager: Some(MANAGER.into()),
+            ..Default::default()
+        };
+        self.call(op, what, false, || api.patch(name, &params, patch))
+            .await
+            .map(|_| ())
+    }
+
+    async fn workload(&self, w: &WorkloadRef) -> Result<Workload, BackendError> {
+        let what = describe(w);
+        let (ns, name) = (w.namespace.as_str(), w.name.as_str());
+        Ok(match w.kind {
+            WorkloadKind::Deployment => {
+                Workload::Deployment(self.get("workload.get", ns, name, &what).await?)
+            }
+            WorkloadKind::StatefulSet => {
+                Workload::StatefulSet(self.get("workload.get", ns, name, &what).await?)
+            }
+            WorkloadKind::DaemonSet => {
+                Workload::DaemonSet(self.get("workload.get", ns, name, &what).await?)
+            }
+        })
+    }
+
+    /// Pods the workload's selector picks that are Ready and not terminating (terminating
+    /// pods are out of the Service endpoints and on their way out, as kubectl counts them).
+    async fn ready_pods(&self, w: &WorkloadRef, wl: &Workload) -> Result<Vec<Pod>, BackendError> {
+        let selector = wl.selector().ok_or_else(|| invalid(w, "has no selector"))?;
+        let selector = Selector::try_from(selector.clone())
+            .map_err(|e| invalid(w, &format!("has an unusable selector: {e}")))?;
+        if selector.selects_all() {
+            return Err(invalid(w, "has an empty selector"));
+        }
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &w.namespace);
+        let params = ListParams::default().labels_from(&selector);
+        let what = format!("pods of {}", describe(w));
+        let pods = self
+            .call("pods.list", &what, false, || api.list(&params))
+            .await?;
+        Ok(pods.items.into_iter().filter(pod_is_ready).collect())
+    }
+}
+
+#[async_trait]
+impl WorkloadRoller for KubeRoller {
+    async fn roll(&self, w: &WorkloadRef, rollout_id: &str) -> Result<(), BackendError> {
+        let current = self.workload(w).await?;
+        if current.rotation_id() == Some(rollout_id) {
+            tracing::debug!(workload = %w, rollout_id, "already rolled to this id");
+            return Ok(());
+        }
+        // What `kubectl rollout restart` does, with our annotation: a strategic merge patch
+        // of the pod template (no resourceVersion: it touches only our key).
+        let patch = Patch::Strategic(serde_json::json!({
+            "spec": {"template": {"metadata": {"annotations": {ROTATION_ANNOTATION: rollout_id}}}}
+        }));
+        let what = describe(w);
+        let (ns, name) = (w.namespace.as_str(), w.name.as_str());
+        match w.kind {
+            WorkloadKind::Deployment => {
+                self.patch::<Deployment>("workload.patch", ns, name, &what, &patch)
+                    .await
+            }
+            WorkloadKind::StatefulSet => {
+                self.patch::<StatefulSet>("workload.patch", ns, name, &what, &patch)
+                    .await
+            }
+            WorkloadKind::DaemonSet => {
+                self.patch::<DaemonSet>("workload.patch", ns, name, &what, &patch)
+                    .await
+            }
+        }?;
+        tracing::info!(workload = %w, rollout_id, "rolled");
+        Ok(())
+    }
+
+    async fn rollout_state(
+        &self,
+        w: &WorkloadRef,
+        rollout_id: &str,
+    ) -> Result<RolloutState, BackendError> {
+        let wl = self.workload(w).await?;
+        match wl.rotation_id() {
+            Some(id) if id == rollout_id => {}
+            Some(other) => {
+                return Ok(RolloutState::Failed(format!(
+                    "{} was rolled again: its pod template now carries rotation id {other:?}, not {rollout_id:?}",
+                    describe(w)
+                )))
+            }
+            None => {
+                return Ok(RolloutState::Failed(format!(
+                    "{}'s pod template carries no {ROTATION_ANNOTATION} annotation (expected {rollout_id:?}): it was rolled back or replaced",
+                    describe(w)
+                )))
+            }
+        }
+        let state = wl.kubectl_state();
+        if state != RolloutState::Complete {
+            return Ok(state);
+        }
+        let stale = self
+            .ready_pods(w, &wl)
+            .await?
+            .iter()
+            .filter(|p| pod_rotation_id(p) != Some(rollout_id))
+            .count();
+        if stale == 0 {
+            return Ok(RolloutState::Complete);
+        }
+        if let Some(partition) = wl.partition().filter(|p| *p > 0) {
+            return Ok(RolloutState::Failed(format!(
+                "{stale} ready pods still run an older template: rollingUpdate.partition={partition} keeps pods with a lower ordinal on it, so they would keep the old key"
+            )));
+        }
+        Ok(RolloutState::Progressing(format!(
+            "{stale} ready pods still run an older template"
+        )))
+    }
+
+    async fn ready_pods_with(
+        &self,
+        w: &WorkloadRef,
+        rollout_id: &str,
+    ) -> Result<u32, BackendError> {
+        let wl = self.workload(w).await?;
+        let n = self
+            .ready_pods(w, &wl)
+            .await?
+            .iter()
+            .filter(|p| pod_rotation_id(p) == Some(rollout_id))
+            .count();
+        Ok(u32::try_from(n).unwrap_or(u32::MAX))
+    }
+
+    async fn secret_sha256(
+        &self,
+        namespace: &str,
+        name: &str,
+        key: &str,
+    ) -> Result<Option<String>, BackendError> {
+        let api: Api<K8sSecret> = Api::namespaced(self.client.clone(), namespace);
+        let what = format!("Secret {namespace}/{name}");
+        let secret = match self.call("secret.get", &what, true, || api.get(name)).await {
+            Ok(s) => s,
+            Err(BackendError::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        // Hash the bytes in place; they are never formatted or kept.
+        Ok(secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .map(|v| hex::encode(Sha256::digest(&v.0))))
+    }
+
+    async fn nudge_secret(
+        &self,
+        namespace: &str,
+        name: &str,
+        annotation: &str,
+        value: &str,
+    ) -> Result<(), BackendError> {
+        let patch = Patch::Merge(serde_json::json!({
+            "metadata": {"annotations": {annotation: value}}
+        }));
+        let what = format!("Secret {namespace}/{name}");
+        self.patch::<K8sSecret>("secret.patch", namespace, name, &what, &patch)
+            .await
+    }
+
+    async fn event(
+        &self,
+        w: &WorkloadRef,
+        type_: EventType,
+        reason: &str,
+        note: &str,
+    ) -> Result<(), BackendError> {
+        let wl = self.workload(w).await?;
+        let meta = wl.meta();
+        let reference = ObjectReference {
+            api_version: Some("apps/v1".into()),
+            kind: Some(w.kind.as_str().into()),
+            namespace: Some(w.namespace.clone()),
+            name: Some(w.name.clone()),
+            uid: meta.uid.clone(),
+            resource_version: meta.resource_version.clone(),
+            ..Default::default()
+        };
+        let ev = events::Event {
+            type_: match type_ {
+                EventType::Normal => events::EventType::Normal,
+                EventType::Warning => events::EventType::Warning,
+            },
+            reason: reason.into(),
+            note: Some(truncate(note, MAX_NOTE_BYTES).into()),
+            action: "RotateKey".into(),
+            secondary: None,
+        };
+        let what = format!("Event on {}", describe(w));
+        self.call("event.create", &what, false, || {
+            self.recorder.publish(&ev, &reference)
+        })
+        .await
+    }
+}
+
+/// A fetched workload of any supported kind.
+enum Workload {
+    Deployment(Deployment),
+    StatefulSet(StatefulSet),
+    DaemonSet(DaemonSet),
+}
+
+impl Workload {
+    fn meta(&self) -> &ObjectMeta {
+        match self {
+            Workload::Deployment(d) => &d.metadata,
+            Workload::StatefulSet(s) => &s.metadata,
+            Workload::DaemonSet(d) => &d.metadata,
+        }
+    }
+
+    fn template_meta(&self) -> Option<&ObjectMeta> {
+        match self {
+            Workload::Deployment(d) => d.spec.as_ref()?.template.metadata.as_ref(),
+            Workload::StatefulSet(s) => s.spec.as_ref()?.template.metadata.as_ref(),
+            Workload::DaemonSet(d) => d.spec.as_ref()?.template.metadata.as_ref(),
+        }
+    }
+
+    fn selector(&self) -> Option<&LabelSelector> {
+        match self {
+            Workload::Deployment(d) => d.spec.as_ref().map(|s| &s.selector),
+            Workload::StatefulSet(s) => s.spec.as_ref().map(|s| &s.selector),
+            Workload::DaemonSet(d) => d.spec.as_ref().map(|s| &s.selector),
+        }
+    }
+
+    /// The rotation id the pod template carries.
+    fn rotation_id(&self) -> Option<&str> {
+        self.template_meta()?
+            .annotations
+            .as_ref()?
+            .get(ROTATION_ANNOTATION)
+            .map(String::as_str)
+    }
+
+    /// A StatefulSet's rolling-update partition.
+    fn partition(&self) -> Option<i32> {
+        match self {
+            Workload::StatefulSet(s) => {
+                s.spec
+                    .as_ref()?
+                    .update_strategy
+                    .as_ref()?
+                    .rolling_update
+                    .as_ref()?
+                    .partition
+            }
+            _ => None,
+        }
+    }
+
+    fn kubectl_state(&self) -> RolloutState {
+        match self {
+            Workload::Deployment(d) => deployment_state(d),
+            Workload::StatefulSet(s) => statefulset_state(s),
+            Workload::DaemonSet(d) => daemonset_state(d),
+        }
+    }
+}
+
+/// kubectl's `DeploymentStatusViewer`: where a Deployment's current rollout stands.
+pub fn deployment_state(d: &Deployment) -> RolloutState {
+    let name = d.metadata.name.as_deref().unwrap_or_default();
+    let st = d.status.clone().unwrap_or_default();
+    if d.metadata.generation.unwrap_or(0) > st.observed_generation.unwrap_or(0) {
+        return RolloutState::Progressing(
+            "Waiting for deployment spec update to be observed...".into(),
+        );
+    }
+    let timed_out = st
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "Progressing")
+        .is_some_and(|c| c.reason.as_deref() == Some("ProgressDeadlineExceeded"));
+    if timed_out {
+        return RolloutState::Failed(format!(
+            "deployment {name:?} exceeded its progress deadline"
+        ));
+    }
+    let spec = d.spec.as_ref();
+    let updated = st.updated_replicas.unwrap_or(0);
+    let replicas = st.replicas.unwrap_or(0);
+    let available = st.available_replicas.unwrap_or(0);
+    // kubectl does not look at `paused`; say so, as such a rollout waits for a human.
+    let paused = if spec.and_then(|s| s.paused) == Some(true) {
+        " (the deployment is paused)"
+    } else {
+        ""
+    };
+    if let Some(want) = spec.and_then(|s| s.replicas) {
+        if updated < want {
+            return RolloutState::Progressing(format!(
+                "Waiting for deployment {name:?} rollout to finish: {updated} out of {want} new replicas have been updated...{paused}"
+            ));
+        }
+    }
+    if replicas > updated {
+        return RolloutState::Progressing(format!(
+            "Waiting for deployment {name:?} rollout to finish: {} old replicas are pending termination...{paused}",
+            replicas - updated
+        ));
+    }
+    if available < updated {
+        return RolloutState::Progressing(format!(
+            "Waiting for deployment {name:?} rollout to finish: {available} of {updated} updated replicas are available..."
+        ));
+    }
+    RolloutState::Complete
+}
+
+/// kubectl's `StatefulSetStatusViewer`. An unset strategy type is the API default,
+/// RollingUpdate; `OnDelete` never replaces pods by itself, hence `Failed`.
+pub fn statefulset_state(s: &StatefulSet) -> RolloutState {
+    let name = s.metadata.name.as_deref().unwrap_or_default();
+    let spec = s.spec.as_ref();
+    let strategy = spec.and_then(|s| s.update_strategy.as_ref());
+    if let Some(kind) = strategy.and_then(|u| u.type_.as_deref()) {
+        if kind != "RollingUpdate" {
+            return RolloutState::Failed(format!(
+                "statefulset {name:?} uses the {kind} update strategy: rollout status is only available for RollingUpdate, and its pods are replaced only when deleted"
+            ));
+        }
+    }
+    let st = s.status.clone().unwrap_or_default();
+    let observed = st.observed_generation.unwrap_or(0);
+    if observed == 0 || s.metadata.generation.unwrap_or(0) > observed {
+        return RolloutState::Progressing(
+            "Waiting for statefulset spec update to be observed...".into(),
+        );
+    }
+    let replicas = spec.and_then(|s| s.replicas);
+    let ready = st.ready_replicas.unwrap_or(0);
+    let updated = st.updated_replicas.unwrap_or(0);
+    if let Some(want) = replicas {
+        if ready < want {
+            return RolloutState::Progressing(format!(
+                "Waiting for {} pods to be ready...",
+                want - ready
+            ));
+        }
+    }
+    if let Some(rolling) = strategy.and_then(|u| u.rolling_update.as_ref()) {
+        if let (Some(want), Some(partition)) = (replicas, rolling.partition) {
+            if updated < want - partition {
+                return RolloutState::Progressing(format!(
+                    "Waiting for partitioned roll out to finish: {updated} out of {} new pods have been updated...",
+                    want - partition
+                ));
+            }
+        }
+        return RolloutState::Complete;
+    }
+    if st.update_revision != st.current_revision {
+        return RolloutState::Progressing(format!(
+            "waiting for statefulset rolling update to complete {updated} pods at revision {}...",
+            st.update_revision.as_deref().unwrap_or_default()
+        ));
+    }
+    RolloutState::Complete
+}
+
+/// kubectl's `DaemonSetStatusViewer` (same strategy handling as StatefulSets).
+pub fn daemonset_state(d: &DaemonSet) -> RolloutState {
+    let name = d.metadata.name.as_deref().unwrap_or_default();
+    let strategy = d
+        .spec
+        .as_ref()
+        .and_then(|s| s.update_strategy.as_ref())
+        .and_then(|u| u.type_.as_deref());
+    if let Some(kind) = strategy {
+        if kind != "RollingUpdate" {
+            return RolloutState::Failed(format!(
+                "daemon set {name:?} uses the {kind} update strategy: rollout status is only available for RollingUpdate, and its pods are replaced only when deleted"
+            ));
+        }
+    }
+    let st = d.status.clone().unwrap_or_default();
+    if d.metadata.generation.unwrap_or(0) > st.observed_generation.unwrap_or(0) {
+        return RolloutState::Progressing(
+            "Waiting for daemon set spec update to be observed...".into(),
+        );
+    }
+    let desired = st.desired_number_scheduled;
+    let updated = st.updated_number_scheduled.unwrap_or(0);
+    let available = st.number_available.unwrap_or(0);
+    if updated < desired {
+        return RolloutState::Progressing(format!(
+            "Waiting for daemon set {name:?} rollout to finish: {updated} out of {desired} new pods have been updated..."
+        ));
+    }
+    if available < desired {
+        return RolloutState::Progressing(format!(
+            "Waiting for daemon set {name:?} rollout to finish: {available} of {desired} updated pods are available..."
+        ));
+    }
+    RolloutState::Complete
+}
+
+fn pod_is_ready(p: &Pod) -> bool {
+    p.metadata.deletion_timestamp.is_none()
+        && p.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+fn pod_rotation_id(p: &Pod) -> Option<&str> {
+    p.metadata
+        .annotations
+        .as_ref()?
+        .get(ROTATION_ANNOTATION)
+        .map(String::as_str)
+}
+
+fn describe(w: &WorkloadRef) -> String {
+    format!("{} {}/{}", w.kind.as_str(), w.namespace, w.name)
+}
+
+fn invalid(w: &WorkloadRef, why: &str) -> BackendError {
+    BackendError::Failed {
+        backend: K8S,
+        message: format!("{} {why}", describe(w)),
+        transient: false,
+    }
+}
+
+/// At most `max` bytes, cut at a character boundary.
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// What one failed attempt means.
+struct Failure {
+    error: BackendError,
+    class: StatusClass,
+    retry: bool,
+    /// The server's `Retry-After`.
+    after: Option<Duration>,
+}
+
+/// Map a kube error: 404 → NotFound, 409 → Conflict (retried), 429/5xx/transport →
+/// transient (retried), other 4xx and undecodable answers → permanent.
+fn classify(e: &kube::Error, op: &str, what: &str) -> Failure {
+    match e {
+        kube::Error::Api(status) => {
+            let code = status.code;
+            let class = StatusClass::from_status(code);
+            let message = format!(
+                "{op} {what}: HTTP {code} {}: {}",
+                status.reason, status.message
+            );
+            let after = status
+                .details
+                .as_ref()
+                .map(|d| d.retry_after_seconds)
+                .filter(|s| *s > 0)
+                .map(|s| Duration::from_secs(u64::from(s)));
+            let (error, retry) = match code {
+                404 => (
+                    BackendError::NotFound {
+                        backend: K8S,
+                        what: what.into(),
+                    },
+                    false,
+                ),
+                409 => (
+                    BackendError::Conflict {
+                        backend: K8S,
+                        what: what.into(),
+                        message,
+                    },
+                    true,
+                ),
+                429 | 500..=599 => (
+                    BackendError::Failed {
+                        backend: K8S,
+                        message,
+                        transient: true,
+                    },
+                    true,
+                ),
+                _ => (
+                    BackendError::Failed {
+                        backend: K8S,
+                        message,
+                        transient: false,
+                    },
+                    false,
+                ),
+            };
+            Failure {
+                error,
+                class,
+                retry,
+                after,
+            }
+        }
+        kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::Auth(_) => Failure {
+            error: BackendError::Failed {
+                backend: K8S,
+                message: format!("{op} {what}: {e}"),
+                transient: true,
+            },
+            class: StatusClass::Transport,
+            retry: true,
+            after: None,
+        },
+        kube::Error::SerdeError(_) | kube::Error::FromUtf8(_) => Failure {
+            error: BackendError::Failed {
+                backend: K8S,
+                message: format!("{op} {what}: undecodable answer: {e}"),
+                transient: false,
+            },
+            class: StatusClass::ServerError,
+            retry: false,
+            after: None,
+        },
+        other => Failure {
+            error: BackendError::Failed {
+                backend: K8S,
+                message: format!("{op} {what}: {other}"),
+                transient: false,
+            },
+            class: StatusClass::ClientError,
+            retry: false,
+            after: None,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn from<T: DeserializeOwned>(v: serde_json::Value) -> T {
+        serde_json::from_value(v).expect("a well-formed literal")
+    }
+
+    fn progressing(s: RolloutState) -> String {
+        match s {
+            RolloutState::Progressing(m) => m,
+            other => panic!("expected Progressing, got {other:?}"),
+        }
+    }
+
+    fn failed(s: RolloutState) -> String {
+        match s {
+            RolloutState::Failed(m) => m,
+            other => panic!("expected Failed, got {other:?}"),
+        }
+    }
+
+    fn deployment(
+        generation: i64,
+        spec: serde_json::Value,
+        status: serde_json::Value,
+    ) -> Deployment {
+        let mut spec_full = json!({
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": []}}
+        });
+        for (k, v) in spec.as_object().expect("object") {
+            spec_full[k] = v.clone();
+        }
+        from(json!({
+            "metadata": {"name": "web", "namespace": "ns", "generation": generation},
+            "spec": spec_full,
+            "status": status
+        }))
+    }
+
+    #[test]
+    fn deployment_rules_follow_kubectl() {
+        let spec = json!({"replicas": 3});
+        let m = progressing(deployment_state(&deployment(
+            2,
+            spec.clone(),
+            json!({"observedGeneration": 1, "replicas": 3, "updatedReplicas": 3, "availableReplicas": 3}),
+        )));
+        assert_eq!(m, "Waiting for deployment spec update to be observed...");
+
+        let m = failed(deployment_state(&deployment(
+            2,
+            spec.clone(),
+            json!({"observedGeneration": 2, "replicas": 4, "updatedReplicas": 1,
+                   "conditions": [{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}]}),
+        )));
+        assert_eq!(m, "deployment \"web\" exceeded its progress deadline");
+        // The same condition with another reason is no failure.
+        assert_eq!(
+            progressing(deployment_state(&deployment(
+                2,
+                spec.clone(),
+                json!({"observedGeneration": 2, "replicas": 4, "updatedReplicas": 1,
+                       "conditions": [{"type": "Progressing", "status": "True", "reason": "ReplicaSetUpdated"}]}),
+            ))),
+            "Waiting for deployment \"web\" rollout to finish: 1 out of 3 new replicas have been updated..."
+        );
+
+        let m = progressing(deployment_state(&deployment(
+            2,
+            spec.clone(),
+            json!({"observedGeneration": 2, "replicas": 4, "updatedReplicas": 3, "availableReplicas": 3}),
+        )));
+        assert_eq!(
+            m,
+            "Waiting for deployment \"web\" rollout to finish: 1 old replicas are pending termination..."
+        );
+
+        let m = progressing(deployment_state(&deployment(
+            2,
+            spec.clone(),
+            json!({"observedGeneration": 2, "replicas": 3, "updatedReplicas": 3, "availableReplicas": 2}),
+        )));
+        assert_eq!(
+            m,
+            "Waiting for deployment \"web\" rollout to finish: 2 of 3 updated replicas are available..."
+        );
+
+        assert_eq!(
+            deployment_state(&deployment(
+                2,
+                spec.clone(),
+                json!({"observedGeneration": 2, "replicas": 3, "updatedReplicas": 3, "availableReplicas": 3}),
+            )),
+            RolloutState::Complete
+        );
+        // Zero replicas and no status counts: complete, as kubectl says.
+        assert_eq!(
+            deployment_state(&deployment(
+                1,
+                json!({"replicas": 0}),
+                json!({"observedGeneration": 1})
+            )),
+            RolloutState::Complete
+        );
+        let m = progressing(deployment_state(&deployment(
+            2,
+            json!({"replicas": 3, "paused": true}),
+            json!({"observedGeneration": 2, "replicas": 3, "updatedReplicas": 0}),
+        )));
+        assert!(m.ends_with("(the deployment is paused)"), "{m}");
+    }
+
+    fn statefulset(
+        generation: i64,
+        strategy: serde_json::Value,
+        status: serde_json::Value,
+    ) -> StatefulSet {
+        from(json!({
+            "metadata": {"name": "db", "namespace": "ns", "generation": generation},
+            "spec": {
+                "replicas": 3,
+                "serviceName": "db",
+                "selector": {"matchLabels": {"app": "db"}},
+                "template": {"metadata": {"labels": {"app": "db"}}, "spec": {"containers": []}},
+                "updateStrategy": strategy
+            },
+            "status": status
+        }))
+    }
+
+    #[test]
+    fn statefulset_rules_follow_kubectl() {
+        let rolling = json!({"type": "RollingUpdate", "rollingUpdate": {"partition": 0}});
+        let m = failed(statefulset_state(&statefulset(
+            1,
+            json!({"type": "OnDelete"}),
+            json!({"replicas": 3, "observedGeneration": 1, "readyReplicas": 3}),
+        )));
+        assert!(
+            m.contains("OnDelete") && m.contains("only available for RollingUpdate"),
+            "{m}"
+        );
+
+        for status in [
+            json!({"replicas": 3}),
+            json!({"replicas": 3, "observedGeneration": 1}),
+        ] {
+            assert_eq!(
+                progressing(statefulset_state(&statefulset(2, rolling.clone(), status))),
+                "Waiting for statefulset spec update to be observed..."
+            );
+        }
+        assert_eq!(
+            progressing(statefulset_state(&statefulset(
+                2,
+                rolling.clone(),
+                json!({"replicas": 3, "observedGeneration": 2, "readyReplicas": 2, "updatedReplicas": 3}),
+            ))),
+            "Waiting for 1 pods to be ready..."
+        );
+        assert_eq!(
+            progressing(statefulset_state(&statefulset(
+                2,
+                rolling.clone(),
+                json!({"replicas": 3, "observedGeneration": 2, "readyReplicas": 3, "updatedReplicas": 1}),
+            ))),
+            "Waiting for partitioned roll out to finish: 1 out of 3 new pods have been updated..."
+        );
+        let partitioned = json!({"type": "RollingUpdate", "rollingUpdate": {"partition": 1}});
+        assert_eq!(
+            progressing(statefulset_state(&statefulset(
+                2,
+                partitioned.clone(),
+                json!({"replicas": 3, "observedGeneration": 2, "readyReplicas": 3, "updatedReplicas": 1}),
+            ))),
+            "Waiting for partitioned roll out to finish: 1 out of 2 new pods have been updated..."
+        );
+        // With rollingUpdate set, kubectl is done once enough pods are updated (revisions
+        // are not compared; our ready-pod check covers the rest).
+        assert_eq!(
+            statefulset_state(&statefulset(
+                2,
+                partitioned,
+                json!({"replicas": 3, "observedGeneration": 2, "readyReplicas": 3, "updatedReplicas": 2,
+                       "currentRevision": "db-1", "updateRevision": "db-2"}),
+            )),
+            RolloutState::Complete
+        );
+        // Without rollingUpdate (and with the type left to its default) the revisions decide.
+        for strategy in [json!({"type": "RollingUpdate"}), json!({})] {
+            assert_eq!(
+                progressing(statefulset_state(&statefulset(
+                    2,
+                    strategy.clone(),
+                    json!({"replicas": 3, "observedGeneration": 2, "readyReplicas": 3, "updatedReplicas": 2,
+                           "currentRevision": "db-1", "updateRevision": "db-2"}),
+                ))),
+                "waiting for statefulset rolling update to complete 2 pods at revision db-2..."
+            );
+            assert_eq!(
+                statefulset_state(&statefulset(
+                    2,
+                    strategy,
+                    json!({"replicas": 3, "observedGeneration": 2, "readyReplicas": 3, "updatedReplicas": 3,
+                           "currentRevision": "db-2", "updateRevision": "db-2"}),
+                )),
+                RolloutState::Complete
+            );
+        }
+    }
+
+    fn daemonset(
+        generation: i64,
+        strategy: serde_json::Value,
+        status: serde_json::Value,
+    ) -> DaemonSet {
+        from(json!({
+            "metadata": {"name": "agent", "namespace": "ns", "generation": generation},
+            "spec": {
+                "selector": {"matchLabels": {"app": "agent"}},
+                "template": {"metadata": {"labels": {"app": "agent"}}, "spec": {"containers": []}},
+                "updateStrategy": strategy
+            },
+            "status": status
+        }))
+    }
+
+    #[test]
+    fn daemonset_rules_follow_kubectl() {
+        let rolling = json!({"type": "RollingUpdate"});
+        let base = |updated: i32, available: i32, observed: i64| {
+            json!({"currentNumberScheduled": 4, "desiredNumberScheduled": 4, "numberMisscheduled": 0,
+                   "numberReady": available, "numberAvailable": available,
+                   "updatedNumberScheduled": updated, "observedGeneration": observed})
+        };
+        let m = failed(daemonset_state(&daemonset(
+            1,
+            json!({"type": "OnDelete"}),
+            base(4, 4, 1),
+        )));
+        assert!(m.contains("daemon set \"agent\" uses the OnDelete"), "{m}");
+        assert_eq!(
+            progressing(daemonset_state(&daemonset(
+                2,
+                rolling.clone(),
+                base(4, 4, 1)
+            ))),
+            "Waiting for daemon set spec update to be observed..."
+        );
+        assert_eq!(
+            progressing(daemonset_state(&daemonset(2, rolling.clone(), base(1, 4, 2)))),
+            "Waiting for daemon set \"agent\" rollout to finish: 1 out of 4 new pods have been updated..."
+        );
+        assert_eq!(
+            progressing(daemonset_state(&daemonset(2, rolling.clone(), base(4, 3, 2)))),
+            "Waiting for daemon set \"agent\" rollout to finish: 3 of 4 updated pods are available..."
+        );
+        assert_eq!(
+            daemonset_state(&daemonset(2, rolling, base(4, 4, 2))),
+            RolloutState::Complete
+        );
+        assert_eq!(
+            daemonset_state(&daemonset(2, json!({}), base(4, 4, 2))),
+            RolloutState::Complete
+        );
+    }
+
+    #[test]
+    fn workload_accessors_read_template_and_partition() {
+        let mut s = statefulset(
+            1,
+            json!({"type": "RollingUpdate", "rollingUpdate": {"partition": 2}}),
+            json!({"replicas": 3}),
+        );
+        let tm = s.spec.as_mut().unwrap().template.metadata.as_mut().unwrap();
+        tm.annotations = Some([(ROTATION_ANNOTATION.to_string(), "r7".to_string())].into());
+        let w = Workload::StatefulSet(s);
+        assert_eq!(w.rotation_id(), Some("r7"));
+        assert_eq!(w.partition(), Some(2));
+        assert_eq!(
+            w.selector()
+                .and_then(|s| s.match_labels.as_ref())
+                .map(|m| m["app"].as_str()),
+            Some("db")
+        );
+        let d = Workload::Deployment(deployment(1, json!({}), json!({})));
+        assert_eq!(d.rotation_id(), None);
+        assert_eq!(d.partition(), None);
+    }
+
+    #[test]
+    fn ready_means_condition_true_and_not_terminating() {
+        let pod = |ready: &str, deleting: bool| -> Pod {
+            let mut meta = json!({"name": "p"});
+            if deleting {
+                meta["deletionTimestamp"] = json!("2025-01-01T00:00:00Z");
+            }
+            from(
+                json!({"metadata": meta, "status": {"conditions": [{"type": "Ready", "status": ready}]}}),
+            )
+        };
+        assert!(pod_is_ready(&pod("True", false)));
+        assert!(!pod_is_ready(&pod("False", false)));
+        assert!(!pod_is_ready(&pod("True", true)));
+        assert!(!pod_is_ready(&from(json!({"metadata": {"name": "p"}}))));
+    }
+
+    fn api_error(code: u16, reason: &str, retry_after: u32) -> kube::Error {
+        let status: kube::core::Status = from(json!({
+            "status": "Failure", "code": code, "reason": reason, "message": "boom",
+            "details": {"retryAfterSeconds": retry_after}
+        }));
+        kube::Error::Api(Box::new(status))
+    }
+
+    #[test]
+    fn errors_map_to_backend_errors() {
+        let f = classify(
+            &api_error(404, "NotFound", 0),
+            "workload.get",
+            "Deployment ns/web",
+        );
+        assert!(
+            matches!(f.error, BackendError::NotFound { ref what, .. } if what == "Deployment ns/web")
+        );
+        assert!(!f.retry);
+        assert_eq!(f.class, StatusClass::ClientError);
+
+        let f = classify(&api_error(409, "Conflict", 0), "workload.patch", "x");
+        assert!(matches!(f.error, BackendError::Conflict { .. }));
+        assert!(f.retry);
+
+        let f = classify(&api_error(429, "TooManyRequests", 3), "pods.list", "x");
+        assert!(f.retry);
+        assert_eq!(f.after, Some(Duration::from_secs(3)));
+        assert_eq!(f.class, StatusClass::RateLimited);
+        assert!(matches!(
+            f.error,
+            BackendError::Failed {
+                transient: true,
+                ..
+            }
+        ));
+
+        let f = classify(&api_error(500, "InternalError", 0), "pods.list", "x");
+        assert!(f.retry && f.after.is_none());
+        assert_eq!(f.class, StatusClass::ServerError);
+        let msg = f.error.to_string();
+        assert!(
+            msg.contains("pods.list x: HTTP 500 InternalError: boom"),
+            "{msg}"
+        );
+
+        let f = classify(&api_error(403, "Forbidden", 0), "secret.get", "x");
+        assert!(!f.retry);
+        assert!(matches!(
+            f.error,
+            BackendError::Failed {
+                transient: false,
+                ..
+            }
+        ));
+
+        let bad_json = serde_json::from_str::<serde_json::Value>("{").unwrap_err();
+        let f = classify(&kube::Error::SerdeError(bad_json), "workload.get", "x");
+        assert!(!f.retry);
+    }
+
+    /// The engine holds it as `Arc<dyn WorkloadRoller>`.
+    #[allow(dead_code)]
+    fn usable_as_the_engine_port(r: KubeRoller) -> Arc<dyn WorkloadRoller> {
+        Arc::new(r)
+    }
+
+    #[test]
+    fn truncate_keeps_char_boundaries() {
+        assert_eq!(truncate("abc", 10), "abc");
+        assert_eq!(truncate("abcdef", 3), "abc");
+        assert_eq!(truncate("aé", 2), "a");
+    }
+}

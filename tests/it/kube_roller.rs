@@ -1,0 +1,741 @@
+//! The daemon's real Kubernetes client (`KubeRoller`) against the Kubernetes simulator,
+//! served on a random port and reached through a kubeconfig file, as in production.
+
+use k8s_openapi::api::core::v1::{Pod, Secret as K8sSecret};
+use k8s_openapi::api::events::v1::Event as K8sEvent;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::ByteString;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use openai_key_rotator::config::{KubernetesConfig, WorkloadKind, WorkloadRef};
+use openai_key_rotator::kube::{KubeError, KubeRoller, ROTATION_ANNOTATION};
+use openai_key_rotator::retry::RetryPolicy;
+use openai_key_rotator::rotation::ports::{
+    Backend, BackendError, CallObserver, EventType, RolloutState, StatusClass, WorkloadRoller,
+};
+use openai_key_rotator::sandbox::kube::{rollout_status, KubeSim, KubeSimOptions, RolloutStatus};
+use openai_key_rotator::sandbox::{loopback, Server};
+use sha2::{Digest, Sha256};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Records every call and retry the roller reports.
+#[derive(Default)]
+struct Calls {
+    calls: Mutex<Vec<(&'static str, StatusClass)>>,
+    retries: Mutex<Vec<&'static str>>,
+}
+
+impl CallObserver for Calls {
+    fn call(&self, backend: Backend, op: &'static str, status: StatusClass, _: Duration) {
+        assert_eq!(backend, Backend::Kubernetes);
+        self.calls.lock().unwrap().push((op, status));
+    }
+    fn retry(&self, backend: Backend, op: &'static str) {
+        assert_eq!(backend, Backend::Kubernetes);
+        self.retries.lock().unwrap().push(op);
+    }
+}
+
+impl Calls {
+    /// Outcomes of `op` since the call log held `from` entries.
+    fn of(&self, op: &str, from: usize) -> Vec<StatusClass> {
+        self.calls.lock().unwrap()[from..]
+            .iter()
+            .filter(|(o, _)| *o == op)
+            .map(|(_, s)| *s)
+            .collect()
+    }
+    fn len(&self) -> usize {
+        self.calls.lock().unwrap().len()
+    }
+    fn retries(&self) -> usize {
+        self.retries.lock().unwrap().len()
+    }
+}
+
+const MAX_RETRIES: u32 = 3;
+
+struct Env {
+    sim: KubeSim,
+    server: Server,
+    roller: KubeRoller,
+    calls: Arc<Calls>,
+    _dir: tempfile::TempDir,
+}
+
+async fn env(ready_ms: u64) -> Env {
+    let sim = KubeSim::new(KubeSimOptions {
+        pod_ready_delay: Duration::from_millis(ready_ms),
+        tick: Duration::from_millis(20),
+        pod_termination_delay: Duration::from_millis(50),
+        ..Default::default()
+    });
+    let server = sim
+        .serve(loopback(0), Default::default())
+        .await
+        .expect("serve the simulator");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kubeconfig");
+    std::fs::write(&path, KubeSim::kubeconfig_yaml(&server.url(), None)).unwrap();
+    let calls = Arc::new(Calls::default());
+    let cfg = KubernetesConfig {
+        kubeconfig: Some(path),
+        context: Some("okr-sim".into()),
+    };
+    let roller = KubeRoller::connect(&cfg, calls.clone())
+        .await
+        .expect("connect through the kubeconfig")
+        .with_retry(RetryPolicy {
+            max_retries: MAX_RETRIES,
+            base: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(50),
+        })
+        .with_timeout(Duration::from_secs(5));
+    Env {
+        sim,
+        server,
+        roller,
+        calls,
+        _dir: dir,
+    }
+}
+
+fn deployment_ref(ns: &str, name: &str) -> WorkloadRef {
+    WorkloadRef {
+        namespace: ns.into(),
+        kind: WorkloadKind::Deployment,
+        name: name.into(),
+    }
+}
+
+fn is_ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+fn template_id(sim: &KubeSim, ns: &str, name: &str) -> Option<String> {
+    sim.deployment(ns, name)?
+        .spec?
+        .template
+        .metadata?
+        .annotations?
+        .get(ROTATION_ANNOTATION)
+        .cloned()
+}
+
+async fn seed(sim: &KubeSim, ns: &str, name: &str, replicas: i32) {
+    let mut d = KubeSim::simple_deployment(ns, name, replicas);
+    let tm = d.spec.as_mut().unwrap().template.metadata.as_mut().unwrap();
+    tm.annotations = Some([("team".to_string(), "payments".to_string())].into());
+    sim.create_deployment(d).unwrap();
+    assert!(
+        sim.wait_rollout_complete(ns, name, Duration::from_secs(15))
+            .await
+    );
+}
+
+/// Poll `rollout_state` until it leaves Progressing, cross-checking every answer with the
+/// simulator's own kubectl-rule status read just before and just after: ours may say
+/// Complete only if the simulator does, and must once the simulator does (the state only
+/// moves forward). Returns the final state and the Progressing messages seen.
+async fn until_settled(
+    e: &Env,
+    w: &WorkloadRef,
+    id: &str,
+    timeout: Duration,
+) -> (RolloutState, Vec<String>) {
+    let t = Instant::now();
+    let mut seen = Vec::new();
+    let sim_status = || rollout_status(&e.sim.deployment(&w.namespace, &w.name).unwrap());
+    loop {
+        let before = sim_status();
+        let ours = e.roller.rollout_state(w, id).await.unwrap();
+        let after = sim_status();
+        if before == RolloutStatus::Complete {
+            assert_eq!(ours, RolloutState::Complete, "the simulator was done first");
+        }
+        if ours == RolloutState::Complete {
+            assert_eq!(after, RolloutStatus::Complete, "we said Complete too early");
+        }
+        match ours {
+            RolloutState::Progressing(m) => {
+                if seen.last() != Some(&m) {
+                    seen.push(m);
+                }
+            }
+            done => return (done, seen),
+        }
+        assert!(
+            t.elapsed() < timeout,
+            "not settled in {timeout:?}: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn roll_completes_when_the_rollout_does_and_repeating_is_a_no_op() {
+    let e = env(150).await;
+    seed(&e.sim, "okr", "web", 3).await;
+    let w = deployment_ref("okr", "web");
+
+    e.roller.roll(&w, "r0").await.unwrap();
+    assert_eq!(template_id(&e.sim, "okr", "web").as_deref(), Some("r0"));
+    let (state, seen) = until_settled(&e, &w, "r0", Duration::from_secs(20)).await;
+    assert_eq!(state, RolloutState::Complete);
+    assert!(!seen.is_empty(), "the rollout was observed in progress");
+    assert!(
+        seen.iter().any(|m| m.starts_with("Waiting for deployment")),
+        "kubectl's wording: {seen:?}"
+    );
+    assert_eq!(e.roller.ready_pods_with(&w, "r0").await.unwrap(), 3);
+
+    // A second rotation.
+    e.roller.roll(&w, "r1").await.unwrap();
+    let d = e.sim.deployment("okr", "web").unwrap();
+    let tm = d.spec.unwrap().template.metadata.unwrap();
+    assert_eq!(
+        tm.annotations.unwrap()["team"],
+        "payments",
+        "the patch touched only our annotation"
+    );
+    let (state, _) = until_settled(&e, &w, "r1", Duration::from_secs(20)).await;
+    assert_eq!(state, RolloutState::Complete);
+    assert_eq!(e.roller.ready_pods_with(&w, "r1").await.unwrap(), 3);
+    assert_eq!(e.roller.ready_pods_with(&w, "r0").await.unwrap(), 0);
+    let active = e
+        .sim
+        .pods("okr", "app=web")
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .count();
+    assert_eq!(active, 3);
+
+    // Our earlier rollout was superseded.
+    match e.roller.rollout_state(&w, "r0").await.unwrap() {
+        RolloutState::Failed(m) => {
+            assert!(m.contains("\"r1\"") && m.contains("rolled again"), "{m}")
+        }
+        other => panic!("expected Failed, got {other:?}"),
+    }
+
+    // Rolling to the id it already has writes nothing.
+    let generation = e.sim.deployment("okr", "web").unwrap().metadata.generation;
+    let replica_sets = e.sim.replica_sets("okr", "app=web").len();
+    let writes = e.sim.write_count();
+    let from = e.calls.len();
+    e.roller.roll(&w, "r1").await.unwrap();
+    assert_eq!(e.sim.write_count(), writes, "no write request");
+    assert_eq!(
+        e.sim.deployment("okr", "web").unwrap().metadata.generation,
+        generation
+    );
+    assert_eq!(e.sim.replica_sets("okr", "app=web").len(), replica_sets);
+    assert_eq!(e.calls.of("workload.get", from), [StatusClass::Success]);
+    assert!(e.calls.of("workload.patch", from).is_empty());
+    assert_eq!(
+        e.roller.rollout_state(&w, "r1").await.unwrap(),
+        RolloutState::Complete
+    );
+}
+
+#[tokio::test]
+async fn a_never_ready_rollout_fails_at_its_progress_deadline_not_before() {
+    let e = env(50).await;
+    let mut d = KubeSim::simple_deployment("okr", "stuck", 2);
+    d.spec.as_mut().unwrap().progress_deadline_seconds = Some(2);
+    e.sim.create_deployment(d).unwrap();
+    assert!(
+        e.sim
+            .wait_rollout_complete("okr", "stuck", Duration::from_secs(15))
+            .await
+    );
+    let w = deployment_ref("okr", "stuck");
+    e.sim.set_never_ready("okr", "stuck", true);
+
+    let t = Instant::now();
+    e.roller.roll(&w, "r1").await.unwrap();
+    let mut progressing = 0;
+    let failure = loop {
+        let state = e.roller.rollout_state(&w, "r1").await.unwrap();
+        match state {
+            RolloutState::Progressing(_) => progressing += 1,
+            RolloutState::Failed(m) => break m,
+            RolloutState::Complete => panic!("a never-ready rollout cannot complete"),
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "never failed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        failure.contains("exceeded its progress deadline"),
+        "{failure}"
+    );
+    // The controller measures the deadline from the Progressing condition's
+    // lastUpdateTime, which the API stores with whole seconds: it can fire up to 1 s early.
+    assert!(
+        t.elapsed() >= Duration::from_secs(1),
+        "failed before the deadline: {:?}",
+        t.elapsed()
+    );
+    assert!(progressing >= 5, "seen in progress first ({progressing}x)");
+    assert_eq!(e.roller.ready_pods_with(&w, "r1").await.unwrap(), 0);
+    // The old pods kept serving.
+    let ready_old = e
+        .sim
+        .pods("okr", "app=stuck")
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| is_ready(p))
+        .count();
+    assert_eq!(ready_old, 2);
+}
+
+#[tokio::test]
+async fn a_roll_by_someone_else_fails_ours() {
+    let e = env(50).await;
+    seed(&e.sim, "okr", "web", 2).await;
+    let w = deployment_ref("okr", "web");
+    e.roller.roll(&w, "ours").await.unwrap();
+    let (state, _) = until_settled(&e, &w, "ours", Duration::from_secs(20)).await;
+    assert_eq!(state, RolloutState::Complete);
+
+    // Another writer (a second daemon, a human) sets another id.
+    e.sim
+        .update_deployment("okr", "web", |d| {
+            let tm = d.spec.as_mut().unwrap().template.metadata.as_mut().unwrap();
+            tm.annotations
+                .get_or_insert_with(Default::default)
+                .insert(ROTATION_ANNOTATION.into(), "theirs".into());
+        })
+        .unwrap();
+    match e.roller.rollout_state(&w, "ours").await.unwrap() {
+        RolloutState::Failed(m) => {
+            assert!(m.contains("\"theirs\"") && m.contains("\"ours\""), "{m}")
+        }
+        other => panic!("expected Failed, got {other:?}"),
+    }
+    // Theirs is judged on its own merits: in progress, then complete.
+    let (state, seen) = until_settled(&e, &w, "theirs", Duration::from_secs(20)).await;
+    assert_eq!(state, RolloutState::Complete);
+    assert!(!seen.is_empty());
+
+    // The annotation removed (e.g. `kubectl rollout undo` to a template without it).
+    e.sim
+        .update_deployment("okr", "web", |d| {
+            let tm = d.spec.as_mut().unwrap().template.metadata.as_mut().unwrap();
+            tm.annotations.as_mut().unwrap().remove(ROTATION_ANNOTATION);
+        })
+        .unwrap();
+    match e.roller.rollout_state(&w, "theirs").await.unwrap() {
+        RolloutState::Failed(m) => assert!(m.contains("carries no"), "{m}"),
+        other => panic!("expected Failed, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_ready_pod_on_an_older_template_holds_completion() {
+    let e = env(50).await;
+    seed(&e.sim, "okr", "web", 2).await;
+    let w = deployment_ref("okr", "web");
+    e.roller.roll(&w, "r1").await.unwrap();
+    let (state, _) = until_settled(&e, &w, "r1", Duration::from_secs(20)).await;
+    assert_eq!(state, RolloutState::Complete);
+
+    // A pod the selector picks that the rollout did not replace (here a bare pod; in real
+    // life e.g. one left over from another controller), still on the old id.
+    let pods: Api<Pod> = Api::namespaced(e.roller.client(), "okr");
+    let stray: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "stray", "labels": {"app": "web"},
+                     "annotations": {ROTATION_ANNOTATION: "r0"}},
+        "spec": {"containers": [{"name": "app", "image": "registry.example/web:1.0"}]}
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &stray).await.unwrap();
+    let t = Instant::now();
+    while !e
+        .sim
+        .pods("okr", "app=web")
+        .iter()
+        .any(|p| p.metadata.name.as_deref() == Some("stray") && is_ready(p))
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "stray pod never ready"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // kubectl's rule alone says done; ours does not.
+    assert_eq!(
+        rollout_status(&e.sim.deployment("okr", "web").unwrap()),
+        RolloutStatus::Complete
+    );
+    assert_eq!(
+        e.roller.rollout_state(&w, "r1").await.unwrap(),
+        RolloutState::Progressing("1 ready pods still run an older template".into())
+    );
+    assert_eq!(e.roller.ready_pods_with(&w, "r1").await.unwrap(), 2);
+    assert_eq!(e.roller.ready_pods_with(&w, "r0").await.unwrap(), 1);
+
+    // Once it is terminating it no longer counts.
+    pods.delete("stray", &DeleteParams::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        e.roller.rollout_state(&w, "r1").await.unwrap(),
+        RolloutState::Complete
+    );
+    assert_eq!(e.roller.ready_pods_with(&w, "r0").await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn failed_writes_are_retried_and_bounded() {
+    let e = env(50).await;
+    seed(&e.sim, "okr", "web", 1).await;
+    let w = deployment_ref("okr", "web");
+
+    // One injected failure per status: the roll still succeeds, one extra request, and the
+    // observer sees the failed attempt and the retry.
+    for (n, (status, class)) in [
+        (409, StatusClass::ClientError),
+        (500, StatusClass::ServerError),
+        (429, StatusClass::RateLimited),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let id = format!("r{n}");
+        let writes = e.sim.write_count();
+        let from = e.calls.len();
+        let retries = e.calls.retries();
+        e.sim.fail_nth_write(1, status);
+        e.roller.roll(&w, &id).await.unwrap();
+        assert_eq!(
+            e.sim.write_count(),
+            writes + 2,
+            "{status}: failed + retried"
+        );
+        assert_eq!(
+            e.calls.of("workload.patch", from),
+            [class, StatusClass::Success],
+            "{status}"
+        );
+        assert_eq!(e.calls.retries(), retries + 1, "{status}");
+        assert_eq!(template_id(&e.sim, "okr", "web"), Some(id));
+    }
+
+    // A persistent failure: 1 + MAX_RETRIES attempts, then the error; nothing changed.
+    let persistent = 1 + u64::from(MAX_RETRIES);
+    for (status, conflict) in [(500, false), (409, true)] {
+        let writes = e.sim.write_count();
+        let from = e.calls.len();
+        for n in 1..=persistent {
+            e.sim.fail_nth_write(n, status);
+        }
+        let err = e.roller.roll(&w, "never").await.unwrap_err();
+        match (&err, conflict) {
+            (BackendError::Conflict { what, .. }, true) => {
+                assert_eq!(what, "Deployment okr/web")
+            }
+            (
+                BackendError::Failed {
+                    transient, message, ..
+                },
+                false,
+            ) => {
+                assert!(*transient);
+                assert!(message.contains("HTTP 500"), "{message}");
+            }
+            other => panic!("{status}: unexpected {other:?}"),
+        }
+        assert_eq!(e.sim.write_count(), writes + persistent);
+        assert_eq!(e.calls.of("workload.patch", from).len() as u64, persistent);
+        assert_eq!(template_id(&e.sim, "okr", "web").as_deref(), Some("r2"));
+    }
+    // The faults are spent: the same roll now goes through.
+    e.roller.roll(&w, "never").await.unwrap();
+    assert_eq!(template_id(&e.sim, "okr", "web").as_deref(), Some("never"));
+
+    // 404 is an answer, not retried.
+    let missing = deployment_ref("okr", "gone");
+    let retries = e.calls.retries();
+    for r in [
+        e.roller.roll(&missing, "r1").await.map(|_| ()),
+        e.roller.rollout_state(&missing, "r1").await.map(|_| ()),
+        e.roller.ready_pods_with(&missing, "r1").await.map(|_| ()),
+    ] {
+        match r {
+            Err(BackendError::NotFound { backend, what }) => {
+                assert_eq!(backend, Backend::Kubernetes);
+                assert_eq!(what, "Deployment okr/gone");
+            }
+            other => panic!("expected NotFound, got {other:?}"),
+        }
+    }
+    assert_eq!(e.calls.retries(), retries);
+    // StatefulSets are not served by the simulator: a real 404 for the resource.
+    let sts = WorkloadRef {
+        namespace: "okr".into(),
+        kind: WorkloadKind::StatefulSet,
+        name: "web".into(),
+    };
+    assert!(matches!(
+        e.roller.roll(&sts, "r1").await,
+        Err(BackendError::NotFound { .. })
+    ));
+}
+
+#[tokio::test]
+async fn secret_hash_and_nudge() {
+    let e = env(50).await;
+    let value = b"sk-proj-not-a-real-key-0123456789";
+    e.sim
+        .put_secret(K8sSecret {
+            metadata: ObjectMeta {
+                name: Some("openai".into()),
+                namespace: Some("okr".into()),
+                ..Default::default()
+            },
+            data: Some(
+                [
+                    ("OPENAI_API_KEY".to_string(), ByteString(value.to_vec())),
+                    ("other".to_string(), ByteString(b"x".to_vec())),
+                ]
+                .into(),
+            ),
+            ..Default::default()
+        })
+        .unwrap();
+    let want = hex::encode(Sha256::digest(value));
+    assert_eq!(
+        want,
+        openai_key_rotator::secret::Secret::new(std::str::from_utf8(value).unwrap()).sha256_hex()
+    );
+    let from = e.calls.len();
+    assert_eq!(
+        e.roller
+            .secret_sha256("okr", "openai", "OPENAI_API_KEY")
+            .await
+            .unwrap(),
+        Some(want.clone())
+    );
+    assert_ne!(
+        e.roller
+            .secret_sha256("okr", "openai", "other")
+            .await
+            .unwrap(),
+        Some(want.clone())
+    );
+    assert_eq!(
+        e.roller
+            .secret_sha256("okr", "openai", "absent")
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        e.roller
+            .secret_sha256("okr", "missing", "OPENAI_API_KEY")
+            .await
+            .unwrap(),
+        None
+    );
+    // A missing Secret is an expected answer while an operator has not synced yet.
+    assert_eq!(
+        e.calls.of("secret.get", from),
+        [StatusClass::Success; 4],
+        "404 reported as an answer"
+    );
+
+    for v in ["r1", "r2"] {
+        e.roller
+            .nudge_secret("okr", "openai", "force-sync", v)
+            .await
+            .unwrap();
+        let s = e.sim.secret("okr", "openai").unwrap();
+        assert_eq!(s.metadata.annotations.unwrap()["force-sync"], v);
+        assert_eq!(s.data.unwrap()["OPENAI_API_KEY"].0, value, "data untouched");
+    }
+    assert!(matches!(
+        e.roller
+            .nudge_secret("okr", "missing", "force-sync", "r1")
+            .await,
+        Err(BackendError::NotFound { .. })
+    ));
+    assert_eq!(
+        e.calls.of("secret.patch", from),
+        [
+            StatusClass::Success,
+            StatusClass::Success,
+            StatusClass::ClientError
+        ]
+    );
+}
+
+#[tokio::test]
+async fn events_land_on_the_workload() {
+    let e = env(50).await;
+    seed(&e.sim, "okr", "web", 1).await;
+    let w = deployment_ref("okr", "web");
+    let uid = e.sim.deployment("okr", "web").unwrap().metadata.uid;
+
+    let long_note = "x".repeat(4000);
+    e.roller
+        .event(&w, EventType::Warning, "RotationRolledBack", &long_note)
+        .await
+        .unwrap();
+    e.roller
+        .event(
+            &w,
+            EventType::Normal,
+            "RotationStarted",
+            "rotation r1 rolled this workload",
+        )
+        .await
+        .unwrap();
+    e.roller
+        .event(
+            &w,
+            EventType::Normal,
+            "RotationStarted",
+            "rotation r1 rolled this workload",
+        )
+        .await
+        .unwrap();
+
+    // Read back through the API, as `kubectl get events` would.
+    let api: Api<K8sEvent> = Api::namespaced(e.roller.client(), "okr");
+    let events = api.list(&ListParams::default()).await.unwrap().items;
+    assert_eq!(events.len(), 2, "the repeat became a series");
+    for ev in &events {
+        let r = ev.regarding.as_ref().unwrap();
+        assert_eq!(r.kind.as_deref(), Some("Deployment"));
+        assert_eq!(r.api_version.as_deref(), Some("apps/v1"));
+        assert_eq!(r.name.as_deref(), Some("web"));
+        assert_eq!(r.namespace.as_deref(), Some("okr"));
+        assert_eq!(r.uid, uid);
+        assert_eq!(
+            ev.reporting_controller.as_deref(),
+            Some("openai-key-rotator")
+        );
+    }
+    let warning = events
+        .iter()
+        .find(|ev| ev.reason.as_deref() == Some("RotationRolledBack"))
+        .unwrap();
+    assert_eq!(warning.type_.as_deref(), Some("Warning"));
+    assert_eq!(
+        warning.note.as_deref().map(str::len),
+        Some(1024),
+        "note capped at 1 kB"
+    );
+    let started = events
+        .iter()
+        .find(|ev| ev.reason.as_deref() == Some("RotationStarted"))
+        .unwrap();
+    assert_eq!(started.type_.as_deref(), Some("Normal"));
+    assert_eq!(
+        started.note.as_deref(),
+        Some("rotation r1 rolled this workload")
+    );
+    assert_eq!(started.series.as_ref().map(|s| s.count), Some(2));
+
+    assert!(matches!(
+        e.roller
+            .event(&deployment_ref("okr", "gone"), EventType::Normal, "X", "y")
+            .await,
+        Err(BackendError::NotFound { .. })
+    ));
+}
+
+#[tokio::test]
+async fn connect_ping_and_transport_failures() {
+    let e = env(50).await;
+    e.roller.ping().await.unwrap();
+    assert_eq!(e.calls.of("version.get", 0), [StatusClass::Success]);
+
+    let calls: Arc<dyn CallObserver> = Arc::new(Calls::default());
+    let missing = KubernetesConfig {
+        kubeconfig: Some("/nonexistent/kubeconfig".into()),
+        context: None,
+    };
+    assert!(matches!(
+        KubeRoller::connect(&missing, calls.clone()).await,
+        Err(KubeError::Kubeconfig { .. })
+    ));
+    let path = e._dir.path().join("kubeconfig");
+    let bad_context = KubernetesConfig {
+        kubeconfig: Some(path),
+        context: Some("no-such-context".into()),
+    };
+    let err = KubeRoller::connect(&bad_context, calls)
+        .await
+        .err()
+        .expect("an unknown context is an error");
+    assert!(err.to_string().contains("no-such-context"), "{err}");
+
+    // The API server goes away: bounded transient failure, each attempt reported.
+    let Env {
+        server,
+        roller,
+        calls,
+        ..
+    } = e;
+    server.shutdown().await;
+    let from = calls.len();
+    let retries = calls.retries();
+    match roller.ping().await {
+        Err(BackendError::Failed { transient, .. }) => assert!(transient),
+        other => panic!("expected a transient failure, got {other:?}"),
+    }
+    assert_eq!(
+        calls.of("version.get", from),
+        vec![StatusClass::Transport; 1 + MAX_RETRIES as usize]
+    );
+    assert_eq!(calls.retries(), retries + MAX_RETRIES as usize);
+}
+
+#[tokio::test]
+async fn a_server_that_never_answers_times_out() {
+    // Accepts connections and reads nothing back: each attempt must hit our timeout.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let hold = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((sock, _)) = listener.accept().await {
+            open.push(sock);
+        }
+    });
+    let calls = Arc::new(Calls::default());
+    let config = kube::Config::new(url.parse().unwrap());
+    let roller = KubeRoller::from_config(config, calls.clone())
+        .unwrap()
+        .with_retry(RetryPolicy {
+            max_retries: 1,
+            base: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(10),
+        })
+        .with_timeout(Duration::from_millis(300));
+    let t = Instant::now();
+    match roller.ping().await {
+        Err(BackendError::Failed {
+            transient, message, ..
+        }) => {
+            assert!(transient);
+            assert!(message.contains("no answer within"), "{message}");
+        }
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    assert!(
+        t.elapsed() >= Duration::from_millis(600),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert_eq!(
+        calls.of("version.get", 0),
+        [StatusClass::Transport, StatusClass::Transport]
+    );
+    hold.abort();
+}
