@@ -617,21 +617,15 @@ async fn a_lagging_synced_secret_is_waited_for() {
                 .to_string();
             if seen.as_ref().is_some_and(|s| *s != k) {
                 tokio::time::sleep(Duration::from_millis(1500)).await;
-                let s = k8s_openapi::api::core::v1::Secret {
-                    metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
-                        name: Some("chatbot-openai".into()),
-                        namespace: Some(NAMESPACE.into()),
-                        ..Default::default()
-                    },
-                    data: Some(
-                        [(
-                            "api_key".to_string(),
-                            k8s_openapi::ByteString(k.as_bytes().to_vec()),
-                        )]
-                        .into(),
-                    ),
-                    ..Default::default()
-                };
+                // Update the data only, as an operator does (annotations stay).
+                let mut s = kube.secret(NAMESPACE, "chatbot-openai").unwrap();
+                s.data = Some(
+                    [(
+                        "api_key".to_string(),
+                        k8s_openapi::ByteString(k.as_bytes().to_vec()),
+                    )]
+                    .into(),
+                );
                 kube.put_secret(s).unwrap();
                 *synced.lock().unwrap() = Some(chrono::Utc::now());
             }
@@ -827,8 +821,29 @@ async fn a_vault_cas_conflict_fails_cleanly_and_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_429_storm_slows_the_rotation_but_it_succeeds() {
     let env = env_with(|_| {}).await;
+    // The org's admin rate limit is shared: another client hammers it during the rotation.
     env.sb.openai.set_faults(Faults::rate_limit(2));
+    let stop = CancellationToken::new();
+    let s2 = stop.clone();
+    let url = format!("{}/organization/projects?limit=1", env.sb.openai_url);
+    let admin = env.sb.admin_key.expose().to_string();
+    let noisy = tokio::spawn(async move {
+        let http = reqwest::Client::new();
+        let mut limited = 0u32;
+        while !s2.is_cancelled() {
+            if let Ok(r) = http.get(&url).bearer_auth(&admin).send().await {
+                limited += u32::from(r.status() == 429);
+            }
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+        limited
+    });
     let j = env.rotate(req()).await.unwrap();
+    stop.cancel();
+    assert!(
+        noisy.await.unwrap() > 0,
+        "the neighbour was rate limited too"
+    );
     env.sb.openai.clear_faults();
     assert_eq!(j.status, Status::Completed, "{j:#?}");
     let metrics = env.services.metrics.render();
