@@ -3,6 +3,7 @@
 mod support;
 
 mod audit_cli;
+mod demo;
 mod kube_roller;
 mod kube_sim;
 mod metrics_exposition;
