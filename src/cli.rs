@@ -115,8 +115,7 @@ pub struct SandboxArgs {
 /// Logs go to stderr: JSON when not on a terminal (or when asked), human text otherwise.
 pub fn init_tracing(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
-    let mut filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // vaultrs/rustify log every expected 404 at ERROR; our own logs say what matters.
     for d in crate::vault::QUIET_LOG_DIRECTIVES {
         if let Ok(d) = d.parse() {

@@ -4,6 +4,7 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod http;
+pub mod leader;
 pub mod retry;
 pub mod rotation;
 #[cfg(feature = "sandbox")]
