@@ -3,6 +3,7 @@
 mod support;
 
 mod kube_sim;
+mod leader;
 mod openai_sim;
 mod sandbox;
 mod vault_contract;
