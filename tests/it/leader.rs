@@ -3,8 +3,10 @@
 //! fail. A background monitor samples every replica's "am I leader" every 5 ms throughout and
 //! each test asserts it never saw two at once.
 
-use k8s_openapi::api::coordination::v1::LeaseSpec;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::api::{Api, PostParams};
 use kube::{Client, Config};
 use openai_key_rotator::leader::{LeaderConfig, LeaderElector};
 use openai_key_rotator::sandbox::kube::{KubeSim, KubeSimOptions};
@@ -169,9 +171,9 @@ async fn exactly_one_leader_and_both_name_it() {
         let leaders: Vec<_> = [&a, &b]
             .iter()
             .filter(|r| r.is_leader())
-            .map(|r| r.id.clone())
+            .map(|r| r.id.as_str())
             .collect();
-        assert_eq!(leaders, [leader_id.clone()], "sample {i}");
+        assert_eq!(leaders, [leader_id.as_str()], "sample {i}");
         assert_eq!(a.names().as_ref(), Some(&leader_id), "sample {i}");
         assert_eq!(b.names().as_ref(), Some(&leader_id), "sample {i}");
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -281,6 +283,60 @@ async fn a_killed_leader_is_replaced_only_after_its_lease_expires() {
     assert_eq!(s.lease_transitions, Some(1));
     mon.assert_never_two();
     stop(follower).await;
+}
+
+#[tokio::test]
+async fn contenders_for_an_expired_lease_elect_exactly_one() {
+    let (sim, server) = start().await;
+    // A Lease left by a replica that died long ago.
+    let stale = Timestamp::now() - SignedDuration::from_secs(60);
+    let ghost = Lease {
+        metadata: ObjectMeta {
+            name: Some(LEASE.into()),
+            ..Default::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some("okr-ghost".into()),
+            lease_duration_seconds: Some(2),
+            acquire_time: Some(MicroTime(stale)),
+            renew_time: Some(MicroTime(stale)),
+            lease_transitions: Some(4),
+            ..Default::default()
+        }),
+    };
+    Api::<Lease>::namespaced(client(&server), NS)
+        .create(&PostParams::default(), &ghost)
+        .await
+        .unwrap();
+
+    // Three candidates all read it expired and race to replace it: the version check lets
+    // one through and sends the others back to re-read.
+    let rs: Vec<_> = ["okr-a", "okr-b", "okr-c"]
+        .into_iter()
+        .map(|id| Replica::start(&server, cfg(id, 2, Duration::from_secs(1))))
+        .collect();
+    let refs: Vec<&Replica> = rs.iter().collect();
+    let mon = Monitor::start(&refs);
+    wait_until(Duration::from_secs(5), || {
+        refs.iter().any(|r| r.is_leader())
+    })
+    .await
+    .expect("a leader is elected");
+    let l = refs.iter().position(|r| r.is_leader()).unwrap();
+    let want = Some(refs[l].id.clone());
+    wait_until(Duration::from_secs(2), || {
+        refs.iter().all(|r| r.names() == want)
+    })
+    .await
+    .expect("every replica names the leader");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let s = spec(&sim);
+    assert_eq!(s.holder_identity, want);
+    assert_eq!(s.lease_transitions, Some(5));
+    mon.assert_never_two();
+    for r in rs {
+        stop(r).await;
+    }
 }
 
 /// Every write fails (`status`) from some moment: the leader keeps trying until the renew
