@@ -11,6 +11,7 @@ pub mod http;
 pub mod kube;
 pub mod metrics;
 pub mod openai;
+pub mod leader;
 pub mod retry;
 pub mod rotation;
 #[cfg(feature = "sandbox")]

@@ -8,6 +8,7 @@ mod kube_roller;
 mod kube_sim;
 mod metrics_exposition;
 mod openai_client;
+mod leader;
 mod openai_sim;
 mod rotation_e2e;
 mod sandbox;
