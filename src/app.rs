@@ -8,6 +8,7 @@ use crate::daemon::{
 };
 use crate::http::{self, ApiTokens, AppState, Readiness};
 use crate::kube::KubeRoller;
+use crate::leader::{LeaderConfig, LeaderElector};
 use crate::metrics::Metrics;
 use crate::openai::{load_admin_key, OpenAiClient};
 use crate::retry::RetryPolicy;
@@ -282,14 +283,50 @@ pub async fn start(
         metrics: services.metrics.clone(),
         audit: audit.clone(),
     });
-    services.metrics.set_leader(true);
+    let leader = if config.daemon.leader_election.enabled {
+        let le = &config.daemon.leader_election;
+        let identity = le
+            .identity
+            .clone()
+            .or_else(|| std::env::var("POD_NAME").ok())
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| format!("openai-key-rotator-{}", std::process::id()));
+        let namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| le.namespace.clone());
+        let cfg = LeaderConfig {
+            namespace,
+            lease_name: le.lease_name.clone(),
+            identity: identity.clone(),
+            lease_duration: le.lease_duration.get(),
+            renew_deadline: le.renew_deadline.get(),
+            retry_period: le.retry_period.get(),
+        };
+        let elector = LeaderElector::try_new(services.roller.client(), cfg)
+            .context("daemon.leader_election")?;
+        let (is_leader, holder, _task) = elector.spawn(shutdown.child_token());
+        tracing::info!(%identity, "leader election enabled");
+        // Publish leadership as a metric.
+        let (metrics, mut watch) = (services.metrics.clone(), is_leader.clone());
+        tokio::spawn(async move {
+            loop {
+                metrics.set_leader(*watch.borrow_and_update());
+                if watch.changed().await.is_err() {
+                    metrics.set_leader(false);
+                    break;
+                }
+            }
+        });
+        (is_leader, holder)
+    } else {
+        services.metrics.set_leader(true);
+        sole_leader()
+    };
     let daemon = Daemon::new(
         Arc::new(config.clone()),
         services.engine.clone(),
         services.store.clone() as Arc<dyn SecretStore>,
         services.live.clone(),
         hooks.clone(),
-        sole_leader(),
+        leader,
         DaemonOptions::default(),
         shutdown.clone(),
     );

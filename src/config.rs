@@ -56,6 +56,37 @@ pub struct DaemonConfig {
     pub audit: AuditConfig,
     /// Log format: "auto" (JSON unless stderr is a terminal), "json" or "text".
     pub log_format: LogFormat,
+    pub leader_election: LeaderElectionConfig,
+}
+
+/// With several replicas, a Kubernetes Lease elects the one that rotates.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LeaderElectionConfig {
+    pub enabled: bool,
+    /// Namespace of the Lease (the daemon's own); env POD_NAMESPACE wins when set.
+    pub namespace: String,
+    pub lease_name: String,
+    /// This replica's name; unset = env POD_NAME, else the host name.
+    pub identity: Option<String>,
+    pub lease_duration: DurationStr,
+    /// A leader that could not renew for this long steps down (must be < lease_duration).
+    pub renew_deadline: DurationStr,
+    pub retry_period: DurationStr,
+}
+
+impl Default for LeaderElectionConfig {
+    fn default() -> Self {
+        LeaderElectionConfig {
+            enabled: false,
+            namespace: "openai-key-rotator".into(),
+            lease_name: "openai-key-rotator".into(),
+            identity: None,
+            lease_duration: DurationStr::from_secs(15),
+            renew_deadline: DurationStr::from_secs(10),
+            retry_period: DurationStr::from_secs(2),
+        }
+    }
 }
 
 impl Default for DaemonConfig {
@@ -68,6 +99,7 @@ impl Default for DaemonConfig {
             sweep_min_age: DurationStr::from_secs(3600),
             audit: AuditConfig::default(),
             log_format: LogFormat::Auto,
+            leader_election: LeaderElectionConfig::default(),
         }
     }
 }
@@ -518,6 +550,20 @@ impl Config {
                 "daemon.account_prefix: {:?} must be 1-20 characters of a-z, 0-9 and '-'",
                 d.account_prefix
             ));
+        }
+        let le = &d.leader_election;
+        if le.enabled {
+            if le.renew_deadline >= le.lease_duration {
+                errors.push("daemon.leader_election.renew_deadline: must be shorter than lease_duration (or two replicas could both lead)".into());
+            }
+            if le.retry_period.get().is_zero() || le.retry_period >= le.renew_deadline {
+                errors.push("daemon.leader_election.retry_period: must be above zero and shorter than renew_deadline".into());
+            }
+            if le.lease_name.is_empty() || le.namespace.is_empty() {
+                errors.push(
+                    "daemon.leader_election: namespace and lease_name must not be empty".into(),
+                );
+            }
         }
         if d.state_prefix.trim_matches('/').is_empty() {
             errors.push("daemon.state_prefix: must not be empty".into());

@@ -516,6 +516,13 @@ impl Daemon {
         let mut last_retry = tokio::time::Instant::now();
         while !self.inner.shutdown.is_cancelled() {
             if !*leader.borrow() {
+                if resumed {
+                    // Lost the lease: stop starting steps; the new leader resumes from the journal.
+                    tracing::warn!(
+                        "not the leader any more: stopping running rotations between steps"
+                    );
+                    self.stop_running();
+                }
                 resumed = false;
                 tokio::select! {
                     _ = leader.changed() => continue,
@@ -583,14 +590,18 @@ impl Daemon {
         });
     }
 
-    /// Stop taking work, ask running rotations to stop between steps, wait (bounded).
-    async fn drain_for_shutdown(&self) {
-        self.inner.accepting.store(false, Ordering::SeqCst);
+    fn stop_running(&self) {
         for st in self.inner.targets.lock().unwrap().values() {
             if let Some(r) = &st.running {
                 r.control.request_stop();
             }
         }
+    }
+
+    /// Stop taking work, ask running rotations to stop between steps, wait (bounded).
+    async fn drain_for_shutdown(&self) {
+        self.inner.accepting.store(false, Ordering::SeqCst);
+        self.stop_running();
         self.inner.tasks.close();
         if tokio::time::timeout(self.inner.opts.shutdown_grace, self.inner.tasks.wait())
             .await

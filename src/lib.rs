@@ -9,9 +9,9 @@ pub mod daemon;
 pub mod demo;
 pub mod http;
 pub mod kube;
+pub mod leader;
 pub mod metrics;
 pub mod openai;
-pub mod leader;
 pub mod retry;
 pub mod rotation;
 #[cfg(feature = "sandbox")]

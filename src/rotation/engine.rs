@@ -642,7 +642,13 @@ impl Engine {
                 }
                 Step::Drain => {
                     self.begin(rec, Step::Drain).await?;
-                    let outcome = self.drain(target, rec, control).await;
+                    let Some(outcome) = self.drain(target, rec, control).await else {
+                        // Shutdown or lost leadership mid-wait: resume serves the rest.
+                        return Err(EngineError::Stopped {
+                            rotation_id: rec.journal.rotation_id.clone(),
+                            step: Step::Drain,
+                        });
+                    };
                     self.finish(rec, &outcome).await?;
                     step = Step::Retire;
                 }
@@ -1009,8 +1015,23 @@ impl Engine {
         }
     }
 
-    /// Grace period, then the optional usage-verified drain. Returns the step outcome.
-    async fn drain(&self, target: &Target, rec: &mut Record, control: &RotationControl) -> String {
+    /// Grace period, then the optional usage-verified drain. Returns the step outcome, or
+    /// None when asked to stop while waiting.
+    async fn drain(
+        &self,
+        target: &Target,
+        rec: &mut Record,
+        control: &RotationControl,
+    ) -> Option<String> {
+        Some(self.drain_inner(target, rec, control).await).filter(|_| !control.stop_requested())
+    }
+
+    async fn drain_inner(
+        &self,
+        target: &Target,
+        rec: &mut Record,
+        control: &RotationControl,
+    ) -> String {
         if control.is_emergency() {
             rec.journal.emergency = true;
             return "skipped (emergency)".into();
@@ -1023,6 +1044,9 @@ impl Engine {
         let served = (Utc::now() - started).to_std().unwrap_or_default();
         let grace_end = Instant::now() + target.grace_period.get().saturating_sub(served);
         while Instant::now() < grace_end {
+            if control.stop_requested() {
+                return "stopped".into();
+            }
             if control.is_emergency() {
                 rec.journal.emergency = true;
                 return "cut short (emergency)".into();
@@ -1035,6 +1059,9 @@ impl Engine {
         };
         let bound = Instant::now() + d.max_wait.get();
         loop {
+            if control.stop_requested() {
+                return "stopped".into();
+            }
             if control.is_emergency() {
                 rec.journal.emergency = true;
                 return "cut short (emergency)".into();

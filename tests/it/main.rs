@@ -4,11 +4,12 @@ mod support;
 
 mod audit_cli;
 mod demo;
+mod failover;
 mod kube_roller;
 mod kube_sim;
+mod leader;
 mod metrics_exposition;
 mod openai_client;
-mod leader;
 mod openai_sim;
 mod rotation_e2e;
 mod sandbox;
