@@ -3,6 +3,7 @@
 mod support;
 
 mod audit_cli;
+mod daemon_e2e;
 mod demo;
 mod failover;
 mod kube_roller;
