@@ -244,8 +244,10 @@ async fn roll_completes_when_the_rollout_does_and_repeating_is_a_no_op() {
 #[tokio::test]
 async fn a_never_ready_rollout_fails_at_its_progress_deadline_not_before() {
     let e = env(50).await;
+    // A generous deadline for the first rollout (one-second granularity, and a loaded
+    // machine must not trip it); the short one is set before the never-ready rollout.
     let mut d = KubeSim::simple_deployment("okr", "stuck", 2);
-    d.spec.as_mut().unwrap().progress_deadline_seconds = Some(2);
+    d.spec.as_mut().unwrap().progress_deadline_seconds = Some(60);
     e.sim.create_deployment(d).unwrap();
     assert!(
         e.sim
@@ -253,6 +255,11 @@ async fn a_never_ready_rollout_fails_at_its_progress_deadline_not_before() {
             .await
     );
     let w = deployment_ref("okr", "stuck");
+    e.sim
+        .update_deployment("okr", "stuck", |d| {
+            d.spec.as_mut().unwrap().progress_deadline_seconds = Some(2)
+        })
+        .unwrap();
     e.sim.set_never_ready("okr", "stuck", true);
 
     let t = Instant::now();

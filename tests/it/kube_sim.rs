@@ -247,8 +247,10 @@ async fn kubectl_get_restart_and_rollout_status() {
 #[tokio::test]
 async fn kubectl_rollout_status_fails_when_the_progress_deadline_passes() {
     let (sim, server) = start(50).await;
+    // A generous deadline for the first rollout (one-second granularity, and a loaded
+    // machine must not trip it); the short one is set before the never-ready rollout.
     let mut d = KubeSim::simple_deployment("demo", "stuck", 2);
-    d.spec.as_mut().unwrap().progress_deadline_seconds = Some(2);
+    d.spec.as_mut().unwrap().progress_deadline_seconds = Some(60);
     sim.create_deployment(d).unwrap();
     assert!(
         sim.wait_rollout_complete("demo", "stuck", Duration::from_secs(10))
@@ -256,6 +258,10 @@ async fn kubectl_rollout_status_fails_when_the_progress_deadline_passes() {
     );
     let k = Kubectl::new(&server, "demo");
 
+    sim.update_deployment("demo", "stuck", |d| {
+        d.spec.as_mut().unwrap().progress_deadline_seconds = Some(2)
+    })
+    .unwrap();
     sim.set_never_ready("demo", "stuck", true);
     k.ok(&["rollout", "restart", "deploy/stuck"]).await;
     let t = Instant::now();

@@ -217,17 +217,23 @@ async fn rolling_update_honours_surge_and_unavailable() {
 #[tokio::test]
 async fn a_never_ready_rollout_exceeds_its_progress_deadline() {
     let (sim, _stop) = running(fast());
+    // A generous deadline for the first rollout (a loaded machine must not trip it; the
+    // deadline has one-second granularity and can fire up to a second early)...
     let mut d = KubeSim::simple_deployment("ns", "stuck", 2);
-    d.spec.as_mut().unwrap().progress_deadline_seconds = Some(1);
+    d.spec.as_mut().unwrap().progress_deadline_seconds = Some(60);
     sim.create_deployment(d).unwrap();
     assert!(
         sim.wait_rollout_complete("ns", "stuck", Duration::from_secs(10))
             .await
     );
 
+    // ...then a 1 s deadline for the rollout that never becomes ready.
     sim.set_never_ready("ns", "stuck", true);
-    sim.update_deployment("ns", "stuck", |d| set_annotation(d, "x", "1"))
-        .unwrap();
+    sim.update_deployment("ns", "stuck", |d| {
+        d.spec.as_mut().unwrap().progress_deadline_seconds = Some(1);
+        set_annotation(d, "x", "1")
+    })
+    .unwrap();
     // Not complete while the new pod is never ready...
     assert!(
         !sim.wait_rollout_complete("ns", "stuck", Duration::from_secs(5))
