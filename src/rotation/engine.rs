@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 /// Why a rotation was asked for.
 #[derive(Debug, Clone)]
@@ -447,13 +448,24 @@ impl Engine {
         };
         self.observer
             .on_event(&rec.journal, &RotationEvent::Started);
+        let span = tracing::info_span!("rotation", rotation_id = %rec.journal.rotation_id, target = %target.name);
         self.forward(target, &mut rec, Step::Mint, None, &control)
+            .instrument(span)
             .await
     }
 
     /// Pick up the target's unfinished rotation, if any; retry pending deletions of a
     /// finished one. Returns the journal as it ends.
     pub async fn resume(
+        &self,
+        target: &Target,
+        control: Arc<RotationControl>,
+    ) -> Result<Option<Journal>, EngineError> {
+        let span = tracing::info_span!("resume", target = %target.name);
+        self.resume_inner(target, control).instrument(span).await
+    }
+
+    async fn resume_inner(
         &self,
         target: &Target,
         control: Arc<RotationControl>,
@@ -693,6 +705,7 @@ impl Engine {
         }
     }
 
+    #[tracing::instrument(level = "info", name = "step", skip_all, fields(step = "mint"))]
     async fn mint(&self, target: &Target, rec: &mut Record) -> Result<Secret, EngineError> {
         let name = rec.journal.new_account_name.clone();
         let minted = match self
@@ -731,6 +744,7 @@ impl Engine {
     }
 
     /// Ok(Err(reason)) = nothing was published (CAS conflict): abandon cleanly.
+    #[tracing::instrument(level = "info", name = "step", skip_all, fields(step = "publish"))]
     async fn publish(
         &self,
         target: &Target,
@@ -839,6 +853,7 @@ impl Engine {
         Ok(rec.journal.clone())
     }
 
+    #[tracing::instrument(level = "info", name = "step", skip_all, fields(step = "sync"))]
     async fn sync(&self, target: &Target, rec: &mut Record) -> Result<(), StepFailure> {
         let s = target.synced_secret.as_ref().expect("checked by caller");
         let want = rec.journal.new_key_sha256.clone().unwrap_or_default();
@@ -872,6 +887,7 @@ impl Engine {
         }
     }
 
+    #[tracing::instrument(level = "info", name = "step", skip_all, fields(step = "roll"))]
     async fn roll(&self, target: &Target, rec: &mut Record) -> Result<(), StepFailure> {
         for w in &target.workloads {
             self.roller
@@ -931,6 +947,7 @@ impl Engine {
         }
     }
 
+    #[tracing::instrument(level = "info", name = "step", skip_all, fields(step = "verify"))]
     async fn verify(
         &self,
         target: &Target,
@@ -1017,6 +1034,7 @@ impl Engine {
 
     /// Grace period, then the optional usage-verified drain. Returns the step outcome, or
     /// None when asked to stop while waiting.
+    #[tracing::instrument(level = "info", name = "step", skip_all, fields(step = "drain"))]
     async fn drain(
         &self,
         target: &Target,
@@ -1111,6 +1129,7 @@ impl Engine {
 
     /// Delete the old account with bounded retries; on failure leave it pending (the
     /// rotation still completes: the new key is verified and current).
+    #[tracing::instrument(level = "info", name = "step", skip_all, fields(step = "retire"))]
     async fn retire_old(
         &self,
         target: &Target,
@@ -1154,6 +1173,7 @@ impl Engine {
     }
 
     /// Put the old key back (as a new Vault version), roll again, delete the new account.
+    #[tracing::instrument(level = "info", name = "step", skip_all, fields(step = "rollback"))]
     async fn rollback(
         &self,
         target: &Target,

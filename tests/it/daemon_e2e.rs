@@ -480,3 +480,89 @@ async fn the_daemon_under_cli_signals_and_scrapes() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_shot_rotation_dry_run_and_sweep_from_the_cli() {
+    let bao = support::start_bao().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = SandboxOptions::for_tests(dir.path());
+    opts.external_vault = Some((bao.addr.clone(), Secret::new(bao.token.clone())));
+    let sb = Sandbox::start(opts).await.unwrap();
+    assert!(sb.wait_ready(Duration::from_secs(30)).await);
+    let mut config = sb.config.clone();
+    config.targets[0].grace_period = DurationStr(Duration::from_millis(200));
+    config.daemon.sweep_min_age = DurationStr::from_secs(3600);
+    let path = dir.path().join("once.toml");
+    std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let accounts = || sb.openai.service_accounts(&sb.project_id);
+    let seeded = accounts();
+
+    // --dry-run prints the plan and touches nothing.
+    let (code, out, err) = run(&["rotate", "chatbot", "--once", "--dry-run"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("mint: create service account okr-chatbot-<rotation-id>"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("retire: delete service account {}", seeded[0].id)),
+        "{out}"
+    );
+    assert_eq!(accounts(), seeded);
+
+    // --once rotates in-process and exits 0 on completion.
+    let (code, out, err) = run(&["rotate", "chatbot", "--once"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(": completed"), "{out}");
+    let after = accounts();
+    assert_eq!(after.len(), 1);
+    assert_ne!(after[0].id, seeded[0].id);
+
+    // sweep: an orphaned managed account goes (with a zero safety margin), an unmanaged one
+    // and the current one stay; with the default margin nothing young is touched.
+    let (orphan, _) = sb
+        .openai
+        .create_service_account(&sb.project_id, "okr-chatbot-20260101000000-abcdef")
+        .unwrap();
+    let (hand, _) = sb
+        .openai
+        .create_service_account(&sb.project_id, "made-by-hand")
+        .unwrap();
+    let (code, out, err) = run(&["sweep"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("0 deleted"), "{out}");
+    let (code, out, err) = run(&["sweep", "--min-age", "0s"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains(&format!("deleted orphaned service account {}", orphan.id)),
+        "{out}"
+    );
+    let ids: Vec<String> = accounts().into_iter().map(|a| a.id).collect();
+    assert!(
+        ids.contains(&hand.id) && ids.contains(&after[0].id) && !ids.contains(&orphan.id),
+        "{ids:?}"
+    );
+
+    // A failing one-shot exits non-zero.
+    sb.kube.set_never_ready(NAMESPACE, "chatbot-api", true);
+    let mut failing = config.clone();
+    failing.targets[0].rollout_timeout = DurationStr::from_secs(2);
+    std::fs::write(&path, toml::to_string(&failing).unwrap()).unwrap();
+    let (code, out, _) = run(&["rotate", "chatbot", "--once"]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains(": rolled_back"), "{out}");
+}
