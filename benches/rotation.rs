@@ -49,7 +49,11 @@ async fn engine_over_fakes(n: usize) -> Vec<Duration> {
     for _ in 0..n {
         let t = Instant::now();
         let j = engine
-            .rotate(&target, RotationRequest::new(Trigger::Cli, "bench", "bench"), Arc::default())
+            .rotate(
+                &target,
+                RotationRequest::new(Trigger::Cli, "bench", "bench"),
+                Arc::default(),
+            )
             .await
             .unwrap();
         assert_eq!(j.status, Status::Completed);
@@ -60,7 +64,9 @@ async fn engine_over_fakes(n: usize) -> Vec<Duration> {
 
 async fn end_to_end(n: usize) -> (Vec<Duration>, u64, u64) {
     let dir = tempfile::tempdir().unwrap();
-    let sb = Sandbox::start(SandboxOptions::for_tests(dir.path())).await.unwrap();
+    let sb = Sandbox::start(SandboxOptions::for_tests(dir.path()))
+        .await
+        .unwrap();
     assert!(sb.wait_ready(Duration::from_secs(30)).await);
     let mut config = sb.config.clone();
     config.targets[0].grace_period = DurationStr(Duration::ZERO);
@@ -82,7 +88,11 @@ async fn end_to_end(n: usize) -> (Vec<Duration>, u64, u64) {
         let t = Instant::now();
         let j = services
             .engine
-            .rotate(&config.targets[0], RotationRequest::new(Trigger::Cli, "bench", "bench"), Arc::default())
+            .rotate(
+                &config.targets[0],
+                RotationRequest::new(Trigger::Cli, "bench", "bench"),
+                Arc::default(),
+            )
             .await
             .unwrap();
         assert_eq!(j.status, Status::Completed, "{j:?}");

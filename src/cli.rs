@@ -103,6 +103,18 @@ pub struct RunArgs {
     pub audit_file: Option<PathBuf>,
 }
 
+/// Ports of the three simulators (0 = any free port).
+#[cfg(feature = "sandbox")]
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct SimPorts {
+    #[arg(long, default_value_t = crate::sandbox::scenario::DEFAULT_OPENAI_PORT)]
+    pub openai_port: u16,
+    #[arg(long, default_value_t = crate::sandbox::scenario::DEFAULT_VAULT_PORT)]
+    pub vault_port: u16,
+    #[arg(long, default_value_t = crate::sandbox::scenario::DEFAULT_KUBE_PORT)]
+    pub kube_port: u16,
+}
+
 #[cfg(feature = "sandbox")]
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
@@ -115,12 +127,8 @@ pub struct DemoArgs {
     /// Daemon API and metrics address.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: std::net::SocketAddr,
-    #[arg(long, default_value_t = crate::sandbox::scenario::DEFAULT_OPENAI_PORT)]
-    pub openai_port: u16,
-    #[arg(long, default_value_t = crate::sandbox::scenario::DEFAULT_VAULT_PORT)]
-    pub vault_port: u16,
-    #[arg(long, default_value_t = crate::sandbox::scenario::DEFAULT_KUBE_PORT)]
-    pub kube_port: u16,
+    #[command(flatten)]
+    pub ports: SimPorts,
     /// Folder for the generated files (config, kubeconfig, tokens, audit trail).
     #[arg(long, default_value = "okr-demo")]
     pub dir: PathBuf,
@@ -171,12 +179,8 @@ pub enum AuditCommand {
 #[cfg(feature = "sandbox")]
 #[derive(clap::Args, Debug)]
 pub struct SandboxArgs {
-    #[arg(long, default_value_t = crate::sandbox::scenario::DEFAULT_OPENAI_PORT)]
-    pub openai_port: u16,
-    #[arg(long, default_value_t = crate::sandbox::scenario::DEFAULT_VAULT_PORT)]
-    pub vault_port: u16,
-    #[arg(long, default_value_t = crate::sandbox::scenario::DEFAULT_KUBE_PORT)]
-    pub kube_port: u16,
+    #[command(flatten)]
+    pub ports: SimPorts,
     /// Folder for the generated files.
     #[arg(long, default_value = "okr-sandbox")]
     pub dir: PathBuf,
@@ -270,9 +274,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             init_tracing(LogFormat::Text);
             let opts = crate::demo::DemoOptions {
                 sandbox: crate::sandbox::scenario::SandboxOptions {
-                    openai_port: args.openai_port,
-                    vault_port: args.vault_port,
-                    kube_port: args.kube_port,
+                    openai_port: args.ports.openai_port,
+                    vault_port: args.ports.vault_port,
+                    kube_port: args.ports.kube_port,
                     dir: args.dir,
                     ..crate::demo::DemoOptions::default().sandbox
                 },
@@ -357,9 +361,9 @@ async fn sandbox(args: SandboxArgs) -> anyhow::Result<std::process::ExitCode> {
     use crate::sandbox::scenario::{Sandbox, SandboxOptions};
     init_tracing(LogFormat::Text);
     let sb = Sandbox::start(SandboxOptions {
-        openai_port: args.openai_port,
-        vault_port: args.vault_port,
-        kube_port: args.kube_port,
+        openai_port: args.ports.openai_port,
+        vault_port: args.ports.vault_port,
+        kube_port: args.ports.kube_port,
         dir: args.dir,
         kubeconfig: args.kubeconfig,
         config: args.write_config,

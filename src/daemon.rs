@@ -3,7 +3,7 @@
 //! down between steps.
 
 use crate::config::{Config, Target};
-use crate::rotation::journal::new_rotation_id;
+use crate::rotation::journal::{new_rotation_id, Origin};
 use crate::rotation::ports::SecretStore;
 use crate::rotation::{
     Engine, EngineError, Journal, Observer, RotationControl, RotationEvent, RotationRequest,
@@ -326,37 +326,19 @@ impl Daemon {
         let now = Utc::now();
         let id = new_rotation_id(now);
         // Visible at once (queued for a slot), until the engine's first event replaces it.
-        self.inner.live.put(&Journal {
-            rotation_id: id.clone(),
-            target: target.name.clone(),
-            trigger: req.trigger,
-            actor: req.actor.clone(),
-            reason: req.reason.clone(),
-            emergency: req.emergency,
-            revoke_first: req.revoke_first,
-            status: Status::Running,
-            step: crate::rotation::Step::Mint,
-            step_state: crate::rotation::StepState::Started,
-            started_at: now,
-            updated_at: now,
-            new_account_name: crate::rotation::journal::account_name(
-                &config.daemon.account_prefix,
-                &target.name,
-                &id,
-            ),
-            old_account: None,
-            old_vault_version: 0,
-            old_rotation_id: None,
-            old_key_created_at: None,
-            new_account: None,
-            new_key_sha256: None,
-            new_vault_version: None,
-            rollback_vault_version: None,
-            old_retired: false,
-            pending_deletions: Vec::new(),
-            steps: Vec::new(),
-            error: None,
-        });
+        self.inner.live.put(&Journal::new(
+            &id,
+            &target.name,
+            &config.daemon.account_prefix,
+            Origin {
+                trigger: req.trigger,
+                actor: req.actor.clone(),
+                reason: req.reason.clone(),
+                emergency: req.emergency,
+                revoke_first: req.revoke_first,
+            },
+            now,
+        ));
         let control = Arc::new(RotationControl::default());
         st.running = Some(Running {
             id: id.clone(),

@@ -7,8 +7,8 @@
 //! as it is; `resume` sorts it out later rather than guessing.
 
 use super::journal::{
-    account_name, new_rotation_id, parse_account_name, Journal, PendingDeletion, Status, Step,
-    StepState, Trigger,
+    account_name, new_rotation_id, parse_account_name, Journal, Origin, PendingDeletion, Status,
+    Step, StepState, Trigger,
 };
 use super::ports::{
     BackendError, EventType, KeyIssuer, KeyMeta, RolloutState, SecretStore, WorkloadRoller,
@@ -414,33 +414,25 @@ impl Engine {
             .rotation_id
             .clone()
             .unwrap_or_else(|| new_rotation_id(now));
-        let journal = Journal {
-            new_account_name: account_name(&self.opts.account_prefix, &target.name, &rotation_id),
-            rotation_id,
-            target: target.name.clone(),
-            trigger: request.trigger,
-            actor: request.actor,
-            reason: request.reason,
-            emergency: control.is_emergency(),
-            revoke_first: control.revoke_first(),
-            status: Status::Running,
-            step: Step::Mint,
-            step_state: StepState::Started,
-            started_at: now,
-            updated_at: now,
-            old_account: current.as_ref().and_then(|c| c.meta.account.clone()),
-            old_vault_version: current.as_ref().map_or(0, |c| c.version),
-            old_rotation_id: current.as_ref().and_then(|c| c.meta.rotation_id.clone()),
-            old_key_created_at: current.as_ref().and_then(|c| c.meta.key_created_at),
-            new_account: None,
-            new_key_sha256: None,
-            new_vault_version: None,
-            rollback_vault_version: None,
-            old_retired: false,
-            pending_deletions: Vec::new(),
-            steps: Vec::new(),
-            error: None,
-        };
+        let mut journal = Journal::new(
+            &rotation_id,
+            &target.name,
+            &self.opts.account_prefix,
+            Origin {
+                trigger: request.trigger,
+                actor: request.actor,
+                reason: request.reason,
+                emergency: control.is_emergency(),
+                revoke_first: control.revoke_first(),
+            },
+            now,
+        );
+        if let Some(c) = &current {
+            journal.old_account = c.meta.account.clone();
+            journal.old_vault_version = c.version;
+            journal.old_rotation_id = c.meta.rotation_id.clone();
+            journal.old_key_created_at = c.meta.key_created_at;
+        }
         let mut rec = Record {
             journal,
             version,

@@ -169,7 +169,54 @@ pub struct Journal {
     pub error: Option<String>,
 }
 
+/// Who asked for a rotation, and how: the part of a journal known before it starts.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    pub trigger: Trigger,
+    pub actor: String,
+    pub reason: String,
+    pub emergency: bool,
+    pub revoke_first: bool,
+}
+
 impl Journal {
+    /// A rotation about to start (nothing known of the old key or the new one yet).
+    pub fn new(
+        rotation_id: &str,
+        target: &str,
+        account_prefix: &str,
+        origin: Origin,
+        now: DateTime<Utc>,
+    ) -> Journal {
+        Journal {
+            rotation_id: rotation_id.to_string(),
+            target: target.to_string(),
+            trigger: origin.trigger,
+            actor: origin.actor,
+            reason: origin.reason,
+            emergency: origin.emergency,
+            revoke_first: origin.revoke_first,
+            status: Status::Running,
+            step: Step::Mint,
+            step_state: StepState::Started,
+            started_at: now,
+            updated_at: now,
+            new_account_name: account_name(account_prefix, target, rotation_id),
+            old_account: None,
+            old_vault_version: 0,
+            old_rotation_id: None,
+            old_key_created_at: None,
+            new_account: None,
+            new_key_sha256: None,
+            new_vault_version: None,
+            rollback_vault_version: None,
+            old_retired: false,
+            pending_deletions: Vec::new(),
+            steps: Vec::new(),
+            error: None,
+        }
+    }
+
     /// Mark `step` started (journal it before doing anything).
     pub fn begin(&mut self, step: Step, now: DateTime<Utc>) {
         self.step = step;
