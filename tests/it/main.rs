@@ -4,6 +4,7 @@ mod support;
 
 mod audit_cli;
 mod demo;
+mod deploy;
 mod failover;
 mod kube_roller;
 mod kube_sim;
