@@ -79,6 +79,33 @@ fn alert_rules_pass_promtool_and_their_unit_tests_can_fail() {
     let (ok, text) = run(Command::new(&promtool).args(["test", "rules"]).arg(&tests));
     assert!(ok, "promtool test rules:\n{text}");
 
+    // Every alert: severity, summary, description and a runbook section that exists.
+    let runbooks = std::fs::read_to_string(support::repo_root().join("docs/runbooks.md")).unwrap();
+    let parsed: serde_json::Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(rules_file()).unwrap()).unwrap();
+    let mut alerts = 0;
+    for rule in parsed["groups"][0]["rules"].as_array().unwrap() {
+        let Some(name) = rule["alert"].as_str() else {
+            continue;
+        };
+        alerts += 1;
+        assert!(rule["labels"]["severity"].is_string(), "{name}: severity");
+        for field in ["summary", "description"] {
+            assert!(rule["annotations"][field].is_string(), "{name}: {field}");
+        }
+        let url = rule["annotations"]["runbook_url"].as_str().unwrap();
+        let anchor = name.to_lowercase();
+        assert!(
+            url.ends_with(&format!("docs/runbooks.md#{anchor}")),
+            "{name}: {url}"
+        );
+        assert!(
+            runbooks.contains(&format!("\n## {name}\n")),
+            "{name}: no section in docs/runbooks.md"
+        );
+    }
+    assert!(alerts >= 12, "{alerts} alerts");
+
     // Mutations of the rules must break the unit tests (they pin the thresholds).
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(&tests, dir.path().join("rules.test.yaml")).unwrap();
@@ -117,7 +144,10 @@ fn start_prometheus(dir: &Path, target: &str) -> (ChildGuard, String) {
     let mut cmd = Command::new(support::tool("prometheus"));
     cmd.arg(format!("--config.file={}", config.display()))
         .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-        .arg(format!("--storage.tsdb.path={}", dir.join("data").display()));
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ));
     (ChildGuard::spawn(cmd), format!("http://127.0.0.1:{port}"))
 }
 
@@ -169,7 +199,10 @@ async fn prometheus_fires_the_rollback_alert_for_a_rolled_back_rotation() {
     // No scheduled rotation during the test: only the triggered one runs.
     opts.schedule = "0 0 0 1 1 *".into();
     let sb = Sandbox::start(opts).await.unwrap();
-    assert!(sb.wait_ready(Duration::from_secs(30)).await, "seeded rollouts");
+    assert!(
+        sb.wait_ready(Duration::from_secs(30)).await,
+        "seeded rollouts"
+    );
     let mut config = sb.config.clone();
     let target = config.targets[0].name.clone();
     config.targets[0].rollout_timeout = DurationStr::from_secs(3);
@@ -226,6 +259,63 @@ async fn prometheus_fires_the_rollback_alert_for_a_rolled_back_rotation() {
         },
     )
     .await;
+    // Every metric the rules and the dashboard use is one the daemon exports, and every
+    // dashboard query parses and evaluates in this Prometheus.
+    let exposition = reqwest::get(format!("{daemon_url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let dashboard_path = support::repo_root().join("deploy/grafana/dashboard.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&dashboard_path).unwrap()).unwrap();
+    let mut queries = Vec::new();
+    for p in dashboard["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().unwrap() {
+            queries.push(t["expr"].as_str().unwrap().to_string());
+        }
+    }
+    assert!(queries.len() >= 10, "{queries:?}");
+    let rules_text = std::fs::read_to_string(rules_file()).unwrap();
+    for text in queries
+        .iter()
+        .map(String::as_str)
+        .chain([rules_text.as_str()])
+    {
+        for (i, _) in text.match_indices("openai_key_rotator_") {
+            let name: String = text[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(&name);
+            assert!(
+                exposition.contains(&format!("# TYPE {base} ")),
+                "{name} is not exported by the daemon"
+            );
+        }
+    }
+    for q in &queries {
+        let q = q
+            .replace("$__rate_interval", "1m")
+            .replace("$__range", "1h")
+            .replace("$job", "openai-key-rotator")
+            .replace("$target", ".*");
+        let r: serde_json::Value = http
+            .get(format!("{prom_url}/api/v1/query"))
+            .query(&[("query", q.as_str())])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(r["status"], "success", "{q}: {r}");
+    }
+
     // The rules are loaded and nothing fires yet.
     let rules = get_json(&http, &format!("{prom_url}/api/v1/rules"))
         .await
