@@ -31,6 +31,8 @@ missing=()
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+# Prometheus server and promtool (alert rule tests, end-to-end alert test).
+{ command -v promtool && command -v prometheus; } >/dev/null 2>&1 || missing+=(prometheus)
 [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
 if ! command -v kubectl >/dev/null 2>&1; then
   apt_install kubectl || apt_install kubernetes-client
@@ -46,6 +48,16 @@ if [ ! -x "$tools/venv/bin/bao" ] || ! "$tools/venv/bin/python" -c 'import prome
 fi
 "$tools/venv/bin/bao" version >/dev/null
 "$tools/venv/bin/python" -c 'import prometheus_client'
+
+# Chart checks: Helm as a library, kubernetes-validate and yamllint, into the same venv.
+if ! "$tools/venv/bin/python" -c 'import helm_python, kubernetes_validate' 2>/dev/null || [ ! -x "$tools/venv/bin/yamllint" ]; then
+  step "pip install helm-python-sdk kubernetes-validate yamllint into $tools/venv"
+  [ -x "$tools/venv/bin/pip" ] || python3 -m venv "$tools/venv"
+  "$tools/venv/bin/pip" install -q --disable-pip-version-check helm-python-sdk kubernetes-validate yamllint
+fi
+"$tools/venv/bin/python" -c 'import helm_python, kubernetes_validate'
+"$tools/venv/bin/yamllint" --version >/dev/null
+promtool --version >/dev/null
 
 # npm tools into a local prefix: Prism (OpenAPI contract validation).
 if [ ! -x "$tools/npm/node_modules/.bin/prism" ]; then

@@ -5,6 +5,7 @@ mod support;
 mod audit_cli;
 mod daemon_e2e;
 mod demo;
+mod deploy;
 mod failover;
 mod kube_roller;
 mod kube_sim;
