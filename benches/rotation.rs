@@ -123,7 +123,8 @@ fn main() {
          | full rotation against the simulators with the real clients (2 Deployments × 2 replicas, pod ready delay 100 ms, 50 ms polling, no grace) | {ne} | {em:?} | {ep:?} |\n\n\
          - Consumer pods during the end-to-end runs: {ok} successful calls, {failed} failed.\n\
          - Engine overhead relative to a full rotation: {ratio:.4}% (median fakes / median end to end): \
-         the wall time of a real rotation is the rollout, not the daemon.\n\
+         the wall time of a real rotation is the rollout, not the daemon. The fakes' figure is an \
+         upper bound: their rollouts take two polls, each a tokio sleep of at least 1 ms.\n\
          - Peak resident memory of the benchmark process (simulators, consumers and the daemon's \
          clients in one process): {rss_mib:.1} MiB.\n",
         cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
