@@ -3,7 +3,7 @@
 use crate::audit::{Audit, AuditEvent, AuditFields};
 use crate::config::Config;
 use crate::daemon::{
-    sole_leader, Daemon, DaemonOptions, Fanout, LiveRotations, ScheduleObserver, TriggerError,
+    Daemon, DaemonOptions, Fanout, Leadership, LiveRotations, ScheduleObserver, TriggerError,
     TriggerRequest,
 };
 use crate::http::{self, ApiTokens, AppState, Readiness};
@@ -315,10 +315,10 @@ pub async fn start(
                 }
             }
         });
-        (is_leader, holder)
+        Leadership::elected(is_leader, holder)
     } else {
         services.metrics.set_leader(true);
-        sole_leader()
+        Leadership::sole()
     };
     let daemon = Daemon::new(
         Arc::new(config.clone()),

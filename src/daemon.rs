@@ -194,6 +194,7 @@ struct Inner {
     opts: DaemonOptions,
     leader: watch::Receiver<bool>,
     leader_name: watch::Receiver<Option<String>>,
+    _leadership_senders: Option<(watch::Sender<bool>, watch::Sender<Option<String>>)>,
     accepting: AtomicBool,
     tasks: TaskTracker,
     shutdown: CancellationToken,
@@ -205,14 +206,37 @@ pub struct Daemon {
     inner: Arc<Inner>,
 }
 
-/// Always-leader watch channels for a single replica.
-pub fn sole_leader() -> (watch::Receiver<bool>, watch::Receiver<Option<String>>) {
-    let (tx, rx) = watch::channel(true);
-    let (ntx, nrx) = watch::channel(None);
-    // Keep the senders alive for the process lifetime: the value never changes.
-    std::mem::forget(tx);
-    std::mem::forget(ntx);
-    (rx, nrx)
+/// Who leads: "am I the leader" and "who is", as watch channels.
+pub struct Leadership {
+    pub is_leader: watch::Receiver<bool>,
+    pub holder: watch::Receiver<Option<String>>,
+    /// For a single replica: the senders, kept so the channels never close.
+    _fixed: Option<(watch::Sender<bool>, watch::Sender<Option<String>>)>,
+}
+
+impl Leadership {
+    /// A single replica: always the leader.
+    pub fn sole() -> Leadership {
+        let (tx, is_leader) = watch::channel(true);
+        let (htx, holder) = watch::channel(None);
+        Leadership {
+            is_leader,
+            holder,
+            _fixed: Some((tx, htx)),
+        }
+    }
+
+    /// Channels fed by a leader elector.
+    pub fn elected(
+        is_leader: watch::Receiver<bool>,
+        holder: watch::Receiver<Option<String>>,
+    ) -> Leadership {
+        Leadership {
+            is_leader,
+            holder,
+            _fixed: None,
+        }
+    }
 }
 
 impl Daemon {
@@ -224,7 +248,7 @@ impl Daemon {
         store: Arc<dyn SecretStore>,
         live: Arc<LiveRotations>,
         schedule_obs: Arc<dyn ScheduleObserver>,
-        leader: (watch::Receiver<bool>, watch::Receiver<Option<String>>),
+        leadership: Leadership,
         opts: DaemonOptions,
         shutdown: CancellationToken,
     ) -> Daemon {
@@ -247,8 +271,9 @@ impl Daemon {
                 slots,
                 wake: Notify::new(),
                 opts,
-                leader: leader.0,
-                leader_name: leader.1,
+                leader: leadership.is_leader,
+                leader_name: leadership.holder,
+                _leadership_senders: leadership._fixed,
                 accepting: AtomicBool::new(true),
                 tasks: TaskTracker::new(),
                 shutdown,
@@ -540,7 +565,15 @@ impl Daemon {
                 }
                 resumed = false;
                 tokio::select! {
-                    _ = leader.changed() => continue,
+                    changed = leader.changed() => {
+                        if changed.is_err() {
+                            // The elector is gone: never lead again; wait for shutdown.
+                            tracing::error!("leader election stopped; this replica stays a follower");
+                            self.inner.shutdown.cancelled().await;
+                            break;
+                        }
+                        continue;
+                    }
                     _ = self.inner.shutdown.cancelled() => break,
                 }
             }
@@ -582,7 +615,14 @@ impl Daemon {
             tokio::select! {
                 _ = tokio::time::sleep(sleep) => {}
                 _ = self.inner.wake.notified() => {}
-                _ = leader.changed() => {}
+                changed = leader.changed() => {
+                    if changed.is_err() {
+                        tracing::error!("leader election stopped; stopping rotations");
+                        self.stop_running();
+                        self.inner.shutdown.cancelled().await;
+                        break;
+                    }
+                }
                 _ = self.inner.shutdown.cancelled() => break,
             }
         }
@@ -731,7 +771,7 @@ mod tests {
             Arc::new(world.store.clone()),
             live.clone(),
             Arc::new(NoSchedule),
-            sole_leader(),
+            Leadership::sole(),
             DaemonOptions {
                 max_sleep: Duration::from_millis(50),
                 shutdown_grace: Duration::from_secs(5),
@@ -830,7 +870,7 @@ mod tests {
             Arc::new(h.world.store.clone()),
             live,
             Arc::new(NoSchedule),
-            (rx, nrx),
+            Leadership::elected(rx, nrx),
             DaemonOptions::default(),
             CancellationToken::new(),
         );

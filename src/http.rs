@@ -351,7 +351,7 @@ async fn list_targets(State(state): State<AppState>, headers: HeaderMap) -> Resp
 mod tests {
     use super::*;
     use crate::config::{Config, DurationStr, VaultConfig};
-    use crate::daemon::{sole_leader, DaemonOptions, LiveRotations, NoSchedule};
+    use crate::daemon::{DaemonOptions, Leadership, LiveRotations, NoSchedule};
     use crate::rotation::fakes::FakeWorld;
     use crate::rotation::EngineOptions;
     use axum::body::Body;
@@ -393,7 +393,7 @@ mod tests {
             Arc::new(world.store.clone()),
             live,
             Arc::new(NoSchedule),
-            sole_leader(),
+            Leadership::sole(),
             DaemonOptions::default(),
             CancellationToken::new(),
         );
