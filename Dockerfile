@@ -7,8 +7,10 @@ FROM rust:1-bookworm AS builder
 WORKDIR /src
 # Dependencies first, cached while only the sources change.
 COPY Cargo.toml Cargo.lock ./
-# (Cargo.toml declares the integration-test target: a stub keeps the manifest loadable.)
-RUN mkdir -p src tests/it && echo 'fn main() {}' > src/main.rs && touch src/lib.rs tests/it/main.rs \
+# (Cargo.toml declares the integration-test and benchmark targets: stubs keep the manifest
+# loadable; neither is built here.)
+RUN mkdir -p src tests/it benches && echo 'fn main() {}' > src/main.rs \
+    && touch src/lib.rs tests/it/main.rs && echo 'fn main() {}' > benches/rotation.rs \
     && cargo build --release --locked --no-default-features \
     && rm -rf src
 COPY src ./src
