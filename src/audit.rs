@@ -807,6 +807,7 @@ mod tests {
         j.rollback_vault_version = Some(6);
         j.pending_deletions.push(PendingDeletion {
             account: j.new_account.clone().unwrap(),
+            once_quiet_for_ms: None,
             unless_pods_carry: None,
             attempts: 1,
             last_error: None,

@@ -184,7 +184,19 @@ pub fn format_targets(v: &Value) -> String {
         "{:<20} {:<12} {:<22} {:<12} {:<10} {}\n",
         "TARGET", "STATE", "LAST ROTATION", "OUTCOME", "KEY AGE", "NEXT ROTATION"
     );
+    let mut pending = Vec::new();
     for t in v["targets"].as_array().cloned().unwrap_or_default() {
+        for id in t["pending_deletions"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+        {
+            pending.push(format!(
+                "{}: service account {} still to be deleted (its key still works)",
+                t["name"].as_str().unwrap_or("?"),
+                id.as_str().unwrap_or("?")
+            ));
+        }
         let age = t["key_age_seconds"]
             .as_i64()
             .map(|s| humantime::format_duration(Duration::from_secs(s.max(0) as u64)).to_string())
@@ -205,6 +217,9 @@ pub fn format_targets(v: &Value) -> String {
                 _ => "-".into(),
             }
         ));
+    }
+    for p in pending {
+        out.push_str(&format!("pending: {p}\n"));
     }
     out
 }

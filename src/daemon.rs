@@ -158,6 +158,8 @@ struct TargetState {
     next: Option<Due>,
     running: Option<Running>,
     last: Option<(String, Status, DateTime<Utc>)>,
+    /// Accounts the last rotation left to delete (retried every `pending_retry_interval`).
+    pending_deletions: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -180,6 +182,8 @@ pub struct TargetStatus {
     pub key_created_at: Option<DateTime<Utc>>,
     pub key_age_seconds: Option<i64>,
     pub consecutive_failures: u32,
+    /// Service accounts still to be deleted (their keys still work).
+    pub pending_deletions: Vec<String>,
 }
 
 struct Inner {
@@ -416,6 +420,11 @@ impl Daemon {
             None => {}
             Some(Ok(Some(j))) => {
                 st.last = Some((j.rotation_id.clone(), j.status, now));
+                st.pending_deletions = j
+                    .pending_deletions
+                    .iter()
+                    .map(|p| p.account.id.clone())
+                    .collect();
                 match j.status {
                     Status::Completed => {
                         st.history.consecutive_failures = 0;
@@ -704,6 +713,7 @@ impl Daemon {
                     key_created_at: st.history.key_created_at,
                     key_age_seconds: st.history.key_created_at.map(|c| (now - c).num_seconds()),
                     consecutive_failures: st.history.consecutive_failures,
+                    pending_deletions: st.pending_deletions.clone(),
                 }
             })
             .collect()

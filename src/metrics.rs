@@ -790,6 +790,7 @@ mod tests {
         j.new_account = Some(account(2));
         j.pending_deletions.push(PendingDeletion {
             account: account(2),
+            once_quiet_for_ms: None,
             unless_pods_carry: Some(j.rotation_id.clone()),
             attempts: 1,
             last_error: Some("rollback rollout incomplete".into()),

@@ -811,6 +811,7 @@ impl Engine {
                 Err(e) => rec.journal.pending_deletions.push(PendingDeletion {
                     account: a,
                     unless_pods_carry: None,
+                    once_quiet_for_ms: None,
                     attempts: 1,
                     last_error: Some(e.to_string()),
                 }),
@@ -1102,10 +1103,14 @@ impl Engine {
                         rec.journal.pending_deletions.push(PendingDeletion {
                             account: old,
                             unless_pods_carry: None,
+                            once_quiet_for_ms: Some(d.quiet_for.get().as_millis().max(1) as u64),
                             attempts: 0,
                             last_error: Some("old key still in use after drain.max_wait".into()),
                         });
-                        format!("timed out after {:?}; old account kept", d.max_wait)
+                        format!(
+                            "timed out after {:?}; old account kept until quiet for {:?}",
+                            d.max_wait, d.quiet_for
+                        )
                     }
                 };
             }
@@ -1158,6 +1163,7 @@ impl Engine {
         rec.journal.pending_deletions.push(PendingDeletion {
             account: old.clone(),
             unless_pods_carry: None,
+            once_quiet_for_ms: None,
             attempts: self.opts.retire_attempts,
             last_error: Some(e.to_string()),
         });
@@ -1296,6 +1302,7 @@ impl Engine {
                 rec.journal.pending_deletions.push(PendingDeletion {
                     account: new,
                     unless_pods_carry: rolled.then(|| rec.journal.rotation_id.clone()),
+                    once_quiet_for_ms: None,
                     attempts: 1,
                     last_error: Some("rollback rollout incomplete or delete failed".into()),
                 });
@@ -1320,6 +1327,21 @@ impl Engine {
         for mut p in std::mem::take(&mut rec.journal.pending_deletions) {
             if let Some(id) = &p.unless_pods_carry {
                 if !self.pods_carrying(target, id).await.is_ok_and(|n| n == 0) {
+                    remaining.push(p);
+                    continue;
+                }
+            }
+            if let Some(ms) = p.once_quiet_for_ms {
+                let since = Utc::now() - chrono::Duration::milliseconds(ms as i64);
+                let quiet = self
+                    .issuer
+                    .key_usage(&target.project_id, &p.account.key_id, since)
+                    .await
+                    .is_ok_and(|u| {
+                        u.requests_since == 0 && u.last_used_at.is_none_or(|t| t <= since)
+                    });
+                if !quiet {
+                    p.last_error = Some("old key still in use".into());
                     remaining.push(p);
                     continue;
                 }

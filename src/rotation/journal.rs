@@ -128,6 +128,10 @@ pub struct PendingDeletion {
     /// Delete only once no ready pod carries this rollout id (so none still uses the
     /// account's key).
     pub unless_pods_carry: Option<String>,
+    /// Delete only once the key has had no usage for this many milliseconds (an account kept by
+    /// the drain's `on_timeout = "keep"`).
+    #[serde(default)]
+    pub once_quiet_for_ms: Option<u64>,
     pub attempts: u32,
     pub last_error: Option<String>,
 }

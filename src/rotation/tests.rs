@@ -638,11 +638,31 @@ async fn drain_timeout_with_keep_leaves_the_old_account_pending() {
         }
     });
     let j = w.rotate(req()).await.unwrap();
-    busy.abort();
     assert_eq!(j.status, Status::Completed);
     assert!(!j.old_retired);
     assert_eq!(j.pending_deletions[0].account.id, w.old.id);
     assert!(w.issuer.account_ids().contains(&w.old.id));
+    // The retry keeps it while the key is in use...
+    let j = w
+        .engine(None)
+        .resume(&w.target, Arc::default())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(j.pending_deletions.len(), 1, "still in use: kept");
+    assert!(w.issuer.account_ids().contains(&w.old.id));
+    // ...and deletes it once it has been quiet for quiet_for.
+    busy.abort();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let j = w
+        .engine(None)
+        .resume(&w.target, Arc::default())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(j.pending_deletions.is_empty(), "{j:#?}");
+    assert!(j.old_retired);
+    assert!(!w.issuer.account_ids().contains(&w.old.id));
     w.assert_clean();
 }
 

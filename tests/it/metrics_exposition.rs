@@ -264,6 +264,7 @@ fn exercised() -> Metrics {
             key_id: "key_new".into(),
         },
         unless_pods_carry: None,
+        once_quiet_for_ms: None,
         attempts: 1,
         last_error: None,
     });
