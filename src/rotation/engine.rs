@@ -1193,6 +1193,17 @@ impl Engine {
                 format!("{why}; no rollback: the old account was already revoked (revoke_first)");
             rec.journal
                 .finish("impossible (old account revoked)", Utc::now());
+            for w in &target.workloads {
+                let _ = self
+                    .roller
+                    .event(
+                        w,
+                        EventType::Warning,
+                        "RotationFailed",
+                        &format!("rotation {} failed: {reason}", rec.journal.rotation_id),
+                    )
+                    .await;
+            }
             rec.journal.error = Some(reason);
             return self.conclude(rec, Status::Failed).await;
         }
