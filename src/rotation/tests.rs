@@ -520,6 +520,12 @@ async fn revoke_first_deletes_the_old_account_before_rolling() {
         w.issuer.is_live(&w.current_key()),
         "I1 holds: Vault serves the new key"
     );
+    let events = w.roller.state.lock().unwrap().events.clone();
+    assert_eq!(
+        events.iter().filter(|e| e.1 == "RotationFailed").count(),
+        2,
+        "{events:?}"
+    );
 }
 
 #[tokio::test]
