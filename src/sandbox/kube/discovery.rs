@@ -14,6 +14,9 @@ pub enum Res {
     Event,
     Deployment,
     ReplicaSet,
+    StatefulSet,
+    DaemonSet,
+    ControllerRevision,
     Lease,
     EventV1,
     TokenReview,
@@ -138,6 +141,48 @@ pub static RESOURCES: &[ResInfo] = &[
         tracks_generation: true,
     },
     ResInfo {
+        res: Res::StatefulSet,
+        group: "apps",
+        version: "v1",
+        plural: "statefulsets",
+        singular: "statefulset",
+        kind: "StatefulSet",
+        namespaced: true,
+        verbs: ALL_VERBS,
+        short_names: &["sts"],
+        categories: &["all"],
+        status_subresource: true,
+        tracks_generation: true,
+    },
+    ResInfo {
+        res: Res::DaemonSet,
+        group: "apps",
+        version: "v1",
+        plural: "daemonsets",
+        singular: "daemonset",
+        kind: "DaemonSet",
+        namespaced: true,
+        verbs: ALL_VERBS,
+        short_names: &["ds"],
+        categories: &["all"],
+        status_subresource: true,
+        tracks_generation: true,
+    },
+    ResInfo {
+        res: Res::ControllerRevision,
+        group: "apps",
+        version: "v1",
+        plural: "controllerrevisions",
+        singular: "controllerrevision",
+        kind: "ControllerRevision",
+        namespaced: true,
+        verbs: ALL_VERBS,
+        short_names: &[],
+        categories: &[],
+        status_subresource: false,
+        tracks_generation: false,
+    },
+    ResInfo {
         res: Res::Lease,
         group: "coordination.k8s.io",
         version: "v1",
@@ -202,7 +247,10 @@ impl ResInfo {
 
     /// Has a `/scale` subresource (autoscaling/v1 `Scale`), as `kubectl scale` uses.
     pub fn has_scale(&self) -> bool {
-        matches!(self.res, Res::Deployment | Res::ReplicaSet)
+        matches!(
+            self.res,
+            Res::Deployment | Res::ReplicaSet | Res::StatefulSet
+        )
     }
 
     /// `deployments.apps` or `pods`: how the API server names a resource in messages.
