@@ -192,7 +192,13 @@ fn by_age(pods: &mut [Value]) {
 fn sync(inner: &mut Inner, ds: &Value, nodes: &[String], now: Instant) {
     let min_ready = Duration::from_secs(ds["spec"]["minReadySeconds"].as_u64().unwrap_or(0));
     let pods = revisions::owned(&inner.store, Res::Pod, ds);
-    let in_use: Vec<String> = Vec::new();
+    // Pods carry the hash; the revision is `<name>-<hash>`.
+    let in_use: Vec<String> = pods
+        .iter()
+        .filter_map(|p| p.pointer(&format!("/metadata/labels/{REVISION_LABEL}")))
+        .filter_map(Value::as_str)
+        .map(|h| format!("{}-{h}", meta_str(ds, "name")))
+        .collect();
     let revs = match revisions::sync(&mut inner.store, Owner::DaemonSet, ds, &in_use) {
         Ok(r) => r,
         Err(RevisionError::Collision) => {

@@ -242,7 +242,7 @@ fn sync(inner: &mut Inner, set: &Value, now: Instant) {
             None => condemned.push((ord, view)),
         }
     }
-    condemned.sort_by(|a, b| b.0.cmp(&a.0));
+    condemned.sort_by_key(|c| std::cmp::Reverse(c.0));
     let condemned: Vec<StsPod> = condemned.into_iter().map(|(_, p)| p).collect();
 
     for action in plan(&slots, &condemned, revs.update_name(), strategy, monotonic) {
