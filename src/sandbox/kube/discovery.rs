@@ -441,6 +441,26 @@ mod tests {
     }
 
     #[test]
+    fn apps_serves_statefulsets_daemonsets_and_their_history() {
+        let apps: APIResourceList =
+            serde_json::from_value(resource_list("apps", "v1").unwrap()).unwrap();
+        let find = |n: &str| apps.resources.iter().find(|r| r.name == n);
+        let short = |n: &str| find(n).unwrap().short_names.clone().unwrap_or_default();
+        assert_eq!(short("statefulsets"), ["sts"]);
+        assert_eq!(short("daemonsets"), ["ds"]);
+        assert!(short("controllerrevisions").is_empty());
+        assert_eq!(find("statefulsets").unwrap().kind, "StatefulSet");
+        assert_eq!(find("daemonsets").unwrap().kind, "DaemonSet");
+        assert!(find("statefulsets/status").is_some() && find("daemonsets/status").is_some());
+        // Only StatefulSets scale (kubectl scale); DaemonSets follow the nodes.
+        assert!(find("statefulsets/scale").is_some());
+        assert!(find("daemonsets/scale").is_none());
+        assert!(
+            Res::StatefulSet.info().tracks_generation && Res::DaemonSet.info().tracks_generation
+        );
+    }
+
+    #[test]
     fn lookup_finds_both_event_apis() {
         assert_eq!(lookup("", "v1", "events").unwrap().res, Res::Event);
         assert_eq!(

@@ -502,6 +502,53 @@ mod tests {
     }
 
     #[test]
+    fn statefulset_and_daemonset_defaults_follow_upstream() {
+        let workload = |kind: &str| {
+            let mut v = deployment();
+            v["kind"] = json!(kind);
+            v
+        };
+        let s = admit(Res::StatefulSet, workload("StatefulSet")).unwrap();
+        assert_eq!(s["spec"]["podManagementPolicy"], "OrderedReady");
+        assert_eq!(
+            s["spec"]["updateStrategy"],
+            json!({"type": "RollingUpdate", "rollingUpdate": {"partition": 0}})
+        );
+        assert_eq!(s["spec"]["replicas"], 1);
+        // An explicit RollingUpdate without a rollingUpdate block stays without one.
+        let mut v = workload("StatefulSet");
+        v["spec"]["updateStrategy"] = json!({"type": "RollingUpdate"});
+        let s = admit(Res::StatefulSet, v).unwrap();
+        assert_eq!(
+            s["spec"]["updateStrategy"],
+            json!({"type": "RollingUpdate"})
+        );
+
+        let d = admit(Res::DaemonSet, workload("DaemonSet")).unwrap();
+        assert!(d["spec"].get("replicas").is_none());
+        assert_eq!(
+            d["spec"]["updateStrategy"],
+            json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}})
+        );
+        assert_eq!(d["spec"]["revisionHistoryLimit"], 10);
+    }
+
+    #[test]
+    fn statefulset_updates_may_change_only_some_fields() {
+        let mut v = deployment();
+        v["kind"] = json!("StatefulSet");
+        let old = admit(Res::StatefulSet, v).unwrap();
+        let mut new = old.clone();
+        new["spec"]["replicas"] = json!(5);
+        new["spec"]["template"]["metadata"]["annotations"] = json!({"r": "1"});
+        assert!(validate_update(Res::StatefulSet, &old, &new).is_ok());
+        new["spec"]["podManagementPolicy"] = json!("Parallel");
+        let e = validate_update(Res::StatefulSet, &old, &new).unwrap_err();
+        assert_eq!(e.status_code().as_u16(), 422);
+        assert!(e.to_string().contains("Forbidden"), "{e}");
+    }
+
+    #[test]
     fn selector_is_immutable() {
         let old = admit(Res::Deployment, deployment()).unwrap();
         let mut new = old.clone();
