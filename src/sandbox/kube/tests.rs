@@ -813,3 +813,42 @@ async fn a_never_ready_daemonset_holds_at_one_node() {
         Some(RolloutStatus::Waiting(m)) if m.contains("1 out of 3 new pods have been updated")
     ));
 }
+
+#[tokio::test]
+async fn readiness_gates_and_pod_events_for_daemonsets() {
+    let (sim, _stop) = running(fast());
+    let mut events = sim.pod_events();
+    sim.set_readiness_gate("ns", "agent", true);
+    sim.create_daemonset(KubeSim::simple_daemonset("ns", "agent"))
+        .unwrap();
+    let mut started = Vec::new();
+    while started.len() < 2 {
+        let ev = timeout(Duration::from_secs(5), events.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if let PodEvent::Started { pod, workload, .. } = ev {
+            assert_eq!(
+                workload,
+                Some(("DaemonSet".to_string(), "agent".to_string()))
+            );
+            started.push(pod);
+        }
+    }
+    // Gated: never ready on its own.
+    assert!(
+        !sim.wait_rollout_complete("ns", "agent", Duration::from_millis(400))
+            .await
+    );
+    sim.open_readiness_gate("ns", &started[0]);
+    assert!(
+        !sim.wait_rollout_complete("ns", "agent", Duration::from_millis(300))
+            .await,
+        "one node is still gated"
+    );
+    sim.open_readiness_gate("ns", &started[1]);
+    assert!(
+        sim.wait_rollout_complete("ns", "agent", Duration::from_secs(5))
+            .await
+    );
+}
