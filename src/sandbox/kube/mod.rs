@@ -51,7 +51,8 @@ use super::Server;
 /// Lifecycle notifications for simulated pods (consumers build on these).
 #[derive(Clone, Debug)]
 pub enum PodEvent {
-    /// A pod was created (phase Pending). `workload` is the owning Deployment (kind, name).
+    /// A pod was created (phase Pending). `workload` is the owning Deployment, StatefulSet
+    /// or DaemonSet as (kind, name).
     Started {
         namespace: String,
         pod: String,

@@ -9,7 +9,7 @@
 use super::controller::{is_terminating, pod_template_hash};
 use super::discovery::Res;
 use super::objects;
-use super::store::{controller_ref, meta_str, Store};
+use super::store::{controller_ref, meta_str, Store, WriteScope};
 use serde_json::{json, Value};
 
 /// Pod label naming the revision a pod was created from (`apps.ControllerRevisionHashLabelKey`).
@@ -135,15 +135,16 @@ pub fn sync(
     let update = match revs.iter().rposition(|r| r.get("data") == Some(&data)) {
         Some(i) if revision_number(&revs[i]) == max => revs[i].clone(),
         Some(i) => {
+            let rev_name = meta_str(&revs[i], "name").to_string();
             let mut next = revs[i].clone();
             next["revision"] = json!(max + 1);
             let stored = store
                 .update(
                     Res::ControllerRevision,
                     &ns,
-                    meta_str(&next, "name").to_string().as_str(),
+                    &rev_name,
                     next,
-                    super::store::WriteScope::All,
+                    WriteScope::All,
                     false,
                 )
                 .map_err(|_| RevisionError::Store)?;
@@ -285,7 +286,7 @@ pub fn write_status(store: &mut Store, res: Res, obj: &Value, status: Value) {
             let mut next = cur.clone();
             next["status"] = status;
             let (ns, name) = (ns.to_string(), name.to_string());
-            let _ = store.update(res, &ns, &name, next, super::store::WriteScope::All, false);
+            let _ = store.update(res, &ns, &name, next, WriteScope::All, false);
         }
     }
 }
