@@ -746,3 +746,199 @@ async fn a_server_that_never_answers_times_out() {
     );
     hold.abort();
 }
+
+// ---------------------------------------------------------------------------------------
+// StatefulSets and DaemonSets
+
+fn workload_ref(kind: WorkloadKind, ns: &str, name: &str) -> WorkloadRef {
+    WorkloadRef {
+        namespace: ns.into(),
+        kind,
+        name: name.into(),
+    }
+}
+
+/// [`until_settled`] for any kind, cross-checked with the simulator's kubectl rule for it.
+async fn until_settled_kind(
+    e: &Env,
+    w: &WorkloadRef,
+    id: &str,
+    timeout: Duration,
+) -> (RolloutState, Vec<String>) {
+    let t = Instant::now();
+    let mut seen = Vec::new();
+    let sim_status = || {
+        e.sim
+            .workload_rollout_status(w.kind, &w.namespace, &w.name)
+            .unwrap()
+    };
+    loop {
+        let before = sim_status();
+        let ours = e.roller.rollout_state(w, id).await.unwrap();
+        let after = sim_status();
+        if before == RolloutStatus::Complete {
+            assert_eq!(ours, RolloutState::Complete, "the simulator was done first");
+        }
+        if ours == RolloutState::Complete {
+            assert_eq!(after, RolloutStatus::Complete, "we said Complete too early");
+        }
+        match ours {
+            RolloutState::Progressing(m) => {
+                if seen.last() != Some(&m) {
+                    seen.push(m);
+                }
+            }
+            done => return (done, seen),
+        }
+        assert!(
+            t.elapsed() < timeout,
+            "not settled in {timeout:?}: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Ready, non-terminating pods matching `selector` whose template carries `id`.
+fn ready_with(e: &Env, ns: &str, selector: &str, id: &str) -> usize {
+    e.sim
+        .pods(ns, selector)
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none() && is_ready(p))
+        .filter(|p| {
+            p.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(ROTATION_ANNOTATION))
+                .map(String::as_str)
+                == Some(id)
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn statefulsets_and_daemonsets_roll_to_completion() {
+    let e = env(100).await;
+    e.sim
+        .create_statefulset(KubeSim::simple_statefulset("okr", "db", 3))
+        .unwrap();
+    e.sim
+        .create_daemonset(KubeSim::simple_daemonset("okr", "agent"))
+        .unwrap();
+    for name in ["db", "agent"] {
+        assert!(
+            e.sim
+                .wait_rollout_complete("okr", name, Duration::from_secs(15))
+                .await
+        );
+    }
+    let sts = workload_ref(WorkloadKind::StatefulSet, "okr", "db");
+    let ds = workload_ref(WorkloadKind::DaemonSet, "okr", "agent");
+
+    for (w, selector, pods, wording) in [
+        (&sts, "app=db", 3, "Waiting for"),
+        (&ds, "app=agent", 2, "Waiting for daemon set \"agent\""),
+    ] {
+        e.roller.roll(w, "r0").await.unwrap();
+        let (state, seen) = until_settled_kind(&e, w, "r0", Duration::from_secs(30)).await;
+        assert_eq!(state, RolloutState::Complete, "{w}");
+        assert!(
+            !seen.is_empty(),
+            "{w}: the rollout was observed in progress"
+        );
+        assert!(
+            seen.iter().any(|m| m.starts_with(wording)),
+            "{w}: kubectl's wording: {seen:?}"
+        );
+        assert_eq!(
+            e.roller.ready_pods_with(w, "r0").await.unwrap(),
+            pods,
+            "{w}"
+        );
+        assert_eq!(ready_with(&e, "okr", selector, "r0"), pods as usize, "{w}");
+
+        // A second rotation replaces every pod again.
+        e.roller.roll(w, "r1").await.unwrap();
+        let (state, _) = until_settled_kind(&e, w, "r1", Duration::from_secs(30)).await;
+        assert_eq!(state, RolloutState::Complete, "{w}");
+        assert_eq!(
+            e.roller.ready_pods_with(w, "r1").await.unwrap(),
+            pods,
+            "{w}"
+        );
+        assert_eq!(e.roller.ready_pods_with(w, "r0").await.unwrap(), 0, "{w}");
+        let writes = e.sim.write_count();
+        e.roller.roll(w, "r1").await.unwrap();
+        assert_eq!(
+            e.sim.write_count(),
+            writes,
+            "{w}: rolling to the same id writes nothing"
+        );
+    }
+}
+
+#[tokio::test]
+async fn never_ready_statefulsets_and_daemonsets_stay_progressing() {
+    let e = env(50).await;
+    e.sim
+        .create_statefulset(KubeSim::simple_statefulset("okr", "db", 3))
+        .unwrap();
+    e.sim
+        .create_daemonset(KubeSim::simple_daemonset("okr", "agent"))
+        .unwrap();
+    for name in ["db", "agent"] {
+        assert!(
+            e.sim
+                .wait_rollout_complete("okr", name, Duration::from_secs(15))
+                .await
+        );
+        e.sim.set_never_ready("okr", name, true);
+    }
+    let sts = workload_ref(WorkloadKind::StatefulSet, "okr", "db");
+    let ds = workload_ref(WorkloadKind::DaemonSet, "okr", "agent");
+    e.roller.roll(&sts, "r1").await.unwrap();
+    e.roller.roll(&ds, "r1").await.unwrap();
+
+    // Far longer than a healthy rollout takes (tens of milliseconds per pod here).
+    let t = Instant::now();
+    let mut polls = 0;
+    while t.elapsed() < Duration::from_millis(1500) {
+        for w in [&sts, &ds] {
+            match e.roller.rollout_state(w, "r1").await.unwrap() {
+                RolloutState::Progressing(_) => {}
+                other => panic!("{w}: a never-ready rollout must stay Progressing, got {other:?}"),
+            }
+        }
+        polls += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(polls >= 10);
+    for w in [&sts, &ds] {
+        assert_eq!(e.roller.ready_pods_with(w, "r1").await.unwrap(), 0, "{w}");
+    }
+    // Only one pod of each was taken out: the rest keep serving on the old template.
+    let ready_old = |sel: &str| {
+        e.sim
+            .pods("okr", sel)
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none() && is_ready(p))
+            .count()
+    };
+    assert_eq!(ready_old("app=db"), 2);
+    assert_eq!(ready_old("app=agent"), 1);
+    let db2 = e
+        .sim
+        .pods("okr", "statefulset.kubernetes.io/pod-name=db-2")
+        .pop()
+        .unwrap();
+    assert!(
+        !is_ready(&db2),
+        "db-2, the highest ordinal, is the one replaced"
+    );
+
+    // Fixed: the same rollouts now complete, so the check above could have failed.
+    for (w, name) in [(&sts, "db"), (&ds, "agent")] {
+        e.sim.set_never_ready("okr", name, false);
+        let (state, _) = until_settled_kind(&e, w, "r1", Duration::from_secs(30)).await;
+        assert_eq!(state, RolloutState::Complete, "{w}");
+    }
+}

@@ -929,3 +929,179 @@ async fn openbao_kubernetes_auth_logs_in_through_our_token_review() {
         uid.as_str()
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// StatefulSets and DaemonSets with the real kubectl
+
+fn revision_label(p: &Pod) -> String {
+    p.metadata.labels.as_ref().unwrap()["controller-revision-hash"].clone()
+}
+
+fn restarted(p: &Pod) -> bool {
+    p.metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key("kubectl.kubernetes.io/restartedAt"))
+}
+
+#[tokio::test]
+async fn kubectl_gets_restarts_and_waits_for_statefulsets_and_daemonsets() {
+    let (sim, server) = start(200).await;
+    sim.create_statefulset(KubeSim::simple_statefulset("demo", "db", 3))
+        .unwrap();
+    sim.create_daemonset(KubeSim::simple_daemonset("demo", "agent"))
+        .unwrap();
+    for name in ["db", "agent"] {
+        assert!(
+            sim.wait_rollout_complete("demo", name, Duration::from_secs(15))
+                .await
+        );
+    }
+    let k = Kubectl::new(&server, "demo");
+
+    // `get sts,ds` resolves both short names and prints the server's Tables.
+    let out = k.ok(&["get", "sts,ds"]).await;
+    let lines: Vec<Vec<&str>> = out
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(lines[0], ["NAME", "READY", "AGE"], "{out}");
+    assert_eq!(lines[1][..2], ["statefulset.apps/db", "3/3"], "{out}");
+    let ds_header = lines
+        .iter()
+        .position(|l| l.first() == Some(&"NAME") && l.len() > 3)
+        .unwrap();
+    assert_eq!(
+        lines[ds_header],
+        [
+            "NAME",
+            "DESIRED",
+            "CURRENT",
+            "READY",
+            "UP-TO-DATE",
+            "AVAILABLE",
+            "NODE",
+            "SELECTOR",
+            "AGE"
+        ],
+        "{out}"
+    );
+    assert_eq!(
+        lines[ds_header + 1][..7],
+        ["daemonset.apps/agent", "2", "2", "2", "2", "2", "<none>"],
+        "{out}"
+    );
+    let sts: Value =
+        serde_json::from_str(&k.ok(&["get", "statefulset", "db", "-o", "json"]).await).unwrap();
+    assert_eq!(
+        sts["spec"]["updateStrategy"]["rollingUpdate"]["partition"],
+        0
+    );
+    assert_eq!(
+        sts["status"]["currentRevision"],
+        sts["status"]["updateRevision"]
+    );
+    let out = k.ok(&["get", "pods", "-l", "app=db", "-o", "name"]).await;
+    assert_eq!(out, "pod/db-0\npod/db-1\npod/db-2\n");
+
+    // rollout restart + rollout status: returns only once every pod runs the new revision.
+    let out = k.ok(&["rollout", "restart", "sts/db"]).await;
+    assert!(out.contains("statefulset.apps/db restarted"), "{out}");
+    let t = Instant::now();
+    let out = k
+        .ok(&["rollout", "status", "sts/db", "--timeout=60s"])
+        .await;
+    let took = t.elapsed();
+    let st = sim.statefulset("demo", "db").unwrap().status.unwrap();
+    let pods = sim.pods("demo", "app=db");
+    assert!(
+        out.contains("partitioned roll out complete: 3 new pods have been updated..."),
+        "{out}"
+    );
+    assert!(
+        out.contains("Waiting for"),
+        "kubectl watched progress: {out}"
+    );
+    assert!(
+        took >= Duration::from_millis(600),
+        "three pods, one at a time: {took:?}"
+    );
+    assert_eq!(active_pods(&pods).len(), 3);
+    for p in &pods {
+        assert_eq!(
+            Some(revision_label(p)),
+            st.update_revision,
+            "{}",
+            p.metadata.name.as_deref().unwrap()
+        );
+        assert!(restarted(p) && is_ready(p));
+    }
+    assert_eq!(st.current_revision, st.update_revision);
+    let out = k.ok(&["rollout", "history", "sts/db"]).await;
+    assert!(out.lines().any(|l| l.starts_with('2')), "{out}");
+
+    let out = k.ok(&["rollout", "restart", "ds/agent"]).await;
+    assert!(out.contains("daemonset.apps/agent restarted"), "{out}");
+    let out = k
+        .ok(&["rollout", "status", "ds/agent", "--timeout=60s"])
+        .await;
+    assert!(
+        out.contains("daemon set \"agent\" successfully rolled out"),
+        "{out}"
+    );
+    assert!(
+        out.contains("Waiting for daemon set \"agent\" rollout to finish"),
+        "{out}"
+    );
+    let pods = sim.pods("demo", "app=agent");
+    let live = active_pods(&pods);
+    assert_eq!(live.len(), 2);
+    assert!(live.iter().all(|p| restarted(p) && is_ready(p)), "{pods:?}");
+    assert!(
+        pods.iter().all(|p| p.metadata.deletion_timestamp.is_none()),
+        "old pods gone"
+    );
+
+    // Negative control: a StatefulSet whose new pods never become ready.
+    sim.set_never_ready("demo", "db", true);
+    k.ok(&["rollout", "restart", "sts/db"]).await;
+    let out = k
+        .run(&["rollout", "status", "sts/db", "--timeout=5s"])
+        .await;
+    assert!(
+        !out.status.success(),
+        "must fail: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("timed out waiting for the condition"),
+        "{stderr}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Waiting for 1 pods to be ready..."),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // Only db-2 was replaced; db-0 and db-1 keep serving.
+    let pods = sim.pods("demo", "app=db");
+    let ready: Vec<&str> = pods
+        .iter()
+        .filter(|p| is_ready(p))
+        .map(|p| p.metadata.name.as_deref().unwrap())
+        .collect();
+    assert_eq!(ready, ["db-0", "db-1"]);
+
+    // Deleting the StatefulSet collects its pods and revisions.
+    k.ok(&["delete", "sts", "db"]).await;
+    let t = Instant::now();
+    while !(sim.pods("demo", "app=db").is_empty()
+        && sim.controller_revisions("demo", "app=db").is_empty())
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "owned objects not collected"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

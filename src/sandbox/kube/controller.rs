@@ -5,7 +5,8 @@
 //! pod-template hash, revisions, `maxSurge`/`maxUnavailable` fenceposts, cleanup of
 //! unhealthy old pods first, status and the `Progressing`/`Available` conditions. Workload
 //! kinds are looked up through the pod's controller chain, so StatefulSets or DaemonSets can
-//! be added beside [`sync_deployment`] without touching the kubelet.
+//! be added beside [`sync_deployment`] without touching the kubelet: StatefulSets and
+//! DaemonSets live in [`super::statefulset`] and [`super::daemonset`].
 
 use super::discovery::Res;
 use super::objects;
@@ -26,7 +27,7 @@ pub const REVISION: &str = "deployment.kubernetes.io/revision";
 pub const DESIRED_REPLICAS: &str = "deployment.kubernetes.io/desired-replicas";
 pub const MAX_REPLICAS: &str = "deployment.kubernetes.io/max-replicas";
 pub const HASH_LABEL: &str = "pod-template-hash";
-const NODE_NAME: &str = "okr-sim-node";
+pub(super) const NODE_NAME: &str = "okr-sim-node";
 
 /// kubectl's verdict on a Deployment (`kubectl rollout status`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -163,12 +164,16 @@ pub fn pod_template_hash(template: &Value, collision_count: i32) -> String {
         .collect()
 }
 
-fn typed<T: DeserializeOwned>(v: &Value) -> Option<T> {
+pub(super) fn typed<T: DeserializeOwned>(v: &Value) -> Option<T> {
     serde_json::from_value(v.clone()).ok()
 }
 
 /// Write a typed object back (server fields kept by the store); returns the stored version.
-fn write<T: Serialize + DeserializeOwned>(store: &mut Store, res: Res, obj: &T) -> Option<T> {
+pub(super) fn write<T: Serialize + DeserializeOwned>(
+    store: &mut Store,
+    res: Res,
+    obj: &T,
+) -> Option<T> {
     let v = serde_json::to_value(obj).ok()?;
     let (ns, name) = (
         meta_str(&v, "namespace").to_string(),
@@ -180,7 +185,7 @@ fn write<T: Serialize + DeserializeOwned>(store: &mut Store, res: Res, obj: &T) 
     typed(&stored)
 }
 
-fn pod_is_ready(pod: &Value) -> bool {
+pub(super) fn pod_is_ready(pod: &Value) -> bool {
     pod.pointer("/status/conditions")
         .and_then(Value::as_array)
         .is_some_and(|cs| {
@@ -189,16 +194,37 @@ fn pod_is_ready(pod: &Value) -> bool {
         })
 }
 
-fn is_terminating(obj: &Value) -> bool {
+pub(super) fn is_terminating(obj: &Value) -> bool {
     obj.pointer("/metadata/deletionTimestamp").is_some()
 }
 
-/// One controller pass: kubelet, garbage collector, ReplicaSets, Deployments.
+/// One controller pass: kubelet, garbage collector, ReplicaSets, Deployments,
+/// StatefulSets, DaemonSets.
 pub(crate) fn reconcile(inner: &mut Inner, opts: &KubeSimOptions, now: Instant) {
     kubelet(inner, opts, now);
     collect_garbage(&mut inner.store);
     replica_sets(inner, now);
     deployments(&mut inner.store);
+    super::statefulset::sync_all(inner, now);
+    super::daemonset::sync_all(inner, opts, now);
+}
+
+/// A pod is available once it has been ready for `min_ready` (`IsPodAvailable`).
+pub(super) fn pod_is_available(
+    inner: &Inner,
+    pod: &Value,
+    min_ready: Duration,
+    now: Instant,
+) -> bool {
+    pod_is_ready(pod)
+        && inner
+            .pods
+            .get(&(
+                meta_str(pod, "namespace").to_string(),
+                meta_str(pod, "name").to_string(),
+            ))
+            .and_then(|r| r.ready_since)
+            .is_some_and(|t| now.duration_since(t) >= min_ready)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -250,8 +276,10 @@ fn kubelet(inner: &mut Inner, opts: &KubeSimOptions, now: Instant) {
         let workload = inner.store.workload_of_pod(&ns, &pod);
         let settings = workload
             .as_ref()
-            .filter(|(kind, _)| kind == "Deployment")
-            .and_then(|(_, dep)| inner.workloads.get(&(ns.clone(), dep.clone())))
+            .and_then(|(kind, wl)| {
+                let kind = super::workload_kind(kind)?;
+                inner.workloads.get(&(kind, ns.clone(), wl.clone()))
+            })
             .cloned()
             .unwrap_or_default();
         let delay = settings.ready_delay.unwrap_or(opts.pod_ready_delay);
@@ -374,6 +402,8 @@ fn owner_alive(store: &Store, ns: &str, kind: &str, name: &str, uid: &str) -> bo
     let res = match kind {
         "Deployment" => Res::Deployment,
         "ReplicaSet" => Res::ReplicaSet,
+        "StatefulSet" => Res::StatefulSet,
+        "DaemonSet" => Res::DaemonSet,
         // Owners we do not model are assumed alive.
         _ => return true,
     };
@@ -383,7 +413,7 @@ fn owner_alive(store: &Store, ns: &str, kind: &str, name: &str, uid: &str) -> bo
 }
 
 fn collect_garbage(store: &mut Store) {
-    let orphans: Vec<(Res, String, String)> = [Res::ReplicaSet, Res::Pod]
+    let orphans: Vec<(Res, String, String)> = [Res::ReplicaSet, Res::ControllerRevision, Res::Pod]
         .into_iter()
         .flat_map(|res| {
             store

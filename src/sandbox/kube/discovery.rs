@@ -14,6 +14,9 @@ pub enum Res {
     Event,
     Deployment,
     ReplicaSet,
+    StatefulSet,
+    DaemonSet,
+    ControllerRevision,
     Lease,
     EventV1,
     TokenReview,
@@ -138,6 +141,48 @@ pub static RESOURCES: &[ResInfo] = &[
         tracks_generation: true,
     },
     ResInfo {
+        res: Res::StatefulSet,
+        group: "apps",
+        version: "v1",
+        plural: "statefulsets",
+        singular: "statefulset",
+        kind: "StatefulSet",
+        namespaced: true,
+        verbs: ALL_VERBS,
+        short_names: &["sts"],
+        categories: &["all"],
+        status_subresource: true,
+        tracks_generation: true,
+    },
+    ResInfo {
+        res: Res::DaemonSet,
+        group: "apps",
+        version: "v1",
+        plural: "daemonsets",
+        singular: "daemonset",
+        kind: "DaemonSet",
+        namespaced: true,
+        verbs: ALL_VERBS,
+        short_names: &["ds"],
+        categories: &["all"],
+        status_subresource: true,
+        tracks_generation: true,
+    },
+    ResInfo {
+        res: Res::ControllerRevision,
+        group: "apps",
+        version: "v1",
+        plural: "controllerrevisions",
+        singular: "controllerrevision",
+        kind: "ControllerRevision",
+        namespaced: true,
+        verbs: ALL_VERBS,
+        short_names: &[],
+        categories: &[],
+        status_subresource: false,
+        tracks_generation: false,
+    },
+    ResInfo {
         res: Res::Lease,
         group: "coordination.k8s.io",
         version: "v1",
@@ -202,7 +247,10 @@ impl ResInfo {
 
     /// Has a `/scale` subresource (autoscaling/v1 `Scale`), as `kubectl scale` uses.
     pub fn has_scale(&self) -> bool {
-        matches!(self.res, Res::Deployment | Res::ReplicaSet)
+        matches!(
+            self.res,
+            Res::Deployment | Res::ReplicaSet | Res::StatefulSet
+        )
     }
 
     /// `deployments.apps` or `pods`: how the API server names a resource in messages.
@@ -390,6 +438,26 @@ mod tests {
             .iter()
             .any(|r| r.name == "pods" && r.short_names.as_deref() == Some(&["po".into()][..])));
         assert!(resource_list("batch", "v1").is_none());
+    }
+
+    #[test]
+    fn apps_serves_statefulsets_daemonsets_and_their_history() {
+        let apps: APIResourceList =
+            serde_json::from_value(resource_list("apps", "v1").unwrap()).unwrap();
+        let find = |n: &str| apps.resources.iter().find(|r| r.name == n);
+        let short = |n: &str| find(n).unwrap().short_names.clone().unwrap_or_default();
+        assert_eq!(short("statefulsets"), ["sts"]);
+        assert_eq!(short("daemonsets"), ["ds"]);
+        assert!(short("controllerrevisions").is_empty());
+        assert_eq!(find("statefulsets").unwrap().kind, "StatefulSet");
+        assert_eq!(find("daemonsets").unwrap().kind, "DaemonSet");
+        assert!(find("statefulsets/status").is_some() && find("daemonsets/status").is_some());
+        // Only StatefulSets scale (kubectl scale); DaemonSets follow the nodes.
+        assert!(find("statefulsets/scale").is_some());
+        assert!(find("daemonsets/scale").is_none());
+        assert!(
+            Res::StatefulSet.info().tracks_generation && Res::DaemonSet.info().tracks_generation
+        );
     }
 
     #[test]

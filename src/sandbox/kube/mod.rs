@@ -1,8 +1,9 @@
 //! A Kubernetes API server subset, in memory, faithful enough for the real `kubectl` and
 //! kube-rs: discovery, get/list/watch/create/update/patch/delete with selectors and
-//! optimistic concurrency for Deployments, ReplicaSets, Pods, Secrets, Events (both APIs),
-//! Leases and TokenReviews, plus a rollout controller (Deployment → ReplicaSet → Pod, with a
-//! simulated kubelet) that writes status the way the real controllers do.
+//! optimistic concurrency for Deployments, ReplicaSets, StatefulSets, DaemonSets,
+//! ControllerRevisions, Pods, Secrets, Events (both APIs), Leases and TokenReviews, plus
+//! rollout controllers (Deployment → ReplicaSet → Pod; StatefulSet → Pod; DaemonSet → Pod on
+//! every simulated node; a simulated kubelet) that write status the way the real ones do.
 //!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
@@ -15,19 +16,23 @@
 
 mod api;
 pub mod controller;
+pub mod daemonset;
 pub mod discovery;
 mod error;
 mod objects;
 mod patch;
+mod revisions;
 pub mod selector;
+pub mod statefulset;
 mod store;
 mod table;
 
+pub use crate::config::WorkloadKind;
 pub use controller::{rollout_status, RolloutStatus};
 pub use error::{FieldCause, KubeSimError};
 
 use discovery::Res;
-use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use selector::LabelSelector;
@@ -46,7 +51,8 @@ use super::Server;
 /// Lifecycle notifications for simulated pods (consumers build on these).
 #[derive(Clone, Debug)]
 pub enum PodEvent {
-    /// A pod was created (phase Pending). `workload` is the owning Deployment (kind, name).
+    /// A pod was created (phase Pending). `workload` is the owning Deployment, StatefulSet
+    /// or DaemonSet as (kind, name).
     Started {
         namespace: String,
         pod: String,
@@ -77,6 +83,9 @@ pub struct KubeSimOptions {
     pub bookmark_interval: Duration,
     /// Watch duration when the client sends no `timeoutSeconds`.
     pub default_watch_timeout: Duration,
+    /// Simulated nodes, each running one pod of every DaemonSet (see
+    /// [`daemonset::node_names`]).
+    pub nodes: usize,
 }
 
 impl Default for KubeSimOptions {
@@ -88,6 +97,7 @@ impl Default for KubeSimOptions {
             watch_history: 10_000,
             bookmark_interval: Duration::from_secs(5),
             default_watch_timeout: Duration::from_secs(1800),
+            nodes: 2,
         }
     }
 }
@@ -118,8 +128,8 @@ pub(crate) struct PodRuntime {
 
 pub(crate) struct Inner {
     pub store: Store,
-    /// Keyed by (namespace, deployment name).
-    pub workloads: HashMap<(String, String), WorkloadSettings>,
+    /// Keyed by (kind, namespace, name) of the pods' workload.
+    pub workloads: HashMap<(WorkloadKind, String, String), WorkloadSettings>,
     /// (namespace, pod) whose readiness gate a consumer opened.
     pub open_gates: HashSet<(String, String)>,
     /// SHA-256 of the token → identity; the tokens themselves are not kept.
@@ -160,6 +170,50 @@ impl std::fmt::Debug for KubeSim {
 
 fn typed<T: DeserializeOwned>(v: &serde_json::Value) -> Option<T> {
     serde_json::from_value(v.clone()).ok()
+}
+
+/// The workload kind a pod's owner chain names (`Deployment`, `StatefulSet`, `DaemonSet`).
+pub(crate) fn workload_kind(kind: &str) -> Option<WorkloadKind> {
+    match kind {
+        "Deployment" => Some(WorkloadKind::Deployment),
+        "StatefulSet" => Some(WorkloadKind::StatefulSet),
+        "DaemonSet" => Some(WorkloadKind::DaemonSet),
+        _ => None,
+    }
+}
+
+const ALL_KINDS: [WorkloadKind; 3] = [
+    WorkloadKind::Deployment,
+    WorkloadKind::StatefulSet,
+    WorkloadKind::DaemonSet,
+];
+
+fn workload_res(kind: WorkloadKind) -> Res {
+    match kind {
+        WorkloadKind::Deployment => Res::Deployment,
+        WorkloadKind::StatefulSet => Res::StatefulSet,
+        WorkloadKind::DaemonSet => Res::DaemonSet,
+    }
+}
+
+/// A minimal workload literal: labels and selector `app=<name>`, one container `app`.
+fn simple_workload(kind: &str, ns: &str, name: &str, replicas: Option<i32>) -> serde_json::Value {
+    let mut v = serde_json::json!({
+        "apiVersion": "apps/v1",
+        "kind": kind,
+        "metadata": {"name": name, "namespace": ns, "labels": {"app": name}},
+        "spec": {
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {"containers": [{"name": "app", "image": format!("registry.example/{name}:1.0")}]}
+            }
+        }
+    });
+    if let Some(r) = replicas {
+        v["spec"]["replicas"] = serde_json::json!(r);
+    }
+    v
 }
 
 impl KubeSim {
@@ -256,20 +310,22 @@ preferences: {{}}
     /// A minimal Deployment to seed with: labels and selector `app=<name>`, one container
     /// `app` (image `registry.example/<name>:1.0`). Add env or annotations before creating.
     pub fn simple_deployment(ns: &str, name: &str, replicas: i32) -> Deployment {
-        serde_json::from_value(serde_json::json!({
-            "apiVersion": "apps/v1",
-            "kind": "Deployment",
-            "metadata": {"name": name, "namespace": ns, "labels": {"app": name}},
-            "spec": {
-                "replicas": replicas,
-                "selector": {"matchLabels": {"app": name}},
-                "template": {
-                    "metadata": {"labels": {"app": name}},
-                    "spec": {"containers": [{"name": "app", "image": format!("registry.example/{name}:1.0")}]}
-                }
-            }
-        }))
-        .expect("a well-formed Deployment literal")
+        serde_json::from_value(simple_workload("Deployment", ns, name, Some(replicas)))
+            .expect("a well-formed Deployment literal")
+    }
+
+    /// A minimal StatefulSet, shaped like [`Self::simple_deployment`], governed by a
+    /// Service named after it (`serviceName: <name>`).
+    pub fn simple_statefulset(ns: &str, name: &str, replicas: i32) -> StatefulSet {
+        let mut v = simple_workload("StatefulSet", ns, name, Some(replicas));
+        v["spec"]["serviceName"] = serde_json::json!(name);
+        serde_json::from_value(v).expect("a well-formed StatefulSet literal")
+    }
+
+    /// A minimal DaemonSet, shaped like [`Self::simple_deployment`]: one pod per node.
+    pub fn simple_daemonset(ns: &str, name: &str) -> DaemonSet {
+        serde_json::from_value(simple_workload("DaemonSet", ns, name, None))
+            .expect("a well-formed DaemonSet literal")
     }
 
     /// Create a Deployment (namespace from its metadata, default `default`) through the
@@ -277,6 +333,59 @@ preferences: {{}}
     pub fn create_deployment(&self, dep: Deployment) -> Result<Deployment, KubeSimError> {
         let v = self.create(Res::Deployment, &dep)?;
         typed(&v).ok_or_else(|| KubeSimError::BadRequest("stored object did not decode".into()))
+    }
+
+    /// Create a StatefulSet through the API's admission (defaults: OrderedReady,
+    /// RollingUpdate with partition 0); the controller brings up `<name>-0..N-1`.
+    pub fn create_statefulset(&self, sts: StatefulSet) -> Result<StatefulSet, KubeSimError> {
+        let v = self.create(Res::StatefulSet, &sts)?;
+        typed(&v).ok_or_else(|| KubeSimError::BadRequest("stored object did not decode".into()))
+    }
+
+    /// Create a DaemonSet through the API's admission (defaults: RollingUpdate,
+    /// maxUnavailable 1); the controller runs one pod on each simulated node.
+    pub fn create_daemonset(&self, ds: DaemonSet) -> Result<DaemonSet, KubeSimError> {
+        let v = self.create(Res::DaemonSet, &ds)?;
+        typed(&v).ok_or_else(|| KubeSimError::BadRequest("stored object did not decode".into()))
+    }
+
+    pub fn statefulset(&self, ns: &str, name: &str) -> Option<StatefulSet> {
+        self.get_typed(Res::StatefulSet, ns, name)
+    }
+
+    pub fn daemonset(&self, ns: &str, name: &str) -> Option<DaemonSet> {
+        self.get_typed(Res::DaemonSet, ns, name)
+    }
+
+    /// ControllerRevisions in `ns` matching `label_selector` (StatefulSet and DaemonSet
+    /// history).
+    pub fn controller_revisions(
+        &self,
+        ns: &str,
+        label_selector: &str,
+    ) -> Vec<k8s_openapi::api::apps::v1::ControllerRevision> {
+        self.list_typed(Res::ControllerRevision, ns, label_selector)
+    }
+
+    /// Change a StatefulSet as a client's update would (admission, immutable fields,
+    /// generation bump, status kept).
+    pub fn update_statefulset(
+        &self,
+        ns: &str,
+        name: &str,
+        change: impl FnOnce(&mut StatefulSet),
+    ) -> Result<StatefulSet, KubeSimError> {
+        self.update_typed(Res::StatefulSet, ns, name, change)
+    }
+
+    /// Change a DaemonSet as a client's update would.
+    pub fn update_daemonset(
+        &self,
+        ns: &str,
+        name: &str,
+        change: impl FnOnce(&mut DaemonSet),
+    ) -> Result<DaemonSet, KubeSimError> {
+        self.update_typed(Res::DaemonSet, ns, name, change)
     }
 
     fn create<
@@ -324,23 +433,33 @@ preferences: {{}}
         name: &str,
         change: impl FnOnce(&mut Deployment),
     ) -> Result<Deployment, KubeSimError> {
-        let info = Res::Deployment.info();
+        self.update_typed(Res::Deployment, ns, name, change)
+    }
+
+    fn update_typed<T: DeserializeOwned + serde::Serialize>(
+        &self,
+        res: Res,
+        ns: &str,
+        name: &str,
+        change: impl FnOnce(&mut T),
+    ) -> Result<T, KubeSimError> {
+        let info = res.info();
         let mut inner = self.shared.lock();
         let cur = inner
             .store
-            .get(Res::Deployment, ns, name)
+            .get(res, ns, name)
             .cloned()
             .ok_or_else(|| KubeSimError::not_found(info, name))?;
-        let mut dep: Deployment = typed(&cur)
+        let mut obj: T = typed(&cur)
             .ok_or_else(|| KubeSimError::BadRequest("stored object did not decode".into()))?;
-        change(&mut dep);
-        let v = serde_json::to_value(&dep)
+        change(&mut obj);
+        let v = serde_json::to_value(&obj)
             .map_err(|e| KubeSimError::BadRequest(format!("cannot encode object: {e}")))?;
-        let v = objects::admit(Res::Deployment, v)?;
-        objects::validate_update(Res::Deployment, &cur, &v)?;
+        let v = objects::admit(res, v)?;
+        objects::validate_update(res, &cur, &v)?;
         let stored = inner
             .store
-            .update(Res::Deployment, ns, name, v, WriteScope::Main, false)?;
+            .update(res, ns, name, v, WriteScope::Main, false)?;
         typed(&stored)
             .ok_or_else(|| KubeSimError::BadRequest("stored object did not decode".into()))
     }
@@ -404,29 +523,60 @@ preferences: {{}}
         self.list_typed(Res::Event, ns, "")
     }
 
-    fn with_workload(&self, ns: &str, deployment: &str, f: impl FnOnce(&mut WorkloadSettings)) {
+    fn with_workload(
+        &self,
+        kinds: &[WorkloadKind],
+        ns: &str,
+        name: &str,
+        f: impl Fn(&mut WorkloadSettings),
+    ) {
         let mut inner = self.shared.lock();
-        f(inner
-            .workloads
-            .entry((ns.to_string(), deployment.to_string()))
-            .or_default());
+        for kind in kinds {
+            f(inner
+                .workloads
+                .entry((*kind, ns.to_string(), name.to_string()))
+                .or_default());
+        }
     }
 
-    /// New pods of this Deployment never become Ready (a broken image or readiness probe);
-    /// pods that are already ready stay ready.
-    pub fn set_never_ready(&self, ns: &str, deployment: &str, never: bool) {
-        self.with_workload(ns, deployment, |w| w.never_ready = never);
+    /// New pods of the workloads named `name` (a Deployment, StatefulSet or DaemonSet; all
+    /// of them if several kinds share the name) never become Ready (a broken image or
+    /// readiness probe); pods that are already ready stay ready.
+    pub fn set_never_ready(&self, ns: &str, name: &str, never: bool) {
+        self.with_workload(&ALL_KINDS, ns, name, |w| w.never_ready = never);
     }
 
-    /// Ready delay for this Deployment's pods (instead of `pod_ready_delay`).
-    pub fn set_ready_delay(&self, ns: &str, deployment: &str, delay: Duration) {
-        self.with_workload(ns, deployment, |w| w.ready_delay = Some(delay));
+    /// [`Self::set_never_ready`] for one kind only.
+    pub fn set_never_ready_for(&self, kind: WorkloadKind, ns: &str, name: &str, never: bool) {
+        self.with_workload(&[kind], ns, name, |w| w.never_ready = never);
+    }
+
+    /// Ready delay for the pods of the workloads named `name` (instead of
+    /// `pod_ready_delay`).
+    pub fn set_ready_delay(&self, ns: &str, name: &str, delay: Duration) {
+        self.with_workload(&ALL_KINDS, ns, name, |w| w.ready_delay = Some(delay));
+    }
+
+    /// [`Self::set_ready_delay`] for one kind only.
+    pub fn set_ready_delay_for(&self, kind: WorkloadKind, ns: &str, name: &str, delay: Duration) {
+        self.with_workload(&[kind], ns, name, |w| w.ready_delay = Some(delay));
     }
 
     /// When set for a workload, its pods become Ready only after BOTH the ready delay passed
     /// and `open_readiness_gate(ns, pod)` was called (a consumer calls it once it holds a key).
-    pub fn set_readiness_gate(&self, namespace: &str, deployment: &str, gated: bool) {
-        self.with_workload(namespace, deployment, |w| w.gated = gated);
+    pub fn set_readiness_gate(&self, namespace: &str, name: &str, gated: bool) {
+        self.with_workload(&ALL_KINDS, namespace, name, |w| w.gated = gated);
+    }
+
+    /// [`Self::set_readiness_gate`] for one kind only.
+    pub fn set_readiness_gate_for(
+        &self,
+        kind: WorkloadKind,
+        namespace: &str,
+        name: &str,
+        gated: bool,
+    ) {
+        self.with_workload(&[kind], namespace, name, |w| w.gated = gated);
     }
 
     pub fn open_readiness_gate(&self, namespace: &str, pod: &str) {
@@ -493,14 +643,58 @@ preferences: {{}}
         self.shared.lock().store.compact();
     }
 
-    /// Wait until the Deployment's rollout is complete by kubectl's rule. False on timeout,
-    /// on `ProgressDeadlineExceeded`, or if the Deployment does not exist.
+    /// kubectl's `rollout status` verdict on a workload, `None` if it does not exist.
+    pub fn workload_rollout_status(
+        &self,
+        kind: WorkloadKind,
+        ns: &str,
+        name: &str,
+    ) -> Option<RolloutStatus> {
+        match kind {
+            WorkloadKind::Deployment => self.deployment(ns, name).map(|d| rollout_status(&d)),
+            WorkloadKind::StatefulSet => self
+                .statefulset(ns, name)
+                .map(|s| statefulset::rollout_status(&s)),
+            WorkloadKind::DaemonSet => self
+                .daemonset(ns, name)
+                .map(|d| daemonset::rollout_status(&d)),
+        }
+    }
+
+    /// Wait until the rollout of the workload named `name` is complete by kubectl's rule:
+    /// the Deployment of that name, else the StatefulSet, else the DaemonSet (use
+    /// [`Self::wait_rollout_complete_for`] when kinds share a name). False on timeout, on a
+    /// failed rollout (`ProgressDeadlineExceeded`, a strategy `rollout status` rejects), or
+    /// if no such workload exists.
     pub async fn wait_rollout_complete(&self, ns: &str, name: &str, timeout: Duration) -> bool {
+        let kind = {
+            let inner = self.shared.lock();
+            ALL_KINDS
+                .into_iter()
+                .find(|k| inner.store.get(workload_res(*k), ns, name).is_some())
+        };
+        match kind {
+            Some(kind) => {
+                self.wait_rollout_complete_for(kind, ns, name, timeout)
+                    .await
+            }
+            None => false,
+        }
+    }
+
+    /// [`Self::wait_rollout_complete`] for one kind.
+    pub async fn wait_rollout_complete_for(
+        &self,
+        kind: WorkloadKind,
+        ns: &str,
+        name: &str,
+        timeout: Duration,
+    ) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut changes = self.shared.changes.clone();
         loop {
             changes.borrow_and_update();
-            match self.deployment(ns, name).map(|d| rollout_status(&d)) {
+            match self.workload_rollout_status(kind, ns, name) {
                 Some(RolloutStatus::Complete) => return true,
                 Some(RolloutStatus::Failed(_)) | None => return false,
                 Some(RolloutStatus::Waiting(_)) => {}

@@ -5,7 +5,9 @@ use super::discovery::{Res, ResInfo};
 use super::error::{FieldCause, KubeSimError};
 use super::selector::{labels_of, LabelSelector};
 use base64::Engine;
-use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::apps::v1::{
+    ControllerRevision, DaemonSet, Deployment, ReplicaSet, StatefulSet,
+};
 use k8s_openapi::api::authentication::v1::TokenReview;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Event, Namespace, Pod, Secret};
@@ -114,7 +116,7 @@ pub fn admit(res: Res, mut obj: Value) -> Result<Value, KubeSimError> {
         ));
     }
     match res {
-        Res::Deployment | Res::ReplicaSet => {
+        Res::Deployment | Res::ReplicaSet | Res::StatefulSet | Res::DaemonSet => {
             require_workload_shape(info, &name, &obj)?;
             default_workload(res, &mut obj);
         }
@@ -158,21 +160,61 @@ pub fn admit(res: Res, mut obj: Value) -> Result<Value, KubeSimError> {
         Res::Event => roundtrip::<Event>(info, obj)?,
         Res::Deployment => roundtrip::<Deployment>(info, obj)?,
         Res::ReplicaSet => roundtrip::<ReplicaSet>(info, obj)?,
+        Res::StatefulSet => roundtrip::<StatefulSet>(info, obj)?,
+        Res::DaemonSet => roundtrip::<DaemonSet>(info, obj)?,
+        Res::ControllerRevision => roundtrip::<ControllerRevision>(info, obj)?,
         Res::Lease => roundtrip::<Lease>(info, obj)?,
         Res::EventV1 => roundtrip::<k8s_openapi::api::events::v1::Event>(info, obj)?,
         Res::TokenReview => roundtrip::<TokenReview>(info, obj)?,
     };
-    if matches!(res, Res::Deployment | Res::ReplicaSet) {
+    if is_workload(res) {
         validate_workload(info, &name, &obj)?;
     }
     Ok(obj)
 }
 
+fn is_workload(res: Res) -> bool {
+    matches!(
+        res,
+        Res::Deployment | Res::ReplicaSet | Res::StatefulSet | Res::DaemonSet
+    )
+}
+
+/// StatefulSet spec fields an update may change (`ValidateStatefulSetUpdate`).
+const STS_MUTABLE: &[&str] = &[
+    "replicas",
+    "ordinals",
+    "template",
+    "updateStrategy",
+    "revisionHistoryLimit",
+    "persistentVolumeClaimRetentionPolicy",
+    "minReadySeconds",
+];
+
 /// Checks on an update that the object alone cannot show.
 pub fn validate_update(res: Res, old: &Value, new: &Value) -> Result<(), KubeSimError> {
-    if matches!(res, Res::Deployment | Res::ReplicaSet)
-        && old.pointer("/spec/selector") != new.pointer("/spec/selector")
-    {
+    if res == Res::StatefulSet {
+        let frozen = |v: &Value| {
+            let mut spec = v.get("spec").cloned().unwrap_or_else(|| json!({}));
+            if let Some(o) = spec.as_object_mut() {
+                o.retain(|k, _| !STS_MUTABLE.contains(&k.as_str()));
+            }
+            spec
+        };
+        if frozen(old) != frozen(new) {
+            let name = super::store::meta_str(old, "name");
+            return Err(KubeSimError::invalid(
+                res.info(),
+                name,
+                vec![cause(
+                    "FieldValueForbidden",
+                    "spec",
+                    "Forbidden: updates to statefulset spec for fields other than 'replicas', 'ordinals', 'template', 'updateStrategy', 'revisionHistoryLimit', 'persistentVolumeClaimRetentionPolicy' and 'minReadySeconds' are forbidden",
+                )],
+            ));
+        }
+    }
+    if is_workload(res) && old.pointer("/spec/selector") != new.pointer("/spec/selector") {
         let name = super::store::meta_str(old, "name");
         return Err(KubeSimError::invalid(
             res.info(),
@@ -268,7 +310,42 @@ fn set_default(obj: &mut Value, key: &str, v: Value) {
 
 fn default_workload(res: Res, obj: &mut Value) {
     let spec = &mut obj["spec"];
-    set_default(spec, "replicas", json!(1));
+    if res != Res::DaemonSet {
+        set_default(spec, "replicas", json!(1));
+    }
+    if res == Res::StatefulSet {
+        // `SetDefaults_StatefulSet`: partition 0 only when the server picked the strategy
+        // or the client asked for RollingUpdate with a rollingUpdate block.
+        set_default(spec, "podManagementPolicy", json!("OrderedReady"));
+        set_default(spec, "revisionHistoryLimit", json!(10));
+        set_default(
+            spec,
+            "persistentVolumeClaimRetentionPolicy",
+            json!({"whenDeleted": "Retain", "whenScaled": "Retain"}),
+        );
+        set_default(spec, "updateStrategy", json!({}));
+        let strategy = &mut spec["updateStrategy"];
+        if strategy.get("type").is_none_or(Value::is_null) {
+            strategy["type"] = json!("RollingUpdate");
+            set_default(strategy, "rollingUpdate", json!({}));
+        }
+        if strategy["type"] == "RollingUpdate" {
+            if let Some(ru) = strategy.get_mut("rollingUpdate").filter(|r| r.is_object()) {
+                set_default(ru, "partition", json!(0));
+            }
+        }
+    }
+    if res == Res::DaemonSet {
+        set_default(spec, "revisionHistoryLimit", json!(10));
+        set_default(spec, "updateStrategy", json!({}));
+        let strategy = &mut spec["updateStrategy"];
+        set_default(strategy, "type", json!("RollingUpdate"));
+        if strategy["type"] == "RollingUpdate" {
+            set_default(strategy, "rollingUpdate", json!({}));
+            set_default(&mut strategy["rollingUpdate"], "maxUnavailable", json!(1));
+            set_default(&mut strategy["rollingUpdate"], "maxSurge", json!(0));
+        }
+    }
     if res == Res::Deployment {
         set_default(spec, "revisionHistoryLimit", json!(10));
         set_default(spec, "progressDeadlineSeconds", json!(600));
@@ -422,6 +499,53 @@ mod tests {
         assert_eq!(e.reason(), "BadRequest");
         assert!(!e.to_string().contains("THE-VALUE"), "{e}");
         assert!(!e.to_status().to_string().contains("THE-VALUE"));
+    }
+
+    #[test]
+    fn statefulset_and_daemonset_defaults_follow_upstream() {
+        let workload = |kind: &str| {
+            let mut v = deployment();
+            v["kind"] = json!(kind);
+            v
+        };
+        let s = admit(Res::StatefulSet, workload("StatefulSet")).unwrap();
+        assert_eq!(s["spec"]["podManagementPolicy"], "OrderedReady");
+        assert_eq!(
+            s["spec"]["updateStrategy"],
+            json!({"type": "RollingUpdate", "rollingUpdate": {"partition": 0}})
+        );
+        assert_eq!(s["spec"]["replicas"], 1);
+        // An explicit RollingUpdate without a rollingUpdate block stays without one.
+        let mut v = workload("StatefulSet");
+        v["spec"]["updateStrategy"] = json!({"type": "RollingUpdate"});
+        let s = admit(Res::StatefulSet, v).unwrap();
+        assert_eq!(
+            s["spec"]["updateStrategy"],
+            json!({"type": "RollingUpdate"})
+        );
+
+        let d = admit(Res::DaemonSet, workload("DaemonSet")).unwrap();
+        assert!(d["spec"].get("replicas").is_none());
+        assert_eq!(
+            d["spec"]["updateStrategy"],
+            json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}})
+        );
+        assert_eq!(d["spec"]["revisionHistoryLimit"], 10);
+    }
+
+    #[test]
+    fn statefulset_updates_may_change_only_some_fields() {
+        let mut v = deployment();
+        v["kind"] = json!("StatefulSet");
+        let old = admit(Res::StatefulSet, v).unwrap();
+        let mut new = old.clone();
+        new["spec"]["replicas"] = json!(5);
+        new["spec"]["template"]["metadata"]["annotations"] = json!({"r": "1"});
+        assert!(validate_update(Res::StatefulSet, &old, &new).is_ok());
+        new["spec"]["podManagementPolicy"] = json!("Parallel");
+        let e = validate_update(Res::StatefulSet, &old, &new).unwrap_err();
+        assert_eq!(e.status_code().as_u16(), 422);
+        assert!(e.to_string().contains("Forbidden"), "{e}");
     }
 
     #[test]

@@ -102,6 +102,23 @@ fn meta_mut(obj: &mut Value) -> &mut serde_json::Map<String, Value> {
         .expect("metadata was just made an object")
 }
 
+/// A DaemonSet's template generation: server-owned, kept in an annotation in apps/v1.
+fn template_generation(ds: &Value) -> i64 {
+    ds.pointer("/metadata/annotations")
+        .and_then(|a| a.get(super::daemonset::TEMPLATE_GENERATION))
+        .and_then(Value::as_str)
+        .and_then(|g| g.parse().ok())
+        .unwrap_or(1)
+}
+
+fn set_template_generation(ds: &mut Value, generation: i64) {
+    let m = meta_mut(ds);
+    if !m.get("annotations").is_some_and(Value::is_object) {
+        m.insert("annotations".into(), json!({}));
+    }
+    m["annotations"][super::daemonset::TEMPLATE_GENERATION] = json!(generation.to_string());
+}
+
 impl Store {
     pub fn new(
         history_limit: usize,
@@ -206,6 +223,9 @@ impl Store {
                 m.remove("generation");
             }
         }
+        if res == Res::DaemonSet {
+            set_template_generation(&mut obj, 1);
+        }
         if dry_run {
             return Ok(obj);
         }
@@ -271,6 +291,11 @@ impl Store {
         let mut generation = cur.pointer("/metadata/generation").and_then(Value::as_i64);
         if info.tracks_generation && cur.get("spec") != new.get("spec") {
             generation = Some(generation.unwrap_or(0) + 1);
+        }
+        if res == Res::DaemonSet {
+            let tg = template_generation(cur)
+                + i64::from(cur.pointer("/spec/template") != new.pointer("/spec/template"));
+            set_template_generation(&mut new, tg);
         }
         {
             let cm = cur.get("metadata").cloned().unwrap_or_else(|| json!({}));

@@ -140,6 +140,32 @@ fn columns(res: Res) -> Vec<Value> {
             col("Images", "string", "", 1),
             col("Selector", "string", "", 1),
         ],
+        Res::StatefulSet => vec![
+            name,
+            col("Ready", "string", "", 0),
+            age,
+            col("Containers", "string", "", 1),
+            col("Images", "string", "", 1),
+        ],
+        Res::DaemonSet => vec![
+            name,
+            col("Desired", "integer", "", 0),
+            col("Current", "integer", "", 0),
+            col("Ready", "integer", "", 0),
+            col("Up-to-date", "integer", "", 0),
+            col("Available", "integer", "", 0),
+            col("Node Selector", "string", "", 0),
+            age,
+            col("Containers", "string", "", 1),
+            col("Images", "string", "", 1),
+            col("Selector", "string", "", 1),
+        ],
+        Res::ControllerRevision => vec![
+            name,
+            col("Controller", "string", "", 0),
+            col("Revision", "integer", "", 0),
+            age,
+        ],
         Res::Pod => vec![
             name,
             col("Ready", "string", "", 0),
@@ -202,6 +228,62 @@ fn cells(res: Res, o: &Value) -> Vec<Value> {
                 json!(im),
                 json!(selector_text(o)),
             ]
+        }
+        Res::StatefulSet => {
+            let (c, im) = containers_and_images(o, "/spec/template/spec/containers");
+            vec![
+                name,
+                json!(format!(
+                    "{}/{}",
+                    i(o, "/status/readyReplicas"),
+                    i(o, "/spec/replicas")
+                )),
+                json!(age(o)),
+                json!(c),
+                json!(im),
+            ]
+        }
+        Res::DaemonSet => {
+            let (c, im) = containers_and_images(o, "/spec/template/spec/containers");
+            let node_selector = o
+                .pointer("/spec/template/spec/nodeSelector")
+                .and_then(Value::as_object)
+                .filter(|m| !m.is_empty())
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .unwrap_or_else(|| "<none>".into());
+            vec![
+                name,
+                json!(i(o, "/status/desiredNumberScheduled")),
+                json!(i(o, "/status/currentNumberScheduled")),
+                json!(i(o, "/status/numberReady")),
+                json!(i(o, "/status/updatedNumberScheduled")),
+                json!(i(o, "/status/numberAvailable")),
+                json!(node_selector),
+                json!(age(o)),
+                json!(c),
+                json!(im),
+                json!(selector_text(o)),
+            ]
+        }
+        Res::ControllerRevision => {
+            let owner = o
+                .pointer("/metadata/ownerReferences")
+                .and_then(Value::as_array)
+                .and_then(|rs| rs.iter().find(|r| r["controller"] == true))
+                .map(|r| {
+                    let group = s(r, "/apiVersion")
+                        .split_once('/')
+                        .map(|(g, _)| format!(".{g}"))
+                        .unwrap_or_default();
+                    format!("{}{group}/{}", s(r, "/kind").to_lowercase(), s(r, "/name"))
+                })
+                .unwrap_or_else(|| "<none>".into());
+            vec![name, json!(owner), json!(i(o, "/revision")), json!(age(o))]
         }
         Res::Pod => {
             let total = o

@@ -418,3 +418,437 @@ async fn secrets_and_tokens_through_the_handle() {
     let dbg = format!("{sim:?}");
     assert!(!dbg.contains("sk-2"), "{dbg}");
 }
+
+// ---------------------------------------------------------------------------------------
+// StatefulSets and DaemonSets
+
+fn labels(p: &Pod) -> &BTreeMap<String, String> {
+    p.metadata.labels.as_ref().unwrap()
+}
+
+fn name(p: &Pod) -> &str {
+    p.metadata.name.as_deref().unwrap()
+}
+
+/// Template annotation change on any workload kind, through the client-side update path.
+fn sts_roll(sim: &KubeSim, ns: &str, name: &str, value: &str) {
+    sim.update_statefulset(ns, name, |s| {
+        s.spec
+            .as_mut()
+            .unwrap()
+            .template
+            .metadata
+            .get_or_insert_with(Default::default)
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert("r".into(), value.into());
+    })
+    .unwrap();
+}
+
+fn ds_roll(sim: &KubeSim, ns: &str, name: &str, value: &str) {
+    sim.update_daemonset(ns, name, |d| {
+        d.spec
+            .as_mut()
+            .unwrap()
+            .template
+            .metadata
+            .get_or_insert_with(Default::default)
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert("r".into(), value.into());
+    })
+    .unwrap();
+}
+
+fn drain(events: &mut broadcast::Receiver<PodEvent>) -> Vec<String> {
+    let mut out = Vec::new();
+    while let Ok(ev) = events.try_recv() {
+        out.push(match ev {
+            PodEvent::Started { pod, workload, .. } => {
+                assert_eq!(workload.unwrap().0, "StatefulSet");
+                format!("+{pod}")
+            }
+            PodEvent::Terminated { pod, workload, .. } => {
+                assert_eq!(workload.unwrap().0, "StatefulSet");
+                format!("-{pod}")
+            }
+        });
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_statefulset_starts_in_order_and_rolls_in_reverse_one_pod_at_a_time() {
+    let (sim, _stop) = running(fast());
+    let mut events = sim.pod_events();
+    sim.create_statefulset(KubeSim::simple_statefulset("ns", "db", 3))
+        .unwrap();
+    assert!(
+        sim.wait_rollout_complete("ns", "db", Duration::from_secs(10))
+            .await
+    );
+    assert_eq!(drain(&mut events), ["+db-0", "+db-1", "+db-2"]);
+
+    let s = sim.statefulset("ns", "db").unwrap();
+    let spec = s.spec.clone().unwrap();
+    assert_eq!(spec.pod_management_policy.as_deref(), Some("OrderedReady"));
+    let strategy = spec.update_strategy.unwrap();
+    assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
+    assert_eq!(strategy.rolling_update.unwrap().partition, Some(0));
+    let st = s.status.unwrap();
+    let rev1 = st.update_revision.clone().unwrap();
+    assert_eq!(st.current_revision.as_deref(), Some(rev1.as_str()));
+    assert_eq!(
+        (
+            st.observed_generation,
+            st.replicas,
+            st.ready_replicas,
+            st.available_replicas,
+            st.current_replicas,
+            st.updated_replicas
+        ),
+        (Some(1), 3, Some(3), Some(3), Some(3), Some(3))
+    );
+    let pods = sim.pods("ns", "app=db");
+    let mut names: Vec<&str> = pods.iter().map(name).collect();
+    names.sort();
+    assert_eq!(names, ["db-0", "db-1", "db-2"]);
+    for p in &pods {
+        assert_eq!(labels(p)[revisions::REVISION_LABEL], rev1);
+        assert_eq!(labels(p)["statefulset.kubernetes.io/pod-name"], name(p));
+        let spec = p.spec.as_ref().unwrap();
+        assert_eq!(spec.hostname.as_deref(), Some(name(p)));
+        assert_eq!(spec.subdomain.as_deref(), Some("db"));
+        let owner = &p.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str()),
+            ("StatefulSet", "db")
+        );
+    }
+    let revs = sim.controller_revisions("ns", "app=db");
+    assert_eq!(revs.len(), 1);
+    assert_eq!(revs[0].metadata.name.as_deref(), Some(rev1.as_str()));
+    assert_eq!(revs[0].revision, 1);
+
+    // Roll. At no moment may two pods be out of service, and pods go 2, 1, 0.
+    sts_roll(&sim, "ns", "db", "2");
+    let t = Instant::now();
+    loop {
+        let pods = sim.pods("ns", "app=db");
+        let down = pods
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_some() || !is_ready(p))
+            .count()
+            + 3usize.saturating_sub(pods.len());
+        assert!(
+            down <= 1,
+            "two pods out at once: {:?}",
+            pods.iter().map(name).collect::<Vec<_>>()
+        );
+        if sim
+            .workload_rollout_status(WorkloadKind::StatefulSet, "ns", "db")
+            .unwrap()
+            == RolloutStatus::Complete
+        {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "rollout stuck");
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    assert_eq!(
+        drain(&mut events),
+        ["-db-2", "+db-2", "-db-1", "+db-1", "-db-0", "+db-0"]
+    );
+    let st = sim.statefulset("ns", "db").unwrap().status.unwrap();
+    let rev2 = st.update_revision.clone().unwrap();
+    assert_ne!(rev2, rev1);
+    assert_eq!(st.current_revision.as_deref(), Some(rev2.as_str()));
+    assert_eq!(st.observed_generation, Some(2));
+    assert!(sim
+        .pods("ns", "app=db")
+        .iter()
+        .all(|p| labels(p)[revisions::REVISION_LABEL] == rev2 && is_ready(p)));
+    let mut revs: Vec<i64> = sim
+        .controller_revisions("ns", "app=db")
+        .iter()
+        .map(|r| r.revision)
+        .collect();
+    revs.sort();
+    assert_eq!(revs, [1, 2]);
+
+    // Scale down removes the highest ordinals; the selector is immutable.
+    sim.update_statefulset("ns", "db", |s| s.spec.as_mut().unwrap().replicas = Some(1))
+        .unwrap();
+    assert!(
+        sim.wait_rollout_complete("ns", "db", Duration::from_secs(10))
+            .await
+    );
+    let t = Instant::now();
+    while active(&sim.pods("ns", "app=db")).len() != 1 || sim.pods("ns", "app=db").len() != 1 {
+        assert!(t.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(name(&sim.pods("ns", "app=db")[0]), "db-0");
+    let e = sim
+        .update_statefulset("ns", "db", |s| {
+            s.spec.as_mut().unwrap().service_name = Some("x".into())
+        })
+        .unwrap_err();
+    assert_eq!(e.reason(), "Invalid");
+}
+
+#[tokio::test]
+async fn a_never_ready_statefulset_stops_after_its_highest_pod() {
+    let (sim, _stop) = running(fast());
+    sim.create_statefulset(KubeSim::simple_statefulset("ns", "db", 3))
+        .unwrap();
+    assert!(
+        sim.wait_rollout_complete("ns", "db", Duration::from_secs(10))
+            .await
+    );
+    let old = sim
+        .statefulset("ns", "db")
+        .unwrap()
+        .status
+        .unwrap()
+        .update_revision;
+    sim.set_never_ready_for(WorkloadKind::StatefulSet, "ns", "db", true);
+    sts_roll(&sim, "ns", "db", "2");
+    assert!(
+        !sim.wait_rollout_complete("ns", "db", Duration::from_millis(800))
+            .await
+    );
+    let pods = sim.pods("ns", "app=db");
+    let rev = |n: &str| {
+        let p = pods.iter().find(|p| name(p) == n).unwrap();
+        (labels(p)[revisions::REVISION_LABEL].clone(), is_ready(p))
+    };
+    assert_eq!(rev("db-0"), (old.clone().unwrap(), true));
+    assert_eq!(
+        rev("db-1"),
+        (old.unwrap(), true),
+        "the rollout waits on db-2"
+    );
+    assert!(!rev("db-2").1);
+    assert_eq!(
+        sim.workload_rollout_status(WorkloadKind::StatefulSet, "ns", "db"),
+        Some(RolloutStatus::Waiting(
+            "Waiting for 1 pods to be ready...".into()
+        ))
+    );
+    // Fixed: the rollout finishes.
+    sim.set_never_ready("ns", "db", false);
+    assert!(
+        sim.wait_rollout_complete("ns", "db", Duration::from_secs(10))
+            .await
+    );
+}
+
+#[tokio::test]
+async fn kind_specific_settings_leave_a_same_named_deployment_alone() {
+    let (sim, _stop) = running(fast());
+    sim.set_never_ready_for(WorkloadKind::StatefulSet, "ns", "x", true);
+    sim.create_statefulset(KubeSim::simple_statefulset("ns", "x", 1))
+        .unwrap();
+    let mut d = KubeSim::simple_deployment("ns", "x", 1);
+    // Distinct pods: a label the StatefulSet's selector does not need.
+    d.spec
+        .as_mut()
+        .unwrap()
+        .template
+        .metadata
+        .as_mut()
+        .unwrap()
+        .labels
+        .as_mut()
+        .unwrap()
+        .insert("kind".into(), "deploy".into());
+    sim.create_deployment(d).unwrap();
+    assert!(
+        sim.wait_rollout_complete_for(WorkloadKind::Deployment, "ns", "x", Duration::from_secs(5))
+            .await
+    );
+    assert!(
+        !sim.wait_rollout_complete_for(
+            WorkloadKind::StatefulSet,
+            "ns",
+            "x",
+            Duration::from_millis(300)
+        )
+        .await
+    );
+}
+
+/// Poll a DaemonSet's rollout to completion; returns the most nodes seen at once without
+/// an available-looking (ready, not terminating) pod.
+async fn ds_rollout_max_down(sim: &KubeSim, ns: &str, name: &str, nodes: usize) -> usize {
+    let t = Instant::now();
+    let mut max_down = 0;
+    loop {
+        let pods = sim.pods(ns, &format!("app={name}"));
+        let up = daemonset::node_names(nodes)
+            .iter()
+            .filter(|n| {
+                pods.iter().any(|p| {
+                    p.spec.as_ref().unwrap().node_name.as_deref() == Some(n.as_str())
+                        && p.metadata.deletion_timestamp.is_none()
+                        && is_ready(p)
+                })
+            })
+            .count();
+        max_down = max_down.max(nodes - up);
+        if sim.workload_rollout_status(WorkloadKind::DaemonSet, ns, name)
+            == Some(RolloutStatus::Complete)
+        {
+            return max_down;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "rollout stuck");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_daemonset_runs_one_pod_per_node_and_rolls_within_max_unavailable() {
+    let (sim, _stop) = running(KubeSimOptions { nodes: 4, ..fast() });
+    sim.create_daemonset(KubeSim::simple_daemonset("ns", "agent"))
+        .unwrap();
+    assert!(
+        sim.wait_rollout_complete("ns", "agent", Duration::from_secs(10))
+            .await
+    );
+    let ds = sim.daemonset("ns", "agent").unwrap();
+    assert_eq!(
+        ds.metadata.annotations.as_ref().unwrap()[daemonset::TEMPLATE_GENERATION],
+        "1"
+    );
+    let st = ds.status.unwrap();
+    assert_eq!(
+        (
+            st.desired_number_scheduled,
+            st.current_number_scheduled,
+            st.number_ready,
+            st.updated_number_scheduled,
+            st.number_available,
+            st.number_unavailable,
+            st.observed_generation
+        ),
+        (4, 4, 4, Some(4), Some(4), None, Some(1))
+    );
+    let pods = sim.pods("ns", "app=agent");
+    let mut nodes: Vec<String> = pods
+        .iter()
+        .map(|p| p.spec.as_ref().unwrap().node_name.clone().unwrap())
+        .collect();
+    nodes.sort();
+    assert_eq!(nodes, daemonset::node_names(4));
+    let hash1 = labels(&pods[0])[revisions::REVISION_LABEL].clone();
+    assert!(pods
+        .iter()
+        .all(|p| labels(p)["pod-template-generation"] == "1"
+            && labels(p)[revisions::REVISION_LABEL] == hash1));
+
+    // maxUnavailable 1 (the default): one node at a time.
+    ds_roll(&sim, "ns", "agent", "2");
+    assert_eq!(ds_rollout_max_down(&sim, "ns", "agent", 4).await, 1);
+    let pods = sim.pods("ns", "app=agent");
+    assert_eq!(active(&pods).len(), 4);
+    let hash2 = labels(&pods[0])[revisions::REVISION_LABEL].clone();
+    assert_ne!(hash1, hash2);
+    assert!(active(&pods)
+        .iter()
+        .all(|p| labels(p)["pod-template-generation"] == "2" && is_ready(p)));
+
+    // maxUnavailable 3: several nodes at once, never all four.
+    sim.update_daemonset("ns", "agent", |d| {
+        let ru = d
+            .spec
+            .as_mut()
+            .unwrap()
+            .update_strategy
+            .as_mut()
+            .unwrap()
+            .rolling_update
+            .as_mut()
+            .unwrap();
+        ru.max_unavailable = Some(IntOrString::Int(3));
+    })
+    .unwrap();
+    ds_roll(&sim, "ns", "agent", "3");
+    let down = ds_rollout_max_down(&sim, "ns", "agent", 4).await;
+    assert!((2..=3).contains(&down), "{down}");
+}
+
+#[tokio::test]
+async fn a_never_ready_daemonset_holds_at_one_node() {
+    let (sim, _stop) = running(KubeSimOptions { nodes: 3, ..fast() });
+    sim.create_daemonset(KubeSim::simple_daemonset("ns", "agent"))
+        .unwrap();
+    assert!(
+        sim.wait_rollout_complete("ns", "agent", Duration::from_secs(10))
+            .await
+    );
+    sim.set_never_ready("ns", "agent", true);
+    ds_roll(&sim, "ns", "agent", "2");
+    assert!(
+        !sim.wait_rollout_complete("ns", "agent", Duration::from_millis(800))
+            .await
+    );
+    let pods = sim.pods("ns", "app=agent");
+    let live = active(&pods);
+    assert_eq!(live.len(), 3);
+    assert_eq!(
+        live.iter().filter(|p| is_ready(p)).count(),
+        2,
+        "only one node is out"
+    );
+    assert_eq!(
+        live.iter()
+            .filter(|p| labels(p)["pod-template-generation"] == "2")
+            .count(),
+        1
+    );
+    assert!(matches!(
+        sim.workload_rollout_status(WorkloadKind::DaemonSet, "ns", "agent"),
+        Some(RolloutStatus::Waiting(m)) if m.contains("1 out of 3 new pods have been updated")
+    ));
+}
+
+#[tokio::test]
+async fn readiness_gates_and_pod_events_for_daemonsets() {
+    let (sim, _stop) = running(fast());
+    let mut events = sim.pod_events();
+    sim.set_readiness_gate("ns", "agent", true);
+    sim.create_daemonset(KubeSim::simple_daemonset("ns", "agent"))
+        .unwrap();
+    let mut started = Vec::new();
+    while started.len() < 2 {
+        let ev = timeout(Duration::from_secs(5), events.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if let PodEvent::Started { pod, workload, .. } = ev {
+            assert_eq!(
+                workload,
+                Some(("DaemonSet".to_string(), "agent".to_string()))
+            );
+            started.push(pod);
+        }
+    }
+    // Gated: never ready on its own.
+    assert!(
+        !sim.wait_rollout_complete("ns", "agent", Duration::from_millis(400))
+            .await
+    );
+    sim.open_readiness_gate("ns", &started[0]);
+    assert!(
+        !sim.wait_rollout_complete("ns", "agent", Duration::from_millis(300))
+            .await,
+        "one node is still gated"
+    );
+    sim.open_readiness_gate("ns", &started[1]);
+    assert!(
+        sim.wait_rollout_complete("ns", "agent", Duration::from_secs(5))
+            .await
+    );
+}
