@@ -127,8 +127,8 @@ impl Consumers {
         consumers
     }
 
-    /// Make `deployment`'s pods consumers. Register before the Deployment's pods start:
-    /// pods that already run are not retrofitted.
+    /// Make the pods of workload `deployment` (a Deployment, StatefulSet or DaemonSet of that
+    /// name) consumers. Register before its pods start: running pods are not retrofitted.
     pub fn add(&self, namespace: &str, deployment: &str, spec: ConsumerSpec) {
         self.kube.set_readiness_gate(namespace, deployment, true);
         self.state.lock().unwrap().workloads.insert(
@@ -177,9 +177,9 @@ impl Consumers {
             PodEvent::Started {
                 namespace,
                 pod,
-                workload: Some((kind, name)),
+                workload: Some((_kind, name)),
                 ..
-            } if kind == "Deployment" => {
+            } => {
                 let mut state = self.state.lock().unwrap();
                 let Some(reg) = state.workloads.get(&(namespace.clone(), name)) else {
                     return;

@@ -901,3 +901,96 @@ async fn twenty_rotations_without_one_failed_call_and_the_negative_control() {
     );
     assert!(stats.last_failure.unwrap().contains("401"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statefulsets_and_daemonsets_rotate_without_a_failed_call() {
+    use openai_key_rotator::sandbox::kube::KubeSim;
+    let env = env_with(|_| {}).await;
+    let mut t = env.target();
+    let spec = || ConsumerSpec {
+        source: KeySource::Vault {
+            addr: env.bao.addr.clone(),
+            token: Secret::new(env.bao.token.clone()),
+            mount: "secret".into(),
+            path: t.vault_path.clone(),
+            field: "api_key".into(),
+        },
+        openai_base_url: env.sb.openai_url.clone(),
+        interval: Duration::from_millis(50),
+    };
+    // Register before the pods start, then create: a 3-replica StatefulSet and a DaemonSet
+    // (one pod per simulated node) that read the same key.
+    env.sb.consumers.add(NAMESPACE, "chatbot-db", spec());
+    env.sb.consumers.add(NAMESPACE, "chatbot-agent", spec());
+    env.sb
+        .kube
+        .create_statefulset(KubeSim::simple_statefulset(NAMESPACE, "chatbot-db", 3))
+        .unwrap();
+    env.sb
+        .kube
+        .create_daemonset(KubeSim::simple_daemonset(NAMESPACE, "chatbot-agent"))
+        .unwrap();
+    for name in ["chatbot-db", "chatbot-agent"] {
+        assert!(
+            env.sb
+                .kube
+                .wait_rollout_complete(NAMESPACE, name, Duration::from_secs(30))
+                .await,
+            "{name}"
+        );
+    }
+    t.workloads.push(
+        format!("{NAMESPACE}/StatefulSet/chatbot-db")
+            .parse()
+            .unwrap(),
+    );
+    t.workloads.push(
+        format!("{NAMESPACE}/DaemonSet/chatbot-agent")
+            .parse()
+            .unwrap(),
+    );
+    let before = env.sb.consumers.stats(NAMESPACE, "chatbot-db").pods_started;
+    let j = env
+        .services
+        .engine
+        .rotate(&t, req(), Arc::default())
+        .await
+        .unwrap();
+    assert_eq!(j.status, Status::Completed, "{j:#?}");
+    // Every StatefulSet pod was replaced onto the new template, and no call failed anywhere.
+    let sts = env.sb.consumers.stats(NAMESPACE, "chatbot-db");
+    assert_eq!(sts.pods_started, before + 3, "{sts:?}");
+    let live_pods: Vec<_> = env
+        .sb
+        .kube
+        .pods(NAMESPACE, "app=chatbot-db")
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .collect();
+    assert_eq!(live_pods.len(), 3);
+    for p in live_pods {
+        let id = p
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("openai-key-rotator/rotation-id"))
+            .cloned();
+        if p.metadata.deletion_timestamp.is_none() {
+            assert_eq!(
+                id.as_deref(),
+                Some(j.rotation_id.as_str()),
+                "{:?}",
+                p.metadata.name
+            );
+        }
+    }
+    let ds = env.sb.consumers.stats(NAMESPACE, "chatbot-agent");
+    assert!(ds.pods_started >= 4 && ds.ok > 0, "{ds:?}");
+    assert_eq!(
+        env.sb.consumers.total().failed,
+        0,
+        "{:?}",
+        env.sb.consumers.total()
+    );
+    env.assert_invariants(&[]).await;
+}
