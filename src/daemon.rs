@@ -511,10 +511,10 @@ impl Daemon {
             let created = match self
                 .inner
                 .store
-                .read_key(&t.vault_path, &t.vault_field)
+                .read_key_meta(&t.vault_path, &t.vault_field)
                 .await
             {
-                Ok(Some(k)) => Some(k.meta.key_created_at),
+                Ok(Some(meta)) => Some(meta.key_created_at),
                 Ok(None) => Some(None),
                 Err(e) => {
                     tracing::warn!(target = %t.name, error = %e, "cannot read the key's age from Vault");

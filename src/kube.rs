@@ -1177,12 +1177,6 @@ mod tests {
         assert!(!f.retry);
     }
 
-    /// The engine holds it as `Arc<dyn WorkloadRoller>`.
-    #[allow(dead_code)]
-    fn usable_as_the_engine_port(r: KubeRoller) -> Arc<dyn WorkloadRoller> {
-        Arc::new(r)
-    }
-
     #[test]
     fn truncate_keeps_char_boundaries() {
         assert_eq!(truncate("abc", 10), "abc");

@@ -958,6 +958,19 @@ impl SecretStore for VaultStore {
         }))
     }
 
+    async fn read_key_meta(
+        &self,
+        path: &str,
+        _field: &str,
+    ) -> Result<Option<KeyMeta>, BackendError> {
+        let path = norm(path);
+        Ok(self
+            .read_metadata(path)
+            .await
+            .map_err(|f| f.into_backend("read metadata", &self.at(path)))?
+            .map(|m| key_meta_from(m.custom_metadata.as_ref())))
+    }
+
     async fn read_key_version(
         &self,
         path: &str,

@@ -150,6 +150,15 @@ pub struct StoredKey {
 pub trait SecretStore: Send + Sync {
     /// The current version of `path` and its `field`; `None` when the path does not exist.
     async fn read_key(&self, path: &str, field: &str) -> Result<Option<StoredKey>, BackendError>;
+    /// Only the metadata describing the current key (no key value is fetched); the
+    /// scheduler polls this. The default reads the key and drops it.
+    async fn read_key_meta(
+        &self,
+        path: &str,
+        field: &str,
+    ) -> Result<Option<KeyMeta>, BackendError> {
+        Ok(self.read_key(path, field).await?.map(|k| k.meta))
+    }
     /// `field` of an earlier version (for rollback).
     async fn read_key_version(
         &self,

@@ -127,7 +127,9 @@ async fn script(s: &dyn SecretStore, base: &str) -> Vec<String> {
         }
     };
     out.push(show(read("api_key").await));
+    out.push(show(s.read_key_meta(&p, "api_key").await));
     out.push(show(s.write_key(&p, "api_key", &k1, &key_meta(1), 0).await));
+    out.push(show(s.read_key_meta(&p, "api_key").await));
     out.push(show(s.write_key(&p, "api_key", &k2, &key_meta(2), 0).await));
     out.push(show(read("api_key").await));
     out.push(show(s.write_key(&p, "api_key", &k2, &key_meta(2), 1).await));
@@ -147,6 +149,7 @@ async fn script(s: &dyn SecretStore, base: &str) -> Vec<String> {
             .await,
     ));
     out.push(show(read("api_key").await));
+    out.push(show(s.read_key_meta(&p, "api_key").await));
     // Documents (the journal).
     let j = format!("{base}/state/journal/chatbot");
     out.push(show(s.read_doc(&j).await));
@@ -192,6 +195,7 @@ async fn vault_store_behaves_like_the_engines_fake() {
     let all = real.join("\n");
     for expected in [
         "ok None",
+        "ok Some(KeyMeta { account: Some(AccountRef { id: \"svc_acct_1\"",
         "ok 1",
         "conflict",
         "ok 3",
