@@ -6,6 +6,7 @@
 //!    of two Deployments with 2 replicas each), while consumer pods call the data plane;
 //! 3. the process's peak resident memory.
 
+use chrono::Utc;
 use openai_key_rotator::app;
 use openai_key_rotator::audit::Audit;
 use openai_key_rotator::config::DurationStr;
@@ -39,7 +40,7 @@ fn peak_rss_kib() -> u64 {
 
 async fn engine_over_fakes(n: usize) -> Vec<Duration> {
     let world = FakeWorld::default();
-    let (mut target, _) = world.seed_target("bench", chrono::Utc::now());
+    let (mut target, _) = world.seed_target("bench", Utc::now());
     target.grace_period = DurationStr(Duration::ZERO);
     let engine = world.engine(EngineOptions {
         poll_interval: Duration::from_micros(1),
@@ -48,12 +49,10 @@ async fn engine_over_fakes(n: usize) -> Vec<Duration> {
     let mut times = Vec::with_capacity(n);
     for _ in 0..n {
         let t = Instant::now();
+        let prior = engine.journal(&target.name).await.unwrap();
+        let req = RotationRequest::new(&target.name, Trigger::Cli, "bench", "bench", Utc::now());
         let j = engine
-            .rotate(
-                &target,
-                RotationRequest::new(Trigger::Cli, "bench", "bench"),
-                Arc::default(),
-            )
+            .rotate(&target, req, prior, Arc::default())
             .await
             .unwrap();
         assert_eq!(j.status, Status::Completed);
@@ -86,13 +85,12 @@ async fn end_to_end(n: usize) -> (Vec<Duration>, u64, u64) {
     let mut times = Vec::with_capacity(n);
     for _ in 0..n {
         let t = Instant::now();
+        let t0 = &config.targets[0];
+        let prior = services.engine.journal(&t0.name).await.unwrap();
+        let req = RotationRequest::new(&t0.name, Trigger::Cli, "bench", "bench", Utc::now());
         let j = services
             .engine
-            .rotate(
-                &config.targets[0],
-                RotationRequest::new(Trigger::Cli, "bench", "bench"),
-                Arc::default(),
-            )
+            .rotate(t0, req, prior, Arc::default())
             .await
             .unwrap();
         assert_eq!(j.status, Status::Completed, "{j:?}");

@@ -70,5 +70,9 @@ step "cargo fmt --check"
 cargo fmt --all -- --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --quiet --all-targets -- -D warnings
+step "cargo build --no-default-features (the slim build the Dockerfile ships)"
+cargo build --quiet --no-default-features
+step "cargo build --benches (benchmarks build; they run by hand, see BENCHMARKS.md)"
+cargo build --quiet --benches
 step "cargo test"
 cargo test 2>&1 | tee "$tools/last-test.log"

@@ -4,7 +4,6 @@ use crate::audit::{Audit, AuditEvent, AuditFields};
 use crate::config::Config;
 use crate::daemon::{
     Daemon, DaemonOptions, Fanout, Leadership, LiveRotations, ScheduleObserver, TriggerError,
-    TriggerRequest,
 };
 use crate::http::{self, ApiTokens, AppState, Readiness};
 use crate::kube::KubeRoller;
@@ -13,7 +12,11 @@ use crate::metrics::Metrics;
 use crate::openai::{load_admin_key, OpenAiClient};
 use crate::retry::RetryPolicy;
 use crate::rotation::ports::{CallObserver, SecretStore};
-use crate::rotation::{Engine, EngineOptions, Journal, Observer, RotationEvent, Trigger};
+use crate::rotation::{
+    Engine, EngineOptions, Journal, Observer, Ports, RotationEvent, RotationRequest, Trigger,
+};
+use crate::smoke::HttpProber;
+use crate::sync::RwLockExt;
 use crate::vault::VaultStore;
 use anyhow::Context;
 use async_trait::async_trait;
@@ -103,9 +106,13 @@ pub async fn connect_with(
         Arc::new(LogObserver),
     ];
     observers.extend(extra);
+    let prober = Arc::new(HttpProber::new().context("building the smoke-probe client")?);
     let engine = Arc::new(
-        Engine::new(issuer.clone(), store.clone(), roller.clone(), opts)
-            .with_observer(Arc::new(Fanout(observers))),
+        Engine::new(
+            Ports::new(issuer.clone(), store.clone(), roller.clone(), prober),
+            opts,
+        )
+        .with_observer(Arc::new(Fanout(observers))),
     );
     Ok(Services {
         metrics,
@@ -177,7 +184,7 @@ impl ScheduleObserver for Hooks {
     fn key_created(&self, target: &str, at: Option<DateTime<Utc>>) {
         self.metrics.set_key_created(target, at);
     }
-    fn rotation_requested(&self, r: &TriggerRequest, rotation_id: &str) {
+    fn rotation_requested(&self, r: &RotationRequest, rotation_id: &str) {
         self.record(AuditFields {
             rotation_id: Some(rotation_id.into()),
             target: Some(r.target.clone()),
@@ -188,7 +195,7 @@ impl ScheduleObserver for Hooks {
             ..AuditFields::new(AuditEvent::RotationRequested)
         });
     }
-    fn trigger_refused(&self, r: &TriggerRequest, e: &TriggerError) {
+    fn trigger_refused(&self, r: &RotationRequest, e: &TriggerError) {
         self.record(AuditFields {
             target: Some(r.target.clone()),
             actor: Some(r.actor.clone()),
@@ -210,7 +217,7 @@ impl ScheduleObserver for Hooks {
             });
         }
     }
-    fn rotation_upgraded(&self, r: &TriggerRequest, rotation_id: &str) {
+    fn rotation_upgraded(&self, r: &RotationRequest, rotation_id: &str) {
         self.record(AuditFields {
             rotation_id: Some(rotation_id.into()),
             target: Some(r.target.clone()),
@@ -246,15 +253,18 @@ impl Readiness for BackendReadiness {
     }
 }
 
-fn load_config(opts: &RunOptions) -> anyhow::Result<Config> {
-    let mut config = Config::load(&opts.config)?;
-    if let Some(l) = opts.listen {
-        config.daemon.listen = l;
+impl RunOptions {
+    /// The configuration file with this run's overrides applied.
+    pub fn load_config(&self) -> anyhow::Result<Config> {
+        let mut config = Config::load(&self.config)?;
+        if let Some(l) = self.listen {
+            config.daemon.listen = l;
+        }
+        if let Some(f) = &self.audit_file {
+            config.daemon.audit.file = Some(f.clone());
+        }
+        Ok(config)
     }
-    if let Some(f) = &opts.audit_file {
-        config.daemon.audit.file = Some(f.clone());
-    }
-    Ok(config)
 }
 
 /// What a running daemon exposes to its caller (the demo and tests use it).
@@ -265,14 +275,15 @@ pub struct Running {
     pub done: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
-/// Start the daemon: connect, serve HTTP, handle signals, schedule. Runs until `shutdown`
+/// Start the daemon with `config` (as [`RunOptions::load_config`] read it): connect, serve
+/// HTTP, handle signals, schedule. Runs until `shutdown`
 /// (or SIGTERM/SIGINT when `signals`), then stops taking work and lets running steps finish.
 pub async fn start(
     opts: RunOptions,
+    config: Config,
     shutdown: CancellationToken,
     signals: bool,
 ) -> anyhow::Result<Running> {
-    let config = load_config(&opts)?;
     let audit = Audit::open(
         config.daemon.audit.file.as_deref(),
         config.daemon.audit.stdout,
@@ -408,14 +419,9 @@ fn spawn_signal_handlers(
                 _ = usr1.recv() => {
                     tracing::warn!("SIGUSR1: emergency rotation of every target");
                     for t in &daemon.config().targets {
-                        let r = daemon.trigger(TriggerRequest {
-                            target: t.name.clone(),
-                            trigger: Trigger::Signal,
-                            actor: "signal".into(),
-                            reason: "SIGUSR1".into(),
-                            emergency: true,
-                            revoke_first: false,
-                        });
+                        let req = RotationRequest::new(&t.name, Trigger::Signal, "signal", "SIGUSR1", Utc::now())
+                            .emergency(false);
+                        let r = daemon.trigger(&req);
                         match r {
                             Ok(a) => tracing::info!(target = %t.name, rotation_id = %a.rotation_id(), "rotation requested by signal"),
                             Err(e) => tracing::warn!(target = %t.name, error = %e, "signal rotation refused"),
@@ -436,47 +442,70 @@ fn reload(
     services: &Services,
     hooks: &Hooks,
 ) {
-    let result = load_config(opts).and_then(|new| {
+    let result = opts.load_config().and_then(|new| {
         let new_tokens = match &opts.api_tokens_file {
             Some(f) => Some(ApiTokens::load(f)?),
             None => None,
         };
         Ok((new, new_tokens))
     });
-    match result {
-        Ok((new, new_tokens)) => {
-            let old = daemon.config();
-            if old.vault != new.vault
-                || old.openai != new.openai
-                || old.kubernetes != new.kubernetes
-                || old.daemon.listen != new.daemon.listen
-            {
-                tracing::warn!("SIGHUP: backend or listen settings changed; they take effect on restart (targets and schedules apply now)");
-            }
-            let names: Vec<String> = new.targets.iter().map(|t| t.name.clone()).collect();
-            services.metrics.set_targets(&names);
-            daemon.reload(Arc::new(new));
-            if let Some(t) = new_tokens {
-                *tokens.write().unwrap() = t;
-            }
-            tracing::info!(targets = names.len(), "SIGHUP: configuration reloaded");
-            hooks.record(AuditFields {
-                actor: Some("signal".into()),
-                outcome: Some("reloaded".into()),
-                message: Some(format!("{} targets", names.len())),
-                ..AuditFields::new(AuditEvent::ConfigReloaded)
-            });
-        }
-        Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "SIGHUP: new configuration rejected; keeping the running one");
-            hooks.record(AuditFields {
-                actor: Some("signal".into()),
-                outcome: Some("rejected".into()),
-                message: Some(format!("{e:#}")),
-                ..AuditFields::new(AuditEvent::ConfigReloaded)
-            });
-        }
+    let rejected = |e: String| {
+        tracing::error!(error = %e, "SIGHUP: new configuration rejected; keeping the running one");
+        hooks.record(AuditFields {
+            actor: Some("signal".into()),
+            outcome: Some("rejected".into()),
+            message: Some(e),
+            ..AuditFields::new(AuditEvent::ConfigReloaded)
+        });
+    };
+    let (new, new_tokens) = match result {
+        Ok(r) => r,
+        Err(e) => return rejected(format!("{e:#}")),
+    };
+    let old = daemon.config();
+    let on_restart = restart_only_changes(&old, &new);
+    let names: Vec<String> = new.targets.iter().map(|t| t.name.clone()).collect();
+    if let Err(e) = daemon.reload(Arc::new(new)) {
+        return rejected(e.to_string());
     }
+    services.metrics.set_targets(&names);
+    if let Some(t) = new_tokens {
+        *tokens.write_now() = t;
+    }
+    let mut message = format!("{} targets", names.len());
+    if !on_restart.is_empty() {
+        let fields = on_restart.join(", ");
+        tracing::warn!(%fields, "SIGHUP: these settings changed and take effect only on restart");
+        message.push_str(&format!("; on restart only: {fields}"));
+    }
+    tracing::info!(targets = names.len(), "SIGHUP: configuration reloaded");
+    hooks.record(AuditFields {
+        actor: Some("signal".into()),
+        outcome: Some("reloaded".into()),
+        message: Some(message),
+        ..AuditFields::new(AuditEvent::ConfigReloaded)
+    });
+}
+
+/// Settings a running daemon keeps until restart (its connections and listener were built
+/// from them), named as in the file.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let (o, n) = (&old.daemon, &new.daemon);
+    [
+        ("vault", old.vault != new.vault),
+        ("openai", old.openai != new.openai),
+        ("kubernetes", old.kubernetes != new.kubernetes),
+        ("daemon.listen", o.listen != n.listen),
+        ("daemon.audit", o.audit != n.audit),
+        ("daemon.log_format", o.log_format != n.log_format),
+        (
+            "daemon.leader_election",
+            o.leader_election != n.leader_election,
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(f, changed)| changed.then_some(f))
+    .collect()
 }
 
 /// `rotate TARGET --config FILE --once [--dry-run]`: one rotation in-process.
@@ -505,27 +534,25 @@ pub async fn rotate_once(
         }
         return Ok(std::process::ExitCode::SUCCESS);
     }
-    let mut req = crate::rotation::RotationRequest::new(
-        Trigger::Cli,
-        "cli",
-        if reason.is_empty() {
-            "cli --once"
-        } else {
-            reason
-        },
-    );
-    req.emergency = emergency;
-    let journal = match services.engine.rotate(&t, req, Arc::default()).await {
-        Ok(j) => j,
-        Err(crate::rotation::EngineError::Busy { rotation_id, .. }) => {
-            println!("rotation {rotation_id} of {target} is unfinished; resuming it");
-            services
-                .engine
-                .resume(&t, Arc::default())
-                .await?
-                .context("the journal vanished")?
+    let reason = if reason.is_empty() {
+        "cli --once"
+    } else {
+        reason
+    };
+    let mut req = RotationRequest::new(target, Trigger::Cli, "cli", reason, Utc::now());
+    if emergency {
+        req = req.emergency(false);
+    }
+    let engine = &services.engine;
+    let journal = match engine.journal(target).await? {
+        Some(stored) if !stored.journal.status.is_terminal() => {
+            println!(
+                "rotation {} of {target} is unfinished; resuming it",
+                stored.journal.rotation_id
+            );
+            engine.resume(&t, stored, Arc::default()).await?
         }
-        Err(e) => return Err(e.into()),
+        prior => engine.rotate(&t, req, prior, Arc::default()).await?,
     };
     cancel.cancel();
     println!(

@@ -233,20 +233,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             }
         },
         Command::Run(args) => {
-            let config = Config::load(&args.config)?;
+            let opts = crate::app::RunOptions {
+                config: args.config,
+                listen: args.listen,
+                api_tokens_file: args.api_tokens_file,
+                audit_file: args.audit_file,
+            };
+            let config = opts.load_config()?;
             init_tracing(config.daemon.log_format);
             let shutdown = tokio_util::sync::CancellationToken::new();
-            let running = crate::app::start(
-                crate::app::RunOptions {
-                    config: args.config,
-                    listen: args.listen,
-                    api_tokens_file: args.api_tokens_file,
-                    audit_file: args.audit_file,
-                },
-                shutdown,
-                true,
-            )
-            .await?;
+            let running = crate::app::start(opts, config, shutdown, true).await?;
             running.done.await??;
             tracing::info!("stopped");
             Ok(std::process::ExitCode::SUCCESS)

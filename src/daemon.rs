@@ -3,13 +3,13 @@
 //! down between steps.
 
 use crate::config::{Config, Target};
-use crate::rotation::journal::{new_rotation_id, Origin};
 use crate::rotation::ports::SecretStore;
 use crate::rotation::{
     Engine, EngineError, Journal, Observer, RotationControl, RotationEvent, RotationRequest,
-    Status, Trigger,
+    Status, Stored, Trigger,
 };
 use crate::scheduler::{next_due, Backoff, Due, TargetHistory};
+use crate::sync::{LockExt, RwLockExt};
 use chrono::{DateTime, Utc};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -47,17 +47,6 @@ impl Default for DaemonOptions {
     }
 }
 
-/// A request to rotate one target now.
-#[derive(Debug, Clone)]
-pub struct TriggerRequest {
-    pub target: String,
-    pub trigger: Trigger,
-    pub actor: String,
-    pub reason: String,
-    pub emergency: bool,
-    pub revoke_first: bool,
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Accepted {
     /// A new rotation with this id (it may wait for a free slot).
@@ -86,13 +75,23 @@ pub enum TriggerError {
     ShuttingDown,
 }
 
+/// A configuration the running daemon refuses to take.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReloadError {
+    #[error("{field} cannot change while the daemon runs: {why}")]
+    Field {
+        field: &'static str,
+        why: &'static str,
+    },
+}
+
 /// Hears schedule changes (metrics).
 pub trait ScheduleObserver: Send + Sync {
     fn next_rotation(&self, target: &str, at: Option<DateTime<Utc>>);
     fn key_created(&self, target: &str, at: Option<DateTime<Utc>>);
-    fn rotation_requested(&self, request: &TriggerRequest, rotation_id: &str);
-    fn trigger_refused(&self, request: &TriggerRequest, error: &TriggerError);
-    fn rotation_upgraded(&self, request: &TriggerRequest, rotation_id: &str);
+    fn rotation_requested(&self, request: &RotationRequest, rotation_id: &str);
+    fn trigger_refused(&self, request: &RotationRequest, error: &TriggerError);
+    fn rotation_upgraded(&self, request: &RotationRequest, rotation_id: &str);
     /// The sweep deleted these orphaned managed accounts.
     fn swept(&self, account_ids: &[String]);
 }
@@ -101,9 +100,9 @@ pub struct NoSchedule;
 impl ScheduleObserver for NoSchedule {
     fn next_rotation(&self, _: &str, _: Option<DateTime<Utc>>) {}
     fn key_created(&self, _: &str, _: Option<DateTime<Utc>>) {}
-    fn rotation_requested(&self, _: &TriggerRequest, _: &str) {}
-    fn trigger_refused(&self, _: &TriggerRequest, _: &TriggerError) {}
-    fn rotation_upgraded(&self, _: &TriggerRequest, _: &str) {}
+    fn rotation_requested(&self, _: &RotationRequest, _: &str) {}
+    fn trigger_refused(&self, _: &RotationRequest, _: &TriggerError) {}
+    fn rotation_upgraded(&self, _: &RotationRequest, _: &str) {}
     fn swept(&self, _: &[String]) {}
 }
 
@@ -117,10 +116,10 @@ const KEEP_RECENT: usize = 500;
 
 impl LiveRotations {
     pub fn get(&self, id: &str) -> Option<Journal> {
-        self.journals.lock().unwrap().get(id).cloned()
+        self.journals.locked().get(id).cloned()
     }
     fn put(&self, j: &Journal) {
-        let mut m = self.journals.lock().unwrap();
+        let mut m = self.journals.locked();
         m.insert(j.rotation_id.clone(), j.clone());
         // Ids sort by time: drop the oldest finished ones beyond the bound.
         while m.len() > KEEP_RECENT {
@@ -162,6 +161,12 @@ struct TargetState {
     pending_deletions: Vec<String>,
 }
 
+/// What a rotation task does.
+enum Work {
+    Rotate(RotationRequest),
+    Resume(Box<Stored>),
+}
+
 #[derive(Debug, Clone)]
 struct Running {
     id: String,
@@ -194,6 +199,8 @@ struct Inner {
     schedule_obs: Arc<dyn ScheduleObserver>,
     targets: Mutex<BTreeMap<String, TargetState>>,
     slots: Arc<Semaphore>,
+    /// The configured size of `slots` (permits in use are not visible on the semaphore).
+    slot_limit: Mutex<usize>,
     wake: Notify,
     opts: DaemonOptions,
     leader: watch::Receiver<bool>,
@@ -261,9 +268,8 @@ impl Daemon {
             .iter()
             .map(|t| (t.name.clone(), TargetState::default()))
             .collect();
-        let slots = Arc::new(Semaphore::new(
-            config.daemon.max_concurrent_rotations.max(1),
-        ));
+        let limit = config.daemon.max_concurrent_rotations.max(1);
+        let slots = Arc::new(Semaphore::new(limit));
         Daemon {
             inner: Arc::new(Inner {
                 config: RwLock::new(config),
@@ -273,6 +279,7 @@ impl Daemon {
                 schedule_obs,
                 targets: Mutex::new(targets),
                 slots,
+                slot_limit: Mutex::new(limit),
                 wake: Notify::new(),
                 opts,
                 leader: leadership.is_leader,
@@ -286,7 +293,7 @@ impl Daemon {
     }
 
     pub fn config(&self) -> Arc<Config> {
-        self.inner.config.read().unwrap().clone()
+        self.inner.config.read_now().clone()
     }
 
     pub fn is_leader(&self) -> bool {
@@ -298,31 +305,61 @@ impl Daemon {
     }
 
     /// Swap in a new, already validated configuration. Targets removed from it keep running
-    /// rotations to the end; new targets are scheduled at once.
-    pub fn reload(&self, config: Arc<Config>) {
+    /// rotations to the end; new targets are scheduled at once; `account_prefix` and
+    /// `max_concurrent_rotations` apply to rotations started from now on. A change that
+    /// cannot be applied safely to a running daemon is refused and nothing changes.
+    pub fn reload(&self, config: Arc<Config>) -> Result<(), ReloadError> {
+        let old = self.config();
+        if old.daemon.state_prefix != config.daemon.state_prefix {
+            return Err(ReloadError::Field {
+                field: "daemon.state_prefix",
+                why: "the journals of running and finished rotations live under it; restart the daemon to change it",
+            });
+        }
         {
-            let mut targets = self.inner.targets.lock().unwrap();
+            let mut targets = self.inner.targets.locked();
             targets.retain(|name, st| config.target(name).is_some() || st.running.is_some());
             for t in &config.targets {
                 targets.entry(t.name.clone()).or_default();
             }
         }
-        *self.inner.config.write().unwrap() = config;
+        self.inner
+            .engine
+            .set_account_prefix(&config.daemon.account_prefix);
+        self.resize_slots(config.daemon.max_concurrent_rotations.max(1));
+        *self.inner.config.write_now() = config;
         self.inner.wake.notify_one();
+        Ok(())
+    }
+
+    /// Grow at once; shrink by retiring permits as running rotations return them.
+    fn resize_slots(&self, want: usize) {
+        let mut limit = self.inner.slot_limit.locked();
+        if want > *limit {
+            self.inner.slots.add_permits(want - *limit);
+        } else if want < *limit {
+            let (slots, n) = (self.inner.slots.clone(), (*limit - want) as u32);
+            self.inner.tasks.spawn(async move {
+                if let Ok(p) = slots.acquire_many_owned(n).await {
+                    p.forget();
+                }
+            });
+        }
+        *limit = want;
     }
 
     /// Rotate a target now (or upgrade its running rotation to an emergency).
-    pub fn trigger(&self, req: TriggerRequest) -> Result<Accepted, TriggerError> {
-        let result = self.try_trigger(&req);
+    pub fn trigger(&self, req: &RotationRequest) -> Result<Accepted, TriggerError> {
+        let result = self.try_trigger(req);
         match &result {
-            Err(e) => self.inner.schedule_obs.trigger_refused(&req, e),
-            Ok(Accepted::Upgraded(id)) => self.inner.schedule_obs.rotation_upgraded(&req, id),
-            Ok(Accepted::Started(id)) => self.inner.schedule_obs.rotation_requested(&req, id),
+            Err(e) => self.inner.schedule_obs.trigger_refused(req, e),
+            Ok(Accepted::Upgraded(id)) => self.inner.schedule_obs.rotation_upgraded(req, id),
+            Ok(Accepted::Started(id)) => self.inner.schedule_obs.rotation_requested(req, id),
         }
         result
     }
 
-    fn try_trigger(&self, req: &TriggerRequest) -> Result<Accepted, TriggerError> {
+    fn try_trigger(&self, req: &RotationRequest) -> Result<Accepted, TriggerError> {
         let config = self.config();
         let Some(target) = config.target(&req.target).cloned() else {
             return Err(TriggerError::UnknownTarget(req.target.clone()));
@@ -335,7 +372,7 @@ impl Daemon {
                 leader: self.inner.leader_name.borrow().clone(),
             });
         }
-        let mut targets = self.inner.targets.lock().unwrap();
+        let mut targets = self.inner.targets.locked();
         let st = targets.entry(target.name.clone()).or_default();
         if let Some(r) = &st.running {
             if req.emergency {
@@ -347,73 +384,49 @@ impl Daemon {
                 rotation_id: r.id.clone(),
             });
         }
-        let manual = !matches!(req.trigger, Trigger::Schedule | Trigger::MaxAge);
-        if manual {
+        if req.is_manual() {
             // A person asked: the failure back-off no longer applies.
             st.history.consecutive_failures = 0;
         }
-        let now = Utc::now();
-        let id = new_rotation_id(now);
+        let id = req.rotation_id.clone();
         // Visible at once (queued for a slot), until the engine's first event replaces it.
-        self.inner.live.put(&Journal::new(
-            &id,
-            &target.name,
-            &config.daemon.account_prefix,
-            Origin {
-                trigger: req.trigger,
-                actor: req.actor.clone(),
-                reason: req.reason.clone(),
-                emergency: req.emergency,
-                revoke_first: req.revoke_first,
-            },
-            now,
-        ));
+        self.inner
+            .live
+            .put(&Journal::queued(req, &config.daemon.account_prefix));
         let control = Arc::new(RotationControl::default());
         st.running = Some(Running {
             id: id.clone(),
             control: control.clone(),
         });
         drop(targets);
-        let request = RotationRequest {
-            trigger: req.trigger,
-            actor: req.actor.clone(),
-            reason: req.reason.clone(),
-            emergency: req.emergency,
-            revoke_first: req.revoke_first,
-            rotation_id: Some(id.clone()),
-        };
         let this = self.clone();
-        self.inner
-            .tasks
-            .spawn(async move { this.run_rotation(target, Some(request), control).await });
+        let request = req.clone();
+        self.inner.tasks.spawn(async move {
+            this.run_rotation(target, Work::Rotate(request), control)
+                .await
+        });
         Ok(Accepted::Started(id))
     }
 
-    /// One rotation (or a resume when `request` is None), holding a concurrency slot.
-    async fn run_rotation(
-        &self,
-        target: Target,
-        request: Option<RotationRequest>,
-        control: Arc<RotationControl>,
-    ) {
+    /// One rotation or resume, holding a concurrency slot.
+    async fn run_rotation(&self, target: Target, work: Work, control: Arc<RotationControl>) {
         let permit = tokio::select! {
             p = self.inner.slots.clone().acquire_owned() => p.ok(),
             _ = self.inner.shutdown.cancelled() => None,
         };
+        let engine = &self.inner.engine;
         let result = match permit {
             None => None,
-            Some(_permit) => Some(match request {
-                Some(req) => self
-                    .inner
-                    .engine
-                    .rotate(&target, req, control)
-                    .await
-                    .map(Some),
-                None => self.inner.engine.resume(&target, control).await,
+            Some(_permit) => Some(match work {
+                Work::Rotate(req) => match engine.journal(&target.name).await {
+                    Ok(prior) => engine.rotate(&target, req, prior, control).await.map(Some),
+                    Err(e) => Err(e),
+                },
+                Work::Resume(stored) => engine.resume(&target, *stored, control).await.map(Some),
             }),
         };
         let now = Utc::now();
-        let mut targets = self.inner.targets.lock().unwrap();
+        let mut targets = self.inner.targets.locked();
         let st = targets.entry(target.name.clone()).or_default();
         st.running = None;
         match result {
@@ -481,13 +494,14 @@ impl Daemon {
                         return;
                     }
                 };
-                let Some((_, j)) = journal else { return };
+                let Some(stored) = journal else { return };
+                let j = &stored.journal;
                 if j.status.is_terminal() && j.pending_deletions.is_empty() {
                     return;
                 }
                 let control = Arc::new(RotationControl::default());
                 {
-                    let mut targets = this.inner.targets.lock().unwrap();
+                    let mut targets = this.inner.targets.locked();
                     let st = targets.entry(target.name.clone()).or_default();
                     if st.running.is_some() {
                         return;
@@ -497,7 +511,8 @@ impl Daemon {
                         control: control.clone(),
                     });
                 }
-                this.run_rotation(target, None, control).await
+                this.run_rotation(target, Work::Resume(Box::new(stored)), control)
+                    .await
             });
         }
     }
@@ -521,7 +536,7 @@ impl Daemon {
                     None
                 }
             };
-            let mut targets = self.inner.targets.lock().unwrap();
+            let mut targets = self.inner.targets.locked();
             let st = targets.entry(t.name.clone()).or_default();
             if let Some(created) = created {
                 st.history.key_created_at = created;
@@ -545,7 +560,7 @@ impl Daemon {
     /// Time until the earliest next rotation (bounded by `max_sleep`).
     fn sleep_for(&self) -> Duration {
         let now = Utc::now();
-        let targets = self.inner.targets.lock().unwrap();
+        let targets = self.inner.targets.locked();
         targets
             .values()
             .filter(|s| s.running.is_none())
@@ -592,18 +607,12 @@ impl Daemon {
                 last_retry = tokio::time::Instant::now();
             }
             for (name, due) in self.refresh().await {
-                let req = TriggerRequest {
-                    target: name.clone(),
-                    trigger: due.trigger,
-                    actor: "schedule".into(),
-                    reason: match due.trigger {
-                        Trigger::MaxAge => "key older than max_key_age".into(),
-                        _ => "scheduled".into(),
-                    },
-                    emergency: false,
-                    revoke_first: false,
+                let reason = match due.trigger {
+                    Trigger::MaxAge => "key older than max_key_age",
+                    _ => "scheduled",
                 };
-                match self.trigger(req) {
+                let req = RotationRequest::new(&name, due.trigger, "schedule", reason, Utc::now());
+                match self.trigger(&req) {
                     Ok(a) => {
                         tracing::info!(target = %name, rotation_id = %a.rotation_id(), trigger = due.trigger.as_str(), "scheduled rotation started")
                     }
@@ -655,7 +664,7 @@ impl Daemon {
     }
 
     fn stop_running(&self) {
-        for st in self.inner.targets.lock().unwrap().values() {
+        for st in self.inner.targets.locked().values() {
             if let Some(r) = &st.running {
                 r.control.request_stop();
             }
@@ -689,7 +698,7 @@ impl Daemon {
     pub fn targets(&self) -> Vec<TargetStatus> {
         let config = self.config();
         let now = Utc::now();
-        let targets = self.inner.targets.lock().unwrap();
+        let targets = self.inner.targets.locked();
         config
             .targets
             .iter()
@@ -723,8 +732,7 @@ impl Daemon {
     pub fn running(&self, target: &str) -> Option<String> {
         self.inner
             .targets
-            .lock()
-            .unwrap()
+            .locked()
             .get(target)
             .and_then(|s| s.running.as_ref().map(|r| r.id.clone()))
     }
@@ -797,15 +805,8 @@ mod tests {
         }
     }
 
-    fn manual(target: &str) -> TriggerRequest {
-        TriggerRequest {
-            target: target.into(),
-            trigger: Trigger::Api,
-            actor: "ops".into(),
-            reason: "test".into(),
-            emergency: false,
-            revoke_first: false,
-        }
+    fn manual(target: &str) -> RotationRequest {
+        RotationRequest::new(target, Trigger::Api, "ops", "test", Utc::now())
     }
 
     async fn wait_finished(h: &Harness, id: &str) -> Journal {
@@ -826,12 +827,12 @@ mod tests {
         let (mut t, _) = world.seed_target("chat", Utc::now());
         t.grace_period = DurationStr(Duration::from_secs(3600));
         let h = harness(world, vec![t], 2);
-        let id = match h.daemon.trigger(manual("chat")).unwrap() {
+        let id = match h.daemon.trigger(&manual("chat")).unwrap() {
             Accepted::Started(id) => id,
             other => panic!("{other:?}"),
         };
         assert_eq!(
-            h.daemon.trigger(manual("chat")),
+            h.daemon.trigger(&manual("chat")),
             Err(TriggerError::AlreadyRunning {
                 target: "chat".into(),
                 rotation_id: id.clone()
@@ -847,7 +848,7 @@ mod tests {
         let mut emergency = manual("chat");
         emergency.emergency = true;
         assert_eq!(
-            h.daemon.trigger(emergency),
+            h.daemon.trigger(&emergency),
             Ok(Accepted::Upgraded(id.clone()))
         );
         let j = wait_finished(&h, &id).await;
@@ -856,7 +857,7 @@ mod tests {
         assert_eq!(j.actor, "ops");
         // The target is free again.
         assert!(matches!(
-            h.daemon.trigger(manual("chat")),
+            h.daemon.trigger(&manual("chat")),
             Ok(Accepted::Started(_))
         ));
     }
@@ -867,7 +868,7 @@ mod tests {
         let (t, _) = world.seed_target("chat", Utc::now());
         let h = harness(world, vec![t.clone()], 1);
         assert_eq!(
-            h.daemon.trigger(manual("nope")),
+            h.daemon.trigger(&manual("nope")),
             Err(TriggerError::UnknownTarget("nope".into()))
         );
         // Not the leader.
@@ -885,7 +886,7 @@ mod tests {
             CancellationToken::new(),
         );
         assert_eq!(
-            follower.trigger(manual("chat")),
+            follower.trigger(&manual("chat")),
             Err(TriggerError::NotLeader {
                 leader: Some("okr-0".into())
             })
@@ -895,7 +896,7 @@ mod tests {
         h.shutdown.cancel();
         h.daemon.run().await;
         assert_eq!(
-            h.daemon.trigger(manual("chat")),
+            h.daemon.trigger(&manual("chat")),
             Err(TriggerError::ShuttingDown)
         );
     }
@@ -906,8 +907,8 @@ mod tests {
         let (a, _) = world.seed_target("a", Utc::now());
         let (b, _) = world.seed_target("b", Utc::now());
         let h = harness(world, vec![a, b], 1);
-        let ia = h.daemon.trigger(manual("a")).unwrap();
-        let ib = h.daemon.trigger(manual("b")).unwrap();
+        let ia = h.daemon.trigger(&manual("a")).unwrap();
+        let ib = h.daemon.trigger(&manual("b")).unwrap();
         let ja = wait_finished(&h, ia.rotation_id()).await;
         let jb = wait_finished(&h, ib.rotation_id()).await;
         assert_eq!(
@@ -975,7 +976,7 @@ mod tests {
         let run = tokio::spawn(async move { d.run().await });
         let id = h
             .daemon
-            .trigger(manual("chat"))
+            .trigger(&manual("chat"))
             .unwrap()
             .rotation_id()
             .to_string();

@@ -53,17 +53,14 @@ pub async fn run(mut opts: DemoOptions) -> anyhow::Result<(u64, u64)> {
     let audit_file = opts.sandbox.dir.join("audit.jsonl");
 
     let shutdown = CancellationToken::new();
-    let running = app::start(
-        RunOptions {
-            config: sb.config_path.clone(),
-            listen: Some(opts.listen),
-            api_tokens_file: Some(tokens_file.clone()),
-            audit_file: Some(audit_file.clone()),
-        },
-        shutdown.clone(),
-        true,
-    )
-    .await?;
+    let run = RunOptions {
+        config: sb.config_path.clone(),
+        listen: Some(opts.listen),
+        api_tokens_file: Some(tokens_file.clone()),
+        audit_file: Some(audit_file.clone()),
+    };
+    let config = run.load_config()?;
+    let running = app::start(run, config, shutdown.clone(), true).await?;
     let api = format!("http://{}", running.addr);
     let first = &sb.config.targets[0].name;
     println!();

@@ -7,16 +7,20 @@
 //! 503 with the leader's identity (no forwarding: the caller retries against the leader or
 //! the Service, which only routes to ready pods).
 
-use crate::daemon::{Accepted, Daemon, TriggerError, TriggerRequest};
-use crate::rotation::Trigger;
+use crate::daemon::{Accepted, Daemon, TriggerError};
+use crate::rotation::ports::AccountRef;
+use crate::rotation::{Journal, StepState};
+use crate::rotation::{RotationRequest, Trigger};
 use crate::secret::Secret;
+use crate::sync::RwLockExt;
 use async_trait::async_trait;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -169,7 +173,7 @@ fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<String, Respons
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    let name = presented.and_then(|p| state.tokens.read().unwrap().authenticate(p));
+    let name = presented.and_then(|p| state.tokens.read_now().authenticate(p));
     name.ok_or_else(|| {
         tracing::warn!("API call refused: missing or unknown bearer token");
         let mut r = error(StatusCode::UNAUTHORIZED, "missing or invalid bearer token");
@@ -252,19 +256,16 @@ async fn create_rotation(
             "reason is longer than 1024 characters",
         );
     }
-    let req = TriggerRequest {
-        target: name.clone(),
-        trigger: Trigger::Api,
-        actor,
-        reason: if parsed.reason.is_empty() {
-            "api".into()
-        } else {
-            parsed.reason
-        },
-        emergency: parsed.emergency,
-        revoke_first: parsed.revoke_first,
+    let reason = if parsed.reason.is_empty() {
+        "api"
+    } else {
+        parsed.reason.as_str()
     };
-    match state.daemon.trigger(req) {
+    let mut req = RotationRequest::new(&name, Trigger::Api, &actor, reason, chrono::Utc::now());
+    if parsed.emergency {
+        req = req.emergency(parsed.revoke_first);
+    }
+    match state.daemon.trigger(&req) {
         Ok(accepted) => {
             let id = accepted.rotation_id().to_string();
             let location = format!("/v1/rotations/{id}");
@@ -324,19 +325,103 @@ async fn get_rotation(
         return error(StatusCode::NOT_FOUND, format!("no rotation {id:?}"));
     }
     match state.daemon.rotation(&id).await {
-        Ok(Some(j)) => {
-            let mut v = serde_json::to_value(&j).expect("journal serializes");
-            // Hashes stay in the journal; the API shows ids, versions and times.
-            if let Some(o) = v.as_object_mut() {
-                o.remove("new_key_sha256");
-            }
-            Json(v).into_response()
-        }
+        Ok(Some(j)) => Json(RotationView::from(&j)).into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, format!("no rotation {id}")),
         Err(e) => error(
             StatusCode::BAD_GATEWAY,
             format!("reading rotation history: {e}"),
         ),
+    }
+}
+
+/// `GET /v1/rotations/{id}`: the API's own view of a rotation, so the journal's storage
+/// schema can change without breaking clients. Ids, versions and times; no hashes.
+#[derive(Debug, Serialize)]
+pub struct RotationView {
+    pub rotation_id: String,
+    pub target: String,
+    pub trigger: &'static str,
+    pub actor: String,
+    pub reason: String,
+    pub emergency: bool,
+    pub revoke_first: bool,
+    pub status: &'static str,
+    pub step: &'static str,
+    pub step_state: StepState,
+    pub started_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub new_account_name: String,
+    pub old_account: Option<AccountRef>,
+    pub new_account: Option<AccountRef>,
+    pub old_vault_version: u64,
+    pub new_vault_version: Option<u64>,
+    pub rollback_vault_version: Option<u64>,
+    pub old_retired: bool,
+    pub pending_deletions: Vec<PendingView>,
+    pub steps: Vec<StepView>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PendingView {
+    pub service_account_id: String,
+    pub key_id: String,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StepView {
+    pub step: &'static str,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub outcome: Option<String>,
+}
+
+impl From<&Journal> for RotationView {
+    fn from(j: &Journal) -> Self {
+        RotationView {
+            rotation_id: j.rotation_id.clone(),
+            target: j.target.clone(),
+            trigger: j.trigger.as_str(),
+            actor: j.actor.clone(),
+            reason: j.reason.clone(),
+            emergency: j.emergency,
+            revoke_first: j.revoke_first,
+            status: j.status.as_str(),
+            step: j.step.as_str(),
+            step_state: j.step_state,
+            started_at: j.started_at,
+            updated_at: j.updated_at,
+            new_account_name: j.new_account_name.clone(),
+            old_account: j.old_account.clone(),
+            new_account: j.new_account.clone(),
+            old_vault_version: j.old_vault_version,
+            new_vault_version: j.new_vault_version,
+            rollback_vault_version: j.rollback_vault_version,
+            old_retired: j.old_retired,
+            pending_deletions: j
+                .pending_deletions
+                .iter()
+                .map(|p| PendingView {
+                    service_account_id: p.account.id.clone(),
+                    key_id: p.account.key_id.clone(),
+                    attempts: p.attempts,
+                    last_error: p.last_error.clone(),
+                })
+                .collect(),
+            steps: j
+                .steps
+                .iter()
+                .map(|s| StepView {
+                    step: s.step.as_str(),
+                    started_at: s.started_at,
+                    finished_at: s.finished_at,
+                    outcome: s.outcome.clone(),
+                })
+                .collect(),
+            error: j.error.clone(),
+        }
     }
 }
 

@@ -1,4 +1,8 @@
 //! openai-key-rotator: rotates OpenAI project service-account keys with zero downtime.
+#![forbid(unsafe_code)]
+// Shipped code never unwraps: a failure is reported, and a true invariant says what it is
+// with `expect("...")`. Tests may unwrap.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
 pub mod app;
 pub mod audit;
 pub mod cli;
@@ -18,4 +22,6 @@ pub mod rotation;
 pub mod sandbox;
 pub mod scheduler;
 pub mod secret;
+pub mod smoke;
+pub mod sync;
 pub mod vault;

@@ -6,6 +6,7 @@
 
 use sha2::{Digest, Sha256};
 use std::fmt;
+use zeroize::Zeroize;
 
 /// Key material (an OpenAI API key value, an admin key, a Vault token).
 #[derive(Clone, PartialEq, Eq)]
@@ -46,9 +47,9 @@ impl fmt::Display for Secret {
 
 impl Drop for Secret {
     fn drop(&mut self) {
-        // Best effort: overwrite the heap copy we own before freeing it.
-        // SAFETY: writing zero bytes keeps the buffer valid UTF-8.
-        unsafe { self.0.as_bytes_mut().fill(0) };
+        // Best effort: overwrite the heap copy we own before freeing it (copies made by the
+        // HTTP stacks are out of our reach).
+        self.0.zeroize();
     }
 }
 

@@ -1,5 +1,8 @@
-//! In-memory implementations of the three ports, with fault switches and a shared log of
-//! what happened in which order, so unit tests can assert the invariants (I1–I3) fast.
+//! In-memory implementations of the ports, with fault switches and a shared log of what
+//! happened in which order, so unit tests can assert the invariants fast. Built only for
+//! tests (`cfg(test)` or the `test-support` feature), never into the shipped binary.
+// Test support: a poisoned fake is a failed test, so unwrapping is the right report.
+#![allow(clippy::unwrap_used)]
 
 use super::ports::*;
 use crate::config::WorkloadRef;
@@ -615,6 +618,7 @@ pub struct FakeWorld {
     pub issuer: FakeIssuer,
     pub store: FakeStore,
     pub roller: FakeRoller,
+    pub prober: FakeProber,
 }
 
 impl Default for FakeWorld {
@@ -624,6 +628,7 @@ impl Default for FakeWorld {
             issuer: FakeIssuer::new(log.clone()),
             store: FakeStore::new(log.clone()),
             roller: FakeRoller::new(log.clone()),
+            prober: FakeProber::default(),
             log,
         }
     }
@@ -675,12 +680,98 @@ impl FakeWorld {
         (target, old)
     }
 
-    pub fn engine(&self, opts: super::EngineOptions) -> super::Engine {
-        super::Engine::new(
+    /// The fakes as the engine's ports (system clock).
+    pub fn ports(&self) -> super::Ports {
+        super::Ports::new(
             Arc::new(self.issuer.clone()),
             Arc::new(self.store.clone()),
             Arc::new(self.roller.clone()),
-            opts,
+            Arc::new(self.prober.clone()),
         )
+    }
+
+    /// The fakes behind the fault-injecting wrapper: one simulated process.
+    pub fn faulty_ports(
+        &self,
+        plan: Arc<dyn super::faults::FaultPlan>,
+        crash: super::faults::Crash,
+    ) -> super::Ports {
+        use super::faults::Faulty;
+        super::Ports {
+            issuer: Arc::new(Faulty::new(
+                Arc::new(self.issuer.clone()),
+                plan.clone(),
+                crash.clone(),
+            )),
+            store: Arc::new(Faulty::new(
+                Arc::new(self.store.clone()),
+                plan.clone(),
+                crash.clone(),
+            )),
+            roller: Arc::new(Faulty::new(Arc::new(self.roller.clone()), plan, crash)),
+            prober: Arc::new(self.prober.clone()),
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    pub fn engine(&self, opts: super::EngineOptions) -> super::Engine {
+        super::Engine::new(self.ports(), opts)
+    }
+}
+
+/// Smoke probes answered from a table: url → the statuses to answer in turn (the last one
+/// repeats); unknown URLs fail to connect.
+#[derive(Clone, Default)]
+pub struct FakeProber {
+    pub answers: Arc<Mutex<BTreeMap<String, Vec<u16>>>>,
+}
+
+impl FakeProber {
+    pub fn answer(&self, url: &str, statuses: &[u16]) {
+        self.answers
+            .lock()
+            .unwrap()
+            .insert(url.to_string(), statuses.to_vec());
+    }
+}
+
+#[async_trait]
+impl SmokeProber for FakeProber {
+    async fn get_status(
+        &self,
+        url: &str,
+        _timeout: std::time::Duration,
+    ) -> Result<u16, ProbeError> {
+        let mut answers = self.answers.lock().unwrap();
+        let Some(list) = answers.get_mut(url) else {
+            return Err(ProbeError::Connect);
+        };
+        match list.len() {
+            0 => Err(ProbeError::Connect),
+            1 => Ok(list[0]),
+            _ => Ok(list.remove(0)),
+        }
+    }
+}
+
+/// Wall time that moves with tokio's clock (paused in simulations): deterministic.
+pub struct TokioClock {
+    base: DateTime<Utc>,
+    start: tokio::time::Instant,
+}
+
+impl TokioClock {
+    pub fn new(base: DateTime<Utc>) -> TokioClock {
+        TokioClock {
+            base,
+            start: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl Clock for TokioClock {
+    fn now(&self) -> DateTime<Utc> {
+        self.base
+            + chrono::Duration::from_std(self.start.elapsed()).unwrap_or(chrono::Duration::zero())
     }
 }

@@ -3,6 +3,7 @@
 //! restarted or failed-over daemon knows exactly where a rotation stood.
 
 use super::ports::AccountRef;
+use super::request::RotationRequest;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -173,39 +174,33 @@ pub struct Journal {
     pub error: Option<String>,
 }
 
-/// Who asked for a rotation, and how: the part of a journal known before it starts.
-#[derive(Debug, Clone)]
-pub struct Origin {
-    pub trigger: Trigger,
-    pub actor: String,
-    pub reason: String,
-    pub emergency: bool,
-    pub revoke_first: bool,
+/// A journal and the Vault version it was read or written at (for check-and-set).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    pub version: u64,
+    pub journal: Journal,
 }
 
 impl Journal {
-    /// A rotation about to start (nothing known of the old key or the new one yet).
-    pub fn new(
-        rotation_id: &str,
-        target: &str,
-        account_prefix: &str,
-        origin: Origin,
-        now: DateTime<Utc>,
-    ) -> Journal {
+    /// The journal of a requested rotation, before anything is known of the old key or the
+    /// new one: what the live view shows while it waits for a slot, and what the engine
+    /// starts from.
+    pub fn queued(request: &RotationRequest, account_prefix: &str) -> Journal {
+        let now = request.requested_at;
         Journal {
-            rotation_id: rotation_id.to_string(),
-            target: target.to_string(),
-            trigger: origin.trigger,
-            actor: origin.actor,
-            reason: origin.reason,
-            emergency: origin.emergency,
-            revoke_first: origin.revoke_first,
+            rotation_id: request.rotation_id.clone(),
+            target: request.target.clone(),
+            trigger: request.trigger,
+            actor: request.actor.clone(),
+            reason: request.reason.clone(),
+            emergency: request.emergency,
+            revoke_first: request.revoke_first,
             status: Status::Running,
             step: Step::Mint,
             step_state: StepState::Started,
             started_at: now,
             updated_at: now,
-            new_account_name: account_name(account_prefix, target, rotation_id),
+            new_account_name: account_name(account_prefix, &request.target, &request.rotation_id),
             old_account: None,
             old_vault_version: 0,
             old_rotation_id: None,

@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::fmt;
+use std::time::Duration;
 
 /// The external systems, a bounded set (also a metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -307,4 +308,37 @@ pub struct NoCalls;
 impl CallObserver for NoCalls {
     fn call(&self, _: Backend, _: &'static str, _: StatusClass, _: std::time::Duration) {}
     fn retry(&self, _: Backend, _: &'static str) {}
+}
+
+/// Why one smoke-probe attempt got no HTTP status. Deliberately without the URL or the
+/// underlying error text: a probe URL may carry credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ProbeError {
+    #[error("timed out")]
+    Timeout,
+    #[error("connection failed")]
+    Connect,
+}
+
+/// HTTP smoke probes of the workloads, run after their rollout (a port, so the engine owns
+/// no HTTP client and its tests need no server).
+#[async_trait]
+pub trait SmokeProber: Send + Sync {
+    /// One `GET url` within `timeout`: the answer's status code.
+    async fn get_status(&self, url: &str, timeout: Duration) -> Result<u16, ProbeError>;
+}
+
+/// Wall-clock time for journals, drains and schedules; a port so a simulation can run on
+/// tokio's paused clock and be deterministic.
+pub trait Clock: Send + Sync {
+    fn now(&self) -> DateTime<Utc>;
+}
+
+/// The system's UTC clock.
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
 }

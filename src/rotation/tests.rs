@@ -3,8 +3,10 @@
 
 use super::engine::*;
 use super::fakes::*;
+use super::faults::{once, Call, Crash, Fault, Op};
 use super::journal::*;
 use super::ports::*;
+use super::request::RotationRequest;
 use crate::config::{
     DrainConfig, DrainTimeout, DurationStr, SmokeProbe, SyncedSecret, Target, WorkloadRef,
 };
@@ -21,6 +23,7 @@ struct World {
     issuer: FakeIssuer,
     store: FakeStore,
     roller: FakeRoller,
+    prober: FakeProber,
     target: Target,
     old: FakeAccount,
     checker: Arc<InvariantChecker>,
@@ -79,38 +82,114 @@ fn world() -> World {
         issuer,
         store,
         roller,
+        prober: FakeProber::default(),
         target,
         old,
         checker,
     }
 }
 
-fn opts(crash_at: Option<CrashPoint>) -> EngineOptions {
+fn opts() -> EngineOptions {
     EngineOptions {
         poll_interval: Duration::from_millis(2),
         drain_poll_interval: Duration::from_millis(20),
         retire_attempts: 3,
         retire_backoff: Duration::from_millis(1),
-        crash_at,
         ..Default::default()
     }
 }
 
+/// Where a test "kills the process": right after the create call took effect (its answer
+/// never heard), or right after the journal recorded `step` in `state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CrashAt {
+    AfterMintCall,
+    Journaled(Step, StepState),
+}
+
+impl CrashAt {
+    fn plan(self) -> Arc<dyn super::faults::FaultPlan> {
+        match self {
+            CrashAt::AfterMintCall => once(|c: &Call| c.op == Op::CreateAccount, Fault::CrashAfter),
+            CrashAt::Journaled(step, state) => {
+                let (step, state) = (
+                    step.as_str(),
+                    match state {
+                        StepState::Started => "started",
+                        StepState::Done => "done",
+                    },
+                );
+                once(
+                    move |c: &Call| {
+                        c.op == Op::WriteDoc
+                            && c.subject.contains("/targets/")
+                            && c.journal_state()
+                                .is_some_and(|(s, st, _)| s == step && st == state)
+                    },
+                    Fault::CrashAfter,
+                )
+            }
+        }
+    }
+}
+
 impl World {
-    fn engine(&self, crash_at: Option<CrashPoint>) -> Engine {
-        Engine::new(
+    fn ports(&self) -> Ports {
+        Ports::new(
             Arc::new(self.issuer.clone()),
             Arc::new(self.store.clone()),
             Arc::new(self.roller.clone()),
-            opts(crash_at),
+            Arc::new(self.prober.clone()),
         )
-        .with_observer(self.checker.clone())
+    }
+
+    fn engine(&self) -> Engine {
+        Engine::new(self.ports(), opts()).with_observer(self.checker.clone())
+    }
+
+    /// An engine whose process dies at `at`, and its fate.
+    fn crashing_engine(&self, at: CrashAt) -> (Engine, Crash) {
+        let crash = Crash::default();
+        let world = FakeWorld {
+            log: self.log.clone(),
+            issuer: self.issuer.clone(),
+            store: self.store.clone(),
+            roller: self.roller.clone(),
+            prober: self.prober.clone(),
+        };
+        let ports = world.faulty_ports(at.plan(), crash.clone());
+        (
+            Engine::new(ports, opts()).with_observer(self.checker.clone()),
+            crash,
+        )
+    }
+
+    /// Rotate and crash at `at`; panics unless the crash happened.
+    async fn rotate_and_crash(&self, at: CrashAt) {
+        let (engine, crash) = self.crashing_engine(at);
+        let prior = engine.journal(&self.target.name).await.unwrap();
+        let r = crash
+            .run(engine.rotate(&self.target, req(), prior, Arc::default()))
+            .await;
+        assert!(r.is_none(), "{at:?}: expected a crash, got {r:?}");
     }
 
     async fn rotate(&self, req: RotationRequest) -> Result<Journal, EngineError> {
-        self.engine(None)
-            .rotate(&self.target, req, Arc::default())
+        let engine = self.engine();
+        let prior = engine.journal(&self.target.name).await?;
+        engine
+            .rotate(&self.target, req, prior, Arc::default())
             .await
+    }
+
+    /// What a restarted daemon does: read the journal and resume it.
+    async fn resume(&self) -> Result<Journal, EngineError> {
+        let engine = self.engine();
+        let stored = engine
+            .journal(&self.target.name)
+            .await?
+            .expect("a journal to resume");
+        engine.resume(&self.target, stored, Arc::default()).await
     }
 
     fn current_key(&self) -> Secret {
@@ -148,7 +227,13 @@ impl World {
 }
 
 fn req() -> RotationRequest {
-    RotationRequest::new(Trigger::Cli, "test", "unit test")
+    RotationRequest::new(
+        "chat",
+        Trigger::Cli,
+        "test",
+        "unit test",
+        chrono::Utc::now(),
+    )
 }
 
 /// Checks I1 (Vault's current key is live) at every step boundary and I2 (the old account
@@ -245,7 +330,7 @@ async fn happy_path_completes_in_order_and_retires_the_old_account() {
     assert_eq!(meta.account, Some(new));
     assert_eq!(meta.rotation_id.as_deref(), Some(id.as_str()));
     // History is kept under the rotation id; events went to both workloads.
-    let engine = w.engine(None);
+    let engine = w.engine();
     assert_eq!(
         engine.history(id).await.unwrap().unwrap().status,
         Status::Completed
@@ -339,21 +424,6 @@ async fn a_new_key_that_does_not_answer_rolls_back() {
     w.assert_clean();
 }
 
-async fn probe_server(status: u16) -> (String, tokio::task::JoinHandle<()>) {
-    let app = axum::Router::new().route(
-        "/ok",
-        axum::routing::get(
-            move || async move { axum::http::StatusCode::from_u16(status).unwrap() },
-        ),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/ok", listener.local_addr().unwrap());
-    (
-        url,
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() }),
-    )
-}
-
 fn probe(url: &str) -> SmokeProbe {
     SmokeProbe {
         url: url.into(),
@@ -366,17 +436,21 @@ fn probe(url: &str) -> SmokeProbe {
 
 #[tokio::test]
 async fn smoke_probes_gate_the_rotation() {
-    let (good, _g) = probe_server(200).await;
+    let good = "http://chat.demo.svc/healthz";
     let mut w = world();
-    w.target.smoke_probes = vec![probe(&good)];
+    // A streak of 3 is needed: one failure in between restarts it.
+    w.prober.answer(good, &[200, 503, 200, 200, 200]);
+    w.target.smoke_probes = vec![probe(good)];
     assert_eq!(w.rotate(req()).await.unwrap().status, Status::Completed);
     w.assert_clean();
 
     // Negative control: a failing probe rolls back.
-    let (bad, _b) = probe_server(503).await;
+    let bad = "http://user:pw@chat.demo.svc/broken";
     let mut w = world();
+    w.prober.answer(good, &[200]);
+    w.prober.answer(bad, &[503]);
     w.target.rollout_timeout = DurationStr(Duration::from_millis(200));
-    w.target.smoke_probes = vec![probe(&good), probe(&bad)];
+    w.target.smoke_probes = vec![probe(good), probe(bad)];
     let j = w.rotate(req()).await.unwrap();
     assert_eq!(j.status, Status::RolledBack);
     let e = j.error.unwrap();
@@ -435,12 +509,7 @@ async fn retire_failure_completes_with_pending_deletion_retried_later() {
     assert!(!j.old_retired);
     assert!(w.issuer.account_ids().contains(&w.old.id));
     // The retry (resume on a finished rotation) deletes it.
-    let j = w
-        .engine(None)
-        .resume(&w.target, Arc::default())
-        .await
-        .unwrap()
-        .unwrap();
+    let j = w.resume().await.unwrap();
     assert!(j.pending_deletions.is_empty());
     assert!(j.old_retired);
     assert!(!w.issuer.account_ids().contains(&w.old.id));
@@ -474,7 +543,7 @@ async fn an_emergency_upgrade_cuts_a_running_grace_period_short() {
     let mut w = world();
     w.target.grace_period = DurationStr(Duration::from_secs(3600));
     let control = Arc::new(RotationControl::default());
-    let engine = w.engine(None);
+    let engine = w.engine();
     let c2 = control.clone();
     let upgrade = async move {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -482,7 +551,7 @@ async fn an_emergency_upgrade_cuts_a_running_grace_period_short() {
     };
     let (j, ()) = tokio::time::timeout(
         Duration::from_secs(10),
-        futures::future::join(engine.rotate(&w.target, req(), control), upgrade),
+        futures::future::join(engine.rotate(&w.target, req(), None, control), upgrade),
     )
     .await
     .expect("upgrade must end the grace period");
@@ -649,23 +718,13 @@ async fn drain_timeout_with_keep_leaves_the_old_account_pending() {
     assert_eq!(j.pending_deletions[0].account.id, w.old.id);
     assert!(w.issuer.account_ids().contains(&w.old.id));
     // The retry keeps it while the key is in use...
-    let j = w
-        .engine(None)
-        .resume(&w.target, Arc::default())
-        .await
-        .unwrap()
-        .unwrap();
+    let j = w.resume().await.unwrap();
     assert_eq!(j.pending_deletions.len(), 1, "still in use: kept");
     assert!(w.issuer.account_ids().contains(&w.old.id));
     // ...and deletes it once it has been quiet for quiet_for.
     busy.abort();
     tokio::time::sleep(Duration::from_millis(150)).await;
-    let j = w
-        .engine(None)
-        .resume(&w.target, Arc::default())
-        .await
-        .unwrap()
-        .unwrap();
+    let j = w.resume().await.unwrap();
     assert!(j.pending_deletions.is_empty(), "{j:#?}");
     assert!(j.old_retired);
     assert!(!w.issuer.account_ids().contains(&w.old.id));
@@ -675,19 +734,16 @@ async fn drain_timeout_with_keep_leaves_the_old_account_pending() {
 #[tokio::test]
 async fn a_running_rotation_makes_the_target_busy() {
     let w = world();
-    let e = w.engine(Some(CrashPoint::Journaled(Step::Roll, StepState::Started)));
-    assert!(matches!(
-        e.rotate(&w.target, req(), Arc::default()).await,
-        Err(EngineError::Crashed(_))
-    ));
+    w.rotate_and_crash(CrashAt::Journaled(Step::Roll, StepState::Started))
+        .await;
     match w.rotate(req()).await {
         Err(EngineError::Busy { rotation_id, .. }) => assert!(is_rotation_id(&rotation_id)),
         other => panic!("{other:?}"),
     }
 }
 
-fn all_crash_points() -> Vec<CrashPoint> {
-    let mut v = vec![CrashPoint::AfterMintCall];
+fn all_crash_points() -> Vec<CrashAt> {
+    let mut v = vec![CrashAt::AfterMintCall];
     for step in [
         Step::Mint,
         Step::Publish,
@@ -697,8 +753,8 @@ fn all_crash_points() -> Vec<CrashPoint> {
         Step::Drain,
         Step::Retire,
     ] {
-        v.push(CrashPoint::Journaled(step, StepState::Started));
-        v.push(CrashPoint::Journaled(step, StepState::Done));
+        v.push(CrashAt::Journaled(step, StepState::Started));
+        v.push(CrashAt::Journaled(step, StepState::Done));
     }
     v
 }
@@ -707,25 +763,16 @@ fn all_crash_points() -> Vec<CrashPoint> {
 async fn resume_from_every_journal_state_completes_without_orphans() {
     for point in all_crash_points() {
         let w = world();
-        let crashed = w
-            .engine(Some(point))
-            .rotate(&w.target, req(), Arc::default())
-            .await;
-        assert!(
-            matches!(crashed, Err(EngineError::Crashed(p)) if p == point),
-            "{point:?}: {crashed:?}"
-        );
+        w.rotate_and_crash(point).await;
         assert!(
             w.issuer.is_live(&w.current_key()),
             "{point:?}: I1 after the crash"
         );
 
         let j = w
-            .engine(None)
-            .resume(&w.target, Arc::default())
+            .resume()
             .await
-            .unwrap_or_else(|e| panic!("{point:?}: {e}"))
-            .unwrap();
+            .unwrap_or_else(|e| panic!("{point:?}: {e}"));
         assert_eq!(j.status, Status::Completed, "{point:?}: {j:#?}");
         // Exactly one account remains: the one whose key Vault serves (I3: no orphan).
         let ids = w.issuer.account_ids();
@@ -735,12 +782,7 @@ async fn resume_from_every_journal_state_completes_without_orphans() {
         assert!(!ids.contains(&w.old.id), "{point:?}: old retired");
         w.assert_clean();
         // Resuming again is a no-op.
-        let again = w
-            .engine(None)
-            .resume(&w.target, Arc::default())
-            .await
-            .unwrap()
-            .unwrap();
+        let again = w.resume().await.unwrap();
         assert_eq!(again.rotation_id, j.rotation_id);
         assert_eq!(w.issuer.account_ids(), ids);
     }
@@ -749,27 +791,15 @@ async fn resume_from_every_journal_state_completes_without_orphans() {
 #[tokio::test]
 async fn resume_during_rollback_finishes_the_rollback() {
     for point in [
-        CrashPoint::Journaled(Step::Rollback, StepState::Started),
-        CrashPoint::Journaled(Step::Verify, StepState::Started),
+        CrashAt::Journaled(Step::Rollback, StepState::Started),
+        CrashAt::Journaled(Step::Verify, StepState::Started),
     ] {
         let mut w = world();
         w.target.rollout_timeout = DurationStr(Duration::from_millis(50));
         w.roller
             .set_behaviour(&workloads()[0], Behaviour::DeadlineExceeded);
-        let crashed = w
-            .engine(Some(point))
-            .rotate(&w.target, req(), Arc::default())
-            .await;
-        assert!(
-            matches!(crashed, Err(EngineError::Crashed(_))),
-            "{crashed:?}"
-        );
-        let j = w
-            .engine(None)
-            .resume(&w.target, Arc::default())
-            .await
-            .unwrap()
-            .unwrap();
+        w.rotate_and_crash(point).await;
+        let j = w.resume().await.unwrap();
         assert_eq!(j.status, Status::RolledBack, "{point:?}: {j:#?}");
         assert_eq!(w.current_key(), w.old.key, "{point:?}");
         assert_eq!(
@@ -812,12 +842,7 @@ async fn vault_failures_at_publish_fail_cleanly_or_interrupt_for_resume() {
     );
     assert!(e.to_string().contains("vault"), "{e}");
     w.store.state.lock().unwrap().down = false;
-    let j = w
-        .engine(None)
-        .resume(&w.target, Arc::default())
-        .await
-        .unwrap()
-        .unwrap();
+    let j = w.resume().await.unwrap();
     assert_eq!(j.status, Status::Completed, "{j:#?}");
     assert_eq!(w.managed_accounts(), 1);
     w.assert_clean();
@@ -837,7 +862,7 @@ async fn sweep_deletes_only_unreferenced_old_managed_accounts() {
         &account_name("okr", "gone-target", "20260101000000-abcdef"),
     );
     let unmanaged = w.issuer.seed(PROJECT, "hand-made-account");
-    let engine = w.engine(None);
+    let engine = w.engine();
     // Everything is younger than an hour: nothing is swept.
     let r = engine
         .sweep(std::slice::from_ref(&w.target), Duration::from_secs(3600))
@@ -868,7 +893,7 @@ async fn dry_run_plan_touches_nothing() {
         max_wait: DurationStr(Duration::from_secs(600)),
         on_timeout: DrainTimeout::Retire,
     });
-    let plan = w.engine(None).plan(&w.target).await.unwrap();
+    let plan = w.engine().plan(&w.target).await.unwrap();
     let text = plan.join("\n");
     assert!(
         text.contains("mint: create service account okr-chat-<rotation-id>"),

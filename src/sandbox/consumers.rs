@@ -9,6 +9,7 @@
 
 use super::kube::{KubeSim, PodEvent};
 use crate::secret::Secret;
+use crate::sync::LockExt;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -67,8 +68,8 @@ impl Counters {
             ok: self.ok.load(Ordering::Relaxed),
             failed: self.failed.load(Ordering::Relaxed),
             pods_started: self.pods_started.load(Ordering::Relaxed),
-            last_failure: self.last_failure.lock().unwrap().clone(),
-            failures_by_pod: self.failures_by_pod.lock().unwrap().clone(),
+            last_failure: self.last_failure.locked().clone(),
+            failures_by_pod: self.failures_by_pod.locked().clone(),
         }
     }
 }
@@ -131,7 +132,7 @@ impl Consumers {
     /// name) consumers. Register before its pods start: running pods are not retrofitted.
     pub fn add(&self, namespace: &str, deployment: &str, spec: ConsumerSpec) {
         self.kube.set_readiness_gate(namespace, deployment, true);
-        self.state.lock().unwrap().workloads.insert(
+        self.state.locked().workloads.insert(
             (namespace.to_string(), deployment.to_string()),
             Registered {
                 spec,
@@ -142,8 +143,7 @@ impl Consumers {
 
     pub fn stats(&self, namespace: &str, deployment: &str) -> ConsumerStats {
         self.state
-            .lock()
-            .unwrap()
+            .locked()
             .workloads
             .get(&(namespace.to_string(), deployment.to_string()))
             .map(|r| r.counters.snapshot())
@@ -152,7 +152,7 @@ impl Consumers {
 
     /// Sum over every consumer workload.
     pub fn total(&self) -> ConsumerStats {
-        let state = self.state.lock().unwrap();
+        let state = self.state.locked();
         let mut total = ConsumerStats::default();
         for r in state.workloads.values() {
             let s = r.counters.snapshot();
@@ -169,7 +169,7 @@ impl Consumers {
 
     /// Pods currently running a consumer loop.
     pub fn running_pods(&self) -> usize {
-        self.state.lock().unwrap().pods.len()
+        self.state.locked().pods.len()
     }
 
     fn on_event(&self, ev: PodEvent) {
@@ -180,7 +180,7 @@ impl Consumers {
                 workload: Some((_kind, name)),
                 ..
             } => {
-                let mut state = self.state.lock().unwrap();
+                let mut state = self.state.locked();
                 let Some(reg) = state.workloads.get(&(namespace.clone(), name)) else {
                     return;
                 };
@@ -195,7 +195,7 @@ impl Consumers {
                 tokio::spawn(self.clone().run_pod(namespace, pod, spec, counters, stop));
             }
             PodEvent::Terminated { namespace, pod, .. } => {
-                if let Some(stop) = self.state.lock().unwrap().pods.remove(&(namespace, pod)) {
+                if let Some(stop) = self.state.locked().pods.remove(&(namespace, pod)) {
                     stop.cancel();
                 }
             }
@@ -242,11 +242,10 @@ impl Consumers {
                     };
                     counters.failed.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(%namespace, %pod, failure = %why, "consumer call failed");
-                    *counters.last_failure.lock().unwrap() = Some(format!("{pod}: {why}"));
+                    *counters.last_failure.locked() = Some(format!("{pod}: {why}"));
                     *counters
                         .failures_by_pod
-                        .lock()
-                        .unwrap()
+                        .locked()
                         .entry(pod.clone())
                         .or_default() += 1;
                 }

@@ -235,10 +235,19 @@ impl Env {
     }
 
     async fn rotate(&self, req: RotationRequest) -> Result<Journal, EngineError> {
-        self.services
-            .engine
-            .rotate(&self.target(), req, Arc::default())
-            .await
+        self.rotate_on(&self.target(), req, Arc::default()).await
+    }
+
+    /// Rotate `t` as the daemon does: read its journal, then rotate from it.
+    async fn rotate_on(
+        &self,
+        t: &Target,
+        req: RotationRequest,
+        control: Arc<RotationControl>,
+    ) -> Result<Journal, EngineError> {
+        let engine = &self.services.engine;
+        let prior = engine.journal(&t.name).await?;
+        engine.rotate(t, req, prior, control).await
     }
 
     async fn vault_key(&self, path: &str, version: Option<u64>) -> Option<String> {
@@ -353,8 +362,12 @@ impl Env {
                 .unwrap();
             let referenced = journal.contains(&a.id)
                 || a.name.ends_with("-initial")
-                || current
-                    .is_some_and(|(_, j)| j.pending_deletions.iter().any(|p| p.account.id == a.id));
+                || current.is_some_and(|s| {
+                    s.journal
+                        .pending_deletions
+                        .iter()
+                        .any(|p| p.account.id == a.id)
+                });
             assert!(referenced, "orphaned account {} ({})", a.id, a.name);
         }
         // I4.
@@ -390,7 +403,7 @@ impl Env {
 }
 
 fn req() -> RotationRequest {
-    RotationRequest::new(Trigger::Cli, "test", "e2e")
+    RotationRequest::new("chatbot", Trigger::Cli, "test", "e2e", chrono::Utc::now())
 }
 
 fn step_outcome(j: &Journal, step: Step) -> String {
@@ -552,12 +565,7 @@ async fn a_failing_smoke_probe_rolls_back() {
     let ok = probe_server(200).await;
     let mut t = env.target();
     t.smoke_probes[0].url = ok;
-    let j = env
-        .services
-        .engine
-        .rotate(&t, req(), Arc::default())
-        .await
-        .unwrap();
+    let j = env.rotate_on(&t, req(), Arc::default()).await.unwrap();
     assert_eq!(j.status, Status::Completed, "{j:#?}");
 }
 
@@ -666,12 +674,7 @@ async fn a_lagging_synced_secret_is_waited_for() {
         force_sync_annotation: Some("force-sync".into()),
         timeout: DurationStr(Duration::from_secs(20)),
     });
-    let j = env
-        .services
-        .engine
-        .rotate(&t, req(), Arc::default())
-        .await
-        .unwrap();
+    let j = env.rotate_on(&t, req(), Arc::default()).await.unwrap();
     stop.cancel();
     assert_eq!(j.status, Status::Completed, "{j:#?}");
     let sync = j.steps.iter().find(|s| s.step == Step::Sync).unwrap();
@@ -814,7 +817,7 @@ async fn a_vault_cas_conflict_fails_cleanly_and_loses_nothing() {
     assert!(!e.contains(&seeded));
     // The target is free again (no stuck journal).
     assert!(
-        matches!(env.services.engine.journal(&t.name).await.unwrap(), Some((_, j)) if j.status.is_terminal())
+        matches!(env.services.engine.journal(&t.name).await.unwrap(), Some(s) if s.journal.status.is_terminal())
     );
 }
 
@@ -888,9 +891,7 @@ async fn twenty_rotations_without_one_failed_call_and_the_negative_control() {
     r.emergency = true;
     r.revoke_first = true;
     let j = env
-        .services
-        .engine
-        .rotate(&env.target(), r, Arc::new(RotationControl::default()))
+        .rotate_on(&env.target(), r, Arc::new(RotationControl::default()))
         .await
         .unwrap();
     assert_eq!(j.status, Status::Completed);
@@ -950,12 +951,7 @@ async fn statefulsets_and_daemonsets_rotate_without_a_failed_call() {
             .unwrap(),
     );
     let before = env.sb.consumers.stats(NAMESPACE, "chatbot-db").pods_started;
-    let j = env
-        .services
-        .engine
-        .rotate(&t, req(), Arc::default())
-        .await
-        .unwrap();
+    let j = env.rotate_on(&t, req(), Arc::default()).await.unwrap();
     assert_eq!(j.status, Status::Completed, "{j:#?}");
     // Every StatefulSet pod was replaced onto the new template, and no call failed anywhere.
     let sts = env.sb.consumers.stats(NAMESPACE, "chatbot-db");

@@ -1,0 +1,61 @@
+//! The dry-run plan: what a rotation of a target would do, touching nothing.
+
+use super::engine::{Engine, EngineError};
+use super::journal::account_name;
+use crate::config::Target;
+
+impl Engine {
+    /// What a rotation of `target` would do, touching nothing.
+    pub async fn plan(&self, target: &Target) -> Result<Vec<String>, EngineError> {
+        let current = self
+            .store
+            .read_key(&target.vault_path, &target.vault_field)
+            .await?;
+        let mut plan = Vec::new();
+        let name = account_name(&self.account_prefix(), &target.name, "<rotation-id>");
+        plan.push(format!(
+            "mint: create service account {name} in project {}",
+            target.project_id
+        ));
+        plan.push(match &current {
+            Some(c) => format!(
+                "publish: write the new key to {}#{} (check-and-set on version {})",
+                target.vault_path, target.vault_field, c.version
+            ),
+            None => format!(
+                "publish: create {}#{} (it does not exist yet)",
+                target.vault_path, target.vault_field
+            ),
+        });
+        if let Some(s) = &target.synced_secret {
+            plan.push(format!(
+                "sync: wait up to {:?} until Secret {}/{} key {} holds the new key",
+                s.timeout, s.namespace, s.name, s.key
+            ));
+        }
+        for w in &target.workloads {
+            plan.push(format!(
+                "roll: annotate {w} with openai-key-rotator/rotation-id"
+            ));
+        }
+        plan.push(format!(
+            "verify: rollouts complete within {:?}, the new key answers GET /v1/models, {} smoke probe(s)",
+            target.rollout_timeout,
+            target.smoke_probes.len()
+        ));
+        plan.push(match &target.drain {
+            Some(d) => format!(
+                "drain: grace {:?}, then wait until the old key is quiet for {:?} (at most {:?}, then {:?})",
+                target.grace_period, d.quiet_for, d.max_wait, d.on_timeout
+            ),
+            None => format!("drain: grace {:?}", target.grace_period),
+        });
+        plan.push(
+            match current.as_ref().and_then(|c| c.meta.account.as_ref()) {
+                Some(a) => format!("retire: delete service account {} (key {})", a.id, a.key_id),
+                None => "retire: nothing (the current key's service account is unknown)".into(),
+            },
+        );
+        Ok(plan)
+    }
+}
