@@ -81,6 +81,7 @@ async fn env(ready_ms: u64) -> Env {
     let cfg = KubernetesConfig {
         kubeconfig: Some(path),
         context: Some("okr-sim".into()),
+        ..KubernetesConfig::default()
     };
     let roller = KubeRoller::connect(&cfg, calls.clone())
         .await
@@ -89,6 +90,7 @@ async fn env(ready_ms: u64) -> Env {
             max_retries: MAX_RETRIES,
             base: Duration::from_millis(10),
             max_backoff: Duration::from_millis(50),
+            ..RetryPolicy::default()
         })
         .with_timeout(Duration::from_secs(5));
     Env {
@@ -666,6 +668,7 @@ async fn connect_ping_and_transport_failures() {
     let missing = KubernetesConfig {
         kubeconfig: Some("/nonexistent/kubeconfig".into()),
         context: None,
+        ..KubernetesConfig::default()
     };
     assert!(matches!(
         KubeRoller::connect(&missing, calls.clone()).await,
@@ -675,6 +678,7 @@ async fn connect_ping_and_transport_failures() {
     let bad_context = KubernetesConfig {
         kubeconfig: Some(path),
         context: Some("no-such-context".into()),
+        ..KubernetesConfig::default()
     };
     let err = KubeRoller::connect(&bad_context, calls)
         .await
@@ -722,6 +726,7 @@ async fn a_server_that_never_answers_times_out() {
             max_retries: 1,
             base: Duration::from_millis(10),
             max_backoff: Duration::from_millis(10),
+            ..RetryPolicy::default()
         })
         .with_timeout(Duration::from_millis(300));
     let t = Instant::now();

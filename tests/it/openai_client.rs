@@ -111,6 +111,7 @@ fn client_with(
         max_retries,
         base: Duration::from_millis(1),
         max_backoff: Duration::from_secs(10),
+        ..RetryPolicy::default()
     })
 }
 

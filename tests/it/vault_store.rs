@@ -12,9 +12,10 @@ use axum::routing::post;
 use axum::{Json, Router};
 use base64::Engine as _;
 use openai_key_rotator::config::{DurationStr, VaultAuth, VaultConfig};
-use openai_key_rotator::retry::RetryPolicy;
 use openai_key_rotator::rotation::fakes::{FakeStore, Log};
-use openai_key_rotator::rotation::ports::{AccountRef, BackendError, KeyMeta, SecretStore};
+use openai_key_rotator::rotation::ports::{
+    AccountRef, BackendError, CallObserver, KeyMeta, NoCalls, SecretStore,
+};
 use openai_key_rotator::sandbox::{loopback, serve, Server};
 use openai_key_rotator::secret::Secret;
 use openai_key_rotator::vault::{meta, VaultError, VaultStore, QUIET_LOG_DIRECTIVES};
@@ -45,12 +46,9 @@ fn unique_base() -> String {
     format!("okr-store-{}", uuid::Uuid::new_v4().simple())
 }
 
-fn quick_retry() -> RetryPolicy {
-    RetryPolicy {
-        max_retries: 3,
-        base: Duration::from_millis(20),
-        max_backoff: Duration::from_millis(200),
-    }
+/// An observer for tests that do not look at calls.
+fn no_calls() -> Arc<dyn CallObserver> {
+    Arc::new(NoCalls)
 }
 
 fn config(address: &str, auth: VaultAuth) -> VaultConfig {
@@ -59,6 +57,10 @@ fn config(address: &str, auth: VaultAuth) -> VaultConfig {
         kv_mount: MOUNT.into(),
         ca_cert: None,
         request_timeout: DurationStr::from_secs(5),
+        // Quick retries: 3, backoff ceilings from 20 ms up to 200 ms.
+        max_retries: 3,
+        retry_base: DurationStr(Duration::from_millis(20)),
+        max_backoff: DurationStr(Duration::from_millis(200)),
         auth,
     }
 }
@@ -74,7 +76,7 @@ fn token_file_auth(dir: &Path, token: &str) -> VaultAuth {
 }
 
 async fn store_with_token(address: &str, token: &str, dir: &Path) -> VaultStore {
-    VaultStore::connect(&config(address, token_file_auth(dir, token)), quick_retry())
+    VaultStore::connect(&config(address, token_file_auth(dir, token)), no_calls())
         .await
         .unwrap_or_else(|e| panic!("connect: {e}"))
 }
@@ -465,7 +467,7 @@ async fn vault_store_retries_transient_failures_and_never_duplicates_an_ambiguou
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(&server.url(), token_file_auth(dir.path(), &bao.token));
     cfg.request_timeout = DurationStr::from_secs(1);
-    let store = VaultStore::connect(&cfg, quick_retry())
+    let store = VaultStore::connect(&cfg, no_calls())
         .await
         .expect("connect");
     let root = admin(&bao.addr, &bao.token);
@@ -693,12 +695,12 @@ async fn vault_store_token_file_wins_over_env() {
         token_file: None,
     };
     // File (good) wins over env (bogus).
-    let store = VaultStore::connect(&config(&bao.addr, with_file), quick_retry())
+    let store = VaultStore::connect(&config(&bao.addr, with_file), no_calls())
         .await
         .expect("file token");
     store.list("anything").await.expect("authenticated");
     // Env alone (bogus): rejected, and the error does not show the token.
-    let e = VaultStore::connect(&config(&bao.addr, env_only.clone()), quick_retry())
+    let e = VaultStore::connect(&config(&bao.addr, env_only.clone()), no_calls())
         .await
         .expect_err("bogus env token");
     assert!(matches!(e, VaultError::Auth { .. }), "{e:?}");
@@ -706,7 +708,7 @@ async fn vault_store_token_file_wins_over_env() {
     assert!(!e.to_string().contains(&bogus) && !format!("{e:?}").contains(&bogus));
     // Env alone (good).
     std::env::set_var(&var, &bao.token);
-    VaultStore::connect(&config(&bao.addr, env_only), quick_retry())
+    VaultStore::connect(&config(&bao.addr, env_only), no_calls())
         .await
         .expect("env token");
     std::env::remove_var(&var);
@@ -891,12 +893,9 @@ path "secret/metadata/{base}/*" {{ capabilities = ["create", "read", "update", "
     let p = format!("{base}/k8s/openai");
 
     // A JWT the reviewer rejects: login fails with Vault's 403, the JWT is not shown.
-    let e = VaultStore::connect(
-        &config(&bao.addr, k8s_auth("okr", &jwt_file)),
-        quick_retry(),
-    )
-    .await
-    .expect_err("rejected JWT");
+    let e = VaultStore::connect(&config(&bao.addr, k8s_auth("okr", &jwt_file)), no_calls())
+        .await
+        .expect_err("rejected JWT");
     assert!(
         matches!(
             e,
@@ -916,12 +915,9 @@ path "secret/metadata/{base}/*" {{ capabilities = ["create", "read", "update", "
 
     // Accepted: log in, write and read.
     reviewer.accepted.lock().unwrap().insert(jwt.clone());
-    let store = VaultStore::connect(
-        &config(&bao.addr, k8s_auth("okr", &jwt_file)),
-        quick_retry(),
-    )
-    .await
-    .expect("kubernetes login");
+    let store = VaultStore::connect(&config(&bao.addr, k8s_auth("okr", &jwt_file)), no_calls())
+        .await
+        .expect("kubernetes login");
     let k = key("k8s");
     assert_eq!(
         store
@@ -938,18 +934,12 @@ path "secret/metadata/{base}/*" {{ capabilities = ["create", "read", "update", "
     // renewing; without it the same kind of store gets 403. Batch tokens (3s) cannot be
     // renewed: maintenance logs in again.
     let cfg_short = config(&bao.addr, k8s_auth("okr-short", &jwt_file));
-    let maintained = Arc::new(
-        VaultStore::connect(&cfg_short, quick_retry())
-            .await
-            .unwrap(),
-    );
-    let unmaintained = VaultStore::connect(&cfg_short, quick_retry())
-        .await
-        .unwrap();
+    let maintained = Arc::new(VaultStore::connect(&cfg_short, no_calls()).await.unwrap());
+    let unmaintained = VaultStore::connect(&cfg_short, no_calls()).await.unwrap();
     let batch = Arc::new(
         VaultStore::connect(
             &config(&bao.addr, k8s_auth("okr-batch", &jwt_file)),
-            quick_retry(),
+            no_calls(),
         )
         .await
         .unwrap(),
@@ -1045,7 +1035,7 @@ async fn vault_store_verifies_tls_with_the_configured_ca() {
     let store = {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
-            match VaultStore::connect(&cfg, quick_retry()).await {
+            match VaultStore::connect(&cfg, no_calls()).await {
                 Ok(s) => break s,
                 Err(e) if std::time::Instant::now() < deadline => {
                     let _ = e;
@@ -1063,7 +1053,7 @@ async fn vault_store_verifies_tls_with_the_configured_ca() {
         .expect("write over TLS");
     // Without the CA the server certificate is not trusted.
     cfg.ca_cert = None;
-    let e = VaultStore::connect(&cfg, quick_retry())
+    let e = VaultStore::connect(&cfg, no_calls())
         .await
         .expect_err("untrusted certificate");
     let msg = e.to_string().to_lowercase();
@@ -1171,7 +1161,7 @@ async fn vault_store_logs_and_errors_never_hold_key_or_token() {
     errors.push(store.read_key_version(&p, "api_key", 99).await.unwrap_err());
     let e = VaultStore::connect(
         &config(&bao.addr, token_file_auth(dir.path(), "not-a-token")),
-        quick_retry(),
+        no_calls(),
     )
     .await
     .unwrap_err();
