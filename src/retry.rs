@@ -586,6 +586,53 @@ mod tests {
         assert_eq!(seen.calls.lock().unwrap().len(), 2);
     }
 
+    /// The engine's use (its own retries over client calls, which are observed already):
+    /// a transient error retried with backoff, a final one not, no observer involved.
+    #[tokio::test(start_paused = true)]
+    async fn plain_run_serves_callers_without_an_observer() {
+        use crate::rotation::ports::BackendError;
+        let p = RetryPolicy {
+            max_retries: 2,
+            base: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(400),
+            ..RetryPolicy::default()
+        };
+        let classify = |e: &BackendError| match e {
+            BackendError::Failed {
+                transient: false, ..
+            } => Retry::No,
+            _ => Retry::Yes,
+        };
+        let failed = |transient| BackendError::Failed {
+            backend: Backend::OpenAi,
+            message: "HTTP 503".into(),
+            transient,
+        };
+        let sent = AtomicU32::new(0);
+        let start = tokio::time::Instant::now();
+        let g = p
+            .run(classify, |_| async {
+                sent.fetch_add(1, Ordering::SeqCst);
+                Err::<(), _>(failed(true))
+            })
+            .await
+            .unwrap_err();
+        assert_eq!((g.attempts, g.stop), (3, Stop::Exhausted));
+        assert_eq!(sent.load(Ordering::SeqCst), 3);
+        assert!(
+            start.elapsed() <= Duration::from_millis(300),
+            "{:?}",
+            start.elapsed()
+        );
+        assert_eq!(g.error, failed(true));
+
+        let g = p
+            .run(classify, |_| async { Err::<(), _>(failed(false)) })
+            .await
+            .unwrap_err();
+        assert_eq!((g.attempts, g.stop), (1, Stop::Final));
+    }
+
     #[test]
     fn backoff_is_full_jitter_over_a_capped_doubling_ceiling() {
         let p = RetryPolicy {
