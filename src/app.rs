@@ -10,7 +10,6 @@ use crate::kube::KubeRoller;
 use crate::leader::{LeaderConfig, LeaderElector};
 use crate::metrics::Metrics;
 use crate::openai::{load_admin_key, OpenAiClient};
-use crate::retry::RetryPolicy;
 use crate::rotation::ports::{CallObserver, SecretStore};
 use crate::rotation::{
     Engine, EngineOptions, Journal, Observer, Ports, RotationEvent, RotationRequest, Trigger,
@@ -82,15 +81,9 @@ pub async fn connect_with(
             .context("building the OpenAI client")?,
     );
     let store = Arc::new(
-        VaultStore::connect(
-            &config.vault,
-            RetryPolicy {
-                max_retries: 4,
-                ..RetryPolicy::default()
-            },
-        )
-        .await
-        .context("connecting to Vault")?,
+        VaultStore::connect(&config.vault, calls.clone())
+            .await
+            .context("connecting to Vault")?,
     );
     store.spawn_token_maintenance(cancel.child_token());
     let roller = Arc::new(

@@ -4,6 +4,7 @@
 //! option. Semantic checks that serde cannot express (duplicate targets, workload syntax,
 //! drain bounds) run in [`Config::validate`] and every message names the target and the field.
 
+use crate::retry::RetryPolicy;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::fmt;
@@ -130,9 +131,16 @@ pub struct OpenAiConfig {
     pub admin_key_env: String,
     /// File holding the admin key (e.g. a mounted Kubernetes Secret); wins over the env var.
     pub admin_key_file: Option<PathBuf>,
+    /// Bound on one attempt (connect, send, whole answer).
     pub request_timeout: DurationStr,
-    /// Attempts after the first one on 429/5xx/connect errors.
+    /// Attempts after the first one on 429/5xx/connect errors/timeouts.
     pub max_retries: u32,
+    /// Backoff ceiling before the first retry; doubles per retry (full jitter below it).
+    pub retry_base: DurationStr,
+    /// Cap on one backoff ceiling.
+    pub max_backoff: DurationStr,
+    /// Longest `Retry-After` waited; a longer one fails the call at once (transient).
+    pub max_retry_after: DurationStr,
 }
 
 impl Default for OpenAiConfig {
@@ -143,6 +151,20 @@ impl Default for OpenAiConfig {
             admin_key_file: None,
             request_timeout: DurationStr::from_secs(30),
             max_retries: 5,
+            retry_base: DurationStr(Duration::from_millis(200)),
+            max_backoff: DurationStr::from_secs(30),
+            max_retry_after: DurationStr::from_secs(300),
+        }
+    }
+}
+
+impl OpenAiConfig {
+    pub fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            max_retries: self.max_retries,
+            base: self.retry_base.get(),
+            max_backoff: self.max_backoff.get(),
+            max_retry_after: self.max_retry_after.get(),
         }
     }
 }
@@ -157,10 +179,49 @@ pub struct VaultConfig {
     /// PEM CA bundle for Vault's TLS certificate.
     #[serde(default)]
     pub ca_cert: Option<PathBuf>,
+    /// Bound on one attempt.
     #[serde(default = "default_vault_timeout")]
     pub request_timeout: DurationStr,
+    /// Attempts after the first one on 429/5xx/connect errors/timeouts (logins included).
+    #[serde(default = "default_vault_retries")]
+    pub max_retries: u32,
+    /// Backoff ceiling before the first retry; doubles per retry (full jitter below it).
+    /// Vault's `Retry-After` is not seen (vaultrs drops response headers), so there is no
+    /// `max_retry_after` here.
+    #[serde(default = "default_retry_base")]
+    pub retry_base: DurationStr,
+    /// Cap on one backoff ceiling.
+    #[serde(default = "default_max_backoff")]
+    pub max_backoff: DurationStr,
     #[serde(default)]
     pub auth: VaultAuth,
+}
+
+/// An address-less Vault section (the address must be set; `validate` says so).
+impl Default for VaultConfig {
+    fn default() -> Self {
+        VaultConfig {
+            address: String::new(),
+            kv_mount: default_kv_mount(),
+            ca_cert: None,
+            request_timeout: default_vault_timeout(),
+            max_retries: default_vault_retries(),
+            retry_base: default_retry_base(),
+            max_backoff: default_max_backoff(),
+            auth: VaultAuth::default(),
+        }
+    }
+}
+
+impl VaultConfig {
+    pub fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            max_retries: self.max_retries,
+            base: self.retry_base.get(),
+            max_backoff: self.max_backoff.get(),
+            ..RetryPolicy::default()
+        }
+    }
 }
 
 fn default_kv_mount() -> String {
@@ -169,6 +230,18 @@ fn default_kv_mount() -> String {
 
 fn default_vault_timeout() -> DurationStr {
     DurationStr::from_secs(10)
+}
+
+fn default_vault_retries() -> u32 {
+    4
+}
+
+fn default_retry_base() -> DurationStr {
+    DurationStr(Duration::from_millis(200))
+}
+
+fn default_max_backoff() -> DurationStr {
+    DurationStr::from_secs(30)
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -210,13 +283,48 @@ fn default_jwt_path() -> PathBuf {
     PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/token")
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct KubernetesConfig {
     /// Kubeconfig file; unset = in-cluster configuration (or the usual inference).
     pub kubeconfig: Option<PathBuf>,
     /// Context in the kubeconfig; unset = its current context.
     pub context: Option<String>,
+    /// Bound on one attempt (watches and the leader Lease are not affected).
+    pub request_timeout: DurationStr,
+    /// Attempts after the first one on 409/429/5xx/transport errors/timeouts.
+    pub max_retries: u32,
+    /// Backoff ceiling before the first retry; doubles per retry (full jitter below it).
+    pub retry_base: DurationStr,
+    /// Cap on one backoff ceiling.
+    pub max_backoff: DurationStr,
+    /// Longest `retryAfterSeconds` waited; a longer one fails the call at once (transient).
+    pub max_retry_after: DurationStr,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        KubernetesConfig {
+            kubeconfig: None,
+            context: None,
+            request_timeout: DurationStr::from_secs(30),
+            max_retries: 5,
+            retry_base: default_retry_base(),
+            max_backoff: default_max_backoff(),
+            max_retry_after: DurationStr::from_secs(300),
+        }
+    }
+}
+
+impl KubernetesConfig {
+    pub fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            max_retries: self.max_retries,
+            base: self.retry_base.get(),
+            max_backoff: self.max_backoff.get(),
+            max_retry_after: self.max_retry_after.get(),
+        }
+    }
 }
 
 /// One managed key: where it lives and which workloads use it.
@@ -584,6 +692,15 @@ impl Config {
                 self.vault.address
             ));
         }
+        let o = &self.openai;
+        check_timeout(&mut errors, "openai.request_timeout", o.request_timeout);
+        check_backoff(&mut errors, "openai", o.retry_base, o.max_backoff);
+        let v = &self.vault;
+        check_timeout(&mut errors, "vault.request_timeout", v.request_timeout);
+        check_backoff(&mut errors, "vault", v.retry_base, v.max_backoff);
+        let k = &self.kubernetes;
+        check_timeout(&mut errors, "kubernetes.request_timeout", k.request_timeout);
+        check_backoff(&mut errors, "kubernetes", k.retry_base, k.max_backoff);
         if let VaultAuth::Kubernetes { role, .. } = &self.vault.auth {
             if role.is_empty() {
                 errors.push("vault.auth.role: must not be empty".into());
@@ -682,6 +799,23 @@ impl Config {
 
     pub fn target(&self, name: &str) -> Option<&Target> {
         self.targets.iter().find(|t| t.name == name)
+    }
+}
+
+fn check_timeout(errors: &mut Vec<String>, field: &str, d: DurationStr) {
+    if d.get().is_zero() {
+        errors.push(format!("{field}: must be greater than zero"));
+    }
+}
+
+/// A zero base would retry in a hot loop; a cap below the base makes the base meaningless.
+fn check_backoff(errors: &mut Vec<String>, section: &str, base: DurationStr, max: DurationStr) {
+    if base.get().is_zero() {
+        errors.push(format!("{section}.retry_base: must be greater than zero"));
+    } else if max < base {
+        errors.push(format!(
+            "{section}.max_backoff: ({max:?}) must be at least {section}.retry_base ({base:?})"
+        ));
     }
 }
 
@@ -847,6 +981,106 @@ schedule = "0 0 3 * * *"
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn backend_retry_settings_default_to_the_previous_behaviour() {
+        let c = Config::parse(MINIMAL, "t").unwrap();
+        let secs = Duration::from_secs;
+        let o = c.openai.retry_policy();
+        assert_eq!(c.openai.request_timeout.get(), secs(30));
+        assert_eq!(
+            (o.max_retries, o.base, o.max_backoff, o.max_retry_after),
+            (5, Duration::from_millis(200), secs(30), secs(300))
+        );
+        let v = c.vault.retry_policy();
+        assert_eq!(c.vault.request_timeout.get(), secs(10));
+        assert_eq!(
+            (v.max_retries, v.base, v.max_backoff),
+            (4, Duration::from_millis(200), secs(30))
+        );
+        let k = c.kubernetes.retry_policy();
+        assert_eq!(c.kubernetes.request_timeout.get(), secs(30));
+        assert_eq!(
+            (k.max_retries, k.base, k.max_backoff, k.max_retry_after),
+            (5, Duration::from_millis(200), secs(30), secs(300))
+        );
+    }
+
+    #[test]
+    fn backend_retry_settings_parse_and_bad_ones_name_the_field() {
+        let text = MINIMAL.replace(
+            "[vault]\n",
+            "[openai]\nmax_retries = 1\nretry_base = \"1s\"\nmax_backoff = \"4s\"\nmax_retry_after = \"2m\"\n\
+             [kubernetes]\nrequest_timeout = \"7s\"\nmax_retries = 2\nmax_retry_after = \"0s\"\n\
+             [vault]\nmax_retries = 9\nretry_base = \"50ms\"\n",
+        );
+        let c = Config::parse(&text, "t").unwrap();
+        let o = c.openai.retry_policy();
+        assert_eq!(
+            (o.max_retries, o.base, o.max_backoff, o.max_retry_after),
+            (
+                1,
+                Duration::from_secs(1),
+                Duration::from_secs(4),
+                Duration::from_secs(120)
+            )
+        );
+        assert_eq!(c.kubernetes.request_timeout.get(), Duration::from_secs(7));
+        assert_eq!(c.kubernetes.retry_policy().max_retry_after, Duration::ZERO);
+        assert_eq!(c.vault.retry_policy().max_retries, 9);
+        assert_eq!(c.vault.retry_policy().base, Duration::from_millis(50));
+
+        for (section, field, value, needle) in [
+            (
+                "openai",
+                "request_timeout",
+                "0s",
+                "openai.request_timeout: must be greater than zero",
+            ),
+            (
+                "vault",
+                "request_timeout",
+                "0s",
+                "vault.request_timeout: must be greater than zero",
+            ),
+            (
+                "kubernetes",
+                "request_timeout",
+                "0s",
+                "kubernetes.request_timeout: must be greater than zero",
+            ),
+            (
+                "openai",
+                "retry_base",
+                "0s",
+                "openai.retry_base: must be greater than zero",
+            ),
+            (
+                "vault",
+                "retry_base",
+                "0s",
+                "vault.retry_base: must be greater than zero",
+            ),
+            (
+                "kubernetes",
+                "max_backoff",
+                "100ms",
+                "kubernetes.max_backoff: (100ms) must be at least kubernetes.retry_base (200ms)",
+            ),
+        ] {
+            let line = format!("{field} = \"{value}\"\n");
+            let text = if section == "vault" {
+                MINIMAL.replace("[vault]\n", &format!("[vault]\n{line}"))
+            } else {
+                format!("[{section}]\n{line}{MINIMAL}")
+            };
+            let e = err(&text);
+            assert!(e.contains(needle), "{section}.{field}: {e}");
+        }
+        // Strict as ever: a typo in the new keys is an error.
+        let e = err(&MINIMAL.replace("[vault]\n", "[vault]\nmax_retry = 3\n"));
+        assert!(e.contains("unknown field `max_retry`"), "{e}");
     }
 
     #[test]

@@ -459,6 +459,7 @@ mod tests {
                 ca_cert: None,
                 request_timeout: DurationStr::from_secs(1),
                 auth: Default::default(),
+                ..VaultConfig::default()
             },
             kubernetes: Default::default(),
             targets: vec![t],

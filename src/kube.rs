@@ -2,13 +2,15 @@
 //! rollouts by kubectl's `rollout status` rule plus "every ready pod carries the rotation
 //! id", reads synced Secrets by hash only, and records Events on the rolled workloads.
 //!
-//! Every request runs under a per-attempt timeout and the shared bounded retry
-//! ([`crate::retry`]) on 409/429/5xx/transport failures, and each attempt is reported to the
-//! [`CallObserver`]. kube's own retry layer is switched off so the observer sees every
-//! attempt and there is one retry bound, not two stacked ones.
+//! Every request takes the shared observed path ([`crate::retry::Call`]): a per-attempt
+//! timeout (`kubernetes.request_timeout`), bounded retry on 409/429/5xx/transport failures
+//! with the `[kubernetes]` policy (the API server's `retryAfterSeconds` honoured up to
+//! `max_retry_after`), and each attempt reported to the [`CallObserver`]. This module only
+//! classifies kube's errors ([`classify`]). kube's own retry layer is switched off so the
+//! observer sees every attempt and there is one retry bound, not two stacked ones.
 
 use crate::config::{KubernetesConfig, WorkloadKind, WorkloadRef};
-use crate::retry::{Attempt, RetryPolicy};
+use crate::retry::{Call, GaveUp, Retry, RetryPolicy, Timeout, Verdict};
 use crate::rotation::ports::{
     Backend, BackendError, CallObserver, EventType, RolloutState, StatusClass, WorkloadRoller,
 };
@@ -27,15 +29,24 @@ use std::fmt::Debug;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The pod-template annotation a roll sets; its value is the rotation (rollout) id.
 pub const ROTATION_ANNOTATION: &str = "openai-key-rotator/rotation-id";
 
 /// Name under which writes (managedFields) and Events are attributed to us.
 const MANAGER: &str = "openai-key-rotator";
-/// Default bound on one request (connect, send, answer).
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Operation names reported to the [`CallObserver`] (a bounded metric label set).
+pub const OPERATIONS: &[&str] = &[
+    "version.get",
+    "workload.get",
+    "workload.patch",
+    "pods.list",
+    "secret.get",
+    "secret.patch",
+    "event.create",
+];
+
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The Events API rejects notes over 1 kB.
 const MAX_NOTE_BYTES: usize = 1024;
@@ -75,7 +86,8 @@ pub struct KubeRoller {
 
 impl KubeRoller {
     /// From a kubeconfig path (+ context) or, when unset, `kube::Config::infer()`
-    /// (`KUBECONFIG` / `~/.kube/config`, else in-cluster).
+    /// (`KUBECONFIG` / `~/.kube/config`, else in-cluster); timeout and retry policy from
+    /// `cfg`.
     pub async fn connect(
         cfg: &KubernetesConfig,
         calls: Arc<dyn CallObserver>,
@@ -107,11 +119,13 @@ impl KubeRoller {
             }
             (None, None) => kube::Config::infer().await.map_err(KubeError::Infer)?,
         };
-        Self::from_config(config, calls)
+        Ok(Self::from_config(config, calls)?
+            .with_retry(cfg.retry_policy())
+            .with_timeout(cfg.request_timeout.get()))
     }
 
-    /// From a ready `kube::Config` (kube's retry layer is turned off: ours is used).
-    /// Must run inside a Tokio runtime.
+    /// From a ready `kube::Config` (kube's retry layer is turned off: ours is used), with
+    /// the `[kubernetes]` defaults for timeout and retries. Must run inside a Tokio runtime.
     pub fn from_config(
         mut config: kube::Config,
         calls: Arc<dyn CallObserver>,
@@ -128,12 +142,13 @@ impl KubeRoller {
             },
             _ => Reporter::from(MANAGER), // hostname as the instance
         };
+        let defaults = KubernetesConfig::default();
         Ok(KubeRoller {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             calls,
-            retry: RetryPolicy::default(),
-            timeout: DEFAULT_TIMEOUT,
+            retry: defaults.retry_policy(),
+            timeout: defaults.request_timeout.get(),
         })
     }
 
@@ -162,8 +177,8 @@ impl KubeRoller {
         .map(|_| ())
     }
 
-    /// One logical call: per-attempt timeout, bounded retry, every attempt reported.
-    /// `absent_ok`: a 404 is an expected answer (reported as success, not retried).
+    /// One logical call on the observed path. `absent_ok`: a 404 is an expected answer
+    /// (reported as success, not retried, returned as `NotFound`).
     async fn call<T, F, Fut>(
         &self,
         op: &'static str,
@@ -175,51 +190,50 @@ impl KubeRoller {
         F: Fn() -> Fut,
         Fut: Future<Output = Result<T, kube::Error>>,
     {
-        let f = &f;
-        let this = self;
-        self.retry
+        Call::new(K8S, op, &self.retry, &*self.calls)
+            .timeout(self.timeout)
+            .what(what)
             .run(
-                move |_| async move {
-                    let start = Instant::now();
-                    let res = tokio::time::timeout(this.timeout, f()).await;
-                    let elapsed = start.elapsed();
-                    let failure = match res {
-                        Ok(Ok(v)) => {
-                            this.calls.call(K8S, op, StatusClass::Success, elapsed);
-                            return Attempt::Done(Ok(v));
+                |e: &KubeFail| {
+                    let v = e.verdict();
+                    match e {
+                        KubeFail::Api(kube::Error::Api(s)) if s.code == 404 && absent_ok => {
+                            Verdict::new(StatusClass::Success, Retry::No)
                         }
-                        Ok(Err(e)) => classify(&e, op, what),
-                        Err(_) => Failure {
-                            error: BackendError::Failed {
-                                backend: K8S,
-                                message: format!(
-                                    "{op} {what}: no answer within {:?}",
-                                    this.timeout
-                                ),
-                                transient: true,
-                            },
-                            class: StatusClass::Transport,
-                            retry: true,
-                            after: None,
-                        },
-                    };
-                    let class = match failure.error {
-                        BackendError::NotFound { .. } if absent_ok => StatusClass::Success,
-                        _ => failure.class,
-                    };
-                    this.calls.call(K8S, op, class, elapsed);
-                    if failure.retry {
-                        Attempt::Retry(failure.error, failure.after)
-                    } else {
-                        Attempt::Done(Err(failure.error))
+                        _ => v,
                     }
                 },
-                |e, n| {
-                    this.calls.retry(K8S, op);
-                    tracing::debug!(operation = op, retry = n + 1, error = %e, "retrying a Kubernetes call");
+                |_| {
+                    let fut = f();
+                    async move { fut.await.map_err(KubeFail::Api) }
                 },
             )
             .await
+            .map_err(|g| self.backend_error(op, what, g))
+    }
+
+    /// The [`BackendError`] of a call that gave up, naming the operation and object.
+    fn backend_error(&self, op: &str, what: &str, g: GaveUp<KubeFail>) -> BackendError {
+        let suffix = g.suffix(&self.retry);
+        match g.error {
+            KubeFail::Timeout(after) => BackendError::Failed {
+                backend: K8S,
+                message: format!("{op} {what}: no answer within {after:?}{suffix}"),
+                transient: true,
+            },
+            KubeFail::Api(e) => match error_of(&e, op, what) {
+                BackendError::Failed {
+                    backend,
+                    message,
+                    transient,
+                } => BackendError::Failed {
+                    backend,
+                    message: message + &suffix,
+                    transient,
+                },
+                other => other,
+            },
+        }
     }
 
     async fn get<K>(
@@ -707,101 +721,116 @@ fn truncate(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-/// What one failed attempt means.
-struct Failure {
-    error: BackendError,
-    class: StatusClass,
-    retry: bool,
-    /// The server's `Retry-After`.
-    after: Option<Duration>,
+/// One failed attempt: kube's error, or our per-attempt timeout.
+#[derive(Debug)]
+enum KubeFail {
+    Api(kube::Error),
+    Timeout(Duration),
 }
 
-/// Map a kube error: 404 → NotFound, 409 → Conflict (retried), 429/5xx/transport →
-/// transient (retried), other 4xx and undecodable answers → permanent.
-fn classify(e: &kube::Error, op: &str, what: &str) -> Failure {
+impl From<Timeout> for KubeFail {
+    fn from(t: Timeout) -> Self {
+        KubeFail::Timeout(t.after)
+    }
+}
+
+impl std::fmt::Display for KubeFail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KubeFail::Api(e) => write!(f, "{e}"),
+            KubeFail::Timeout(d) => write!(f, "no answer within {d:?}"),
+        }
+    }
+}
+
+impl KubeFail {
+    fn verdict(&self) -> Verdict {
+        match self {
+            KubeFail::Api(e) => classify(e),
+            KubeFail::Timeout(_) => Verdict::new(StatusClass::Transport, Retry::Yes),
+        }
+    }
+}
+
+/// What a kube error means: 404 final; 409 (a conflict), 429 and 5xx retried (with the
+/// server's `retryAfterSeconds` when given); transport failures retried; other 4xx and
+/// undecodable answers final.
+fn classify(e: &kube::Error) -> Verdict {
     match e {
         kube::Error::Api(status) => {
             let code = status.code;
             let class = StatusClass::from_status(code);
-            let message = format!(
-                "{op} {what}: HTTP {code} {}: {}",
-                status.reason, status.message
-            );
             let after = status
                 .details
                 .as_ref()
                 .map(|d| d.retry_after_seconds)
                 .filter(|s| *s > 0)
                 .map(|s| Duration::from_secs(u64::from(s)));
-            let (error, retry) = match code {
-                404 => (
-                    BackendError::NotFound {
-                        backend: K8S,
-                        what: what.into(),
-                    },
-                    false,
-                ),
-                409 => (
-                    BackendError::Conflict {
-                        backend: K8S,
-                        what: what.into(),
-                        message,
-                    },
-                    true,
-                ),
-                429 | 500..=599 => (
-                    BackendError::Failed {
-                        backend: K8S,
-                        message,
-                        transient: true,
-                    },
-                    true,
-                ),
-                _ => (
-                    BackendError::Failed {
-                        backend: K8S,
-                        message,
-                        transient: false,
-                    },
-                    false,
-                ),
+            let retry = match (code, after) {
+                (409 | 429 | 500..=599, Some(d)) => Retry::After(d),
+                (409 | 429 | 500..=599, None) => Retry::Yes,
+                _ => Retry::No,
             };
-            Failure {
-                error,
-                class,
-                retry,
-                after,
+            Verdict::new(class, retry)
+        }
+        kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::Auth(_) => {
+            Verdict::new(StatusClass::Transport, Retry::Yes)
+        }
+        kube::Error::SerdeError(_) | kube::Error::FromUtf8(_) => {
+            Verdict::new(StatusClass::ServerError, Retry::No)
+        }
+        _ => Verdict::new(StatusClass::ClientError, Retry::No),
+    }
+}
+
+/// Map a kube error: 404 → NotFound, 409 → Conflict, 429/5xx/transport → transient,
+/// other 4xx and undecodable answers → permanent.
+fn error_of(e: &kube::Error, op: &str, what: &str) -> BackendError {
+    match e {
+        kube::Error::Api(status) => {
+            let code = status.code;
+            let message = format!(
+                "{op} {what}: HTTP {code} {}: {}",
+                status.reason, status.message
+            );
+            match code {
+                404 => BackendError::NotFound {
+                    backend: K8S,
+                    what: what.into(),
+                },
+                409 => BackendError::Conflict {
+                    backend: K8S,
+                    what: what.into(),
+                    message,
+                },
+                429 | 500..=599 => BackendError::Failed {
+                    backend: K8S,
+                    message,
+                    transient: true,
+                },
+                _ => BackendError::Failed {
+                    backend: K8S,
+                    message,
+                    transient: false,
+                },
             }
         }
-        kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::Auth(_) => Failure {
-            error: BackendError::Failed {
+        kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::Auth(_) => {
+            BackendError::Failed {
                 backend: K8S,
                 message: format!("{op} {what}: {e}"),
                 transient: true,
-            },
-            class: StatusClass::Transport,
-            retry: true,
-            after: None,
+            }
+        }
+        kube::Error::SerdeError(_) | kube::Error::FromUtf8(_) => BackendError::Failed {
+            backend: K8S,
+            message: format!("{op} {what}: undecodable answer: {e}"),
+            transient: false,
         },
-        kube::Error::SerdeError(_) | kube::Error::FromUtf8(_) => Failure {
-            error: BackendError::Failed {
-                backend: K8S,
-                message: format!("{op} {what}: undecodable answer: {e}"),
-                transient: false,
-            },
-            class: StatusClass::ServerError,
-            retry: false,
-            after: None,
-        },
-        other => Failure {
-            error: BackendError::Failed {
-                backend: K8S,
-                message: format!("{op} {what}: {other}"),
-                transient: false,
-            },
-            class: StatusClass::ClientError,
-            retry: false,
-            after: None,
+        other => BackendError::Failed {
+            backend: K8S,
+            message: format!("{op} {what}: {other}"),
+            transient: false,
         },
     }
 }
@@ -1125,47 +1154,54 @@ mod tests {
     }
 
     #[test]
-    fn errors_map_to_backend_errors() {
-        let f = classify(
-            &api_error(404, "NotFound", 0),
-            "workload.get",
-            "Deployment ns/web",
-        );
+    fn errors_map_to_backend_errors_and_verdicts() {
+        let e = api_error(404, "NotFound", 0);
         assert!(
-            matches!(f.error, BackendError::NotFound { ref what, .. } if what == "Deployment ns/web")
+            matches!(error_of(&e, "workload.get", "Deployment ns/web"), BackendError::NotFound { ref what, .. } if what == "Deployment ns/web")
         );
-        assert!(!f.retry);
-        assert_eq!(f.class, StatusClass::ClientError);
+        assert_eq!(
+            classify(&e),
+            Verdict::new(StatusClass::ClientError, Retry::No)
+        );
 
-        let f = classify(&api_error(409, "Conflict", 0), "workload.patch", "x");
-        assert!(matches!(f.error, BackendError::Conflict { .. }));
-        assert!(f.retry);
-
-        let f = classify(&api_error(429, "TooManyRequests", 3), "pods.list", "x");
-        assert!(f.retry);
-        assert_eq!(f.after, Some(Duration::from_secs(3)));
-        assert_eq!(f.class, StatusClass::RateLimited);
+        let e = api_error(409, "Conflict", 0);
         assert!(matches!(
-            f.error,
+            error_of(&e, "workload.patch", "x"),
+            BackendError::Conflict { .. }
+        ));
+        assert_eq!(classify(&e).retry, Retry::Yes);
+
+        let e = api_error(429, "TooManyRequests", 3);
+        assert_eq!(
+            classify(&e),
+            Verdict::new(
+                StatusClass::RateLimited,
+                Retry::After(Duration::from_secs(3))
+            )
+        );
+        assert!(matches!(
+            error_of(&e, "pods.list", "x"),
             BackendError::Failed {
                 transient: true,
                 ..
             }
         ));
 
-        let f = classify(&api_error(500, "InternalError", 0), "pods.list", "x");
-        assert!(f.retry && f.after.is_none());
-        assert_eq!(f.class, StatusClass::ServerError);
-        let msg = f.error.to_string();
+        let e = api_error(500, "InternalError", 0);
+        assert_eq!(
+            classify(&e),
+            Verdict::new(StatusClass::ServerError, Retry::Yes)
+        );
+        let msg = error_of(&e, "pods.list", "x").to_string();
         assert!(
             msg.contains("pods.list x: HTTP 500 InternalError: boom"),
             "{msg}"
         );
 
-        let f = classify(&api_error(403, "Forbidden", 0), "secret.get", "x");
-        assert!(!f.retry);
+        let e = api_error(403, "Forbidden", 0);
+        assert_eq!(classify(&e).retry, Retry::No);
         assert!(matches!(
-            f.error,
+            error_of(&e, "secret.get", "x"),
             BackendError::Failed {
                 transient: false,
                 ..
@@ -1173,8 +1209,14 @@ mod tests {
         ));
 
         let bad_json = serde_json::from_str::<serde_json::Value>("{").unwrap_err();
-        let f = classify(&kube::Error::SerdeError(bad_json), "workload.get", "x");
-        assert!(!f.retry);
+        assert_eq!(
+            classify(&kube::Error::SerdeError(bad_json)).retry,
+            Retry::No
+        );
+        assert_eq!(
+            KubeFail::Timeout(Duration::from_secs(1)).verdict(),
+            Verdict::new(StatusClass::Transport, Retry::Yes)
+        );
     }
 
     #[test]

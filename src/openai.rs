@@ -3,11 +3,17 @@
 //! Shapes follow the official OpenAPI description (tests/contract/openai-openapi-subset.json);
 //! only the fields the daemon uses are modelled, under their exact names.
 //!
-//! Every attempt is bounded by `openai.request_timeout` and reported to the
-//! [`CallObserver`]; 429 (honouring `Retry-After`), 5xx, connect errors and timeouts are
-//! retried with the shared [`RetryPolicy`]; other 4xx are final. A create is never retried
-//! blindly: after an answer that leaves open whether the account was made, the accounts of
-//! that name are deleted (their key value is lost to us) before creating again.
+//! Every request goes through the shared observed path ([`crate::retry::Call`]): each
+//! attempt bounded by `openai.request_timeout` and reported to the [`CallObserver`]; 429
+//! (honouring `Retry-After` up to `openai.max_retry_after`), 5xx, connect errors and
+//! timeouts retried with the `[openai]` retry policy; other 4xx final. This module only
+//! says what its failures mean ([`Failure`]'s verdicts). A create is never retried blindly:
+//! after an answer that leaves open whether the account was made, the accounts of that name
+//! are deleted (their key value is lost to us) before creating again (a before-retry hook).
+//!
+//! The drain's usage check asks every Usage API endpoint that filters by `api_key_ids`
+//! ([`USAGE_ENDPOINTS`]), plus the key's `last_used_at`: a key used only for embeddings,
+//! audio, images, moderations or tool calls is not quiet.
 //!
 //! Key values never reach logs or errors: the admin key and checked keys are only put into
 //! `Authorization` headers (marked sensitive), the create response's `api_key.value` goes
@@ -17,7 +23,7 @@
 //! and hyper logs nothing without its unstable tracing cfg.
 
 use crate::config::OpenAiConfig;
-use crate::retry::{Attempt, RetryPolicy};
+use crate::retry::{Call, GaveUp, Resume, Retry, RetryPolicy, Timeout, Verdict};
 use crate::rotation::ports::{
     AccountInfo, AccountRef, Backend, BackendError, CallObserver, KeyIssuer, KeyUsage, MintedKey,
     StatusClass,
@@ -29,9 +35,9 @@ use reqwest::{Method, StatusCode};
 use serde::{Deserialize, Deserializer, Serialize};
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use url::Url;
 
 /// Operation names reported to the [`CallObserver`] (a bounded metric label set).
@@ -42,7 +48,28 @@ pub const OPERATIONS: &[&str] = &[
     "service_accounts.delete",
     "models.list",
     "usage.completions",
+    "usage.embeddings",
+    "usage.moderations",
+    "usage.images",
+    "usage.audio_speeches",
+    "usage.audio_transcriptions",
+    "usage.file_search_calls",
+    "usage.web_search_calls",
     "api_keys.get",
+];
+
+/// Every `/organization/usage/*` endpoint of the official description that accepts
+/// `api_key_ids` (path segment, operation name). `vector_stores` and
+/// `code_interpreter_sessions` are per project only, so they cannot tell one key's use.
+pub const USAGE_ENDPOINTS: &[(&str, &str)] = &[
+    ("completions", "usage.completions"),
+    ("embeddings", "usage.embeddings"),
+    ("moderations", "usage.moderations"),
+    ("images", "usage.images"),
+    ("audio_speeches", "usage.audio_speeches"),
+    ("audio_transcriptions", "usage.audio_transcriptions"),
+    ("file_search_calls", "usage.file_search_calls"),
+    ("web_search_calls", "usage.web_search_calls"),
 ];
 
 /// Largest page the list endpoints allow (`limit` is 1-100).
@@ -51,7 +78,8 @@ pub const MAX_PAGE_SIZE: u32 = 100;
 const DEFAULT_MAX_PAGES: usize = 1000;
 /// Usage buckets per page: the API's maximum for `bucket_width=1m` (one day).
 const USAGE_BUCKETS_PER_PAGE: u32 = 1440;
-/// Usage pages followed at most (64 days of minutes); a drain looks back minutes or hours.
+/// Usage pages followed at most per endpoint (64 days of minutes); a drain looks back
+/// minutes or hours.
 const MAX_USAGE_PAGES: usize = 64;
 /// Upstream error messages are quoted up to this many characters.
 const MAX_QUOTED: usize = 300;
@@ -217,17 +245,34 @@ struct UsagePage {
     next_page: Option<String>,
 }
 
-/// `UsageTimeBucket` with `UsageCompletionsResult` items.
+/// `UsageTimeBucket`.
 #[derive(Debug, Deserialize)]
 struct UsageBucket {
-    results: Vec<UsageCompletionsResult>,
+    results: Vec<UsageResult>,
 }
 
+/// The fields every per-key usage result shares: `num_model_requests` (completions,
+/// embeddings, moderations, images, audio, web search) and/or `num_requests` (file search,
+/// web search).
 #[derive(Debug, Deserialize)]
-struct UsageCompletionsResult {
-    num_model_requests: u64,
+struct UsageResult {
+    #[serde(default)]
+    num_model_requests: Option<u64>,
+    #[serde(default)]
+    num_requests: Option<u64>,
     #[serde(default)]
     api_key_id: Option<String>,
+}
+
+impl UsageResult {
+    /// Requests this result counts: the larger of the two counts (a web search result
+    /// carries both for the same calls). `None` when it has neither: we cannot tell.
+    fn requests(&self) -> Option<u64> {
+        match (self.num_model_requests, self.num_requests) {
+            (None, None) => None,
+            (a, b) => Some(a.unwrap_or(0).max(b.unwrap_or(0))),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -262,6 +307,18 @@ enum Failure {
         status: u16,
         detail: String,
     },
+    /// The clean-up before a create's retry failed (only from that hook; never retried).
+    Cleanup(BackendError),
+}
+
+/// The observed path's timeout: no complete answer in time, so the server may have acted.
+impl From<Timeout> for Failure {
+    fn from(t: Timeout) -> Self {
+        Failure::Transport {
+            kind: Transport::Timeout,
+            detail: format!("no answer within {:?}", t.after),
+        }
+    }
 }
 
 impl Failure {
@@ -269,7 +326,7 @@ impl Failure {
         match self {
             Failure::Status { status, .. } => *status == 429 || *status >= 500,
             Failure::Transport { .. } => true,
-            Failure::BadBody { .. } => false,
+            Failure::BadBody { .. } | Failure::Cleanup(_) => false,
         }
     }
 
@@ -279,7 +336,34 @@ impl Failure {
             Failure::Status { status, .. } => *status >= 500,
             Failure::Transport { kind, .. } => *kind != Transport::NotSent,
             Failure::BadBody { .. } => true,
+            Failure::Cleanup(_) => false,
         }
+    }
+
+    fn class(&self) -> StatusClass {
+        self.status()
+            .map_or(StatusClass::Transport, StatusClass::from_status)
+    }
+
+    fn retry(&self, allowed: bool) -> Retry {
+        match (allowed, self.retry_after()) {
+            (false, _) => Retry::No,
+            (true, Some(d)) => Retry::After(d),
+            (true, None) => Retry::Yes,
+        }
+    }
+
+    /// Any request but a create: 429, 5xx and transport failures are worth retrying.
+    fn verdict(&self) -> Verdict {
+        Verdict::new(self.class(), self.retry(self.retryable()))
+    }
+
+    /// A create also retries after an ambiguous answer (a garbled body): the before-retry
+    /// hook cleans up first. A 404 (no such project) is final.
+    fn create_verdict(&self) -> Verdict {
+        let not_found = matches!(self, Failure::Status { status: 404, .. });
+        let allowed = !not_found && (self.retryable() || self.ambiguous());
+        Verdict::new(self.class(), self.retry(allowed))
     }
 
     fn retry_after(&self) -> Option<Duration> {
@@ -292,7 +376,7 @@ impl Failure {
     fn status(&self) -> Option<u16> {
         match self {
             Failure::Status { status, .. } | Failure::BadBody { status, .. } => Some(*status),
-            Failure::Transport { .. } => None,
+            Failure::Transport { .. } | Failure::Cleanup(_) => None,
         }
     }
 }
@@ -309,6 +393,7 @@ impl fmt::Display for Failure {
             Failure::BadBody { status, detail } => {
                 write!(f, "HTTP {status} with an unexpected body: {detail}")
             }
+            Failure::Cleanup(e) => write!(f, "clean-up before retrying failed: {e}"),
         }
     }
 }
@@ -330,8 +415,8 @@ struct Req<'a> {
 type Reply = Option<bytes::Bytes>;
 
 impl OpenAiClient {
-    /// A client for `cfg.base_url` with `cfg.request_timeout` per attempt and
-    /// `cfg.max_retries` retries.
+    /// A client for `cfg.base_url` with `cfg.request_timeout` per attempt and the retry
+    /// policy of `cfg` (`max_retries`, `retry_base`, `max_backoff`, `max_retry_after`).
     pub fn new(
         cfg: &OpenAiConfig,
         admin_key: Secret,
@@ -365,10 +450,7 @@ impl OpenAiClient {
             base,
             admin_key,
             timeout,
-            retry: RetryPolicy {
-                max_retries: cfg.max_retries,
-                ..RetryPolicy::default()
-            },
+            retry: cfg.retry_policy(),
             page_size: MAX_PAGE_SIZE,
             max_pages: DEFAULT_MAX_PAGES,
             calls,
@@ -406,7 +488,7 @@ impl OpenAiClient {
         self.call_with(&no_retry, &req)
             .await
             .map(|_| ())
-            .map_err(|(f, n)| failed("projects.list", "admin key check", &f, n))
+            .map_err(|g| self.failed("projects.list", "admin key check", &g))
     }
 
     /// `base` + path segments, each percent-encoded.
@@ -429,9 +511,9 @@ impl OpenAiClient {
         }
     }
 
-    /// One attempt: send, read the whole answer within the timeout, report it.
+    /// One attempt: send and read the whole answer (the observed path bounds and reports
+    /// it).
     async fn attempt(&self, req: &Req<'_>) -> Result<Reply, Failure> {
-        let started = Instant::now();
         let mut builder = self
             .http
             .request(req.method.clone(), req.url.clone())
@@ -449,54 +531,36 @@ impl OpenAiClient {
             let body = resp.bytes().await?;
             Ok::<_, reqwest::Error>((status, headers, body))
         };
-        let outcome = match tokio::time::timeout(self.timeout, exchange).await {
-            Err(_) => Err(Failure::Transport {
-                kind: Transport::Timeout,
-                detail: format!("no answer within {:?}", self.timeout),
-            }),
-            Ok(Err(e)) => Err(transport_failure(&e, self.timeout)),
-            Ok(Ok((status, headers, body))) => {
-                if status.is_success() {
-                    Ok(Some(body))
-                } else if status == StatusCode::NOT_FOUND && req.gone_ok {
-                    Ok(None)
-                } else {
-                    Err(Failure::Status {
-                        status: status.as_u16(),
-                        retry_after: retry_after(&headers),
-                        detail: error_detail(&body, &[&self.admin_key, req.auth]),
-                    })
-                }
-            }
-        };
-        let class = match &outcome {
-            Ok(_) => StatusClass::Success,
-            Err(f) => f
-                .status()
-                .map_or(StatusClass::Transport, StatusClass::from_status),
-        };
-        let elapsed = started.elapsed();
-        self.calls.call(Backend::OpenAi, req.op, class, elapsed);
-        match &outcome {
-            Ok(_) => tracing::debug!(
-                operation = req.op,
-                status = class.as_str(),
-                elapsed_ms = elapsed.as_millis() as u64,
-                "openai call"
-            ),
-            Err(f) => tracing::debug!(
-                operation = req.op,
-                status = class.as_str(),
-                elapsed_ms = elapsed.as_millis() as u64,
-                error = %f,
-                "openai call failed"
-            ),
+        let (status, headers, body) = exchange
+            .await
+            .map_err(|e| transport_failure(&e, self.timeout))?;
+        if status.is_success() {
+            Ok(Some(body))
+        } else if status == StatusCode::NOT_FOUND && req.gone_ok {
+            Ok(None)
+        } else {
+            Err(Failure::Status {
+                status: status.as_u16(),
+                retry_after: retry_after(&headers),
+                detail: error_detail(&body, &[&self.admin_key, req.auth]),
+            })
         }
-        outcome
     }
 
-    /// Attempts under the client's retry policy; on failure also how many attempts ran.
-    async fn call(&self, req: &Req<'_>) -> Result<Reply, (Failure, u32)> {
+    /// The observed path for `op`: the client's timeout and observer, the given policy.
+    fn observed<'a>(
+        &'a self,
+        op: &'static str,
+        policy: &'a RetryPolicy,
+        what: &'a str,
+    ) -> Call<'a> {
+        Call::new(Backend::OpenAi, op, policy, &*self.calls)
+            .timeout(self.timeout)
+            .what(what)
+    }
+
+    /// Attempts under the client's retry policy.
+    async fn call(&self, req: &Req<'_>) -> Result<Reply, GaveUp<Failure>> {
         self.call_with(&self.retry, req).await
     }
 
@@ -504,28 +568,19 @@ impl OpenAiClient {
         &self,
         policy: &RetryPolicy,
         req: &Req<'_>,
-    ) -> Result<Reply, (Failure, u32)> {
-        let attempts = AtomicU32::new(0);
-        policy
-            .run(
-                |_| async {
-                    attempts.fetch_add(1, Ordering::Relaxed);
-                    match self.attempt(req).await {
-                        Ok(reply) => Attempt::Done(Ok(reply)),
-                        Err(f) if f.retryable() => {
-                            let after = f.retry_after();
-                            Attempt::Retry(f, after)
-                        }
-                        Err(f) => Attempt::Done(Err(f)),
-                    }
-                },
-                |f, n| {
-                    self.calls.retry(Backend::OpenAi, req.op);
-                    tracing::warn!(operation = req.op, retry = n + 1, error = %f, "retrying OpenAI call");
-                },
-            )
+    ) -> Result<Reply, GaveUp<Failure>> {
+        self.observed(req.op, policy, req.url.path())
+            .run(Failure::verdict, |_| self.attempt(req))
             .await
-            .map_err(|f| (f, attempts.load(Ordering::Relaxed)))
+    }
+
+    /// The final error of a call: its failure, attempts or the server's hint.
+    fn failed(&self, op: &str, what: &str, g: &GaveUp<Failure>) -> BackendError {
+        BackendError::Failed {
+            backend: Backend::OpenAi,
+            message: format!("{op} ({what}): {}{}", g.error, g.suffix(&self.retry)),
+            transient: g.error.retryable(),
+        }
     }
 
     /// One attempt at the create; the whole answer is parsed here so a garbled body counts
@@ -593,8 +648,10 @@ impl OpenAiClient {
 impl KeyIssuer for OpenAiClient {
     /// Retries only where no duplicate can result: a 429 or a connect failure (the create
     /// did not happen). After an ambiguous failure (5xx, timeout, broken connection, garbled
-    /// body) the accounts of that name are deleted before the next create; after a success
-    /// that followed one, any straggler of that name (a late-landing earlier create) too.
+    /// body) the accounts of that name are deleted before the next create (after the
+    /// backoff, so an earlier create still in flight has landed before we look); after a
+    /// success that followed one, any straggler of that name (a late-landing earlier
+    /// create) too.
     async fn create_service_account(
         &self,
         project: &str,
@@ -605,53 +662,59 @@ impl KeyIssuer for OpenAiClient {
         let body = serde_json::to_vec(&CreateServiceAccountRequest { name }).map_err(|e| {
             failed_msg(OP, &what, &format!("cannot encode the request: {e}"), false)
         })?;
-        let mut retries = 0u32;
-        let mut had_ambiguous = false;
-        loop {
-            let failure = match self.create_once(project, &body).await {
-                Ok(minted) => {
-                    if had_ambiguous {
-                        if let Err(e) = self
-                            .delete_named(project, name, Some(&minted.account.id))
-                            .await
-                        {
-                            tracing::warn!(project, name, error = %e, "could not check for duplicate service accounts after a retried create; the sweep will remove any");
+        let had_ambiguous = AtomicBool::new(false);
+        let had = &had_ambiguous;
+        let result = self
+            .observed(OP, &self.retry, &what)
+            .run_with(
+                Failure::create_verdict,
+                |f: &Failure, _| {
+                    let ambiguous = f.ambiguous();
+                    async move {
+                        if ambiguous {
+                            had.store(true, Ordering::SeqCst);
+                            if let Err(e) = self.delete_named(project, name, None).await {
+                                return Resume::Finish(Err(Failure::Cleanup(e)));
+                            }
                         }
+                        Resume::Retry
                     }
-                    tracing::info!(
-                        project,
-                        account_id = %minted.account.id,
-                        key_id = %minted.account.key_id,
-                        "service account created"
-                    );
-                    return Ok(minted);
-                }
-                Err(f) => f,
-            };
-            if matches!(failure, Failure::Status { status: 404, .. }) {
+                },
+                |_| self.create_once(project, &body),
+            )
+            .await;
+        let minted = match result {
+            Ok(minted) => minted,
+            Err(GaveUp {
+                error: Failure::Cleanup(e),
+                ..
+            }) => return Err(e),
+            Err(GaveUp {
+                error: Failure::Status { status: 404, .. },
+                ..
+            }) => {
                 return Err(BackendError::NotFound {
                     backend: Backend::OpenAi,
                     what: format!("project {project}"),
-                });
+                })
             }
-            let ambiguous = failure.ambiguous();
-            if !(failure.retryable() || ambiguous) || retries >= self.retry.max_retries {
-                return Err(failed(OP, &what, &failure, retries + 1));
+            Err(g) => return Err(self.failed(OP, &what, &g)),
+        };
+        if had_ambiguous.load(Ordering::SeqCst) {
+            if let Err(e) = self
+                .delete_named(project, name, Some(&minted.account.id))
+                .await
+            {
+                tracing::warn!(project, name, error = %e, "could not check for duplicate service accounts after a retried create; the sweep will remove any");
             }
-            self.calls.retry(Backend::OpenAi, OP);
-            tracing::warn!(operation = OP, retry = retries + 1, ambiguous, error = %failure, "retrying OpenAI call");
-            let wait = match failure.retry_after() {
-                Some(d) => d.min(self.retry.max_backoff),
-                None => self.retry.backoff(retries),
-            };
-            // Wait first, so an earlier create still in flight has landed before we look.
-            tokio::time::sleep(wait).await;
-            if ambiguous {
-                had_ambiguous = true;
-                self.delete_named(project, name, None).await?;
-            }
-            retries += 1;
         }
+        tracing::info!(
+            project,
+            account_id = %minted.account.id,
+            key_id = %minted.account.key_id,
+            "service account created"
+        );
+        Ok(minted)
     }
 
     async fn list_service_accounts(&self, project: &str) -> Result<Vec<AccountInfo>, BackendError> {
@@ -671,29 +734,31 @@ impl KeyIssuer for OpenAiClient {
             let req = self.admin_req(OP, Method::GET, url);
             let body = match self.call(&req).await {
                 Ok(body) => body.unwrap_or_default(),
-                Err((Failure::Status { status: 404, .. }, _)) => {
+                Err(GaveUp {
+                    error: Failure::Status { status: 404, .. },
+                    ..
+                }) => {
                     return Err(BackendError::NotFound {
                         backend: Backend::OpenAi,
                         what,
                     })
                 }
-                Err((f, n)) => return Err(failed(OP, &what, &f, n)),
+                Err(g) => return Err(self.failed(OP, &what, &g)),
             };
             let page: ServiceAccountList =
-                parse(200, &body).map_err(|f| failed(OP, &what, &f, 1))?;
+                parse(200, &body).map_err(|f| failed_once(OP, &what, &f))?;
             let next = page
                 .last_id
                 .or_else(|| page.data.last().map(|a| a.id.clone()));
             for a in page.data {
                 let created_at = timestamp(a.created_at).ok_or_else(|| {
-                    failed(
+                    failed_once(
                         OP,
                         &what,
                         &Failure::BadBody {
                             status: 200,
                             detail: format!("created_at {} is out of range", a.created_at),
                         },
-                        1,
                     )
                 })?;
                 out.push(AccountInfo {
@@ -746,7 +811,7 @@ impl KeyIssuer for OpenAiClient {
             }
             Ok(Some(body)) => {
                 let d: ServiceAccountDeleted =
-                    parse(200, &body).map_err(|f| failed(OP, &what, &f, 1))?;
+                    parse(200, &body).map_err(|f| failed_once(OP, &what, &f))?;
                 if d.deleted {
                     Ok(())
                 } else {
@@ -758,7 +823,7 @@ impl KeyIssuer for OpenAiClient {
                     ))
                 }
             }
-            Err((f, n)) => Err(failed(OP, &what, &f, n)),
+            Err(g) => Err(self.failed(OP, &what, &g)),
         }
     }
 
@@ -772,71 +837,25 @@ impl KeyIssuer for OpenAiClient {
         self.call(&req)
             .await
             .map(|_| ())
-            .map_err(|(f, n)| failed(OP, &what, &f, n))
+            .map_err(|g| self.failed(OP, &what, &g))
     }
 
+    /// Requests of the key on every usage endpoint since `since`, and its `last_used_at`.
+    /// Any endpoint failing fails the whole check: a drain must not call a key quiet on
+    /// the strength of the endpoints that happened to answer.
     async fn key_usage(
         &self,
         project: &str,
         key_id: &str,
         since: DateTime<Utc>,
     ) -> Result<KeyUsage, BackendError> {
-        const USAGE: &str = "usage.completions";
         let what = format!("project {project} key {key_id}");
         let mut requests_since = 0u64;
-        let mut page: Option<String> = None;
-        let mut done = false;
-        for _ in 0..MAX_USAGE_PAGES {
-            let mut url = self.url(&["organization", "usage", "completions"]);
-            {
-                let mut q = url.query_pairs_mut();
-                q.append_pair("start_time", &since.timestamp().to_string())
-                    .append_pair("bucket_width", "1m")
-                    .append_pair("group_by", "api_key_id")
-                    .append_pair("api_key_ids", key_id)
-                    .append_pair("project_ids", project)
-                    .append_pair("limit", &USAGE_BUCKETS_PER_PAGE.to_string());
-                if let Some(p) = &page {
-                    q.append_pair("page", p);
-                }
-            }
-            let req = self.admin_req(USAGE, Method::GET, url);
-            let body = self
-                .call(&req)
-                .await
-                .map_err(|(f, n)| failed(USAGE, &what, &f, n))?
-                .unwrap_or_default();
-            let usage: UsagePage = parse(200, &body).map_err(|f| failed(USAGE, &what, &f, 1))?;
-            requests_since += usage
-                .data
-                .iter()
-                .flat_map(|b| &b.results)
-                .filter(|r| r.api_key_id.as_deref().is_none_or(|k| k == key_id))
-                .map(|r| r.num_model_requests)
-                .sum::<u64>();
-            match (usage.has_more, usage.next_page) {
-                (true, Some(next)) if page.as_deref() != Some(next.as_str()) => page = Some(next),
-                (true, _) => {
-                    return Err(failed_msg(
-                        USAGE,
-                        &what,
-                        "has_more is true but next_page gives no new cursor",
-                        false,
-                    ))
-                }
-                (false, _) => {
-                    done = true;
-                    break;
-                }
-            }
-        }
-        if !done {
-            return Err(failed_msg(
-                USAGE,
-                &what,
-                &format!("still has_more after {MAX_USAGE_PAGES} pages; `since` is too far back"),
-                false,
-            ));
+        for (endpoint, op) in USAGE_ENDPOINTS {
+            requests_since = requests_since.saturating_add(
+                self.usage_requests(project, key_id, since, endpoint, op, &what)
+                    .await?,
+            );
         }
 
         const KEY: &str = "api_keys.get";
@@ -851,12 +870,13 @@ impl KeyIssuer for OpenAiClient {
         let last_used_at = match self
             .call(&req)
             .await
-            .map_err(|(f, n)| failed(KEY, &what, &f, n))?
+            .map_err(|g| self.failed(KEY, &what, &g))?
         {
             // The key is gone: nothing can use it any more.
             None => None,
             Some(body) => {
-                let k: ProjectApiKey = parse(200, &body).map_err(|f| failed(KEY, &what, &f, 1))?;
+                let k: ProjectApiKey =
+                    parse(200, &body).map_err(|f| failed_once(KEY, &what, &f))?;
                 k.last_used_at.and_then(timestamp)
             }
         };
@@ -867,19 +887,86 @@ impl KeyIssuer for OpenAiClient {
     }
 }
 
+impl OpenAiClient {
+    /// `GET /organization/usage/{endpoint}` for one key in 1-minute buckets since `since`,
+    /// every page (bounded): the requests it counts.
+    async fn usage_requests(
+        &self,
+        project: &str,
+        key_id: &str,
+        since: DateTime<Utc>,
+        endpoint: &str,
+        op: &'static str,
+        what: &str,
+    ) -> Result<u64, BackendError> {
+        let mut requests = 0u64;
+        let mut page: Option<String> = None;
+        for _ in 0..MAX_USAGE_PAGES {
+            let mut url = self.url(&["organization", "usage", endpoint]);
+            {
+                let mut q = url.query_pairs_mut();
+                q.append_pair("start_time", &since.timestamp().to_string())
+                    .append_pair("bucket_width", "1m")
+                    .append_pair("group_by", "api_key_id")
+                    .append_pair("api_key_ids", key_id)
+                    .append_pair("project_ids", project)
+                    .append_pair("limit", &USAGE_BUCKETS_PER_PAGE.to_string());
+                if let Some(p) = &page {
+                    q.append_pair("page", p);
+                }
+            }
+            let req = self.admin_req(op, Method::GET, url);
+            let body = self
+                .call(&req)
+                .await
+                .map_err(|g| self.failed(op, what, &g))?
+                .unwrap_or_default();
+            let usage: UsagePage = parse(200, &body).map_err(|f| failed_once(op, what, &f))?;
+            for r in usage.data.iter().flat_map(|b| &b.results) {
+                if r.api_key_id.as_deref().is_some_and(|k| k != key_id) {
+                    continue;
+                }
+                let n = r.requests().ok_or_else(|| {
+                    failed_msg(
+                        op,
+                        what,
+                        "a usage result has neither num_model_requests nor num_requests",
+                        false,
+                    )
+                })?;
+                requests = requests.saturating_add(n);
+            }
+            match (usage.has_more, usage.next_page) {
+                (true, Some(next)) if page.as_deref() != Some(next.as_str()) => page = Some(next),
+                (true, _) => {
+                    return Err(failed_msg(
+                        op,
+                        what,
+                        "has_more is true but next_page gives no new cursor",
+                        false,
+                    ))
+                }
+                (false, _) => return Ok(requests),
+            }
+        }
+        Err(failed_msg(
+            op,
+            what,
+            &format!("still has_more after {MAX_USAGE_PAGES} pages; `since` is too far back"),
+            false,
+        ))
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Helpers.
 
-fn failed(op: &str, what: &str, f: &Failure, attempts: u32) -> BackendError {
-    let transient = f.retryable();
-    let mut message = format!("{op} ({what}): {f}");
-    if attempts > 1 {
-        message.push_str(&format!(" (gave up after {attempts} attempts)"));
-    }
+/// A failure outside the retried path (a body that does not parse).
+fn failed_once(op: &str, what: &str, f: &Failure) -> BackendError {
     BackendError::Failed {
         backend: Backend::OpenAi,
-        message,
-        transient,
+        message: format!("{op} ({what}): {f}"),
+        transient: f.retryable(),
     }
 }
 
@@ -1003,6 +1090,7 @@ fn scrub(text: &str, secrets: &[&Secret]) -> String {
 mod tests {
     use super::*;
     use crate::config::DurationStr;
+    use crate::retry::Stop;
     use crate::rotation::ports::NoCalls;
 
     fn cfg(base: &str) -> OpenAiConfig {
@@ -1012,6 +1100,7 @@ mod tests {
             admin_key_file: None,
             request_timeout: DurationStr::from_secs(5),
             max_retries: 2,
+            ..OpenAiConfig::default()
         }
     }
 
@@ -1156,7 +1245,14 @@ mod tests {
         };
         assert!(tr(Transport::NotSent).retryable() && !tr(Transport::NotSent).ambiguous());
         assert!(tr(Transport::Timeout).ambiguous() && tr(Transport::Broken).ambiguous());
-        let e = failed("x", "y", &st(401), 1);
+        let c =
+            OpenAiClient::new(&cfg("http://x/v1"), Secret::new("k"), Arc::new(NoCalls)).unwrap();
+        let gave_up = |error, attempts, stop| GaveUp {
+            error,
+            attempts,
+            stop,
+        };
+        let e = c.failed("x", "y", &gave_up(st(401), 1, Stop::Final));
         assert!(matches!(
             e,
             BackendError::Failed {
@@ -1164,7 +1260,7 @@ mod tests {
                 ..
             }
         ));
-        let e = failed("x", "y", &st(503), 3);
+        let e = c.failed("x", "y", &gave_up(st(503), 3, Stop::Exhausted));
         assert!(matches!(
             e,
             BackendError::Failed {
@@ -1173,6 +1269,69 @@ mod tests {
             }
         ));
         assert!(e.to_string().contains("after 3 attempts"), "{e}");
+        let e = c.failed(
+            "x",
+            "y",
+            &gave_up(st(429), 1, Stop::WaitTooLong(Duration::from_secs(900))),
+        );
+        assert!(
+            matches!(e, BackendError::Failed { transient: true, ref message, .. } if message.contains("retry after 15m")),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn verdicts_say_what_is_retried_and_how_long_to_wait() {
+        let st = |status, after: Option<u64>| Failure::Status {
+            status,
+            retry_after: after.map(Duration::from_secs),
+            detail: String::new(),
+        };
+        let body = Failure::BadBody {
+            status: 200,
+            detail: String::new(),
+        };
+        let timeout = Failure::from(Timeout {
+            after: Duration::from_secs(1),
+        });
+        let v = |f: &Failure| (f.verdict().class, f.verdict().retry);
+        assert_eq!(
+            v(&st(429, Some(7))),
+            (
+                StatusClass::RateLimited,
+                Retry::After(Duration::from_secs(7))
+            )
+        );
+        assert_eq!(v(&st(502, None)), (StatusClass::ServerError, Retry::Yes));
+        assert_eq!(v(&st(401, None)), (StatusClass::ClientError, Retry::No));
+        assert_eq!(v(&body), (StatusClass::Success, Retry::No));
+        assert_eq!(v(&timeout), (StatusClass::Transport, Retry::Yes));
+        assert!(timeout.ambiguous());
+        // A create also retries after a garbled body (the hook cleans up first), never
+        // after a 404 (no such project) or another 4xx.
+        assert_eq!(body.create_verdict().retry, Retry::Yes);
+        assert_eq!(st(404, None).create_verdict().retry, Retry::No);
+        assert_eq!(st(400, None).create_verdict().retry, Retry::No);
+        assert_eq!(
+            st(503, Some(2)).create_verdict().retry,
+            Retry::After(Duration::from_secs(2))
+        );
+    }
+
+    #[test]
+    fn usage_results_count_either_request_field() {
+        let r = |m: Option<u64>, n: Option<u64>| UsageResult {
+            num_model_requests: m,
+            num_requests: n,
+            api_key_id: None,
+        };
+        assert_eq!(r(Some(3), None).requests(), Some(3));
+        assert_eq!(r(None, Some(4)).requests(), Some(4));
+        assert_eq!(r(Some(2), Some(5)).requests(), Some(5));
+        assert_eq!(r(None, None).requests(), None);
+        let ops: Vec<&str> = USAGE_ENDPOINTS.iter().map(|(_, op)| *op).collect();
+        assert!(ops.iter().all(|op| OPERATIONS.contains(op)), "{ops:?}");
+        assert_eq!(ops.len(), 8);
     }
 
     #[test]

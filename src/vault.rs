@@ -5,12 +5,17 @@
 //! OpenAI account a Vault version holds without ever reading the value.
 //!
 //! [`VaultStore`] is the daemon's real [`SecretStore`]: vaultrs over HTTP(S), token or
-//! Kubernetes auth, bounded retries, and check-and-set writes that never turn an ambiguous
-//! failure into a second version.
+//! Kubernetes auth, and check-and-set writes that never turn an ambiguous failure into a
+//! second version. Every vaultrs request (logins, renewals and health checks included) takes
+//! the shared observed path ([`crate::retry::Call`]): bounded by `vault.request_timeout`,
+//! retried with the `[vault]` policy, and reported to the [`CallObserver`] under one of
+//! [`OPERATIONS`]. This module only says what a vaultrs error means ([`Fail`]).
 
 use crate::config::{VaultAuth, VaultConfig};
-use crate::retry::{Attempt, RetryPolicy};
-use crate::rotation::ports::{AccountRef, Backend, BackendError, KeyMeta, SecretStore, StoredKey};
+use crate::retry::{Call, GaveUp, Resume, Retry, RetryPolicy, Timeout, Verdict};
+use crate::rotation::ports::{
+    AccountRef, Backend, BackendError, CallObserver, KeyMeta, SecretStore, StatusClass, StoredKey,
+};
 use crate::secret::Secret;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -44,6 +49,30 @@ pub mod meta {
     /// RFC 3339 creation time of the key (key age is measured from it).
     pub const KEY_CREATED_AT: &str = "okr_key_created_at";
 }
+
+/// Operation names reported to the [`CallObserver`] (a bounded metric label set).
+pub const OPERATIONS: &[&str] = &[
+    OP_READ,
+    OP_READ_VERSION,
+    OP_WRITE,
+    OP_METADATA_READ,
+    OP_METADATA_WRITE,
+    OP_LIST,
+    OP_LOGIN,
+    OP_LOOKUP_SELF,
+    OP_RENEW,
+    OP_HEALTH,
+];
+const OP_READ: &str = "kv.read";
+const OP_READ_VERSION: &str = "kv.read_version";
+const OP_WRITE: &str = "kv.write";
+const OP_METADATA_READ: &str = "kv.metadata.read";
+const OP_METADATA_WRITE: &str = "kv.metadata.write";
+const OP_LIST: &str = "kv.list";
+const OP_LOGIN: &str = "auth.login";
+const OP_LOOKUP_SELF: &str = "token.lookup_self";
+const OP_RENEW: &str = "token.renew";
+const OP_HEALTH: &str = "sys.health";
 
 /// The data field that holds a JSON document (the journal) in its secret.
 pub const DOC_FIELD: &str = "doc";
@@ -115,6 +144,9 @@ pub struct VaultStore {
     mount: String,
     auth: VaultAuth,
     retry: RetryPolicy,
+    /// Bound on one attempt.
+    timeout: Duration,
+    calls: Arc<dyn CallObserver>,
     /// Address, CA, timeout and TLS settings with an empty token; a client per token is
     /// built from it.
     template: VaultClientSettings,
@@ -158,6 +190,35 @@ enum Fail {
     },
     /// An answer we cannot use (unparseable, empty); retrying will not help.
     Other(String),
+    /// After an ambiguous write, the read-back found a version someone else wrote.
+    Moved { expected: u64, now: u64 },
+}
+
+/// The observed path's timeout: the request may have reached Vault.
+impl From<Timeout> for Fail {
+    fn from(t: Timeout) -> Self {
+        Fail::Transport {
+            message: format!("no answer within {:?}", t.after),
+            maybe_applied: true,
+        }
+    }
+}
+
+/// Short, for logs beside the operation and path (never data or tokens).
+impl fmt::Display for Fail {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Fail::NotFound => write!(f, "not found (HTTP 404)"),
+            Fail::CasMismatch => write!(f, "HTTP 400: {CAS_MISMATCH}"),
+            Fail::Status { code, errors } if errors.is_empty() => write!(f, "HTTP {code}"),
+            Fail::Status { code, errors } => write!(f, "HTTP {code}: {}", errors.join("; ")),
+            Fail::Transport { message, .. } | Fail::Other(message) => f.write_str(message),
+            Fail::Moved { expected, now } => write!(
+                f,
+                "expected version {expected}, Vault now has {now} written by someone else"
+            ),
+        }
+    }
 }
 
 impl Fail {
@@ -205,6 +266,25 @@ impl Fail {
         }
     }
 
+    /// For the observed path. `absent_ok`: a 404 is an answer ("no such path"), not a
+    /// failure, for the metrics.
+    fn verdict(&self, absent_ok: bool) -> Verdict {
+        let class = match self {
+            Fail::NotFound if absent_ok => StatusClass::Success,
+            Fail::NotFound => StatusClass::ClientError,
+            Fail::CasMismatch | Fail::Moved { .. } => StatusClass::ClientError,
+            Fail::Status { code, .. } => StatusClass::from_status(*code),
+            Fail::Transport { .. } => StatusClass::Transport,
+            Fail::Other(_) => StatusClass::ServerError,
+        };
+        let retry = if self.transient() {
+            Retry::Yes
+        } else {
+            Retry::No
+        };
+        Verdict::new(class, retry)
+    }
+
     /// Worth retrying: no answer, 429, 5xx.
     fn transient(&self) -> bool {
         match self {
@@ -239,6 +319,7 @@ impl Fail {
             }
             Fail::Transport { message, .. } => format!("{op} {at}: {message}"),
             Fail::Other(m) => format!("{op} {at}: {m}"),
+            moved @ Fail::Moved { .. } => format!("{op} {at}: {moved}"),
         }
     }
 
@@ -252,6 +333,11 @@ impl Fail {
                 backend: Backend::Vault,
                 what: at.to_string(),
                 message: CAS_MISMATCH.into(),
+            },
+            moved @ Fail::Moved { .. } => BackendError::Conflict {
+                backend: Backend::Vault,
+                what: at.to_string(),
+                message: moved.to_string(),
             },
             other => BackendError::Failed {
                 backend: Backend::Vault,
@@ -390,13 +476,16 @@ fn ttl_of(secs: u64) -> Option<Duration> {
 }
 
 impl VaultStore {
-    /// Build the client (address, CA cert, timeout from config) and authenticate: token
-    /// from `token_file` (wins) or env var `token_env`; or Kubernetes auth: read the JWT
-    /// from `jwt_path`, `POST auth/<mount>/login` with the role.
+    /// Build the client (address, CA cert, timeout and retry policy from config) and
+    /// authenticate: token from `token_file` (wins) or env var `token_env`; or Kubernetes
+    /// auth: read the JWT from `jwt_path`, `POST auth/<mount>/login` with the role. Every
+    /// request from here on is reported to `calls`.
     pub async fn connect(
         cfg: &VaultConfig,
-        kv_retry: RetryPolicy,
+        calls: Arc<dyn CallObserver>,
     ) -> Result<VaultStore, VaultError> {
+        let retry = cfg.retry_policy();
+        let timeout = cfg.request_timeout.get();
         let address = Url::parse(&cfg.address)
             .ok()
             .filter(|u| matches!(u.scheme(), "http" | "https") && u.has_host())
@@ -427,7 +516,12 @@ impl VaultStore {
         }
         let anonymous = client_for(&template, &Secret::new(""))?;
         let store_mount = cfg.kv_mount.trim_matches('/').to_string();
-        let grant = authenticate(&anonymous, &template, &cfg.auth, &kv_retry).await?;
+        let observed = Observed {
+            retry: &retry,
+            timeout,
+            calls: &*calls,
+        };
+        let grant = authenticate(&anonymous, &template, &cfg.auth, &observed).await?;
         let session = Session {
             client: Arc::new(client_for(&template, &grant.token)?),
             ttl: grant.ttl,
@@ -447,7 +541,9 @@ impl VaultStore {
             address,
             mount: store_mount,
             auth: cfg.auth.clone(),
-            retry: kv_retry,
+            retry,
+            timeout,
+            calls,
             template,
             session: RwLock::new(session),
             logins: AtomicU32::new(1),
@@ -456,36 +552,62 @@ impl VaultStore {
     }
 
     /// Vault answers and is unsealed (for /readyz). A standby counts as ready (it forwards).
+    /// One attempt, so a probe answers within one request timeout.
     pub async fn health(&self) -> Result<(), BackendError> {
         let client = self.client();
         let mut url = self.address.clone();
         if let Ok(mut segs) = url.path_segments_mut() {
             segs.pop_if_empty().extend(["v1", "sys", "health"]);
         }
-        let failed = |message: String| BackendError::Failed {
-            backend: Backend::Vault,
-            message,
-            transient: true,
+        let once = RetryPolicy {
+            max_retries: 0,
+            ..self.retry
         };
         // Read it ourselves: vaultrs' health type does not parse OpenBao's answer.
-        let resp = client
-            .http
-            .http
-            .get(url)
-            .query(&[("standbyok", "true"), ("perfstandbyok", "true")])
-            .send()
-            .await
-            .map_err(|e| failed(format!("health check: {}", error_chain(&e))))?;
-        let status = resp.status().as_u16();
-        let body: Value = resp.json().await.unwrap_or(Value::Null);
-        let sealed = body.get("sealed").and_then(Value::as_bool);
-        let initialized = body.get("initialized").and_then(Value::as_bool);
-        match (status, initialized, sealed) {
-            (200, Some(true), Some(false)) => Ok(()),
-            (_, Some(false), _) => Err(failed(format!("Vault is not initialized (HTTP {status})"))),
-            (_, _, Some(true)) => Err(failed(format!("Vault is sealed (HTTP {status})"))),
-            _ => Err(failed(format!("health check: HTTP {status}"))),
-        }
+        let r = self
+            .observed()
+            .call(OP_HEALTH, "sys/health", &once)
+            .run(
+                |f: &Fail| f.verdict(false),
+                |_| async {
+                    let resp = client
+                        .http
+                        .http
+                        .get(url.clone())
+                        .query(&[("standbyok", "true"), ("perfstandbyok", "true")])
+                        .send()
+                        .await
+                        .map_err(|e| Fail::Transport {
+                            message: format!("health check: {}", error_chain(&e)),
+                            maybe_applied: false,
+                        })?;
+                    let status = resp.status().as_u16();
+                    let body: Value = resp.json().await.unwrap_or(Value::Null);
+                    let sealed = body.get("sealed").and_then(Value::as_bool);
+                    let initialized = body.get("initialized").and_then(Value::as_bool);
+                    let why = match (status, initialized, sealed) {
+                        (200, Some(true), Some(false)) => return Ok(()),
+                        (_, Some(false), _) => {
+                            format!("Vault is not initialized (HTTP {status})")
+                        }
+                        (_, _, Some(true)) => format!("Vault is sealed (HTTP {status})"),
+                        _ => format!("health check: HTTP {status}"),
+                    };
+                    Err(Fail::Status {
+                        code: if status == 200 { 500 } else { status },
+                        errors: vec![why],
+                    })
+                },
+            )
+            .await;
+        r.map_err(|g| BackendError::Failed {
+            backend: Backend::Vault,
+            message: match g.error {
+                Fail::Status { mut errors, .. } if errors.len() == 1 => errors.remove(0),
+                f => format!("health check: {f}"),
+            },
+            transient: true,
+        })
     }
 
     /// Keep the token alive: renew-self at ~2/3 of its TTL; if not renewable or renewal
@@ -545,7 +667,24 @@ impl VaultStore {
             (Arc::clone(&s.client), s.renewable, s.initial_ttl)
         };
         if renewable {
-            match vaultrs::token::renew_self(&*client, None).await {
+            let once = RetryPolicy {
+                max_retries: 0,
+                ..self.retry
+            };
+            let renewed = self
+                .observed()
+                .call(OP_RENEW, "auth/token/renew-self", &once)
+                .run(
+                    |f: &Fail| f.verdict(false),
+                    |_| async {
+                        vaultrs::token::renew_self(&*client, None)
+                            .await
+                            .map_err(Fail::from_client)
+                    },
+                )
+                .await
+                .map_err(|g| g.error);
+            match renewed {
                 Ok(auth) => {
                     let ttl = ttl_of(auth.lease_duration);
                     // A renewal capped by the max TTL gives less and less: log in afresh
@@ -563,14 +702,13 @@ impl VaultStore {
                         return Ok("renewed");
                     }
                 }
-                Err(e) => {
-                    let f = Fail::from_client(e);
+                Err(f) => {
                     tracing::warn!(error = %f.describe("renew-self", "auth/token/renew-self"), "Vault token renewal failed; logging in again");
                 }
             }
         }
         let anonymous = client_for(&self.template, &Secret::new(""))?;
-        let grant = authenticate(&anonymous, &self.template, &self.auth, &self.retry).await?;
+        let grant = authenticate(&anonymous, &self.template, &self.auth, &self.observed()).await?;
         if matches!(self.auth, VaultAuth::Token { .. })
             && grant.token.sha256_hex() == self.read_session().token_sha256
         {
@@ -622,32 +760,39 @@ impl VaultStore {
         format!("{}/{}", self.mount, path)
     }
 
-    /// Run one vaultrs call with the retry policy: transient failures are retried,
-    /// everything else is final.
-    async fn retrying<T, F, Fut>(&self, op: &str, path: &str, call: F) -> Result<T, Fail>
+    fn observed(&self) -> Observed<'_> {
+        Observed {
+            retry: &self.retry,
+            timeout: self.timeout,
+            calls: &*self.calls,
+        }
+    }
+
+    /// Run one vaultrs call on the observed path: transient failures are retried,
+    /// everything else is final. `absent_ok`: a 404 is an expected answer.
+    async fn retrying<T, F, Fut>(
+        &self,
+        op: &'static str,
+        path: &str,
+        absent_ok: bool,
+        call: F,
+    ) -> Result<T, Fail>
     where
         F: Fn(Arc<VaultClient>) -> Fut,
         Fut: Future<Output = Result<T, ClientError>>,
     {
-        self.retry
+        let at = self.at(path);
+        self.observed()
+            .call(op, &at, &self.retry)
             .run(
+                |f: &Fail| f.verdict(absent_ok),
                 |_| {
                     let fut = call(self.client());
-                    async move { classify(fut.await) }
+                    async move { fut.await.map_err(Fail::from_client) }
                 },
-                |f, n| self.log_retry(op, path, f, n),
             )
             .await
-    }
-
-    fn log_retry(&self, op: &str, path: &str, f: &Fail, n: u32) {
-        tracing::warn!(
-            backend = "vault",
-            op,
-            retry = n + 1,
-            error = %f.describe(op, &self.at(path)),
-            "Vault call failed; retrying"
-        );
+            .map_err(|g| g.error)
     }
 
     /// `GET data/<path>[?version=n]`; `None` on 404.
@@ -657,8 +802,13 @@ impl VaultStore {
         version: Option<u64>,
     ) -> Result<Option<ReadSecretResponse>, Fail> {
         let mount = self.mount.as_str();
+        let op = if version.is_some() {
+            OP_READ_VERSION
+        } else {
+            OP_READ
+        };
         let r = self
-            .retrying("read", path, |c| async move {
+            .retrying(op, path, true, |c| async move {
                 let req = ReadSecretRequest {
                     mount: mount.to_string(),
                     path: path.to_string(),
@@ -678,7 +828,7 @@ impl VaultStore {
     async fn read_metadata(&self, path: &str) -> Result<Option<ReadSecretMetadataResponse>, Fail> {
         let mount = self.mount.as_str();
         let r = self
-            .retrying("read metadata", path, |c| async move {
+            .retrying(OP_METADATA_READ, path, true, |c| async move {
                 let req = ReadSecretMetadataRequest {
                     mount: mount.to_string(),
                     path: path.to_string(),
@@ -694,9 +844,10 @@ impl VaultStore {
     }
 
     /// Write `data` as a new version with `cas = expected`. Transient failures are
-    /// retried, but after one that may have been applied the next step is to read back:
-    /// if our data is there as `expected + 1` that is the answer, if the version moved
-    /// otherwise it is a conflict, and only if nothing changed is the write sent again.
+    /// retried, but after one that may have been applied the next step (a before-retry
+    /// hook) is to read back: if our data is there as `expected + 1` that is the answer, if
+    /// the version moved otherwise it is a conflict, and only if nothing changed is the
+    /// write sent again.
     async fn cas_write(
         &self,
         path: &str,
@@ -709,28 +860,35 @@ impl VaultStore {
             message: format!("write {at}: version {expected} exceeds what check-and-set accepts"),
             transient: false,
         })?;
-        let maybe_landed = AtomicBool::new(false);
-        let maybe_landed = &maybe_landed;
+        // Set when a read-back could not tell whether an ambiguous write landed.
+        let unresolved = AtomicBool::new(false);
+        let unresolved = &unresolved;
         let mount = self.mount.as_str();
-        let at_ref = at.as_str();
-        let outcome: Result<u64, Result<BackendError, Fail>> = self
-            .retry
-            .run(
-                |_| async move {
-                    if maybe_landed.load(Ordering::SeqCst) {
+        let outcome = self
+            .observed()
+            .call(OP_WRITE, &at, &self.retry)
+            .run_with(
+                |f: &Fail| f.verdict(false),
+                |f: &Fail, _| {
+                    let ambiguous = f.maybe_applied();
+                    async move {
+                        if !ambiguous {
+                            return Resume::Retry;
+                        }
                         match self.landed(path, data, expected).await {
-                            Ok(Landed::Yes(v)) => return Attempt::Done(Ok(v)),
-                            Ok(Landed::Unchanged) => maybe_landed.store(false, Ordering::SeqCst),
-                            Ok(Landed::Moved(v)) => {
-                                return Attempt::Done(Err(Ok(conflict(
-                                    at_ref,
-                                    format!("expected version {expected}, Vault now has {v} written by someone else"),
-                                ))))
+                            Ok(Landed::Yes(v)) => Resume::Finish(Ok(v)),
+                            Ok(Landed::Unchanged) => Resume::Retry,
+                            Ok(Landed::Moved(now)) => {
+                                Resume::Finish(Err(Fail::Moved { expected, now }))
                             }
-                            Err(f) if f.transient() => return Attempt::Retry(Err(f), None),
-                            Err(f) => return Attempt::Done(Err(Err(f))),
+                            Err(f) => {
+                                unresolved.store(true, Ordering::SeqCst);
+                                Resume::Finish(Err(f))
+                            }
                         }
                     }
+                },
+                |_| {
                     let c = self.client();
                     let req = SetSecretRequest {
                         mount: mount.to_string(),
@@ -738,36 +896,28 @@ impl VaultStore {
                         data: Value::Object(data.clone()),
                         options: Some(SetSecretRequestOptions { cas }),
                     };
-                    match vaultrs::api::exec_with_result(&*c, req).await {
-                        Ok(m) => Attempt::Done(Ok(m.version)),
-                        Err(e) => match Fail::from_client(e) {
-                            Fail::CasMismatch => Attempt::Done(Err(Ok(conflict(
-                                at_ref,
-                                format!("{CAS_MISMATCH} (expected version {expected})"),
-                            )))),
-                            f if f.transient() => {
-                                if f.maybe_applied() {
-                                    maybe_landed.store(true, Ordering::SeqCst);
-                                }
-                                Attempt::Retry(Err(f), None)
-                            }
-                            f => Attempt::Done(Err(Err(f))),
-                        },
-                    }
-                },
-                |e, n| {
-                    if let Err(f) = e {
-                        self.log_retry("write", path, f, n)
+                    async move {
+                        vaultrs::api::exec_with_result(&*c, req)
+                            .await
+                            .map(|m| m.version)
+                            .map_err(Fail::from_client)
                     }
                 },
             )
             .await;
-        match outcome {
-            Ok(v) => Ok(v),
-            Err(Ok(e)) => Err(e),
-            Err(Err(f)) => {
+        let g: GaveUp<Fail> = match outcome {
+            Ok(v) => return Ok(v),
+            Err(g) => g,
+        };
+        match g.error {
+            Fail::CasMismatch => Err(conflict(
+                &at,
+                format!("{CAS_MISMATCH} (expected version {expected})"),
+            )),
+            f => {
+                let maybe_applied = f.maybe_applied() || unresolved.load(Ordering::SeqCst);
                 let mut e = f.into_backend("write", &at);
-                if maybe_landed.load(Ordering::SeqCst) {
+                if maybe_applied {
                     if let BackendError::Failed { message, .. } = &mut e {
                         message.push_str(" (the write may have been applied; read back to know)");
                     }
@@ -816,7 +966,7 @@ impl VaultStore {
         }
         let mount = self.mount.as_str();
         let custom = &custom;
-        self.retrying("write metadata", path, |c| async move {
+        self.retrying(OP_METADATA_WRITE, path, false, |c| async move {
             let req = SetSecretMetadataRequest {
                 mount: mount.to_string(),
                 path: path.to_string(),
@@ -851,18 +1001,19 @@ fn client_for(template: &VaultClientSettings, token: &Secret) -> Result<VaultCli
     })
 }
 
-/// Transient failures are retried, the rest are final.
-fn classify<T>(r: Result<T, ClientError>) -> Attempt<T, Fail> {
-    match r {
-        Ok(v) => Attempt::Done(Ok(v)),
-        Err(e) => {
-            let f = Fail::from_client(e);
-            if f.transient() {
-                Attempt::Retry(f, None)
-            } else {
-                Attempt::Done(Err(f))
-            }
-        }
+/// What the observed path needs from the store; also usable before the store exists
+/// (the first login).
+struct Observed<'a> {
+    retry: &'a RetryPolicy,
+    timeout: Duration,
+    calls: &'a dyn CallObserver,
+}
+
+impl<'a> Observed<'a> {
+    fn call(&self, op: &'static str, what: &'a str, retry: &'a RetryPolicy) -> Call<'a> {
+        Call::new(Backend::Vault, op, retry, self.calls)
+            .timeout(self.timeout)
+            .what(what)
     }
 }
 
@@ -871,11 +1022,9 @@ async fn authenticate(
     anonymous: &VaultClient,
     template: &VaultClientSettings,
     auth: &VaultAuth,
-    retry: &RetryPolicy,
+    observed: &Observed<'_>,
 ) -> Result<Grant, VaultError> {
-    let on_retry = |f: &Fail, n: u32| {
-        tracing::warn!(retry = n + 1, error = %f.describe("login", "Vault"), "Vault authentication failed; retrying");
-    };
+    let verdict = |f: &Fail| f.verdict(false);
     match auth {
         VaultAuth::Token {
             token_env,
@@ -883,15 +1032,17 @@ async fn authenticate(
         } => {
             let token = token_from_source(token_env, token_file.as_deref())?;
             let client = client_for(template, &token)?;
-            let me = retry
-                .run(
-                    |_| async { classify(vaultrs::token::lookup_self(&client).await) },
-                    on_retry,
-                )
+            let me = observed
+                .call(OP_LOOKUP_SELF, "auth/token/lookup-self", observed.retry)
+                .run(verdict, |_| async {
+                    vaultrs::token::lookup_self(&client)
+                        .await
+                        .map_err(Fail::from_client)
+                })
                 .await
-                .map_err(|f| VaultError::Auth {
+                .map_err(|g| VaultError::Auth {
                     method: "token",
-                    message: match f {
+                    message: match g.error {
                         Fail::Status { code: 403, .. } => {
                             "Vault rejected the token (lookup-self: HTTP 403); it is invalid or expired, or lacks the default policy".into()
                         }
@@ -913,20 +1064,17 @@ async fn authenticate(
             let jwt = Secret::new(read_trimmed("service-account token", jwt_path)?);
             let mount = mount.trim_matches('/');
             let at = format!("auth/{mount}/login");
-            let info = retry
-                .run(
-                    |_| async {
-                        classify(
-                            vaultrs::auth::kubernetes::login(anonymous, mount, role, jwt.expose())
-                                .await,
-                        )
-                    },
-                    on_retry,
-                )
+            let info = observed
+                .call(OP_LOGIN, &at, observed.retry)
+                .run(verdict, |_| async {
+                    vaultrs::auth::kubernetes::login(anonymous, mount, role, jwt.expose())
+                        .await
+                        .map_err(Fail::from_client)
+                })
                 .await
-                .map_err(|f| VaultError::Auth {
+                .map_err(|g| VaultError::Auth {
                     method: "kubernetes",
-                    message: f.describe(&format!("login with role {role:?}"), &at),
+                    message: g.error.describe(&format!("login with role {role:?}"), &at),
                 })?;
             Ok(Grant {
                 token: Secret::new(info.client_token),
@@ -1073,7 +1221,7 @@ impl SecretStore for VaultStore {
         let prefix = norm(prefix);
         let mount = self.mount.as_str();
         let r = self
-            .retrying("list", prefix, |c| async move {
+            .retrying(OP_LIST, prefix, true, |c| async move {
                 let dir = if prefix.is_empty() {
                     String::new()
                 } else {

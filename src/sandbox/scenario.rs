@@ -220,6 +220,7 @@ impl Sandbox {
                     ca_cert: None,
                     request_timeout: DurationStr::from_secs(5),
                     auth: VaultAuth::default(),
+                    ..VaultConfig::default()
                 },
                 kubernetes: KubernetesConfig::default(),
                 targets: Vec::new(),

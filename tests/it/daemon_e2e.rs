@@ -161,6 +161,40 @@ async fn the_daemon_under_cli_signals_and_scrapes() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    // 0. Before any rotation: the Vault call series exist for what the daemon did so far
+    // (its login), and no Vault write was counted yet.
+    let scrape = || async {
+        let text = reqwest::get(format!("{addr}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        parse_metrics(&text)
+    };
+    let vault_total = |m: &BTreeMap<String, f64>| -> f64 {
+        m.iter()
+            .filter(|(k, _)| {
+                k.starts_with("openai_key_rotator_api_requests_total{")
+                    && k.contains("backend=\"vault\"")
+            })
+            .map(|(_, v)| v)
+            .sum()
+    };
+    let vault_write = "openai_key_rotator_api_requests_total{backend=\"vault\",operation=\"kv.write\",status_class=\"2xx\"}";
+    let before = scrape().await;
+    assert_eq!(
+        before.get("openai_key_rotator_api_requests_total{backend=\"vault\",operation=\"token.lookup_self\",status_class=\"2xx\"}"),
+        Some(&1.0),
+        "the startup login is counted: {before:#?}"
+    );
+    assert_eq!(
+        before.get(vault_write),
+        None,
+        "no Vault write before a rotation"
+    );
+    let vault_before = vault_total(&before);
+
     // 1. CLI: a rotation followed to completion, a line per step.
     let (code, out) = cli(
         &addr,
@@ -183,6 +217,14 @@ async fn the_daemon_under_cli_signals_and_scrapes() {
         .find_map(|l| l.strip_prefix("rotation ")?.split(' ').next())
         .unwrap()
         .to_string();
+    // The rotation's Vault calls (journal and key writes, reads) are counted.
+    let after = scrape().await;
+    let writes = after.get(vault_write).copied().unwrap_or(0.0);
+    assert!(
+        writes >= 2.0,
+        "journal + key writes, got {writes}: {after:#?}"
+    );
+    assert!(vault_total(&after) > vault_before + writes);
 
     // 2. CLI: a rollout that never becomes ready → rolled back, non-zero exit.
     sb.kube.set_never_ready(NAMESPACE, "chatbot-worker", true);

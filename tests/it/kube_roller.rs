@@ -6,7 +6,7 @@ use k8s_openapi::api::events::v1::Event as K8sEvent;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::ByteString;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
-use openai_key_rotator::config::{KubernetesConfig, WorkloadKind, WorkloadRef};
+use openai_key_rotator::config::{DurationStr, KubernetesConfig, WorkloadKind, WorkloadRef};
 use openai_key_rotator::kube::{KubeError, KubeRoller, ROTATION_ANNOTATION};
 use openai_key_rotator::retry::RetryPolicy;
 use openai_key_rotator::rotation::ports::{
@@ -81,6 +81,7 @@ async fn env(ready_ms: u64) -> Env {
     let cfg = KubernetesConfig {
         kubeconfig: Some(path),
         context: Some("okr-sim".into()),
+        ..KubernetesConfig::default()
     };
     let roller = KubeRoller::connect(&cfg, calls.clone())
         .await
@@ -89,6 +90,7 @@ async fn env(ready_ms: u64) -> Env {
             max_retries: MAX_RETRIES,
             base: Duration::from_millis(10),
             max_backoff: Duration::from_millis(50),
+            ..RetryPolicy::default()
         })
         .with_timeout(Duration::from_secs(5));
     Env {
@@ -666,6 +668,7 @@ async fn connect_ping_and_transport_failures() {
     let missing = KubernetesConfig {
         kubeconfig: Some("/nonexistent/kubeconfig".into()),
         context: None,
+        ..KubernetesConfig::default()
     };
     assert!(matches!(
         KubeRoller::connect(&missing, calls.clone()).await,
@@ -675,6 +678,7 @@ async fn connect_ping_and_transport_failures() {
     let bad_context = KubernetesConfig {
         kubeconfig: Some(path),
         context: Some("no-such-context".into()),
+        ..KubernetesConfig::default()
     };
     let err = KubeRoller::connect(&bad_context, calls)
         .await
@@ -722,6 +726,7 @@ async fn a_server_that_never_answers_times_out() {
             max_retries: 1,
             base: Duration::from_millis(10),
             max_backoff: Duration::from_millis(10),
+            ..RetryPolicy::default()
         })
         .with_timeout(Duration::from_millis(300));
     let t = Instant::now();
@@ -740,6 +745,155 @@ async fn a_server_that_never_answers_times_out() {
         t.elapsed()
     );
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert_eq!(
+        calls.of("version.get", 0),
+        [StatusClass::Transport, StatusClass::Transport]
+    );
+    hold.abort();
+}
+
+/// An API server that answers `GET /version` with 429 and `retryAfterSeconds` for the
+/// first `busy` requests, then with a version. Counts requests.
+async fn busy_api_server(
+    busy: usize,
+    retry_after: u32,
+) -> (String, Arc<Mutex<usize>>, tokio::task::JoinHandle<()>) {
+    let hits = Arc::new(Mutex::new(0usize));
+    let h = hits.clone();
+    let router = axum::Router::new().route(
+        "/version",
+        axum::routing::get(move || {
+            let h = h.clone();
+            async move {
+                let n = {
+                    let mut n = h.lock().unwrap();
+                    *n += 1;
+                    *n
+                };
+                if n <= busy {
+                    (
+                        http::StatusCode::TOO_MANY_REQUESTS,
+                        axum::Json(serde_json::json!({
+                            "kind": "Status", "apiVersion": "v1", "metadata": {},
+                            "status": "Failure", "message": "slow down", "reason": "TooManyRequests",
+                            "details": {"retryAfterSeconds": retry_after}, "code": 429
+                        })),
+                    )
+                } else {
+                    (
+                        http::StatusCode::OK,
+                        axum::Json(serde_json::json!({
+                            "major": "1", "minor": "33", "gitVersion": "v1.33.0", "gitCommit": "",
+                            "gitTreeState": "", "buildDate": "", "goVersion": "", "compiler": "", "platform": ""
+                        })),
+                    )
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        axum::serve(listener, router).await.unwrap();
+    });
+    (url, hits, task)
+}
+
+/// `retryAfterSeconds` within `kubernetes.max_retry_after` is waited, then retried; above
+/// it the call ends at once (transient, with the hint) instead of a cut-short wait that
+/// burns a retry. Timeout and retries come from `[kubernetes]` through `connect`.
+#[tokio::test]
+async fn retry_after_seconds_is_honoured_up_to_the_cap_from_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg_for = |name: &str, url: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, KubeSim::kubeconfig_yaml(url, None)).unwrap();
+        KubernetesConfig {
+            kubeconfig: Some(path),
+            context: Some("okr-sim".into()),
+            max_retries: 2,
+            max_retry_after: DurationStr::from_secs(3),
+            ..KubernetesConfig::default()
+        }
+    };
+
+    // Within the cap: one wait of 1 s, then through.
+    let (url, hits, task) = busy_api_server(1, 1).await;
+    let calls = Arc::new(Calls::default());
+    let roller = KubeRoller::connect(&cfg_for("within", &url), calls.clone())
+        .await
+        .unwrap();
+    let t = Instant::now();
+    roller.ping().await.expect("through after the wait");
+    assert!(t.elapsed() >= Duration::from_secs(1), "{:?}", t.elapsed());
+    assert_eq!(*hits.lock().unwrap(), 2);
+    assert_eq!(
+        calls.of("version.get", 0),
+        [StatusClass::RateLimited, StatusClass::Success]
+    );
+    assert_eq!(calls.retries(), 1);
+    task.abort();
+
+    // Above it: no sleep, no retry, the hint in a transient error.
+    let (url, hits, task) = busy_api_server(100, 600).await;
+    let calls = Arc::new(Calls::default());
+    let roller = KubeRoller::connect(&cfg_for("above", &url), calls.clone())
+        .await
+        .unwrap();
+    let t = Instant::now();
+    match roller.ping().await {
+        Err(BackendError::Failed {
+            transient: true,
+            message,
+            ..
+        }) => {
+            assert!(message.contains("HTTP 429"), "{message}");
+            assert!(message.contains("retry after 10m"), "{message}");
+        }
+        other => panic!("expected a transient failure, got {other:?}"),
+    }
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    assert_eq!(*hits.lock().unwrap(), 1);
+    assert_eq!(calls.retries(), 0);
+    task.abort();
+}
+
+/// `kubernetes.request_timeout` and `max_retries` reach the roller through `connect`
+/// (before, `connect` always used 30 s and 5 retries).
+#[tokio::test]
+async fn connect_takes_timeout_and_retries_from_config() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let hold = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((sock, _)) = listener.accept().await {
+            open.push(sock);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kubeconfig");
+    std::fs::write(&path, KubeSim::kubeconfig_yaml(&url, None)).unwrap();
+    let cfg = KubernetesConfig {
+        kubeconfig: Some(path),
+        context: Some("okr-sim".into()),
+        request_timeout: DurationStr(Duration::from_millis(300)),
+        max_retries: 1,
+        retry_base: DurationStr(Duration::from_millis(10)),
+        max_backoff: DurationStr(Duration::from_millis(10)),
+        ..KubernetesConfig::default()
+    };
+    let calls = Arc::new(Calls::default());
+    let roller = KubeRoller::connect(&cfg, calls.clone()).await.unwrap();
+    let t = Instant::now();
+    let e = roller.ping().await.unwrap_err();
+    assert!(e.to_string().contains("no answer within 300ms"), "{e}");
+    assert!(e.to_string().contains("gave up after 2 attempts"), "{e}");
+    assert!(
+        t.elapsed() >= Duration::from_millis(600),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
     assert_eq!(
         calls.of("version.get", 0),
         [StatusClass::Transport, StatusClass::Transport]

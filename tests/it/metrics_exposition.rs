@@ -25,7 +25,15 @@ const TRIGGERS: [&str; 5] = ["schedule", "max_age", "signal", "api", "cli"];
 const OUTCOMES: [&str; 3] = ["completed", "rolled_back", "failed"];
 const BACKENDS: [&str; 3] = ["openai", "vault", "kubernetes"];
 const STATUS_CLASSES: [&str; 5] = ["2xx", "429", "4xx", "5xx", "transport"];
-const OPERATIONS: [&str; 2] = ["service_accounts.create", "kv2.write"];
+/// Every operation name a client may report: the clients' own fixed sets.
+fn operations() -> Vec<&'static str> {
+    [
+        openai_key_rotator::openai::OPERATIONS,
+        openai_key_rotator::vault::OPERATIONS,
+        openai_key_rotator::kube::OPERATIONS,
+    ]
+    .concat()
+}
 const ROTATION_LE: [&str; 12] = [
     "1", "5", "15", "30", "60", "120", "300", "600", "1200", "1800", "3600", "+Inf",
 ];
@@ -107,7 +115,7 @@ fn unbounded_labels(samples: &BTreeMap<Series, f64>) -> Vec<String> {
                 "step" => steps.contains(&v.as_str()),
                 "backend" => BACKENDS.contains(&v.as_str()),
                 "status_class" => STATUS_CLASSES.contains(&v.as_str()),
-                "operation" => OPERATIONS.contains(&v.as_str()),
+                "operation" => operations().contains(&v.as_str()),
                 "le" => ROTATION_LE.contains(&v.as_str()) || API_LE.contains(&v.as_str()),
                 "version" => v == env!("CARGO_PKG_VERSION"),
                 _ => false,
@@ -294,7 +302,7 @@ fn exercised() -> Metrics {
     m.retry(Backend::OpenAi, "service_accounts.create");
     m.call(
         Backend::Vault,
-        "kv2.write",
+        "kv.write",
         StatusClass::ServerError,
         Duration::from_secs(3),
     );
@@ -440,7 +448,7 @@ fn expected() -> BTreeMap<Series, f64> {
         l.push(("status_class", class));
         w.insert(series("api_requests_total", &l), 1.0);
     }
-    let write = [("backend", "vault"), ("operation", "kv2.write")];
+    let write = [("backend", "vault"), ("operation", "kv.write")];
     let mut l = write.to_vec();
     l.push(("status_class", "5xx"));
     w.insert(series("api_requests_total", &l), 1.0);
@@ -536,4 +544,89 @@ fn negative_controls() {
         vec![format!("{P}x: target=\"intruder\"")]
     );
     assert!(!expected().contains_key(&series("x", &[("target", "intruder"), ("step", "mint")])));
+}
+
+/// The real Vault store reports into the real metrics: before it connects there is no Vault
+/// call series (and the Vault retry counter is 0); after a login, a write and a read, the
+/// series exist with exactly those counts, every label from a bounded set, as
+/// `prometheus_client` parses them.
+#[tokio::test]
+async fn vault_store_calls_show_in_the_exposition() {
+    use openai_key_rotator::config::{VaultAuth, VaultConfig};
+    use openai_key_rotator::rotation::ports::{KeyMeta, SecretStore};
+    use openai_key_rotator::secret::Secret;
+    use openai_key_rotator::vault::VaultStore;
+    use std::sync::Arc;
+
+    let m = Arc::new(Metrics::new(&["chat".into()]));
+    let vault_requests = |samples: &BTreeMap<Series, f64>| -> BTreeMap<(String, String), f64> {
+        samples
+            .iter()
+            .filter(|((n, l), _)| {
+                *n == format!("{P}api_requests_total")
+                    && l.get("backend").map(String::as_str) == Some("vault")
+            })
+            .map(|((_, l), v)| ((l["operation"].clone(), l["status_class"].clone()), *v))
+            .collect()
+    };
+    let (before, _) = parse_with_prometheus_client(&m.render()).unwrap();
+    assert!(vault_requests(&before).is_empty(), "no Vault call yet");
+    assert_eq!(
+        before[&series("retries_total", &[("backend", "vault")])],
+        0.0
+    );
+
+    let bao = support::start_bao().await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, &bao.token).unwrap();
+    let cfg = VaultConfig {
+        address: bao.addr.clone(),
+        auth: VaultAuth::Token {
+            token_env: "OKR_UNSET_METRICS_TEST_TOKEN".into(),
+            token_file: Some(token_file),
+        },
+        ..VaultConfig::default()
+    };
+    let store = VaultStore::connect(&cfg, m.clone()).await.unwrap();
+    let path = format!("okr-metrics-{}/openai", uuid::Uuid::new_v4().simple());
+    let key = Secret::new("sk-svcacct-METRICS-CANARY");
+    let meta = KeyMeta {
+        rotation_id: Some("rot-metrics".into()),
+        ..KeyMeta::default()
+    };
+    store
+        .write_key(&path, "api_key", &key, &meta, 0)
+        .await
+        .unwrap();
+    store.read_key(&path, "api_key").await.unwrap().unwrap();
+
+    let text = m.render();
+    assert!(!text.contains(key.expose()) && !text.contains(&path));
+    let (after, _) = parse_with_prometheus_client(&text).unwrap();
+    assert_eq!(unbounded_labels(&after), Vec::<String>::new());
+    let ok = |op: &str| (op.to_string(), "2xx".to_string());
+    assert_eq!(
+        vault_requests(&after),
+        BTreeMap::from([
+            (ok("token.lookup_self"), 1.0),
+            // The write reads metadata (a 404 for a new path), writes, then merges the
+            // metadata (read + write).
+            (ok("kv.metadata.read"), 2.0),
+            (ok("kv.write"), 1.0),
+            (ok("kv.metadata.write"), 1.0),
+            (ok("kv.read"), 1.0),
+        ])
+    );
+    assert_eq!(
+        after[&series(
+            "api_request_duration_seconds_count",
+            &[("backend", "vault"), ("operation", "kv.write")]
+        )],
+        1.0
+    );
+    assert_eq!(
+        after[&series("retries_total", &[("backend", "vault")])],
+        0.0
+    );
 }

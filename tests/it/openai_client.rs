@@ -15,6 +15,7 @@ use openai_key_rotator::sandbox::openai::{Faults, OpenAiSim, RateLimit};
 use openai_key_rotator::sandbox::{loopback, serve, Server};
 use openai_key_rotator::secret::Secret;
 use serde_json::json;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -77,6 +78,239 @@ impl Env {
     fn base(&self) -> String {
         format!("{}/v1", self.server.url())
     }
+
+    /// A [`UsageShim`] in front of this simulator.
+    async fn shim(&self) -> (UsageShim, Server) {
+        start_usage_shim(&self.server.url()).await
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The usage endpoints the simulator does not serve (yet).
+
+/// The simulator serves only `/organization/usage/completions`. This shim serves the other
+/// usage endpoints that filter by `api_key_ids`, in the official description's shapes
+/// (Prism checks them below), from events the test adds; every other request goes to the
+/// simulator. It only knows `bucket_width=1m`, and says so.
+#[derive(Clone)]
+struct UsageShim {
+    upstream: String,
+    http: reqwest::Client,
+    events: Arc<Mutex<Vec<UsageEvent>>>,
+    /// endpoint → HTTP status to fail with
+    faults: Arc<Mutex<std::collections::HashMap<String, u16>>>,
+    /// endpoint of every usage request it answered
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+/// (endpoint, unix second, api key id, requests)
+type UsageEvent = (String, i64, String, u64);
+
+const SHIM_ENDPOINTS: [&str; 7] = [
+    "embeddings",
+    "moderations",
+    "images",
+    "audio_speeches",
+    "audio_transcriptions",
+    "file_search_calls",
+    "web_search_calls",
+];
+
+impl UsageShim {
+    fn add(&self, endpoint: &str, at: i64, key_id: &str, requests: u64) {
+        assert!(SHIM_ENDPOINTS.contains(&endpoint), "{endpoint}");
+        self.events
+            .lock()
+            .unwrap()
+            .push((endpoint.into(), at, key_id.into(), requests));
+    }
+    fn fail(&self, endpoint: &str, status: u16) {
+        self.faults.lock().unwrap().insert(endpoint.into(), status);
+    }
+    fn seen(&self, endpoint: &str) -> usize {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| *e == endpoint)
+            .count()
+    }
+
+    /// One `UsageResponse` page, as the description has it.
+    fn page(
+        &self,
+        endpoint: &str,
+        query: &[(String, String)],
+    ) -> Result<serde_json::Value, String> {
+        let one = |k: &str| query.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        let all = |k: &str| -> Vec<&str> {
+            query
+                .iter()
+                .filter(|(n, _)| n == k || *n == format!("{k}[]"))
+                .map(|(_, v)| v.as_str())
+                .collect()
+        };
+        if one("bucket_width") != Some("1m") {
+            return Err("the shim only knows bucket_width=1m".into());
+        }
+        let start: i64 = one("start_time")
+            .ok_or("no start_time")?
+            .parse()
+            .map_err(|_| "start_time")?;
+        let limit: i64 = one("limit").unwrap_or("60").parse().map_err(|_| "limit")?;
+        let from = match one("page") {
+            Some(p) => p
+                .strip_prefix("page_")
+                .ok_or("bad page")?
+                .parse()
+                .map_err(|_| "page")?,
+            None => start - start.rem_euclid(60),
+        };
+        let keys = all("api_key_ids");
+        let grouped = all("group_by").contains(&"api_key_id");
+        let now = Utc::now().timestamp();
+        let end = (from + limit * 60).min(now - now.rem_euclid(60) + 60);
+        let events = self.events.lock().unwrap();
+        let mut data = Vec::new();
+        let mut b = from;
+        while b < end {
+            let mut per_key: BTreeMap<Option<String>, u64> = BTreeMap::new();
+            for (e, at, key, n) in events.iter() {
+                if e == endpoint
+                    && *at >= b.max(start)
+                    && *at < b + 60
+                    && (keys.is_empty() || keys.contains(&key.as_str()))
+                {
+                    *per_key.entry(grouped.then(|| key.clone())).or_default() += n;
+                }
+            }
+            let results: Vec<serde_json::Value> = per_key
+                .into_iter()
+                .map(|(key, n)| usage_result(endpoint, key, n))
+                .collect();
+            data.push(json!({"object": "bucket", "start_time": b, "end_time": b + 60, "results": results}));
+            b += 60;
+        }
+        let has_more = end < now - now.rem_euclid(60) + 60;
+        Ok(json!({
+            "object": "page",
+            "data": data,
+            "has_more": has_more,
+            "next_page": if has_more { json!(format!("page_{end}")) } else { json!(null) },
+        }))
+    }
+}
+
+/// A result item of `endpoint` for `n` requests (required fields per the description).
+fn usage_result(endpoint: &str, api_key_id: Option<String>, n: u64) -> serde_json::Value {
+    let mut r = match endpoint {
+        "embeddings" => {
+            json!({"object": "organization.usage.embeddings.result", "input_tokens": 10 * n, "num_model_requests": n})
+        }
+        "moderations" => {
+            json!({"object": "organization.usage.moderations.result", "input_tokens": 10 * n, "num_model_requests": n})
+        }
+        "images" => {
+            json!({"object": "organization.usage.images.result", "images": n, "num_model_requests": n, "source": null, "size": null})
+        }
+        "audio_speeches" => {
+            json!({"object": "organization.usage.audio_speeches.result", "characters": 100 * n, "num_model_requests": n})
+        }
+        "audio_transcriptions" => {
+            json!({"object": "organization.usage.audio_transcriptions.result", "seconds": 5 * n, "num_model_requests": n})
+        }
+        "file_search_calls" => {
+            json!({"object": "organization.usage.file_searches.result", "num_requests": n, "vector_store_id": null})
+        }
+        "web_search_calls" => {
+            json!({"object": "organization.usage.web_searches.result", "num_model_requests": n, "num_requests": n, "context_level": null})
+        }
+        other => panic!("no shim endpoint {other}"),
+    };
+    r["project_id"] = json!(null);
+    r["user_id"] = json!(null);
+    r["api_key_id"] = json!(api_key_id);
+    if endpoint != "file_search_calls" {
+        r["model"] = json!(null);
+    }
+    r
+}
+
+async fn shim_handler(
+    axum::extract::State(shim): axum::extract::State<UsageShim>,
+    req: axum::extract::Request,
+) -> axum::response::Response {
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path().to_string();
+    if let Some(endpoint) = path
+        .strip_prefix("/v1/organization/usage/")
+        .filter(|e| SHIM_ENDPOINTS.contains(e))
+    {
+        shim.seen.lock().unwrap().push(endpoint.to_string());
+        let status = shim.faults.lock().unwrap().get(endpoint).copied();
+        if let Some(status) = status {
+            let body = json!({"error": {"message": "injected by the shim", "type": "server_error", "param": null, "code": null}});
+            return (
+                http::StatusCode::from_u16(status).unwrap(),
+                axum::Json(body),
+            )
+                .into_response();
+        }
+        let query: Vec<(String, String)> =
+            url::form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes())
+                .into_owned()
+                .collect();
+        return match shim.page(endpoint, &query) {
+            Ok(page) => axum::Json(page).into_response(),
+            Err(e) => (http::StatusCode::BAD_REQUEST, e).into_response(),
+        };
+    }
+    let body = axum::body::to_bytes(body, 1 << 20)
+        .await
+        .unwrap_or_default();
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut fwd = shim
+        .http
+        .request(parts.method.clone(), format!("{}{target}", shim.upstream))
+        .body(body);
+    for (name, value) in &parts.headers {
+        if name != http::header::HOST && name != http::header::CONTENT_LENGTH {
+            fwd = fwd.header(name, value);
+        }
+    }
+    let resp = match fwd.send().await {
+        Ok(r) => r,
+        Err(_) => return (http::StatusCode::BAD_GATEWAY, "shim: upstream failed").into_response(),
+    };
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = resp.bytes().await.unwrap_or_default();
+    let mut out = axum::response::Response::new(axum::body::Body::from(bytes));
+    *out.status_mut() = status;
+    for (name, value) in &headers {
+        if name != http::header::TRANSFER_ENCODING && name != http::header::CONTENT_LENGTH {
+            out.headers_mut().append(name, value.clone());
+        }
+    }
+    out
+}
+
+/// The shim over `upstream` (the simulator's root URL); clients use `<server>/v1`.
+async fn start_usage_shim(upstream: &str) -> (UsageShim, Server) {
+    let shim = UsageShim {
+        upstream: upstream.to_string(),
+        http: reqwest::Client::new(),
+        events: Arc::default(),
+        faults: Arc::default(),
+        seen: Arc::default(),
+    };
+    let router = axum::Router::new()
+        .fallback(shim_handler)
+        .with_state(shim.clone());
+    let server = serve(router, loopback(0), CancellationToken::new())
+        .await
+        .expect("serve the usage shim");
+    (shim, server)
 }
 
 fn config(base: &str, timeout: Duration, max_retries: u32) -> OpenAiConfig {
@@ -111,6 +345,7 @@ fn client_with(
         max_retries,
         base: Duration::from_millis(1),
         max_backoff: Duration::from_secs(10),
+        ..RetryPolicy::default()
     })
 }
 
@@ -253,8 +488,9 @@ async fn create_list_delete_check_key_and_ping() {
 #[tokio::test]
 async fn key_usage_counts_model_requests_since_and_last_used() {
     let env = env().await;
+    let (shim, shim_server) = env.shim().await;
     let rec = Arc::new(Recorder::default());
-    let c = client(&env.base(), ADMIN, &rec, 3);
+    let c = client(&format!("{}/v1", shim_server.url()), ADMIN, &rec, 3);
     let p = &env.project;
     // A fixed clock an hour back, so `since` can be moved around freely.
     let t0 = env.sim.now() - 3600;
@@ -296,14 +532,19 @@ async fn key_usage_counts_model_requests_since_and_last_used() {
     assert_eq!(u.requests_since, 0, "a quiet key");
     assert_eq!(u.last_used_at, None);
 
-    // Two days of 1-minute buckets take three pages (1440 buckets each).
+    // Two days of 1-minute buckets take three pages (1440 buckets each), on every usage
+    // endpoint.
     let before = env.sim.calls("usage.completions");
+    let shim_before: Vec<usize> = SHIM_ENDPOINTS.iter().map(|e| shim.seen(e)).collect();
     let u = c
         .key_usage(p, &busy.account.key_id, at(t0 - 2 * 86_400))
         .await
         .unwrap();
     assert_eq!(u.requests_since, 5);
     assert_eq!(env.sim.calls("usage.completions") - before, 3);
+    for (e, b) in SHIM_ENDPOINTS.iter().zip(shim_before) {
+        assert_eq!(shim.seen(e) - b, 3, "{e}");
+    }
 
     // A deleted key: usage history stays, last_used_at is gone (404 → None).
     c.delete_service_account(p, &busy.account.id).await.unwrap();
@@ -314,6 +555,88 @@ async fn key_usage_counts_model_requests_since_and_last_used() {
     assert_eq!(u.requests_since, 5);
     assert_eq!(u.last_used_at, None);
     assert!(rec.calls("api_keys.get", StatusClass::Success) >= 5);
+}
+
+/// A key used only for embeddings (or audio, images, moderations, file or web search) is
+/// not quiet: every usage endpoint that filters by `api_key_ids` is asked. Before, only
+/// completions were, and each of these keys looked quiet.
+#[tokio::test]
+async fn key_usage_sees_use_on_every_usage_endpoint() {
+    let env = env().await;
+    let (shim, shim_server) = env.shim().await;
+    let rec = Arc::new(Recorder::default());
+    let c = client(&format!("{}/v1", shim_server.url()), ADMIN, &rec, 2);
+    let p = &env.project;
+    let now = Utc::now().timestamp();
+    let since = DateTime::from_timestamp(now - 600, 0).unwrap();
+    let quiet = c.create_service_account(p, "okr-quiet").await.unwrap();
+    for (i, endpoint) in SHIM_ENDPOINTS.iter().enumerate() {
+        let used = c
+            .create_service_account(p, &format!("okr-{i}"))
+            .await
+            .unwrap();
+        let k = &used.account.key_id;
+        shim.add(endpoint, now - 120, k, 2);
+        shim.add(endpoint, now - 60, k, 1);
+        // Outside the window, and another key's use: not counted.
+        shim.add(endpoint, now - 3600, k, 50);
+        shim.add(endpoint, now - 60, &quiet.account.key_id, 0);
+        shim.add(endpoint, now - 60, "key_someone_else", 70);
+        let calls = rec.calls.lock().unwrap().len();
+        let u = c.key_usage(p, k, since).await.unwrap();
+        assert_eq!(u.requests_since, 3, "{endpoint}");
+        // One call per endpoint (one page each), and the key lookup.
+        let ops: Vec<&str> = rec.calls.lock().unwrap()[calls..]
+            .iter()
+            .map(|(op, _)| *op)
+            .collect();
+        assert_eq!(ops.len(), 9, "{ops:?}");
+        assert!(
+            ops.contains(&format!("usage.{endpoint}").as_str()),
+            "{ops:?}"
+        );
+    }
+    // Negative control: the quiet key (a zero-request result, others' use) stays quiet.
+    let u = c.key_usage(p, &quiet.account.key_id, since).await.unwrap();
+    assert_eq!(u.requests_since, 0);
+    assert_eq!(u.last_used_at, None);
+    for op in openai_key_rotator::openai::USAGE_ENDPOINTS
+        .iter()
+        .map(|(_, op)| *op)
+    {
+        assert!(
+            rec.calls(op, StatusClass::Success) == SHIM_ENDPOINTS.len() + 1,
+            "{op} was not asked every time"
+        );
+    }
+}
+
+/// One usage endpoint failing fails the check (the drain keeps waiting) instead of
+/// counting only the endpoints that answered.
+#[tokio::test]
+async fn key_usage_fails_closed_when_a_usage_endpoint_fails() {
+    let env = env().await;
+    let (shim, shim_server) = env.shim().await;
+    let rec = Arc::new(Recorder::default());
+    let c = client(&format!("{}/v1", shim_server.url()), ADMIN, &rec, 2);
+    let p = &env.project;
+    let k = c.create_service_account(p, "okr-fc").await.unwrap();
+    let since = Utc::now() - chrono::Duration::minutes(5);
+    // Control: it answers.
+    c.key_usage(p, &k.account.key_id, since)
+        .await
+        .expect("usage");
+
+    shim.fail("images", 404);
+    let e = c.key_usage(p, &k.account.key_id, since).await.unwrap_err();
+    assert_final(&e, "usage.images");
+    assert_final(&e, "HTTP 404");
+    shim.fail("images", 503);
+    let seen = shim.seen("images");
+    let e = c.key_usage(p, &k.account.key_id, since).await.unwrap_err();
+    assert_transient(&e, "usage.images");
+    assert_transient(&e, "gave up after 3 attempts");
+    assert_eq!(shim.seen("images") - seen, 3);
 }
 
 #[tokio::test]
@@ -348,8 +671,9 @@ async fn bad_admin_key_is_final_and_not_retried() {
 async fn rate_limit_storm_is_ridden_out_honouring_retry_after() {
     let env = env().await;
     let p = &env.project;
+    let (_shim, shim_server) = env.shim().await;
     let rec = Arc::new(Recorder::default());
-    let c = client(&env.base(), ADMIN, &rec, 5);
+    let c = client(&format!("{}/v1", shim_server.url()), ADMIN, &rec, 5);
     env.sim.set_faults(Faults::rate_limit(2));
 
     let start = Instant::now();
@@ -381,11 +705,12 @@ async fn rate_limit_storm_is_ridden_out_honouring_retry_after() {
         .iter()
         .filter(|(_, c)| *c == StatusClass::RateLimited)
         .count();
-    // 7 admin calls at 2 per second: the storm was really hit, and each 429 was retried
-    // once (no 429 right after a wait, as the wait was the server's Retry-After).
+    // 7 admin calls at 2 per second reach the simulator (7 more usage calls the shim
+    // answers): the storm was really hit, and each 429 was retried once (no 429 right
+    // after a wait, as the wait was the server's Retry-After).
     assert!(retries >= 2, "retries {retries}");
     assert_eq!(limited, retries);
-    assert_eq!(rec.calls.lock().unwrap().len(), 7 + retries);
+    assert_eq!(rec.calls.lock().unwrap().len(), 14 + retries);
     // Retry-After was 1 s each time; the backoff alone would have retried within ms.
     assert!(
         elapsed >= Duration::from_millis(1000 * retries as u64 - 50),
@@ -444,6 +769,64 @@ async fn max_retries_bounds_the_attempts() {
     let e = c.delete_service_account(p, "svc_acct_x").await.unwrap_err();
     assert_transient(&e, "HTTP 503");
     assert_eq!(env.sim.calls("service_accounts.delete") - before, 3);
+}
+
+/// The policy comes from `[openai]`: a `Retry-After` above `max_retry_after` ends the call
+/// at once (transient, with the server's hint), where it used to be cut to the backoff cap
+/// and retried into the same limit; one within the cap is waited in full.
+#[tokio::test]
+async fn retry_after_above_max_retry_after_gives_up_at_once() {
+    let env = env().await;
+    let p = &env.project;
+    let rec = Arc::new(Recorder::default());
+    let cfg = OpenAiConfig {
+        max_retries: 3,
+        retry_base: DurationStr(Duration::from_millis(1)),
+        max_backoff: DurationStr(Duration::from_millis(5)),
+        max_retry_after: DurationStr::from_secs(2),
+        ..config(&env.base(), Duration::from_secs(5), 3)
+    };
+    let calls: Arc<dyn CallObserver> = rec.clone();
+    let c = OpenAiClient::new(&cfg, Secret::new(ADMIN), calls).expect("client");
+    let limit = |secs| Faults {
+        rate_limit: Some(RateLimit {
+            requests_per_second: 0,
+            retry_after_secs: Some(secs),
+            omit_retry_after: false,
+        }),
+        ..Faults::default()
+    };
+
+    env.sim.set_faults(limit(60));
+    let start = Instant::now();
+    let e = c.list_service_accounts(p).await.unwrap_err();
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_transient(&e, "HTTP 429");
+    assert_transient(&e, "retry after 1m");
+    assert_transient(&e, "max_retry_after 2s");
+    assert_eq!(env.sim.calls("service_accounts.list"), 1, "no retry burnt");
+    assert_eq!(rec.retries(), 0);
+    // A create the same: one attempt, nothing to clean up.
+    let e = c.create_service_account(p, "okr-later").await.unwrap_err();
+    assert_transient(&e, "retry after 1m");
+    assert_eq!(env.sim.calls("service_accounts.create"), 1);
+
+    // Control: within the cap the wait is the server's, in full, then the retries.
+    env.sim.set_faults(limit(1));
+    let start = Instant::now();
+    let e = c.list_service_accounts(p).await.unwrap_err();
+    assert_transient(&e, "gave up after 4 attempts");
+    assert!(
+        start.elapsed() >= Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(env.sim.calls("service_accounts.list"), 1 + 4);
+    assert_eq!(rec.retries(), 3);
 }
 
 #[tokio::test]
@@ -670,7 +1053,12 @@ async fn no_key_value_reaches_logs_or_errors() {
     // Every call's event arrived (a stale callsite would lose some, and hide a leak).
     let events = logs
         .lines()
-        .filter(|l| l.contains("openai_key_rotator::openai: openai call"))
+        .filter(|l| {
+            // One per attempt (the retry notices carry `retry=`, not `attempt=`).
+            l.contains("openai_key_rotator::retry: backend call")
+                && l.contains("backend=\"openai\"")
+                && l.contains(" attempt=")
+        })
         .count();
     assert_eq!(events, rec.calls.lock().unwrap().len(), "{logs}");
     for secret in [minted.key.expose(), ADMIN, wrong] {
@@ -765,7 +1153,13 @@ fn violation_lines(output: &str) -> Vec<String> {
 async fn every_key_issuer_method_passes_the_official_description_through_prism() {
     let env = env().await;
     let p = &env.project;
-    let prism = support::start_prism(&support::openai_spec(), &env.base()).await;
+    // Prism checks the shim's usage answers too (the shapes the simulator should serve).
+    let (shim, shim_server) = env.shim().await;
+    let prism = support::start_prism(
+        &support::openai_spec(),
+        &format!("{}/v1", shim_server.url()),
+    )
+    .await;
     let t = Tap {
         upstream: prism.url.clone(),
         http: reqwest::Client::new(),
@@ -796,6 +1190,10 @@ async fn every_key_issuer_method_passes_the_official_description_through_prism()
     for _ in 0..2 {
         chat(&env.base(), &minted.key).await;
     }
+    let now = Utc::now().timestamp();
+    for (i, e) in SHIM_ENDPOINTS.iter().enumerate() {
+        shim.add(e, now - 60, &minted.account.key_id, i as u64 + 1);
+    }
     let u = c
         .key_usage(
             p,
@@ -804,7 +1202,7 @@ async fn every_key_issuer_method_passes_the_official_description_through_prism()
         )
         .await
         .expect("key_usage");
-    assert_eq!(u.requests_since, 2);
+    assert_eq!(u.requests_since, 2 + (1..=7).sum::<u64>());
     assert!(u.last_used_at.is_some());
     c.delete_service_account(p, &minted.account.id)
         .await
@@ -822,6 +1220,10 @@ async fn every_key_issuer_method_passes_the_official_description_through_prism()
             seen.iter().any(|s| s.contains(want)),
             "{want} not in {seen:#?}"
         );
+    }
+    for e in SHIM_ENDPOINTS {
+        let want = format!("GET /organization/usage/{e} -> 200");
+        assert!(seen.contains(&want), "{want} not in {seen:#?}");
     }
     assert!(
         seen.iter()

@@ -12,12 +12,14 @@ use axum::routing::post;
 use axum::{Json, Router};
 use base64::Engine as _;
 use openai_key_rotator::config::{DurationStr, VaultAuth, VaultConfig};
-use openai_key_rotator::retry::RetryPolicy;
+use openai_key_rotator::metrics::Metrics;
 use openai_key_rotator::rotation::fakes::{FakeStore, Log};
-use openai_key_rotator::rotation::ports::{AccountRef, BackendError, KeyMeta, SecretStore};
+use openai_key_rotator::rotation::ports::{
+    AccountRef, Backend, BackendError, CallObserver, KeyMeta, NoCalls, SecretStore, StatusClass,
+};
 use openai_key_rotator::sandbox::{loopback, serve, Server};
 use openai_key_rotator::secret::Secret;
-use openai_key_rotator::vault::{meta, VaultError, VaultStore, QUIET_LOG_DIRECTIVES};
+use openai_key_rotator::vault::{meta, VaultError, VaultStore, OPERATIONS, QUIET_LOG_DIRECTIVES};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -45,11 +47,43 @@ fn unique_base() -> String {
     format!("okr-store-{}", uuid::Uuid::new_v4().simple())
 }
 
-fn quick_retry() -> RetryPolicy {
-    RetryPolicy {
-        max_retries: 3,
-        base: Duration::from_millis(20),
-        max_backoff: Duration::from_millis(200),
+/// An observer for tests that do not look at calls.
+fn no_calls() -> Arc<dyn CallObserver> {
+    Arc::new(NoCalls)
+}
+
+/// Hears every Vault call and retry the store reports.
+#[derive(Default)]
+struct Recorder {
+    calls: Mutex<Vec<(&'static str, StatusClass)>>,
+    retries: Mutex<Vec<&'static str>>,
+}
+
+impl CallObserver for Recorder {
+    fn call(&self, backend: Backend, op: &'static str, status: StatusClass, _: Duration) {
+        assert_eq!(backend, Backend::Vault);
+        self.calls.lock().unwrap().push((op, status));
+    }
+    fn retry(&self, backend: Backend, op: &'static str) {
+        assert_eq!(backend, Backend::Vault);
+        self.retries.lock().unwrap().push(op);
+    }
+}
+
+impl Recorder {
+    fn count(&self, op: &str, class: StatusClass) -> usize {
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(o, c)| *o == op && *c == class)
+            .count()
+    }
+    fn len(&self) -> usize {
+        self.calls.lock().unwrap().len()
+    }
+    fn retries(&self) -> usize {
+        self.retries.lock().unwrap().len()
     }
 }
 
@@ -59,6 +93,10 @@ fn config(address: &str, auth: VaultAuth) -> VaultConfig {
         kv_mount: MOUNT.into(),
         ca_cert: None,
         request_timeout: DurationStr::from_secs(5),
+        // Quick retries: 3, backoff ceilings from 20 ms up to 200 ms.
+        max_retries: 3,
+        retry_base: DurationStr(Duration::from_millis(20)),
+        max_backoff: DurationStr(Duration::from_millis(200)),
         auth,
     }
 }
@@ -74,7 +112,7 @@ fn token_file_auth(dir: &Path, token: &str) -> VaultAuth {
 }
 
 async fn store_with_token(address: &str, token: &str, dir: &Path) -> VaultStore {
-    VaultStore::connect(&config(address, token_file_auth(dir, token)), quick_retry())
+    VaultStore::connect(&config(address, token_file_auth(dir, token)), no_calls())
         .await
         .unwrap_or_else(|e| panic!("connect: {e}"))
 }
@@ -465,7 +503,7 @@ async fn vault_store_retries_transient_failures_and_never_duplicates_an_ambiguou
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(&server.url(), token_file_auth(dir.path(), &bao.token));
     cfg.request_timeout = DurationStr::from_secs(1);
-    let store = VaultStore::connect(&cfg, quick_retry())
+    let store = VaultStore::connect(&cfg, no_calls())
         .await
         .expect("connect");
     let root = admin(&bao.addr, &bao.token);
@@ -587,6 +625,74 @@ async fn vault_store_retries_transient_failures_and_never_duplicates_an_ambiguou
     assert!(e.to_string().contains("HTTP 503"), "{e}");
 }
 
+/// Every HTTP request the store sends (login, reads, writes, metadata, list, health, the
+/// read-back after an ambiguous write, retries) is reported to the observer exactly once,
+/// under a name from `vault::OPERATIONS`, with its status class; re-sent attempts count as
+/// retries. Before, the store had no observer at all.
+#[tokio::test]
+async fn vault_store_reports_every_request_to_the_observer() {
+    let bao = support::start_bao().await;
+    let (proxy, server) = start_proxy(&bao.addr, &bao.token).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&server.url(), token_file_auth(dir.path(), &bao.token));
+    let rec = Arc::new(Recorder::default());
+    let observer: Arc<dyn CallObserver> = rec.clone();
+    let store = VaultStore::connect(&cfg, observer).await.expect("connect");
+    assert_eq!(rec.count("token.lookup_self", StatusClass::Success), 1);
+
+    let base = unique_base();
+    let p = format!("{base}/svc/openai");
+    let data_path = format!("/v1/secret/data/{p}");
+    // A new path: its metadata read is a 404 the store expects (a success for metrics).
+    store
+        .write_key(&p, "api_key", &key("a"), &key_meta(1), 0)
+        .await
+        .unwrap();
+    assert_eq!(rec.count("kv.metadata.read", StatusClass::Success), 2);
+    assert_eq!(rec.count("kv.write", StatusClass::Success), 1);
+    assert_eq!(rec.count("kv.metadata.write", StatusClass::Success), 1);
+    store.read_key(&p, "api_key").await.unwrap().unwrap();
+    store.read_key_version(&p, "api_key", 1).await.unwrap();
+    store.read_key_meta(&p, "api_key").await.unwrap();
+    store.list(&base).await.unwrap();
+    store.health().await.unwrap();
+    for op in ["kv.read", "kv.read_version", "kv.list", "sys.health"] {
+        assert_eq!(rec.count(op, StatusClass::Success), 1, "{op}");
+    }
+    assert_eq!(rec.retries(), 0);
+
+    // A 503, retried: both attempts reported, one retry.
+    proxy.inject("GET", &data_path, Fault::Refuse(503));
+    store.read_key(&p, "api_key").await.unwrap().unwrap();
+    assert_eq!(rec.count("kv.read", StatusClass::ServerError), 1);
+    assert_eq!(rec.count("kv.read", StatusClass::Success), 2);
+    assert_eq!(rec.retries.lock().unwrap().clone(), ["kv.read"]);
+    // A lost answer: the write's 504, then the read-back's calls; no write re-sent.
+    proxy.inject("POST", &data_path, Fault::LoseAnswer);
+    store
+        .write_key(&p, "api_key", &key("b"), &key_meta(2), 1)
+        .await
+        .unwrap();
+    assert_eq!(rec.count("kv.write", StatusClass::ServerError), 1);
+    assert_eq!(rec.retries(), 1, "the read-back found it; nothing re-sent");
+    // A 403 is a client error, reported once.
+    proxy.inject("GET", &data_path, Fault::Refuse(403));
+    store.read_key(&p, "api_key").await.unwrap_err();
+    assert_eq!(rec.count("kv.read", StatusClass::ClientError), 1);
+
+    let seen = proxy.seen.lock().unwrap().len();
+    assert_eq!(rec.len(), seen, "one observed call per request Vault saw");
+    for (op, _) in rec.calls.lock().unwrap().iter() {
+        assert!(OPERATIONS.contains(op), "{op} is not a declared operation");
+    }
+    // Negative control: a request someone else sends through the proxy is seen there and
+    // not by the store's observer, so the comparison above can fail.
+    let other = admin(&server.url(), &bao.token);
+    kv2::read_metadata(&other, MOUNT, &p).await.unwrap();
+    assert_eq!(proxy.seen.lock().unwrap().len(), seen + 1);
+    assert_eq!(rec.len(), seen);
+}
+
 #[tokio::test]
 async fn vault_store_health_reports_a_sealed_or_unreachable_vault() {
     let bao = support::start_bao().await;
@@ -693,12 +799,12 @@ async fn vault_store_token_file_wins_over_env() {
         token_file: None,
     };
     // File (good) wins over env (bogus).
-    let store = VaultStore::connect(&config(&bao.addr, with_file), quick_retry())
+    let store = VaultStore::connect(&config(&bao.addr, with_file), no_calls())
         .await
         .expect("file token");
     store.list("anything").await.expect("authenticated");
     // Env alone (bogus): rejected, and the error does not show the token.
-    let e = VaultStore::connect(&config(&bao.addr, env_only.clone()), quick_retry())
+    let e = VaultStore::connect(&config(&bao.addr, env_only.clone()), no_calls())
         .await
         .expect_err("bogus env token");
     assert!(matches!(e, VaultError::Auth { .. }), "{e:?}");
@@ -706,7 +812,7 @@ async fn vault_store_token_file_wins_over_env() {
     assert!(!e.to_string().contains(&bogus) && !format!("{e:?}").contains(&bogus));
     // Env alone (good).
     std::env::set_var(&var, &bao.token);
-    VaultStore::connect(&config(&bao.addr, env_only), quick_retry())
+    VaultStore::connect(&config(&bao.addr, env_only), no_calls())
         .await
         .expect("env token");
     std::env::remove_var(&var);
@@ -891,12 +997,9 @@ path "secret/metadata/{base}/*" {{ capabilities = ["create", "read", "update", "
     let p = format!("{base}/k8s/openai");
 
     // A JWT the reviewer rejects: login fails with Vault's 403, the JWT is not shown.
-    let e = VaultStore::connect(
-        &config(&bao.addr, k8s_auth("okr", &jwt_file)),
-        quick_retry(),
-    )
-    .await
-    .expect_err("rejected JWT");
+    let e = VaultStore::connect(&config(&bao.addr, k8s_auth("okr", &jwt_file)), no_calls())
+        .await
+        .expect_err("rejected JWT");
     assert!(
         matches!(
             e,
@@ -916,12 +1019,9 @@ path "secret/metadata/{base}/*" {{ capabilities = ["create", "read", "update", "
 
     // Accepted: log in, write and read.
     reviewer.accepted.lock().unwrap().insert(jwt.clone());
-    let store = VaultStore::connect(
-        &config(&bao.addr, k8s_auth("okr", &jwt_file)),
-        quick_retry(),
-    )
-    .await
-    .expect("kubernetes login");
+    let store = VaultStore::connect(&config(&bao.addr, k8s_auth("okr", &jwt_file)), no_calls())
+        .await
+        .expect("kubernetes login");
     let k = key("k8s");
     assert_eq!(
         store
@@ -938,18 +1038,18 @@ path "secret/metadata/{base}/*" {{ capabilities = ["create", "read", "update", "
     // renewing; without it the same kind of store gets 403. Batch tokens (3s) cannot be
     // renewed: maintenance logs in again.
     let cfg_short = config(&bao.addr, k8s_auth("okr-short", &jwt_file));
+    let rec_m = Arc::new(Recorder::default());
+    let rec_b = Arc::new(Recorder::default());
     let maintained = Arc::new(
-        VaultStore::connect(&cfg_short, quick_retry())
+        VaultStore::connect(&cfg_short, rec_m.clone())
             .await
             .unwrap(),
     );
-    let unmaintained = VaultStore::connect(&cfg_short, quick_retry())
-        .await
-        .unwrap();
+    let unmaintained = VaultStore::connect(&cfg_short, no_calls()).await.unwrap();
     let batch = Arc::new(
         VaultStore::connect(
             &config(&bao.addr, k8s_auth("okr-batch", &jwt_file)),
-            quick_retry(),
+            rec_b.clone(),
         )
         .await
         .unwrap(),
@@ -993,6 +1093,21 @@ path "secret/metadata/{base}/*" {{ capabilities = ["create", "read", "update", "
         b1.logins >= 2 && b1.renewals == 0,
         "batch logged in again: {b1:?}"
     );
+    // Logins and renewals are observed calls like any other (maintenance keeps running:
+    // a call is reported just before the counter moves, so allow one in flight).
+    let renews = rec_m.count("token.renew", StatusClass::Success);
+    let logins = rec_b.count("auth.login", StatusClass::Success);
+    let (m, b) = (maintained.token_status(), batch.token_status());
+    assert!(
+        (m1.renewals as usize..=m.renewals as usize + 1).contains(&renews),
+        "{renews} renewals observed, {m1:?} .. {m:?}"
+    );
+    assert!(
+        (b1.logins as usize..=b.logins as usize + 1).contains(&logins),
+        "{logins} logins observed, {b1:?} .. {b:?}"
+    );
+    assert!(renews >= 1 && logins >= 2);
+    assert_eq!(rec_m.count("auth.login", StatusClass::Success), 1);
 
     // The projected token rotates on disk and the old one stops being accepted: the
     // stores re-read the file when they log in again.
@@ -1045,7 +1160,7 @@ async fn vault_store_verifies_tls_with_the_configured_ca() {
     let store = {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
-            match VaultStore::connect(&cfg, quick_retry()).await {
+            match VaultStore::connect(&cfg, no_calls()).await {
                 Ok(s) => break s,
                 Err(e) if std::time::Instant::now() < deadline => {
                     let _ = e;
@@ -1063,7 +1178,7 @@ async fn vault_store_verifies_tls_with_the_configured_ca() {
         .expect("write over TLS");
     // Without the CA the server certificate is not trusted.
     cfg.ca_cert = None;
-    let e = VaultStore::connect(&cfg, quick_retry())
+    let e = VaultStore::connect(&cfg, no_calls())
         .await
         .expect_err("untrusted certificate");
     let msg = e.to_string().to_lowercase();
@@ -1150,7 +1265,16 @@ async fn vault_store_logs_and_errors_never_hold_key_or_token() {
     let _guard = tracing::subscriber::set_default(subscriber);
     let _ = tracing_log::LogTracer::init();
 
-    let store = Arc::new(store_with_token(&bao.addr, &token, dir.path()).await);
+    // The observer path too: the store reports into the daemon's real metrics.
+    let metrics = Arc::new(Metrics::new(&[]));
+    let store = Arc::new(
+        VaultStore::connect(
+            &config(&bao.addr, token_file_auth(dir.path(), &token)),
+            metrics.clone(),
+        )
+        .await
+        .unwrap(),
+    );
     let h = store.spawn_token_maintenance(CancellationToken::new());
     let p = format!("{}/leak/openai", unique_base());
     let k = key("LEAKCANARY");
@@ -1171,7 +1295,7 @@ async fn vault_store_logs_and_errors_never_hold_key_or_token() {
     errors.push(store.read_key_version(&p, "api_key", 99).await.unwrap_err());
     let e = VaultStore::connect(
         &config(&bao.addr, token_file_auth(dir.path(), "not-a-token")),
-        quick_retry(),
+        no_calls(),
     )
     .await
     .unwrap_err();
@@ -1199,6 +1323,14 @@ async fn vault_store_logs_and_errors_never_hold_key_or_token() {
         );
     }
     assert!(!e.to_string().contains("not-a-token") && !format!("{e:?}").contains("not-a-token"));
+    let exposition = metrics.render();
+    assert!(
+        exposition.contains(r#"backend="vault",operation="kv.write",status_class="2xx""#),
+        "the store's calls reached the metrics:\n{exposition}"
+    );
+    for needle in [k.expose(), token.as_str()] {
+        assert!(!exposition.contains(needle), "a secret in the metrics");
+    }
 
     // The check can fail: a value logged at TRACE does land in the capture.
     tracing::trace!(canary = k.expose(), "negative control");
