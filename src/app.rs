@@ -10,6 +10,7 @@ use crate::kube::KubeRoller;
 use crate::leader::{LeaderConfig, LeaderElector};
 use crate::metrics::Metrics;
 use crate::openai::{load_admin_key, OpenAiClient};
+use crate::retry::RetryPolicy;
 use crate::rotation::ports::{CallObserver, SecretStore};
 use crate::rotation::{
     Engine, EngineOptions, Journal, Observer, Ports, RotationEvent, RotationRequest, Trigger,
@@ -47,10 +48,24 @@ pub struct Services {
 }
 
 pub fn engine_options(config: &Config) -> EngineOptions {
+    let d = &config.daemon;
     EngineOptions {
-        account_prefix: config.daemon.account_prefix.clone(),
-        state_prefix: config.daemon.state_prefix.clone(),
-        ..EngineOptions::default()
+        account_prefix: d.account_prefix.clone(),
+        state_prefix: d.state_prefix.clone(),
+        poll_interval: d.poll_interval.get(),
+        drain_poll_interval: d.drain_poll_interval.get(),
+        delete_retry: RetryPolicy {
+            max_retries: d.delete_max_retries,
+            base: d.delete_retry_base.get(),
+            max_backoff: d.delete_max_backoff.get(),
+            ..RetryPolicy::default()
+        },
+        key_check_retry: RetryPolicy {
+            max_retries: 2,
+            base: d.poll_interval.get(),
+            max_backoff: d.poll_interval.get() * 4,
+            ..RetryPolicy::default()
+        },
     }
 }
 

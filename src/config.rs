@@ -58,6 +58,14 @@ pub struct DaemonConfig {
     /// Log format: "auto" (JSON unless stderr is a terminal), "json" or "text".
     pub log_format: LogFormat,
     pub leader_election: LeaderElectionConfig,
+    /// How often rollouts and synced Secrets are polled during a rotation.
+    pub poll_interval: DurationStr,
+    /// How often the drain asks the Usage API whether the old key is quiet.
+    pub drain_poll_interval: DurationStr,
+    /// Retries of a service-account deletion before it is left pending (retried later).
+    pub delete_max_retries: u32,
+    pub delete_retry_base: DurationStr,
+    pub delete_max_backoff: DurationStr,
 }
 
 /// With several replicas, a Kubernetes Lease elects the one that rotates.
@@ -101,6 +109,11 @@ impl Default for DaemonConfig {
             audit: AuditConfig::default(),
             log_format: LogFormat::Auto,
             leader_election: LeaderElectionConfig::default(),
+            poll_interval: DurationStr::from_secs(1),
+            drain_poll_interval: DurationStr::from_secs(30),
+            delete_max_retries: 4,
+            delete_retry_base: DurationStr::from_secs(2),
+            delete_max_backoff: DurationStr::from_secs(60),
         }
     }
 }
@@ -672,6 +685,21 @@ impl Config {
                     "daemon.leader_election: namespace and lease_name must not be empty".into(),
                 );
             }
+        }
+        for (field, v) in [
+            ("poll_interval", d.poll_interval),
+            ("drain_poll_interval", d.drain_poll_interval),
+        ] {
+            if v.get().is_zero() {
+                errors.push(format!(
+                    "daemon.{field}: must be greater than zero (it paces a polling loop)"
+                ));
+            }
+        }
+        if d.delete_max_backoff < d.delete_retry_base {
+            errors.push(
+                "daemon.delete_max_backoff: must be at least daemon.delete_retry_base".into(),
+            );
         }
         if d.state_prefix.trim_matches('/').is_empty() {
             errors.push("daemon.state_prefix: must not be empty".into());

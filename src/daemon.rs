@@ -768,7 +768,12 @@ mod tests {
         EngineOptions {
             poll_interval: Duration::from_millis(2),
             drain_poll_interval: Duration::from_millis(10),
-            retire_backoff: Duration::from_millis(1),
+            delete_retry: crate::retry::RetryPolicy {
+                max_retries: 2,
+                base: Duration::from_millis(1),
+                max_backoff: Duration::from_millis(1),
+                ..Default::default()
+            },
             ..Default::default()
         }
     }

@@ -14,6 +14,7 @@ use super::ports::{
 };
 use super::request::RotationRequest;
 use crate::config::{DrainTimeout, Target};
+use crate::retry::{Retry, RetryPolicy};
 use crate::secret::Secret;
 use crate::sync::RwLockExt;
 use chrono::{DateTime, Utc};
@@ -64,9 +65,10 @@ pub struct EngineOptions {
     pub poll_interval: Duration,
     /// How often the drain asks the Usage API.
     pub drain_poll_interval: Duration,
-    /// Attempts to delete the old account before leaving it pending.
-    pub retire_attempts: u32,
-    pub retire_backoff: Duration,
+    /// Retries of an account deletion before it is left pending (and retried later).
+    pub delete_retry: RetryPolicy,
+    /// Retries of the new key's `GET /v1/models` (a new key can take a moment to work).
+    pub key_check_retry: RetryPolicy,
 }
 
 impl Default for EngineOptions {
@@ -76,8 +78,18 @@ impl Default for EngineOptions {
             state_prefix: "openai-key-rotator/state".into(),
             poll_interval: Duration::from_secs(1),
             drain_poll_interval: Duration::from_secs(30),
-            retire_attempts: 5,
-            retire_backoff: Duration::from_secs(2),
+            delete_retry: RetryPolicy {
+                max_retries: 4,
+                base: Duration::from_secs(2),
+                max_backoff: Duration::from_secs(60),
+                ..RetryPolicy::default()
+            },
+            key_check_retry: RetryPolicy {
+                max_retries: 2,
+                base: Duration::from_secs(1),
+                max_backoff: Duration::from_secs(4),
+                ..RetryPolicy::default()
+            },
         }
     }
 }
@@ -784,24 +796,20 @@ impl Engine {
             .await
             .map_err(|e| StepFailure(format!("verify: {e}")))?;
         // The new key answers; a few tries, as a new key can take a moment to propagate.
-        let mut last = None;
-        for attempt in 0..3 {
-            match self.issuer.check_key(key).await {
-                Ok(()) => {
-                    last = None;
-                    break;
-                }
-                Err(e) => last = Some(e),
-            }
-            if attempt < 2 {
-                tokio::time::sleep(self.opts.poll_interval).await;
-            }
-        }
-        if let Some(e) = last {
-            return Err(StepFailure(format!(
-                "verify: the new key does not answer GET /v1/models: {e}"
-            )));
-        }
+        let check = &self.opts.key_check_retry;
+        check
+            .run(
+                |_: &BackendError| Retry::Yes,
+                |_| self.issuer.check_key(key),
+            )
+            .await
+            .map_err(|g| {
+                StepFailure(format!(
+                    "verify: the new key does not answer GET /v1/models: {}{}",
+                    g.error,
+                    g.suffix(check)
+                ))
+            })?;
         for probe in &target.smoke_probes {
             self.probe(probe, deadline)
                 .await
@@ -940,35 +948,42 @@ impl Engine {
         let Some(old) = rec.journal.old_account.clone() else {
             return Ok("skipped (old account unknown)".into());
         };
-        let mut last = None;
-        for attempt in 0..self.opts.retire_attempts.max(1) {
-            match self
-                .issuer
-                .delete_service_account(&target.project_id, &old.id)
-                .await
-            {
-                Ok(()) => {
-                    rec.journal.old_retired = true;
-                    self.save(rec).await?;
-                    self.observer.on_event(
-                        &rec.journal,
-                        &RotationEvent::AccountDeleted {
-                            account_id: old.id.clone(),
-                            why,
-                        },
-                    );
-                    return Ok(format!("ok (deleted {})", old.id));
-                }
-                Err(e) => last = Some(e),
+        let policy = &self.opts.delete_retry;
+        let deleted = policy
+            .run(
+                |e: &BackendError| match e {
+                    BackendError::Failed {
+                        transient: false, ..
+                    } => Retry::No,
+                    _ => Retry::Yes,
+                },
+                |_| {
+                    self.issuer
+                        .delete_service_account(&target.project_id, &old.id)
+                },
+            )
+            .await;
+        let gave_up = match deleted {
+            Ok(()) => {
+                rec.journal.old_retired = true;
+                self.save(rec).await?;
+                self.observer.on_event(
+                    &rec.journal,
+                    &RotationEvent::AccountDeleted {
+                        account_id: old.id.clone(),
+                        why,
+                    },
+                );
+                return Ok(format!("ok (deleted {})", old.id));
             }
-            tokio::time::sleep(self.opts.retire_backoff * 2u32.saturating_pow(attempt)).await;
-        }
-        let e = last.map_or_else(|| "no attempt".to_string(), |e| e.to_string());
+            Err(g) => g,
+        };
+        let e = format!("{}{}", gave_up.error, gave_up.suffix(policy));
         rec.journal.pending_deletions.push(PendingDeletion {
             account: old.clone(),
             unless_pods_carry: None,
             once_quiet_for_ms: None,
-            attempts: self.opts.retire_attempts,
+            attempts: gave_up.attempts,
             last_error: Some(e.clone()),
         });
         Ok(format!("{} pending deletion: {e}", old.id))

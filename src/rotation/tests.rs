@@ -93,8 +93,18 @@ fn opts() -> EngineOptions {
     EngineOptions {
         poll_interval: Duration::from_millis(2),
         drain_poll_interval: Duration::from_millis(20),
-        retire_attempts: 3,
-        retire_backoff: Duration::from_millis(1),
+        delete_retry: crate::retry::RetryPolicy {
+            max_retries: 2,
+            base: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(1),
+            ..Default::default()
+        },
+        key_check_retry: crate::retry::RetryPolicy {
+            max_retries: 2,
+            base: Duration::from_millis(2),
+            max_backoff: Duration::from_millis(2),
+            ..Default::default()
+        },
         ..Default::default()
     }
 }

@@ -10,6 +10,7 @@ use openai_key_rotator::audit::{self, Audit, VerifyOutcome};
 use openai_key_rotator::config::{
     Config, DrainConfig, DrainTimeout, DurationStr, SmokeProbe, SyncedSecret, Target,
 };
+use openai_key_rotator::retry::RetryPolicy;
 use openai_key_rotator::rotation::{
     EngineError, EngineOptions, Journal, Observer, RotationControl, RotationEvent, RotationRequest,
     Status, Step, Trigger,
@@ -185,7 +186,12 @@ fn engine_opts() -> EngineOptions {
     EngineOptions {
         poll_interval: Duration::from_millis(100),
         drain_poll_interval: Duration::from_millis(250),
-        retire_backoff: Duration::from_millis(100),
+        delete_retry: RetryPolicy {
+            max_retries: 4,
+            base: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(800),
+            ..RetryPolicy::default()
+        },
         ..EngineOptions::default()
     }
 }
