@@ -1019,3 +1019,114 @@ mod tests {
         run2.await.unwrap();
     }
 }
+
+#[cfg(test)]
+mod reload_tests {
+    use super::*;
+    use crate::config::{DurationStr, VaultConfig};
+    use crate::rotation::fakes::FakeWorld;
+    use crate::rotation::{EngineOptions, Step};
+
+    fn config(targets: Vec<Target>, max_concurrent: usize) -> Config {
+        let mut c = Config {
+            daemon: Default::default(),
+            openai: Default::default(),
+            vault: VaultConfig {
+                address: "http://127.0.0.1:1".into(),
+                ..VaultConfig::default()
+            },
+            kubernetes: Default::default(),
+            targets,
+        };
+        c.daemon.max_concurrent_rotations = max_concurrent;
+        c
+    }
+
+    fn daemon(world: &FakeWorld, config: Config) -> (Daemon, Arc<LiveRotations>) {
+        let live = Arc::new(LiveRotations::default());
+        let engine = Arc::new(
+            world
+                .engine(EngineOptions {
+                    poll_interval: Duration::from_millis(2),
+                    ..Default::default()
+                })
+                .with_observer(live.clone()),
+        );
+        let d = Daemon::new(
+            Arc::new(config),
+            engine,
+            Arc::new(world.store.clone()),
+            live.clone(),
+            Arc::new(NoSchedule),
+            Leadership::sole(),
+            DaemonOptions::default(),
+            CancellationToken::new(),
+        );
+        (d, live)
+    }
+
+    fn manual(target: &str) -> RotationRequest {
+        RotationRequest::new(target, Trigger::Api, "ops", "test", Utc::now())
+    }
+
+    async fn wait_step(live: &LiveRotations, id: &str, step: Step) {
+        for _ in 0..2000 {
+            if live.get(id).is_some_and(|j| j.step == step) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        panic!("rotation {id} never reached {step}");
+    }
+
+    #[tokio::test]
+    async fn a_reload_that_moves_the_journal_is_refused_and_changes_nothing() {
+        let world = FakeWorld::default();
+        let (t, _) = world.seed_target("chat", Utc::now());
+        let (d, _) = daemon(&world, config(vec![t.clone()], 1));
+        let mut moved = config(vec![t.clone()], 3);
+        moved.daemon.state_prefix = "elsewhere/state".into();
+        let e = d.reload(Arc::new(moved)).unwrap_err();
+        assert!(e.to_string().contains("daemon.state_prefix"), "{e}");
+        // Nothing changed: neither the prefix nor the bound.
+        assert_eq!(d.config().daemon.state_prefix, "openai-key-rotator/state");
+        assert_eq!(d.config().daemon.max_concurrent_rotations, 1);
+        assert_eq!(*d.inner.slot_limit.locked(), 1);
+        // Control: the same file without the move is taken.
+        d.reload(Arc::new(config(vec![t], 3))).unwrap();
+        assert_eq!(d.config().daemon.max_concurrent_rotations, 3);
+    }
+
+    #[tokio::test]
+    async fn a_reload_applies_the_account_prefix_and_the_concurrency_bound() {
+        let world = FakeWorld::default();
+        let (mut a, _) = world.seed_target("a", Utc::now());
+        let (mut b, _) = world.seed_target("b", Utc::now());
+        // Long grace periods hold each rotation (and its slot) in the drain.
+        a.grace_period = DurationStr(Duration::from_secs(3600));
+        b.grace_period = DurationStr(Duration::from_secs(3600));
+        let (d, live) = daemon(&world, config(vec![a.clone(), b.clone()], 1));
+        let ia = d.trigger(&manual("a")).unwrap().rotation_id().to_string();
+        wait_step(&live, &ia, Step::Drain).await;
+        let ib = d.trigger(&manual("b")).unwrap().rotation_id().to_string();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            live.get(&ib).map(|j| j.steps.len()),
+            Some(0),
+            "one slot: b waits"
+        );
+        let mut wider = config(vec![a, b], 2);
+        wider.daemon.account_prefix = "team".into();
+        d.reload(Arc::new(wider)).unwrap();
+        wait_step(&live, &ib, Step::Drain).await;
+        // b started after the reload: its account carries the new prefix.
+        let jb = live.get(&ib).unwrap();
+        assert!(jb.new_account_name.starts_with("team-b-"), "{jb:?}");
+        assert!(live
+            .get(&ia)
+            .unwrap()
+            .new_account_name
+            .starts_with("okr-a-"));
+        d.stop_running();
+    }
+}
