@@ -55,6 +55,8 @@ pub struct IssuerState {
     pub on_create: Option<Box<dyn FnOnce() + Send>>,
     /// Requests per key id with their times (drain tests).
     pub usage: BTreeMap<String, Vec<DateTime<Utc>>>,
+    /// Accounts deleted so far (invariant checks look up their keys).
+    pub deleted: BTreeMap<String, FakeAccount>,
 }
 
 #[derive(Clone)]
@@ -105,6 +107,16 @@ impl FakeIssuer {
             .keys()
             .cloned()
             .collect()
+    }
+
+    /// The key of a deleted account.
+    pub fn deleted_key(&self, id: &str) -> Option<Secret> {
+        self.state
+            .lock()
+            .unwrap()
+            .deleted
+            .get(id)
+            .map(|a| a.key.clone())
     }
 
     pub fn record_use(&self, key_id: &str, at: DateTime<Utc>) {
@@ -184,8 +196,9 @@ impl KeyIssuer for FakeIssuer {
             s.fail_deletes -= 1;
             return Err(openai_err("delete failed (injected)"));
         }
-        if s.accounts.remove(id).is_some() {
+        if let Some(a) = s.accounts.remove(id) {
             self.log.push(format!("delete {id}"));
+            s.deleted.insert(a.id.clone(), a);
         }
         Ok(())
     }
@@ -225,6 +238,9 @@ pub struct StoreState {
     pub meta: BTreeMap<String, KeyMeta>,
     /// Fail the next N `write_key` calls with a transient error (nothing written).
     pub fail_key_writes: u32,
+    /// The next N `write_key` calls write the data but not the metadata (Vault's two
+    /// writes, the second one failing), and report a transient error.
+    pub fail_meta_writes: u32,
     /// Fail every operation (Vault down).
     pub down: bool,
 }
@@ -271,6 +287,19 @@ impl FakeStore {
             v.len() as u64,
             Secret::new(data.get(field)?.as_str()?.to_string()),
         ))
+    }
+
+    /// Paths whose current data holds `key` in some field.
+    pub fn paths_serving(&self, key: &Secret) -> Vec<String> {
+        let s = self.state.lock().unwrap();
+        s.versions
+            .iter()
+            .filter(|(_, v)| {
+                v.last()
+                    .is_some_and(|d| d.values().any(|x| x.as_str() == Some(key.expose())))
+            })
+            .map(|(p, _)| p.clone())
+            .collect()
     }
 
     /// Every document and key data as text (for leak scans).
@@ -351,6 +380,16 @@ impl SecretStore for FakeStore {
         data.insert(field.into(), key.expose().into());
         versions.push(data);
         let n = versions.len() as u64;
+        if s.fail_meta_writes > 0 {
+            s.fail_meta_writes -= 1;
+            self.log
+                .push(format!("publish {path} v{n} (metadata write failed)"));
+            return Err(BackendError::Failed {
+                backend: Backend::Vault,
+                message: "metadata write failed (injected)".into(),
+                transient: true,
+            });
+        }
         s.meta.insert(path.into(), meta.clone());
         self.log.push(format!(
             "publish {path} v{n} {}",
@@ -446,6 +485,9 @@ pub struct RollerState {
     pub secrets: BTreeMap<String, String>,
     pub nudges: Vec<String>,
     pub events: Vec<(String, String)>,
+    /// Each roll that changed a template: workload, rollout id, and the Secrets' hashes at
+    /// that moment (what restarting pods would mount).
+    pub rolls: Vec<(String, String, BTreeMap<String, String>)>,
 }
 
 #[derive(Clone)]
@@ -485,6 +527,16 @@ impl FakeRoller {
             .unwrap_or_default()
     }
 
+    /// Whether any Secret holds the key with this hash.
+    pub fn secret_holds(&self, sha: &str) -> bool {
+        self.state
+            .lock()
+            .unwrap()
+            .secrets
+            .values()
+            .any(|h| h == sha)
+    }
+
     pub fn set_secret_hash(&self, ns: &str, name: &str, key: &str, sha: &str) {
         self.state
             .lock()
@@ -512,6 +564,9 @@ impl WorkloadRoller for FakeRoller {
             w.polls_left = polls;
             w.rolls += 1;
             self.log.push(format!("roll {workload} {rollout_id}"));
+            let secrets = s.secrets.clone();
+            s.rolls
+                .push((workload.to_string(), rollout_id.to_string(), secrets));
         }
         Ok(())
     }

@@ -73,6 +73,7 @@ fn world() -> World {
     let checker = Arc::new(InvariantChecker {
         issuer: issuer.clone(),
         store: store.clone(),
+        roller: roller.clone(),
         log: log.clone(),
         violations: Mutex::default(),
         keys: Mutex::default(),
@@ -157,21 +158,29 @@ impl World {
         Engine::new(self.ports(), opts()).with_observer(self.checker.clone())
     }
 
-    /// An engine whose process dies at `at`, and its fate.
-    fn crashing_engine(&self, at: CrashAt) -> (Engine, Crash) {
-        let crash = Crash::default();
-        let world = FakeWorld {
+    fn fakes(&self) -> FakeWorld {
+        FakeWorld {
             log: self.log.clone(),
             issuer: self.issuer.clone(),
             store: self.store.clone(),
             roller: self.roller.clone(),
             prober: self.prober.clone(),
-        };
-        let ports = world.faulty_ports(at.plan(), crash.clone());
+        }
+    }
+
+    /// An engine whose calls go through `plan`, and its process's fate.
+    fn faulty_engine(&self, plan: Arc<dyn super::faults::FaultPlan>) -> (Engine, Crash) {
+        let crash = Crash::default();
+        let ports = self.fakes().faulty_ports(plan, crash.clone());
         (
             Engine::new(ports, opts()).with_observer(self.checker.clone()),
             crash,
         )
+    }
+
+    /// An engine whose process dies at `at`, and its fate.
+    fn crashing_engine(&self, at: CrashAt) -> (Engine, Crash) {
+        self.faulty_engine(at.plan())
     }
 
     /// Rotate and crash at `at`; panics unless the crash happened.
@@ -246,11 +255,13 @@ fn req() -> RotationRequest {
     )
 }
 
-/// Checks I1 (Vault's current key is live) at every step boundary and I2 (the old account
-/// dies only after every workload verified the new rollout) at every deletion.
+/// Checks I1 (Vault's current key is live) at every step boundary, I2 (the old account
+/// dies only after every workload verified the new rollout) and I5 (no deleted account's
+/// key is served by Vault at any path, or held by a synced Secret) at every deletion.
 struct InvariantChecker {
     issuer: FakeIssuer,
     store: FakeStore,
+    roller: FakeRoller,
     log: Log,
     violations: Mutex<Vec<String>>,
     /// Every key value seen in Vault (for the leak scan).
@@ -269,6 +280,21 @@ impl Observer for InvariantChecker {
             }
         }
         if let RotationEvent::AccountDeleted { account_id, why } = ev {
+            if *why != "revoke_first" {
+                if let Some(key) = self.issuer.deleted_key(account_id) {
+                    let paths = self.store.paths_serving(&key);
+                    if !paths.is_empty() {
+                        self.violations.lock().unwrap().push(format!(
+                            "I5: {account_id} deleted ({why}) while Vault serves its key at {paths:?}"
+                        ));
+                    }
+                    if self.roller.secret_holds(&key.sha256_hex()) {
+                        self.violations.lock().unwrap().push(format!(
+                            "I5: {account_id} deleted ({why}) while a synced Secret holds its key"
+                        ));
+                    }
+                }
+            }
             let is_old = j.old_account.as_ref().map(|a| &a.id) == Some(account_id);
             if is_old && *why != "revoke_first" {
                 for w in workloads() {
@@ -921,3 +947,5 @@ async fn dry_run_plan_touches_nothing() {
     assert!(w.log.entries().is_empty(), "{:?}", w.log.entries());
     assert!(!text.contains(w.old.key.expose()));
 }
+
+mod outage;
