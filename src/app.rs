@@ -167,6 +167,9 @@ impl Observer for LogObserver {
             RotationEvent::AccountDeleted { account_id, why } => {
                 tracing::info!(rotation_id = %id, %target, %account_id, %why, "service account deleted")
             }
+            RotationEvent::RollbackRefused { reason } => {
+                tracing::error!(rotation_id = %id, %target, %reason, "rollback refused: the old key no longer works")
+            }
         }
     }
 }
@@ -558,7 +561,7 @@ pub async fn rotate_once(
                 "rotation {} of {target} is unfinished; resuming it",
                 stored.journal.rotation_id
             );
-            engine.resume(&t, stored, Arc::default()).await?
+            engine.resume(Some(&t), stored, Arc::default()).await?
         }
         prior => engine.rotate(&t, req, prior, Arc::default()).await?,
     };
@@ -615,10 +618,22 @@ pub async fn sweep_once(
         println!("deleted orphaned service account {id}");
     }
     println!(
-        "sweep: {} deleted, {} kept (referenced), {} kept (younger than the safety margin)",
+        "sweep: {} deleted, {} kept (referenced), {} kept (younger than the safety margin), {} kept (key still in use), {} left alone (named like ours, but no journal names them)",
         r.deleted.len(),
         r.kept_referenced,
-        r.kept_young
+        r.kept_young,
+        r.kept_in_use,
+        r.kept_unproven
     );
-    Ok(std::process::ExitCode::SUCCESS)
+    for t in &r.unconfigured_targets {
+        println!("note: target {t} has a journal under the state prefix but is not configured; its accounts are left alone");
+    }
+    for id in &r.failed {
+        println!("could not delete {id} (the next sweep tries again)");
+    }
+    Ok(if r.failed.is_empty() {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::from(2)
+    })
 }

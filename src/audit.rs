@@ -91,6 +91,7 @@ pub enum AuditEvent {
     ConfigReloaded,
     TriggerRefused,
     AuditStarted,
+    RollbackRefused,
 }
 
 impl AuditEvent {
@@ -109,6 +110,7 @@ impl AuditEvent {
             AuditEvent::ConfigReloaded => "config_reloaded",
             AuditEvent::TriggerRefused => "trigger_refused",
             AuditEvent::AuditStarted => "audit_started",
+            AuditEvent::RollbackRefused => "rollback_refused",
         }
     }
 }
@@ -565,6 +567,16 @@ impl Observer for Audit {
                 }
                 f
             }
+            RotationEvent::RollbackRefused { reason } => {
+                let mut f = with_old_account(
+                    with_new_account(rotation_fields(j, AuditEvent::RollbackRefused), j),
+                    j,
+                );
+                f.step = Some(Step::Rollback.as_str().into());
+                f.outcome = Some("refused".into());
+                f.reason = Some(reason.clone());
+                f
+            }
             RotationEvent::AccountDeleted { account_id, why } => {
                 let mut f = rotation_fields(j, AuditEvent::AccountDeleted);
                 f.reason = Some((*why).into());
@@ -635,6 +647,10 @@ mod tests {
             pending_deletions: Vec::new(),
             steps: Vec::new(),
             error: None,
+            spec: None,
+            old_key_sha256: None,
+            consecutive_failures: 0,
+            last_failure_at: None,
         }
     }
 
@@ -811,6 +827,13 @@ mod tests {
             unless_pods_carry: None,
             attempts: 1,
             last_error: None,
+            ..PendingDeletion::new(
+                j.new_account.clone().unwrap(),
+                Default::default(),
+                None,
+                "proj",
+                Utc::now(),
+            )
         });
         j.status = Status::RolledBack;
         audit.on_event(&j, &RotationEvent::Finished);

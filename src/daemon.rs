@@ -422,7 +422,10 @@ impl Daemon {
                     Ok(prior) => engine.rotate(&target, req, prior, control).await.map(Some),
                     Err(e) => Err(e),
                 },
-                Work::Resume(stored) => engine.resume(&target, *stored, control).await.map(Some),
+                Work::Resume(stored) => engine
+                    .resume(Some(&target), *stored, control)
+                    .await
+                    .map(Some),
             }),
         };
         let now = Utc::now();

@@ -395,6 +395,8 @@ impl Observer for Metrics {
                         .set(epoch_seconds(Some(created)));
                 }
             }
+            // The rotation then ends `failed`, which is counted.
+            RotationEvent::RollbackRefused { .. } => {}
             RotationEvent::AccountDeleted { why, .. } => {
                 // A later resume retried a deletion the finished rotation left pending.
                 if *why == "pending deletion" {
@@ -432,8 +434,9 @@ impl CallObserver for Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rotation::journal::{PendingDeletion, StepState};
+    use crate::rotation::journal::PendingDeletion;
     use crate::rotation::ports::AccountRef;
+    use crate::rotation::RotationRequest;
     use chrono::TimeZone;
     use std::collections::BTreeMap;
 
@@ -511,33 +514,12 @@ mod tests {
     }
 
     fn journal(target: &str, trigger: Trigger) -> Journal {
-        Journal {
-            rotation_id: "20261123215000-abc123".into(),
-            target: target.into(),
-            trigger,
-            actor: "schedule".into(),
-            reason: "scheduled".into(),
-            emergency: false,
-            revoke_first: false,
-            status: Status::Running,
-            step: Step::Mint,
-            step_state: StepState::Started,
-            started_at: at(0),
-            updated_at: at(0),
-            new_account_name: format!("okr-{target}-20261123215000-abc123"),
-            old_account: Some(account(1)),
-            old_vault_version: 3,
-            old_rotation_id: None,
-            old_key_created_at: None,
-            new_account: None,
-            new_key_sha256: None,
-            new_vault_version: None,
-            rollback_vault_version: None,
-            old_retired: false,
-            pending_deletions: Vec::new(),
-            steps: Vec::new(),
-            error: None,
-        }
+        let mut req = RotationRequest::new(target, trigger, "schedule", "scheduled", at(0));
+        req.rotation_id = "20261123215000-abc123".into();
+        let mut j = Journal::queued(&req, "okr");
+        j.old_account = Some(account(1));
+        j.old_vault_version = 3;
+        j
     }
 
     /// Run `steps` (each taking 10 s of journal time and `secs` of measured time) then
@@ -794,6 +776,7 @@ mod tests {
             unless_pods_carry: Some(j.rotation_id.clone()),
             attempts: 1,
             last_error: Some("rollback rollout incomplete".into()),
+            ..PendingDeletion::new(account(0), Default::default(), None, "proj", Utc::now())
         });
         drive(
             &m,

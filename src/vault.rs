@@ -1191,6 +1191,13 @@ impl SecretStore for VaultStore {
         Ok(version)
     }
 
+    async fn write_key_meta(&self, path: &str, meta: &KeyMeta) -> Result<(), BackendError> {
+        let path = norm(path);
+        self.merge_metadata(path, meta)
+            .await
+            .map_err(|f| f.into_backend("write metadata", &self.at(path)))
+    }
+
     async fn read_doc(&self, path: &str) -> Result<Option<(u64, Value)>, BackendError> {
         let path = norm(path);
         let r = self

@@ -7,18 +7,20 @@
 //! cannot tell what happened (a backend unreachable mid-step), it stops and leaves the journal
 //! as it is; `resume` sorts it out later rather than guessing.
 
-use super::journal::{Journal, PendingDeletion, Status, Step, StepState, Stored};
+use super::deletion::{Deletion, Doomed, Why};
+use super::journal::{Journal, PendingDeletion, PendingReason, Status, Step, StepState, Stored};
 use super::ports::{
-    BackendError, Clock, EventType, KeyIssuer, KeyMeta, RolloutState, SecretStore, SmokeProber,
-    SystemClock, WorkloadRoller,
+    AccountRef, BackendError, Clock, EventType, Fence, KeyIssuer, KeyMeta, NoFence, RolloutState,
+    SecretStore, SmokeProber, StoredKey, SystemClock, WorkloadRoller,
 };
 use super::request::RotationRequest;
 use crate::config::{DrainTimeout, Target};
 use crate::retry::{Retry, RetryPolicy};
 use crate::secret::Secret;
+use crate::sync::LockExt;
 use crate::sync::RwLockExt;
 use chrono::{DateTime, Utc};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -115,6 +117,17 @@ pub enum EngineError {
     /// Stopped at a step boundary on request (shutdown); the journal resumes the rest.
     #[error("rotation {rotation_id} stopped before {step} (shutdown); it resumes on restart")]
     Stopped { rotation_id: String, step: Step },
+    /// This replica may no longer write (it lost or released the leader Lease); the new
+    /// leader resumes from the journal.
+    #[error("rotation {rotation_id} stopped at {step}: {why}")]
+    Fenced {
+        rotation_id: String,
+        step: Step,
+        why: String,
+    },
+    /// A journal to resume names a target that is neither configured nor recorded in it.
+    #[error("rotation {rotation_id} of target {target}: the target is no longer configured and the journal predates target snapshots; left alone")]
+    NoTarget { rotation_id: String, target: String },
 }
 
 /// What observers (metrics, audit, progress streams, Events) hear.
@@ -133,6 +146,11 @@ pub enum RotationEvent {
     AccountDeleted {
         account_id: String,
         why: &'static str,
+    },
+    /// A rollback did not put the old key back because it no longer works; the new key
+    /// stays in Vault.
+    RollbackRefused {
+        reason: String,
     },
 }
 
@@ -205,6 +223,10 @@ pub struct Engine {
     /// Names of new accounts start with this; a reload may change it (ownership is proven
     /// by the journals, not by the name).
     account_prefix: std::sync::RwLock<String>,
+    pub(super) fence: Arc<dyn Fence>,
+    /// Every Vault `(path, field)` known to hold a key of ours: configured targets and the
+    /// targets named by journals. The deletion point checks them all (I5).
+    pub(super) known_paths: std::sync::Mutex<BTreeSet<(String, String)>>,
 }
 
 impl Engine {
@@ -217,8 +239,40 @@ impl Engine {
             clock: ports.clock,
             observer: Arc::new(NoObserver),
             account_prefix: std::sync::RwLock::new(opts.account_prefix.clone()),
+            fence: Arc::new(NoFence),
+            known_paths: std::sync::Mutex::default(),
             opts,
         }
+    }
+
+    /// Check `fence` before every remote write (leader election).
+    pub fn with_fence(mut self, fence: Arc<dyn Fence>) -> Engine {
+        self.fence = fence;
+        self
+    }
+
+    /// Remember where these targets keep their keys (the deletion point checks every such
+    /// path). Paths are only added: a removed target's path still holds a live key.
+    pub fn know_targets(&self, targets: &[Target]) {
+        let mut known = self.known_paths.locked();
+        for t in targets {
+            known.insert((t.vault_path.clone(), t.vault_field.clone()));
+        }
+    }
+
+    fn know_journal(&self, j: &Journal) {
+        if let Some(t) = &j.spec {
+            self.know_targets(std::slice::from_ref(t));
+        }
+    }
+
+    /// Err when this replica may no longer write.
+    pub(super) fn fenced(&self, j: &Journal) -> Result<(), EngineError> {
+        self.fence.check().map_err(|why| EngineError::Fenced {
+            rotation_id: j.rotation_id.clone(),
+            step: j.step,
+            why,
+        })
     }
 
     /// The prefix of new account names.
@@ -263,11 +317,43 @@ impl Engine {
         let Some((version, doc)) = self.store.read_doc(&self.journal_path(target)).await? else {
             return Ok(None);
         };
-        let journal = serde_json::from_value(doc).map_err(|e| EngineError::BadJournal {
-            target: target.into(),
-            message: e.to_string(),
-        })?;
+        let journal: Journal =
+            serde_json::from_value(doc).map_err(|e| EngineError::BadJournal {
+                target: target.into(),
+                message: e.to_string(),
+            })?;
+        self.know_journal(&journal);
         Ok(Some(Stored { version, journal }))
+    }
+
+    /// Every target's journal under the state prefix, configured or not (a removed
+    /// target's unfinished rotation still needs finishing).
+    pub async fn journals(&self) -> Result<Vec<Stored>, EngineError> {
+        let prefix = format!("{}/targets", self.opts.state_prefix.trim_matches('/'));
+        let mut out = Vec::new();
+        for name in self.store.list(&prefix).await? {
+            if name.ends_with('/') {
+                continue;
+            }
+            if let Some(s) = self.journal(&name).await? {
+                out.push(s);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The rotation histories (finished rotations by id), for the sweep's proof of
+    /// ownership.
+    pub(super) async fn histories(&self) -> Result<Vec<Journal>, EngineError> {
+        let prefix = format!("{}/rotations", self.opts.state_prefix.trim_matches('/'));
+        let mut out = Vec::new();
+        for id in self.store.list(&prefix).await? {
+            if let Some(j) = self.history(&id).await? {
+                self.know_journal(&j);
+                out.push(j);
+            }
+        }
+        Ok(out)
     }
 
     /// A finished rotation by id (kept after the target's journal moved on).
@@ -291,6 +377,7 @@ impl Engine {
     }
 
     pub(super) async fn save(&self, rec: &mut Record) -> Result<(), EngineError> {
+        self.fenced(&rec.journal)?;
         rec.journal.updated_at = self.now();
         let doc = Self::to_doc(&rec.journal)?;
         match self
@@ -367,6 +454,7 @@ impl Engine {
         if request.emergency {
             control.upgrade_to_emergency(request.revoke_first);
         }
+        self.know_targets(std::slice::from_ref(target));
         let current = self
             .store
             .read_key(&target.vault_path, &target.vault_field)
@@ -381,11 +469,26 @@ impl Engine {
         journal.revoke_first = control.revoke_first();
         journal.started_at = self.now();
         journal.updated_at = journal.started_at;
+        journal.spec = Some(target.clone());
+        let prior = prior.map(|p| p.journal);
+        if let Some(p) = &prior {
+            // Deletions the last rotation could not finish are this one's to finish.
+            journal.pending_deletions = p.pending_deletions.clone();
+            journal.consecutive_failures = p.consecutive_failures;
+            journal.last_failure_at = p.last_failure_at;
+        }
         if let Some(c) = &current {
-            journal.old_account = c.meta.account.clone();
             journal.old_vault_version = c.version;
-            journal.old_rotation_id = c.meta.rotation_id.clone();
-            journal.old_key_created_at = c.meta.key_created_at;
+            journal.old_key_sha256 = Some(c.key.sha256_hex());
+            let owner = Self::owner_of_current(prior.as_ref(), c);
+            journal.old_account = owner.account.clone();
+            journal.old_rotation_id = owner.rotation_id.clone();
+            journal.old_key_created_at = owner.key_created_at;
+            if c.meta.account != owner.account && owner.account.is_some() {
+                // The metadata half of an earlier publish failed: repair it, so the key's
+                // age and owner read right (best effort; the journal is what counts).
+                self.repair_meta(target, &owner).await;
+            }
         }
         let mut rec = Record {
             journal,
@@ -398,6 +501,48 @@ impl Engine {
         self.forward(target, &mut rec, Step::Mint, None, &control)
             .instrument(span)
             .await
+    }
+
+    /// Whose key Vault serves: the last rotation's journal knows by the key's hash (its new
+    /// key, or its old key after a rollback); the metadata is the fallback for a key this
+    /// daemon did not write (and the metadata write can fail after the data landed).
+    fn owner_of_current(prior: Option<&Journal>, current: &StoredKey) -> KeyMeta {
+        let sha = current.key.sha256_hex();
+        if let Some(p) = prior {
+            if p.new_key_sha256.as_deref() == Some(sha.as_str()) && p.new_account.is_some() {
+                return KeyMeta {
+                    account: p.new_account.clone(),
+                    rotation_id: Some(p.rotation_id.clone()),
+                    key_created_at: p
+                        .steps
+                        .iter()
+                        .find(|s| s.step == Step::Publish)
+                        .and_then(|s| s.finished_at)
+                        .or(current.meta.key_created_at),
+                };
+            }
+            if p.old_key_sha256.as_deref() == Some(sha.as_str()) && p.old_account.is_some() {
+                return KeyMeta {
+                    account: p.old_account.clone(),
+                    rotation_id: p.old_rotation_id.clone(),
+                    key_created_at: p.old_key_created_at,
+                };
+            }
+        }
+        current.meta.clone()
+    }
+
+    /// Write `meta` as the target's key metadata; a failure is logged, not fatal.
+    pub(super) async fn repair_meta(&self, target: &Target, meta: &KeyMeta) {
+        if self.fence.check().is_err() {
+            return;
+        }
+        match self.store.write_key_meta(&target.vault_path, meta).await {
+            Ok(()) => tracing::info!(target = %target.name, "repaired the key's Vault metadata"),
+            Err(e) => {
+                tracing::warn!(target = %target.name, error = %e, "could not repair the key's Vault metadata")
+            }
+        }
     }
 
     /// Run the steps from `from` on. `key` is the new key when it is already minted.
@@ -459,9 +604,9 @@ impl Engine {
                     self.begin(rec, Step::Roll).await?;
                     if control.revoke_first() && !rec.journal.old_retired {
                         rec.journal.revoke_first = true;
-                        self.retire_old(target, rec, "revoke_first").await?;
+                        self.retire_old(target, rec, Why::RevokeFirst).await?;
                     }
-                    if let Err(StepFailure(why)) = self.roll(target, rec).await {
+                    if let Err(StepFailure(why)) = self.roll(target, rec).await? {
                         return self.rollback(target, rec, why).await;
                     }
                     self.finish(rec, "ok").await?;
@@ -532,6 +677,7 @@ impl Engine {
     #[tracing::instrument(level = "info", name = "step", skip_all, fields(step = "mint"))]
     async fn mint(&self, target: &Target, rec: &mut Record) -> Result<Secret, EngineError> {
         let name = rec.journal.new_account_name.clone();
+        self.fenced(&rec.journal)?;
         let minted = match self
             .issuer
             .create_service_account(&target.project_id, &name)
@@ -539,23 +685,25 @@ impl Engine {
         {
             Ok(m) => m,
             Err(e) => {
-                // The create may have happened with its answer lost: clean up by name.
+                // The create may have happened with its answer lost: clean up by name. Its
+                // key was never seen, so it is nowhere else; what fails here the sweep
+                // finds by the journal's name.
                 if let Ok(accounts) = self.issuer.list_service_accounts(&target.project_id).await {
                     for a in accounts.into_iter().filter(|a| a.name == name) {
-                        if self
-                            .issuer
-                            .delete_service_account(&target.project_id, &a.id)
-                            .await
-                            .is_ok()
-                        {
-                            self.observer.on_event(
-                                &rec.journal,
-                                &RotationEvent::AccountDeleted {
-                                    account_id: a.id,
-                                    why: "failed mint",
-                                },
-                            );
-                        }
+                        let account = AccountRef {
+                            id: a.id,
+                            key_id: String::new(),
+                        };
+                        let doomed = Doomed {
+                            project: &target.project_id,
+                            account: &account,
+                            key_sha256: None,
+                            why: Why::FailedMint,
+                            unless_pods_carry: None,
+                        };
+                        let _ = self
+                            .delete_account(Some(target), &rec.journal, doomed)
+                            .await?;
                     }
                 }
                 return Err(EngineError::Backend(e));
@@ -566,7 +714,8 @@ impl Engine {
         Ok(minted.key)
     }
 
-    /// Ok(Err(reason)) = nothing was published (CAS conflict): abandon cleanly.
+    /// Ok(Ok(())): published. Ok(Err(reason)): provably not published (the caller
+    /// abandons). Err: Vault's state is unknown; the journal is left for resume.
     #[tracing::instrument(level = "info", name = "step", skip_all, fields(step = "publish"))]
     async fn publish(
         &self,
@@ -579,7 +728,8 @@ impl Engine {
             rotation_id: Some(rec.journal.rotation_id.clone()),
             key_created_at: Some(self.now()),
         };
-        match self
+        self.fenced(&rec.journal)?;
+        let err = match self
             .store
             .write_key(
                 &target.vault_path,
@@ -592,34 +742,92 @@ impl Engine {
         {
             Ok(v) => {
                 rec.journal.new_vault_version = Some(v);
-                Ok(Ok(()))
+                return Ok(Ok(()));
             }
-            Err(BackendError::Conflict { message, .. }) => Ok(Err(format!(
-                "publish: Vault {} changed since the rotation started (check-and-set on version {} failed: {message}); nothing was published",
-                target.vault_path, rec.journal.old_vault_version
-            ))),
-            Err(e) => {
-                // The write may or may not have landed: find out before deciding anything.
-                match self
-                    .store
-                    .read_key(&target.vault_path, &target.vault_field)
-                    .await
-                {
-                    Ok(Some(c)) if c.key.sha256_hex() == key.sha256_hex() => {
-                        rec.journal.new_vault_version = Some(c.version);
-                        Ok(Ok(()))
+            Err(e) => e,
+        };
+        self.settle_publish(target, rec, key, &meta, err).await
+    }
+
+    /// After a publish that did not plainly succeed, read what Vault holds before deciding
+    /// anything: a timeout is not a failure and a conflict is not proof that nothing landed.
+    async fn settle_publish(
+        &self,
+        target: &Target,
+        rec: &mut Record,
+        key: &Secret,
+        meta: &KeyMeta,
+        err: BackendError,
+    ) -> Result<Result<(), String>, EngineError> {
+        let (path, field) = (&target.vault_path, &target.vault_field);
+        let sha = key.sha256_hex();
+        // A refusal (4xx, check-and-set) means this write did not happen; a timeout or 5xx
+        // may still land later.
+        let mut in_flight = matches!(
+            err,
+            BackendError::Failed {
+                transient: true,
+                ..
+            }
+        );
+        for _ in 0..3 {
+            let current = self
+                .store
+                .read_key(path, field)
+                .await
+                .map_err(|e| Self::interrupted(rec, e))?;
+            let version = current.as_ref().map_or(0, |c| c.version);
+            match current {
+                Some(c) if c.key.sha256_hex() == sha => {
+                    rec.journal.new_vault_version = Some(c.version);
+                    if c.meta.account != meta.account {
+                        self.repair_meta(target, meta).await;
                     }
-                    Ok(c) if c.as_ref().map_or(0, |c| c.version) == rec.journal.old_vault_version => {
-                        Ok(Err(format!("publish failed, nothing written: {e}")))
+                    return Ok(Ok(()));
+                }
+                _ if version != rec.journal.old_vault_version => {
+                    // Someone else wrote: ours was check-and-set on the old version and can
+                    // never land now.
+                    return Ok(Err(format!(
+                        "publish: Vault {path} changed since the rotation started (check-and-set on version {} failed; it is now version {version}); nothing was published: {err}",
+                        rec.journal.old_vault_version
+                    )));
+                }
+                _ if !in_flight => {
+                    return Ok(Err(format!("publish failed, nothing written: {err}")));
+                }
+                Some(c) => {
+                    // Our write may still land. Fence it out: write back what Vault serves
+                    // (the old key, still live) with check-and-set on the old version. After
+                    // that, ours can never land.
+                    self.fenced(&rec.journal)?;
+                    match self
+                        .store
+                        .write_key(path, field, &c.key, &c.meta, c.version)
+                        .await
+                    {
+                        Ok(v) => {
+                            tracing::warn!(path = %path, version = v, "publish outcome unknown: re-published the current key to fence out the late write");
+                            return Ok(Err(format!(
+                                "publish timed out; Vault keeps the old key (re-published as version {v} so the late write cannot land): {err}"
+                            )));
+                        }
+                        // Someone (maybe our late write) got in first: look again.
+                        Err(BackendError::Conflict { .. }) => in_flight = false,
+                        Err(e) => return Err(Self::interrupted(rec, e)),
                     }
-                    _ => Err(Self::interrupted(rec, e)),
+                }
+                None => {
+                    // Nothing to write back to fence a first publish: leave it for resume.
+                    return Err(Self::interrupted(rec, err));
                 }
             }
         }
+        Err(Self::interrupted(rec, err))
     }
 
-    /// Publish did not happen: delete the new account and fail. Vault still serves the old
-    /// key, which still lives.
+    /// Publish did not happen: delete the new account (the deletion point checks Vault does
+    /// not serve it) and fail. Vault still serves the old key, which still lives.
     async fn abandon_unpublished(
         &self,
         target: &Target,
@@ -627,25 +835,28 @@ impl Engine {
         reason: String,
     ) -> Result<Journal, EngineError> {
         if let Some(a) = rec.journal.new_account.clone() {
-            match self
-                .issuer
-                .delete_service_account(&target.project_id, &a.id)
-                .await
-            {
-                Ok(()) => self.observer.on_event(
-                    &rec.journal,
-                    &RotationEvent::AccountDeleted {
-                        account_id: a.id,
-                        why: "unpublished",
-                    },
-                ),
-                Err(e) => rec.journal.pending_deletions.push(PendingDeletion {
-                    account: a,
-                    unless_pods_carry: None,
-                    once_quiet_for_ms: None,
-                    attempts: 1,
-                    last_error: Some(e.to_string()),
-                }),
+            let sha = rec.journal.new_key_sha256.clone();
+            let doomed = Doomed {
+                project: &target.project_id,
+                account: &a,
+                key_sha256: sha.as_deref(),
+                why: Why::Unpublished,
+                unless_pods_carry: None,
+            };
+            let outcome = self
+                .delete_account(Some(target), &rec.journal, doomed)
+                .await?;
+            if let Some(problem) = outcome.problem() {
+                let mut p = PendingDeletion::new(
+                    a,
+                    PendingReason::Unpublished,
+                    sha,
+                    &target.project_id,
+                    self.now(),
+                );
+                p.attempts = 1;
+                p.last_error = Some(problem);
+                rec.journal.pending_deletions.push(p);
             }
         }
         self.fail(rec, reason).await
@@ -664,12 +875,32 @@ impl Engine {
         self.conclude(rec, Status::Failed).await
     }
 
+    /// End the rotation with `status`: retry what is pending (the conditions permitting),
+    /// count failures in a row, journal it, and keep a history copy.
     pub(super) async fn conclude(
         &self,
         rec: &mut Record,
         status: Status,
     ) -> Result<Journal, EngineError> {
         rec.journal.status = status;
+        if let Some(target) = rec.journal.spec.clone() {
+            // What earlier rotations left pending (a leaked key's failed revoke above all)
+            // is tried again now; what this one just failed to delete waits for the next
+            // pass rather than being hammered at once.
+            let started = rec.journal.started_at;
+            self.retry_pending(&target, rec, Some(started)).await?;
+        }
+        match status {
+            Status::Completed => {
+                rec.journal.consecutive_failures = 0;
+                rec.journal.last_failure_at = None;
+            }
+            Status::RolledBack | Status::Failed => {
+                rec.journal.consecutive_failures += 1;
+                rec.journal.last_failure_at = Some(self.now());
+            }
+            Status::Running | Status::RollingBack => {}
+        }
         self.save(rec).await?;
         // History copy for `GET /v1/rotations/{id}` once the target moves on; best effort.
         let written = match Self::to_doc(&rec.journal) {
@@ -694,10 +925,25 @@ impl Engine {
             return Ok(());
         };
         let want = rec.journal.new_key_sha256.clone().unwrap_or_default();
+        self.wait_secret(s, &want, "the new key", &rec.journal)
+            .await
+            .map_err(|why| StepFailure(format!("sync: {why}")))
+    }
+
+    /// Nudge the synced Secret's operator (if configured) and wait until the Secret holds
+    /// the key with hash `want` (`what` names it in the error).
+    pub(super) async fn wait_secret(
+        &self,
+        s: &crate::config::SyncedSecret,
+        want: &str,
+        what: &str,
+        j: &Journal,
+    ) -> Result<(), String> {
         if let Some(annotation) = &s.force_sync_annotation {
+            self.fenced(j).map_err(|e| e.to_string())?;
             if let Err(e) = self
                 .roller
-                .nudge_secret(&s.namespace, &s.name, annotation, &rec.journal.rotation_id)
+                .nudge_secret(&s.namespace, &s.name, annotation, &j.rotation_id)
                 .await
             {
                 tracing::warn!(error = %e, "could not nudge the synced Secret; waiting anyway");
@@ -715,22 +961,26 @@ impl Engine {
                 Err(e) => tracing::warn!(error = %e, "reading the synced Secret"),
             }
             if Instant::now() >= deadline {
-                return Err(StepFailure(format!(
-                    "sync: Secret {}/{} did not receive the new key within {:?}",
+                return Err(format!(
+                    "Secret {}/{} did not receive {what} within {:?}",
                     s.namespace, s.name, s.timeout
-                )));
+                ));
             }
             tokio::time::sleep(self.opts.poll_interval).await;
         }
     }
 
     #[tracing::instrument(level = "info", name = "step", skip_all, fields(step = "roll"))]
-    async fn roll(&self, target: &Target, rec: &mut Record) -> Result<(), StepFailure> {
+    async fn roll(
+        &self,
+        target: &Target,
+        rec: &mut Record,
+    ) -> Result<Result<(), StepFailure>, EngineError> {
         for w in &target.workloads {
-            self.roller
-                .roll(w, &rec.journal.rotation_id)
-                .await
-                .map_err(|e| StepFailure(format!("roll {w}: {e}")))?;
+            self.fenced(&rec.journal)?;
+            if let Err(e) = self.roller.roll(w, &rec.journal.rotation_id).await {
+                return Ok(Err(StepFailure(format!("roll {w}: {e}"))));
+            }
             let _ = self
                 .roller
                 .event(
@@ -744,7 +994,7 @@ impl Engine {
                 )
                 .await;
         }
-        Ok(())
+        Ok(Ok(()))
     }
 
     /// Every workload completes its rollout (kubectl's rule, pods carrying the id) by
@@ -840,10 +1090,10 @@ impl Engine {
             rec.journal.emergency = true;
             return "skipped (emergency)".into();
         }
-        // On resume, count the grace already served.
+        // On resume, count the grace already served since the drain first started.
         let started = rec
             .journal
-            .step_started_at(Step::Drain)
+            .step_first_started_at(Step::Drain)
             .unwrap_or_else(|| self.now());
         let served = (self.now() - started).to_std().unwrap_or_default();
         let grace_end = Instant::now() + target.grace_period.get().saturating_sub(served);
@@ -893,13 +1143,16 @@ impl Engine {
                         format!("timed out after {:?}; retiring anyway", d.max_wait)
                     }
                     DrainTimeout::Keep => {
-                        rec.journal.pending_deletions.push(PendingDeletion {
-                            account: old,
-                            unless_pods_carry: None,
-                            once_quiet_for_ms: Some(d.quiet_for.get().as_millis().max(1) as u64),
-                            attempts: 0,
-                            last_error: Some("old key still in use after drain.max_wait".into()),
-                        });
+                        let mut p = PendingDeletion::new(
+                            old,
+                            PendingReason::DrainKeep,
+                            rec.journal.old_key_sha256.clone(),
+                            &target.project_id,
+                            self.now(),
+                        );
+                        p.once_quiet_for_ms = Some(d.quiet_for.get().as_millis().max(1) as u64);
+                        p.last_error = Some("old key still in use after drain.max_wait".into());
+                        rec.journal.pending_deletions.push(p);
                         format!(
                             "timed out after {:?}; old account kept until quiet for {:?}",
                             d.max_wait, d.quiet_for
@@ -921,11 +1174,10 @@ impl Engine {
     /// or unknown. Returns the step's outcome.
     #[tracing::instrument(level = "info", name = "step", skip_all, fields(step = "retire"))]
     async fn retire(&self, target: &Target, rec: &mut Record) -> Result<String, EngineError> {
-        let kept = rec
-            .journal
-            .pending_deletions
-            .iter()
-            .any(|p| Some(&p.account) == rec.journal.old_account.as_ref());
+        let kept = rec.journal.pending_deletions.iter().any(|p| {
+            p.reason == PendingReason::DrainKeep
+                && Some(&p.account) == rec.journal.old_account.as_ref()
+        });
         Ok(if rec.journal.old_retired {
             "skipped (already deleted)".to_string()
         } else if kept {
@@ -933,59 +1185,60 @@ impl Engine {
         } else if rec.journal.old_account.is_none() {
             "skipped (old account unknown)".to_string()
         } else {
-            self.retire_old(target, rec, "retire").await?
+            self.retire_old(target, rec, Why::Retire).await?
         })
     }
 
-    /// Delete the old account with bounded retries; on failure leave it pending (the
-    /// rotation still completes: the new key is verified and current).
+    /// Delete the old account through the deletion point; when it is refused or fails,
+    /// leave it pending (the rotation still completes: the new key is verified and current).
     pub(super) async fn retire_old(
         &self,
         target: &Target,
         rec: &mut Record,
-        why: &'static str,
+        why: Why,
     ) -> Result<String, EngineError> {
         let Some(old) = rec.journal.old_account.clone() else {
             return Ok("skipped (old account unknown)".into());
         };
-        let policy = &self.opts.delete_retry;
-        let deleted = policy
-            .run(
-                |e: &BackendError| match e {
-                    BackendError::Failed {
-                        transient: false, ..
-                    } => Retry::No,
-                    _ => Retry::Yes,
-                },
-                |_| {
-                    self.issuer
-                        .delete_service_account(&target.project_id, &old.id)
-                },
-            )
-            .await;
-        let gave_up = match deleted {
-            Ok(()) => {
+        let sha = rec.journal.old_key_sha256.clone();
+        let doomed = Doomed {
+            project: &target.project_id,
+            account: &old,
+            key_sha256: sha.as_deref(),
+            why,
+            unless_pods_carry: None,
+        };
+        let (problem, attempts) = match self
+            .delete_account(Some(target), &rec.journal, doomed)
+            .await?
+        {
+            Deletion::Deleted => {
                 rec.journal.old_retired = true;
+                // Deleted before: a pending entry for it (carried from a failed try) is done.
+                rec.journal.pending_deletions.retain(|p| p.account != old);
                 self.save(rec).await?;
-                self.observer.on_event(
-                    &rec.journal,
-                    &RotationEvent::AccountDeleted {
-                        account_id: old.id.clone(),
-                        why,
-                    },
-                );
                 return Ok(format!("ok (deleted {})", old.id));
             }
-            Err(g) => g,
+            Deletion::Refused(r) => (format!("not deleted: {r}"), 0),
+            Deletion::Failed { error, attempts } => (error, attempts),
         };
-        let e = format!("{}{}", gave_up.error, gave_up.suffix(policy));
-        rec.journal.pending_deletions.push(PendingDeletion {
-            account: old.clone(),
-            unless_pods_carry: None,
-            once_quiet_for_ms: None,
-            attempts: gave_up.attempts,
-            last_error: Some(e.clone()),
-        });
-        Ok(format!("{} pending deletion: {e}", old.id))
+        if !rec
+            .journal
+            .pending_deletions
+            .iter()
+            .any(|p| p.account == old)
+        {
+            let reason = if rec.journal.emergency || why == Why::RevokeFirst {
+                PendingReason::Leaked
+            } else {
+                PendingReason::Retire
+            };
+            let mut p =
+                PendingDeletion::new(old.clone(), reason, sha, &target.project_id, self.now());
+            p.attempts = attempts;
+            p.last_error = Some(problem.clone());
+            rec.journal.pending_deletions.push(p);
+        }
+        Ok(format!("{} pending deletion: {problem}", old.id))
     }
 }

@@ -49,8 +49,11 @@ pub struct IssuerState {
     pub lose_next_create_response: bool,
     /// Fail the next N deletes.
     pub fail_deletes: u32,
-    /// `check_key` fails for every key.
-    pub reject_checks: bool,
+    /// `check_key` fails for every key minted by `create_service_account` (seeded keys,
+    /// such as a target's initial one, still answer).
+    pub reject_minted_keys: bool,
+    /// Ids of the accounts created by `create_service_account` (not seeded).
+    pub minted: BTreeSet<String>,
     /// Runs once, right after the next create (e.g. a concurrent Vault writer).
     pub on_create: Option<Box<dyn FnOnce() + Send>>,
     /// Requests per key id with their times (drain tests).
@@ -153,6 +156,7 @@ impl KeyIssuer for FakeIssuer {
             }
         }
         let a = self.seed(project, name);
+        self.state.lock().unwrap().minted.insert(a.id.clone());
         self.log.push(format!("create {} {}", a.id, a.name));
         let hook = self.state.lock().unwrap().on_create.take();
         if let Some(hook) = hook {
@@ -204,7 +208,11 @@ impl KeyIssuer for FakeIssuer {
     }
 
     async fn check_key(&self, key: &Secret) -> Result<(), BackendError> {
-        let ok = !self.state.lock().unwrap().reject_checks && self.is_live(key);
+        let ok = {
+            let s = self.state.lock().unwrap();
+            let account = s.accounts.values().find(|a| &a.key == key);
+            account.is_some_and(|a| !(s.reject_minted_keys && s.minted.contains(&a.id)))
+        };
         if ok {
             Ok(())
         } else {
@@ -396,6 +404,19 @@ impl SecretStore for FakeStore {
             meta.account.as_ref().map_or("-", |a| a.id.as_str())
         ));
         Ok(n)
+    }
+
+    async fn write_key_meta(&self, path: &str, meta: &KeyMeta) -> Result<(), BackendError> {
+        let mut s = self.state.lock().unwrap();
+        if s.down {
+            return Err(vault_down());
+        }
+        s.meta.insert(path.into(), meta.clone());
+        self.log.push(format!(
+            "metadata {path} {}",
+            meta.account.as_ref().map_or("-", |a| a.id.as_str())
+        ));
+        Ok(())
     }
 
     async fn read_doc(&self, path: &str) -> Result<Option<(u64, serde_json::Value)>, BackendError> {

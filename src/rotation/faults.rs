@@ -30,6 +30,7 @@ pub enum Op {
     ReadKeyMeta,
     ReadKeyVersion,
     WriteKey,
+    WriteKeyMeta,
     ReadDoc,
     WriteDoc,
     List,
@@ -46,9 +47,8 @@ impl Op {
         use Op::*;
         match self {
             CreateAccount | ListAccounts | DeleteAccount | CheckKey | KeyUsage => Backend::OpenAi,
-            ReadKey | ReadKeyMeta | ReadKeyVersion | WriteKey | ReadDoc | WriteDoc | List => {
-                Backend::Vault
-            }
+            ReadKey | ReadKeyMeta | ReadKeyVersion | WriteKey | WriteKeyMeta | ReadDoc
+            | WriteDoc | List => Backend::Vault,
             Roll | RolloutState | ReadyPods | SecretSha256 | NudgeSecret | Event => {
                 Backend::Kubernetes
             }
@@ -60,7 +60,14 @@ impl Op {
         use Op::*;
         matches!(
             self,
-            CreateAccount | DeleteAccount | WriteKey | WriteDoc | Roll | NudgeSecret | Event
+            CreateAccount
+                | DeleteAccount
+                | WriteKey
+                | WriteKeyMeta
+                | WriteDoc
+                | Roll
+                | NudgeSecret
+                | Event
         )
     }
 }
@@ -335,6 +342,13 @@ impl<P: SecretStore + ?Sized + 'static> SecretStore for Faulty<P> {
                 p.write_key(&path, &field, &key, &meta, expected_version)
                     .await
             })
+        })
+        .await
+    }
+    async fn write_key_meta(&self, path: &str, meta: &KeyMeta) -> Result<(), BackendError> {
+        let (path, meta) = (path.to_string(), meta.clone());
+        self.call(call(Op::WriteKeyMeta, path.clone()), move |p| {
+            Box::pin(async move { p.write_key_meta(&path, &meta).await })
         })
         .await
     }

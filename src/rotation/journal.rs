@@ -122,7 +122,45 @@ pub struct StepRecord {
     pub outcome: Option<String>,
 }
 
-/// An account the daemon still has to delete.
+/// Why an account waits for deletion (a bounded set: also a metric label).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PendingReason {
+    /// The old account of a completed rotation.
+    #[default]
+    Retire,
+    /// The old account of an emergency rotation: a possibly leaked key, retried until gone.
+    Leaked,
+    /// The new account of a rotation that rolled back.
+    Rollback,
+    /// A minted account whose key never reached Vault.
+    Unpublished,
+    /// Kept by the drain's `on_timeout = "keep"` until its key is quiet.
+    DrainKeep,
+}
+
+impl PendingReason {
+    pub const ALL: [PendingReason; 5] = [
+        PendingReason::Retire,
+        PendingReason::Leaked,
+        PendingReason::Rollback,
+        PendingReason::Unpublished,
+        PendingReason::DrainKeep,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PendingReason::Retire => "retire",
+            PendingReason::Leaked => "leaked",
+            PendingReason::Rollback => "rollback",
+            PendingReason::Unpublished => "unpublished",
+            PendingReason::DrainKeep => "drain_keep",
+        }
+    }
+}
+
+/// An account the daemon still has to delete, with the conditions the deletion waits for.
+/// Carried from one rotation's journal to the next until it is gone.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PendingDeletion {
     pub account: AccountRef,
@@ -135,10 +173,43 @@ pub struct PendingDeletion {
     pub once_quiet_for_ms: Option<u64>,
     pub attempts: u32,
     pub last_error: Option<String>,
+    #[serde(default)]
+    pub reason: PendingReason,
+    /// Hex SHA-256 of the account's key, when known: the deletion point refuses while Vault
+    /// or a synced Secret still holds it.
+    #[serde(default)]
+    pub key_sha256: Option<String>,
+    /// Project of the account (the target's project when the deletion was left pending).
+    #[serde(default)]
+    pub project_id: Option<String>,
+    #[serde(default)]
+    pub since: Option<DateTime<Utc>>,
+}
+
+impl PendingDeletion {
+    pub fn new(
+        account: AccountRef,
+        reason: PendingReason,
+        key_sha256: Option<String>,
+        project_id: &str,
+        since: DateTime<Utc>,
+    ) -> PendingDeletion {
+        PendingDeletion {
+            account,
+            unless_pods_carry: None,
+            once_quiet_for_ms: None,
+            attempts: 0,
+            last_error: None,
+            reason,
+            key_sha256,
+            project_id: Some(project_id.to_string()),
+            since: Some(since),
+        }
+    }
 }
 
 /// The journal document of one target's current (or last) rotation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Journal {
     pub rotation_id: String,
     pub target: String,
@@ -172,10 +243,23 @@ pub struct Journal {
     pub pending_deletions: Vec<PendingDeletion>,
     pub steps: Vec<StepRecord>,
     pub error: Option<String>,
+    /// The target as configured when the rotation started: the rotation runs to its end
+    /// (resume, rollback) with it, even if the target is changed or removed meanwhile.
+    #[serde(default)]
+    pub spec: Option<crate::config::Target>,
+    /// Hex SHA-256 of the key Vault served when the rotation started.
+    #[serde(default)]
+    pub old_key_sha256: Option<String>,
+    /// Failed rotations of this target in a row before this one ended (the scheduler's
+    /// back-off survives restarts).
+    #[serde(default)]
+    pub consecutive_failures: u32,
+    #[serde(default)]
+    pub last_failure_at: Option<DateTime<Utc>>,
 }
 
 /// A journal and the Vault version it was read or written at (for check-and-set).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Stored {
     pub version: u64,
     pub journal: Journal,
@@ -213,6 +297,10 @@ impl Journal {
             pending_deletions: Vec::new(),
             steps: Vec::new(),
             error: None,
+            spec: None,
+            old_key_sha256: None,
+            consecutive_failures: 0,
+            last_failure_at: None,
         }
     }
 
@@ -244,12 +332,20 @@ impl Journal {
         }
     }
 
-    /// When the current attempt of `step` started, if it has.
-    pub fn step_started_at(&self, step: Step) -> Option<DateTime<Utc>> {
+    /// When `step` first started in this rotation (a resumed step keeps its first start).
+    pub fn step_first_started_at(&self, step: Step) -> Option<DateTime<Utc>> {
+        self.steps
+            .iter()
+            .find(|r| r.step == step)
+            .map(|r| r.started_at)
+    }
+
+    /// When the current step's latest attempt was journaled as started.
+    pub fn last_step_started_at(&self) -> Option<DateTime<Utc>> {
         self.steps
             .iter()
             .rev()
-            .find(|r| r.step == step)
+            .find(|r| r.step == self.step)
             .map(|r| r.started_at)
     }
 

@@ -179,6 +179,9 @@ pub trait SecretStore: Send + Sync {
         meta: &KeyMeta,
         expected_version: u64,
     ) -> Result<u64, BackendError>;
+    /// Set the path's key metadata to `meta` without writing data: repairs metadata whose
+    /// write failed after the data landed (data and metadata are two Vault writes).
+    async fn write_key_meta(&self, path: &str, meta: &KeyMeta) -> Result<(), BackendError>;
     /// A JSON document (the journal) and its version.
     async fn read_doc(&self, path: &str) -> Result<Option<(u64, serde_json::Value)>, BackendError>;
     /// CAS-write a JSON document (`expected_version` 0 = must not exist); returns the new version.
@@ -340,5 +343,21 @@ pub struct SystemClock;
 impl Clock for SystemClock {
     fn now(&self) -> DateTime<Utc> {
         Utc::now()
+    }
+}
+
+/// Whether this replica may still change anything: a leader that lost or released its
+/// Lease makes no further remote write. Checked before every write the engine makes.
+pub trait Fence: Send + Sync {
+    /// `Err(why)` when writes are no longer allowed.
+    fn check(&self) -> Result<(), String>;
+}
+
+/// A single replica: always allowed.
+pub struct NoFence;
+
+impl Fence for NoFence {
+    fn check(&self) -> Result<(), String> {
+        Ok(())
     }
 }

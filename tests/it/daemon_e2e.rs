@@ -4,8 +4,9 @@
 //! wrote.
 
 use crate::support::{self, ChildGuard};
-use chrono::Datelike;
+use chrono::{Datelike, Utc};
 use openai_key_rotator::config::DurationStr;
+use openai_key_rotator::rotation::{Journal, RotationRequest, Status, Trigger};
 use openai_key_rotator::sandbox::scenario::{Sandbox, SandboxOptions, NAMESPACE};
 use openai_key_rotator::secret::Secret;
 use std::collections::BTreeMap;
@@ -574,11 +575,29 @@ async fn one_shot_rotation_dry_run_and_sweep_from_the_cli() {
     assert_eq!(after.len(), 1);
     assert_ne!(after[0].id, seeded[0].id);
 
-    // sweep: an orphaned managed account goes (with a zero safety margin), an unmanaged one
-    // and the current one stay; with the default margin nothing young is touched.
+    // sweep: an orphan of ours goes (with a zero safety margin): its account is named by the
+    // journal of a rotation that failed after a create whose answer was lost. A look-alike
+    // name no journal names, an unmanaged account and the current one stay; with the
+    // default margin nothing young is touched.
     let (orphan, _) = sb
         .openai
         .create_service_account(&sb.project_id, "okr-chatbot-20260101000000-abcdef")
+        .unwrap();
+    let mut failed = RotationRequest::new("chatbot", Trigger::Cli, "cli", "crashed", Utc::now());
+    failed.rotation_id = "20260101000000-abcdef".into();
+    let mut failed = Journal::queued(&failed, "okr");
+    failed.status = Status::Failed;
+    bao.put_json(
+        &format!(
+            "{}/rotations/20260101000000-abcdef",
+            config.daemon.state_prefix
+        ),
+        &serde_json::json!({ "doc": failed }),
+    )
+    .await;
+    let (look_alike, _) = sb
+        .openai
+        .create_service_account(&sb.project_id, "okr-chatbot-20260101000000-fedcba")
         .unwrap();
     let (hand, _) = sb
         .openai
@@ -593,9 +612,13 @@ async fn one_shot_rotation_dry_run_and_sweep_from_the_cli() {
         out.contains(&format!("deleted orphaned service account {}", orphan.id)),
         "{out}"
     );
+    assert!(out.contains("1 left alone (named like ours"), "{out}");
     let ids: Vec<String> = accounts().into_iter().map(|a| a.id).collect();
     assert!(
-        ids.contains(&hand.id) && ids.contains(&after[0].id) && !ids.contains(&orphan.id),
+        ids.contains(&hand.id)
+            && ids.contains(&look_alike.id)
+            && ids.contains(&after[0].id)
+            && !ids.contains(&orphan.id),
         "{ids:?}"
     );
 

@@ -8,10 +8,10 @@
 use crate::support;
 use chrono::{DateTime, TimeZone, Utc};
 use openai_key_rotator::metrics::Metrics;
-use openai_key_rotator::rotation::journal::PendingDeletion;
+use openai_key_rotator::rotation::journal::{PendingDeletion, PendingReason};
 use openai_key_rotator::rotation::ports::{AccountRef, Backend, CallObserver, StatusClass};
 use openai_key_rotator::rotation::{
-    Journal, Observer, RotationEvent, Status, Step, StepState, Trigger,
+    Journal, Observer, RotationEvent, RotationRequest, Status, Step, Trigger,
 };
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
@@ -137,33 +137,11 @@ fn epoch(t: DateTime<Utc>) -> f64 {
 }
 
 fn journal(target: &str, trigger: Trigger) -> Journal {
-    Journal {
-        rotation_id: "20261123215000-abc123".into(),
-        target: target.into(),
-        trigger,
-        actor: "test".into(),
-        reason: "test".into(),
-        emergency: false,
-        revoke_first: false,
-        status: Status::Running,
-        step: Step::Mint,
-        step_state: StepState::Started,
-        started_at: at(0),
-        updated_at: at(0),
-        new_account_name: format!("okr-{target}-20261123215000-abc123"),
-        old_account: None,
-        old_vault_version: 1,
-        old_rotation_id: None,
-        old_key_created_at: None,
-        new_account: None,
-        new_key_sha256: None,
-        new_vault_version: None,
-        rollback_vault_version: None,
-        old_retired: false,
-        pending_deletions: Vec::new(),
-        steps: Vec::new(),
-        error: None,
-    }
+    let mut req = RotationRequest::new(target, trigger, "test", "test", at(0));
+    req.rotation_id = "20261123215000-abc123".into();
+    let mut j = Journal::queued(&req, "okr");
+    j.old_vault_version = 1;
+    j
 }
 
 /// Each step takes 10 s of journal time and `secs` measured.
@@ -266,16 +244,16 @@ fn exercised() -> Metrics {
         Status::Completed,
     );
     let mut rb = journal("search", Trigger::Api);
-    rb.pending_deletions.push(PendingDeletion {
-        account: AccountRef {
+    rb.pending_deletions.push(PendingDeletion::new(
+        AccountRef {
             id: "svc_acct_new".into(),
             key_id: "key_new".into(),
         },
-        unless_pods_carry: None,
-        once_quiet_for_ms: None,
-        attempts: 1,
-        last_error: None,
-    });
+        PendingReason::Rollback,
+        None,
+        "proj_test",
+        at(0),
+    ));
     drive(&m, &mut rb, &ROLLED_BACK, Status::RolledBack);
     // Not a configured target: must leave no trace at all.
     drive(

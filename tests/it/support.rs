@@ -127,6 +127,20 @@ fn free_port_pair() -> u16 {
     panic!("no free port pair on 127.0.0.1");
 }
 
+impl Bao {
+    /// Write `data` as a new version of `secret/<path>` (KV v2), as another client would.
+    pub async fn put_json(&self, path: &str, data: &serde_json::Value) {
+        let r = reqwest::Client::new()
+            .post(format!("{}/v1/secret/data/{path}", self.addr))
+            .header("X-Vault-Token", &self.token)
+            .json(&serde_json::json!({ "data": data }))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "writing {path}: {}", r.status());
+    }
+}
+
 pub async fn start_bao() -> Bao {
     let port = free_port_pair();
     let mut cmd = Command::new(tool("bao"));

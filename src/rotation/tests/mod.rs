@@ -208,7 +208,9 @@ impl World {
             .journal(&self.target.name)
             .await?
             .expect("a journal to resume");
-        engine.resume(&self.target, stored, Arc::default()).await
+        engine
+            .resume(Some(&self.target), stored, Arc::default())
+            .await
     }
 
     fn current_key(&self) -> Secret {
@@ -451,7 +453,7 @@ async fn a_refused_patch_rolls_back() {
 #[tokio::test]
 async fn a_new_key_that_does_not_answer_rolls_back() {
     let w = world();
-    w.issuer.state.lock().unwrap().reject_checks = true;
+    w.issuer.state.lock().unwrap().reject_minted_keys = true;
     let j = w.rotate(req()).await.unwrap();
     assert_eq!(j.status, Status::RolledBack);
     assert!(j.error.unwrap().contains("GET /v1/models"));
@@ -884,16 +886,46 @@ async fn vault_failures_at_publish_fail_cleanly_or_interrupt_for_resume() {
     w.assert_clean();
 }
 
+/// A real orphan of ours: a create whose answer was lost and whose by-name clean-up failed
+/// leaves an account that only the (failed) rotation's journal names.
+async fn lost_mint_orphan(w: &World) -> AccountInfo {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (lost, listed) = (AtomicBool::new(false), AtomicBool::new(false));
+    let (engine, _crash) =
+        w.faulty_engine(Arc::new(super::faults::PlanFn(move |c: &Call| {
+            match c.op {
+                Op::CreateAccount if !lost.swap(true, Ordering::SeqCst) => Some(Fault::LostAnswer),
+                Op::ListAccounts if !listed.swap(true, Ordering::SeqCst) => Some(Fault::Transient),
+                _ => None,
+            }
+        })));
+    let prior = engine.journal(&w.target.name).await.unwrap();
+    let failed = engine
+        .rotate(&w.target, req(), prior, Arc::default())
+        .await
+        .unwrap();
+    assert_eq!(failed.status, Status::Failed, "{failed:#?}");
+    w.issuer
+        .list_service_accounts(PROJECT)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|a| a.name == failed.new_account_name)
+        .expect("the lost create left an account")
+}
+
 #[tokio::test]
-async fn sweep_deletes_only_unreferenced_old_managed_accounts() {
+async fn sweep_deletes_only_proven_orphans_older_than_the_margin() {
     let w = world();
     let j = w.rotate(req()).await.unwrap();
     let current = j.new_account.unwrap().id;
-    let orphan = w.issuer.seed(
+    let orphan = lost_mint_orphan(&w).await;
+    // Names that parse as ours but that no journal names prove nothing.
+    let look_alike = w.issuer.seed(
         PROJECT,
         &account_name("okr", "chat", "20260101000000-abcdef"),
     );
-    let other_target_orphan = w.issuer.seed(
+    let other_target = w.issuer.seed(
         PROJECT,
         &account_name("okr", "gone-target", "20260101000000-abcdef"),
     );
@@ -905,19 +937,18 @@ async fn sweep_deletes_only_unreferenced_old_managed_accounts() {
         .await
         .unwrap();
     assert!(r.deleted.is_empty());
-    assert_eq!(r.kept_young, 2);
+    assert_eq!(r.kept_young, 2, "the orphan and the served account: {r:?}");
     let r = engine
         .sweep(std::slice::from_ref(&w.target), Duration::ZERO)
         .await
         .unwrap();
+    assert_eq!(r.deleted, vec![orphan.id]);
+    assert_eq!(r.kept_unproven, 2, "{r:?}");
+    assert_eq!(r.kept_in_use, 1, "the served account: {r:?}");
     assert_eq!(
-        r.deleted
-            .iter()
-            .cloned()
-            .collect::<std::collections::BTreeSet<_>>(),
-        [orphan.id, other_target_orphan.id].into()
+        w.issuer.account_ids(),
+        [current, look_alike.id, other_target.id, unmanaged.id].into()
     );
-    assert_eq!(w.issuer.account_ids(), [current, unmanaged.id].into());
     w.assert_clean();
 }
 

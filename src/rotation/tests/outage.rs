@@ -59,35 +59,7 @@ async fn the_sweep_spares_a_removed_targets_live_account_and_foreign_look_alikes
         PROJECT,
         &account_name("okr-x", "chat", "20260101000000-abcdef"),
     );
-    // A real orphan of ours: a create whose answer was lost and whose by-name clean-up
-    // failed leaves an account that only the journal's name proves is ours.
-    let (engine, _crash) = w.faulty_engine(Arc::new(PlanFn({
-        let lost = std::sync::atomic::AtomicBool::new(false);
-        let listed = std::sync::atomic::AtomicBool::new(false);
-        move |c: &Call| match c.op {
-            Op::CreateAccount if !lost.swap(true, std::sync::atomic::Ordering::SeqCst) => {
-                Some(Fault::LostAnswer)
-            }
-            Op::ListAccounts if !listed.swap(true, std::sync::atomic::Ordering::SeqCst) => {
-                Some(Fault::Transient)
-            }
-            _ => None,
-        }
-    })));
-    let prior = engine.journal("chat").await.unwrap();
-    let failed = engine
-        .rotate(&w.target, req(), prior, Arc::default())
-        .await
-        .unwrap();
-    assert_eq!(failed.status, Status::Failed, "{failed:#?}");
-    let orphan = w
-        .issuer
-        .list_service_accounts(PROJECT)
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|a| a.name == failed.new_account_name)
-        .expect("the lost create left an account");
+    let orphan = lost_mint_orphan(&w).await;
 
     // The config now lists only `chat`.
     let r = w
@@ -317,7 +289,7 @@ async fn a_resumed_drain_serves_only_the_rest_of_the_grace_period() {
     let engine = engine_on_clock(&w);
     let stored = engine.journal("chat").await.unwrap().unwrap();
     let j = engine
-        .resume(&w.target, stored, Arc::default())
+        .resume(Some(&w.target), stored, Arc::default())
         .await
         .unwrap();
     assert_eq!(j.status, Status::Completed);
