@@ -244,6 +244,8 @@ pub struct StoreState {
     /// path → versions (data maps); version n is index n-1.
     pub versions: BTreeMap<String, Vec<serde_json::Map<String, serde_json::Value>>>,
     pub meta: BTreeMap<String, KeyMeta>,
+    /// When each version of each path was written (Vault's `created_time`).
+    pub created: BTreeMap<String, Vec<DateTime<Utc>>>,
     /// Fail the next N `write_key` calls with a transient error (nothing written).
     pub fail_key_writes: u32,
     /// The next N `write_key` calls write the data but not the metadata (Vault's two
@@ -284,7 +286,16 @@ impl FakeStore {
         v.push(data);
         let n = v.len() as u64;
         s.meta.insert(path.into(), meta);
+        s.created.entry(path.into()).or_default().push(Utc::now());
         n
+    }
+
+    /// Pretend the current version of `path` was written at `at`.
+    pub fn set_created(&self, path: &str, at: DateTime<Utc>) {
+        let mut s = self.state.lock().unwrap();
+        if let Some(last) = s.created.get_mut(path).and_then(|v| v.last_mut()) {
+            *last = at;
+        }
     }
 
     pub fn current(&self, path: &str, field: &str) -> Option<(u64, Secret)> {
@@ -388,6 +399,7 @@ impl SecretStore for FakeStore {
         data.insert(field.into(), key.expose().into());
         versions.push(data);
         let n = versions.len() as u64;
+        s.created.entry(path.into()).or_default().push(Utc::now());
         if s.fail_meta_writes > 0 {
             s.fail_meta_writes -= 1;
             self.log
@@ -496,6 +508,8 @@ pub struct FakeWorkload {
     /// State queries left before the current rollout completes.
     pub polls_left: u32,
     pub rolls: u32,
+    /// The current rollout was seen complete.
+    pub complete: bool,
 }
 
 #[derive(Default)]
@@ -509,6 +523,8 @@ pub struct RollerState {
     /// Each roll that changed a template: workload, rollout id, and the Secrets' hashes at
     /// that moment (what restarting pods would mount).
     pub rolls: Vec<(String, String, BTreeMap<String, String>)>,
+    /// Rolls that replaced a rollout still in progress (two rotations on one workload).
+    pub overlaps: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -581,9 +597,20 @@ impl WorkloadRoller for FakeRoller {
             });
         }
         if w.annotation.as_deref() != Some(rollout_id) {
+            let overlap = w
+                .annotation
+                .as_ref()
+                .filter(|prev| !w.complete && !rollout_id.starts_with(prev.as_str()))
+                .map(|prev| {
+                    format!("{workload}: {rollout_id} rolled while {prev} was in progress")
+                });
             w.annotation = Some(rollout_id.into());
             w.polls_left = polls;
             w.rolls += 1;
+            w.complete = false;
+            if let Some(o) = overlap {
+                s.overlaps.push(o);
+            }
             self.log.push(format!("roll {workload} {rollout_id}"));
             let secrets = s.secrets.clone();
             s.rolls
@@ -618,6 +645,7 @@ impl WorkloadRoller for FakeRoller {
                 ))
             }
             _ => {
+                w.complete = true;
                 self.log.push(format!("complete {workload} {rollout_id}"));
                 Ok(RolloutState::Complete)
             }
