@@ -228,6 +228,38 @@ impl ScheduleObserver for Hooks {
             });
         }
     }
+    fn rotation_resumed(&self, r: &RotationRequest, rotation_id: &str) {
+        self.record(AuditFields {
+            rotation_id: Some(rotation_id.into()),
+            target: Some(r.target.clone()),
+            actor: Some(r.actor.clone()),
+            trigger: Some(r.trigger.as_str().into()),
+            reason: Some(r.reason.clone()),
+            outcome: Some(
+                if r.emergency {
+                    "resumed unfinished rotation as an emergency"
+                } else {
+                    "resumed unfinished rotation"
+                }
+                .into(),
+            ),
+            ..AuditFields::new(AuditEvent::RotationRequested)
+        });
+    }
+    fn unconfigured_target(&self, target: &str, rotation_id: &str, resumed: bool) {
+        self.record(AuditFields {
+            rotation_id: Some(rotation_id.into()),
+            target: Some(target.into()),
+            actor: Some("daemon".into()),
+            outcome: Some(if resumed { "resumed" } else { "left alone" }.into()),
+            message: Some(if resumed {
+                "the target is not configured any more; its unfinished rotation is finished from the journal's copy of the target".into()
+            } else {
+                "the target is not configured and its journal has no copy of it; nothing is done".into()
+            }),
+            ..AuditFields::new(AuditEvent::UnconfiguredTarget)
+        });
+    }
     fn rotation_upgraded(&self, r: &RotationRequest, rotation_id: &str) {
         self.record(AuditFields {
             rotation_id: Some(rotation_id.into()),
@@ -432,7 +464,7 @@ fn spawn_signal_handlers(
                     for t in &daemon.config().targets {
                         let req = RotationRequest::new(&t.name, Trigger::Signal, "signal", "SIGUSR1", Utc::now())
                             .emergency(false);
-                        let r = daemon.trigger(&req);
+                        let r = daemon.trigger(&req).await;
                         match r {
                             Ok(a) => tracing::info!(target = %t.name, rotation_id = %a.rotation_id(), "rotation requested by signal"),
                             Err(e) => tracing::warn!(target = %t.name, error = %e, "signal rotation refused"),

@@ -92,6 +92,7 @@ pub enum AuditEvent {
     TriggerRefused,
     AuditStarted,
     RollbackRefused,
+    UnconfiguredTarget,
 }
 
 impl AuditEvent {
@@ -111,6 +112,7 @@ impl AuditEvent {
             AuditEvent::TriggerRefused => "trigger_refused",
             AuditEvent::AuditStarted => "audit_started",
             AuditEvent::RollbackRefused => "rollback_refused",
+            AuditEvent::UnconfiguredTarget => "unconfigured_target",
         }
     }
 }

@@ -265,13 +265,14 @@ async fn create_rotation(
     if parsed.emergency {
         req = req.emergency(parsed.revoke_first);
     }
-    match state.daemon.trigger(&req) {
+    match state.daemon.trigger(&req).await {
         Ok(accepted) => {
             let id = accepted.rotation_id().to_string();
             let location = format!("/v1/rotations/{id}");
             let status = match accepted {
                 Accepted::Started(_) => "accepted",
                 Accepted::Upgraded(_) => "upgraded",
+                Accepted::Resumed(_) => "resumed",
             };
             let mut r = (
                 StatusCode::ACCEPTED,
@@ -309,7 +310,9 @@ async fn create_rotation(
             })),
         )
             .into_response(),
-        Err(e @ TriggerError::ShuttingDown) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e @ (TriggerError::ShuttingDown | TriggerError::Unavailable { .. })) => {
+            error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
     }
 }
 

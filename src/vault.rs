@@ -14,7 +14,8 @@
 use crate::config::{VaultAuth, VaultConfig};
 use crate::retry::{Call, GaveUp, Resume, Retry, RetryPolicy, Timeout, Verdict};
 use crate::rotation::ports::{
-    AccountRef, Backend, BackendError, CallObserver, KeyMeta, SecretStore, StatusClass, StoredKey,
+    AccountRef, Backend, BackendError, CallObserver, KeyInfo, KeyMeta, SecretStore, StatusClass,
+    StoredKey,
 };
 use crate::secret::Secret;
 use async_trait::async_trait;
@@ -1110,13 +1111,21 @@ impl SecretStore for VaultStore {
         &self,
         path: &str,
         _field: &str,
-    ) -> Result<Option<KeyMeta>, BackendError> {
+    ) -> Result<Option<KeyInfo>, BackendError> {
         let path = norm(path);
         Ok(self
             .read_metadata(path)
             .await
             .map_err(|f| f.into_backend("read metadata", &self.at(path)))?
-            .map(|m| key_meta_from(m.custom_metadata.as_ref())))
+            .map(|m| KeyInfo {
+                meta: key_meta_from(m.custom_metadata.as_ref()),
+                version: m.current_version,
+                version_created_at: m
+                    .versions
+                    .get(&m.current_version.to_string())
+                    .and_then(|v| DateTime::parse_from_rfc3339(&v.created_time).ok())
+                    .map(|t| t.with_timezone(&Utc)),
+            }))
     }
 
     async fn read_key_version(

@@ -53,12 +53,15 @@ pub enum Accepted {
     Started(String),
     /// The target was mid-rotation; that rotation became an emergency one.
     Upgraded(String),
+    /// The target had an unfinished rotation (a crash, a shutdown, a failover): it resumes
+    /// now, with the request's emergency upgrade, instead of a new one.
+    Resumed(String),
 }
 
 impl Accepted {
     pub fn rotation_id(&self) -> &str {
         match self {
-            Accepted::Started(id) | Accepted::Upgraded(id) => id,
+            Accepted::Started(id) | Accepted::Upgraded(id) | Accepted::Resumed(id) => id,
         }
     }
 }
@@ -73,6 +76,10 @@ pub enum TriggerError {
     NotLeader { leader: Option<String> },
     #[error("the daemon is shutting down")]
     ShuttingDown,
+    /// The target's journal could not be read, so whether a rotation is unfinished is
+    /// unknown: nothing was started.
+    #[error("target {target}: cannot read its journal ({message}); nothing was started")]
+    Unavailable { target: String, message: String },
 }
 
 /// A configuration the running daemon refuses to take.
@@ -92,6 +99,11 @@ pub trait ScheduleObserver: Send + Sync {
     fn rotation_requested(&self, request: &RotationRequest, rotation_id: &str);
     fn trigger_refused(&self, request: &RotationRequest, error: &TriggerError);
     fn rotation_upgraded(&self, request: &RotationRequest, rotation_id: &str);
+    /// The request met an unfinished rotation, which resumes instead.
+    fn rotation_resumed(&self, request: &RotationRequest, rotation_id: &str);
+    /// A journal names a target the configuration does not list; `resumed` when its
+    /// unfinished rotation resumes from the journal's copy of the target.
+    fn unconfigured_target(&self, target: &str, rotation_id: &str, resumed: bool);
     /// The sweep deleted these orphaned managed accounts.
     fn swept(&self, account_ids: &[String]);
 }
@@ -103,6 +115,8 @@ impl ScheduleObserver for NoSchedule {
     fn rotation_requested(&self, _: &RotationRequest, _: &str) {}
     fn trigger_refused(&self, _: &RotationRequest, _: &TriggerError) {}
     fn rotation_upgraded(&self, _: &RotationRequest, _: &str) {}
+    fn rotation_resumed(&self, _: &RotationRequest, _: &str) {}
+    fn unconfigured_target(&self, _: &str, _: &str, _: bool) {}
     fn swept(&self, _: &[String]) {}
 }
 
@@ -161,9 +175,9 @@ struct TargetState {
     pending_deletions: Vec<String>,
 }
 
-/// What a rotation task does.
+/// What a rotation task does: rotate from the journal the trigger read, or resume one.
 enum Work {
-    Rotate(RotationRequest),
+    Rotate(Box<(RotationRequest, Option<Stored>)>),
     Resume(Box<Stored>),
 }
 
@@ -349,17 +363,19 @@ impl Daemon {
     }
 
     /// Rotate a target now (or upgrade its running rotation to an emergency).
-    pub fn trigger(&self, req: &RotationRequest) -> Result<Accepted, TriggerError> {
-        let result = self.try_trigger(req);
+    pub async fn trigger(&self, req: &RotationRequest) -> Result<Accepted, TriggerError> {
+        let result = self.try_trigger(req).await;
+        let obs = &self.inner.schedule_obs;
         match &result {
-            Err(e) => self.inner.schedule_obs.trigger_refused(req, e),
-            Ok(Accepted::Upgraded(id)) => self.inner.schedule_obs.rotation_upgraded(req, id),
-            Ok(Accepted::Started(id)) => self.inner.schedule_obs.rotation_requested(req, id),
+            Err(e) => obs.trigger_refused(req, e),
+            Ok(Accepted::Upgraded(id)) => obs.rotation_upgraded(req, id),
+            Ok(Accepted::Started(id)) => obs.rotation_requested(req, id),
+            Ok(Accepted::Resumed(id)) => obs.rotation_resumed(req, id),
         }
         result
     }
 
-    fn try_trigger(&self, req: &RotationRequest) -> Result<Accepted, TriggerError> {
+    async fn try_trigger(&self, req: &RotationRequest) -> Result<Accepted, TriggerError> {
         let config = self.config();
         let Some(target) = config.target(&req.target).cloned() else {
             return Err(TriggerError::UnknownTarget(req.target.clone()));
@@ -372,40 +388,88 @@ impl Daemon {
                 leader: self.inner.leader_name.borrow().clone(),
             });
         }
-        let mut targets = self.inner.targets.locked();
-        let st = targets.entry(target.name.clone()).or_default();
-        if let Some(r) = &st.running {
-            if req.emergency {
-                r.control.upgrade_to_emergency(req.revoke_first);
-                return Ok(Accepted::Upgraded(r.id.clone()));
+        let control = Arc::new(RotationControl::default());
+        {
+            // Claim the target before reading its journal, so a second trigger in between
+            // upgrades or is refused instead of starting another rotation.
+            let mut targets = self.inner.targets.locked();
+            let st = targets.entry(target.name.clone()).or_default();
+            if let Some(r) = &st.running {
+                if req.emergency {
+                    r.control.upgrade_to_emergency(req.revoke_first);
+                    return Ok(Accepted::Upgraded(r.id.clone()));
+                }
+                return Err(TriggerError::AlreadyRunning {
+                    target: target.name.clone(),
+                    rotation_id: r.id.clone(),
+                });
             }
-            return Err(TriggerError::AlreadyRunning {
-                target: target.name.clone(),
-                rotation_id: r.id.clone(),
+            st.running = Some(Running {
+                id: req.rotation_id.clone(),
+                control: control.clone(),
             });
+        }
+        if req.emergency {
+            control.upgrade_to_emergency(req.revoke_first);
+        }
+        let prior = match self.inner.engine.journal(&target.name).await {
+            Ok(p) => p,
+            Err(e) => {
+                self.release(&target.name, &req.rotation_id);
+                return Err(TriggerError::Unavailable {
+                    target: target.name.clone(),
+                    message: e.to_string(),
+                });
+            }
+        };
+        let this = self.clone();
+        if let Some(stored) = prior.clone().filter(|s| !s.journal.status.is_terminal()) {
+            // An unfinished rotation holds the target: finish that one, now.
+            let id = stored.journal.rotation_id.clone();
+            {
+                let mut targets = self.inner.targets.locked();
+                if let Some(r) = targets
+                    .get_mut(&target.name)
+                    .and_then(|st| st.running.as_mut())
+                {
+                    r.id = id.clone();
+                }
+            }
+            self.inner.live.put(&stored.journal);
+            let target = stored.journal.spec.clone().unwrap_or(target);
+            self.inner.tasks.spawn(async move {
+                this.run_rotation(target, Work::Resume(Box::new(stored)), control)
+                    .await
+            });
+            return Ok(Accepted::Resumed(id));
         }
         if req.is_manual() {
             // A person asked: the failure back-off no longer applies.
-            st.history.consecutive_failures = 0;
+            if let Some(st) = self.inner.targets.locked().get_mut(&target.name) {
+                st.history.consecutive_failures = 0;
+            }
         }
         let id = req.rotation_id.clone();
         // Visible at once (queued for a slot), until the engine's first event replaces it.
         self.inner
             .live
             .put(&Journal::queued(req, &config.daemon.account_prefix));
-        let control = Arc::new(RotationControl::default());
-        st.running = Some(Running {
-            id: id.clone(),
-            control: control.clone(),
-        });
-        drop(targets);
-        let this = self.clone();
         let request = req.clone();
         self.inner.tasks.spawn(async move {
-            this.run_rotation(target, Work::Rotate(request), control)
+            this.run_rotation(target, Work::Rotate(Box::new((request, prior))), control)
                 .await
         });
         Ok(Accepted::Started(id))
+    }
+
+    /// Give the target back when a claimed rotation did not start.
+    fn release(&self, target: &str, rotation_id: &str) {
+        let mut targets = self.inner.targets.locked();
+        if let Some(st) = targets.get_mut(target) {
+            if st.running.as_ref().is_some_and(|r| r.id == rotation_id) {
+                st.running = None;
+            }
+        }
     }
 
     /// One rotation or resume, holding a concurrency slot.
@@ -418,10 +482,10 @@ impl Daemon {
         let result = match permit {
             None => None,
             Some(_permit) => Some(match work {
-                Work::Rotate(req) => match engine.journal(&target.name).await {
-                    Ok(prior) => engine.rotate(&target, req, prior, control).await.map(Some),
-                    Err(e) => Err(e),
-                },
+                Work::Rotate(work) => {
+                    let (req, prior) = *work;
+                    engine.rotate(&target, req, prior, control).await.map(Some)
+                }
                 Work::Resume(stored) => engine
                     .resume(Some(&target), *stored, control)
                     .await
@@ -441,26 +505,20 @@ impl Daemon {
                     .iter()
                     .map(|p| p.account.id.clone())
                     .collect();
-                match j.status {
-                    Status::Completed => {
-                        st.history.consecutive_failures = 0;
-                        st.history.last_failure_at = None;
-                        // Until the next Vault read, the publish time is the key's age.
-                        if let Some(t) = j
-                            .steps
-                            .iter()
-                            .rev()
-                            .find(|s| s.step == crate::rotation::Step::Publish)
-                            .and_then(|s| s.finished_at)
-                        {
-                            st.history.key_created_at = Some(t);
-                        }
+                // The journal counts failures in a row (it survives restarts).
+                st.history.consecutive_failures = j.consecutive_failures;
+                st.history.last_failure_at = j.last_failure_at;
+                if j.status == Status::Completed {
+                    // Until the next Vault read, the publish time is the key's age.
+                    if let Some(t) = j
+                        .steps
+                        .iter()
+                        .rev()
+                        .find(|s| s.step == crate::rotation::Step::Publish)
+                        .and_then(|s| s.finished_at)
+                    {
+                        st.history.key_created_at = Some(t);
                     }
-                    Status::RolledBack | Status::Failed => {
-                        st.history.consecutive_failures += 1;
-                        st.history.last_failure_at = Some(now);
-                    }
-                    Status::Running | Status::RollingBack => {}
                 }
             }
             Some(Ok(None)) => {}
@@ -468,8 +526,12 @@ impl Daemon {
                 tracing::info!(target = %target.name, "rotation stopped for shutdown; it resumes on restart");
             }
             Some(Err(EngineError::Busy { rotation_id, .. })) => {
-                tracing::warn!(target = %target.name, %rotation_id, "an unfinished rotation holds this target; resuming it");
-                st.history.last_failure_at = Some(now);
+                // Another replica's (or a racing) rotation wrote the journal after the
+                // trigger read it: the next pass resumes it.
+                tracing::warn!(target = %target.name, %rotation_id, "an unfinished rotation holds this target; the next pass resumes it");
+            }
+            Some(Err(e @ (EngineError::Fenced { .. } | EngineError::JournalConflict { .. }))) => {
+                tracing::warn!(target = %target.name, error = %e, "rotation stopped: another replica leads; it resumes from the journal");
             }
             Some(Err(e)) => {
                 tracing::error!(target = %target.name, error = %e, "rotation interrupted; it will be resumed");
@@ -482,41 +544,65 @@ impl Daemon {
     }
 
     /// Resume what a previous run left unfinished (and retry pending deletions).
-    fn resume_all(&self) {
-        let config = self.config();
-        for target in config.targets.iter().cloned() {
-            if self.running(&target.name).is_some() {
-                continue;
-            }
-            let this = self.clone();
-            self.inner.tasks.spawn(async move {
-                let journal = match this.inner.engine.journal(&target.name).await {
-                    Ok(j) => j,
-                    Err(e) => {
-                        tracing::warn!(target = %target.name, error = %e, "cannot read the journal");
-                        return;
-                    }
-                };
-                let Some(stored) = journal else { return };
-                let j = &stored.journal;
-                if j.status.is_terminal() && j.pending_deletions.is_empty() {
+    /// Resume what a previous run left unfinished and retry pending deletions, for every
+    /// journal under the state prefix: a target removed from the configuration still gets
+    /// its unfinished rotation finished from the journal's copy of it (and is reported).
+    /// The journals also restore each target's failure back-off.
+    async fn resume_all(&self, restore_backoff: bool) {
+        let this = self;
+        {
+            let journals = match this.inner.engine.journals().await {
+                Ok(j) => j,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot list the journals; resuming on the next pass");
                     return;
+                }
+            };
+            let config = this.config();
+            for stored in journals {
+                let j = &stored.journal;
+                let configured = config.target(&j.target).cloned();
+                if restore_backoff && configured.is_some() {
+                    let mut targets = this.inner.targets.locked();
+                    let st = targets.entry(j.target.clone()).or_default();
+                    st.history.consecutive_failures = j.consecutive_failures;
+                    st.history.last_failure_at = j.last_failure_at;
+                }
+                if j.status.is_terminal() && j.pending_deletions.is_empty() {
+                    continue;
+                }
+                let Some(target) = j.spec.clone().or(configured.clone()) else {
+                    tracing::warn!(target = %j.target, rotation_id = %j.rotation_id, "a journal names a target that is not configured, and predates target snapshots: left alone");
+                    this.inner
+                        .schedule_obs
+                        .unconfigured_target(&j.target, &j.rotation_id, false);
+                    continue;
+                };
+                if configured.is_none() {
+                    tracing::warn!(target = %j.target, rotation_id = %j.rotation_id, "target not configured any more: finishing its unfinished rotation from the journal");
+                    this.inner
+                        .schedule_obs
+                        .unconfigured_target(&j.target, &j.rotation_id, true);
                 }
                 let control = Arc::new(RotationControl::default());
                 {
                     let mut targets = this.inner.targets.locked();
-                    let st = targets.entry(target.name.clone()).or_default();
+                    let st = targets.entry(j.target.clone()).or_default();
                     if st.running.is_some() {
-                        return;
+                        continue;
                     }
                     st.running = Some(Running {
                         id: j.rotation_id.clone(),
                         control: control.clone(),
                     });
                 }
-                this.run_rotation(target, Work::Resume(Box::new(stored)), control)
-                    .await
-            });
+                let worker = this.clone();
+                this.inner.tasks.spawn(async move {
+                    worker
+                        .run_rotation(target, Work::Resume(Box::new(stored)), control)
+                        .await
+                });
+            }
         }
     }
 
@@ -532,7 +618,9 @@ impl Daemon {
                 .read_key_meta(&t.vault_path, &t.vault_field)
                 .await
             {
-                Ok(Some(meta)) => Some(meta.key_created_at),
+                // Without a creation time in the metadata (a key written by hand), the
+                // Vault version's time is the key's age.
+                Ok(Some(info)) => Some(info.meta.key_created_at.or(info.version_created_at)),
                 Ok(None) => Some(None),
                 Err(e) => {
                     tracing::warn!(target = %t.name, error = %e, "cannot read the key's age from Vault");
@@ -605,7 +693,7 @@ impl Daemon {
                 }
             }
             if !resumed {
-                self.resume_all();
+                self.resume_all(true).await;
                 resumed = true;
                 last_retry = tokio::time::Instant::now();
             }
@@ -615,7 +703,7 @@ impl Daemon {
                     _ => "scheduled",
                 };
                 let req = RotationRequest::new(&name, due.trigger, "schedule", reason, Utc::now());
-                match self.trigger(&req) {
+                match self.trigger(&req).await {
                     Ok(a) => {
                         tracing::info!(target = %name, rotation_id = %a.rotation_id(), trigger = due.trigger.as_str(), "scheduled rotation started")
                     }
@@ -625,7 +713,7 @@ impl Daemon {
                 }
             }
             if last_retry.elapsed() >= self.inner.opts.pending_retry_interval {
-                self.resume_all();
+                self.resume_all(false).await;
                 last_retry = tokio::time::Instant::now();
             }
             if last_sweep.is_none_or(|t| t.elapsed() >= self.inner.opts.sweep_interval) {

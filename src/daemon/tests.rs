@@ -93,12 +93,12 @@ async fn one_rotation_per_target_and_emergency_upgrades_the_running_one() {
     let (mut t, _) = world.seed_target("chat", Utc::now());
     t.grace_period = DurationStr(Duration::from_secs(3600));
     let h = harness(world, vec![t], 2);
-    let id = match h.daemon.trigger(&manual("chat")).unwrap() {
+    let id = match h.daemon.trigger(&manual("chat")).await.unwrap() {
         Accepted::Started(id) => id,
         other => panic!("{other:?}"),
     };
     assert_eq!(
-        h.daemon.trigger(&manual("chat")),
+        h.daemon.trigger(&manual("chat")).await,
         Err(TriggerError::AlreadyRunning {
             target: "chat".into(),
             rotation_id: id.clone()
@@ -114,7 +114,7 @@ async fn one_rotation_per_target_and_emergency_upgrades_the_running_one() {
     let mut emergency = manual("chat");
     emergency.emergency = true;
     assert_eq!(
-        h.daemon.trigger(&emergency),
+        h.daemon.trigger(&emergency).await,
         Ok(Accepted::Upgraded(id.clone()))
     );
     let j = wait_finished(&h, &id).await;
@@ -123,7 +123,7 @@ async fn one_rotation_per_target_and_emergency_upgrades_the_running_one() {
     assert_eq!(j.actor, "ops");
     // The target is free again.
     assert!(matches!(
-        h.daemon.trigger(&manual("chat")),
+        h.daemon.trigger(&manual("chat")).await,
         Ok(Accepted::Started(_))
     ));
 }
@@ -134,7 +134,7 @@ async fn refusals_are_explicit() {
     let (t, _) = world.seed_target("chat", Utc::now());
     let h = harness(world, vec![t.clone()], 1);
     assert_eq!(
-        h.daemon.trigger(&manual("nope")),
+        h.daemon.trigger(&manual("nope")).await,
         Err(TriggerError::UnknownTarget("nope".into()))
     );
     // Not the leader.
@@ -152,7 +152,7 @@ async fn refusals_are_explicit() {
         CancellationToken::new(),
     );
     assert_eq!(
-        follower.trigger(&manual("chat")),
+        follower.trigger(&manual("chat")).await,
         Err(TriggerError::NotLeader {
             leader: Some("okr-0".into())
         })
@@ -162,7 +162,7 @@ async fn refusals_are_explicit() {
     h.shutdown.cancel();
     h.daemon.run().await;
     assert_eq!(
-        h.daemon.trigger(&manual("chat")),
+        h.daemon.trigger(&manual("chat")).await,
         Err(TriggerError::ShuttingDown)
     );
 }
@@ -173,8 +173,8 @@ async fn the_global_bound_queues_rotations() {
     let (a, _) = world.seed_target("a", Utc::now());
     let (b, _) = world.seed_target("b", Utc::now());
     let h = harness(world, vec![a, b], 1);
-    let ia = h.daemon.trigger(&manual("a")).unwrap();
-    let ib = h.daemon.trigger(&manual("b")).unwrap();
+    let ia = h.daemon.trigger(&manual("a")).await.unwrap();
+    let ib = h.daemon.trigger(&manual("b")).await.unwrap();
     let ja = wait_finished(&h, ia.rotation_id()).await;
     let jb = wait_finished(&h, ib.rotation_id()).await;
     assert_eq!(
@@ -243,6 +243,7 @@ async fn shutdown_stops_between_steps_and_a_new_daemon_resumes() {
     let id = h
         .daemon
         .trigger(&manual("chat"))
+        .await
         .unwrap()
         .rotation_id()
         .to_string();
@@ -364,9 +365,19 @@ mod reload {
         a.grace_period = DurationStr(Duration::from_secs(3600));
         b.grace_period = DurationStr(Duration::from_secs(3600));
         let (d, live) = daemon(&world, config(vec![a.clone(), b.clone()], 1));
-        let ia = d.trigger(&manual("a")).unwrap().rotation_id().to_string();
+        let ia = d
+            .trigger(&manual("a"))
+            .await
+            .unwrap()
+            .rotation_id()
+            .to_string();
         wait_step(&live, &ia, Step::Drain).await;
-        let ib = d.trigger(&manual("b")).unwrap().rotation_id().to_string();
+        let ib = d
+            .trigger(&manual("b"))
+            .await
+            .unwrap()
+            .rotation_id()
+            .to_string();
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(
             live.get(&ib).map(|j| j.steps.len()),
@@ -473,7 +484,7 @@ mod outage {
         t.grace_period = DurationStr(Duration::from_secs(3600));
         let id = crash_at(&world, &t, Step::Drain).await;
         let h = harness(world.clone(), vec![t], 1);
-        let answer = h.daemon.trigger(&manual("chat").emergency(false));
+        let answer = h.daemon.trigger(&manual("chat").emergency(false)).await;
         let answered = answer.as_ref().map(|a| a.rotation_id().to_string());
         assert_eq!(answered.as_deref(), Ok(id.as_str()), "{answer:?}");
         // The emergency skips the hour-long grace period: done at once.
@@ -501,7 +512,7 @@ mod outage {
             crate::rotation::fakes::Behaviour::RejectPatch,
         );
         let h = harness(world.clone(), vec![t.clone()], 1);
-        let id = h.daemon.trigger(&manual("chat")).unwrap();
+        let id = h.daemon.trigger(&manual("chat")).await.unwrap();
         let j = wait_finished(&h, id.rotation_id()).await;
         assert_eq!(j.status, Status::RolledBack);
         assert_eq!(h.daemon.targets()[0].consecutive_failures, 1);
@@ -561,8 +572,8 @@ mod outage {
         a.workloads = vec![shared.clone()];
         b.workloads = vec![shared];
         let h = harness(world.clone(), vec![a, b], 2);
-        let ia = h.daemon.trigger(&manual("a")).unwrap();
-        let ib = h.daemon.trigger(&manual("b")).unwrap();
+        let ia = h.daemon.trigger(&manual("a")).await.unwrap();
+        let ib = h.daemon.trigger(&manual("b")).await.unwrap();
         let ja = wait_finished(&h, ia.rotation_id()).await;
         let jb = wait_finished(&h, ib.rotation_id()).await;
         assert_eq!(

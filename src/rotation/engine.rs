@@ -227,6 +227,8 @@ pub struct Engine {
     /// Every Vault `(path, field)` known to hold a key of ours: configured targets and the
     /// targets named by journals. The deletion point checks them all (I5).
     pub(super) known_paths: std::sync::Mutex<BTreeSet<(String, String)>>,
+    /// Shared workloads are rolled by one rotation at a time.
+    pub(super) workload_locks: Arc<super::locks::WorkloadLocks>,
 }
 
 impl Engine {
@@ -241,6 +243,7 @@ impl Engine {
             account_prefix: std::sync::RwLock::new(opts.account_prefix.clone()),
             fence: Arc::new(NoFence),
             known_paths: std::sync::Mutex::default(),
+            workload_locks: Arc::default(),
             opts,
         }
     }
@@ -474,8 +477,11 @@ impl Engine {
         if let Some(p) = &prior {
             // Deletions the last rotation could not finish are this one's to finish.
             journal.pending_deletions = p.pending_deletions.clone();
-            journal.consecutive_failures = p.consecutive_failures;
-            journal.last_failure_at = p.last_failure_at;
+            if !request.is_manual() {
+                // A person asking resets the back-off; the schedule inherits it.
+                journal.consecutive_failures = p.consecutive_failures;
+                journal.last_failure_at = p.last_failure_at;
+            }
         }
         if let Some(c) = &current {
             journal.old_vault_version = c.version;
@@ -555,6 +561,8 @@ impl Engine {
         control: &RotationControl,
     ) -> Result<Journal, EngineError> {
         let mut step = from;
+        // Held from roll through verify (and any rollback they lead to).
+        let mut workloads_held = None;
         loop {
             // Shutdown: stop between steps, never inside one. Not between mint and publish
             // (the new key exists only in memory there), and a rollback always runs through.
@@ -601,6 +609,7 @@ impl Engine {
                     step = Step::Roll;
                 }
                 Step::Roll => {
+                    workloads_held = Some(self.hold_workloads(target, rec).await);
                     self.begin(rec, Step::Roll).await?;
                     if control.revoke_first() && !rec.journal.old_retired {
                         rec.journal.revoke_first = true;
@@ -613,6 +622,9 @@ impl Engine {
                     step = Step::Verify;
                 }
                 Step::Verify => {
+                    if workloads_held.is_none() {
+                        workloads_held = Some(self.hold_workloads(target, rec).await);
+                    }
                     self.begin(rec, Step::Verify).await?;
                     let Some(k) = key.as_ref() else {
                         return self
@@ -623,6 +635,7 @@ impl Engine {
                         return self.rollback(target, rec, why).await;
                     }
                     self.finish(rec, "ok").await?;
+                    drop(workloads_held.take());
                     step = Step::Drain;
                 }
                 Step::Drain => {
@@ -659,6 +672,17 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// Wait until no other rotation rolls any of the target's workloads, then hold them.
+    pub(super) async fn hold_workloads(
+        &self,
+        target: &Target,
+        rec: &Record,
+    ) -> super::locks::WorkloadGuard {
+        self.workload_locks
+            .acquire(&target.workloads, &rec.journal.rotation_id)
+            .await
     }
 
     /// A Kubernetes Event on every workload of the target (best effort).

@@ -348,6 +348,22 @@ impl SecretStore for FakeStore {
         }))
     }
 
+    async fn read_key_meta(
+        &self,
+        path: &str,
+        field: &str,
+    ) -> Result<Option<KeyInfo>, BackendError> {
+        let Some(k) = self.read_key(path, field).await? else {
+            return Ok(None);
+        };
+        let s = self.state.lock().unwrap();
+        Ok(Some(KeyInfo {
+            meta: k.meta,
+            version: k.version,
+            version_created_at: s.created.get(path).and_then(|v| v.last().copied()),
+        }))
+    }
+
     async fn read_key_version(
         &self,
         path: &str,

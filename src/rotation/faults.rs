@@ -304,7 +304,7 @@ impl<P: SecretStore + ?Sized + 'static> SecretStore for Faulty<P> {
         &self,
         path: &str,
         field: &str,
-    ) -> Result<Option<KeyMeta>, BackendError> {
+    ) -> Result<Option<KeyInfo>, BackendError> {
         let (path, field) = (path.to_string(), field.to_string());
         self.call(call(Op::ReadKeyMeta, path.clone()), move |p| {
             Box::pin(async move { p.read_key_meta(&path, &field).await })

@@ -4,6 +4,7 @@
 mod deletion;
 pub mod engine;
 pub mod journal;
+mod locks;
 pub mod plan;
 pub mod ports;
 pub mod recovery;

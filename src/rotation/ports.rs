@@ -136,6 +136,16 @@ pub struct KeyMeta {
     pub key_created_at: Option<DateTime<Utc>>,
 }
 
+/// What describes the current key at a path, without its value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyInfo {
+    pub meta: KeyMeta,
+    pub version: u64,
+    /// When Vault wrote that version (`created_time`): the key's age when the metadata
+    /// does not say.
+    pub version_created_at: Option<DateTime<Utc>>,
+}
+
 /// The current key at a path.
 #[derive(Debug, Clone)]
 pub struct StoredKey {
@@ -151,14 +161,18 @@ pub struct StoredKey {
 pub trait SecretStore: Send + Sync {
     /// The current version of `path` and its `field`; `None` when the path does not exist.
     async fn read_key(&self, path: &str, field: &str) -> Result<Option<StoredKey>, BackendError>;
-    /// Only the metadata describing the current key (no key value is fetched); the
-    /// scheduler polls this. The default reads the key and drops it.
+    /// Only what describes the current key (no key value is fetched); the scheduler polls
+    /// this. The default reads the key and drops it.
     async fn read_key_meta(
         &self,
         path: &str,
         field: &str,
-    ) -> Result<Option<KeyMeta>, BackendError> {
-        Ok(self.read_key(path, field).await?.map(|k| k.meta))
+    ) -> Result<Option<KeyInfo>, BackendError> {
+        Ok(self.read_key(path, field).await?.map(|k| KeyInfo {
+            meta: k.meta,
+            version: k.version,
+            version_created_at: None,
+        }))
     }
     /// `field` of an earlier version (for rollback).
     async fn read_key_version(

@@ -117,6 +117,7 @@ impl Engine {
         }
         // 3. Roll again so pods that took the new key go back to the old one.
         let rolled = rec.journal.steps.iter().any(|s| s.step == Step::Roll);
+        let _held = self.hold_workloads(target, rec).await;
         let rb_id = format!("{}-rollback", rec.journal.rotation_id);
         let mut outcome = "ok".to_string();
         if rolled && !secret_back {
