@@ -174,6 +174,20 @@ impl Observer for LogObserver {
     }
 }
 
+/// Writes are allowed while this replica holds the leader Lease (the elector publishes
+/// "not leader" before any other replica may take over).
+struct LeaseFence(tokio::sync::watch::Receiver<bool>);
+
+impl crate::rotation::ports::Fence for LeaseFence {
+    fn check(&self) -> Result<(), String> {
+        if *self.0.borrow() {
+            Ok(())
+        } else {
+            Err("this replica does not hold the leader Lease".into())
+        }
+    }
+}
+
 /// Daemon → metrics and audit.
 struct Hooks {
     metrics: Arc<Metrics>,
@@ -337,6 +351,8 @@ pub async fn start(
         metrics: services.metrics.clone(),
         audit: audit.clone(),
     });
+    let election_stop = CancellationToken::new();
+    let mut election_task = None;
     let leader = if config.daemon.leader_election.enabled {
         let le = &config.daemon.leader_election;
         let identity = le
@@ -356,7 +372,14 @@ pub async fn start(
         };
         let elector = LeaderElector::try_new(services.roller.client(), cfg)
             .context("daemon.leader_election")?;
-        let (is_leader, holder, _task) = elector.spawn(shutdown.child_token());
+        // Not a child of `shutdown`: the Lease is released only after the running steps
+        // stopped, or the next leader would resume them while they still run.
+        let (is_leader, holder, task) = elector.spawn(election_stop.clone());
+        election_task = Some(task);
+        // A replica that lost (or released) the Lease makes no further remote write.
+        services
+            .engine
+            .set_fence(Arc::new(LeaseFence(is_leader.clone())));
         tracing::info!(%identity, "leader election enabled");
         // Publish leadership as a metric.
         let (metrics, mut watch) = (services.metrics.clone(), is_leader.clone());
@@ -426,6 +449,11 @@ pub async fn start(
     let d = daemon.clone();
     let done = tokio::spawn(async move {
         d.run().await;
+        // The steps have stopped (or their grace ran out): now let the next leader in.
+        election_stop.cancel();
+        if let Some(task) = election_task {
+            let _ = task.await;
+        }
         server.await??;
         Ok(())
     });

@@ -223,7 +223,7 @@ pub struct Engine {
     /// Names of new accounts start with this; a reload may change it (ownership is proven
     /// by the journals, not by the name).
     account_prefix: std::sync::RwLock<String>,
-    pub(super) fence: Arc<dyn Fence>,
+    fence: std::sync::RwLock<Arc<dyn Fence>>,
     /// Every Vault `(path, field)` known to hold a key of ours: configured targets and the
     /// targets named by journals. The deletion point checks them all (I5).
     pub(super) known_paths: std::sync::Mutex<BTreeSet<(String, String)>>,
@@ -241,17 +241,21 @@ impl Engine {
             clock: ports.clock,
             observer: Arc::new(NoObserver),
             account_prefix: std::sync::RwLock::new(opts.account_prefix.clone()),
-            fence: Arc::new(NoFence),
+            fence: std::sync::RwLock::new(Arc::new(NoFence)),
             known_paths: std::sync::Mutex::default(),
             workload_locks: Arc::default(),
             opts,
         }
     }
 
-    /// Check `fence` before every remote write (leader election).
-    pub fn with_fence(mut self, fence: Arc<dyn Fence>) -> Engine {
-        self.fence = fence;
-        self
+    /// Check `fence` before every remote write from now on (leader election).
+    pub fn set_fence(&self, fence: Arc<dyn Fence>) {
+        *self.fence.write_now() = fence;
+    }
+
+    fn fence_check(&self) -> Result<(), String> {
+        let fence = self.fence.read_now().clone();
+        fence.check()
     }
 
     /// Remember where these targets keep their keys (the deletion point checks every such
@@ -271,7 +275,7 @@ impl Engine {
 
     /// Err when this replica may no longer write.
     pub(super) fn fenced(&self, j: &Journal) -> Result<(), EngineError> {
-        self.fence.check().map_err(|why| EngineError::Fenced {
+        self.fence_check().map_err(|why| EngineError::Fenced {
             rotation_id: j.rotation_id.clone(),
             step: j.step,
             why,
@@ -540,7 +544,7 @@ impl Engine {
 
     /// Write `meta` as the target's key metadata; a failure is logged, not fatal.
     pub(super) async fn repair_meta(&self, target: &Target, meta: &KeyMeta) {
-        if self.fence.check().is_err() {
+        if self.fence_check().is_err() {
             return;
         }
         match self.store.write_key_meta(&target.vault_path, meta).await {

@@ -141,31 +141,57 @@ impl Bao {
     }
 }
 
+/// Start OpenBao on a free port pair. Another test may grab the pair between our probe and
+/// OpenBao's bind (tests run in parallel): then OpenBao exits at once, and we try another.
 pub async fn start_bao() -> Bao {
-    let port = free_port_pair();
-    let mut cmd = Command::new(tool("bao"));
-    cmd.args([
-        "server",
-        "-dev",
-        "-dev-root-token-id=root",
-        &format!("-dev-listen-address=127.0.0.1:{port}"),
-    ])
-    .env("BAO_DISABLE_MLOCK", "true")
-    .env_remove("BAO_ADDR")
-    .env_remove("VAULT_ADDR");
-    let mut guard = ChildGuard::spawn(cmd);
-    let addr = format!("http://127.0.0.1:{port}");
-    wait_http(
-        &format!("{addr}/v1/sys/health"),
-        Duration::from_secs(30),
-        &mut guard,
-    )
-    .await;
-    Bao {
-        addr,
-        token: "root".into(),
-        guard,
+    for attempt in 1..=5 {
+        let port = free_port_pair();
+        let mut cmd = Command::new(tool("bao"));
+        cmd.args([
+            "server",
+            "-dev",
+            "-dev-root-token-id=root",
+            &format!("-dev-listen-address=127.0.0.1:{port}"),
+        ])
+        .env("BAO_DISABLE_MLOCK", "true")
+        .env_remove("BAO_ADDR")
+        .env_remove("VAULT_ADDR");
+        let mut guard = ChildGuard::spawn(cmd);
+        let addr = format!("http://127.0.0.1:{port}");
+        let health = format!("{addr}/v1/sys/health");
+        let client = reqwest::Client::new();
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = guard.child.try_wait() {
+                let out = guard.output();
+                assert!(
+                    attempt < 5 && out.contains("address already in use"),
+                    "OpenBao exited with {status}:\n{out}"
+                );
+                break;
+            }
+            if client
+                .get(&health)
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await
+                .is_ok()
+            {
+                return Bao {
+                    addr,
+                    token: "root".into(),
+                    guard,
+                };
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "OpenBao not up after 30s:\n{}",
+                guard.output()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
+    unreachable!("the last attempt panics")
 }
 
 /// The OpenAI description the contract tests validate against (copied into the repo).

@@ -301,3 +301,47 @@ async fn a_resumed_drain_serves_only_the_rest_of_the_grace_period() {
     assert!(rest >= Duration::from_secs(3), "{rest:?}");
     w.assert_clean();
 }
+
+/// Scenario 7: a replica that lost the leader Lease mid-rotation makes no further remote
+/// write; the next leader resumes from the journal.
+#[tokio::test]
+async fn a_fenced_engine_makes_no_further_write_and_the_next_leader_resumes() {
+    use crate::rotation::ports::Fence;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    struct Lease(Arc<AtomicBool>);
+    impl Fence for Lease {
+        fn check(&self) -> Result<(), String> {
+            if self.0.load(Ordering::SeqCst) {
+                Err("lost the Lease".into())
+            } else {
+                Ok(())
+            }
+        }
+    }
+    let w = world();
+    let lost = Arc::new(AtomicBool::new(false));
+    let l2 = lost.clone();
+    // The Lease is lost while the publish write is in flight.
+    let (engine, _crash) = w.faulty_engine(Arc::new(PlanFn(move |c: &Call| {
+        if c.op == Op::WriteKey {
+            l2.store(true, Ordering::SeqCst);
+        }
+        None
+    })));
+    engine.set_fence(Arc::new(Lease(lost)));
+    let r = engine.rotate(&w.target, req(), None, Arc::default()).await;
+    assert!(matches!(r, Err(EngineError::Fenced { .. })), "{r:?}");
+    let log = w.log.entries();
+    let published = log.iter().position(|e| e.starts_with("publish")).unwrap();
+    assert!(
+        log[published + 1..].is_empty(),
+        "writes after the Lease was lost: {:?}",
+        &log[published + 1..]
+    );
+    assert!(w.issuer.is_live(&w.current_key()), "I1");
+    // The next leader resumes the journal (left at publish) and finishes.
+    let j = w.resume().await.unwrap();
+    assert_eq!(j.status, Status::Completed, "{j:#?}");
+    assert_eq!(w.managed_accounts(), 1);
+    w.assert_clean();
+}
