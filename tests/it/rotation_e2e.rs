@@ -575,12 +575,15 @@ async fn a_failing_smoke_probe_rolls_back() {
     assert_eq!(j.status, Status::Completed, "{j:#?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lagging_synced_secret_is_waited_for() {
-    let env = env_with(|_| {}).await;
+/// An External-Secrets-like operator for `env`'s first target: copies the Vault key into
+/// Secret `chatbot-openai` 1.5 s after it changes (it ignores nudges, like a slow
+/// operator), and a third workload that mounts that Secret instead of reading Vault. Returns
+/// the target with the Secret and the workload added, and when the operator last synced.
+async fn with_lagging_secret(
+    env: &Env,
+    stop: &CancellationToken,
+) -> (Target, Arc<Mutex<Option<chrono::DateTime<chrono::Utc>>>>) {
     let mut t = env.target();
-    // An External-Secrets-like operator: copies the Vault key into a Secret 1.5 s after it
-    // changes (or at once when nudged... it ignores nudges, like a slow operator).
     let secret_name = "chatbot-openai";
     let put = |value: &str| {
         let s = k8s_openapi::api::core::v1::Secret {
@@ -607,7 +610,6 @@ async fn a_lagging_synced_secret_is_waited_for() {
         t.vault_path.clone(),
         env.sb.kube.clone(),
     );
-    let stop = CancellationToken::new();
     let s2 = stop.clone();
     let synced_at = Arc::new(Mutex::new(None::<chrono::DateTime<chrono::Utc>>));
     let synced = synced_at.clone();
@@ -647,7 +649,6 @@ async fn a_lagging_synced_secret_is_waited_for() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     });
-    // A third workload mounts the Secret instead of reading Vault.
     let deploy = "chatbot-mounted";
     env.sb.consumers.add(
         NAMESPACE,
@@ -680,6 +681,14 @@ async fn a_lagging_synced_secret_is_waited_for() {
         force_sync_annotation: Some("force-sync".into()),
         timeout: DurationStr(Duration::from_secs(20)),
     });
+    (t, synced_at)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_synced_secret_is_waited_for() {
+    let env = env_with(|_| {}).await;
+    let stop = CancellationToken::new();
+    let (t, synced_at) = with_lagging_secret(&env, &stop).await;
     let j = env.rotate_on(&t, req(), Arc::default()).await.unwrap();
     stop.cancel();
     assert_eq!(j.status, Status::Completed, "{j:#?}");
@@ -695,15 +704,49 @@ async fn a_lagging_synced_secret_is_waited_for() {
         "rolled only after the Secret held the new key"
     );
     // The nudge annotation was set on the Secret.
-    let s = env.sb.kube.secret(NAMESPACE, secret_name).unwrap();
+    let s = env.sb.kube.secret(NAMESPACE, "chatbot-openai").unwrap();
     assert!(s
         .metadata
         .annotations
         .unwrap_or_default()
         .contains_key("force-sync"));
-    let stats = env.sb.consumers.stats(NAMESPACE, deploy);
+    let stats = env.sb.consumers.stats(NAMESPACE, "chatbot-mounted");
     assert_eq!(stats.failed, 0, "{stats:?}");
     assert_eq!(env.sb.consumers.total().failed, 0);
+}
+
+/// Outage scenario 3, end to end: a rollback with a lagging synced Secret. Pods that
+/// restarted before the Secret held the old key again would run the new key, whose account
+/// the rollback then deleted: every call of theirs would fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_waits_for_the_synced_secret_and_no_call_fails() {
+    let env = env_with(|_| {}).await;
+    let stop = CancellationToken::new();
+    let (mut t, synced_at) = with_lagging_secret(&env, &stop).await;
+    let seeded = env.vault_key(&t.vault_path, None).await.unwrap();
+    t.smoke_probes = vec![SmokeProbe {
+        url: probe_server(503).await,
+        expect_status: 200,
+        consecutive_successes: 1,
+        interval: DurationStr(Duration::from_millis(100)),
+        timeout: DurationStr(Duration::from_secs(1)),
+    }];
+    t.rollout_timeout = DurationStr(Duration::from_secs(20));
+    let j = env.rotate_on(&t, req(), Arc::default()).await.unwrap();
+    // Let pods settle on what the rollback left and keep calling a while.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.cancel();
+    assert_eq!(j.status, Status::RolledBack, "{j:#?}");
+    assert_eq!(env.vault_key(&t.vault_path, None).await.unwrap(), seeded);
+    let rollback = j.steps.iter().find(|s| s.step == Step::Rollback).unwrap();
+    assert!(
+        rollback.finished_at.unwrap() >= synced_at.lock().unwrap().expect("synced back"),
+        "the rollback finished before the Secret held the old key again"
+    );
+    let stats = env.sb.consumers.stats(NAMESPACE, "chatbot-mounted");
+    assert_eq!(stats.failed, 0, "pods on the Secret lost their key: {stats:?}");
+    assert_eq!(env.sb.consumers.total().failed, 0);
+    env.assert_invariants(&[]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
