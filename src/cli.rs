@@ -191,6 +191,10 @@ pub struct SandboxArgs {
     /// token files go beside it.
     #[arg(long)]
     pub write_config: Option<PathBuf>,
+    /// Milliseconds added to every request of all three simulators (after seeding), to see
+    /// how the daemon copes with slow backends.
+    #[arg(long, default_value_t = 0)]
+    pub latency_ms: u64,
 }
 
 /// Logs go to stderr: JSON when not on a terminal (or when asked), human text otherwise.
@@ -360,6 +364,7 @@ fn audit_verify(file: &std::path::Path) -> std::process::ExitCode {
 async fn sandbox(args: SandboxArgs) -> anyhow::Result<std::process::ExitCode> {
     use crate::sandbox::scenario::{Sandbox, SandboxOptions};
     init_tracing(LogFormat::Text);
+    let latency_ms = args.latency_ms;
     let sb = Sandbox::start(SandboxOptions {
         openai_port: args.ports.openai_port,
         vault_port: args.ports.vault_port,
@@ -367,6 +372,7 @@ async fn sandbox(args: SandboxArgs) -> anyhow::Result<std::process::ExitCode> {
         dir: args.dir,
         kubeconfig: args.kubeconfig,
         config: args.write_config,
+        latency: std::time::Duration::from_millis(latency_ms),
         ..Default::default()
     })
     .await
@@ -391,6 +397,12 @@ async fn sandbox(args: SandboxArgs) -> anyhow::Result<std::process::ExitCode> {
     println!("  project               {}", sb.project_id);
     println!("  kubeconfig            {}", sb.kubeconfig_path.display());
     println!("  daemon config         {}", sb.config_path.display());
+    if latency_ms > 0 {
+        println!(
+            "  added latency         {} ms per request, every simulator",
+            latency_ms
+        );
+    }
     println!();
     println!(
         "Try:  kubectl --kubeconfig {} get deployments,pods",

@@ -6,7 +6,7 @@
 
 use super::consumers::{ConsumerSpec, Consumers, KeySource};
 use super::kube::{KubeSim, KubeSimOptions};
-use super::openai::OpenAiSim;
+use super::openai::{FaultScope, Faults, OpenAiSim};
 use super::vault::VaultSim;
 use super::{loopback, Server};
 use crate::config::{
@@ -71,6 +71,9 @@ pub struct SandboxOptions {
     pub targets: Vec<String>,
     /// Use this Vault (address, token) instead of the simulator, e.g. a real OpenBao in tests.
     pub external_vault: Option<(String, Secret)>,
+    /// Added to every request of all three simulators once seeding is done (the OpenAI
+    /// one: Admin API and data plane). Zero = none.
+    pub latency: Duration,
 }
 
 impl Default for SandboxOptions {
@@ -87,6 +90,7 @@ impl Default for SandboxOptions {
             pod_ready_delay: Duration::from_millis(500),
             targets: vec!["chatbot".into()],
             external_vault: None,
+            latency: Duration::ZERO,
         }
     }
 }
@@ -278,6 +282,16 @@ impl Sandbox {
             what: "config".into(),
             message: e.to_string(),
         })?;
+        // Last, so seeding itself is not slowed down.
+        if !opts.latency.is_zero() {
+            sandbox
+                .openai
+                .set_faults(Faults::latency(opts.latency).in_scope(FaultScope::Both));
+            if let Some(v) = &sandbox.vault {
+                v.set_latency(opts.latency);
+            }
+            sandbox.kube.set_latency(opts.latency);
+        }
         Ok(sandbox)
     }
 

@@ -159,11 +159,12 @@ async fn consumers_measure_availability_through_a_manual_rotation() {
     assert!(!stats.last_failure.unwrap().contains(&current_key(&sb)));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sandbox_command_writes_working_files_and_stops_on_sigterm() {
-    let dir = tempfile::tempdir().unwrap();
-    let bin = env!("CARGO_BIN_EXE_openai-key-rotator");
-    let mut cmd = Command::new(bin);
+const BIN: &str = env!("CARGO_BIN_EXE_openai-key-rotator");
+
+/// `openai-key-rotator sandbox` on random ports writing to `dir`, plus `extra` flags; returns
+/// once it printed that it is up.
+async fn spawn_sandbox(dir: &Path, extra: &[&str], up_within: Duration) -> ChildGuard {
+    let mut cmd = Command::new(BIN);
     cmd.args([
         "sandbox",
         "--openai-port",
@@ -174,7 +175,8 @@ async fn sandbox_command_writes_working_files_and_stops_on_sigterm() {
         "0",
         "--dir",
     ])
-    .arg(dir.path())
+    .arg(dir)
+    .args(extra)
     .env("RUST_LOG", "warn");
     let mut guard = ChildGuard::spawn(cmd);
     let start = Instant::now();
@@ -183,11 +185,92 @@ async fn sandbox_command_writes_working_files_and_stops_on_sigterm() {
             panic!("sandbox exited early ({status}):\n{}", guard.output());
         }
         assert!(
-            start.elapsed() < Duration::from_secs(30),
+            start.elapsed() < up_within,
             "sandbox not up:\n{}",
             guard.output()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    guard
+}
+
+/// The fastest of three authenticated requests to each simulator the sandbox in `dir`
+/// started: (OpenAI Admin API, Vault, Kubernetes).
+async fn probe_simulators(dir: &Path) -> (Duration, Duration, Duration) {
+    let text = std::fs::read_to_string(dir.join("config.toml")).unwrap();
+    let config = Config::parse(&text, "sandbox config").unwrap();
+    let admin = std::fs::read_to_string(dir.join("openai-admin-key")).unwrap();
+    let token = std::fs::read_to_string(dir.join("vault-token")).unwrap();
+    let kubeconfig = std::fs::read_to_string(dir.join("kubeconfig")).unwrap();
+    let kube_url = kubeconfig
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("server: "))
+        .expect("server in kubeconfig")
+        .to_string();
+    let http = reqwest::Client::new();
+    let openai = crate::sim_faults::fastest(3, || async {
+        let r = http
+            .get(format!("{}/organization/projects", config.openai.base_url))
+            .bearer_auth(admin.trim())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    })
+    .await;
+    let vault = crate::sim_faults::fastest(3, || async {
+        let r = http
+            .get(format!(
+                "{}/v1/auth/token/lookup-self",
+                config.vault.address
+            ))
+            .header("X-Vault-Token", token.trim())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    })
+    .await;
+    let kube = crate::sim_faults::fastest(3, || async {
+        let r = http
+            .get(format!(
+                "{kube_url}/apis/apps/v1/namespaces/demo/deployments"
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    })
+    .await;
+    (openai, vault, kube)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandbox_latency_flag_slows_all_three_simulators() {
+    let dir = tempfile::tempdir().unwrap();
+    let ms = crate::sim_faults::LATENCY.as_millis().to_string();
+    let _guard = spawn_sandbox(dir.path(), &["--latency-ms", &ms], Duration::from_secs(30)).await;
+    let (openai, vault, kube) = probe_simulators(dir.path()).await;
+    for (what, t) in [("OpenAI", openai), ("Vault", vault), ("Kubernetes", kube)] {
+        assert!(
+            t >= crate::sim_faults::LATENCY,
+            "{what} answered in {t:?} despite --latency-ms {ms}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandbox_command_writes_working_files_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = BIN;
+    let mut guard = spawn_sandbox(dir.path(), &[], Duration::from_secs(30)).await;
+    // Negative control for `--latency-ms`: without it every simulator answers quickly.
+    let (openai, vault, kube) = probe_simulators(dir.path()).await;
+    for (what, t) in [("OpenAI", openai), ("Vault", vault), ("Kubernetes", kube)] {
+        assert!(
+            t < crate::sim_faults::LATENCY / 2,
+            "{what} took {t:?} without --latency-ms"
+        );
     }
 
     let check = Command::new(bin)

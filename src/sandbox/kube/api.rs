@@ -45,6 +45,11 @@ pub(crate) fn router(shared: Arc<Shared>, cancel: CancellationToken) -> Router {
         )
         .route("/api/{*rest}", any(dispatch))
         .route("/apis/{*rest}", any(dispatch))
+        .route_layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            super::faults::layer,
+        ))
+        .merge(super::faults::routes().with_state(shared.clone()))
         .fallback(|| async { (StatusCode::NOT_FOUND, "404 page not found\n") })
         .with_state(AppState { shared, cancel })
 }
@@ -281,14 +286,7 @@ async fn dispatch(
 
 /// Count a write request and fire an injected fault if this is its turn.
 fn count_write(shared: &Shared) -> Result<(), KubeSimError> {
-    let mut inner = shared.lock();
-    inner.writes += 1;
-    let n = inner.writes;
-    if let Some(pos) = inner.faults.iter().position(|(at, _)| *at == n) {
-        let (_, code) = inner.faults.remove(pos);
-        return Err(KubeSimError::Injected { code });
-    }
-    Ok(())
+    shared.lock().faults.on_write()
 }
 
 type ApiResult = Result<(StatusCode, Value), KubeSimError>;

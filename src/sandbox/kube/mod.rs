@@ -19,6 +19,7 @@ pub mod controller;
 pub mod daemonset;
 pub mod discovery;
 mod error;
+mod faults;
 mod objects;
 mod patch;
 mod revisions;
@@ -30,6 +31,7 @@ mod table;
 pub use crate::config::WorkloadKind;
 pub use controller::{rollout_status, RolloutStatus};
 pub use error::{FieldCause, KubeSimError};
+pub use faults::Faults;
 
 use discovery::Res;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
@@ -134,9 +136,7 @@ pub(crate) struct Inner {
     pub open_gates: HashSet<(String, String)>,
     /// SHA-256 of the token → identity; the tokens themselves are not kept.
     pub tokens: HashMap<String, TokenIdentity>,
-    pub writes: u64,
-    /// (write number, HTTP status) faults still to fire.
-    pub faults: Vec<(u64, u16)>,
+    pub faults: faults::FaultState,
     pub pods: HashMap<(String, String), PodRuntime>,
 }
 
@@ -228,8 +228,7 @@ impl KubeSim {
                     workloads: HashMap::new(),
                     open_gates: HashSet::new(),
                     tokens: HashMap::new(),
-                    writes: 0,
-                    faults: Vec::new(),
+                    faults: faults::FaultState::default(),
                     pods: HashMap::new(),
                 }),
                 opts,
@@ -588,20 +587,6 @@ preferences: {{}}
 
     pub fn pod_events(&self) -> broadcast::Receiver<PodEvent> {
         self.shared.pod_events.subscribe()
-    }
-
-    /// Make the `n`-th write request from now (1 = the next; create, update, patch and
-    /// delete over HTTP, not this handle's helpers) fail with `status` (409 → Conflict,
-    /// 429, 5xx), without touching the store.
-    pub fn fail_nth_write(&self, n: u64, status: u16) {
-        let mut inner = self.shared.lock();
-        let at = inner.writes + n.max(1);
-        inner.faults.push((at, status));
-    }
-
-    /// Write requests received over HTTP so far (injected failures included).
-    pub fn write_count(&self) -> u64 {
-        self.shared.lock().writes
     }
 
     /// Register a bearer token TokenReview will authenticate as

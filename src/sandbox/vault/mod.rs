@@ -18,6 +18,7 @@
 //! public handle).
 
 mod auth;
+mod control;
 mod error;
 mod faults;
 mod format;
@@ -31,9 +32,12 @@ use crate::sandbox::Server;
 use crate::secret::Secret;
 use auth::{Token, TOKEN_TTL};
 use axum::body::Bytes;
+use axum::extract::State as AxState;
 use axum::Router;
 use chrono::{DateTime, Utc};
 use error::{ApiError, ApiResult, Reply};
+pub use faults::Faults;
+
 use faults::FaultState;
 use format::{percent_decode, random_alnum, secs};
 use http::{HeaderMap, Method, StatusCode, Uri};
@@ -147,16 +151,21 @@ impl VaultSim {
         }
     }
 
-    /// The HTTP API. One fallback handler, because Vault's `LIST` verb is not a method axum
-    /// routes by and KV paths contain slashes.
+    /// The HTTP API, plus the control API under `/_sim`. One fallback handler for the API,
+    /// because Vault's `LIST` verb is not a method axum routes by and KV paths contain
+    /// slashes.
     pub fn router(&self) -> Router {
-        let sim = self.clone();
-        Router::new().fallback(
-            move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
-                let sim = sim.clone();
-                async move { sim.handle_http(&method, &uri, &headers, &body) }
-            },
-        )
+        control::routes()
+            .fallback(
+                |AxState(sim): AxState<VaultSim>,
+                 method: Method,
+                 uri: Uri,
+                 headers: HeaderMap,
+                 body: Bytes| async move {
+                    sim.handle_http(&method, &uri, &headers, &body).await
+                },
+            )
+            .with_state(self.clone())
     }
 
     /// Serve [`VaultSim::router`] on `bind` (port 0 = random) until `cancel` fires.
@@ -210,7 +219,18 @@ impl VaultSim {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn handle_http(&self, method: &Method, uri: &Uri, headers: &HeaderMap, body: &[u8]) -> Reply {
+    /// The faults that need time (latency) around the synchronous handler.
+    async fn handle_http(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Reply {
+        let latency = self.lock().faults.latency();
+        if let Some(d) = latency {
+            tokio::time::sleep(d).await;
+        }
         self.handle_at(method, uri, headers, body, Utc::now())
     }
 
