@@ -203,6 +203,21 @@ impl VaultSim {
         st.write_version(path, data, Utc::now())
     }
 
+    /// Replace the key's custom metadata as a metadata write from another client would
+    /// (creating the key's metadata if needed; an empty map clears it). For seeding many
+    /// keys without a request each.
+    pub fn put_custom_metadata_raw(&self, path: &str, custom: BTreeMap<String, String>) {
+        let now = Utc::now();
+        let mut st = self.lock();
+        let entry = st
+            .entries
+            .entry(path.to_string())
+            .or_insert_with(|| Entry::new(now));
+        entry.custom_metadata = (!custom.is_empty()).then_some(custom);
+        entry.metadata_version += 1;
+        entry.updated = now;
+    }
+
     /// Current version's data, None if absent/deleted.
     pub fn read_raw(&self, path: &str) -> Option<(u64, Map<String, Value>)> {
         let st = self.lock();
