@@ -6,6 +6,8 @@
 
 pub mod consumers;
 mod control;
+
+pub use control::{Block, Blocked};
 pub mod kube;
 pub mod openai;
 pub mod scenario;

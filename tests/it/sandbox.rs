@@ -460,7 +460,7 @@ async fn sandbox_without_a_target_count_seeds_the_named_targets() {
         .unwrap();
     let names: Vec<&str> = sb.config.targets.iter().map(|t| t.name.as_str()).collect();
     assert_eq!(names, ["chatbot"]);
-    assert_eq!(sb.project_ids, [sb.project_id.clone()]);
+    assert_eq!(sb.project_ids, std::slice::from_ref(&sb.project_id));
     assert_eq!(sb.config.targets[0].workloads.len(), 2);
 }
 

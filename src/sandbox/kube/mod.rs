@@ -32,7 +32,7 @@ mod table;
 pub use crate::config::WorkloadKind;
 pub use controller::{rollout_status, RolloutStatus};
 pub use error::{FieldCause, KubeSimError};
-pub use faults::Faults;
+pub use faults::{operations, ConflictNext, FailNext, Faults, WatchDisconnect, WorkloadFaults};
 
 use discovery::Res;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
@@ -164,11 +164,16 @@ pub(crate) struct Inner {
     /// workload setting): the incremental controller must look at them.
     pub touched: BTreeSet<String>,
     pub tracker: incremental::Tracker,
+    /// Open watches by id, so the control API can close them.
+    pub watches: BTreeMap<u64, faults::WatchCtl>,
+    pub next_watch: u64,
     pub pods: HashMap<(String, String), PodRuntime>,
 }
 
 pub(crate) struct Shared {
     pub inner: Mutex<Inner>,
+    /// Calls held by `Faults::block` (outside the store lock: they wait).
+    pub holds: crate::sandbox::control::Holds,
     pub opts: KubeSimOptions,
     pub changes: watch::Receiver<u64>,
     pub pod_events: broadcast::Sender<PodEvent>,
@@ -260,8 +265,11 @@ impl KubeSim {
                     faults: faults::FaultState::default(),
                     touched: BTreeSet::new(),
                     tracker: incremental::Tracker::default(),
+                    watches: BTreeMap::new(),
+                    next_watch: 0,
                     pods: HashMap::new(),
                 }),
+                holds: Default::default(),
                 opts,
                 changes: rx,
                 pod_events,

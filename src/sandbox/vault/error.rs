@@ -12,6 +12,9 @@ pub(super) const MSG_UNSUPPORTED: &str = "1 error occurred:\n\t* unsupported ope
 pub(super) enum ApiError {
     #[error("permission denied")]
     PermissionDenied,
+    /// A 403 that says why (Kubernetes auth's binding checks).
+    #[error("{0}")]
+    Forbidden(&'static str),
     /// Vault's bare 404: `{"errors":[]}`.
     #[error("not found")]
     NotFound,
@@ -25,12 +28,21 @@ pub(super) enum ApiError {
     UnsupportedMediaType(String),
     #[error("injected fault: HTTP {0}")]
     Injected(u16),
+    #[error("Vault is sealed")]
+    Sealed,
+    /// A 500 with a message (never a request value in it).
+    #[error("{0}")]
+    Internal(String),
+    /// Vault's 405 outside KV (e.g. `GET auth/kubernetes/login`): one bare message.
+    #[error("unsupported operation")]
+    UnsupportedPlain,
 }
 
 impl ApiError {
     pub(super) fn reply(&self) -> Reply {
         let (status, errors): (StatusCode, Vec<String>) = match self {
             ApiError::PermissionDenied => (StatusCode::FORBIDDEN, vec!["permission denied".into()]),
+            ApiError::Forbidden(m) => (StatusCode::FORBIDDEN, vec![m.to_string()]),
             ApiError::NotFound => (StatusCode::NOT_FOUND, vec![]),
             ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, vec![m.clone()]),
             ApiError::Unsupported => (StatusCode::METHOD_NOT_ALLOWED, vec![MSG_UNSUPPORTED.into()]),
@@ -39,6 +51,15 @@ impl ApiError {
                 vec![format!(
                     "no handler for route \"{p}\". route entry not found."
                 )],
+            ),
+            ApiError::Internal(m) => (StatusCode::INTERNAL_SERVER_ERROR, vec![m.clone()]),
+            ApiError::Sealed => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                vec!["Vault is sealed".into()],
+            ),
+            ApiError::UnsupportedPlain => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                vec!["unsupported operation".into()],
             ),
             ApiError::UnsupportedMediaType(m) => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, vec![m.clone()])

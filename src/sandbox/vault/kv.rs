@@ -259,6 +259,7 @@ impl State {
                 )))
             }
         };
+        self.concurrent_writer(&body, path, now);
         self.check_cas(&body, path)?;
         let number = self.write_version(path, data, now);
         self.version_reply(path, number)
@@ -306,6 +307,7 @@ impl State {
         let Some(current) = current else {
             return Ok(Reply::Empty(StatusCode::NOT_FOUND));
         };
+        self.concurrent_writer(&body, path, now);
         self.check_cas(&body, path)?;
         let mut doc = Value::Object(current);
         json_patch::merge(&mut doc, &patch);

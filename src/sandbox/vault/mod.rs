@@ -30,16 +30,18 @@ mod tests;
 
 use crate::sandbox::Server;
 use crate::secret::Secret;
-use auth::{Token, TOKEN_TTL};
+use auth::{KubernetesAuth, Token};
 use axum::body::Bytes;
 use axum::extract::State as AxState;
 use axum::Router;
 use chrono::{DateTime, Utc};
+pub use control::{TokenFilter, TokenInfo};
 use error::{ApiError, ApiResult, Reply};
-pub use faults::Faults;
+pub use faults::{FailNext, Faults, Unavailable, OPERATIONS};
 
+use crate::sandbox::control::{Holds, Phase};
 use faults::FaultState;
-use format::{percent_decode, random_alnum, secs};
+use format::percent_decode;
 use http::{HeaderMap, Method, StatusCode, Uri};
 use kv::{Entry, MountConfig};
 use serde_json::{json, Map, Value};
@@ -50,7 +52,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio_util::sync::CancellationToken;
 
 #[cfg(test)]
+use auth::TOKEN_TTL;
+#[cfg(test)]
 use error::MSG_UNSUPPORTED;
+#[cfg(test)]
+use format::secs;
 #[cfg(test)]
 use format::{go_duration, go_time, parse_go_duration};
 #[cfg(test)]
@@ -69,6 +75,10 @@ const MSG_INVALID_KV_PATH: &str = "Invalid path for a versioned K/V secrets engi
 #[derive(Clone)]
 pub struct VaultSim {
     state: Arc<Mutex<State>>,
+    /// Calls held by `Faults::block` (outside the state lock: they wait).
+    holds: Arc<Holds>,
+    /// For the TokenReviews of Kubernetes logins.
+    http: reqwest::Client,
 }
 
 impl fmt::Debug for VaultSim {
@@ -84,6 +94,8 @@ struct State {
     config: MountConfig,
     entries: BTreeMap<String, Entry>,
     faults: FaultState,
+    /// Kubernetes auth mounts by path.
+    kube_auth: BTreeMap<String, KubernetesAuth>,
     cluster_name: String,
     cluster_id: String,
 }
@@ -124,20 +136,7 @@ impl VaultSim {
     pub fn new(root_token: Secret) -> Self {
         let now = Utc::now();
         let mut tokens = HashMap::new();
-        tokens.insert(
-            root_token.sha256_hex(),
-            Token {
-                value: root_token,
-                accessor: random_alnum(24),
-                policies: vec!["root".into()],
-                issued: now,
-                creation_ttl: 0,
-                period: 0,
-                expires: None,
-                renewable: false,
-                orphan: true,
-            },
-        );
+        tokens.insert(root_token.sha256_hex(), Token::root(root_token, now));
         let cluster = uuid::Uuid::new_v4().to_string();
         VaultSim {
             state: Arc::new(Mutex::new(State {
@@ -145,9 +144,12 @@ impl VaultSim {
                 config: MountConfig::default(),
                 entries: BTreeMap::new(),
                 faults: FaultState::default(),
+                kube_auth: BTreeMap::new(),
                 cluster_name: format!("vault-cluster-{}", &cluster[..8]),
                 cluster_id: cluster,
             })),
+            holds: Arc::new(Holds::default()),
+            http: reqwest::Client::new(),
         }
     }
 
@@ -181,20 +183,8 @@ impl VaultSim {
     pub fn add_token(&self, token: Secret) {
         let now = Utc::now();
         let mut st = self.lock();
-        st.tokens.insert(
-            token.sha256_hex(),
-            Token {
-                value: token,
-                accessor: random_alnum(24),
-                policies: vec!["default".into()],
-                issued: now,
-                creation_ttl: TOKEN_TTL,
-                period: TOKEN_TTL,
-                expires: Some(now + secs(TOKEN_TTL)),
-                renewable: true,
-                orphan: false,
-            },
-        );
+        st.tokens
+            .insert(token.sha256_hex(), Token::service(token, now));
     }
 
     /// Write as another client would (new version, no CAS, no fault); returns the version.
@@ -234,7 +224,8 @@ impl VaultSim {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The faults that need time (latency) around the synchronous handler.
+    /// One API request through the faults: latency, a block before the effect, a refusal
+    /// (sealed, unavailable, fail-next), the handler, a block after the effect.
     async fn handle_http(
         &self,
         method: &Method,
@@ -242,11 +233,46 @@ impl VaultSim {
         headers: &HeaderMap,
         body: &[u8],
     ) -> Reply {
+        let path = uri.path().strip_prefix("/v1/").map(percent_decode);
+        let list = method.as_str() == "LIST"
+            || (*method == Method::GET
+                && uri
+                    .query()
+                    .is_some_and(|q| q.split('&').any(|kv| kv == "list=true")));
+        let op = path
+            .as_deref()
+            .and_then(|p| faults::operation(method, p, list));
         let latency = self.lock().faults.latency();
         if let Some(d) = latency {
             tokio::time::sleep(d).await;
         }
-        self.handle_at(method, uri, headers, body, Utc::now())
+        let held_op = op.unwrap_or("other");
+        self.holds.hold(held_op, Phase::BeforeEffect).await;
+        let refused = path
+            .is_some()
+            .then(|| self.lock().faults.refuse(op))
+            .flatten();
+        let reply = match refused {
+            Some(ApiError::Sealed) if op == Some("sys.health") => {
+                self.lock().sealed_health(Utc::now())
+            }
+            Some(e) => e.reply(),
+            None => match (op, path.as_deref()) {
+                (Some("auth.login"), Some(p)) => {
+                    let mount = p
+                        .strip_prefix("auth/")
+                        .and_then(|r| r.strip_suffix("/login"))
+                        .unwrap_or("");
+                    match self.kubernetes_login(mount, method, body).await {
+                        Ok(r) => r,
+                        Err(e) => e.reply(),
+                    }
+                }
+                _ => self.handle_at(method, uri, headers, body, Utc::now()),
+            },
+        };
+        self.holds.hold(held_op, Phase::AfterEffect).await;
+        reply
     }
 
     /// The whole API as a function of the request and the clock (tests pass their own time).
@@ -293,7 +319,28 @@ impl State {
             };
         }
         let token = self.authenticate(req.headers, now)?;
+        if let Some(r) = self.kubernetes_admin(req.method, &req.path, req.body) {
+            return r;
+        }
+        if let Some(p) = req.path.strip_prefix("sys/auth/") {
+            return self.enable_auth(req.method, p, req.body);
+        }
         match req.path.as_str() {
+            "sys/seal" => {
+                return match *req.method {
+                    Method::POST | Method::PUT => {
+                        self.faults.settings.sealed = true;
+                        Ok(Reply::NoContent)
+                    }
+                    _ => Err(ApiError::Unsupported),
+                }
+            }
+            "auth/token/revoke-self" => {
+                return match *req.method {
+                    Method::POST | Method::PUT => self.revoke_self(&token),
+                    _ => Err(ApiError::Unsupported),
+                }
+            }
             "auth/token/lookup-self" => {
                 return match *req.method {
                     Method::GET | Method::POST | Method::PUT => self.lookup_self(&token, now),
