@@ -1,21 +1,27 @@
 //! An in-memory simulator of the HashiCorp Vault / OpenBao HTTP API subset the daemon uses:
-//! KV v2 at `secret/`, token lookup/renew, `sys/health`.
+//! KV v2 at `secret/`, token lookup/renew/revoke, Kubernetes auth (login through the
+//! configured Kubernetes API's TokenReview), `sys/health` and `sys/seal`.
 //!
 //! It exists so the demo needs nothing installed. Every response was modelled on what a real
 //! OpenBao 2.7.2 dev server answers (status codes, envelopes, field names, error strings,
 //! the trailing newline Go's JSON encoder writes), so vaultrs and the daemon cannot tell the
 //! difference for these operations; `tests/it/vault_contract.rs` runs one vaultrs suite
-//! against both. Not modelled: ACL policies (every known token may do everything), other
-//! mounts, response wrapping, namespaces, leases on secrets, metadata check-and-set.
+//! against both and compares raw responses (sealed mode and Kubernetes auth included). Not
+//! modelled: ACL policies (every known token may do everything), other mounts and auth
+//! methods, response wrapping, namespaces, leases on secrets, metadata check-and-set,
+//! unsealing through the API.
 //!
-//! Fault hooks on the handle let tests make writes fail ([`VaultSim::fail_nth_write`]),
-//! write "between" a client's read and its CAS write ([`VaultSim::put_raw`]) and, as a
-//! negative control, turn CAS enforcement off ([`VaultSim::fault_ignore_cas`]).
+//! Faults ([`Faults`], `PUT /_sim/faults`): latency, 5xx for the next N requests or while
+//! set, sealed, a concurrent writer before the next CAS writes, holding operations until
+//! released; tokens can be revoked mid-run (`/_sim/tokens`). Older hooks on the handle make
+//! the Nth write fail ([`VaultSim::fail_nth_write`]), write "between" a client's read and
+//! its CAS write ([`VaultSim::put_raw`]) and, as a negative control, turn CAS enforcement
+//! off ([`VaultSim::fault_ignore_cas`]).
 //!
-//! Layout: `kv` (KV v2 data, metadata, CAS, listing), `auth` (tokens, lookup/renew),
-//! `sys` (health), `faults` (fault hooks), `error` (Vault's error bodies and replies),
-//! `format` (Go-style input decoding and output formats), this file (state, routing,
-//! public handle).
+//! Layout: `kv` (KV v2 data, metadata, CAS, listing), `auth` (tokens and Kubernetes auth),
+//! `sys` (health), `faults` (fault injection and operation names), `control` (the `/_sim`
+//! API), `error` (Vault's error bodies and replies), `format` (Go-style input decoding and
+//! output formats), this file (state, routing, public handle).
 
 mod auth;
 mod control;
