@@ -951,3 +951,37 @@ async fn incremental_mode_rolls_out_waits_on_time_and_follows_handle_changes() {
             .await
     );
 }
+
+#[test]
+fn operation_names_cover_what_the_daemon_calls() {
+    let ops = operations();
+    for op in [
+        "deployments.get",
+        "deployments.patch",
+        "deployments.watch",
+        "deployments.status.update",
+        "deployments.scale.patch",
+        "statefulsets.patch",
+        "daemonsets.patch",
+        "pods.list",
+        "secrets.get",
+        "secrets.patch",
+        "events.create",
+        "leases.get",
+        "leases.update",
+        "leases.create",
+        "tokenreviews.create",
+        "discovery",
+    ] {
+        assert!(ops.iter().any(|o| o == op), "{op} missing from {ops:?}");
+    }
+    // Only verbs a resource really serves: TokenReviews are create-only.
+    assert!(!ops.iter().any(|o| o == "tokenreviews.get"));
+    let mut sorted = ops.to_vec();
+    sorted.dedup();
+    assert_eq!(
+        sorted.len(),
+        ops.len(),
+        "no duplicates (two Event APIs share names)"
+    );
+}

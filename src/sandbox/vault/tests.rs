@@ -622,3 +622,93 @@ async fn serves_list_verb_and_encoded_paths_over_http() {
     assert_eq!(v["data"]["keys"], json!(["openai"]));
     server.shutdown().await;
 }
+
+#[test]
+fn requests_map_to_the_documented_operation_names() {
+    use super::faults::operation;
+    let list = Method::from_bytes(b"LIST").expect("LIST");
+    let cases: &[(&Method, &str, bool, Option<&str>)] = &[
+        (&Method::GET, "sys/health", false, Some("sys.health")),
+        (&Method::PUT, "sys/seal", false, Some("sys.seal")),
+        (
+            &Method::POST,
+            "sys/auth/kubernetes",
+            false,
+            Some("auth.config"),
+        ),
+        (
+            &Method::POST,
+            "auth/kubernetes/config",
+            false,
+            Some("auth.config"),
+        ),
+        (
+            &Method::POST,
+            "auth/kubernetes/role/okr",
+            false,
+            Some("auth.config"),
+        ),
+        (
+            &Method::POST,
+            "auth/kubernetes/login",
+            false,
+            Some("auth.login"),
+        ),
+        (
+            &Method::GET,
+            "auth/token/lookup-self",
+            false,
+            Some("token.lookup"),
+        ),
+        (
+            &Method::POST,
+            "auth/token/renew-self",
+            false,
+            Some("token.renew"),
+        ),
+        (
+            &Method::POST,
+            "auth/token/revoke-self",
+            false,
+            Some("token.revoke"),
+        ),
+        (&Method::GET, "secret/data/a/b", false, Some("kv.read")),
+        (&Method::POST, "secret/data/a/b", false, Some("kv.write")),
+        (&Method::PATCH, "secret/data/a/b", false, Some("kv.write")),
+        (&Method::DELETE, "secret/data/a/b", false, Some("kv.delete")),
+        (
+            &Method::POST,
+            "secret/destroy/a/b",
+            false,
+            Some("kv.delete"),
+        ),
+        (
+            &Method::GET,
+            "secret/metadata/a/b",
+            false,
+            Some("kv.metadata.read"),
+        ),
+        (
+            &Method::POST,
+            "secret/metadata/a/b",
+            false,
+            Some("kv.metadata.write"),
+        ),
+        (
+            &Method::DELETE,
+            "secret/metadata/a/b",
+            false,
+            Some("kv.metadata.delete"),
+        ),
+        (&list, "secret/metadata/a", true, Some("kv.list")),
+        (&Method::GET, "secret/metadata/a", true, Some("kv.list")),
+        (&Method::GET, "secret/config", false, Some("kv.config")),
+        (&Method::GET, "nomount/x", false, None),
+    ];
+    for (m, p, l, want) in cases {
+        assert_eq!(operation(m, p, *l), *want, "{m} {p}");
+        if let Some(op) = want {
+            assert!(super::OPERATIONS.contains(op), "{op} not in OPERATIONS");
+        }
+    }
+}
