@@ -191,6 +191,21 @@ pub struct SandboxArgs {
     /// token files go beside it.
     #[arg(long)]
     pub write_config: Option<PathBuf>,
+    /// Milliseconds added to every request of all three simulators (after seeding), to see
+    /// how the daemon copes with slow backends.
+    #[arg(long, default_value_t = 0)]
+    pub latency_ms: u64,
+    /// Seed this many generated targets (`app-00001`, ...; each in its own namespace with
+    /// one 1-replica consumer Deployment) instead of the `chatbot` target.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub targets: Option<u32>,
+    /// With --targets: spread them over this many projects (default: 2 to 8, one per 250).
+    #[arg(long, requires = "targets", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub projects: Option<u32>,
+    /// Milliseconds between two OpenAI calls of one consumer pod (default 200; with
+    /// --targets, about 50 calls a second in all).
+    #[arg(long)]
+    pub consumer_interval_ms: Option<u64>,
 }
 
 /// Logs go to stderr: JSON when not on a terminal (or when asked), human text otherwise.
@@ -356,6 +371,14 @@ fn audit_verify(file: &std::path::Path) -> std::process::ExitCode {
 async fn sandbox(args: SandboxArgs) -> anyhow::Result<std::process::ExitCode> {
     use crate::sandbox::scenario::{Sandbox, SandboxOptions};
     init_tracing(LogFormat::Text);
+    let latency_ms = args.latency_ms;
+    let target_count = args.targets.map(|n| n as usize);
+    let consumer_interval = match (args.consumer_interval_ms, target_count) {
+        (Some(ms), _) => std::time::Duration::from_millis(ms),
+        (None, Some(n)) => crate::sandbox::scenario::default_consumer_interval(n),
+        (None, None) => SandboxOptions::default().consumer_interval,
+    };
+    let started = std::time::Instant::now();
     let sb = Sandbox::start(SandboxOptions {
         openai_port: args.ports.openai_port,
         vault_port: args.ports.vault_port,
@@ -363,11 +386,22 @@ async fn sandbox(args: SandboxArgs) -> anyhow::Result<std::process::ExitCode> {
         dir: args.dir,
         kubeconfig: args.kubeconfig,
         config: args.write_config,
+        latency: std::time::Duration::from_millis(latency_ms),
+        target_count,
+        projects: args.projects.map(|p| p as usize),
+        consumer_interval,
         ..Default::default()
     })
     .await
     .context("starting the sandbox")?;
     println!("openai-key-rotator sandbox is running.");
+    println!(
+        "  seeded                {} target(s) over {} project(s) in {:.1?}; consumer pods call every {:?}",
+        sb.config.targets.len(),
+        sb.project_ids.len(),
+        started.elapsed(),
+        consumer_interval
+    );
     println!(
         "  OpenAI API simulator  {}   (admin key in {})",
         sb.openai_url,
@@ -384,13 +418,21 @@ async fn sandbox(args: SandboxArgs) -> anyhow::Result<std::process::ExitCode> {
         sb.config_path.with_file_name("vault-token").display()
     );
     println!("  Kubernetes simulator  {}", sb.kube_url);
-    println!("  project               {}", sb.project_id);
+    println!("  project               {}", sb.project_ids.join(", "));
     println!("  kubeconfig            {}", sb.kubeconfig_path.display());
     println!("  daemon config         {}", sb.config_path.display());
+    if latency_ms > 0 {
+        println!(
+            "  added latency         {} ms per request, every simulator",
+            latency_ms
+        );
+    }
     println!();
     println!(
-        "Try:  kubectl --kubeconfig {} get deployments,pods",
-        sb.kubeconfig_path.display()
+        "Try:  kubectl --kubeconfig {} get deployments,pods{}",
+        sb.kubeconfig_path.display(),
+        // Generated targets each have their own namespace; the kubeconfig's is `demo`.
+        if target_count.is_some() { " -A" } else { "" }
     );
     println!(
         "      curl -s -H \"X-Vault-Token: $(cat {})\" {}/v1/secret/metadata/{}",

@@ -7,14 +7,15 @@
 //! configuration. Every call is counted; a rotation that kills a key still in use shows up as
 //! failed calls.
 
+use crate::sync::LockExt;
 use super::kube::{KubeSim, PodEvent};
 use crate::secret::Secret;
-use crate::sync::LockExt;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 /// Where a consumer pod reads its key at start.
@@ -88,12 +89,17 @@ struct State {
     pods: HashMap<WorkloadKey, CancellationToken>,
 }
 
+/// HTTP requests all consumer pods may have in flight at once: thousands of pods starting
+/// together would otherwise open a connection each and run out of file descriptors.
+const MAX_IN_FLIGHT: usize = 64;
+
 /// The consumer runtime, driven by the Kubernetes simulator's pod events.
 #[derive(Clone)]
 pub struct Consumers {
     kube: KubeSim,
     state: Arc<Mutex<State>>,
     http: reqwest::Client,
+    in_flight: Arc<Semaphore>,
     cancel: CancellationToken,
 }
 
@@ -107,6 +113,7 @@ impl Consumers {
                 .timeout(Duration::from_secs(5))
                 .build()
                 .expect("reqwest client"),
+            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             cancel,
         };
         let mut events = kube.pod_events();
@@ -118,7 +125,8 @@ impl Consumers {
                     ev = events.recv() => match ev {
                         Ok(ev) => this.on_event(ev),
                         Err(RecvError::Lagged(n)) => {
-                            tracing::error!(missed = n, "consumer runtime lagged behind pod events");
+                            tracing::warn!(missed = n, "consumer runtime lagged behind pod events; resyncing");
+                            this.resync();
                         }
                         Err(RecvError::Closed) => break,
                     }
@@ -179,27 +187,69 @@ impl Consumers {
                 pod,
                 workload: Some((_kind, name)),
                 ..
-            } => {
-                let mut state = self.state.locked();
-                let Some(reg) = state.workloads.get(&(namespace.clone(), name)) else {
-                    return;
-                };
-                let spec = reg.spec.clone();
-                let counters = reg.counters.clone();
-                let stop = self.cancel.child_token();
-                state
-                    .pods
-                    .insert((namespace.clone(), pod.clone()), stop.clone());
-                drop(state);
-                counters.pods_started.fetch_add(1, Ordering::Relaxed);
-                tokio::spawn(self.clone().run_pod(namespace, pod, spec, counters, stop));
-            }
-            PodEvent::Terminated { namespace, pod, .. } => {
-                if let Some(stop) = self.state.locked().pods.remove(&(namespace, pod)) {
-                    stop.cancel();
+            } => self.start_pod(namespace, pod, &name),
+            PodEvent::Terminated { namespace, pod, .. } => self.stop_pod(namespace, pod),
+            PodEvent::Started { .. } => {}
+        }
+    }
+
+    /// Run a consumer loop for `pod` if its workload is a consumer and it has none yet.
+    fn start_pod(&self, namespace: String, pod: String, workload: &str) {
+        let mut state = self.state.locked();
+        let key = (namespace.clone(), pod.clone());
+        if state.pods.contains_key(&key) {
+            return;
+        }
+        let Some(reg) = state
+            .workloads
+            .get(&(namespace.clone(), workload.to_string()))
+        else {
+            return;
+        };
+        let spec = reg.spec.clone();
+        let counters = reg.counters.clone();
+        let stop = self.cancel.child_token();
+        state.pods.insert(key, stop.clone());
+        drop(state);
+        counters.pods_started.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(self.clone().run_pod(namespace, pod, spec, counters, stop));
+    }
+
+    fn stop_pod(&self, namespace: String, pod: String) {
+        if let Some(stop) = self.state.locked().pods.remove(&(namespace, pod)) {
+            stop.cancel();
+        }
+    }
+
+    /// After missing pod events: rebuild the running set from the pods that exist now.
+    fn resync(&self) {
+        let namespaces: std::collections::BTreeSet<String> = {
+            let state = self.state.locked();
+            state.workloads.keys().map(|(ns, _)| ns.clone()).collect()
+        };
+        let mut live = std::collections::HashSet::new();
+        for ns in namespaces {
+            for p in self.kube.pod_owners(&ns) {
+                match p.workload {
+                    Some((_, workload)) if !p.terminating => {
+                        live.insert((ns.clone(), p.name.clone()));
+                        self.start_pod(ns.clone(), p.name, &workload);
+                    }
+                    _ => {}
                 }
             }
-            PodEvent::Started { .. } => {}
+        }
+        let gone: Vec<WorkloadKey> = {
+            let state = self.state.locked();
+            state
+                .pods
+                .keys()
+                .filter(|k| !live.contains(*k))
+                .cloned()
+                .collect()
+        };
+        for (ns, pod) in gone {
+            self.stop_pod(ns, pod);
         }
     }
 
@@ -229,7 +279,10 @@ impl Consumers {
         loop {
             let outcome = tokio::select! {
                 _ = stop.cancelled() => return,
-                r = self.http.get(&url).bearer_auth(key.expose()).send() => r,
+                r = async {
+                    let _permit = self.in_flight.acquire().await;
+                    self.http.get(&url).bearer_auth(key.expose()).send().await
+                } => r,
             };
             match outcome {
                 Ok(resp) if resp.status().is_success() => {
@@ -272,6 +325,7 @@ impl Consumers {
                     mount.trim_matches('/'),
                     path.trim_matches('/')
                 );
+                let _permit = self.in_flight.acquire().await;
                 let resp = self
                     .http
                     .get(&url)

@@ -5,6 +5,9 @@
 //! real clients (and clients nobody here wrote: kubectl, vaultrs, Prism) talk to it.
 
 pub mod consumers;
+mod control;
+
+pub use control::{Block, Blocked};
 pub mod kube;
 pub mod openai;
 pub mod scenario;

@@ -6,7 +6,7 @@
 
 use super::consumers::{ConsumerSpec, Consumers, KeySource};
 use super::kube::{KubeSim, KubeSimOptions};
-use super::openai::OpenAiSim;
+use super::openai::{FaultScope, Faults, OpenAiSim};
 use super::vault::VaultSim;
 use super::{loopback, Server};
 use crate::config::{
@@ -67,10 +67,21 @@ pub struct SandboxOptions {
     pub consumer_interval: Duration,
     /// Time a new pod takes to become ready.
     pub pod_ready_delay: Duration,
-    /// Targets to seed; each gets two consumer Deployments `<name>-api` and `<name>-worker`.
+    /// Targets to seed; each gets two consumer Deployments `<name>-api` and `<name>-worker`
+    /// (2 replicas each) in namespace [`NAMESPACE`].
     pub targets: Vec<String>,
+    /// Instead of `targets`: this many generated targets for scale tests, named
+    /// [`generated_target_name`] (`app-00001`, ...), each with its own namespace of that
+    /// name holding one consumer Deployment `<name>-api` with 1 replica, its own Vault path
+    /// `apps/<name>/openai`, spread over `projects` projects.
+    pub target_count: Option<usize>,
+    /// With `target_count`: how many projects (default [`default_projects`]).
+    pub projects: Option<usize>,
     /// Use this Vault (address, token) instead of the simulator, e.g. a real OpenBao in tests.
     pub external_vault: Option<(String, Secret)>,
+    /// Added to every request of all three simulators once seeding is done (the OpenAI
+    /// one: Admin API and data plane). Zero = none.
+    pub latency: Duration,
 }
 
 impl Default for SandboxOptions {
@@ -87,6 +98,9 @@ impl Default for SandboxOptions {
             pod_ready_delay: Duration::from_millis(500),
             targets: vec!["chatbot".into()],
             external_vault: None,
+            latency: Duration::ZERO,
+            target_count: None,
+            projects: None,
         }
     }
 }
@@ -106,6 +120,24 @@ impl SandboxOptions {
     }
 }
 
+/// The name of generated target `i` (1-based): `app-00001`.
+pub fn generated_target_name(i: usize) -> String {
+    format!("app-{i:05}")
+}
+
+/// Projects the generated targets spread over by default: a few (2 to 8, one per 250
+/// targets), never more than the targets.
+pub fn default_projects(targets: usize) -> usize {
+    targets.div_ceil(250).clamp(2, 8).min(targets.max(1))
+}
+
+/// A consumer call interval for `targets` generated targets: about 50 data-plane calls a
+/// second in all (at least 200 ms per pod), so a large sandbox does not saturate the machine.
+pub fn default_consumer_interval(targets: usize) -> Duration {
+    Duration::from_millis(200)
+        .max(Duration::from_millis(20) * u32::try_from(targets).unwrap_or(u32::MAX))
+}
+
 /// A running, seeded sandbox. Dropping it stops every simulator and consumer.
 pub struct Sandbox {
     pub openai: OpenAiSim,
@@ -113,7 +145,10 @@ pub struct Sandbox {
     pub vault: Option<VaultSim>,
     pub kube: KubeSim,
     pub consumers: Consumers,
+    /// The first project (the only one unless targets were generated).
     pub project_id: String,
+    /// Every seeded project, `project_id` first.
+    pub project_ids: Vec<String>,
     pub openai_url: String,
     pub vault_url: String,
     pub kube_url: String,
@@ -153,6 +188,10 @@ impl Sandbox {
         let vault = VaultSim::new(vault_token.clone());
         let kube = KubeSim::new(KubeSimOptions {
             pod_ready_delay: opts.pod_ready_delay,
+            // Thousands of workloads: reconcile only what changed (each target has its own
+            // namespace), and never hold the store long.
+            incremental: opts.target_count.is_some(),
+            full_resync: Duration::from_secs(600),
             ..Default::default()
         });
         let bind_err = |what, port| move |source| SandboxError::Bind { what, port, source };
@@ -173,8 +212,9 @@ impl Sandbox {
                 (Some(vault), url)
             }
         };
+        // The controller starts once everything is seeded (see below).
         let kube_srv = kube
-            .serve(loopback(opts.kube_port), cancel.child_token())
+            .serve_api(loopback(opts.kube_port), cancel.child_token())
             .await
             .map_err(bind_err("Kubernetes", opts.kube_port))?;
         let consumers = Consumers::start(&kube, cancel.child_token());
@@ -199,7 +239,16 @@ impl Sandbox {
         let admin_key_file = files_dir.join("openai-admin-key");
         let vault_token_file = files_dir.join("vault-token");
 
-        let project_id = openai.create_project("Sandbox project");
+        let project_ids: Vec<String> = match opts.target_count {
+            None => vec![openai.create_project("Sandbox project")],
+            Some(n) => {
+                let p = opts.projects.unwrap_or_else(|| default_projects(n)).max(1);
+                (1..=p)
+                    .map(|i| openai.create_project(&format!("Sandbox project {i}")))
+                    .collect()
+            }
+        };
+        let project_id = project_ids[0].clone();
         let mut sandbox = Sandbox {
             openai_url: format!("{}/v1", openai_srv.url()),
             vault_url,
@@ -209,6 +258,7 @@ impl Sandbox {
             kube,
             consumers,
             project_id,
+            project_ids,
             admin_key,
             vault_token,
             config: Config {
@@ -234,9 +284,40 @@ impl Sandbox {
             },
         };
 
-        for name in &opts.targets {
-            let target = sandbox.seed_target(name, &opts).await?;
-            sandbox.config.targets.push(target);
+        let http = reqwest::Client::new();
+        match opts.target_count {
+            None => {
+                for name in &opts.targets {
+                    let spec = TargetSpec {
+                        name,
+                        project_id: &sandbox.project_id,
+                        namespace: NAMESPACE,
+                        vault_path: format!("{NAMESPACE}/{name}/openai"),
+                        workloads: &[("api", 2), ("worker", 2)],
+                        jitter: DurationStr::default(),
+                    };
+                    let target = sandbox.seed_target(spec, &opts, &http).await?;
+                    sandbox.config.targets.push(target);
+                }
+            }
+            Some(n) => {
+                for i in 1..=n {
+                    let name = generated_target_name(i);
+                    let project_id =
+                        sandbox.project_ids[(i - 1) % sandbox.project_ids.len()].clone();
+                    let spec = TargetSpec {
+                        name: &name,
+                        project_id: &project_id,
+                        namespace: &name,
+                        vault_path: format!("apps/{name}/openai"),
+                        workloads: &[("api", 1)],
+                        // One schedule for thousands of targets: spread their rotations.
+                        jitter: DurationStr::from_secs(240),
+                    };
+                    let target = sandbox.seed_target(spec, &opts, &http).await?;
+                    sandbox.config.targets.push(target);
+                }
+            }
         }
 
         let c = &mut sandbox.config;
@@ -279,61 +360,71 @@ impl Sandbox {
             what: "config".into(),
             message: e.to_string(),
         })?;
+        sandbox.kube.start_controller(sandbox.cancel.child_token());
+        // Last, so seeding itself is not slowed down.
+        if !opts.latency.is_zero() {
+            sandbox
+                .openai
+                .set_faults(Faults::latency(opts.latency).in_scope(FaultScope::Both));
+            if let Some(v) = &sandbox.vault {
+                v.set_latency(opts.latency);
+            }
+            sandbox.kube.set_latency(opts.latency);
+        }
         Ok(sandbox)
     }
 
     /// Seed one target: a live service account whose key is current in Vault (with the
-    /// metadata the daemon reads), and two consumer Deployments reading it.
-    async fn seed_target(&self, name: &str, opts: &SandboxOptions) -> Result<Target, SandboxError> {
+    /// metadata the daemon reads), and consumer Deployments reading it.
+    async fn seed_target(
+        &self,
+        spec: TargetSpec<'_>,
+        opts: &SandboxOptions,
+        http: &reqwest::Client,
+    ) -> Result<Target, SandboxError> {
+        let name = spec.name;
         let seed_err = |message: String| SandboxError::Seed {
             what: format!("target {name}"),
             message,
         };
-        let vault_path = format!("{NAMESPACE}/{name}/openai");
+        let vault_path = spec.vault_path;
         let (account, key) = self
             .openai
-            .create_service_account(&self.project_id, &format!("{name}-initial"))
+            .create_service_account(spec.project_id, &format!("{name}-initial"))
             .map_err(|e| seed_err(e.to_string()))?;
-        let http = reqwest::Client::new();
-        let resp = http
-            .post(format!("{}/v1/secret/data/{vault_path}", self.vault_url))
-            .header("X-Vault-Token", self.vault_token.expose())
-            .json(&serde_json::json!({ "data": { "api_key": key.expose() } }))
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await
-            .map_err(|e| seed_err(format!("vault write: {}", e.without_url())))?;
-        if !resp.status().is_success() {
-            return Err(seed_err(format!("vault write: HTTP {}", resp.status())));
-        }
-        let custom = serde_json::json!({
-            meta::SERVICE_ACCOUNT_ID: account.id,
-            meta::KEY_ID: account.key_id,
-            meta::ROTATION_ID: "seed",
-            meta::KEY_CREATED_AT: chrono::DateTime::from_timestamp(account.created_at, 0)
-                .unwrap_or_default()
-                .to_rfc3339(),
-        });
-        let resp = reqwest::Client::new()
-            .post(format!(
-                "{}/v1/secret/metadata/{vault_path}",
-                self.vault_url
-            ))
-            .header("X-Vault-Token", self.vault_token.expose())
-            .json(&serde_json::json!({ "custom_metadata": custom }))
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await
-            .map_err(|e| seed_err(format!("vault metadata: {e}")))?;
-        if !resp.status().is_success() {
-            return Err(seed_err(format!("vault metadata: HTTP {}", resp.status())));
+        let custom: BTreeMap<String, String> = [
+            (meta::SERVICE_ACCOUNT_ID, account.id.clone()),
+            (meta::KEY_ID, account.key_id.clone().unwrap_or_default()),
+            (meta::ROTATION_ID, "seed".to_string()),
+            (
+                meta::KEY_CREATED_AT,
+                chrono::DateTime::from_timestamp(account.created_at, 0)
+                    .unwrap_or_default()
+                    .to_rfc3339(),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        match &self.vault {
+            // In process: thousands of targets seed in moments, to the same state.
+            Some(sim) => {
+                let mut data = serde_json::Map::new();
+                data.insert("api_key".into(), key.expose().into());
+                sim.put_raw(&vault_path, data);
+                sim.put_custom_metadata_raw(&vault_path, custom);
+            }
+            None => self
+                .seed_external_vault(http, &vault_path, &key, &custom)
+                .await
+                .map_err(seed_err)?,
         }
 
         let mut workloads = Vec::new();
-        for (suffix, replicas) in [("api", 2), ("worker", 2)] {
+        for (suffix, replicas) in spec.workloads {
             let deploy = format!("{name}-{suffix}");
             self.consumers.add(
-                NAMESPACE,
+                spec.namespace,
                 &deploy,
                 ConsumerSpec {
                     source: KeySource::Vault {
@@ -348,29 +439,70 @@ impl Sandbox {
                 },
             );
             self.kube
-                .create_deployment(consumer_deployment(&deploy, replicas, &vault_path))
+                .create_deployment(consumer_deployment_in(
+                    spec.namespace,
+                    &deploy,
+                    *replicas,
+                    &vault_path,
+                ))
                 .map_err(|e| seed_err(format!("deployment {deploy}: {e}")))?;
             workloads.push(WorkloadRef {
-                namespace: NAMESPACE.into(),
+                namespace: spec.namespace.into(),
                 kind: crate::config::WorkloadKind::Deployment,
                 name: deploy,
             });
         }
         Ok(Target {
             name: name.to_string(),
-            project_id: self.project_id.clone(),
+            project_id: spec.project_id.to_string(),
             vault_path,
             vault_field: "api_key".into(),
             workloads,
             synced_secret: None,
             schedule: Some(opts.schedule.parse::<CronSchedule>().map_err(seed_err)?),
             max_key_age: None,
-            jitter: DurationStr::default(),
+            jitter: spec.jitter,
             grace_period: DurationStr::from_secs(2),
             drain: None,
             smoke_probes: Vec::new(),
             rollout_timeout: DurationStr::from_secs(60),
         })
+    }
+
+    /// Write a seeded key and its custom metadata to a real Vault over HTTP.
+    async fn seed_external_vault(
+        &self,
+        http: &reqwest::Client,
+        vault_path: &str,
+        key: &Secret,
+        custom: &BTreeMap<String, String>,
+    ) -> Result<(), String> {
+        let resp = http
+            .post(format!("{}/v1/secret/data/{vault_path}", self.vault_url))
+            .header("X-Vault-Token", self.vault_token.expose())
+            .json(&serde_json::json!({ "data": { "api_key": key.expose() } }))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .map_err(|e| format!("vault write: {}", e.without_url()))?;
+        if !resp.status().is_success() {
+            return Err(format!("vault write: HTTP {}", resp.status()));
+        }
+        let resp = http
+            .post(format!(
+                "{}/v1/secret/metadata/{vault_path}",
+                self.vault_url
+            ))
+            .header("X-Vault-Token", self.vault_token.expose())
+            .json(&serde_json::json!({ "custom_metadata": custom }))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .map_err(|e| format!("vault metadata: {}", e.without_url()))?;
+        if !resp.status().is_success() {
+            return Err(format!("vault metadata: HTTP {}", resp.status()));
+        }
+        Ok(())
     }
 
     /// Wait until every seeded Deployment has completed its first rollout.
@@ -398,11 +530,16 @@ impl Sandbox {
 /// A Deployment like a real app's: 2 replicas, a rolling update that never drops below the
 /// desired count (maxUnavailable 0, maxSurge 1), the key's Vault path as an annotation.
 pub fn consumer_deployment(name: &str, replicas: i32, vault_path: &str) -> Deployment {
+    consumer_deployment_in(NAMESPACE, name, replicas, vault_path)
+}
+
+/// [`consumer_deployment`] in namespace `ns`.
+pub fn consumer_deployment_in(ns: &str, name: &str, replicas: i32, vault_path: &str) -> Deployment {
     let labels: BTreeMap<String, String> = [("app".to_string(), name.to_string())].into();
     Deployment {
         metadata: ObjectMeta {
             name: Some(name.into()),
-            namespace: Some(NAMESPACE.into()),
+            namespace: Some(ns.into()),
             labels: Some(labels.clone()),
             ..Default::default()
         },
@@ -445,6 +582,17 @@ pub fn consumer_deployment(name: &str, replicas: i32, vault_path: &str) -> Deplo
         }),
         status: None,
     }
+}
+
+/// What one seeded target consists of.
+struct TargetSpec<'a> {
+    name: &'a str,
+    project_id: &'a str,
+    namespace: &'a str,
+    vault_path: String,
+    /// (suffix, replicas) of its consumer Deployments `<name>-<suffix>`.
+    workloads: &'a [(&'static str, i32)],
+    jitter: DurationStr,
 }
 
 /// Write a file only its owner can read (it may hold a key or token).

@@ -15,5 +15,6 @@ mod openai_client;
 mod openai_sim;
 mod rotation_e2e;
 mod sandbox;
+mod sim_faults;
 mod vault_contract;
 mod vault_store;

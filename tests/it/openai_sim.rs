@@ -395,6 +395,19 @@ async fn openai_sim_satisfies_the_official_description_through_prism() {
         assert!(h.contains_key(name), "{name} missing: {h:?}");
     }
     assert_error_shape(&v, "requests", Some("rate_limit_exceeded"));
+    // Under a rate limit every Admin API answer carries the x-ratelimit headers, and the
+    // description still holds for the successful ones.
+    sim.set_faults(Faults::rate_limit(100));
+    let (s, h, v) = c
+        .send(
+            "projects.list with rate-limit headers",
+            admin(http.get(format!("{p}/organization/projects"))),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(h["x-ratelimit-limit-requests"], "100");
+    assert_eq!(h["x-ratelimit-remaining-requests"], "99");
+    assert!(h.contains_key("x-ratelimit-reset-requests"));
     sim.clear_faults();
 
     // Delete through Prism; the key dies.

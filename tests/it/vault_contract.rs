@@ -638,28 +638,34 @@ const VOLATILE: &[&str] = &[
     "expire_time",
 ];
 
-/// Replace volatile values by their shape so the rest can be compared for equality.
-fn normalise(v: &Value) -> Value {
+/// Replace volatile values (and those named in `extra`) by their shape so the rest can be
+/// compared for equality.
+fn normalise(v: &Value, extra: &[&str]) -> Value {
     match v {
         Value::Object(m) => Value::Object(
             m.iter()
                 .map(|(k, v)| {
-                    let n = if VOLATILE.contains(&k.as_str()) {
+                    let n = if VOLATILE.contains(&k.as_str()) || extra.contains(&k.as_str()) {
                         shape(v)
                     } else {
-                        normalise(v)
+                        normalise(v, extra)
                     };
                     (k.clone(), n)
                 })
                 .collect(),
         ),
-        Value::Array(a) => Value::Array(a.iter().map(normalise).collect()),
+        Value::Array(a) => Value::Array(a.iter().map(|v| normalise(v, extra)).collect()),
         other => other.clone(),
     }
 }
 
 /// Differences between two scripted runs, one line per mismatch (empty = indistinguishable).
 fn differences(sim: &[Seen], real: &[Seen]) -> Vec<String> {
+    differences_with(sim, real, &[])
+}
+
+/// [`differences`], with more fields treated as volatile.
+fn differences_with(sim: &[Seen], real: &[Seen], extra: &[&str]) -> Vec<String> {
     let mut out = Vec::new();
     for (s, r) in sim.iter().zip(real) {
         let l = s.label;
@@ -688,11 +694,11 @@ fn differences(sim: &[Seen], real: &[Seen]) -> Vec<String> {
             out.push(format!("{l}: body is not JSON on one side"));
             continue;
         };
-        if normalise(&sj) != normalise(&rj) {
+        if normalise(&sj, extra) != normalise(&rj, extra) {
             out.push(format!(
                 "{l}:\n  sim  {}\n  real {}",
-                normalise(&sj),
-                normalise(&rj)
+                normalise(&sj, extra),
+                normalise(&rj, extra)
             ));
         }
     }
@@ -742,4 +748,232 @@ fn vault_shape_comparison_catches_a_missing_field() {
         ..seen(good)
     };
     assert_eq!(differences(&[no_newline], &[seen(good)]).len(), 1);
+}
+
+// ---- sealed mode and Kubernetes auth, against OpenBao -----------------------------------
+
+/// Raw requests a client may send to a sealed server.
+async fn sealed_script(addr: &str, token: &str) -> Vec<Seen> {
+    let http = reqwest::Client::new();
+    let with = |m: reqwest::Method, path: &str| {
+        http.request(m, format!("{addr}/v1/{path}"))
+            .header("X-Vault-Token", token)
+    };
+    let list = reqwest::Method::from_bytes(b"LIST").expect("LIST method");
+    vec![
+        fetch("health", http.get(format!("{addr}/v1/sys/health"))).await,
+        fetch("read", with(reqwest::Method::GET, "secret/data/a/b")).await,
+        fetch(
+            "write",
+            with(reqwest::Method::POST, "secret/data/a/b").body(r#"{"data":{"k":"v"}}"#),
+        )
+        .await,
+        fetch("list", with(list, "secret/metadata/a")).await,
+        fetch(
+            "metadata",
+            with(reqwest::Method::GET, "secret/metadata/a/b"),
+        )
+        .await,
+        fetch(
+            "lookup-self",
+            with(reqwest::Method::GET, "auth/token/lookup-self"),
+        )
+        .await,
+        fetch(
+            "renew-self",
+            with(reqwest::Method::POST, "auth/token/renew-self"),
+        )
+        .await,
+        fetch(
+            "login",
+            http.post(format!("{addr}/v1/auth/kubernetes/login"))
+                .body(r#"{"role":"okr","jwt":"x"}"#),
+        )
+        .await,
+        fetch("no token", http.get(format!("{addr}/v1/secret/data/a/b"))).await,
+        fetch("unknown path", with(reqwest::Method::GET, "nomount/x")).await,
+    ]
+}
+
+#[tokio::test]
+async fn vault_sim_sealed_responses_match_openbao() {
+    let bao = support::start_bao().await;
+    vaultrs::sys::seal(&client(&bao.addr, &bao.token))
+        .await
+        .expect("seal OpenBao");
+    let (sim, server) = serve_sim("root").await;
+    let real = sealed_script(&bao.addr, &bao.token).await;
+    // Negative control: an unsealed simulator is told apart.
+    let unsealed = sealed_script(&server.url(), "root").await;
+    let diff = differences(&unsealed, &real);
+    assert!(
+        diff.iter()
+            .any(|d| d.starts_with("health: status sim 200 vs real 503")),
+        "{diff:?}"
+    );
+    sim.set_faults(openai_key_rotator::sandbox::vault::Faults::sealed());
+    let sealed = sealed_script(&server.url(), "root").await;
+    let diff = differences(&sealed, &real);
+    assert!(
+        diff.is_empty(),
+        "sealed simulator differs from a sealed OpenBao:\n{}",
+        diff.join("\n")
+    );
+}
+
+/// Raw requests of a Kubernetes-auth client and operator: logins that work and fail, and
+/// what a logged-in token can do. `jwt` is registered with the TokenReview, `stranger` not.
+async fn kubernetes_auth_script(addr: &str, jwt: &str, stranger: &str) -> Vec<Seen> {
+    let http = reqwest::Client::new();
+    let login = |label: &'static str, mount: &str, body: Value| {
+        fetch(
+            label,
+            http.post(format!("{addr}/v1/auth/{mount}/login"))
+                .body(body.to_string()),
+        )
+    };
+    let mut seen = vec![login("login", "kubernetes", json!({"role": "okr", "jwt": jwt})).await];
+    let token = serde_json::from_str::<Value>(&seen[0].body)
+        .ok()
+        .and_then(|v| v["auth"]["client_token"].as_str().map(str::to_string))
+        .unwrap_or_default();
+    seen.push(
+        login(
+            "rejected jwt",
+            "kubernetes",
+            json!({"role": "okr", "jwt": stranger}),
+        )
+        .await,
+    );
+    seen.push(
+        login(
+            "unknown role",
+            "kubernetes",
+            json!({"role": "nope", "jwt": jwt}),
+        )
+        .await,
+    );
+    seen.push(login("missing role", "kubernetes", json!({"jwt": jwt})).await);
+    seen.push(login("missing jwt", "kubernetes", json!({"role": "okr"})).await);
+    seen.push(
+        login(
+            "not a jwt",
+            "kubernetes",
+            json!({"role": "okr", "jwt": "garbage"}),
+        )
+        .await,
+    );
+    seen.push(
+        login(
+            "name not bound",
+            "kubernetes",
+            json!({"role": "elsewhere", "jwt": jwt}),
+        )
+        .await,
+    );
+    seen.push(
+        login(
+            "namespace not bound",
+            "kubernetes",
+            json!({"role": "other-ns", "jwt": jwt}),
+        )
+        .await,
+    );
+    seen.push(
+        login(
+            "unknown mount",
+            "nomount",
+            json!({"role": "okr", "jwt": jwt}),
+        )
+        .await,
+    );
+    seen.push(
+        fetch(
+            "login via GET",
+            http.get(format!("{addr}/v1/auth/kubernetes/login")),
+        )
+        .await,
+    );
+    let with = |m: reqwest::Method, path: &str| {
+        http.request(m, format!("{addr}/v1/{path}"))
+            .header("X-Vault-Token", &token)
+    };
+    seen.push(
+        fetch(
+            "lookup-self",
+            with(reqwest::Method::GET, "auth/token/lookup-self"),
+        )
+        .await,
+    );
+    seen.push(
+        fetch(
+            "renew-self",
+            with(reqwest::Method::POST, "auth/token/renew-self").body("{}"),
+        )
+        .await,
+    );
+    seen.push(
+        fetch(
+            "revoke-self",
+            with(reqwest::Method::POST, "auth/token/revoke-self"),
+        )
+        .await,
+    );
+    seen.push(
+        fetch(
+            "after revoke",
+            with(reqwest::Method::GET, "auth/token/lookup-self"),
+        )
+        .await,
+    );
+    seen
+}
+
+#[tokio::test]
+async fn vault_sim_kubernetes_auth_matches_openbao() {
+    use crate::sim_faults::{registered_jwt, serve_kube, setup_kubernetes_auth};
+    let (kube, kube_server) = serve_kube().await;
+    let jwt = registered_jwt(&kube);
+    // Claims of the same service account, but not registered: the review says no.
+    let stranger = {
+        let mut parts: Vec<&str> = jwt.split('.').collect();
+        parts[2] = "c3RyYW5nZXI";
+        parts.join(".")
+    };
+    let bao = support::start_bao().await;
+    let (_sim, server) = serve_sim("root").await;
+    let roles = [
+        (
+            "elsewhere",
+            json!({"bound_service_account_names": "someone-else",
+                   "bound_service_account_namespaces": "okr"}),
+        ),
+        (
+            "other-ns",
+            json!({"bound_service_account_names": "*",
+                   "bound_service_account_namespaces": "other"}),
+        ),
+    ];
+    for addr in [bao.addr.as_str(), &server.url()] {
+        setup_kubernetes_auth(addr, &kube_server.url(), json!({})).await;
+        for (name, body) in &roles {
+            let r = reqwest::Client::new()
+                .post(format!("{addr}/v1/auth/kubernetes/role/{name}"))
+                .header("X-Vault-Token", "root")
+                .json(body)
+                .send()
+                .await
+                .unwrap();
+            assert!(r.status().is_success());
+        }
+    }
+    let real = kubernetes_auth_script(&bao.addr, &jwt, &stranger).await;
+    let sim = kubernetes_auth_script(&server.url(), &jwt, &stranger).await;
+    assert_eq!(real[0].status, 200, "OpenBao login: {}", real[0].body);
+    let diff = differences_with(&sim, &real, &["client_token", "entity_id", "id", "ttl"]);
+    assert!(
+        diff.is_empty(),
+        "simulator's Kubernetes auth differs from OpenBao:\n{}",
+        diff.join("\n")
+    );
 }

@@ -45,6 +45,11 @@ pub(crate) fn router(shared: Arc<Shared>, cancel: CancellationToken) -> Router {
         )
         .route("/api/{*rest}", any(dispatch))
         .route("/apis/{*rest}", any(dispatch))
+        .route_layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            super::faults::layer,
+        ))
+        .merge(super::faults::routes().with_state(shared.clone()))
         .fallback(|| async { (StatusCode::NOT_FOUND, "404 page not found\n") })
         .with_state(AppState { shared, cancel })
 }
@@ -58,7 +63,7 @@ fn json_resp(code: StatusCode, v: &Value) -> Response {
         .into_response()
 }
 
-fn err_resp(e: &KubeSimError) -> Response {
+pub(crate) fn err_resp(e: &KubeSimError) -> Response {
     json_resp(e.status_code(), &e.to_status())
 }
 
@@ -80,7 +85,7 @@ async fn core_versions(headers: HeaderMap) -> Response {
 }
 
 /// Where a request points.
-enum Route {
+pub(crate) enum Route {
     Discovery(String, String),
     GroupDoc(String),
     Collection {
@@ -95,7 +100,7 @@ enum Route {
     },
 }
 
-fn parse_route(path: &str) -> Option<Route> {
+pub(crate) fn parse_route(path: &str) -> Option<Route> {
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     let (group, version, rest) = match segs.as_slice() {
         ["api", version, rest @ ..] => ("", *version, rest),
@@ -281,14 +286,7 @@ async fn dispatch(
 
 /// Count a write request and fire an injected fault if this is its turn.
 fn count_write(shared: &Shared) -> Result<(), KubeSimError> {
-    let mut inner = shared.lock();
-    inner.writes += 1;
-    let n = inner.writes;
-    if let Some(pos) = inner.faults.iter().position(|(at, _)| *at == n) {
-        let (_, code) = inner.faults.remove(pos);
-        return Err(KubeSimError::Injected { code });
-    }
-    Ok(())
+    shared.lock().faults.on_write()
 }
 
 type ApiResult = Result<(StatusCode, Value), KubeSimError>;
@@ -878,7 +876,29 @@ fn watch(
 
     let shared = st.shared.clone();
     let cancel = st.cancel.clone();
+    // Registered so the control API can close it; unregistered when the task ends.
+    let (stop_tx, mut stop) = tokio::sync::watch::channel(None::<u64>);
+    let id = {
+        let mut inner = shared.lock();
+        inner.next_watch += 1;
+        let id = inner.next_watch;
+        inner.watches.insert(
+            id,
+            super::faults::WatchCtl {
+                resource: info.plural,
+                stop: stop_tx,
+            },
+        );
+        id
+    };
     tokio::spawn(async move {
+        struct Registered(Arc<Shared>, u64);
+        impl Drop for Registered {
+            fn drop(&mut self) {
+                self.0.lock().watches.remove(&self.1);
+            }
+        }
+        let _registered = Registered(shared.clone(), id);
         for line in initial {
             if tx.send(Ok(line)).await.is_err() {
                 return;
@@ -887,6 +907,8 @@ fn watch(
         if expired {
             return;
         }
+        // Events left before a disconnect the control API asked for (`None`: no limit).
+        let mut budget: Option<u64> = *stop.borrow_and_update();
         let deadline = tokio::time::sleep(timeout);
         tokio::pin!(deadline);
         let mut ticker = tokio::time::interval(shared.opts.bookmark_interval);
@@ -895,6 +917,9 @@ fn watch(
         // Catch up on anything between the snapshot and now, then follow notifications.
         let mut pending = true;
         loop {
+            if budget == Some(0) {
+                return;
+            }
             if pending {
                 pending = false;
                 let batch = {
@@ -930,10 +955,22 @@ fn watch(
                     if tx.send(Ok(line(kind, &c.obj))).await.is_err() {
                         return;
                     }
+                    if let Some(left) = &mut budget {
+                        *left = left.saturating_sub(1);
+                        if *left == 0 {
+                            return;
+                        }
+                    }
                 }
             }
             tokio::select! {
                 _ = cancel.cancelled() => return,
+                r = stop.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    budget = *stop.borrow_and_update();
+                }
                 _ = &mut deadline => return,
                 _ = tx.closed() => return,
                 _ = ticker.tick(), if bookmarks => {

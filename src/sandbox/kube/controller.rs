@@ -21,6 +21,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 pub const REVISION: &str = "deployment.kubernetes.io/revision";
@@ -201,12 +202,46 @@ pub(super) fn is_terminating(obj: &Value) -> bool {
 /// One controller pass: kubelet, garbage collector, ReplicaSets, Deployments,
 /// StatefulSets, DaemonSets.
 pub(crate) fn reconcile(inner: &mut Inner, opts: &KubeSimOptions, now: Instant) {
-    kubelet(inner, opts, now);
-    collect_garbage(&mut inner.store);
-    replica_sets(inner, now);
-    deployments(&mut inner.store);
-    super::statefulset::sync_all(inner, now);
-    super::daemonset::sync_all(inner, opts, now);
+    reconcile_in(inner, opts, now, Scope::All);
+}
+
+/// One pass of every controller over the namespaces in `scope`. Each controller only
+/// relates objects within one namespace, so a pass over some namespaces is the full pass
+/// restricted to them.
+pub(crate) fn reconcile_in(inner: &mut Inner, opts: &KubeSimOptions, now: Instant, scope: Scope) {
+    kubelet(inner, opts, now, scope);
+    collect_garbage(&mut inner.store, scope);
+    replica_sets(inner, now, scope);
+    deployments(&mut inner.store, scope);
+    super::statefulset::sync_all(inner, now, scope);
+    super::daemonset::sync_all(inner, opts, now, scope);
+}
+
+/// The namespaces a controller pass covers.
+#[derive(Clone, Copy)]
+pub(crate) enum Scope<'a> {
+    All,
+    Namespaces(&'a BTreeSet<String>),
+}
+
+impl Scope<'_> {
+    /// The objects of `res` in scope, ordered by namespace then name.
+    pub fn list<'s>(&self, store: &'s Store, res: Res) -> Vec<&'s Value> {
+        match self {
+            Scope::All => store.list(res, None),
+            Scope::Namespaces(set) => set
+                .iter()
+                .flat_map(|ns| store.list(res, Some(ns)))
+                .collect(),
+        }
+    }
+
+    pub fn covers(&self, ns: &str) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Namespaces(set) => set.contains(ns),
+        }
+    }
 }
 
 /// A pod is available once it has been ready for `min_ready` (`IsPodAvailable`).
@@ -230,10 +265,9 @@ pub(super) fn pod_is_available(
 // ---------------------------------------------------------------------------------------
 // kubelet
 
-fn kubelet(inner: &mut Inner, opts: &KubeSimOptions, now: Instant) {
-    let pods: Vec<Value> = inner
-        .store
-        .list(Res::Pod, None)
+fn kubelet(inner: &mut Inner, opts: &KubeSimOptions, now: Instant, scope: Scope) {
+    let pods: Vec<Value> = scope
+        .list(&inner.store, Res::Pod)
         .into_iter()
         .cloned()
         .collect();
@@ -246,8 +280,12 @@ fn kubelet(inner: &mut Inner, opts: &KubeSimOptions, now: Instant) {
             )
         })
         .collect();
-    inner.pods.retain(|k, _| live.contains(k));
-    inner.open_gates.retain(|k| live.contains(k));
+    inner
+        .pods
+        .retain(|k, _| !scope.covers(&k.0) || live.contains(k));
+    inner
+        .open_gates
+        .retain(|k| !scope.covers(&k.0) || live.contains(k));
 
     for pod in pods {
         let ns = meta_str(&pod, "namespace").to_string();
@@ -412,12 +450,12 @@ fn owner_alive(store: &Store, ns: &str, kind: &str, name: &str, uid: &str) -> bo
         .is_some_and(|o| meta_str(o, "uid") == uid)
 }
 
-fn collect_garbage(store: &mut Store) {
+fn collect_garbage(store: &mut Store, scope: Scope) {
     let orphans: Vec<(Res, String, String)> = [Res::ReplicaSet, Res::ControllerRevision, Res::Pod]
         .into_iter()
         .flat_map(|res| {
-            store
-                .list(res, None)
+            scope
+                .list(store, res)
                 .into_iter()
                 .filter(|o| !is_terminating(o))
                 .filter(|o| {
@@ -446,10 +484,9 @@ fn collect_garbage(store: &mut Store) {
 // ---------------------------------------------------------------------------------------
 // ReplicaSet controller
 
-fn replica_sets(inner: &mut Inner, now: Instant) {
-    let rss: Vec<Value> = inner
-        .store
-        .list(Res::ReplicaSet, None)
+fn replica_sets(inner: &mut Inner, now: Instant, scope: Scope) {
+    let rss: Vec<Value> = scope
+        .list(&inner.store, Res::ReplicaSet)
         .into_iter()
         .filter(|r| !is_terminating(r))
         .cloned()
@@ -593,9 +630,9 @@ fn create_pod(store: &mut Store, rs: &Value) -> Option<Value> {
 // ---------------------------------------------------------------------------------------
 // Deployment controller
 
-fn deployments(store: &mut Store) {
-    let deps: Vec<Deployment> = store
-        .list(Res::Deployment, None)
+fn deployments(store: &mut Store, scope: Scope) {
+    let deps: Vec<Deployment> = scope
+        .list(store, Res::Deployment)
         .into_iter()
         .filter(|d| !is_terminating(d))
         .filter_map(typed)

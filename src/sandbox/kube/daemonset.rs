@@ -146,10 +146,14 @@ pub(crate) fn max_unavailable(ds: &Value, desired: usize) -> usize {
     }
 }
 
-pub(crate) fn sync_all(inner: &mut Inner, opts: &KubeSimOptions, now: Instant) {
-    let sets: Vec<Value> = inner
-        .store
-        .list(Res::DaemonSet, None)
+pub(crate) fn sync_all(
+    inner: &mut Inner,
+    opts: &KubeSimOptions,
+    now: Instant,
+    scope: super::controller::Scope,
+) {
+    let sets: Vec<Value> = scope
+        .list(&inner.store, Res::DaemonSet)
         .into_iter()
         .filter(|s| !is_terminating(s))
         .cloned()

@@ -19,6 +19,8 @@ pub mod controller;
 pub mod daemonset;
 pub mod discovery;
 mod error;
+mod faults;
+mod incremental;
 mod objects;
 mod patch;
 mod revisions;
@@ -30,6 +32,7 @@ mod table;
 pub use crate::config::WorkloadKind;
 pub use controller::{rollout_status, RolloutStatus};
 pub use error::{FieldCause, KubeSimError};
+pub use faults::{operations, ConflictNext, FailNext, Faults, WatchDisconnect, WorkloadFaults};
 
 use discovery::Res;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
@@ -38,7 +41,7 @@ use k8s_openapi::api::core::v1::{Pod, Secret};
 use selector::LabelSelector;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -68,6 +71,16 @@ pub enum PodEvent {
     },
 }
 
+/// A pod and its owning workload, from [`KubeSim::pod_owners`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodOwner {
+    pub name: String,
+    /// The owning Deployment, StatefulSet or DaemonSet as (kind, name).
+    pub workload: Option<(String, String)>,
+    /// Graceful deletion has begun.
+    pub terminating: bool,
+}
+
 /// Tunables. `Default` suits tests and the demo.
 #[derive(Clone, Debug)]
 pub struct KubeSimOptions {
@@ -86,6 +99,15 @@ pub struct KubeSimOptions {
     /// Simulated nodes, each running one pod of every DaemonSet (see
     /// [`daemonset::node_names`]).
     pub nodes: usize,
+    /// Reconcile only namespaces that changed or still wait on time, instead of every
+    /// object on every tick: what keeps thousands of workloads cheap. Spread such workloads
+    /// over many namespaces (each pass lists within a namespace).
+    pub incremental: bool,
+    /// With `incremental`: a full pass this often anyway, as a safety net.
+    pub full_resync: Duration,
+    /// With `incremental`: at most this many namespaces per tick (0 = no limit), so one
+    /// tick never holds the store long while thousands of workloads come up.
+    pub max_namespaces_per_tick: usize,
 }
 
 impl Default for KubeSimOptions {
@@ -98,6 +120,9 @@ impl Default for KubeSimOptions {
             bookmark_interval: Duration::from_secs(5),
             default_watch_timeout: Duration::from_secs(1800),
             nodes: 2,
+            incremental: false,
+            full_resync: Duration::from_secs(10),
+            max_namespaces_per_tick: 256,
         }
     }
 }
@@ -134,14 +159,21 @@ pub(crate) struct Inner {
     pub open_gates: HashSet<(String, String)>,
     /// SHA-256 of the token → identity; the tokens themselves are not kept.
     pub tokens: HashMap<String, TokenIdentity>,
-    pub writes: u64,
-    /// (write number, HTTP status) faults still to fire.
-    pub faults: Vec<(u64, u16)>,
+    pub faults: faults::FaultState,
+    /// Namespaces whose simulation inputs a handle call changed (a readiness gate, a
+    /// workload setting): the incremental controller must look at them.
+    pub touched: BTreeSet<String>,
+    pub tracker: incremental::Tracker,
+    /// Open watches by id, so the control API can close them.
+    pub watches: BTreeMap<u64, faults::WatchCtl>,
+    pub next_watch: u64,
     pub pods: HashMap<(String, String), PodRuntime>,
 }
 
 pub(crate) struct Shared {
     pub inner: Mutex<Inner>,
+    /// Calls held by `Faults::block` (outside the store lock: they wait).
+    pub holds: crate::sandbox::control::Holds,
     pub opts: KubeSimOptions,
     pub changes: watch::Receiver<u64>,
     pub pod_events: broadcast::Sender<PodEvent>,
@@ -219,7 +251,9 @@ fn simple_workload(kind: &str, ns: &str, name: &str, replicas: Option<i32>) -> s
 impl KubeSim {
     pub fn new(opts: KubeSimOptions) -> Self {
         let (tx, rx) = watch::channel(1);
-        let (pod_events, _) = broadcast::channel(1024);
+        // Large: thousands of pods can start in one tick; a receiver that lags anyway resyncs
+        // from [`KubeSim::pod_owners`].
+        let (pod_events, _) = broadcast::channel(16_384);
         let store = Store::new(opts.watch_history, tx, pod_events.clone());
         KubeSim {
             shared: Arc::new(Shared {
@@ -228,10 +262,14 @@ impl KubeSim {
                     workloads: HashMap::new(),
                     open_gates: HashSet::new(),
                     tokens: HashMap::new(),
-                    writes: 0,
-                    faults: Vec::new(),
+                    faults: faults::FaultState::default(),
+                    touched: BTreeSet::new(),
+                    tracker: incremental::Tracker::default(),
+                    watches: BTreeMap::new(),
+                    next_watch: 0,
                     pods: HashMap::new(),
                 }),
+                holds: Default::default(),
                 opts,
                 changes: rx,
                 pod_events,
@@ -251,10 +289,20 @@ impl KubeSim {
         bind: SocketAddr,
         cancel: CancellationToken,
     ) -> std::io::Result<Server> {
-        let router = api::router(self.shared.clone(), cancel.clone());
-        let server = super::serve(router, bind, cancel.clone()).await?;
+        let server = self.serve_api(bind, cancel.clone()).await?;
         self.start_controller(cancel);
         Ok(server)
+    }
+
+    /// Serve without starting the controller (call [`Self::start_controller`] later): for
+    /// seeding many workloads first without competing with their rollouts for the store.
+    pub async fn serve_api(
+        &self,
+        bind: SocketAddr,
+        cancel: CancellationToken,
+    ) -> std::io::Result<Server> {
+        let router = api::router(self.shared.clone(), cancel.clone());
+        super::serve(router, bind, cancel).await
     }
 
     /// Run the controller loop until `cancel` (for callers that serve [`Self::router`]
@@ -269,7 +317,11 @@ impl KubeSim {
                     _ = cancel.cancelled() => break,
                     _ = tick.tick() => {
                         let mut inner = shared.lock();
-                        controller::reconcile(&mut inner, &shared.opts, Instant::now());
+                        if shared.opts.incremental {
+                            incremental::tick(&mut inner, &shared.opts, Instant::now());
+                        } else {
+                            controller::reconcile(&mut inner, &shared.opts, Instant::now());
+                        }
                     }
                 }
             }
@@ -531,6 +583,7 @@ preferences: {{}}
         f: impl Fn(&mut WorkloadSettings),
     ) {
         let mut inner = self.shared.lock();
+        inner.touched.insert(ns.to_string());
         for kind in kinds {
             f(inner
                 .workloads
@@ -580,8 +633,9 @@ preferences: {{}}
     }
 
     pub fn open_readiness_gate(&self, namespace: &str, pod: &str) {
-        self.shared
-            .lock()
+        let mut inner = self.shared.lock();
+        inner.touched.insert(namespace.to_string());
+        inner
             .open_gates
             .insert((namespace.to_string(), pod.to_string()));
     }
@@ -590,18 +644,20 @@ preferences: {{}}
         self.shared.pod_events.subscribe()
     }
 
-    /// Make the `n`-th write request from now (1 = the next; create, update, patch and
-    /// delete over HTTP, not this handle's helpers) fail with `status` (409 → Conflict,
-    /// 429, 5xx), without touching the store.
-    pub fn fail_nth_write(&self, n: u64, status: u16) {
-        let mut inner = self.shared.lock();
-        let at = inner.writes + n.max(1);
-        inner.faults.push((at, status));
-    }
-
-    /// Write requests received over HTTP so far (injected failures included).
-    pub fn write_count(&self) -> u64 {
-        self.shared.lock().writes
+    /// Every pod in `ns` with the workload that owns it: what a [`PodEvent`] receiver that
+    /// lagged behind rebuilds its view from.
+    pub fn pod_owners(&self, ns: &str) -> Vec<PodOwner> {
+        let inner = self.shared.lock();
+        inner
+            .store
+            .list(Res::Pod, Some(ns))
+            .into_iter()
+            .map(|p| PodOwner {
+                name: store::meta_str(p, "name").to_string(),
+                workload: inner.store.workload_of_pod(ns, p),
+                terminating: p.pointer("/metadata/deletionTimestamp").is_some(),
+            })
+            .collect()
     }
 
     /// Register a bearer token TokenReview will authenticate as

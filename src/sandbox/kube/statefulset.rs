@@ -159,10 +159,9 @@ pub(crate) fn plan(
     out
 }
 
-pub(crate) fn sync_all(inner: &mut Inner, now: Instant) {
-    let sets: Vec<Value> = inner
-        .store
-        .list(Res::StatefulSet, None)
+pub(crate) fn sync_all(inner: &mut Inner, now: Instant, scope: super::controller::Scope) {
+    let sets: Vec<Value> = scope
+        .list(&inner.store, Res::StatefulSet)
         .into_iter()
         .filter(|s| !is_terminating(s))
         .cloned()

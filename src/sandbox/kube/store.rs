@@ -11,7 +11,7 @@ use super::PodEvent;
 use k8s_openapi::jiff::Timestamp;
 use rand::Rng;
 use serde_json::{json, Value};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use tokio::sync::{broadcast, watch};
 
@@ -484,6 +484,16 @@ impl Store {
         }
         let start = self.history.partition_point(|c| c.rv <= rv);
         Ok(self.history.range(start..).cloned().collect())
+    }
+
+    /// Namespaces with a change after `rv` ("" for cluster-scoped objects); `None` when
+    /// part of that history was compacted away.
+    pub fn namespaces_changed_since(&self, rv: u64) -> Option<BTreeSet<String>> {
+        if rv < self.compacted_rv {
+            return None;
+        }
+        let start = self.history.partition_point(|c| c.rv <= rv);
+        Some(self.history.range(start..).map(|c| c.ns.clone()).collect())
     }
 
     /// Drop the whole watch history, as etcd compaction does.

@@ -852,3 +852,136 @@ async fn readiness_gates_and_pod_events_for_daemonsets() {
             .await
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// incremental reconciling (large clusters)
+
+fn incremental(cap: usize) -> KubeSimOptions {
+    KubeSimOptions {
+        incremental: true,
+        // Only the incremental bookkeeping may drive progress in these tests.
+        full_resync: Duration::from_secs(3600),
+        max_namespaces_per_tick: cap,
+        ..fast()
+    }
+}
+
+#[tokio::test]
+async fn incremental_mode_rolls_out_waits_on_time_and_follows_handle_changes() {
+    // A cap of 2 namespaces per tick over 6 namespaces: the round-robin must reach all.
+    let (sim, _stop) = running(incremental(2));
+    for i in 0..5 {
+        let ns = format!("ns{i}");
+        sim.create_deployment(KubeSim::simple_deployment(&ns, "web", 2))
+            .unwrap();
+    }
+    // Pods that wait on time (the ready delay) come up with no full pass to help.
+    sim.set_ready_delay("ns0", "web", Duration::from_millis(300));
+    for i in 0..5 {
+        assert!(
+            sim.wait_rollout_complete(&format!("ns{i}"), "web", Duration::from_secs(10))
+                .await,
+            "ns{i}"
+        );
+    }
+    // Idle: nothing changed and nothing waits, so a tick reconciles no namespace.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(sim.shared.lock().tracker.last_pass(), Some(0));
+    let untouched_rv = sim
+        .deployment("ns4", "web")
+        .and_then(|d| d.metadata.resource_version);
+
+    // A change in one namespace rolls it out; the others are left alone.
+    sim.update_deployment("ns1", "web", |d| {
+        set_annotation(d, "openai-key-rotator/rotation-id", "r1")
+    })
+    .unwrap();
+    assert!(
+        sim.wait_rollout_complete("ns1", "web", Duration::from_secs(10))
+            .await
+    );
+    let pods = sim.pods("ns1", "app=web");
+    assert!(active(&pods).iter().all(|p| p
+        .metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key("openai-key-rotator/rotation-id"))));
+    assert_eq!(
+        sim.deployment("ns4", "web")
+            .and_then(|d| d.metadata.resource_version),
+        untouched_rv
+    );
+
+    // A progress deadline is time too: a never-ready rollout fails on its own.
+    sim.set_never_ready("ns2", "web", true);
+    sim.update_deployment("ns2", "web", |d| {
+        d.spec.as_mut().unwrap().progress_deadline_seconds = Some(1);
+        set_annotation(d, "x", "1");
+    })
+    .unwrap();
+    let failed = timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(RolloutStatus::Failed(_)) =
+                sim.workload_rollout_status(WorkloadKind::Deployment, "ns2", "web")
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(failed.is_ok(), "ProgressDeadlineExceeded never came");
+
+    // A gated pod becomes ready once its gate opens.
+    sim.set_readiness_gate("ns5", "web", true);
+    sim.create_deployment(KubeSim::simple_deployment("ns5", "web", 1))
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pod = active(&sim.pods("ns5", "app=web"))
+        .first()
+        .map(|p| p.metadata.name.clone().unwrap_or_default())
+        .expect("a pod");
+    assert!(
+        !sim.wait_rollout_complete("ns5", "web", Duration::from_millis(200))
+            .await
+    );
+    sim.open_readiness_gate("ns5", &pod);
+    assert!(
+        sim.wait_rollout_complete("ns5", "web", Duration::from_secs(10))
+            .await
+    );
+}
+
+#[test]
+fn operation_names_cover_what_the_daemon_calls() {
+    let ops = operations();
+    for op in [
+        "deployments.get",
+        "deployments.patch",
+        "deployments.watch",
+        "deployments.status.update",
+        "deployments.scale.patch",
+        "statefulsets.patch",
+        "daemonsets.patch",
+        "pods.list",
+        "secrets.get",
+        "secrets.patch",
+        "events.create",
+        "leases.get",
+        "leases.update",
+        "leases.create",
+        "tokenreviews.create",
+        "discovery",
+    ] {
+        assert!(ops.iter().any(|o| o == op), "{op} missing from {ops:?}");
+    }
+    // Only verbs a resource really serves: TokenReviews are create-only.
+    assert!(!ops.iter().any(|o| o == "tokenreviews.get"));
+    let mut sorted = ops.to_vec();
+    sorted.dedup();
+    assert_eq!(
+        sorted.len(),
+        ops.len(),
+        "no duplicates (two Event APIs share names)"
+    );
+}

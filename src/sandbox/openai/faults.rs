@@ -1,9 +1,11 @@
-//! Fault injection: latency, rate limiting (429), 5xx on the Nth call or the next N calls,
-//! and hangs, scoped to the Admin API (default), the data plane, or both, and optionally to
-//! named operations. Set per test through [`super::OpenAiSim::set_faults`] or
+//! Fault injection: latency, rate limiting (429, with or without `Retry-After`, and
+//! OpenAI's `x-ratelimit-*` headers), 5xx on the Nth call or the next N calls, hangs, and
+//! holding named operations until released, scoped to the Admin API (default), the data
+//! plane, or both, and optionally to named operations. Set per test through [`super::OpenAiSim::set_faults`] or
 //! `PUT /_sim/faults` (this struct as JSON).
 
 use super::error::ApiError;
+use crate::sandbox::control::Block;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
@@ -33,6 +35,9 @@ pub struct Faults {
     pub fail_next: Option<FailNext>,
     /// Calls in scope never answer while this is set (they resume when it is cleared).
     pub hang: bool,
+    /// Hold the named operations (its own list, regardless of `scope`/`operations`) until
+    /// `POST /_sim/release` or until the faults change; see [`crate::sandbox::Block`].
+    pub block: Option<Block>,
 }
 
 /// At most `requests_per_second` calls in any sliding second; the rest get 429.
@@ -161,9 +166,11 @@ impl Faults {
         if self.fail_nth.as_ref().is_some_and(|f| f.n == 0) {
             return Err("fail_nth.n counts from 1".into());
         }
+        let block_ops = self.block.iter().flat_map(|b| b.operations.iter());
         if let Some(op) = self
             .operations
             .iter()
+            .chain(block_ops)
             .find(|op| !super::OPERATIONS.contains(&op.as_str()))
         {
             return Err(format!("unknown operation {op:?}"));
@@ -183,10 +190,9 @@ pub(crate) struct FaultState {
     window: VecDeque<Instant>,
 }
 
-/// What the fault layer does with a call after latency and hang.
+/// What the fault layer does with a call after latency, hang and block.
 pub(crate) enum Verdict {
-    /// Go on; add these headers (rate-limit headers while a rate limit is set).
-    Proceed(HeaderMap),
+    Proceed,
     Fail(ApiError),
     /// Let the handler run, then answer this instead (a lost response).
     FailAfter(ApiError),
@@ -202,13 +208,16 @@ impl FaultState {
         }
     }
 
-    fn applies(&self, op: &str, data_plane: bool) -> bool {
-        let in_scope = match self.faults.scope {
+    fn in_scope(&self, data_plane: bool) -> bool {
+        match self.faults.scope {
             FaultScope::Admin => !data_plane,
             FaultScope::DataPlane => data_plane,
             FaultScope::Both => true,
-        };
-        in_scope
+        }
+    }
+
+    fn applies(&self, op: &str, data_plane: bool) -> bool {
+        self.in_scope(data_plane)
             && (self.faults.operations.is_empty() || self.faults.operations.iter().any(|o| o == op))
     }
 
@@ -222,13 +231,21 @@ impl FaultState {
     }
 
     /// Count the call and decide: 429 (rate limit), then 5xx (fail-next, then Nth call).
-    pub fn decide(&mut self, op: &str, data_plane: bool) -> Verdict {
+    /// The headers go on whatever answer the call gets: while a rate limit is set, every
+    /// call in its scope (also ones `operations` leaves out, and ones a 5xx fault answers)
+    /// carries OpenAI's `x-ratelimit-*-requests` headers, so a client can pace itself.
+    pub fn decide(&mut self, op: &str, data_plane: bool) -> (Verdict, HeaderMap) {
         let mut headers = HeaderMap::new();
-        if !self.applies(op, data_plane) {
-            return Verdict::Proceed(headers);
+        let counted = self.applies(op, data_plane);
+        if counted {
+            self.matched += 1;
         }
-        self.matched += 1;
-        if let Some(rl) = self.faults.rate_limit.clone() {
+        if let Some(rl) = self
+            .faults
+            .rate_limit
+            .clone()
+            .filter(|_| self.in_scope(data_plane))
+        {
             let now = Instant::now();
             let second = Duration::from_secs(1);
             while self
@@ -240,11 +257,13 @@ impl FaultState {
             }
             let limit = rl.requests_per_second;
             let used = self.window.len() as u64;
-            if used >= u64::from(limit) {
-                let reset = self
-                    .window
+            let reset_of = |window: &VecDeque<Instant>| {
+                window
                     .front()
-                    .map_or(second, |t| second.saturating_sub(now.duration_since(*t)));
+                    .map_or(second, |t| second.saturating_sub(now.duration_since(*t)))
+            };
+            if counted && used >= u64::from(limit) {
+                let reset = reset_of(&self.window);
                 let mut err = ApiError::new(
                     StatusCode::TOO_MANY_REQUESTS,
                     format!(
@@ -265,13 +284,12 @@ impl FaultState {
                     .header("x-ratelimit-limit-requests", limit)
                     .header("x-ratelimit-remaining-requests", 0)
                     .header("x-ratelimit-reset-requests", fmt_reset(reset));
-                return Verdict::Fail(err);
+                return (Verdict::Fail(err), headers);
             }
-            self.window.push_back(now);
-            let reset = self
-                .window
-                .front()
-                .map_or(second, |t| second.saturating_sub(now.duration_since(*t)));
+            if counted {
+                self.window.push_back(now);
+            }
+            let left = u64::from(limit).saturating_sub(self.window.len() as u64);
             insert(
                 &mut headers,
                 "x-ratelimit-limit-requests",
@@ -280,9 +298,16 @@ impl FaultState {
             insert(
                 &mut headers,
                 "x-ratelimit-remaining-requests",
-                (u64::from(limit) - used - 1).to_string(),
+                left.to_string(),
             );
-            insert(&mut headers, "x-ratelimit-reset-requests", fmt_reset(reset));
+            insert(
+                &mut headers,
+                "x-ratelimit-reset-requests",
+                fmt_reset(reset_of(&self.window)),
+            );
+        }
+        if !counted {
+            return (Verdict::Proceed, headers);
         }
         let fail = |status: u16, after_effect: bool| {
             if after_effect {
@@ -294,15 +319,15 @@ impl FaultState {
         if self.fail_next_left > 0 {
             self.fail_next_left -= 1;
             if let Some(f) = &self.faults.fail_next {
-                return fail(f.status, f.after_effect);
+                return (fail(f.status, f.after_effect), headers);
             }
         }
         if let Some(f) = &self.faults.fail_nth {
             if f.n == self.matched {
-                return fail(f.status, f.after_effect);
+                return (fail(f.status, f.after_effect), headers);
             }
         }
-        Verdict::Proceed(headers)
+        (Verdict::Proceed, headers)
     }
 }
 

@@ -21,6 +21,7 @@ mod tests;
 
 pub use faults::{FailNext, FailNth, FaultScope, Faults, RateLimit};
 
+use crate::sandbox::control::{Blocked, Holds, Phase};
 use crate::sandbox::{serve, Server};
 use crate::secret::Secret;
 use axum::extract::{MatchedPath, Request, State as AxState};
@@ -97,6 +98,8 @@ struct Inner {
     state: Mutex<State>,
     /// Bumped whenever the faults change, so hung calls re-check them.
     fault_gen: watch::Sender<u64>,
+    /// Calls held by `Faults::block`.
+    holds: Holds,
 }
 
 struct State {
@@ -227,6 +230,7 @@ impl OpenAiSim {
                     clock: None,
                 }),
                 fault_gen,
+                holds: Holds::default(),
             }),
         }
     }
@@ -280,6 +284,8 @@ impl OpenAiSim {
                 put(put_faults).delete(delete_faults).get(get_faults),
             )
             .route("/_sim/stats", get(get_stats))
+            .route("/_sim/release", axum::routing::post(post_release))
+            .route("/_sim/blocked", get(get_blocked))
             .fallback(invalid_url)
             .method_not_allowed_fallback(invalid_url)
             .with_state(self.clone())
@@ -361,15 +367,34 @@ impl OpenAiSim {
     /// [`set_faults`](Self::set_faults) that reports invalid settings instead of panicking.
     pub fn try_set_faults(&self, faults: Faults) -> Result<(), OpenAiSimError> {
         faults.validate().map_err(OpenAiSimError::InvalidFaults)?;
+        self.inner.holds.set(faults.block.clone());
         self.lock().faults = faults::FaultState::new(faults);
         self.inner.fault_gen.send_modify(|g| *g += 1);
         Ok(())
     }
 
-    /// Remove all faults; hung calls resume and get answered.
+    /// Remove all faults; hung and held calls resume and get answered.
     pub fn clear_faults(&self) {
         self.lock().faults = faults::FaultState::default();
+        self.inner.holds.set(None);
         self.inner.fault_gen.send_modify(|g| *g += 1);
+    }
+
+    /// Let every call held by `Faults::block` now go on (`POST /_sim/release`); returns
+    /// how many. Later calls are held again while the block is set.
+    pub fn release(&self) -> u64 {
+        self.inner.holds.release()
+    }
+
+    /// Calls held right now and so far (`GET /_sim/blocked`).
+    pub fn blocked(&self) -> Blocked {
+        self.inner.holds.status()
+    }
+
+    /// Wait until at least `n` calls are held (the client is inside the call); false after
+    /// `timeout`.
+    pub async fn wait_blocked(&self, n: u64, timeout: std::time::Duration) -> bool {
+        self.inner.holds.wait_blocked(n, timeout).await
     }
 
     pub fn faults(&self) -> Faults {
@@ -482,26 +507,31 @@ async fn fault_layer(AxState(sim): AxState<OpenAiSim>, req: Request, next: Next)
             break;
         }
     }
-    let verdict = {
+    sim.inner.holds.hold(op, Phase::BeforeEffect).await;
+    let (verdict, headers) = {
         let mut st = sim.lock();
-        let v = st.faults.decide(op, data_plane);
+        let (v, h) = st.faults.decide(op, data_plane);
         if data_plane && matches!(v, faults::Verdict::Fail(_) | faults::Verdict::FailAfter(_)) {
             st.counts.faulted += 1;
         }
-        v
+        (v, h)
     };
-    match verdict {
+    let mut resp = match verdict {
+        // Refused before it took effect: nothing to hold back.
         faults::Verdict::Fail(err) => err.into_response(),
         faults::Verdict::FailAfter(err) => {
             let _effect = next.run(req).await;
+            sim.inner.holds.hold(op, Phase::AfterEffect).await;
             err.into_response()
         }
-        faults::Verdict::Proceed(headers) => {
-            let mut resp = next.run(req).await;
-            resp.headers_mut().extend(headers);
+        faults::Verdict::Proceed => {
+            let resp = next.run(req).await;
+            sim.inner.holds.hold(op, Phase::AfterEffect).await;
             resp
         }
-    }
+    };
+    resp.headers_mut().extend(headers);
+    resp
 }
 
 /// Unknown path or method: OpenAI answers 404 `Invalid URL (METHOD /path)`.
@@ -536,12 +566,22 @@ async fn get_faults(AxState(sim): AxState<OpenAiSim>) -> Json<Faults> {
 }
 
 async fn get_stats(AxState(sim): AxState<OpenAiSim>) -> Json<serde_json::Value> {
+    let blocked = sim.blocked();
     let st = sim.lock();
     Json(serde_json::json!({
         "calls": st.calls,
         "data_plane": st.counts,
         "faults": st.faults.faults,
+        "blocked": blocked,
     }))
+}
+
+async fn post_release(AxState(sim): AxState<OpenAiSim>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "released": sim.release() }))
+}
+
+async fn get_blocked(AxState(sim): AxState<OpenAiSim>) -> Json<Blocked> {
+    Json(sim.blocked())
 }
 
 fn system_now() -> i64 {
