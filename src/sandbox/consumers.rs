@@ -7,9 +7,9 @@
 //! configuration. Every call is counted; a rotation that kills a key still in use shows up as
 //! failed calls.
 
-use crate::sync::LockExt;
 use super::kube::{KubeSim, PodEvent};
 use crate::secret::Secret;
+use crate::sync::LockExt;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

@@ -744,7 +744,10 @@ async fn a_rollback_waits_for_the_synced_secret_and_no_call_fails() {
         "the rollback finished before the Secret held the old key again"
     );
     let stats = env.sb.consumers.stats(NAMESPACE, "chatbot-mounted");
-    assert_eq!(stats.failed, 0, "pods on the Secret lost their key: {stats:?}");
+    assert_eq!(
+        stats.failed, 0,
+        "pods on the Secret lost their key: {stats:?}"
+    );
     assert_eq!(env.sb.consumers.total().failed, 0);
     env.assert_invariants(&[]).await;
 }
