@@ -752,6 +752,45 @@ async fn a_rollback_waits_for_the_synced_secret_and_no_call_fails() {
     env.assert_invariants(&[]).await;
 }
 
+/// Outage scenario 6, end to end: the publish write times out and lands late, after the
+/// store's read-back saw the old version and its re-send met the check-and-set conflict.
+/// Taking that conflict for "nothing published" deleted the new account while Vault served
+/// its key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_that_lands_late_is_not_taken_for_unpublished() {
+    let proxy = support::LateWriteProxy::start().await;
+    let env = env_with(|c| {
+        proxy.aim(&c.vault.address, &c.targets[0].vault_path);
+        c.vault.address = proxy.url.clone();
+        c.vault.request_timeout = DurationStr(Duration::from_secs(1));
+    })
+    .await;
+    let t = env.target();
+    let j = env.rotate(req()).await;
+    assert_eq!(
+        proxy
+            .delivered_late
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the first write was held and landed late: {j:?}"
+    );
+    let served = env.vault_key(&t.vault_path, None).await.unwrap();
+    assert!(
+        env.sb.openai.key_is_live(&served),
+        "I1: Vault serves a dead key after the late write ({j:?})"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        env.sb.consumers.total().failed,
+        0,
+        "{:?}",
+        env.sb.consumers.total()
+    );
+    let j = j.unwrap();
+    assert_eq!(j.status, Status::Completed, "{j:#?}");
+    env.assert_invariants(&[]).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_waits_while_the_old_key_still_has_traffic() {
     let env = env_with(|c| {

@@ -3,9 +3,12 @@
 
 #![allow(dead_code)]
 
+use axum::response::IntoResponse;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The repository root.
@@ -222,4 +225,106 @@ pub async fn start_prism(spec: &Path, upstream: &str) -> Prism {
     )
     .await;
     Prism { url, guard }
+}
+
+/// A write the proxy holds back, and how to tell its caller's handler it went.
+type Held = (
+    axum::http::Request<axum::body::Bytes>,
+    tokio::sync::oneshot::Sender<()>,
+);
+
+/// An HTTP proxy in front of Vault that makes one key write land late: the first write to
+/// `secret/data/<path>` is held (its client times out) until a second write to that path
+/// arrives; then the held one is sent to Vault first, the second after it. That is the
+/// order a slow network produces when a timed-out write is retried.
+pub struct LateWriteProxy {
+    pub url: String,
+    upstream: Arc<Mutex<String>>,
+    path: Arc<Mutex<String>>,
+    /// Writes held and then delivered late.
+    pub delivered_late: Arc<AtomicU32>,
+}
+
+impl LateWriteProxy {
+    /// A proxy; [`LateWriteProxy::aim`] says where Vault is and which path to delay.
+    pub async fn start() -> LateWriteProxy {
+        let upstream = Arc::new(Mutex::new(String::new()));
+        let path = Arc::new(Mutex::new(String::new()));
+        let delivered_late = Arc::new(AtomicU32::new(0));
+        let held: Arc<tokio::sync::Mutex<Option<Held>>> = Arc::default();
+        let (up, late, p) = (upstream.clone(), delivered_late.clone(), path.clone());
+        let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+            let (up, late, held) = (up.clone(), late.clone(), held.clone());
+            let target = format!("/v1/secret/data/{}", p.lock().unwrap());
+            async move {
+                let (parts, body) = req.into_parts();
+                let body = axum::body::to_bytes(body, 1 << 20)
+                    .await
+                    .unwrap_or_default();
+                let req = axum::http::Request::from_parts(parts, body);
+                let upstream = up.lock().unwrap().clone();
+                let is_write = req.uri().path() == target
+                    && matches!(
+                        *req.method(),
+                        axum::http::Method::POST | axum::http::Method::PUT
+                    );
+                if is_write {
+                    let mut h = held.lock().await;
+                    match h.take() {
+                        None if late.load(Ordering::SeqCst) == 0 => {
+                            // Hold the first write; its caller gives up waiting.
+                            let (tx, rx) = tokio::sync::oneshot::channel();
+                            *h = Some((req, tx));
+                            drop(h);
+                            let _ = rx.await;
+                            return axum::http::StatusCode::GATEWAY_TIMEOUT.into_response();
+                        }
+                        Some((first, tx)) => {
+                            let _ = forward(&upstream, first).await;
+                            late.fetch_add(1, Ordering::SeqCst);
+                            let _ = tx.send(());
+                        }
+                        None => {}
+                    }
+                }
+                forward(&upstream, req).await
+            }
+        });
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+        LateWriteProxy {
+            url,
+            upstream,
+            path,
+            delivered_late,
+        }
+    }
+
+    /// Send everything on to Vault at `addr`, delaying one write to `secret/data/<path>`.
+    pub fn aim(&self, addr: &str, path: &str) {
+        *self.upstream.lock().unwrap() = addr.to_string();
+        *self.path.lock().unwrap() = path.to_string();
+    }
+}
+
+async fn forward(
+    upstream: &str,
+    req: axum::http::Request<axum::body::Bytes>,
+) -> axum::response::Response {
+    let url = format!("{upstream}{}", req.uri());
+    let mut out = reqwest::Client::new().request(req.method().clone(), url);
+    for (k, v) in req.headers() {
+        if k != axum::http::header::HOST {
+            out = out.header(k, v);
+        }
+    }
+    match out.body(req.into_body()).send().await {
+        Ok(r) => {
+            let status = r.status();
+            let body = r.bytes().await.unwrap_or_default();
+            (status, body).into_response()
+        }
+        Err(_) => axum::http::StatusCode::BAD_GATEWAY.into_response(),
+    }
 }
