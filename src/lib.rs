@@ -17,11 +17,14 @@ pub mod leader;
 pub mod metrics;
 pub mod openai;
 pub mod retry;
+pub mod rng;
 pub mod rotation;
 #[cfg(feature = "sandbox")]
 pub mod sandbox;
 pub mod scheduler;
 pub mod secret;
+#[cfg(test)]
+mod simulation;
 pub mod smoke;
 pub mod sync;
 pub mod vault;

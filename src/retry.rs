@@ -142,9 +142,8 @@ impl RetryPolicy {
 
     /// Backoff before retry `n`: full jitter, uniform in `[0, ceiling(n)]`.
     pub fn backoff(&self, n: u32) -> Duration {
-        use rand::Rng;
         let nanos = self.ceiling(n).as_nanos().min(u64::MAX as u128) as u64;
-        Duration::from_nanos(rand::rng().random_range(0..=nanos))
+        Duration::from_nanos(crate::rng::range_u64(0..=nanos))
     }
 
     /// Run `attempt` until it succeeds, `classify` says final, or the policy says stop. No

@@ -3,7 +3,7 @@
 //! down between steps.
 
 use crate::config::{Config, Target};
-use crate::rotation::ports::SecretStore;
+use crate::rotation::ports::{Clock, SecretStore, SystemClock};
 use crate::rotation::{
     Engine, EngineError, Journal, Observer, RotationControl, RotationEvent, RotationRequest,
     Status, Stored, Trigger,
@@ -19,7 +19,7 @@ use tokio::sync::{watch, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct DaemonOptions {
     pub backoff: Backoff,
     /// How often orphaned managed accounts are swept.
@@ -32,6 +32,21 @@ pub struct DaemonOptions {
     pub shutdown_grace: Duration,
     /// Who this replica is (for "not leader" answers).
     pub identity: String,
+    /// Wall time for schedules (a simulation runs it on tokio's paused clock).
+    pub clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for DaemonOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DaemonOptions")
+            .field("backoff", &self.backoff)
+            .field("sweep_interval", &self.sweep_interval)
+            .field("pending_retry_interval", &self.pending_retry_interval)
+            .field("max_sleep", &self.max_sleep)
+            .field("shutdown_grace", &self.shutdown_grace)
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for DaemonOptions {
@@ -43,6 +58,7 @@ impl Default for DaemonOptions {
             max_sleep: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(60),
             identity: "openai-key-rotator".into(),
+            clock: Arc::new(SystemClock),
         }
     }
 }
@@ -173,7 +189,17 @@ struct TargetState {
     last: Option<(String, Status, DateTime<Utc>)>,
     /// Accounts the last rotation left to delete (retried every `pending_retry_interval`).
     pending_deletions: Vec<String>,
+    /// A due rotation that could not start (its journal unreadable, another replica's
+    /// rotation in the way) is not tried again before this: no busy loop on a refusal.
+    hold_until: Option<DateTime<Utc>>,
 }
+
+fn chrono_of(d: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
+/// How long a due target waits after its scheduled trigger was refused.
+const REFUSED_RETRY: Duration = Duration::from_secs(30);
 
 /// What a rotation task does: rotate from the journal the trigger read, or resume one.
 enum Work {
@@ -304,6 +330,10 @@ impl Daemon {
                 shutdown,
             }),
         }
+    }
+
+    fn now(&self) -> DateTime<Utc> {
+        self.inner.opts.clock.now()
     }
 
     pub fn config(&self) -> Arc<Config> {
@@ -492,7 +522,7 @@ impl Daemon {
                     .map(Some),
             }),
         };
-        let now = Utc::now();
+        let now = self.now();
         let mut targets = self.inner.targets.locked();
         let st = targets.entry(target.name.clone()).or_default();
         st.running = None;
@@ -529,9 +559,11 @@ impl Daemon {
                 // Another replica's (or a racing) rotation wrote the journal after the
                 // trigger read it: the next pass resumes it.
                 tracing::warn!(target = %target.name, %rotation_id, "an unfinished rotation holds this target; the next pass resumes it");
+                st.hold_until = Some(now + chrono_of(REFUSED_RETRY));
             }
             Some(Err(e @ (EngineError::Fenced { .. } | EngineError::JournalConflict { .. }))) => {
                 tracing::warn!(target = %target.name, error = %e, "rotation stopped: another replica leads; it resumes from the journal");
+                st.hold_until = Some(now + chrono_of(REFUSED_RETRY));
             }
             Some(Err(e)) => {
                 tracing::error!(target = %target.name, error = %e, "rotation interrupted; it will be resumed");
@@ -609,7 +641,7 @@ impl Daemon {
     /// Refresh key ages from Vault and recompute every target's next rotation.
     async fn refresh(&self) -> Vec<(String, Due)> {
         let config = self.config();
-        let now = Utc::now();
+        let now = self.now();
         let mut due_now = Vec::new();
         for t in &config.targets {
             let created = match self
@@ -640,7 +672,8 @@ impl Daemon {
                 .schedule_obs
                 .next_rotation(&t.name, st.next.map(|d| d.at));
             if let Some(d) = st.next {
-                if d.at <= now && st.running.is_none() {
+                let held = st.hold_until.is_some_and(|h| h > now);
+                if d.at <= now && st.running.is_none() && !held {
                     due_now.push((t.name.clone(), d));
                 }
             }
@@ -648,15 +681,23 @@ impl Daemon {
         due_now
     }
 
+    /// Do not try `target`'s due rotation again for a while (its trigger was refused).
+    fn hold(&self, target: &str) {
+        let until = self.now() + chrono_of(REFUSED_RETRY);
+        if let Some(st) = self.inner.targets.locked().get_mut(target) {
+            st.hold_until = Some(until);
+        }
+    }
+
     /// Time until the earliest next rotation (bounded by `max_sleep`).
     fn sleep_for(&self) -> Duration {
-        let now = Utc::now();
+        let now = self.now();
         let targets = self.inner.targets.locked();
         targets
             .values()
             .filter(|s| s.running.is_none())
-            .filter_map(|s| s.next)
-            .map(|d| (d.at - now).to_std().unwrap_or_default())
+            .filter_map(|s| s.next.map(|d| s.hold_until.map_or(d.at, |h| h.max(d.at))))
+            .map(|at| (at - now).to_std().unwrap_or_default())
             .min()
             .unwrap_or(self.inner.opts.max_sleep)
             .min(self.inner.opts.max_sleep)
@@ -702,13 +743,14 @@ impl Daemon {
                     Trigger::MaxAge => "key older than max_key_age",
                     _ => "scheduled",
                 };
-                let req = RotationRequest::new(&name, due.trigger, "schedule", reason, Utc::now());
+                let req = RotationRequest::new(&name, due.trigger, "schedule", reason, self.now());
                 match self.trigger(&req).await {
                     Ok(a) => {
                         tracing::info!(target = %name, rotation_id = %a.rotation_id(), trigger = due.trigger.as_str(), "scheduled rotation started")
                     }
                     Err(e) => {
-                        tracing::debug!(target = %name, error = %e, "scheduled rotation not started")
+                        tracing::debug!(target = %name, error = %e, "scheduled rotation not started");
+                        self.hold(&name);
                     }
                 }
             }
@@ -788,7 +830,7 @@ impl Daemon {
 
     pub fn targets(&self) -> Vec<TargetStatus> {
         let config = self.config();
-        let now = Utc::now();
+        let now = self.now();
         let targets = self.inner.targets.locked();
         config
             .targets

@@ -60,6 +60,8 @@ pub struct IssuerState {
     pub usage: BTreeMap<String, Vec<DateTime<Utc>>>,
     /// Accounts deleted so far (invariant checks look up their keys).
     pub deleted: BTreeMap<String, FakeAccount>,
+    /// Time for `created_at` (None: the system clock).
+    pub clock: Option<Arc<dyn Clock>>,
 }
 
 #[derive(Clone)]
@@ -87,7 +89,7 @@ impl FakeIssuer {
             project: project.into(),
             key_id: format!("key_{n}"),
             key: Secret::new(format!("sk-svcacct-fake-{n}-{}", uuid::Uuid::new_v4())),
-            created_at: Utc::now(),
+            created_at: s.clock.as_ref().map_or_else(Utc::now, |c| c.now()),
         };
         s.accounts.insert(a.id.clone(), a.clone());
         a
@@ -246,6 +248,8 @@ pub struct StoreState {
     pub meta: BTreeMap<String, KeyMeta>,
     /// When each version of each path was written (Vault's `created_time`).
     pub created: BTreeMap<String, Vec<DateTime<Utc>>>,
+    /// Time for `created` (None: the system clock).
+    pub clock: Option<Arc<dyn Clock>>,
     /// Fail the next N `write_key` calls with a transient error (nothing written).
     pub fail_key_writes: u32,
     /// The next N `write_key` calls write the data but not the metadata (Vault's two
@@ -286,7 +290,8 @@ impl FakeStore {
         v.push(data);
         let n = v.len() as u64;
         s.meta.insert(path.into(), meta);
-        s.created.entry(path.into()).or_default().push(Utc::now());
+        let now = s.clock.as_ref().map_or_else(Utc::now, |c| c.now());
+        s.created.entry(path.into()).or_default().push(now);
         n
     }
 
@@ -415,7 +420,8 @@ impl SecretStore for FakeStore {
         data.insert(field.into(), key.expose().into());
         versions.push(data);
         let n = versions.len() as u64;
-        s.created.entry(path.into()).or_default().push(Utc::now());
+        let now = s.clock.as_ref().map_or_else(Utc::now, |c| c.now());
+        s.created.entry(path.into()).or_default().push(now);
         if s.fail_meta_writes > 0 {
             s.fail_meta_writes -= 1;
             self.log
@@ -798,6 +804,12 @@ impl FakeWorld {
             rollout_timeout: DurationStr(Duration::from_secs(2)),
         };
         (target, old)
+    }
+
+    /// Stamp new accounts and Vault versions with `clock`'s time.
+    pub fn set_clock(&self, clock: Arc<dyn Clock>) {
+        self.issuer.state.lock().unwrap().clock = Some(clock.clone());
+        self.store.state.lock().unwrap().clock = Some(clock);
     }
 
     /// The fakes as the engine's ports (system clock).

@@ -361,8 +361,7 @@ impl Journal {
 /// Rotation ids: UTC time to the second plus randomness, so two rotations started in the
 /// same second (or by two replicas) never share an id, and ids sort by time.
 pub fn new_rotation_id(now: DateTime<Utc>) -> String {
-    use rand::Rng;
-    let suffix: u32 = rand::rng().random_range(0..0x100_0000);
+    let suffix = crate::rng::range_u64(0..=0xff_ffff);
     format!("{}-{suffix:06x}", now.format("%Y%m%d%H%M%S"))
 }
 
