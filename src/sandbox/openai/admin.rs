@@ -4,8 +4,8 @@
 use super::audit::{self, AuditActor};
 use super::error::ApiError;
 use super::{
-    new_id, redact, AccountRec, AdminKeyRec, KeyRec, OpenAiSim, ProjectRec, OWNER_EMAIL,
-    OWNER_ID, OWNER_NAME,
+    new_id, redact, AccountRec, AdminKeyRec, KeyRec, OpenAiSim, ProjectRec, OWNER_EMAIL, OWNER_ID,
+    OWNER_NAME,
 };
 use crate::secret::Secret;
 use axum::extract::rejection::PathRejection;

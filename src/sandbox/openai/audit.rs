@@ -90,9 +90,7 @@ impl AuditActor {
 
     fn email(&self) -> Option<&str> {
         match self {
-            AuditActor::Session { email, .. } | AuditActor::UserApiKey { email, .. } => {
-                Some(email)
-            }
+            AuditActor::Session { email, .. } | AuditActor::UserApiKey { email, .. } => Some(email),
             AuditActor::ServiceAccountApiKey { .. } => None,
         }
     }
@@ -253,7 +251,9 @@ pub(super) async fn list(
             && lt.is_none_or(|b| t < b)
             && lte.is_none_or(|b| t <= b)
             && (project_ids.is_empty()
-                || i.project_id.as_ref().is_some_and(|p| project_ids.contains(p)))
+                || i.project_id
+                    .as_ref()
+                    .is_some_and(|p| project_ids.contains(p)))
             && (event_types.is_empty() || event_types.contains(&i.event_type))
             && (actor_ids.is_empty() || actor_ids.iter().any(|a| i.actor.has_id(a)))
             && (actor_emails.is_empty()

@@ -64,8 +64,14 @@ fn record(sim: &OpenAiSim, idx: usize, tokens: Option<(&str, u64, u64)>) {
             output_tokens,
             units: 0,
         };
-        st.usage
-            .record(UsageEndpoint::Completions, &key_id, &project_id, dims, now, c);
+        st.usage.record(
+            UsageEndpoint::Completions,
+            &key_id,
+            &project_id,
+            dims,
+            now,
+            c,
+        );
     }
 }
 
