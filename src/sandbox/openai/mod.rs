@@ -535,7 +535,8 @@ impl OpenAiSim {
     }
 
     /// Seeding helper: plant `n` requests of `key_id` on `endpoint` at second `at`, as if
-    /// served then (the key's `last_used_at` moves up to `at` if later). Each request
+    /// served then (the key's `last_used_at` moves up to `at` if later and `n > 0`; `n = 0`
+    /// makes a zero-request result, as upstream may report). Each request
     /// counts as [`UsageEndpoint`]'s fixed amounts: 10 input and 10 output tokens
     /// (completions), 10 input tokens (embeddings, moderations), one 1024x1024 generated
     /// image, 100 characters, 5 seconds, one file search (vector store `vs_sim`), one web
@@ -554,7 +555,7 @@ impl OpenAiSim {
             .get(key_id)
             .ok_or_else(|| OpenAiSimError::UnknownKey(key_id.to_string()))?;
         let project_id = st.accounts[idx].project_id.clone();
-        if let Some(k) = st.accounts[idx].key.as_mut() {
+        if let Some(k) = st.accounts[idx].key.as_mut().filter(|_| n > 0) {
             k.last_used_at = Some(k.last_used_at.map_or(at, |t| t.max(at)));
         }
         let (dims, counters) = endpoint.planted(n);

@@ -1419,6 +1419,27 @@ async fn a_minute_cut_by_start_time_counts_whole_only_if_used_after_start() {
         json!([]),
         "end_time is exclusive: {v}"
     );
+    // A zero-request planting makes a zero result but is no use: last_used_at stays null.
+    let (z, _) = f.sim.create_service_account(&f.project, "zero").unwrap();
+    let zk = z.key_id.unwrap();
+    f.sim
+        .record_usage(&zk, UsageEndpoint::Images, m0 + 10, 0)
+        .unwrap();
+    let v = usage_page(
+        &f,
+        UsageEndpoint::Images,
+        &format!("start_time={m0}&api_key_ids={zk}&group_by=api_key_id"),
+    )
+    .await;
+    assert_eq!(v["data"][0]["results"][0]["num_model_requests"], 0, "{v}");
+    let (_, key) = f
+        .admin(
+            Method::GET,
+            &format!("/organization/projects/{}/api_keys/{zk}", f.project),
+            None,
+        )
+        .await;
+    assert_eq!(key["last_used_at"], Value::Null);
 }
 
 #[tokio::test]
