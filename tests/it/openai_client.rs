@@ -11,11 +11,10 @@ use openai_key_rotator::retry::RetryPolicy;
 use openai_key_rotator::rotation::ports::{
     Backend, BackendError, CallObserver, KeyIssuer, StatusClass,
 };
-use openai_key_rotator::sandbox::openai::{Faults, OpenAiSim, RateLimit};
+use openai_key_rotator::sandbox::openai::{Faults, OpenAiSim, RateLimit, UsageEndpoint};
 use openai_key_rotator::sandbox::{loopback, serve, Server};
 use openai_key_rotator::secret::Secret;
 use serde_json::json;
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -79,199 +78,81 @@ impl Env {
         format!("{}/v1", self.server.url())
     }
 
-    /// A [`UsageShim`] in front of this simulator.
-    async fn shim(&self) -> (UsageShim, Server) {
-        start_usage_shim(&self.server.url()).await
+    /// A [`FailProxy`] in front of this simulator.
+    async fn fail_proxy(&self) -> (FailProxy, Server) {
+        start_fail_proxy(&self.server.url()).await
     }
 }
 
 // ---------------------------------------------------------------------------------------
-// The usage endpoints the simulator does not serve (yet).
+// A usage endpoint answering a status the simulator's faults cannot give (a 4xx).
 
-/// The simulator serves only `/organization/usage/completions`. This shim serves the other
-/// usage endpoints that filter by `api_key_ids`, in the official description's shapes
-/// (Prism checks them below), from events the test adds; every other request goes to the
-/// simulator. It only knows `bucket_width=1m`, and says so.
+/// The usage endpoints besides completions (the simulator serves them all; these are the
+/// ones only planted usage feeds, as the simulator's data plane has no such calls).
+const OTHER_USAGE_ENDPOINTS: [UsageEndpoint; 7] = [
+    UsageEndpoint::Embeddings,
+    UsageEndpoint::Moderations,
+    UsageEndpoint::Images,
+    UsageEndpoint::AudioSpeeches,
+    UsageEndpoint::AudioTranscriptions,
+    UsageEndpoint::FileSearchCalls,
+    UsageEndpoint::WebSearchCalls,
+];
+
+/// Forwards everything to the simulator, except that a usage endpoint set with `fail`
+/// answers that status in OpenAI's error shape (the simulator's faults are 5xx only; a
+/// 404 is what an API without the endpoint answers). Counts the usage requests it saw.
 #[derive(Clone)]
-struct UsageShim {
+struct FailProxy {
     upstream: String,
     http: reqwest::Client,
-    events: Arc<Mutex<Vec<UsageEvent>>>,
-    /// endpoint → HTTP status to fail with
+    /// endpoint path -> HTTP status to fail with
     faults: Arc<Mutex<std::collections::HashMap<String, u16>>>,
-    /// endpoint of every usage request it answered
+    /// endpoint path of every usage request it saw
     seen: Arc<Mutex<Vec<String>>>,
 }
 
-/// (endpoint, unix second, api key id, requests)
-type UsageEvent = (String, i64, String, u64);
-
-const SHIM_ENDPOINTS: [&str; 7] = [
-    "embeddings",
-    "moderations",
-    "images",
-    "audio_speeches",
-    "audio_transcriptions",
-    "file_search_calls",
-    "web_search_calls",
-];
-
-impl UsageShim {
-    fn add(&self, endpoint: &str, at: i64, key_id: &str, requests: u64) {
-        assert!(SHIM_ENDPOINTS.contains(&endpoint), "{endpoint}");
-        self.events
+impl FailProxy {
+    fn fail(&self, endpoint: UsageEndpoint, status: u16) {
+        self.faults
             .lock()
             .unwrap()
-            .push((endpoint.into(), at, key_id.into(), requests));
+            .insert(endpoint.path().into(), status);
     }
-    fn fail(&self, endpoint: &str, status: u16) {
-        self.faults.lock().unwrap().insert(endpoint.into(), status);
-    }
-    fn seen(&self, endpoint: &str) -> usize {
+    fn seen(&self, endpoint: UsageEndpoint) -> usize {
         self.seen
             .lock()
             .unwrap()
             .iter()
-            .filter(|e| *e == endpoint)
+            .filter(|e| *e == endpoint.path())
             .count()
     }
-
-    /// One `UsageResponse` page, as the description has it.
-    fn page(
-        &self,
-        endpoint: &str,
-        query: &[(String, String)],
-    ) -> Result<serde_json::Value, String> {
-        let one = |k: &str| query.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
-        let all = |k: &str| -> Vec<&str> {
-            query
-                .iter()
-                .filter(|(n, _)| n == k || *n == format!("{k}[]"))
-                .map(|(_, v)| v.as_str())
-                .collect()
-        };
-        if one("bucket_width") != Some("1m") {
-            return Err("the shim only knows bucket_width=1m".into());
-        }
-        let start: i64 = one("start_time")
-            .ok_or("no start_time")?
-            .parse()
-            .map_err(|_| "start_time")?;
-        let limit: i64 = one("limit").unwrap_or("60").parse().map_err(|_| "limit")?;
-        let from = match one("page") {
-            Some(p) => p
-                .strip_prefix("page_")
-                .ok_or("bad page")?
-                .parse()
-                .map_err(|_| "page")?,
-            None => start - start.rem_euclid(60),
-        };
-        let keys = all("api_key_ids");
-        let grouped = all("group_by").contains(&"api_key_id");
-        let now = Utc::now().timestamp();
-        let end = (from + limit * 60).min(now - now.rem_euclid(60) + 60);
-        let events = self.events.lock().unwrap();
-        let mut data = Vec::new();
-        let mut b = from;
-        while b < end {
-            let mut per_key: BTreeMap<Option<String>, u64> = BTreeMap::new();
-            for (e, at, key, n) in events.iter() {
-                if e == endpoint
-                    && *at >= b.max(start)
-                    && *at < b + 60
-                    && (keys.is_empty() || keys.contains(&key.as_str()))
-                {
-                    *per_key.entry(grouped.then(|| key.clone())).or_default() += n;
-                }
-            }
-            let results: Vec<serde_json::Value> = per_key
-                .into_iter()
-                .map(|(key, n)| usage_result(endpoint, key, n))
-                .collect();
-            data.push(json!({"object": "bucket", "start_time": b, "end_time": b + 60, "results": results}));
-            b += 60;
-        }
-        let has_more = end < now - now.rem_euclid(60) + 60;
-        Ok(json!({
-            "object": "page",
-            "data": data,
-            "has_more": has_more,
-            "next_page": if has_more { json!(format!("page_{end}")) } else { json!(null) },
-        }))
-    }
 }
 
-/// A result item of `endpoint` for `n` requests (required fields per the description).
-fn usage_result(endpoint: &str, api_key_id: Option<String>, n: u64) -> serde_json::Value {
-    let mut r = match endpoint {
-        "embeddings" => {
-            json!({"object": "organization.usage.embeddings.result", "input_tokens": 10 * n, "num_model_requests": n})
-        }
-        "moderations" => {
-            json!({"object": "organization.usage.moderations.result", "input_tokens": 10 * n, "num_model_requests": n})
-        }
-        "images" => {
-            json!({"object": "organization.usage.images.result", "images": n, "num_model_requests": n, "source": null, "size": null})
-        }
-        "audio_speeches" => {
-            json!({"object": "organization.usage.audio_speeches.result", "characters": 100 * n, "num_model_requests": n})
-        }
-        "audio_transcriptions" => {
-            json!({"object": "organization.usage.audio_transcriptions.result", "seconds": 5 * n, "num_model_requests": n})
-        }
-        "file_search_calls" => {
-            json!({"object": "organization.usage.file_searches.result", "num_requests": n, "vector_store_id": null})
-        }
-        "web_search_calls" => {
-            json!({"object": "organization.usage.web_searches.result", "num_model_requests": n, "num_requests": n, "context_level": null})
-        }
-        other => panic!("no shim endpoint {other}"),
-    };
-    r["project_id"] = json!(null);
-    r["user_id"] = json!(null);
-    r["api_key_id"] = json!(api_key_id);
-    if endpoint != "file_search_calls" {
-        r["model"] = json!(null);
-    }
-    r
-}
-
-async fn shim_handler(
-    axum::extract::State(shim): axum::extract::State<UsageShim>,
+async fn fail_proxy_handler(
+    axum::extract::State(proxy): axum::extract::State<FailProxy>,
     req: axum::extract::Request,
 ) -> axum::response::Response {
     let (parts, body) = req.into_parts();
-    let path = parts.uri.path().to_string();
-    if let Some(endpoint) = path
-        .strip_prefix("/v1/organization/usage/")
-        .filter(|e| SHIM_ENDPOINTS.contains(e))
-    {
-        shim.seen.lock().unwrap().push(endpoint.to_string());
-        let status = shim.faults.lock().unwrap().get(endpoint).copied();
+    if let Some(endpoint) = parts.uri.path().strip_prefix("/v1/organization/usage/") {
+        proxy.seen.lock().unwrap().push(endpoint.to_string());
+        let status = proxy.faults.lock().unwrap().get(endpoint).copied();
         if let Some(status) = status {
-            let body = json!({"error": {"message": "injected by the shim", "type": "server_error", "param": null, "code": null}});
+            let body = json!({"error": {"message": "injected by the test proxy", "type": "invalid_request_error", "param": null, "code": null}});
             return (
                 http::StatusCode::from_u16(status).unwrap(),
                 axum::Json(body),
             )
                 .into_response();
         }
-        let query: Vec<(String, String)> =
-            url::form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes())
-                .into_owned()
-                .collect();
-        return match shim.page(endpoint, &query) {
-            Ok(page) => axum::Json(page).into_response(),
-            Err(e) => (http::StatusCode::BAD_REQUEST, e).into_response(),
-        };
     }
     let body = axum::body::to_bytes(body, 1 << 20)
         .await
         .unwrap_or_default();
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let mut fwd = shim
+    let mut fwd = proxy
         .http
-        .request(parts.method.clone(), format!("{}{target}", shim.upstream))
+        .request(parts.method.clone(), format!("{}{target}", proxy.upstream))
         .body(body);
     for (name, value) in &parts.headers {
         if name != http::header::HOST && name != http::header::CONTENT_LENGTH {
@@ -280,7 +161,7 @@ async fn shim_handler(
     }
     let resp = match fwd.send().await {
         Ok(r) => r,
-        Err(_) => return (http::StatusCode::BAD_GATEWAY, "shim: upstream failed").into_response(),
+        Err(_) => return (http::StatusCode::BAD_GATEWAY, "proxy: upstream failed").into_response(),
     };
     let status = resp.status();
     let headers = resp.headers().clone();
@@ -295,22 +176,21 @@ async fn shim_handler(
     out
 }
 
-/// The shim over `upstream` (the simulator's root URL); clients use `<server>/v1`.
-async fn start_usage_shim(upstream: &str) -> (UsageShim, Server) {
-    let shim = UsageShim {
+/// The proxy over `upstream` (the simulator's root URL); clients use `<server>/v1`.
+async fn start_fail_proxy(upstream: &str) -> (FailProxy, Server) {
+    let proxy = FailProxy {
         upstream: upstream.to_string(),
         http: reqwest::Client::new(),
-        events: Arc::default(),
         faults: Arc::default(),
         seen: Arc::default(),
     };
     let router = axum::Router::new()
-        .fallback(shim_handler)
-        .with_state(shim.clone());
+        .fallback(fail_proxy_handler)
+        .with_state(proxy.clone());
     let server = serve(router, loopback(0), CancellationToken::new())
         .await
-        .expect("serve the usage shim");
-    (shim, server)
+        .expect("serve the fail proxy");
+    (proxy, server)
 }
 
 fn config(base: &str, timeout: Duration, max_retries: u32) -> OpenAiConfig {
@@ -488,9 +368,8 @@ async fn create_list_delete_check_key_and_ping() {
 #[tokio::test]
 async fn key_usage_counts_model_requests_since_and_last_used() {
     let env = env().await;
-    let (shim, shim_server) = env.shim().await;
     let rec = Arc::new(Recorder::default());
-    let c = client(&format!("{}/v1", shim_server.url()), ADMIN, &rec, 3);
+    let c = client(&env.base(), ADMIN, &rec, 3);
     let p = &env.project;
     // A fixed clock an hour back, so `since` can be moved around freely.
     let t0 = env.sim.now() - 3600;
@@ -534,16 +413,17 @@ async fn key_usage_counts_model_requests_since_and_last_used() {
 
     // Two days of 1-minute buckets take three pages (1440 buckets each), on every usage
     // endpoint.
-    let before = env.sim.calls("usage.completions");
-    let shim_before: Vec<usize> = SHIM_ENDPOINTS.iter().map(|e| shim.seen(e)).collect();
+    let before: Vec<u64> = UsageEndpoint::ALL
+        .iter()
+        .map(|e| env.sim.calls(e.operation()))
+        .collect();
     let u = c
         .key_usage(p, &busy.account.key_id, at(t0 - 2 * 86_400))
         .await
         .unwrap();
     assert_eq!(u.requests_since, 5);
-    assert_eq!(env.sim.calls("usage.completions") - before, 3);
-    for (e, b) in SHIM_ENDPOINTS.iter().zip(shim_before) {
-        assert_eq!(shim.seen(e) - b, 3, "{e}");
+    for (e, b) in UsageEndpoint::ALL.iter().zip(before) {
+        assert_eq!(env.sim.calls(e.operation()) - b, 3, "{}", e.path());
     }
 
     // A deleted key: usage history stays, last_used_at is gone (404 → None).
@@ -563,38 +443,38 @@ async fn key_usage_counts_model_requests_since_and_last_used() {
 #[tokio::test]
 async fn key_usage_sees_use_on_every_usage_endpoint() {
     let env = env().await;
-    let (shim, shim_server) = env.shim().await;
     let rec = Arc::new(Recorder::default());
-    let c = client(&format!("{}/v1", shim_server.url()), ADMIN, &rec, 2);
+    let c = client(&env.base(), ADMIN, &rec, 2);
     let p = &env.project;
     let now = Utc::now().timestamp();
     let since = DateTime::from_timestamp(now - 600, 0).unwrap();
     let quiet = c.create_service_account(p, "okr-quiet").await.unwrap();
-    for (i, endpoint) in SHIM_ENDPOINTS.iter().enumerate() {
+    let (someone_else, _) = env.sim.create_service_account(p, "someone-else").unwrap();
+    let someone_else = someone_else.key_id.unwrap();
+    for (i, endpoint) in OTHER_USAGE_ENDPOINTS.into_iter().enumerate() {
         let used = c
             .create_service_account(p, &format!("okr-{i}"))
             .await
             .unwrap();
         let k = &used.account.key_id;
-        shim.add(endpoint, now - 120, k, 2);
-        shim.add(endpoint, now - 60, k, 1);
+        let plant =
+            |key: &str, at: i64, n: u64| env.sim.record_usage(key, endpoint, at, n).unwrap();
+        plant(k, now - 120, 2);
+        plant(k, now - 60, 1);
         // Outside the window, and another key's use: not counted.
-        shim.add(endpoint, now - 3600, k, 50);
-        shim.add(endpoint, now - 60, &quiet.account.key_id, 0);
-        shim.add(endpoint, now - 60, "key_someone_else", 70);
+        plant(k, now - 3600, 50);
+        plant(&quiet.account.key_id, now - 60, 0);
+        plant(&someone_else, now - 60, 70);
         let calls = rec.calls.lock().unwrap().len();
         let u = c.key_usage(p, k, since).await.unwrap();
-        assert_eq!(u.requests_since, 3, "{endpoint}");
+        assert_eq!(u.requests_since, 3, "{}", endpoint.path());
         // One call per endpoint (one page each), and the key lookup.
         let ops: Vec<&str> = rec.calls.lock().unwrap()[calls..]
             .iter()
             .map(|(op, _)| *op)
             .collect();
         assert_eq!(ops.len(), 9, "{ops:?}");
-        assert!(
-            ops.contains(&format!("usage.{endpoint}").as_str()),
-            "{ops:?}"
-        );
+        assert!(ops.contains(&endpoint.operation()), "{ops:?}");
     }
     // Negative control: the quiet key (a zero-request result, others' use) stays quiet.
     let u = c.key_usage(p, &quiet.account.key_id, since).await.unwrap();
@@ -605,7 +485,7 @@ async fn key_usage_sees_use_on_every_usage_endpoint() {
         .map(|(_, op)| *op)
     {
         assert!(
-            rec.calls(op, StatusClass::Success) == SHIM_ENDPOINTS.len() + 1,
+            rec.calls(op, StatusClass::Success) == OTHER_USAGE_ENDPOINTS.len() + 1,
             "{op} was not asked every time"
         );
     }
@@ -616,9 +496,9 @@ async fn key_usage_sees_use_on_every_usage_endpoint() {
 #[tokio::test]
 async fn key_usage_fails_closed_when_a_usage_endpoint_fails() {
     let env = env().await;
-    let (shim, shim_server) = env.shim().await;
+    let (proxy, proxy_server) = env.fail_proxy().await;
     let rec = Arc::new(Recorder::default());
-    let c = client(&format!("{}/v1", shim_server.url()), ADMIN, &rec, 2);
+    let c = client(&format!("{}/v1", proxy_server.url()), ADMIN, &rec, 2);
     let p = &env.project;
     let k = c.create_service_account(p, "okr-fc").await.unwrap();
     let since = Utc::now() - chrono::Duration::minutes(5);
@@ -627,16 +507,26 @@ async fn key_usage_fails_closed_when_a_usage_endpoint_fails() {
         .await
         .expect("usage");
 
-    shim.fail("images", 404);
+    proxy.fail(UsageEndpoint::Images, 404);
     let e = c.key_usage(p, &k.account.key_id, since).await.unwrap_err();
     assert_final(&e, "usage.images");
     assert_final(&e, "HTTP 404");
-    shim.fail("images", 503);
-    let seen = shim.seen("images");
+    proxy.fail(UsageEndpoint::Images, 503);
+    let seen = proxy.seen(UsageEndpoint::Images);
     let e = c.key_usage(p, &k.account.key_id, since).await.unwrap_err();
     assert_transient(&e, "usage.images");
     assert_transient(&e, "gave up after 3 attempts");
-    assert_eq!(shim.seen("images") - seen, 3);
+    assert_eq!(proxy.seen(UsageEndpoint::Images) - seen, 3);
+    // Negative control: the simulator's own 5xx on one endpoint fails it the same way.
+    proxy.faults.lock().unwrap().clear();
+    env.sim
+        .set_faults(Faults::fail_next(3, 502).only("usage.web_search_calls"));
+    let e = c.key_usage(p, &k.account.key_id, since).await.unwrap_err();
+    assert_transient(&e, "usage.web_search_calls");
+    env.sim.clear_faults();
+    c.key_usage(p, &k.account.key_id, since)
+        .await
+        .expect("usage once the faults are gone");
 }
 
 #[tokio::test]
@@ -671,9 +561,8 @@ async fn bad_admin_key_is_final_and_not_retried() {
 async fn rate_limit_storm_is_ridden_out_honouring_retry_after() {
     let env = env().await;
     let p = &env.project;
-    let (_shim, shim_server) = env.shim().await;
     let rec = Arc::new(Recorder::default());
-    let c = client(&format!("{}/v1", shim_server.url()), ADMIN, &rec, 5);
+    let c = client(&env.base(), ADMIN, &rec, 5);
     env.sim.set_faults(Faults::rate_limit(2));
 
     let start = Instant::now();
@@ -705,9 +594,9 @@ async fn rate_limit_storm_is_ridden_out_honouring_retry_after() {
         .iter()
         .filter(|(_, c)| *c == StatusClass::RateLimited)
         .count();
-    // 7 admin calls at 2 per second reach the simulator (7 more usage calls the shim
-    // answers): the storm was really hit, and each 429 was retried once (no 429 right
-    // after a wait, as the wait was the server's Retry-After).
+    // 14 admin calls at 2 per second (8 of them usage calls): the storm was really hit,
+    // and each 429 was retried once (no 429 right after a wait, as the wait was the
+    // server's Retry-After).
     assert!(retries >= 2, "retries {retries}");
     assert_eq!(limited, retries);
     assert_eq!(rec.calls.lock().unwrap().len(), 14 + retries);
@@ -1153,13 +1042,8 @@ fn violation_lines(output: &str) -> Vec<String> {
 async fn every_key_issuer_method_passes_the_official_description_through_prism() {
     let env = env().await;
     let p = &env.project;
-    // Prism checks the shim's usage answers too (the shapes the simulator should serve).
-    let (shim, shim_server) = env.shim().await;
-    let prism = support::start_prism(
-        &support::openai_spec(),
-        &format!("{}/v1", shim_server.url()),
-    )
-    .await;
+    // Prism checks the simulator's answers on every usage endpoint too.
+    let prism = support::start_prism(&support::openai_spec(), &env.base()).await;
     let t = Tap {
         upstream: prism.url.clone(),
         http: reqwest::Client::new(),
@@ -1191,8 +1075,10 @@ async fn every_key_issuer_method_passes_the_official_description_through_prism()
         chat(&env.base(), &minted.key).await;
     }
     let now = Utc::now().timestamp();
-    for (i, e) in SHIM_ENDPOINTS.iter().enumerate() {
-        shim.add(e, now - 60, &minted.account.key_id, i as u64 + 1);
+    for (i, e) in OTHER_USAGE_ENDPOINTS.into_iter().enumerate() {
+        env.sim
+            .record_usage(&minted.account.key_id, e, now - 60, i as u64 + 1)
+            .unwrap();
     }
     let u = c
         .key_usage(
@@ -1221,8 +1107,8 @@ async fn every_key_issuer_method_passes_the_official_description_through_prism()
             "{want} not in {seen:#?}"
         );
     }
-    for e in SHIM_ENDPOINTS {
-        let want = format!("GET /organization/usage/{e} -> 200");
+    for e in OTHER_USAGE_ENDPOINTS {
+        let want = format!("GET /organization/usage/{} -> 200", e.path());
         assert!(seen.contains(&want), "{want} not in {seen:#?}");
     }
     assert!(

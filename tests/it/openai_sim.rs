@@ -7,7 +7,13 @@
 //! retrieve/delete, 5xx) make Prism report "Unable to match the returned status code"
 //! (a warning) for a correct upstream answer, without validating its body. Those cases are
 //! sent straight to the simulator and their shape is asserted by hand. Declared errors
-//! (400 on the service-account and API-key paths, 429 on usage and chat) go through Prism.
+//! (400 on the service-account and API-key paths, 429 on usage, audit logs and chat) go
+//! through Prism.
+//!
+//! The second test covers the paths the daemon's drain and reconciliation need (every
+//! usage endpoint that filters by key, audit logs, admin API keys) and service-account key
+//! expiry, which the official SDKs added after our copy of the description: it runs Prism on
+//! the subset plus exactly those fields (`spec_with_key_expiry`, sources cited there).
 
 use crate::support;
 use openai_key_rotator::sandbox::openai::{FaultScope, Faults, OpenAiSim};
@@ -410,6 +416,19 @@ async fn openai_sim_satisfies_the_official_description_through_prism() {
     assert!(h.contains_key("x-ratelimit-reset-requests"));
     sim.clear_faults();
 
+    // `expires_in_seconds` (from the SDKs, newer than this description) passes the
+    // unmodified subset unchecked, as does `expires_at` in the answer: the schemas leave
+    // additional properties open. The next test checks both against the subset plus the
+    // SDKs' fields, where a wrong type is caught.
+    let v = c
+        .ok(
+            "service_accounts.create (expires_in_seconds, unknown to the subset)",
+            admin(http.post(&sa))
+                .json(&json!({"name": "okr-contract-expiring", "expires_in_seconds": 60})),
+        )
+        .await;
+    assert!(v["api_key"]["expires_at"].is_i64(), "{v}");
+
     // Delete through Prism; the key dies.
     let victim = format!("{sa}/{}", created_ids[0]);
     let v = c
@@ -540,4 +559,553 @@ async fn prism_flags_an_upstream_that_breaks_the_description() {
     // `--errors` turns response violations into a 500 problem document.
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
     assert!(!await_violation_lines(&prism.guard, 1).await.is_empty());
+}
+
+/// The contract subset plus what the official SDKs added for service-account key expiry
+/// after our copy of the description (2026-08-21) was cut, so Prism type-checks those
+/// fields instead of letting them through unchecked as unknown properties (the description
+/// leaves `additionalProperties` open, so the old one accepts them silently; see the first
+/// test). Sources: the merged SDK pull requests of 2026-09-09, openai/openai-python#3825
+/// ("Add the optional `expires_in_seconds` parameter to ... service account creation";
+/// "Add `expires_at` expiration metadata to project API key and service account creation
+/// response types"), openai/openai-ruby#689 (`lib/openai/models/admin/organization/projects/
+/// service_account_create_params.rb`: `expires_in_seconds`, `[Integer, nil]`; nullable
+/// `expires_at` on `ProjectAPIKey` and on the created account's `api_key`), and the same in
+/// openai-node#2708, openai-java#984, openai-go#906. The SDK source after that change is
+/// not in the stored snapshots (they end 2026-08-22), so the field types come from those
+/// threads: integer or null both ways, no published bounds. Only optional properties are
+/// added; nothing the subset says is loosened. `tests/contract/` keeps the unmodified excerpt.
+fn spec_with_key_expiry(dir: &std::path::Path) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(support::openai_spec()).expect("read the subset");
+    let mut spec: Value = serde_json::from_str(&text).expect("parse the subset");
+    let nullable_int = json!({"anyOf": [{"type": "integer"}, {"type": "null"}]});
+    let schemas = &mut spec["components"]["schemas"];
+    for (schema, field) in [
+        ("ProjectServiceAccountCreateRequest", "expires_in_seconds"),
+        ("ProjectServiceAccountApiKey", "expires_at"),
+        ("ProjectApiKey", "expires_at"),
+    ] {
+        let props = &mut schemas[schema]["properties"];
+        assert!(
+            props.is_object(),
+            "{schema} has no properties in the subset"
+        );
+        assert!(
+            props.get(field).is_none(),
+            "{schema}.{field} is already described"
+        );
+        props[field] = nullable_int.clone();
+    }
+    let path = dir.join("openai-openapi-subset-with-key-expiry.json");
+    std::fs::write(&path, spec.to_string()).expect("write the patched subset");
+    path
+}
+
+/// Requests per `api_key_id` in a usage page (`num_model_requests`, else `num_requests`).
+fn usage_per_key(v: &Value) -> std::collections::BTreeMap<String, u64> {
+    let mut m = std::collections::BTreeMap::new();
+    for b in v["data"].as_array().expect("data") {
+        assert_eq!(b["object"], "bucket");
+        for r in b["results"].as_array().expect("results") {
+            let n = r["num_model_requests"]
+                .as_u64()
+                .or_else(|| r["num_requests"].as_u64())
+                .expect("a request count");
+            *m.entry(r["api_key_id"].as_str().unwrap_or("<null>").to_string())
+                .or_insert(0) += n;
+        }
+    }
+    m
+}
+
+/// Every usage endpoint that filters by key, audit logs, admin API keys and key expiry,
+/// through Prism; then negative controls that the checks fire on these paths.
+#[tokio::test]
+async fn usage_audit_logs_admin_keys_and_key_expiry_satisfy_the_description_through_prism() {
+    use openai_key_rotator::sandbox::openai::{AuditActor, UsageEndpoint};
+    let sim = OpenAiSim::new(Secret::new(ADMIN));
+    let project = sim.create_project("contract");
+    let server = sim
+        .serve(loopback(0), CancellationToken::new())
+        .await
+        .expect("serve simulator");
+    let direct = format!("{}/v1", server.url());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let prism = support::start_prism(&spec_with_key_expiry(dir.path()), &direct).await;
+    let p = prism.url.clone();
+    let mut c = Checked {
+        http: reqwest::Client::new(),
+        violations: Vec::new(),
+    };
+    let http = c.http.clone();
+    let admin = |req: RequestBuilder| req.bearer_auth(ADMIN);
+    let sa = format!("{p}/organization/projects/{project}/service_accounts");
+    let keys_url = format!("{p}/organization/projects/{project}/api_keys");
+
+    // Key expiry: create with and without `expires_in_seconds`; the expiry shows on the
+    // create answer and on the key object.
+    let now = sim.now();
+    let short = c
+        .ok(
+            "service_accounts.create (expires_in_seconds)",
+            admin(http.post(&sa)).json(&json!({"name": "okr-short", "expires_in_seconds": 3600})),
+        )
+        .await;
+    let expires_at = short["api_key"]["expires_at"].as_i64().expect("expires_at");
+    assert!((now + 3600..=now + 3602).contains(&expires_at), "{short}");
+    let plain = c
+        .ok(
+            "service_accounts.create (expires_in_seconds: null)",
+            admin(http.post(&sa)).json(&json!({"name": "okr-plain", "expires_in_seconds": null})),
+        )
+        .await;
+    assert_eq!(plain["api_key"]["expires_at"], Value::Null);
+    let short_key = short["api_key"]["id"].as_str().unwrap().to_string();
+    let plain_key = plain["api_key"]["id"].as_str().unwrap().to_string();
+    let short_value = short["api_key"]["value"].as_str().unwrap().to_string();
+    let v = c
+        .ok(
+            "api_keys.retrieve (expires_at)",
+            admin(http.get(format!("{keys_url}/{short_key}"))),
+        )
+        .await;
+    assert_eq!(v["expires_at"], expires_at);
+    let v = c
+        .ok("api_keys.list (expires_at)", admin(http.get(&keys_url)))
+        .await;
+    assert_eq!(v["data"][1]["expires_at"], Value::Null);
+    let (s, _, v) = c
+        .send(
+            "service_accounts.create (expiry without a key): 400",
+            admin(http.post(&sa)).json(&json!({
+                "name": "okr-bare", "create_service_account_only": true, "expires_in_seconds": 60
+            })),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_error_shape(&v, "invalid_request_error", None);
+
+    // Usage on every endpoint: planted for both keys, asked per key in both array forms.
+    let t = sim.now();
+    for (i, ep) in UsageEndpoint::ALL.into_iter().enumerate() {
+        sim.record_usage(&short_key, ep, t - 90, i as u64 + 1)
+            .unwrap();
+        sim.record_usage(&plain_key, ep, t - 30, 2).unwrap();
+    }
+    let start = (t - 600).to_string();
+    for (i, ep) in UsageEndpoint::ALL.into_iter().enumerate() {
+        let url = format!("{p}/organization/usage/{}", ep.path());
+        let v = c
+            .ok(
+                &format!("{} (group_by=api_key_id)", ep.operation()),
+                admin(http.get(&url)).query(&[
+                    ("start_time", start.as_str()),
+                    ("bucket_width", "1m"),
+                    ("group_by", "api_key_id"),
+                    ("limit", "20"),
+                ]),
+            )
+            .await;
+        assert_eq!(
+            usage_per_key(&v),
+            std::collections::BTreeMap::from([
+                (short_key.clone(), i as u64 + 1),
+                (plain_key.clone(), 2)
+            ]),
+            "{}: {v}",
+            ep.path()
+        );
+        let v = c
+            .ok(
+                &format!(
+                    "{} (group_by[]=, api_key_ids[]=, project_ids[]=)",
+                    ep.operation()
+                ),
+                admin(http.get(&url)).query(&[
+                    ("start_time", start.as_str()),
+                    ("bucket_width", "1h"),
+                    ("group_by[]", "api_key_id"),
+                    ("group_by[]", "project_id"),
+                    ("api_key_ids[]", plain_key.as_str()),
+                    ("project_ids[]", project.as_str()),
+                ]),
+            )
+            .await;
+        assert_eq!(
+            usage_per_key(&v),
+            std::collections::BTreeMap::from([(plain_key.clone(), 2)]),
+            "{}: {v}",
+            ep.path()
+        );
+        let v = c
+            .ok(
+                &format!("{} (no group_by, default width)", ep.operation()),
+                admin(http.get(&url)).query(&[("start_time", start.as_str())]),
+            )
+            .await;
+        assert_eq!(usage_per_key(&v)["<null>"], i as u64 + 3, "{v}");
+    }
+    // Each endpoint's own dimensions and filters.
+    let usage = |ep: &str| format!("{p}/organization/usage/{ep}");
+    for (what, ep, query) in [
+        (
+            "usage.completions (model, batch, service_tier)",
+            "completions",
+            vec![
+                ("group_by", "model"),
+                ("group_by", "batch"),
+                ("group_by", "service_tier"),
+                ("models", "gpt-4o-mini"),
+                ("batch", "false"),
+            ],
+        ),
+        (
+            "usage.images (size, source)",
+            "images",
+            vec![
+                ("group_by", "size"),
+                ("group_by", "source"),
+                ("sources", "image.generation"),
+                ("sizes", "1024x1024"),
+            ],
+        ),
+        (
+            "usage.file_search_calls (vector_store_id)",
+            "file_search_calls",
+            vec![
+                ("group_by", "vector_store_id"),
+                ("vector_store_ids", "vs_sim"),
+            ],
+        ),
+        (
+            "usage.web_search_calls (context_level)",
+            "web_search_calls",
+            vec![
+                ("group_by", "context_level"),
+                ("group_by", "model"),
+                ("context_levels", "medium"),
+            ],
+        ),
+        (
+            "usage.audio_transcriptions (models)",
+            "audio_transcriptions",
+            vec![("group_by", "model"), ("models", "gpt-4o-transcribe")],
+        ),
+    ] {
+        let mut q = vec![("start_time", start.as_str()), ("bucket_width", "1d")];
+        q.extend(query);
+        let v = c.ok(what, admin(http.get(usage(ep))).query(&q)).await;
+        let r = &v["data"][0]["results"][0];
+        assert!(r.is_object(), "{what}: nothing matched: {v}");
+    }
+    // Paging: limit counts buckets, next_page continues.
+    let mut pages = 0;
+    let mut total = 0;
+    let mut page: Option<String> = None;
+    loop {
+        let mut req = admin(http.get(usage("embeddings"))).query(&[
+            ("start_time", start.as_str()),
+            ("bucket_width", "1m"),
+            ("limit", "4"),
+            ("api_key_ids", short_key.as_str()),
+        ]);
+        if let Some(pg) = &page {
+            req = req.query(&[("page", pg)]);
+        }
+        let v = c.ok("usage.embeddings (paged)", req).await;
+        total += usage_per_key(&v).values().sum::<u64>();
+        pages += 1;
+        if !v["has_more"].as_bool().unwrap() {
+            break;
+        }
+        page = Some(v["next_page"].as_str().unwrap().to_string());
+        assert!(pages < 10, "paging does not end");
+    }
+    assert_eq!(
+        total, 2,
+        "embeddings is endpoint 1: 2 requests of the short key"
+    );
+    assert!(pages >= 3, "{pages}");
+    // last_used_at follows the use.
+    let v = c
+        .ok(
+            "api_keys.retrieve (last_used_at)",
+            admin(http.get(format!("{keys_url}/{plain_key}"))),
+        )
+        .await;
+    assert_eq!(v["last_used_at"], t - 30);
+
+    // Admin API keys: the simulator's own key is the first; create, page, get, delete.
+    let list = format!("{p}/organization/admin_api_keys");
+    let made = c
+        .ok(
+            "admin_api_keys.create",
+            admin(http.post(&list)).json(&json!({"name": "okr-ci", "expires_in_seconds": 86_400})),
+        )
+        .await;
+    let made_id = made["id"].as_str().unwrap().to_string();
+    let made_value = made["value"].as_str().unwrap().to_string();
+    let v = c
+        .ok(
+            "admin_api_keys.create (no expiry)",
+            admin(http.post(&list)).json(&json!({"name": "okr-forever"})),
+        )
+        .await;
+    assert_eq!(v["expires_at"], Value::Null);
+    let mut ids = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let mut req = admin(http.get(&list)).query(&[("limit", "1")]);
+        if let Some(a) = &after {
+            req = req.query(&[("after", a)]);
+        }
+        let v = c.ok("admin_api_keys.list (paged)", req).await;
+        ids.extend(
+            v["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|k| k["id"].as_str().unwrap().to_string()),
+        );
+        if !v["has_more"].as_bool().unwrap() {
+            break;
+        }
+        after = Some(v["last_id"].as_str().unwrap().to_string());
+        assert!(ids.len() < 10, "paging does not end");
+    }
+    assert_eq!(ids.len(), 3);
+    assert_eq!(ids[1], made_id);
+    let v = c
+        .ok(
+            "admin_api_keys.list (order=desc)",
+            admin(http.get(&list)).query(&[("order", "desc")]),
+        )
+        .await;
+    assert_eq!(v["data"][0]["id"], ids[2].as_str());
+    let v = c
+        .ok(
+            "admin_api_keys.retrieve (with the new key)",
+            http.get(format!("{list}/{made_id}"))
+                .bearer_auth(&made_value),
+        )
+        .await;
+    assert!(
+        v["last_used_at"].is_i64() && v.get("value").is_none(),
+        "{v}"
+    );
+    let v = c
+        .ok(
+            "admin_api_keys.delete",
+            admin(http.delete(format!("{list}/{made_id}"))),
+        )
+        .await;
+    assert_eq!(v["deleted"], true);
+    let (s, _, v) = c
+        .send(
+            "direct: deleted admin key",
+            http.get(format!("{direct}/organization/projects"))
+                .bearer_auth(&made_value),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_error_shape(&v, "invalid_request_error", Some("invalid_api_key"));
+
+    // Audit logs: what the calls above did, plus events by others in the other actor shapes.
+    let admin_id = sim.admin_keys()[0].id.clone();
+    sim.inject_audit_event(
+        "service_account.created",
+        "svc_acct_dashboard",
+        Some(&project),
+        AuditActor::Session {
+            user_id: "user-alice".into(),
+            email: "alice@example.com".into(),
+        },
+    )
+    .unwrap();
+    sim.inject_audit_event(
+        "api_key.updated",
+        &plain_key,
+        Some(&project),
+        AuditActor::ServiceAccountApiKey {
+            key_id: "key_robot".into(),
+            service_account_id: "svc_acct_robot".into(),
+        },
+    )
+    .unwrap();
+    let audit = format!("{p}/organization/audit_logs");
+    let all = c
+        .ok(
+            "audit_logs.list",
+            admin(http.get(&audit)).query(&[("limit", "100")]),
+        )
+        .await;
+    let types: Vec<&str> = all["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "api_key.updated",
+            "service_account.created",
+            "api_key.deleted",
+            "api_key.created",
+            "api_key.created",
+            "api_key.created",
+            "service_account.created",
+            "api_key.created",
+            "service_account.created",
+        ],
+        "{all}"
+    );
+    let v = c
+        .ok(
+            "audit_logs.list (filters)",
+            admin(http.get(&audit)).query(&[
+                ("event_types[]", "service_account.created"),
+                ("actor_ids[]", admin_id.as_str()),
+                ("project_ids[]", project.as_str()),
+                ("effective_at[gte]", &(now - 5).to_string()),
+                ("effective_at[lt]", &(sim.now() + 5).to_string()),
+            ]),
+        )
+        .await;
+    assert_eq!(
+        v["data"].as_array().unwrap().len(),
+        2,
+        "our two creates: {v}"
+    );
+    let v = c
+        .ok(
+            "audit_logs.list (resource_ids[], actor_emails[])",
+            admin(http.get(&audit)).query(&[
+                ("resource_ids[]", "svc_acct_dashboard"),
+                ("actor_emails[]", "alice@example.com"),
+            ]),
+        )
+        .await;
+    assert_eq!(v["data"][0]["actor"]["type"], "session", "{v}");
+    let first = c
+        .ok(
+            "audit_logs.list (limit=2)",
+            admin(http.get(&audit)).query(&[("limit", "2")]),
+        )
+        .await;
+    let next = c
+        .ok(
+            "audit_logs.list (after)",
+            admin(http.get(&audit)).query(&[
+                ("limit", "2"),
+                ("after", first["last_id"].as_str().unwrap()),
+            ]),
+        )
+        .await;
+    let back = c
+        .ok(
+            "audit_logs.list (before)",
+            admin(http.get(&audit)).query(&[
+                ("limit", "2"),
+                ("before", next["first_id"].as_str().unwrap()),
+            ]),
+        )
+        .await;
+    assert_eq!(back["data"], first["data"]);
+    // Declared 429s on the new paths.
+    sim.set_faults(
+        Faults::rate_limit(0)
+            .only("audit_logs.list")
+            .only("usage.web_search_calls"),
+    );
+    for (what, url) in [
+        ("audit_logs.list 429", audit.clone()),
+        ("usage.web_search_calls 429", usage("web_search_calls")),
+    ] {
+        let (s, h, v) = c
+            .send(
+                what,
+                admin(http.get(&url)).query(&[("start_time", start.as_str())]),
+            )
+            .await;
+        assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{what}: {v}");
+        assert!(h.contains_key("retry-after"));
+    }
+    sim.clear_faults();
+    // Audit logging off: the simulator's 403 (undeclared, so straight to it).
+    sim.set_audit_logging(false);
+    let (s, _, v) = c
+        .send(
+            "direct: audit logging off",
+            admin(http.get(format!("{direct}/organization/audit_logs"))),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert_error_shape(&v, "invalid_request_error", None);
+    sim.set_audit_logging(true);
+    // The expired key gets 401 on the data plane (undeclared: straight to the simulator).
+    assert_eq!(
+        c.send(
+            "direct: models before expiry",
+            http.get(format!("{direct}/models"))
+                .bearer_auth(&short_value)
+        )
+        .await
+        .0,
+        StatusCode::OK
+    );
+    sim.advance_clock(3601);
+    let (s, _, v) = c
+        .send(
+            "direct: expired key",
+            http.get(format!("{direct}/models"))
+                .bearer_auth(&short_value),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_error_shape(&v, "invalid_request_error", Some("invalid_api_key"));
+
+    let output = prism.guard.output();
+    assert!(
+        c.violations.is_empty() && violation_lines(&output).is_empty(),
+        "contract violations:\n{}\nPrism log lines:\n{}",
+        c.violations.join("\n"),
+        violation_lines(&output).join("\n")
+    );
+
+    // Negative controls: (1) a wrong-typed `expires_in_seconds` is caught by Prism itself
+    // (only because of the added property: the unpatched subset lets it through), (2) a
+    // `group_by` value file searches do not have, (3) an undeclared 500 on an admin-key path.
+    let (s, _, v) = c
+        .send(
+            "negative control: expires_in_seconds as a string",
+            admin(http.post(&sa)).json(&json!({"name": "okr-bad", "expires_in_seconds": "soon"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert!(v.to_string().contains("expires_in_seconds"), "{v}");
+    let (s, _, v) = c
+        .send(
+            "negative control: group_by=model on file searches",
+            admin(http.get(usage("file_search_calls")))
+                .query(&[("start_time", start.as_str()), ("group_by", "model")]),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert_eq!(c.violations.len(), 2, "{:#?}", c.violations);
+    sim.set_faults(Faults::fail_next(1, 500).only("admin_api_keys.list"));
+    let (s, h, _) = c
+        .send("negative control: undeclared 500", admin(http.get(&list)))
+        .await;
+    sim.clear_faults();
+    assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(
+        h.get("sl-violations").is_some_and(|v| v
+            .to_str()
+            .unwrap_or_default()
+            .contains("Unable to match the returned status code")),
+        "the undeclared status was not flagged: {h:?}"
+    );
+    let lines = await_violation_lines(&prism.guard, 3).await;
+    assert_eq!(lines.len(), 3, "Prism log:\n{}", prism.guard.output());
 }

@@ -1,15 +1,21 @@
-//! Admin API handlers: projects, project service accounts, project API keys.
+//! Admin API handlers: projects, project service accounts, project API keys, admin API
+//! keys; the admin-key check in front of them all.
 
+use super::audit::{self, AuditActor};
 use super::error::ApiError;
-use super::{redact, AccountRec, KeyRec, OpenAiSim, ProjectRec};
+use super::{
+    new_id, redact, AccountRec, AdminKeyRec, KeyRec, OpenAiSim, ProjectRec, OWNER_EMAIL, OWNER_ID,
+    OWNER_NAME,
+};
+use crate::secret::Secret;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, RawQuery, Request, State};
+use axum::extract::{Extension, Path, RawQuery, Request, State};
 use axum::http::HeaderMap;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use rand::distr::{Alphanumeric, SampleString};
 use serde_json::{json, Value};
-use subtle::ConstantTimeEq;
 
 type ApiResult = Result<Json<Value>, ApiError>;
 
@@ -24,32 +30,54 @@ pub(super) fn bearer(headers: &HeaderMap) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !key.is_empty()).then_some(key)
 }
 
-/// Admin routes accept only the admin key (constant-time compare); anything else is 401
-/// in upstream's shape, showing at most a redacted form of what was sent.
+/// The admin key a request was made with (handlers record it as the audit actor).
+#[derive(Debug, Clone)]
+pub(super) struct Caller {
+    pub key_id: String,
+}
+
+impl Caller {
+    pub fn actor(&self) -> AuditActor {
+        AuditActor::UserApiKey {
+            key_id: self.key_id.clone(),
+            user_id: OWNER_ID.to_string(),
+            email: OWNER_EMAIL.to_string(),
+        }
+    }
+}
+
+/// Admin routes accept only a live admin key (listed, not deleted, not expired), looked up
+/// by its SHA-256 so nothing compares the value itself; anything else is 401 in upstream's
+/// shape, showing at most a redacted form of what was sent. A use sets the key's
+/// `last_used_at`.
 pub(super) async fn require_admin_key(
     State(sim): State<OpenAiSim>,
-    req: Request,
+    mut req: Request,
     next: Next,
 ) -> Response {
     let verdict = match bearer(req.headers()) {
         None => Err(ApiError::missing_key()),
         Some(key) => {
-            let ok: bool = sim
-                .lock()
-                .admin_key
-                .expose()
-                .as_bytes()
-                .ct_eq(key.as_bytes())
-                .into();
-            if ok {
-                Ok(())
-            } else {
-                Err(ApiError::incorrect_key(&redact(key, "****")))
+            let hash = Secret::new(key).sha256_hex();
+            let mut st = sim.lock();
+            let now = st.now();
+            match st.admin_index.get(&hash).copied() {
+                Some(i) if st.admin_keys[i].live(now) => {
+                    let k = &mut st.admin_keys[i];
+                    k.last_used_at = Some(now);
+                    Ok(Caller {
+                        key_id: k.id.clone(),
+                    })
+                }
+                _ => Err(ApiError::incorrect_key(&redact(key, "****"))),
             }
         }
     };
     match verdict {
-        Ok(()) => next.run(req).await,
+        Ok(caller) => {
+            req.extensions_mut().insert(caller);
+            next.run(req).await
+        }
         Err(e) => e.into_response(),
     }
 }
@@ -186,6 +214,8 @@ fn account_json(a: &AccountRec) -> Value {
     })
 }
 
+/// `expires_at` is not in our copy of the description: the SDKs added it (nullable) with
+/// service-account key expiry (see the contract test).
 fn key_json(a: &AccountRec, k: &KeyRec) -> Value {
     json!({
         "object": "organization.project.api_key",
@@ -193,6 +223,7 @@ fn key_json(a: &AccountRec, k: &KeyRec) -> Value {
         "name": k.name,
         "created_at": k.created_at,
         "last_used_at": k.last_used_at,
+        "expires_at": k.expires_at,
         "id": k.id,
         "owner_project_access": "active",
         "owner": {
@@ -267,32 +298,79 @@ pub(super) async fn list_service_accounts(
     page(all, &pairs)
 }
 
+/// A JSON object body (an empty body is `{}`).
+fn json_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, ApiError> {
+    let body: Value = if body.is_empty() {
+        json!({})
+    } else {
+        serde_json::from_slice(body).map_err(|_| ApiError::unparsable_json())?
+    };
+    match body {
+        Value::Object(obj) => Ok(obj),
+        _ => Err(ApiError::bad_request(
+            "Invalid request body: expected a JSON object.",
+        )),
+    }
+}
+
+/// The required, non-empty string `name`.
+fn required_name(obj: &serde_json::Map<String, Value>) -> Result<String, ApiError> {
+    match obj.get("name") {
+        None => Err(ApiError::missing_param("name")),
+        Some(Value::String(s)) if s.trim().is_empty() => {
+            Err(ApiError::bad_request("Invalid 'name': empty string.")
+                .param("name")
+                .code("empty_string"))
+        }
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(other) => Err(ApiError::invalid_type("name", "a string", other)),
+    }
+}
+
+/// An optional integer `expires_in_seconds` within `1..=max` (null = none).
+fn expires_in(obj: &serde_json::Map<String, Value>, max: i64) -> Result<Option<i64>, ApiError> {
+    const P: &str = "expires_in_seconds";
+    let secs = match obj.get(P) {
+        None | Some(Value::Null) => return Ok(None),
+        Some(v @ Value::Number(n)) => n
+            .as_i64()
+            .ok_or_else(|| ApiError::invalid_type(P, "an integer", v))?,
+        Some(other) => return Err(ApiError::invalid_type(P, "an integer", other)),
+    };
+    if secs < 1 {
+        return Err(ApiError::bad_request(format!(
+            "Invalid '{P}': integer below minimum value. Expected a value >= 1, but got {secs} instead."
+        ))
+        .param(P)
+        .code("integer_below_min_value"));
+    }
+    if secs > max {
+        return Err(ApiError::bad_request(format!(
+            "Invalid '{P}': integer above maximum value. Expected a value <= {max}, but got {secs} instead."
+        ))
+        .param(P)
+        .code("integer_above_max_value"));
+    }
+    Ok(Some(secs))
+}
+
+/// Without a lifetime policy a key may live this long at most (ten years): a bound that
+/// keeps `created_at + expires_in_seconds` far from overflow. Upstream publishes none.
+const MAX_SERVICE_ACCOUNT_KEY_LIFETIME: i64 = 10 * 365 * 86_400;
+
+/// `expires_in_seconds` is from the SDKs (September 2026), not our copy of the
+/// description: optional, null = no expiry unless the organization's lifetime policy
+/// requires one (then it must be given and within the policy's maximum), and not allowed
+/// together with `create_service_account_only: true`.
 pub(super) async fn create_service_account(
     State(sim): State<OpenAiSim>,
+    Extension(caller): Extension<Caller>,
     p: Result<Path<String>, PathRejection>,
     body: axum::body::Bytes,
 ) -> ApiResult {
     let project_id = path(p)?;
-    let body: Value = if body.is_empty() {
-        json!({})
-    } else {
-        serde_json::from_slice(&body).map_err(|_| ApiError::unparsable_json())?
-    };
-    let Some(obj) = body.as_object() else {
-        return Err(ApiError::bad_request(
-            "Invalid request body: expected a JSON object.",
-        ));
-    };
-    let name = match obj.get("name") {
-        None => return Err(ApiError::missing_param("name")),
-        Some(Value::String(s)) if s.trim().is_empty() => {
-            return Err(ApiError::bad_request("Invalid 'name': empty string.")
-                .param("name")
-                .code("empty_string"))
-        }
-        Some(Value::String(s)) => s.clone(),
-        Some(other) => return Err(ApiError::invalid_type("name", "a string", other)),
-    };
+    let obj = json_object(&body)?;
+    let name = required_name(&obj)?;
     let account_only = match obj.get("create_service_account_only") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
@@ -305,18 +383,37 @@ pub(super) async fn create_service_account(
         }
     };
     let mut st = sim.lock();
+    let policy = st.max_key_lifetime;
+    let expires = expires_in(&obj, policy.unwrap_or(MAX_SERVICE_ACCOUNT_KEY_LIFETIME))?;
+    if account_only && expires.is_some() {
+        return Err(ApiError::bad_request(
+            "Invalid 'expires_in_seconds': cannot be set when 'create_service_account_only' \
+             is true (no API key is created).",
+        )
+        .param("expires_in_seconds"));
+    }
+    if let (Some(max), None, false) = (policy, expires, account_only) {
+        return Err(ApiError::bad_request(format!(
+            "Missing required parameter: 'expires_in_seconds'. This organization's key \
+             policy requires API keys to expire within {max} seconds."
+        ))
+        .param("expires_in_seconds")
+        .code("missing_required_parameter"));
+    }
     st.project(&project_id)
         .ok_or_else(|| no_project(&project_id))?;
-    let (idx, value) = st.add_account(&project_id, &name, account_only);
+    let (idx, value) = st.add_account(&project_id, &name, account_only, expires);
+    st.audit_account_created(idx, caller.actor());
     let account = &st.accounts[idx];
     let mut out = account_json(account);
-    // The one place a key value leaves the simulator.
+    // The one place a project key value leaves the simulator.
     out["api_key"] = match (&account.key, value) {
         (Some(k), Some(value)) => json!({
             "object": "organization.project.service_account.api_key",
             "value": value.expose(),
             "name": k.name,
             "created_at": k.created_at,
+            "expires_at": k.expires_at,
             "id": k.id,
         }),
         _ => Value::Null,
@@ -341,6 +438,7 @@ pub(super) async fn get_service_account(
 /// Deleting the account kills its key at once (the data plane answers 401 from now on).
 pub(super) async fn delete_service_account(
     State(sim): State<OpenAiSim>,
+    Extension(caller): Extension<Caller>,
     p: Result<Path<(String, String)>, PathRejection>,
 ) -> ApiResult {
     let (project_id, account_id) = path(p)?;
@@ -354,6 +452,7 @@ pub(super) async fn delete_service_account(
         .ok_or_else(|| no_account(&account_id))?;
     st.accounts[idx].deleted = true;
     st.key_index.retain(|_, i| *i != idx);
+    st.audit_account_deleted(idx, caller.actor());
     Ok(Json(json!({
         "object": "organization.project.service_account.deleted",
         "id": account_id,
@@ -434,4 +533,155 @@ pub(super) async fn delete_api_key(
         a.id
     ))
     .param("api_key_id"))
+}
+
+// ---------------------------------------------------------------------------------------
+// Admin API keys.
+
+/// The longest `expires_in_seconds` the description allows for an admin key (a year).
+const MAX_ADMIN_KEY_LIFETIME: i64 = 31_536_000;
+
+fn admin_key_json(k: &AdminKeyRec, owner_created_at: i64) -> Value {
+    json!({
+        "object": "organization.admin_api_key",
+        "id": k.id,
+        "name": k.name,
+        "redacted_value": redact(k.value.expose(), "..."),
+        "created_at": k.created_at,
+        "expires_at": k.expires_at,
+        "last_used_at": k.last_used_at,
+        "owner": {
+            "type": "user",
+            "object": "organization.user",
+            "id": OWNER_ID,
+            "name": OWNER_NAME,
+            "created_at": owner_created_at,
+            "role": "owner",
+        },
+    })
+}
+
+fn no_admin_key(id: &str) -> ApiError {
+    ApiError::not_found(format!("No such admin API key: '{id}'."))
+}
+
+/// An admin key value shaped like upstream's: `sk-admin-` + 64 random alphanumerics.
+pub(super) fn new_admin_key_value() -> String {
+    format!(
+        "sk-admin-{}",
+        Alphanumeric.sample_string(&mut rand::rng(), 64)
+    )
+}
+
+/// Listed in creation order (`order=desc` reverses it); deleted keys are never listed,
+/// expired ones are until deleted.
+pub(super) async fn list_admin_keys(
+    State(sim): State<OpenAiSim>,
+    RawQuery(q): RawQuery,
+) -> ApiResult {
+    let pairs = query_pairs(q);
+    let desc = match query_value(&pairs, "order") {
+        None | Some("asc") => false,
+        Some("desc") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "Invalid 'order': '{other}'. Supported values are: 'asc' and 'desc'."
+            ))
+            .param("order")
+            .code("invalid_value"))
+        }
+    };
+    let st = sim.lock();
+    let mut all: Vec<(&str, Option<Value>)> = st
+        .admin_keys
+        .iter()
+        .map(|k| {
+            (
+                k.id.as_str(),
+                (!k.deleted).then(|| admin_key_json(k, st.org_created_at)),
+            )
+        })
+        .collect();
+    if desc {
+        all.reverse();
+    }
+    page(all, &pairs)
+}
+
+/// The value is in this answer only; the new key works at once.
+pub(super) async fn create_admin_key(
+    State(sim): State<OpenAiSim>,
+    Extension(caller): Extension<Caller>,
+    body: axum::body::Bytes,
+) -> ApiResult {
+    let obj = json_object(&body)?;
+    let name = required_name(&obj)?;
+    let expires = expires_in(&obj, MAX_ADMIN_KEY_LIFETIME)?;
+    let mut st = sim.lock();
+    let value = Secret::new(new_admin_key_value());
+    let idx = st.add_admin_key(&name, value.clone(), expires);
+    let key_id = st.admin_keys[idx].id.clone();
+    let now = st.now();
+    st.audit.record(
+        now,
+        "api_key.created",
+        &key_id,
+        None,
+        caller.actor(),
+        audit::payload("api_key.created", &key_id, ""),
+    );
+    let mut out = admin_key_json(&st.admin_keys[idx], st.org_created_at);
+    // The one place an admin key value leaves the simulator.
+    out["value"] = json!(value.expose());
+    Ok(Json(out))
+}
+
+pub(super) async fn get_admin_key(
+    State(sim): State<OpenAiSim>,
+    p: Result<Path<String>, PathRejection>,
+) -> ApiResult {
+    let key_id = path(p)?;
+    let st = sim.lock();
+    let k = st
+        .admin_keys
+        .iter()
+        .find(|k| !k.deleted && k.id == key_id)
+        .ok_or_else(|| no_admin_key(&key_id))?;
+    Ok(Json(admin_key_json(k, st.org_created_at)))
+}
+
+/// The deleted key is refused (401) from the next call on, also when it deleted itself.
+pub(super) async fn delete_admin_key(
+    State(sim): State<OpenAiSim>,
+    Extension(caller): Extension<Caller>,
+    p: Result<Path<String>, PathRejection>,
+) -> ApiResult {
+    let key_id = path(p)?;
+    let mut st = sim.lock();
+    let idx = st
+        .admin_keys
+        .iter()
+        .position(|k| !k.deleted && k.id == key_id)
+        .ok_or_else(|| no_admin_key(&key_id))?;
+    st.admin_keys[idx].deleted = true;
+    st.admin_index.retain(|_, i| *i != idx);
+    let now = st.now();
+    st.audit.record(
+        now,
+        "api_key.deleted",
+        &key_id,
+        None,
+        caller.actor(),
+        audit::payload("api_key.deleted", &key_id, ""),
+    );
+    Ok(Json(json!({
+        "id": key_id,
+        "object": "organization.admin_api_key.deleted",
+        "deleted": true,
+    })))
+}
+
+/// A new admin key id (`key_` + 16, like project keys upstream).
+pub(super) fn new_admin_key_id() -> String {
+    new_id("key_", 16)
 }

@@ -1,10 +1,11 @@
 //! The minimal data plane: `GET /v1/models` and `POST /v1/chat/completions`, authenticated
-//! by a project (service-account) key. Every accepted call counts, sets the key's
-//! `last_used_at`, and chat completions feed the Usage API.
+//! by a project (service-account) key that is neither deleted nor expired. Every accepted
+//! call counts, sets the key's `last_used_at`, and chat completions feed the Usage API's
+//! completions endpoint (the only usage endpoint with a data-plane call here).
 
 use super::admin::bearer;
 use super::error::ApiError;
-use super::usage::UsageEvent;
+use super::usage::{Counters, UsageDims, UsageEndpoint};
 use super::{new_id, redact, OpenAiSim};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -23,18 +24,15 @@ const MODELS: &[(&str, i64, &str)] = &[
 /// The canned assistant answer.
 const ANSWER: &str = "Hello from the OpenAI simulator.";
 
-/// Resolve the caller's key to its account index, counting 401s.
+/// Resolve the caller's key to its account index, counting 401s. An expired key gets the
+/// same 401 as a deleted one.
 fn authenticate(sim: &OpenAiSim, headers: &HeaderMap) -> Result<usize, ApiError> {
     let mut st = sim.lock();
     let found = match bearer(headers) {
         None => Err(ApiError::missing_key()),
-        Some(key) => {
-            let hash = crate::secret::Secret::new(key).sha256_hex();
-            match st.key_index.get(&hash) {
-                Some(&i) if !st.accounts[i].deleted => Ok(i),
-                _ => Err(ApiError::incorrect_key(&redact(key, "****"))),
-            }
-        }
+        Some(key) => st
+            .live_key(key)
+            .ok_or_else(|| ApiError::incorrect_key(&redact(key, "****"))),
     };
     if found.is_err() {
         st.counts.rejected_401 += 1;
@@ -56,14 +54,24 @@ fn record(sim: &OpenAiSim, idx: usize, tokens: Option<(&str, u64, u64)>) {
     st.counts.accepted += 1;
     *st.served.entry(key_id.clone()).or_default() += 1;
     if let Some((model, input_tokens, output_tokens)) = tokens {
-        st.usage.push(UsageEvent {
-            at: now,
-            project_id,
-            api_key_id: key_id,
-            model: model.to_string(),
+        let dims = UsageDims {
+            model: Some(model.to_string()),
+            ..UsageDims::default()
+        };
+        let c = Counters {
+            requests: 1,
             input_tokens,
             output_tokens,
-        });
+            units: 0,
+        };
+        st.usage.record(
+            UsageEndpoint::Completions,
+            &key_id,
+            &project_id,
+            dims,
+            now,
+            c,
+        );
     }
 }
 

@@ -1,16 +1,18 @@
 //! In-memory simulator of the OpenAI Admin API (projects, project service accounts, project
-//! API keys, completions usage) and a minimal data plane (`/v1/models`,
-//! `/v1/chat/completions`), with per-test fault injection.
+//! API keys, admin API keys, the Usage API for every endpoint that filters by key, audit
+//! logs) and a minimal data plane (`/v1/models`, `/v1/chat/completions`), with per-test fault
+//! injection.
 //!
 //! Shapes follow the official OpenAPI description (tests/contract/openai-openapi-subset.json);
 //! the contract test drives this simulator through Prism to prove it. Key values are held
 //! as [`Secret`], returned once by the create call and never logged or echoed.
 //!
-//! Layout: `admin` (Admin API handlers), `data` (data plane), `usage` (the Usage API),
-//! `faults` (fault injection), `error` (OpenAI's error shape), this file (state, router,
-//! public handle, control API).
+//! Layout: `admin` (projects, service accounts, project keys, admin keys), `audit` (audit
+//! logs), `data` (data plane), `usage` (the Usage API), `faults` (fault injection), `error`
+//! (OpenAI's error shape), this file (state, router, public handle, control API).
 
 mod admin;
+mod audit;
 mod data;
 mod error;
 mod faults;
@@ -19,12 +21,14 @@ mod usage;
 #[cfg(test)]
 mod tests;
 
+pub use audit::{AuditActor, AuditEventInfo};
 pub use faults::{FailNext, FailNth, FaultScope, Faults, RateLimit};
+pub use usage::{UsageEndpoint, HISTORY_SECS};
 
 use crate::sandbox::control::{Blocked, Holds, Phase};
 use crate::sandbox::{serve, Server};
 use crate::secret::Secret;
-use axum::extract::{MatchedPath, Request, State as AxState};
+use axum::extract::{MatchedPath, RawQuery, Request, State as AxState};
 use axum::http::{Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -47,6 +51,16 @@ pub enum OpenAiSimError {
     UnknownProject(String),
     #[error("invalid fault settings: {0}")]
     InvalidFaults(String),
+    #[error("no such API key: {0}")]
+    UnknownKey(String),
+    #[error("no such admin API key: {0}")]
+    UnknownAdminKey(String),
+    #[error("invalid expiry: {0}")]
+    InvalidExpiry(String),
+    #[error("audit logging is off for this organization")]
+    AuditLoggingOff,
+    #[error("the simulator does not model audit event type {0:?}")]
+    UnknownEventType(String),
 }
 
 /// A live (not deleted) service account, as the seeding helpers and tests see it.
@@ -60,6 +74,20 @@ pub struct ServiceAccountInfo {
     pub created_at: i64,
     /// `None` when created with `create_service_account_only`.
     pub key_id: Option<String>,
+    /// When the key stops working (Unix seconds); `None` = never.
+    pub key_expires_at: Option<i64>,
+}
+
+/// An admin API key as tests see it (never its value).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AdminKeyInfo {
+    pub id: String,
+    pub name: String,
+    pub created_at: i64,
+    pub expires_at: Option<i64>,
+    pub last_used_at: Option<i64>,
+    /// Not deleted and not expired: the Admin API accepts it.
+    pub live: bool,
 }
 
 /// Data-plane outcomes so far.
@@ -103,14 +131,25 @@ struct Inner {
 }
 
 struct State {
-    admin_key: Secret,
+    /// Creation order; deleted keys stay as tombstones (paging, audit actors).
+    admin_keys: Vec<AdminKeyRec>,
+    /// SHA-256 of an admin key value -> index in `admin_keys`.
+    admin_index: HashMap<String, usize>,
+    /// When the simulated organization (and its owner) came to be.
+    org_created_at: i64,
     projects: Vec<ProjectRec>,
     /// Creation order; deleted accounts stay as tombstones so an `after` cursor that names
     /// one still resolves.
     accounts: Vec<AccountRec>,
     /// SHA-256 of a key value -> index in `accounts`.
     key_index: HashMap<String, usize>,
-    usage: Vec<usage::UsageEvent>,
+    /// Key id -> index in `accounts` (deleted accounts too: their usage history stays).
+    key_by_id: HashMap<String, usize>,
+    usage: usage::UsageStore,
+    audit: audit::AuditLog,
+    /// The organization's key-lifetime policy: the longest `expires_in_seconds` a new
+    /// service account may ask for, and then it must ask. `None` = no policy.
+    max_key_lifetime: Option<i64>,
     /// Accepted data-plane calls per key id.
     served: HashMap<String, u64>,
     counts: DataPlaneCounts,
@@ -142,7 +181,46 @@ struct KeyRec {
     value: Secret,
     created_at: i64,
     last_used_at: Option<i64>,
+    expires_at: Option<i64>,
 }
+
+impl KeyRec {
+    fn expired(&self, now: i64) -> bool {
+        self.expires_at.is_some_and(|e| now >= e)
+    }
+}
+
+struct AdminKeyRec {
+    id: String,
+    name: String,
+    value: Secret,
+    created_at: i64,
+    expires_at: Option<i64>,
+    last_used_at: Option<i64>,
+    deleted: bool,
+}
+
+impl AdminKeyRec {
+    fn live(&self, now: i64) -> bool {
+        !self.deleted && self.expires_at.is_none_or(|e| now < e)
+    }
+
+    fn info(&self, now: i64) -> AdminKeyInfo {
+        AdminKeyInfo {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            created_at: self.created_at,
+            expires_at: self.expires_at,
+            last_used_at: self.last_used_at,
+            live: self.live(now),
+        }
+    }
+}
+
+/// The organization owner every admin key belongs to (the simulator has one user).
+const OWNER_ID: &str = "user-simowner0000000000000";
+const OWNER_NAME: &str = "Simulator Owner";
+const OWNER_EMAIL: &str = "owner@example.com";
 
 impl State {
     fn now(&self) -> i64 {
@@ -159,13 +237,22 @@ impl State {
             .find(|a| !a.deleted && a.project_id == project_id && a.id == id)
     }
 
-    /// Create a service account (and, unless `account_only`, its key). The caller checked
-    /// that the project exists.
+    /// The account index a data-plane key value belongs to, if the key works now.
+    fn live_key(&self, value: &str) -> Option<usize> {
+        let now = self.now();
+        let &i = self.key_index.get(&Secret::new(value).sha256_hex())?;
+        let a = &self.accounts[i];
+        (!a.deleted && a.key.as_ref().is_some_and(|k| !k.expired(now))).then_some(i)
+    }
+
+    /// Create a service account (and, unless `account_only`, its key, which expires
+    /// `expires_in` seconds from now if given). The caller checked the project and input.
     fn add_account(
         &mut self,
         project_id: &str,
         name: &str,
         account_only: bool,
+        expires_in: Option<i64>,
     ) -> (usize, Option<Secret>) {
         let now = self.now();
         let (key, value) = if account_only {
@@ -178,12 +265,16 @@ impl State {
                 value: value.clone(),
                 created_at: now,
                 last_used_at: None,
+                expires_at: expires_in.map(|s| now.saturating_add(s)),
             };
             (Some(rec), Some(value))
         };
         let idx = self.accounts.len();
         if let Some(v) = &value {
             self.key_index.insert(v.sha256_hex(), idx);
+        }
+        if let Some(k) = &key {
+            self.key_by_id.insert(k.id.clone(), idx);
         }
         self.accounts.push(AccountRec {
             id: new_id("svc_acct_", 24),
@@ -198,6 +289,65 @@ impl State {
     }
 }
 
+impl State {
+    /// Add an admin key (the caller checked the input); returns its index.
+    fn add_admin_key(&mut self, name: &str, value: Secret, expires_in: Option<i64>) -> usize {
+        let now = self.now();
+        let idx = self.admin_keys.len();
+        self.admin_index.insert(value.sha256_hex(), idx);
+        self.admin_keys.push(AdminKeyRec {
+            id: admin::new_admin_key_id(),
+            name: name.to_string(),
+            value,
+            created_at: now,
+            expires_at: expires_in.map(|s| now.saturating_add(s)),
+            last_used_at: None,
+            deleted: false,
+        });
+        idx
+    }
+
+    /// `(id, name)` of a project, for audit events.
+    fn project_ref(&self, id: &str) -> Option<(String, String)> {
+        self.project(id).map(|p| (p.id.clone(), p.name.clone()))
+    }
+
+    /// `service_account.created` (and `api_key.created` for its key) by `actor`.
+    fn audit_account_created(&mut self, idx: usize, actor: AuditActor) {
+        self.audit_account(idx, actor, ["service_account.created", "api_key.created"]);
+    }
+
+    /// `service_account.deleted` (and `api_key.deleted`: the key died with it).
+    fn audit_account_deleted(&mut self, idx: usize, actor: AuditActor) {
+        self.audit_account(idx, actor, ["service_account.deleted", "api_key.deleted"]);
+    }
+
+    fn audit_account(&mut self, idx: usize, actor: AuditActor, types: [&str; 2]) {
+        let now = self.now();
+        let a = &self.accounts[idx];
+        let (account_id, role) = (a.id.clone(), a.role);
+        let key_id = a.key.as_ref().map(|k| k.id.clone());
+        let project = self.project_ref(&a.project_id);
+        let project = project.as_ref().map(|(i, n)| (i.as_str(), n.as_str()));
+        let payload = audit::payload(types[0], &account_id, role);
+        self.audit
+            .record(now, types[0], &account_id, project, actor.clone(), payload);
+        if let Some(key_id) = key_id {
+            let payload = audit::payload(types[1], &key_id, role);
+            self.audit
+                .record(now, types[1], &key_id, project, actor, payload);
+        }
+    }
+}
+
+/// The actor of what the seeding helpers do: the organization owner in the dashboard.
+fn owner_session() -> AuditActor {
+    AuditActor::Session {
+        user_id: OWNER_ID.to_string(),
+        email: OWNER_EMAIL.to_string(),
+    }
+}
+
 impl AccountRec {
     fn info(&self) -> ServiceAccountInfo {
         ServiceAccountInfo {
@@ -207,28 +357,37 @@ impl AccountRec {
             role: self.role.to_string(),
             created_at: self.created_at,
             key_id: self.key.as_ref().map(|k| k.id.clone()),
+            key_expires_at: self.key.as_ref().and_then(|k| k.expires_at),
         }
     }
 }
 
 impl OpenAiSim {
-    /// A simulator with no projects that accepts `admin_key` on the Admin API.
+    /// A simulator with no projects whose Admin API accepts `admin_key`: the first entry of
+    /// the admin key list (named "Admin Key", never expiring).
     pub fn new(admin_key: Secret) -> Self {
         let (fault_gen, _) = watch::channel(0);
+        let mut state = State {
+            admin_keys: Vec::new(),
+            admin_index: HashMap::new(),
+            org_created_at: system_now(),
+            projects: Vec::new(),
+            accounts: Vec::new(),
+            key_index: HashMap::new(),
+            key_by_id: HashMap::new(),
+            usage: usage::UsageStore::default(),
+            audit: audit::AuditLog::default(),
+            max_key_lifetime: None,
+            served: HashMap::new(),
+            counts: DataPlaneCounts::default(),
+            calls: BTreeMap::new(),
+            faults: faults::FaultState::default(),
+            clock: None,
+        };
+        state.add_admin_key("Admin Key", admin_key, None);
         OpenAiSim {
             inner: Arc::new(Inner {
-                state: Mutex::new(State {
-                    admin_key,
-                    projects: Vec::new(),
-                    accounts: Vec::new(),
-                    key_index: HashMap::new(),
-                    usage: Vec::new(),
-                    served: HashMap::new(),
-                    counts: DataPlaneCounts::default(),
-                    calls: BTreeMap::new(),
-                    faults: faults::FaultState::default(),
-                    clock: None,
-                }),
+                state: Mutex::new(state),
                 fault_gen,
                 holds: Holds::default(),
             }),
@@ -260,9 +419,22 @@ impl OpenAiSim {
                 get(admin::get_api_key).delete(admin::delete_api_key),
             )
             .route(
-                "/v1/organization/usage/completions",
-                get(usage::completions),
+                "/v1/organization/admin_api_keys",
+                get(admin::list_admin_keys).post(admin::create_admin_key),
             )
+            .route(
+                "/v1/organization/admin_api_keys/{key_id}",
+                get(admin::get_admin_key).delete(admin::delete_admin_key),
+            )
+            .route("/v1/organization/audit_logs", get(audit::list));
+        let admin = UsageEndpoint::ALL
+            .into_iter()
+            .fold(admin, |r, ep| {
+                r.route(
+                    &format!("/v1/organization/usage/{}", ep.path()),
+                    get(move |s: AxState<OpenAiSim>, q: RawQuery| usage::usage(ep, s, q)),
+                )
+            })
             .route_layer(middleware::from_fn_with_state(
                 self.clone(),
                 admin::require_admin_key,
@@ -323,9 +495,176 @@ impl OpenAiSim {
         if st.project(project_id).is_none() {
             return Err(OpenAiSimError::UnknownProject(project_id.to_string()));
         }
-        let (idx, value) = st.add_account(project_id, name, false);
-        let value = value.expect("a key is minted unless account_only");
-        Ok((st.accounts[idx].info(), value))
+        let (idx, value) = st.add_account(project_id, name, false, None);
+        st.audit_account_created(idx, owner_session());
+        match value {
+            Some(value) => Ok((st.accounts[idx].info(), value)),
+            None => Err(OpenAiSimError::UnknownKey(name.to_string())),
+        }
+    }
+
+    /// Seeding helper: [`create_service_account`](Self::create_service_account) whose key
+    /// stops working `expires_in_seconds` from now (by the simulator's clock).
+    pub fn create_service_account_expiring(
+        &self,
+        project_id: &str,
+        name: &str,
+        expires_in_seconds: i64,
+    ) -> Result<(ServiceAccountInfo, Secret), OpenAiSimError> {
+        if expires_in_seconds < 1 {
+            return Err(OpenAiSimError::InvalidExpiry(format!(
+                "{expires_in_seconds} s is not a positive lifetime"
+            )));
+        }
+        let mut st = self.lock();
+        if st.project(project_id).is_none() {
+            return Err(OpenAiSimError::UnknownProject(project_id.to_string()));
+        }
+        let (idx, value) = st.add_account(project_id, name, false, Some(expires_in_seconds));
+        st.audit_account_created(idx, owner_session());
+        match value {
+            Some(value) => Ok((st.accounts[idx].info(), value)),
+            None => Err(OpenAiSimError::UnknownKey(name.to_string())),
+        }
+    }
+
+    /// The organization's key-lifetime policy for new service accounts: with `Some(max)`,
+    /// a create must give `expires_in_seconds` of at most `max` (400 otherwise).
+    pub fn set_key_lifetime_policy(&self, max_seconds: Option<i64>) {
+        self.lock().max_key_lifetime = max_seconds;
+    }
+
+    /// Seeding helper: plant `n` requests of `key_id` on `endpoint` at second `at`, as if
+    /// served then (the key's `last_used_at` moves up to `at` if later and `n > 0`; `n = 0`
+    /// makes a zero-request result, as upstream may report). Each request
+    /// counts as [`UsageEndpoint`]'s fixed amounts: 10 input and 10 output tokens
+    /// (completions), 10 input tokens (embeddings, moderations), one 1024x1024 generated
+    /// image, 100 characters, 5 seconds, one file search (vector store `vs_sim`), one web
+    /// search (`medium`). History older than [`HISTORY_SECS`] behind the key's newest use
+    /// on that endpoint is dropped. Works for keys of deleted accounts too.
+    pub fn record_usage(
+        &self,
+        key_id: &str,
+        endpoint: UsageEndpoint,
+        at: i64,
+        n: u64,
+    ) -> Result<(), OpenAiSimError> {
+        let mut st = self.lock();
+        let idx = *st
+            .key_by_id
+            .get(key_id)
+            .ok_or_else(|| OpenAiSimError::UnknownKey(key_id.to_string()))?;
+        let project_id = st.accounts[idx].project_id.clone();
+        if let Some(k) = st.accounts[idx].key.as_mut().filter(|_| n > 0) {
+            k.last_used_at = Some(k.last_used_at.map_or(at, |t| t.max(at)));
+        }
+        let (dims, counters) = endpoint.planted(n);
+        st.usage
+            .record(endpoint, key_id, &project_id, dims, at, counters);
+        Ok(())
+    }
+
+    /// Minutes of usage history held for `key_id` on `endpoint` (the bound's witness).
+    pub fn usage_minutes_kept(&self, key_id: &str, endpoint: UsageEndpoint) -> usize {
+        self.lock().usage.minutes_kept(endpoint, key_id)
+    }
+
+    /// Seeding helper: a new admin key (as if made in the dashboard, audited as the owner's
+    /// session); `expires_in_seconds` as on `POST /v1/organization/admin_api_keys`.
+    pub fn create_admin_key(
+        &self,
+        name: &str,
+        expires_in_seconds: Option<i64>,
+    ) -> Result<(AdminKeyInfo, Secret), OpenAiSimError> {
+        if let Some(s) = expires_in_seconds.filter(|s| !(1..=31_536_000).contains(s)) {
+            return Err(OpenAiSimError::InvalidExpiry(format!(
+                "{s} s is outside 1..=31536000"
+            )));
+        }
+        let value = Secret::new(admin::new_admin_key_value());
+        let mut st = self.lock();
+        let idx = st.add_admin_key(name, value.clone(), expires_in_seconds);
+        let now = st.now();
+        let id = st.admin_keys[idx].id.clone();
+        st.audit.record(
+            now,
+            "api_key.created",
+            &id,
+            None,
+            owner_session(),
+            audit::payload("api_key.created", &id, ""),
+        );
+        Ok((st.admin_keys[idx].info(now), value))
+    }
+
+    /// Every admin key ever made, deleted ones included (`live: false`), in creation order.
+    pub fn admin_keys(&self) -> Vec<AdminKeyInfo> {
+        let st = self.lock();
+        let now = st.now();
+        st.admin_keys.iter().map(|k| k.info(now)).collect()
+    }
+
+    /// Seeding helper: delete an admin key (as in the dashboard); it is refused from now on.
+    pub fn delete_admin_key(&self, key_id: &str) -> Result<(), OpenAiSimError> {
+        let mut st = self.lock();
+        let idx = st
+            .admin_keys
+            .iter()
+            .position(|k| !k.deleted && k.id == key_id)
+            .ok_or_else(|| OpenAiSimError::UnknownAdminKey(key_id.to_string()))?;
+        st.admin_keys[idx].deleted = true;
+        st.admin_index.retain(|_, i| *i != idx);
+        let now = st.now();
+        st.audit.record(
+            now,
+            "api_key.deleted",
+            key_id,
+            None,
+            owner_session(),
+            audit::payload("api_key.deleted", key_id, ""),
+        );
+        Ok(())
+    }
+
+    /// Switch the organization's audit logging. While off nothing is recorded and
+    /// `GET /v1/organization/audit_logs` answers 403 (see the `audit` module).
+    pub fn set_audit_logging(&self, enabled: bool) {
+        self.lock().audit.enabled = enabled;
+    }
+
+    /// Every audit event recorded so far, oldest first.
+    pub fn audit_events(&self) -> Vec<AuditEventInfo> {
+        self.lock().audit.infos()
+    }
+
+    /// Seeding helper: an audit event made by someone else (`actor`), now, for
+    /// reconciliation tests; nothing else changes. `event_type` is one of
+    /// `service_account.{created,updated,deleted}`, `api_key.{created,updated,deleted}`;
+    /// `resource_id` is the account or key acted on. Returns the event id.
+    pub fn inject_audit_event(
+        &self,
+        event_type: &str,
+        resource_id: &str,
+        project_id: Option<&str>,
+        actor: AuditActor,
+    ) -> Result<String, OpenAiSimError> {
+        if !audit::MODELLED_TYPES.contains(&event_type) {
+            return Err(OpenAiSimError::UnknownEventType(event_type.to_string()));
+        }
+        let mut st = self.lock();
+        let project = match project_id {
+            None => None,
+            Some(p) => Some(
+                st.project_ref(p)
+                    .ok_or_else(|| OpenAiSimError::UnknownProject(p.to_string()))?,
+            ),
+        };
+        let now = st.now();
+        let project = project.as_ref().map(|(i, n)| (i.as_str(), n.as_str()));
+        let payload = audit::payload(event_type, resource_id, "member");
+        st.audit
+            .record(now, event_type, resource_id, project, actor, payload)
+            .ok_or(OpenAiSimError::AuditLoggingOff)
     }
 
     /// Live service accounts of a project, in creation order (empty for an unknown project).
@@ -338,13 +677,9 @@ impl OpenAiSim {
             .collect()
     }
 
-    /// Whether the data plane would accept this key value now.
+    /// Whether the data plane would accept this key value now (not deleted, not expired).
     pub fn key_is_live(&self, key_value: &str) -> bool {
-        let st = self.lock();
-        let hash = Secret::new(key_value).sha256_hex();
-        st.key_index
-            .get(&hash)
-            .is_some_and(|&i| !st.accounts[i].deleted)
+        self.lock().live_key(key_value).is_some()
     }
 
     /// Data-plane calls accepted with this key id.
@@ -445,6 +780,18 @@ pub const OPERATIONS: &[&str] = &[
     "api_keys.retrieve",
     "api_keys.delete",
     "usage.completions",
+    "usage.embeddings",
+    "usage.moderations",
+    "usage.images",
+    "usage.audio_speeches",
+    "usage.audio_transcriptions",
+    "usage.file_search_calls",
+    "usage.web_search_calls",
+    "audit_logs.list",
+    "admin_api_keys.list",
+    "admin_api_keys.create",
+    "admin_api_keys.retrieve",
+    "admin_api_keys.delete",
     "models.list",
     "chat.completions.create",
 ];
@@ -466,8 +813,20 @@ fn operation(method: &Method, route: &str) -> Option<&'static str> {
         ("GET", Some("/{project_id}/api_keys")) => "api_keys.list",
         ("GET", Some("/{project_id}/api_keys/{api_key_id}")) => "api_keys.retrieve",
         ("DELETE", Some("/{project_id}/api_keys/{api_key_id}")) => "api_keys.delete",
-        ("GET", None) if route == "/v1/organization/usage/completions" => "usage.completions",
-        ("GET", None) if route == "/v1/models" => "models.list",
+        ("GET", None) => match route {
+            "/v1/organization/audit_logs" => "audit_logs.list",
+            "/v1/organization/admin_api_keys" => "admin_api_keys.list",
+            "/v1/organization/admin_api_keys/{key_id}" => "admin_api_keys.retrieve",
+            "/v1/models" => "models.list",
+            _ => route
+                .strip_prefix("/v1/organization/usage/")
+                .and_then(UsageEndpoint::from_path)?
+                .operation(),
+        },
+        ("POST", None) if route == "/v1/organization/admin_api_keys" => "admin_api_keys.create",
+        ("DELETE", None) if route == "/v1/organization/admin_api_keys/{key_id}" => {
+            "admin_api_keys.delete"
+        }
         ("POST", None) if route == "/v1/chat/completions" => "chat.completions.create",
         _ => return None,
     };

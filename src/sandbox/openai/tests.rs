@@ -4,6 +4,7 @@ use super::*;
 use crate::sandbox::loopback;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 const ADMIN: &str = "sk-admin-unit-test-0123456789abcdefghij";
@@ -964,4 +965,974 @@ fn redaction_shows_at_most_head_and_tail() {
     assert_ne!(v, new_key_value());
     assert!(operation(&Method::GET, "/v1/organization/projects").is_some());
     assert!(OPERATIONS.iter().all(|op| !op.is_empty()));
+}
+
+// ---------------------------------------------------------------------------------------
+// Every usage endpoint, history, admin keys, audit logs, key expiry.
+
+/// `GET /organization/usage/{endpoint}?{q}`, expecting 200 and a page.
+async fn usage_page(f: &Fx, endpoint: UsageEndpoint, q: &str) -> Value {
+    let (s, v) = f
+        .admin(
+            Method::GET,
+            &format!("/organization/usage/{}?{q}", endpoint.path()),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{} {q}: {v}", endpoint.path());
+    assert_eq!(v["object"], "page");
+    v
+}
+
+/// Requests per api_key_id over a page (`num_model_requests`, or `num_requests` for file
+/// searches), checking each result's object name.
+fn requests_per_key(endpoint: UsageEndpoint, v: &Value) -> BTreeMap<String, u64> {
+    let mut m = BTreeMap::new();
+    for b in v["data"].as_array().unwrap() {
+        assert_eq!(b["object"], "bucket");
+        for r in b["results"].as_array().unwrap() {
+            let field = if endpoint == UsageEndpoint::FileSearchCalls {
+                "num_requests"
+            } else {
+                "num_model_requests"
+            };
+            *m.entry(r["api_key_id"].as_str().unwrap_or("<null>").to_string())
+                .or_insert(0) += r[field].as_u64().unwrap();
+        }
+    }
+    m
+}
+
+#[tokio::test]
+async fn every_usage_endpoint_reports_planted_use_per_key_in_its_own_shape() {
+    let f = fx().await;
+    let t0 = 1_750_000_020; // a minute boundary
+    f.sim.set_clock(Some(t0 + 600));
+    let (a, _) = f.sim.create_service_account(&f.project, "a").unwrap();
+    let (b, _) = f.sim.create_service_account(&f.project, "b").unwrap();
+    let (ka, kb) = (a.key_id.unwrap(), b.key_id.unwrap());
+    let want_fields: [(UsageEndpoint, &str, &[&str]); 8] = [
+        (
+            UsageEndpoint::Completions,
+            "organization.usage.completions.result",
+            &[
+                "input_tokens",
+                "output_tokens",
+                "num_model_requests",
+                "model",
+                "batch",
+                "service_tier",
+            ],
+        ),
+        (
+            UsageEndpoint::Embeddings,
+            "organization.usage.embeddings.result",
+            &["input_tokens", "num_model_requests", "model"],
+        ),
+        (
+            UsageEndpoint::Moderations,
+            "organization.usage.moderations.result",
+            &["input_tokens", "num_model_requests", "model"],
+        ),
+        (
+            UsageEndpoint::Images,
+            "organization.usage.images.result",
+            &["images", "num_model_requests", "source", "size", "model"],
+        ),
+        (
+            UsageEndpoint::AudioSpeeches,
+            "organization.usage.audio_speeches.result",
+            &["characters", "num_model_requests", "model"],
+        ),
+        (
+            UsageEndpoint::AudioTranscriptions,
+            "organization.usage.audio_transcriptions.result",
+            &["seconds", "num_model_requests", "model"],
+        ),
+        (
+            UsageEndpoint::FileSearchCalls,
+            "organization.usage.file_searches.result",
+            &["num_requests", "vector_store_id"],
+        ),
+        (
+            UsageEndpoint::WebSearchCalls,
+            "organization.usage.web_searches.result",
+            &[
+                "num_model_requests",
+                "num_requests",
+                "model",
+                "context_level",
+            ],
+        ),
+    ];
+    for (i, (ep, object, fields)) in want_fields.iter().enumerate() {
+        let n = i as u64 + 1;
+        f.sim.record_usage(&ka, *ep, t0 + 5, n).unwrap();
+        f.sim.record_usage(&ka, *ep, t0 + 125, 1).unwrap();
+        f.sim.record_usage(&kb, *ep, t0 + 65, 7).unwrap();
+        let q = format!("start_time={t0}&bucket_width=1m&group_by=api_key_id&limit=5");
+        let v = usage_page(&f, *ep, &q).await;
+        assert_eq!(
+            requests_per_key(*ep, &v),
+            BTreeMap::from([(ka.clone(), n + 1), (kb.clone(), 7)]),
+            "{}: {v}",
+            ep.path()
+        );
+        let r = &v["data"][0]["results"][0];
+        assert_eq!(r["object"], *object, "{r}");
+        for field in ["project_id", "user_id", "api_key_id"]
+            .iter()
+            .chain(fields.iter())
+        {
+            assert!(r.get(*field).is_some(), "{} lacks {field}: {r}", ep.path());
+        }
+        assert_eq!(
+            r.as_object().unwrap().len(),
+            4 + fields.len() + usize::from(*ep == UsageEndpoint::Completions) * 3,
+            "{} has fields the description does not: {r}",
+            ep.path()
+        );
+        assert_eq!(v["data"][1]["results"][0]["api_key_id"], kb.as_str());
+        // The description's array form and the Python SDK's, key filter.
+        for key_param in ["api_key_ids", "api_key_ids[]"] {
+            let v = usage_page(
+                &f,
+                *ep,
+                &format!("start_time={t0}&bucket_width=1h&group_by[]=api_key_id&{key_param}={kb}"),
+            )
+            .await;
+            assert_eq!(requests_per_key(*ep, &v), BTreeMap::from([(kb.clone(), 7)]));
+        }
+        // Negative control: another project sees none of it.
+        let v = usage_page(&f, *ep, &format!("start_time={t0}&project_ids=proj_other")).await;
+        assert!(requests_per_key(*ep, &v).is_empty(), "{v}");
+    }
+    // Each endpoint holds only its own use: 3+1+7 requests on moderations (no mixing).
+    let v = usage_page(&f, UsageEndpoint::Moderations, &format!("start_time={t0}")).await;
+    assert_eq!(
+        requests_per_key(UsageEndpoint::Moderations, &v)["<null>"],
+        11
+    );
+    assert_eq!(v["data"][0]["results"][0]["input_tokens"], 110);
+    let v = usage_page(
+        &f,
+        UsageEndpoint::Images,
+        &format!("start_time={t0}&group_by=size&group_by=source&sources=image.generation"),
+    )
+    .await;
+    let r = &v["data"][0]["results"][0];
+    assert_eq!(
+        (
+            r["size"].as_str(),
+            r["source"].as_str(),
+            r["images"].as_u64()
+        ),
+        (Some("1024x1024"), Some("image.generation"), Some(4 + 1 + 7))
+    );
+    let v = usage_page(
+        &f,
+        UsageEndpoint::Images,
+        &format!("start_time={t0}&sources=image.edit"),
+    )
+    .await;
+    assert_eq!(v["data"][0]["results"], json!([]), "filtered out by source");
+    let v = usage_page(
+        &f,
+        UsageEndpoint::FileSearchCalls,
+        &format!("start_time={t0}&group_by=vector_store_id&vector_store_ids=vs_sim"),
+    )
+    .await;
+    assert_eq!(v["data"][0]["results"][0]["vector_store_id"], "vs_sim");
+    let v = usage_page(
+        &f,
+        UsageEndpoint::FileSearchCalls,
+        &format!("start_time={t0}&vector_store_ids=vs_other"),
+    )
+    .await;
+    assert_eq!(v["data"][0]["results"], json!([]));
+    let v = usage_page(
+        &f,
+        UsageEndpoint::WebSearchCalls,
+        &format!("start_time={t0}&group_by=context_level&context_levels=medium"),
+    )
+    .await;
+    let r = &v["data"][0]["results"][0];
+    assert_eq!(
+        (r["context_level"].as_str(), r["num_requests"].as_u64()),
+        (Some("medium"), Some(8 + 1 + 7))
+    );
+    let v = usage_page(
+        &f,
+        UsageEndpoint::Embeddings,
+        &format!("start_time={t0}&models=text-embedding-3-small&group_by=model"),
+    )
+    .await;
+    assert_eq!(
+        v["data"][0]["results"][0]["model"],
+        "text-embedding-3-small"
+    );
+    let v = usage_page(
+        &f,
+        UsageEndpoint::Embeddings,
+        &format!("start_time={t0}&models=gpt-4o"),
+    )
+    .await;
+    assert_eq!(v["data"][0]["results"], json!([]));
+    // Per-endpoint validation: group_by and enum filters follow the description.
+    for (ep, q, param) in [
+        (UsageEndpoint::FileSearchCalls, "group_by=model", "group_by"),
+        (UsageEndpoint::Embeddings, "group_by=batch", "group_by"),
+        (UsageEndpoint::Images, "sizes=9x9", "sizes"),
+        (
+            UsageEndpoint::WebSearchCalls,
+            "context_levels=huge",
+            "context_levels",
+        ),
+        (
+            UsageEndpoint::AudioSpeeches,
+            "bucket_width=1m&limit=1441",
+            "limit",
+        ),
+        (
+            UsageEndpoint::AudioTranscriptions,
+            "bucket_width=1h&limit=169",
+            "limit",
+        ),
+    ] {
+        let (s, v) = f
+            .admin(
+                Method::GET,
+                &format!("/organization/usage/{}?start_time={t0}&{q}", ep.path()),
+                None,
+            )
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{q}: {v}");
+        assert_eq!(
+            assert_error(&v, "invalid_request_error", v["error"]["code"].as_str())["param"],
+            param
+        );
+    }
+    for ep in UsageEndpoint::ALL {
+        assert!(f.sim.calls(ep.operation()) >= 1, "{}", ep.operation());
+        assert!(OPERATIONS.contains(&ep.operation()));
+    }
+    assert!(f
+        .sim
+        .record_usage("key_nope", UsageEndpoint::Images, t0, 1)
+        .is_err());
+}
+
+#[tokio::test]
+async fn usage_default_limits_and_paging_on_a_new_endpoint() {
+    let f = fx().await;
+    let now = 1_750_003_620;
+    f.sim.set_clock(Some(now));
+    let (a, _) = f.sim.create_service_account(&f.project, "a").unwrap();
+    let k = a.key_id.unwrap();
+    for m in 0..100 {
+        f.sim
+            .record_usage(&k, UsageEndpoint::AudioSpeeches, now - 6000 + m * 60, 1)
+            .unwrap();
+    }
+    let start = now - 6000;
+    // Defaults: 1d -> 7 buckets, 1h -> 24, 1m -> 60.
+    for (width, want) in [("1d", 7), ("1h", 24), ("1m", 60)] {
+        let v = usage_page(
+            &f,
+            UsageEndpoint::AudioSpeeches,
+            &format!(
+                "start_time={}&bucket_width={width}&end_time={}",
+                start - 40 * 86_400,
+                now + 1
+            ),
+        )
+        .await;
+        assert_eq!(v["data"].as_array().unwrap().len(), want, "{width}");
+        assert_eq!(v["has_more"], true);
+    }
+    let mut total = 0;
+    let mut pages = 0;
+    let mut page: Option<String> = None;
+    loop {
+        let mut q = format!("start_time={start}&bucket_width=1m&limit=30&group_by=api_key_id");
+        if let Some(p) = &page {
+            q.push_str(&format!("&page={p}"));
+        }
+        let v = usage_page(&f, UsageEndpoint::AudioSpeeches, &q).await;
+        total += requests_per_key(UsageEndpoint::AudioSpeeches, &v)
+            .get(&k)
+            .copied()
+            .unwrap_or(0);
+        pages += 1;
+        if v["has_more"] == false {
+            assert_eq!(v["next_page"], Value::Null);
+            break;
+        }
+        page = Some(v["next_page"].as_str().unwrap().to_string());
+        assert!(pages < 10);
+    }
+    assert_eq!(
+        (total, pages),
+        (100, 4),
+        "101 minutes up to now in pages of 30"
+    );
+}
+
+#[tokio::test]
+async fn a_week_of_planted_baseline_and_a_spike_with_bounded_history() {
+    let f = fx().await;
+    let now = 1_750_000_000 - 1_750_000_000 % 86_400 + 12 * 3_600; // noon UTC
+    f.sim.set_clock(Some(now));
+    let (a, _) = f.sim.create_service_account(&f.project, "steady").unwrap();
+    let k = a.key_id.unwrap();
+    // 7 days of one request a minute, then a spike of 500 in the last minute.
+    let week = 7 * 86_400;
+    let t = Instant::now();
+    for m in 0..(week / 60) {
+        f.sim
+            .record_usage(&k, UsageEndpoint::Embeddings, now - week + m * 60, 1)
+            .unwrap();
+    }
+    f.sim
+        .record_usage(&k, UsageEndpoint::Embeddings, now - 30, 500)
+        .unwrap();
+    let planted = t.elapsed();
+    assert!(
+        planted < Duration::from_secs(5),
+        "10,081 plantings took {planted:?}"
+    );
+    let v = usage_page(
+        &f,
+        UsageEndpoint::Embeddings,
+        &format!("start_time={}&bucket_width=1d&limit=8", now - week),
+    )
+    .await;
+    let days: Vec<u64> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            b["results"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["num_model_requests"].as_u64().unwrap())
+                .sum()
+        })
+        .collect();
+    assert_eq!(
+        days,
+        [720, 1440, 1440, 1440, 1440, 1440, 1440, 720 - 1 + 500 + 1]
+    );
+    let v = usage_page(
+        &f,
+        UsageEndpoint::Embeddings,
+        &format!("start_time={}&bucket_width=1h&limit=2", now - 3_600),
+    )
+    .await;
+    let hour: u64 = v["data"][0]["results"][0]["num_model_requests"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(hour, 59 + 501, "the spike shows in the last hour");
+    // last_used_at follows the planted use.
+    let (_, key) = f
+        .admin(
+            Method::GET,
+            &format!("/organization/projects/{}/api_keys/{k}", f.project),
+            None,
+        )
+        .await;
+    assert_eq!(key["last_used_at"], now - 30);
+    // History is bounded: two more days push the oldest minutes out.
+    for m in 0..(2 * 86_400 / 60) {
+        f.sim
+            .record_usage(&k, UsageEndpoint::Embeddings, now + m * 60, 1)
+            .unwrap();
+    }
+    let kept = f.sim.usage_minutes_kept(&k, UsageEndpoint::Embeddings);
+    assert!(kept <= (HISTORY_SECS / 60) as usize, "{kept}");
+    assert_eq!(kept, (HISTORY_SECS / 60) as usize);
+    // Planting far behind the window is dropped at once.
+    f.sim
+        .record_usage(&k, UsageEndpoint::Embeddings, now - 30 * 86_400, 9)
+        .unwrap();
+    assert_eq!(
+        f.sim.usage_minutes_kept(&k, UsageEndpoint::Embeddings),
+        kept
+    );
+    // Negative control: other endpoints of the key hold nothing.
+    assert_eq!(f.sim.usage_minutes_kept(&k, UsageEndpoint::Moderations), 0);
+}
+
+#[tokio::test]
+async fn a_minute_cut_by_start_time_counts_whole_only_if_used_after_start() {
+    let f = fx().await;
+    let m0 = 1_750_000_020; // a minute boundary
+    f.sim.set_clock(Some(m0 + 300));
+    let (a, _) = f.sim.create_service_account(&f.project, "edge").unwrap();
+    let k = a.key_id.unwrap();
+    f.sim
+        .record_usage(&k, UsageEndpoint::Images, m0 + 10, 1)
+        .unwrap();
+    f.sim
+        .record_usage(&k, UsageEndpoint::Images, m0 + 50, 1)
+        .unwrap();
+    let count = |start: i64| {
+        let f = &f;
+        async move {
+            let v = usage_page(
+                f,
+                UsageEndpoint::Images,
+                &format!("start_time={start}&bucket_width=1m"),
+            )
+            .await;
+            requests_per_key(UsageEndpoint::Images, &v)
+                .values()
+                .sum::<u64>()
+        }
+    };
+    assert_eq!(count(m0).await, 2);
+    assert_eq!(
+        count(m0 + 30).await,
+        2,
+        "use at +50 is inside: the minute counts whole"
+    );
+    assert_eq!(count(m0 + 50).await, 2);
+    assert_eq!(
+        count(m0 + 51).await,
+        0,
+        "all of the minute's use was before start"
+    );
+    let (s, v) = f
+        .admin(
+            Method::GET,
+            &format!(
+                "/organization/usage/images?start_time={m0}&end_time={}",
+                m0 + 10
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        v["data"][0]["results"],
+        json!([]),
+        "end_time is exclusive: {v}"
+    );
+    // A zero-request planting makes a zero result but is no use: last_used_at stays null.
+    let (z, _) = f.sim.create_service_account(&f.project, "zero").unwrap();
+    let zk = z.key_id.unwrap();
+    f.sim
+        .record_usage(&zk, UsageEndpoint::Images, m0 + 10, 0)
+        .unwrap();
+    let v = usage_page(
+        &f,
+        UsageEndpoint::Images,
+        &format!("start_time={m0}&api_key_ids={zk}&group_by=api_key_id"),
+    )
+    .await;
+    assert_eq!(v["data"][0]["results"][0]["num_model_requests"], 0, "{v}");
+    let (_, key) = f
+        .admin(
+            Method::GET,
+            &format!("/organization/projects/{}/api_keys/{zk}", f.project),
+            None,
+        )
+        .await;
+    assert_eq!(key["last_used_at"], Value::Null);
+}
+
+#[tokio::test]
+async fn recording_usage_stays_fast_with_ten_thousand_keys() {
+    let sim = OpenAiSim::new(Secret::new(ADMIN));
+    let project = sim.create_project("Big");
+    let now = 1_750_000_000;
+    sim.set_clock(Some(now));
+    let keys: Vec<String> = (0..10_000)
+        .map(|i| {
+            sim.create_service_account(&project, &format!("t-{i}"))
+                .unwrap()
+                .0
+                .key_id
+                .unwrap()
+        })
+        .collect();
+    let t = Instant::now();
+    for round in 0..5 {
+        for k in &keys {
+            sim.record_usage(k, UsageEndpoint::Completions, now + round, 1)
+                .unwrap();
+        }
+    }
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "50,000 recordings took {took:?}"
+    );
+    assert_eq!(
+        sim.usage_minutes_kept(&keys[9_999], UsageEndpoint::Completions),
+        1
+    );
+}
+
+#[tokio::test]
+async fn admin_api_keys_list_create_get_delete_and_dead_keys_are_refused() {
+    let f = fx().await;
+    f.sim.set_clock(Some(1_750_000_000));
+    let list = "/organization/admin_api_keys";
+    let (s, v) = f.admin(Method::GET, list, None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let first = &v["data"][0];
+    assert_eq!(v["data"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(first["object"], "organization.admin_api_key");
+    assert_eq!(first["redacted_value"], redact(ADMIN, "..."));
+    assert_eq!(
+        first["last_used_at"], 1_750_000_000,
+        "this very call used it"
+    );
+    assert_eq!(first["owner"]["type"], "user");
+    assert_eq!(first["expires_at"], Value::Null);
+    let first_id = first["id"].as_str().unwrap().to_string();
+    assert_eq!(f.sim.admin_keys()[0].id, first_id);
+    assert!(!v.to_string().contains(ADMIN));
+
+    let (s, made) = f
+        .admin(
+            Method::POST,
+            list,
+            Some(json!({"name": "ci", "expires_in_seconds": 3600})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{made}");
+    let value = made["value"].as_str().unwrap().to_string();
+    assert!(
+        value.starts_with("sk-admin-") && value.len() > 40,
+        "{value}"
+    );
+    assert_eq!(made["expires_at"], 1_750_003_600);
+    assert_eq!(made["name"], "ci");
+    let id = made["id"].as_str().unwrap().to_string();
+    // The new key works; its value is never shown again.
+    let (s, got) = f
+        .call(Method::GET, &format!("{list}/{id}"), Some(&value), None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{got}");
+    assert!(got.get("value").is_none() && !got.to_string().contains(&value));
+    assert_eq!(got["last_used_at"], 1_750_000_000);
+    let (_, v) = f
+        .admin(Method::GET, &format!("{list}?order=desc&limit=1"), None)
+        .await;
+    assert_eq!(v["data"][0]["id"], id.as_str());
+    assert_eq!(v["has_more"], true);
+    let (_, v) = f
+        .admin(Method::GET, &format!("{list}?after={first_id}"), None)
+        .await;
+    assert_eq!(v["data"].as_array().unwrap().len(), 1);
+    // Expired: 401 everywhere on the Admin API.
+    f.sim.advance_clock(3600);
+    let (s, e) = f
+        .call(Method::GET, "/organization/projects", Some(&value), None)
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_error(&e, "invalid_request_error", Some("invalid_api_key"));
+    assert!(!f.sim.admin_keys()[1].live);
+    // Negative control: the first key still works; delete the expired one.
+    let (s, v) = f.admin(Method::DELETE, &format!("{list}/{id}"), None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(
+        v,
+        json!({"id": id, "object": "organization.admin_api_key.deleted", "deleted": true})
+    );
+    let (s, _) = f.admin(Method::GET, &format!("{list}/{id}"), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    // A deleted key is refused at once, also by every other Admin API route.
+    let (info, other) = f.sim.create_admin_key("other", None).unwrap();
+    let (s, _) = f.call(Method::GET, list, Some(other.expose()), None).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = f
+        .call(
+            Method::DELETE,
+            &format!("{list}/{}", info.id),
+            Some(other.expose()),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "a key may delete itself");
+    for path in [
+        "/organization/projects".to_string(),
+        f.sa_path(),
+        "/organization/usage/embeddings?start_time=0".into(),
+        "/organization/audit_logs".into(),
+    ] {
+        let (s, _) = f.call(Method::GET, &path, Some(other.expose()), None).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{path}");
+    }
+    assert_eq!(f.admin(Method::GET, list, None).await.0, StatusCode::OK);
+    // Bad input.
+    for (body, code) in [
+        (json!({}), "missing_required_parameter"),
+        (
+            json!({"name": "x", "expires_in_seconds": 0}),
+            "integer_below_min_value",
+        ),
+        (
+            json!({"name": "x", "expires_in_seconds": 31_536_001}),
+            "integer_above_max_value",
+        ),
+        (
+            json!({"name": "x", "expires_in_seconds": "1h"}),
+            "invalid_type",
+        ),
+    ] {
+        let (s, v) = f.admin(Method::POST, list, Some(body.clone())).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+        assert_error(&v, "invalid_request_error", Some(code));
+    }
+    let (s, _) = f
+        .admin(Method::GET, &format!("{list}?order=sideways"), None)
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let keys = f.sim.admin_keys();
+    assert_eq!(keys.iter().filter(|k| k.live).count(), 1);
+    assert!(!format!("{keys:?}").contains("sk-admin-"));
+    assert!(f.sim.delete_admin_key(&info.id).is_err(), "already gone");
+    for op in [
+        "admin_api_keys.list",
+        "admin_api_keys.create",
+        "admin_api_keys.retrieve",
+        "admin_api_keys.delete",
+    ] {
+        assert!(f.sim.calls(op) > 0, "{op}");
+    }
+}
+
+/// `GET /organization/audit_logs?{q}`, expecting 200.
+async fn audit(f: &Fx, q: &str) -> Value {
+    let (s, v) = f
+        .admin(Method::GET, &format!("/organization/audit_logs?{q}"), None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{q}: {v}");
+    assert_eq!(v["object"], "list");
+    v
+}
+
+fn types_of(v: &Value) -> Vec<String> {
+    v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn audit_logs_record_what_the_api_did_with_filters_paging_and_foreign_actors() {
+    let f = fx().await;
+    let t0 = 1_750_000_000;
+    f.sim.set_clock(Some(t0));
+    let admin_id = f.sim.admin_keys()[0].id.clone();
+    let made = f.create("audited").await;
+    let sa = made["id"].as_str().unwrap().to_string();
+    let key = made["api_key"]["id"].as_str().unwrap().to_string();
+    f.sim.set_clock(Some(t0 + 100));
+    let (s, _) = f
+        .admin(Method::DELETE, &format!("{}/{sa}", f.sa_path()), None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    f.sim.set_clock(Some(t0 + 200));
+    let intruder = AuditActor::UserApiKey {
+        key_id: "key_someoneelse00".into(),
+        user_id: "user-mallory".into(),
+        email: "mallory@example.com".into(),
+    };
+    let foreign = f
+        .sim
+        .inject_audit_event(
+            "service_account.deleted",
+            "svc_acct_theirs",
+            Some(&f.project),
+            intruder,
+        )
+        .unwrap();
+
+    let v = audit(&f, "").await;
+    assert_eq!(
+        types_of(&v),
+        [
+            "service_account.deleted",
+            "api_key.deleted",
+            "service_account.deleted",
+            "api_key.created",
+            "service_account.created"
+        ],
+        "newest first: {v}"
+    );
+    let created = &v["data"][4];
+    assert_eq!(created["effective_at"], t0);
+    assert_eq!(created["project"]["id"], f.project.as_str());
+    assert_eq!(created["project"]["name"], "Unit");
+    assert_eq!(
+        created["service_account.created"],
+        json!({"id": sa, "data": {"role": "member"}})
+    );
+    assert_eq!(created["actor"]["type"], "api_key");
+    assert_eq!(created["actor"]["api_key"]["id"], admin_id.as_str());
+    assert_eq!(created["actor"]["api_key"]["type"], "user");
+    assert_eq!(v["data"][3]["api_key.created"]["id"], key.as_str());
+    assert_eq!(v["data"][0]["id"], foreign.as_str());
+    assert_eq!(
+        v["data"][0]["actor"]["api_key"]["user"]["email"],
+        "mallory@example.com"
+    );
+    assert!(v["data"][0]["id"]
+        .as_str()
+        .unwrap()
+        .starts_with("audit_log-"));
+    assert!(!v.to_string().contains(ADMIN));
+
+    // Filters.
+    let ours = audit(&f, &format!("actor_ids[]={admin_id}")).await;
+    assert_eq!(
+        ours["data"].as_array().unwrap().len(),
+        4,
+        "the foreign event is not ours"
+    );
+    let theirs = audit(&f, "actor_emails[]=mallory@example.com").await;
+    assert_eq!(types_of(&theirs), ["service_account.deleted"]);
+    let theirs = audit(&f, "actor_ids[]=user-mallory").await;
+    assert_eq!(theirs["data"][0]["id"], foreign.as_str());
+    let v = audit(
+        &f,
+        "event_types[]=api_key.created&event_types[]=api_key.deleted",
+    )
+    .await;
+    assert_eq!(types_of(&v), ["api_key.deleted", "api_key.created"]);
+    let v = audit(&f, &format!("resource_ids[]={sa}")).await;
+    assert_eq!(
+        types_of(&v),
+        ["service_account.deleted", "service_account.created"]
+    );
+    let v = audit(
+        &f,
+        &format!(
+            "effective_at[gte]={}&effective_at[lt]={}",
+            t0 + 100,
+            t0 + 200
+        ),
+    )
+    .await;
+    assert_eq!(types_of(&v), ["api_key.deleted", "service_account.deleted"]);
+    let v = audit(
+        &f,
+        &format!("effective_at[gt]={t0}&effective_at[lte]={}", t0 + 200),
+    )
+    .await;
+    assert_eq!(v["data"].as_array().unwrap().len(), 3);
+    let v = audit(&f, "project_ids[]=proj_elsewhere").await;
+    assert_eq!(v["data"], json!([]));
+    let v = audit(&f, "tenant_only=true").await;
+    assert_eq!(v["data"], json!([]));
+    // Paging both ways.
+    let p1 = audit(&f, "limit=2").await;
+    assert_eq!(p1["has_more"], true);
+    let p2 = audit(
+        &f,
+        &format!("limit=2&after={}", p1["last_id"].as_str().unwrap()),
+    )
+    .await;
+    assert_eq!(
+        types_of(&p2),
+        ["service_account.deleted", "api_key.created"]
+    );
+    assert_eq!(p2["has_more"], true);
+    let back = audit(
+        &f,
+        &format!("limit=2&before={}", p2["first_id"].as_str().unwrap()),
+    )
+    .await;
+    assert_eq!(back["data"], p1["data"]);
+    assert_eq!(back["has_more"], false);
+    for q in [
+        "limit=0",
+        "limit=101",
+        "after=audit_log-nope",
+        "effective_at[gt]=soon",
+        "tenant_only=maybe",
+    ] {
+        let (s, v) = f
+            .admin(Method::GET, &format!("/organization/audit_logs?{q}"), None)
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{q}: {v}");
+    }
+    // Seeding helpers act as the owner in the dashboard.
+    let (seeded, _) = f.sim.create_service_account(&f.project, "seeded").unwrap();
+    let last = f.sim.audit_events().into_iter().rev().nth(1).unwrap();
+    assert_eq!(last.resource_id, seeded.id);
+    assert!(matches!(last.actor, AuditActor::Session { .. }));
+    assert!(f
+        .sim
+        .inject_audit_event("project.created", "proj_x", None, last.actor.clone())
+        .is_err());
+    assert!(f.sim.calls("audit_logs.list") > 10);
+}
+
+#[tokio::test]
+async fn audit_logging_off_records_nothing_and_the_list_answers_403() {
+    let f = fx().await;
+    f.sim.set_audit_logging(false);
+    f.create("unlogged").await;
+    let (s, v) = f.admin(Method::GET, "/organization/audit_logs", None).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    let msg = assert_error(&v, "invalid_request_error", None)["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(msg.contains("Audit logging is not enabled"), "{msg}");
+    assert!(matches!(
+        f.sim.inject_audit_event(
+            "api_key.deleted",
+            "key_x",
+            None,
+            AuditActor::Session {
+                user_id: "u".into(),
+                email: "e".into()
+            }
+        ),
+        Err(OpenAiSimError::AuditLoggingOff)
+    ));
+    // Back on: only what happens from now on is there.
+    f.sim.set_audit_logging(true);
+    let v = audit(&f, "").await;
+    assert_eq!(v["data"], json!([]));
+    f.create("logged").await;
+    assert_eq!(audit(&f, "").await["data"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn a_key_with_expires_in_seconds_dies_on_time_and_shows_its_expiry() {
+    let f = fx().await;
+    let t0 = 1_750_000_000;
+    f.sim.set_clock(Some(t0));
+    let (s, v) = f
+        .admin(
+            Method::POST,
+            &f.sa_path(),
+            Some(json!({"name": "short", "expires_in_seconds": 60})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["api_key"]["expires_at"], t0 + 60);
+    let value = v["api_key"]["value"].as_str().unwrap().to_string();
+    let key_id = v["api_key"]["id"].as_str().unwrap().to_string();
+    let forever = f.create("forever").await;
+    assert_eq!(forever["api_key"]["expires_at"], Value::Null);
+    let forever_value = forever["api_key"]["value"].as_str().unwrap().to_string();
+    let key_path = format!("/organization/projects/{}/api_keys/{key_id}", f.project);
+    let (_, k) = f.admin(Method::GET, &key_path, None).await;
+    assert_eq!(k["expires_at"], t0 + 60);
+    let (_, list) = f
+        .admin(
+            Method::GET,
+            &format!("/organization/projects/{}/api_keys", f.project),
+            None,
+        )
+        .await;
+    assert_eq!(list["data"][0]["expires_at"], t0 + 60);
+    assert_eq!(list["data"][1]["expires_at"], Value::Null);
+
+    f.sim.set_clock(Some(t0 + 59));
+    assert_eq!(
+        f.call(Method::GET, "/models", Some(&value), None).await.0,
+        StatusCode::OK
+    );
+    assert!(f.sim.key_is_live(&value));
+    f.sim.set_clock(Some(t0 + 60));
+    let (s, e) = f.call(Method::GET, "/models", Some(&value), None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_error(&e, "invalid_request_error", Some("invalid_api_key"));
+    assert_eq!(f.chat(&value, "hi").await.0, StatusCode::UNAUTHORIZED);
+    assert!(!f.sim.key_is_live(&value));
+    // Negative control: the key without expiry still works; the expired key is still listed.
+    assert_eq!(f.chat(&forever_value, "hi").await.0, StatusCode::OK);
+    assert_eq!(
+        f.admin(Method::GET, &key_path, None).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        f.sim.service_accounts(&f.project)[0].key_expires_at,
+        Some(t0 + 60)
+    );
+
+    // Input rules.
+    for (body, code) in [
+        (
+            json!({"name": "x", "expires_in_seconds": 0}),
+            Some("integer_below_min_value"),
+        ),
+        (
+            json!({"name": "x", "expires_in_seconds": "soon"}),
+            Some("invalid_type"),
+        ),
+        (
+            json!({"name": "x", "expires_in_seconds": 1.5}),
+            Some("invalid_type"),
+        ),
+        (
+            json!({"name": "x", "create_service_account_only": true, "expires_in_seconds": 60}),
+            None,
+        ),
+    ] {
+        let (s, v) = f
+            .admin(Method::POST, &f.sa_path(), Some(body.clone()))
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {v}");
+        assert_eq!(
+            assert_error(&v, "invalid_request_error", code)["param"],
+            "expires_in_seconds"
+        );
+    }
+    let (s, _) = f
+        .admin(
+            Method::POST,
+            &f.sa_path(),
+            Some(json!({"name": "x", "expires_in_seconds": null})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    // A lifetime policy: the field becomes required and bounded.
+    f.sim.set_key_lifetime_policy(Some(3600));
+    for (body, code) in [
+        (json!({"name": "p"}), "missing_required_parameter"),
+        (
+            json!({"name": "p", "expires_in_seconds": 3601}),
+            "integer_above_max_value",
+        ),
+    ] {
+        let (s, v) = f
+            .admin(Method::POST, &f.sa_path(), Some(body.clone()))
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {v}");
+        assert_error(&v, "invalid_request_error", Some(code));
+    }
+    let (s, v) = f
+        .admin(
+            Method::POST,
+            &f.sa_path(),
+            Some(json!({"name": "p", "expires_in_seconds": 3600})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // The seeding helper.
+    let (info, secret) = f
+        .sim
+        .create_service_account_expiring(&f.project, "seeded", 10)
+        .unwrap();
+    assert_eq!(info.key_expires_at, Some(t0 + 70));
+    assert!(f.sim.key_is_live(secret.expose()));
+    f.sim.advance_clock(10);
+    assert!(!f.sim.key_is_live(secret.expose()));
+    assert!(f
+        .sim
+        .create_service_account_expiring(&f.project, "bad", 0)
+        .is_err());
 }
