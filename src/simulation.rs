@@ -40,7 +40,11 @@ impl History {
     fn push(&self, clock: &TokioClock, line: impl Into<String>) {
         use crate::rotation::ports::Clock;
         let t = clock.now().format("%d %H:%M:%S");
-        self.0.lock().unwrap().push(format!("{t}  {}", line.into()));
+        let line = format!("{t}  {}", line.into());
+        if std::env::var_os("OKR_SIM_TRACE").is_some() {
+            eprintln!("{line}");
+        }
+        self.0.lock().unwrap().push(line);
     }
     fn text(&self) -> String {
         self.0.lock().unwrap().join("\n")

@@ -584,3 +584,34 @@ mod outage {
         assert!(overlaps.is_empty(), "{overlaps:#?}");
     }
 }
+
+/// Found by the simulation: a target removed while its rotation ran kept its old schedule
+/// in the daemon's state, nothing refreshed it, and the scheduler loop spun on it.
+#[tokio::test]
+async fn removing_a_target_mid_rotation_does_not_make_the_scheduler_spin() {
+    let world = FakeWorld::default();
+    let (mut a, _) = world.seed_target("a", Utc::now());
+    let (b, _) = world.seed_target("b", Utc::now());
+    a.grace_period = DurationStr(Duration::from_millis(200));
+    // Due at once (every second), so it has a next time that passes.
+    a.schedule = Some("* * * * * *".parse().unwrap());
+    let h = harness(world.clone(), vec![a, b.clone()], 1);
+    let d = h.daemon.clone();
+    let run = tokio::spawn(async move { d.run().await });
+    let id = loop {
+        if let Some(id) = h.daemon.running("a") {
+            break id;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    h.daemon.reload(config(vec![b], 1)).unwrap();
+    wait_finished(&h, &id).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = world.store.state.lock().unwrap().meta_reads;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let polls = world.store.state.lock().unwrap().meta_reads - before;
+    // max_sleep is 50 ms: about 10 passes over one target in 500 ms; a spin makes thousands.
+    assert!(polls < 100, "{polls} key reads in 500 ms: the scheduler spins");
+    h.shutdown.cancel();
+    run.await.unwrap();
+}

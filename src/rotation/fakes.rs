@@ -250,6 +250,8 @@ pub struct StoreState {
     pub created: BTreeMap<String, Vec<DateTime<Utc>>>,
     /// Time for `created` (None: the system clock).
     pub clock: Option<Arc<dyn Clock>>,
+    /// `read_key_meta` calls so far (the scheduler's polling).
+    pub meta_reads: u64,
     /// Fail the next N `write_key` calls with a transient error (nothing written).
     pub fail_key_writes: u32,
     /// The next N `write_key` calls write the data but not the metadata (Vault's two
@@ -358,6 +360,7 @@ impl SecretStore for FakeStore {
         path: &str,
         field: &str,
     ) -> Result<Option<KeyInfo>, BackendError> {
+        self.state.lock().unwrap().meta_reads += 1;
         let Some(k) = self.read_key(path, field).await? else {
             return Ok(None);
         };
