@@ -523,7 +523,15 @@ impl Daemon {
             }),
         };
         let now = self.now();
+        let configured = self.config().target(&target.name).is_some();
         let mut targets = self.inner.targets.locked();
+        if !configured {
+            // Removed from the configuration while this ran: nothing more to schedule.
+            targets.remove(&target.name);
+            drop(targets);
+            self.inner.wake.notify_one();
+            return;
+        }
         let st = targets.entry(target.name.clone()).or_default();
         st.running = None;
         match result {
@@ -692,9 +700,14 @@ impl Daemon {
     /// Time until the earliest next rotation (bounded by `max_sleep`).
     fn sleep_for(&self) -> Duration {
         let now = self.now();
+        let config = self.config();
         let targets = self.inner.targets.locked();
         targets
-            .values()
+            .iter()
+            // A removed target's state lingers while its last rotation finishes; its old
+            // schedule must not wake the loop (it would spin: nothing refreshes it).
+            .filter(|(name, _)| config.target(name).is_some())
+            .map(|(_, s)| s)
             .filter(|s| s.running.is_none())
             .filter_map(|s| s.next.map(|d| s.hold_until.map_or(d.at, |h| h.max(d.at))))
             .map(|at| (at - now).to_std().unwrap_or_default())
