@@ -1,17 +1,23 @@
 //! TOML configuration → a validated [`Config`].
 //!
 //! Parsing is strict (`deny_unknown_fields`) so a typo is an error, not a silently ignored
-//! option. Semantic checks that serde cannot express (duplicate targets, workload syntax,
-//! drain bounds) run in [`Config::validate`] and every message names the target and the field.
+//! option. Semantic checks that serde cannot express (duplicate targets and Vault paths,
+//! workload syntax, drain bounds, zero durations, schedules that never fire) run in
+//! [`Config::validate`]. [`Config::parse`] reports every problem of a file at once (see
+//! `collect.rs`), each naming its line, the target and the field.
+
+mod collect;
 
 use crate::retry::RetryPolicy;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
+use toml::de::{DeTable, DeValue};
+use toml::Spanned;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -20,10 +26,19 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// A TOML syntax error: nothing past it can be read.
     #[error("{path}: {message}")]
     Parse { path: String, message: String },
-    #[error("{path}: invalid configuration:\n  - {}", .errors.join("\n  - "))]
+    /// Every problem found, each `line N: <field path>: <what>` (the line when known).
+    #[error("{path}: invalid configuration ({}):\n  - {}", count(.errors.len()), .errors.join("\n  - "))]
     Invalid { path: String, errors: Vec<String> },
+}
+
+fn count(n: usize) -> String {
+    match n {
+        1 => "1 error".into(),
+        n => format!("{n} errors"),
+    }
 }
 
 /// The whole configuration file.
@@ -643,24 +658,70 @@ impl Config {
     }
 
     /// Parse and validate TOML text; `origin` names the source in errors.
+    ///
+    /// A syntax error stops at once ([`ConfigError::Parse`], with line and column). Past
+    /// that, every problem is reported together ([`ConfigError::Invalid`]): unknown keys,
+    /// bad values, missing fields and the semantic checks of [`Config::validate`], each as
+    /// `line N: <field path>: <what>`, in file order.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let root = DeTable::parse(text).map_err(|e| ConfigError::Parse {
             path: origin.to_string(),
-            message: describe_toml_error(text, &e),
+            message: syntax_message(text, &e),
         })?;
-        let errors = config.validate();
-        if errors.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigError::Invalid {
-                path: origin.to_string(),
-                errors,
+        let doc = Spanned::new(root.span(), DeValue::Table(root.into_inner()));
+        let collected = collect::collect::<Config>(text.len(), doc.clone());
+        let mut found: Vec<(Option<usize>, String)> = collected
+            .problems
+            .iter()
+            .map(|p| {
+                let what = collect::describe(&doc, &p.path);
+                let message = if what.is_empty() {
+                    p.message.clone()
+                } else {
+                    format!("{what}: {}", p.message)
+                };
+                (
+                    p.span.as_ref().and_then(|s| line_of(text, s.start)),
+                    message,
+                )
             })
+            .collect();
+        if let Some(config) = &collected.value {
+            for message in config.validate() {
+                if collect::mentions_tainted(&collected.tainted, &message) {
+                    continue;
+                }
+                let span = collect::span_of(&doc, &collect::message_path(&message));
+                found.push((span.and_then(|s| line_of(text, s.start)), message));
+            }
+        }
+        match collected.value {
+            Some(config) if found.is_empty() => Ok(config),
+            _ => {
+                // File order; messages without a line last. The sort is stable.
+                found.sort_by_key(|(line, _)| line.unwrap_or(usize::MAX));
+                let errors = found
+                    .into_iter()
+                    .map(|(line, m)| match line {
+                        Some(l) => format!("line {l}: {m}"),
+                        None => m,
+                    })
+                    .collect();
+                Err(ConfigError::Invalid {
+                    path: origin.to_string(),
+                    errors,
+                })
+            }
         }
     }
 
     /// Checks serde cannot express; each message names the target and the field.
     pub fn validate(&self) -> Vec<String> {
+        self.validate_at(chrono::Utc::now())
+    }
+
+    /// [`Config::validate`] with `now` for the check that schedules fire.
+    pub fn validate_at(&self, now: chrono::DateTime<chrono::Utc>) -> Vec<String> {
         let mut errors = Vec::new();
         let d = &self.daemon;
         if d.max_concurrent_rotations == 0 {
@@ -695,6 +756,11 @@ impl Config {
                     "daemon.{field}: must be greater than zero (it paces a polling loop)"
                 ));
             }
+        }
+        if d.sweep_min_age.get().is_zero() {
+            errors.push(
+                "daemon.sweep_min_age: must be greater than zero (the sweep could delete an account a running rotation just minted)".into(),
+            );
         }
         if d.delete_max_backoff < d.delete_retry_base {
             errors.push(
@@ -735,7 +801,8 @@ impl Config {
             }
         }
         let mut names = BTreeSet::new();
-        let mut paths = BTreeSet::new();
+        // Normalized Vault path -> the first target there.
+        let mut paths: BTreeMap<String, String> = BTreeMap::new();
         for (i, t) in self.targets.iter().enumerate() {
             let at = format!("targets[{i}] ({:?})", t.name);
             if !is_account_prefix(&t.name) || t.name.len() > 40 {
@@ -746,11 +813,16 @@ impl Config {
             if !names.insert(t.name.as_str()) {
                 errors.push(format!("{at}.name: duplicate target name {:?}", t.name));
             }
-            if !paths.insert((t.vault_path.as_str(), t.vault_field.as_str())) {
-                errors.push(format!(
-                    "{at}.vault_path: {:?} field {:?} is already managed by another target",
-                    t.vault_path, t.vault_field
-                ));
+            let path = normalize_vault_path(&t.vault_path);
+            match paths.get(&path) {
+                Some(first) if !path.is_empty() => errors.push(format!(
+                    "{at}.vault_path: {:?} is the same Vault path as {first}.vault_path; custom metadata is kept per path, so the two targets would overwrite each other's record of the old account",
+                    t.vault_path
+                )),
+                Some(_) => {}
+                None => {
+                    paths.insert(path, at.clone());
+                }
             }
             if t.project_id.is_empty() {
                 errors.push(format!("{at}.project_id: must not be empty"));
@@ -776,6 +848,14 @@ impl Config {
                     errors.push(format!("{at}.workloads[{j}]: {w} is listed twice"));
                 }
             }
+            if let Some(s) = &t.schedule {
+                if !fires_within(&s.schedule, now, SCHEDULE_HORIZON_YEARS) {
+                    errors.push(format!(
+                        "{at}.schedule: {:?} never fires (no time matches it in the next {SCHEDULE_HORIZON_YEARS} years)",
+                        s.expr
+                    ));
+                }
+            }
             if t.rollout_timeout.get().is_zero() {
                 errors.push(format!("{at}.rollout_timeout: must be greater than zero"));
             }
@@ -795,12 +875,21 @@ impl Config {
                 }
             }
             for (j, p) in t.smoke_probes.iter().enumerate() {
-                if url::Url::parse(&p.url).is_err() {
-                    errors.push(format!(
-                        "{at}.smoke_probes[{j}].url: {:?} is not a URL",
-                        p.url
-                    ));
+                let probe = format!("{at}.smoke_probes[{j}]");
+                match url::Url::parse(&p.url) {
+                    Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+                    Ok(_) => errors.push(format!(
+                        "{probe}.url: {:?} must be an http(s) URL",
+                        redacted_url(&p.url)
+                    )),
+                    Err(_) => errors.push(format!(
+                        "{probe}.url: {:?} is not a URL",
+                        redacted_url(&p.url)
+                    )),
                 }
+                // Zero would poll in a hot loop, or fail every attempt at once.
+                check_timeout(&mut errors, &format!("{probe}.interval"), p.interval);
+                check_timeout(&mut errors, &format!("{probe}.timeout"), p.timeout);
                 if !(100..=599).contains(&p.expect_status) {
                     errors.push(format!(
                         "{at}.smoke_probes[{j}].expect_status: {} is not an HTTP status",
@@ -830,6 +919,73 @@ impl Config {
     }
 }
 
+/// How far ahead a schedule must have a fire time (a cron like Feb 30 has none, ever).
+const SCHEDULE_HORIZON_YEARS: u32 = 10;
+
+/// Whether `schedule` fires after `now` and within `years`.
+fn fires_within(schedule: &cron::Schedule, now: chrono::DateTime<chrono::Utc>, years: u32) -> bool {
+    let horizon = now + chrono::Duration::days(366 * i64::from(years));
+    // cron's years end at 2100, so looking for the next time always ends.
+    schedule.after(&now).next().is_some_and(|t| t <= horizon)
+}
+
+/// A Vault KV path as Vault sees it: no leading or trailing `/`, no empty segments, so
+/// `a/b`, `/a/b/` and `a//b` are one path.
+pub fn normalize_vault_path(path: &str) -> String {
+    path.split('/')
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// `url` fit for errors, logs and audit: no userinfo (`user:pass@`), query values and
+/// fragment replaced by `redacted`. Smoke-probe URLs may carry credentials; this is what
+/// may be shown of them. Text that is not a URL is cut the same way, by hand.
+pub fn redacted_url(url: &str) -> String {
+    const R: &str = "redacted";
+    // Without an authority (`user:pass@host` parses as scheme `user`), userinfo would hide
+    // in the path: such text is cut by hand.
+    match url::Url::parse(url).ok().filter(|u| u.has_host()) {
+        Some(mut u) => {
+            // Cannot fail: the URL has a host.
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            if u.query().is_some() {
+                let keys: Vec<String> = u.query_pairs().map(|(k, _)| k.into_owned()).collect();
+                if keys.is_empty() {
+                    u.set_query(None);
+                } else {
+                    u.query_pairs_mut()
+                        .clear()
+                        .extend_pairs(keys.iter().map(|k| (k.as_str(), R)));
+                }
+            }
+            if u.fragment().is_some() {
+                u.set_fragment(Some(R));
+            }
+            u.to_string()
+        }
+        None => {
+            // Not a URL: drop everything up to the last `@` of what looks like the
+            // authority, and everything from `?` or `#`.
+            let (head, tail) = match url.split_once(['?', '#']) {
+                Some((h, _)) => (h, format!("?{R}")),
+                None => (url, String::new()),
+            };
+            let (scheme, rest) = match head.split_once("://") {
+                Some((s, r)) => (format!("{s}://"), r),
+                None => (String::new(), head),
+            };
+            let authority_end = rest.find('/').unwrap_or(rest.len());
+            let rest = match rest[..authority_end].rfind('@') {
+                Some(at) => &rest[at + 1..],
+                None => rest,
+            };
+            format!("{scheme}{rest}{tail}")
+        }
+    }
+}
+
 fn check_timeout(errors: &mut Vec<String>, field: &str, d: DurationStr) {
     if d.get().is_zero() {
         errors.push(format!("{field}: must be greater than zero"));
@@ -854,47 +1010,31 @@ fn is_account_prefix(s: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
-/// toml's message already names the key path for unknown/missing fields and bad values
-/// (e.g. "unknown field `shedule`"); add which `[[targets]]` entry when it is in one.
-fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
-    let mut msg = e.message().to_string();
-    if let Some(span) = e.span() {
-        let line = text[..span.start.min(text.len())].lines().count().max(1);
-        let before = &text[..span.start.min(text.len())];
-        if let Some(pos) = before.rfind("[[targets]]") {
-            let target_index = before.matches("[[targets]]").count() - 1;
-            let name = text[pos..]
-                .lines()
-                .find_map(|l| {
-                    let l = l.trim();
-                    l.strip_prefix("name")
-                        .and_then(|r| r.trim_start().strip_prefix('='))
-                        .map(|v| v.trim().trim_matches('"').to_string())
-                })
-                .unwrap_or_default();
-            msg = format!(
-                "targets[{target_index}] ({name:?}){}: {msg}",
-                key_on_line(text, span.start)
-            );
-        } else if let Some(table) = before.rfind("\n[").map(|p| &text[p + 2..]) {
-            let table = table.split(']').next().unwrap_or_default();
-            msg = format!("{table}{}: {msg}", key_on_line(text, span.start));
-        }
-        msg = format!("line {line}: {msg}");
-    }
-    msg
+/// 1-based line of byte `offset`; `None` past the end (a placeholder's span).
+fn line_of(text: &str, offset: usize) -> Option<usize> {
+    let before = text.as_bytes().get(..offset)?;
+    Some(before.iter().filter(|&&b| b == b'\n').count() + 1)
 }
 
-/// `.key` when the line holding `offset` reads `key = ...`.
-fn key_on_line(text: &str, offset: usize) -> String {
-    let start = text[..offset.min(text.len())]
-        .rfind('\n')
+/// `line 3, column 9: TOML syntax error: ...`.
+fn syntax_message(text: &str, e: &toml::de::Error) -> String {
+    let Some(span) = e.span() else {
+        return format!("TOML syntax error: {}", e.message());
+    };
+    let start = span.start.min(text.len());
+    let line_start = text.as_bytes()[..start]
+        .iter()
+        .rposition(|&b| b == b'\n')
         .map_or(0, |p| p + 1);
-    let line = text[start..].lines().next().unwrap_or_default();
-    match line.split_once('=') {
-        Some((k, _)) if !k.trim().is_empty() && !k.contains('[') => format!(".{}", k.trim()),
-        _ => String::new(),
-    }
+    let column = String::from_utf8_lossy(&text.as_bytes()[line_start..start])
+        .chars()
+        .count()
+        + 1;
+    let line = line_of(text, start).unwrap_or(1);
+    format!(
+        "line {line}, column {column}: TOML syntax error: {}",
+        e.message()
+    )
 }
 
 #[cfg(test)]
@@ -1109,6 +1249,225 @@ schedule = "0 0 3 * * *"
         // Strict as ever: a typo in the new keys is an error.
         let e = err(&MINIMAL.replace("[vault]\n", "[vault]\nmax_retry = 3\n"));
         assert!(e.contains("unknown field `max_retry`"), "{e}");
+    }
+
+    /// `err` split into its problems (the lines after the header).
+    fn problems(text: &str) -> Vec<String> {
+        match Config::parse(text, "t.toml").unwrap_err() {
+            ConfigError::Invalid { errors, .. } => errors,
+            other => panic!("not Invalid: {other}"),
+        }
+    }
+
+    #[test]
+    fn unknown_key_bad_cron_and_bad_duration_are_all_reported_with_lines() {
+        // The issue's example: before, only the duration was reported.
+        let text = MINIMAL.replace("0 0 3 * * *", "0 3 * * *")
+            + "grace_period = \"5 parsecs\"\nrollout_timout = \"10m\"\n";
+        let p = problems(&text);
+        assert_eq!(p.len(), 3, "{p:#?}");
+        assert!(p[0].starts_with("line 10: targets[0] (\"chatbot\").schedule: invalid cron"));
+        assert!(
+            p[1].starts_with("line 11: targets[0] (\"chatbot\").grace_period: invalid duration")
+        );
+        assert!(p[2].starts_with(
+            "line 12: targets[0] (\"chatbot\").rollout_timout: unknown field `rollout_timout`"
+        ));
+    }
+
+    #[test]
+    fn parse_errors_and_semantic_errors_come_together_in_file_order() {
+        let text = format!(
+            "[daemon]\nmax_concurrent_rotations = 0\nbogus = 1\n{}",
+            MINIMAL.replace("name = \"chatbot\"", "name = \"Chat Bot\"\njitter = 5")
+        );
+        let p = problems(&text);
+        assert_eq!(p.len(), 4, "{p:#?}");
+        assert!(
+            p[0].starts_with("line 2: daemon.max_concurrent_rotations: must be"),
+            "{p:#?}"
+        );
+        assert!(
+            p[1].starts_with("line 3: daemon.bogus: unknown field `bogus`"),
+            "{p:#?}"
+        );
+        assert!(
+            p[2].starts_with("line 9: targets[0] (\"Chat Bot\").name: must be 1-40"),
+            "{p:#?}"
+        );
+        assert!(
+            p[3].starts_with("line 10: targets[0] (\"Chat Bot\").jitter: invalid type"),
+            "{p:#?}"
+        );
+    }
+
+    #[test]
+    fn a_bad_required_field_does_not_hide_the_rest_of_its_target() {
+        // workloads is required: taking the bad one out must not stop the collection, nor
+        // add a "missing field" or "at least one workload" echo of the same problem.
+        let text = MINIMAL.replace("[\"demo/Deployment/chatbot\"]", "[\"chatbot\"]")
+            + "jitter = \"soon\"\n[targets.drain]\nquiet_for = \"1m\"\nmax_wait = 3\n";
+        let p = problems(&text);
+        assert_eq!(p.len(), 3, "{p:#?}");
+        assert!(
+            p[0].contains(".workloads[0]: invalid workload \"chatbot\""),
+            "{p:#?}"
+        );
+        assert!(p[1].contains(".jitter: invalid duration"), "{p:#?}");
+        assert!(p[2].contains(".drain.max_wait: invalid type"), "{p:#?}");
+    }
+
+    #[test]
+    fn a_missing_field_is_named_with_its_target_and_line() {
+        let p = problems(&MINIMAL.replace("project_id = \"proj_abc\"\n", ""));
+        assert_eq!(
+            p,
+            vec!["line 5: targets[0] (\"chatbot\").project_id: missing field `project_id`"]
+        );
+    }
+
+    #[test]
+    fn a_bad_target_keeps_the_index_of_the_next() {
+        let second = MINIMAL
+            .split("[[targets]]")
+            .nth(1)
+            .unwrap()
+            .replace("chatbot", "two");
+        let text = format!("{MINIMAL}targets = 1\n").replace("targets = 1\n", "");
+        let text = text.replace("[[targets]]", "[[targets]]\nname = 5\n[[targets]]");
+        let text = format!("{text}[[targets]]{}jitter = 1\n", second);
+        let p = problems(&text);
+        assert!(
+            p.iter()
+                .any(|e| e.contains("targets[2] (\"two\").jitter: invalid type")),
+            "{p:#?}"
+        );
+    }
+
+    #[test]
+    fn a_syntax_error_names_line_and_column() {
+        let e = err("[vault]\naddress = \"http://x\n");
+        assert!(
+            e.starts_with("t.toml: line 2, column 20: TOML syntax error:"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn targets_on_one_vault_path_are_rejected_whatever_the_spelling_or_field() {
+        let second = MINIMAL.split("[[targets]]").nth(1).unwrap();
+        for spelling in [
+            "apps/chatbot/openai",
+            "/apps/chatbot/openai/",
+            "apps//chatbot///openai",
+        ] {
+            let other = second.replace("chatbot\"", "other\"").replace(
+                "\"apps/chatbot/openai\"",
+                &format!("{spelling:?}\nvault_field = \"k2\""),
+            );
+            let e = err(&format!("{MINIMAL}[[targets]]{other}"));
+            assert!(
+                e.contains(&format!(
+                    "targets[1] (\"other\").vault_path: {spelling:?} is the same Vault path as targets[0] (\"chatbot\").vault_path"
+                )),
+                "{spelling}: {e}"
+            );
+        }
+        // Under or beside it is another path.
+        for path in [
+            "apps/chatbot/openai/v2",
+            "apps/chatbot/openai-2",
+            "apps/chatbot",
+        ] {
+            let other = second
+                .replace("chatbot\"", "other\"")
+                .replace("apps/chatbot/openai", path);
+            Config::parse(&format!("{MINIMAL}[[targets]]{other}"), "t")
+                .unwrap_or_else(|e| panic!("{path}: {e}"));
+        }
+        assert_eq!(normalize_vault_path("//a//b/"), "a/b");
+    }
+
+    #[test]
+    fn zero_durations_that_pace_loops_are_rejected() {
+        let probe = |extra: &str| {
+            format!("{MINIMAL}[[targets.smoke_probes]]\nurl = \"http://chat/healthz\"\n{extra}\n")
+        };
+        Config::parse(&probe(""), "t").unwrap();
+        for (text, needle) in [
+            (
+                probe("interval = \"0s\""),
+                "line 13: targets[0] (\"chatbot\").smoke_probes[0].interval: must be greater than zero",
+            ),
+            (
+                probe("timeout = \"0s\""),
+                "line 13: targets[0] (\"chatbot\").smoke_probes[0].timeout: must be greater than zero",
+            ),
+            (
+                format!("[daemon]\nsweep_min_age = \"0s\"\n{MINIMAL}"),
+                "line 2: daemon.sweep_min_age: must be greater than zero",
+            ),
+            (
+                MINIMAL.replace("[vault]\n", "[vault]\nrequest_timeout = \"0s\"\n"),
+                "line 3: vault.request_timeout: must be greater than zero",
+            ),
+        ] {
+            let e = err(&text);
+            assert!(e.contains(needle), "{needle}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_schedule_that_never_fires_is_rejected() {
+        for never in ["0 0 0 30 2 *", "0 0 0 31 4 *", "0 0 0 1 1 * 2020"] {
+            let e = err(&MINIMAL.replace("0 0 3 * * *", never));
+            assert!(
+                e.contains(&format!(
+                    "line 10: targets[0] (\"chatbot\").schedule: {never:?} never fires"
+                )),
+                "{e}"
+            );
+        }
+        // Rare is not never.
+        Config::parse(&MINIMAL.replace("0 0 3 * * *", "0 0 0 29 2 *"), "t").unwrap();
+        let feb29: cron::Schedule = "0 0 0 29 2 *".parse().unwrap();
+        let y2027 = chrono::DateTime::parse_from_rfc3339("2027-01-01T00:00:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        assert!(fires_within(&feb29, y2027, 2));
+        assert!(!fires_within(&feb29, y2027, 1));
+    }
+
+    #[test]
+    fn probe_urls_are_redacted_in_errors() {
+        let text = format!(
+            "{MINIMAL}[[targets.smoke_probes]]\nurl = \"ftp://u:hunter2@h/p?token=tok-secret\"\n"
+        );
+        let e = err(&text);
+        assert!(
+            e.contains("\"ftp://h/p?token=redacted\" must be an http(s) URL"),
+            "{e}"
+        );
+        assert!(!e.contains("hunter2") && !e.contains("tok-secret"), "{e}");
+    }
+
+    #[test]
+    fn redacted_url_drops_userinfo_query_values_and_fragment() {
+        for (url, want) in [
+            (
+                "http://user:pass@host:8080/p/x?token=abc&q=1#frag",
+                "http://host:8080/p/x?token=redacted&q=redacted#redacted",
+            ),
+            ("https://user@host/", "https://host/"),
+            ("http://host/healthz", "http://host/healthz"),
+            ("http://host/?", "http://host/"),
+            ("user:pass@host/path?k=v", "host/path?redacted"),
+            ("http://user:p@ss@host/x", "http://host/x"),
+            ("not a url at all", "not a url at all"),
+            ("://user:pw@h", "://h"),
+        ] {
+            assert_eq!(redacted_url(url), want, "{url}");
+        }
     }
 
     #[test]
