@@ -805,7 +805,7 @@ impl Config {
         let mut paths: BTreeMap<String, String> = BTreeMap::new();
         for (i, t) in self.targets.iter().enumerate() {
             let at = format!("targets[{i}] ({:?})", t.name);
-            if !is_account_prefix(&t.name) || t.name.len() > 40 {
+            if !is_target_name(&t.name) {
                 errors.push(format!(
                     "{at}.name: must be 1-40 characters of a-z, 0-9 and '-' (it goes into service account names)"
                 ));
@@ -966,22 +966,26 @@ pub fn redacted_url(url: &str) -> String {
             u.to_string()
         }
         None => {
-            // Not a URL: drop everything up to the last `@` of what looks like the
-            // authority, and everything from `?` or `#`.
+            // Not a URL: drop everything from `?` or `#`, and everything up to the last `@`
+            // (too much rather than a password), keeping a leading `scheme://`.
             let (head, tail) = match url.split_once(['?', '#']) {
                 Some((h, _)) => (h, format!("?{R}")),
                 None => (url, String::new()),
             };
-            let (scheme, rest) = match head.split_once("://") {
-                Some((s, r)) => (format!("{s}://"), r),
-                None => (String::new(), head),
-            };
-            let authority_end = rest.find('/').unwrap_or(rest.len());
-            let rest = match rest[..authority_end].rfind('@') {
-                Some(at) => &rest[at + 1..],
-                None => rest,
-            };
-            format!("{scheme}{rest}{tail}")
+            let scheme = head
+                .split_once("://")
+                .map(|(s, _)| s)
+                .filter(|s| {
+                    !s.is_empty()
+                        && s.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+                })
+                .map(|s| format!("{s}://"))
+                .unwrap_or_default();
+            match head.rsplit_once('@') {
+                Some((_, host)) => format!("{scheme}{host}{tail}"),
+                None => format!("{head}{tail}"),
+            }
         }
     }
 }
@@ -1003,9 +1007,18 @@ fn check_backoff(errors: &mut Vec<String>, section: &str, base: DurationStr, max
     }
 }
 
+/// What a target may be called: 1-40 of a-z, 0-9 and `-` (it goes into service-account
+/// names). The API checks a name against it before looking the target up.
+pub fn is_target_name(s: &str) -> bool {
+    is_account_prefix_chars(s) && s.len() <= 40
+}
+
 fn is_account_prefix(s: &str) -> bool {
+    is_account_prefix_chars(s) && s.len() <= 20
+}
+
+fn is_account_prefix_chars(s: &str) -> bool {
     !s.is_empty()
-        && s.len() <= 20
         && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
@@ -1464,7 +1477,11 @@ schedule = "0 0 3 * * *"
             ("user:pass@host/path?k=v", "host/path?redacted"),
             ("http://user:p@ss@host/x", "http://host/x"),
             ("not a url at all", "not a url at all"),
-            ("://user:pw@h", "://h"),
+            ("://user:pw@h", "h"),
+            ("://http://:pw@.?t=x", ".?redacted"),
+            ("x://u:pw@h/a@b c", "x://h/a@b%20c"),
+            ("u:pw@h/a@b c", "b c"),
+            ("not-a-scheme!://u:pw@h", "h"),
         ] {
             assert_eq!(redacted_url(url), want, "{url}");
         }
@@ -1475,5 +1492,311 @@ schedule = "0 0 3 * * *"
         let c = Config::parse(MINIMAL, "t").unwrap();
         let text = toml::to_string(&c).unwrap();
         assert_eq!(Config::parse(&text, "round trip").unwrap(), c);
+    }
+}
+
+/// Property tests of the parsers: no input panics them, and what parses round-trips.
+/// CI runs proptest's default 256 cases per property; a longer run:
+/// `PROPTEST_CASES=100000 cargo test --lib prop_` (README, "Configuration").
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// TOML-ish lines from the config's own vocabulary (sections, keys, plausible and
+    /// implausible values), so most inputs get past the syntax and into the collector.
+    fn fragment() -> impl Strategy<Value = String> {
+        let header = prop::sample::select(vec![
+            "[daemon]",
+            "[daemon.leader_election]",
+            "[daemon.audit]",
+            "[openai]",
+            "[vault]",
+            "[vault.auth]",
+            "[kubernetes]",
+            "[[targets]]",
+            "[targets.drain]",
+            "[targets.synced_secret]",
+            "[[targets.smoke_probes]]",
+            "[bogus]",
+            "[[daemon]]",
+            "[targets]",
+        ])
+        .prop_map(str::to_string);
+        let key = prop_oneof![
+            prop::sample::select(vec![
+                "name",
+                "project_id",
+                "vault_path",
+                "vault_field",
+                "workloads",
+                "schedule",
+                "max_key_age",
+                "jitter",
+                "grace_period",
+                "rollout_timeout",
+                "address",
+                "method",
+                "role",
+                "url",
+                "interval",
+                "timeout",
+                "quiet_for",
+                "max_wait",
+                "on_timeout",
+                "sweep_min_age",
+                "max_concurrent_rotations",
+                "listen",
+                "request_timeout",
+                "retry_base",
+                "max_backoff",
+                "enabled",
+                "lease_duration",
+                "renew_deadline",
+                "retry_period",
+                "namespace",
+                "log_format",
+                "targets",
+                "vault",
+                "expect_status",
+                "consecutive_successes",
+                "state_prefix",
+            ])
+            .prop_map(str::to_string),
+            "[a-z_]{1,12}",
+        ];
+        let value = prop_oneof![
+            prop::sample::select(vec![
+                "\"0s\"",
+                "\"10m\"",
+                "\"1h 30m\"",
+                "\"5 parsecs\"",
+                "\"\"",
+                "\"0 0 3 * * *\"",
+                "\"0 0 0 30 2 *\"",
+                "\"* * *\"",
+                "\"http://127.0.0.1:8200\"",
+                "\"http://u:p@h/x?t=1\"",
+                "[\"prod/Deployment/chat\"]",
+                "[\"x\", 1]",
+                "[]",
+                "{}",
+                "{ quiet_for = \"1m\" }",
+                "true",
+                "0",
+                "-1",
+                "4294967296",
+                "1.5",
+                "1979-05-27T07:32:00Z",
+                "\"kubernetes\"",
+                "\"token\"",
+                "\"apps/a\"",
+                "\"/apps//a/\"",
+                "\"chat\"",
+                "\"proj_x\"",
+                "\"0.0.0.0:8080\"",
+            ])
+            .prop_map(str::to_string),
+            "\"[ -~]{0,16}\"".prop_map(|s| s.replace('\\', "")),
+            any::<i64>().prop_map(|n| n.to_string()),
+        ];
+        let line = prop_oneof![
+            2 => header,
+            6 => (key, value).prop_map(|(k, v)| format!("{k} = {v}")),
+            1 => "[ -~]{0,20}",
+        ];
+        prop::collection::vec(line, 0..40).prop_map(|l| l.join("\n"))
+    }
+
+    /// A valid file (a vault section, up to three targets) with random keys set, replaced or
+    /// removed per section: mostly well-formed TOML, some of it valid, some not.
+    fn document() -> impl Strategy<Value = String> {
+        let key = || {
+            prop::sample::select(vec![
+                "name",
+                "project_id",
+                "vault_path",
+                "vault_field",
+                "workloads",
+                "schedule",
+                "max_key_age",
+                "jitter",
+                "grace_period",
+                "rollout_timeout",
+                "address",
+                "request_timeout",
+                "sweep_min_age",
+                "max_concurrent_rotations",
+                "retry_base",
+                "max_backoff",
+                "bogus",
+                "poll_interval",
+                "account_prefix",
+                "state_prefix",
+            ])
+        };
+        let value = || {
+            prop::sample::select(vec![
+                "\"0s\"",
+                "\"10m\"",
+                "\"30d\"",
+                "\"5 parsecs\"",
+                "\"\"",
+                "\"0 0 3 * * *\"",
+                "\"0 0 0 30 2 *\"",
+                "\"* * *\"",
+                "\"http://127.0.0.1:8200\"",
+                "\"apps/t0\"",
+                "\"/apps//t0/\"",
+                "[\"prod/Deployment/t0\"]",
+                "[\"Deployment/x\"]",
+                "[]",
+                "0",
+                "3",
+                "true",
+                "\"t0\"",
+                "\"Bad Name\"",
+                "\"okr\"",
+                "\"proj_x\"",
+            ])
+        };
+        let edits = move || prop::collection::vec((key(), prop::option::of(value())), 0..4);
+        (edits(), edits(), prop::collection::vec(edits(), 0..4)).prop_map(
+            |(daemon, vault, targets)| {
+                let render = |header: &str,
+                              mut base: BTreeMap<String, String>,
+                              edits: Vec<(&str, Option<&str>)>| {
+                    for (k, v) in edits {
+                        match v {
+                            Some(v) => base.insert(k.to_string(), v.to_string()),
+                            None => base.remove(k),
+                        };
+                    }
+                    let body: Vec<String> =
+                        base.iter().map(|(k, v)| format!("{k} = {v}")).collect();
+                    format!("{header}\n{}\n", body.join("\n"))
+                };
+                let mut text = render("[daemon]", BTreeMap::new(), daemon);
+                let vault_base = BTreeMap::from([(
+                    "address".to_string(),
+                    "\"http://127.0.0.1:8200\"".to_string(),
+                )]);
+                text += &render("[vault]", vault_base, vault);
+                for (i, edits) in targets.into_iter().enumerate() {
+                    let base = BTreeMap::from([
+                        ("name".to_string(), format!("\"t{i}\"")),
+                        ("project_id".to_string(), "\"proj_x\"".to_string()),
+                        ("vault_path".to_string(), format!("\"apps/t{i}\"")),
+                        (
+                            "workloads".to_string(),
+                            format!("[\"prod/Deployment/t{i}\"]"),
+                        ),
+                    ]);
+                    text += &render("[[targets]]", base, edits);
+                }
+                text
+            },
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn prop_config_parse_never_panics_on_any_text(text in "\\PC{0,400}") {
+            let _ = Config::parse(&text, "p");
+        }
+
+        /// Never accepts what serde rejects or validate refuses, never refuses a file both
+        /// accept; every reported problem names something, and a parsed file round-trips.
+        #[test]
+        fn prop_config_parse_agrees_with_serde_and_validate(
+            text in prop_oneof![fragment(), document()]
+        ) {
+            let serde = toml::from_str::<Config>(&text);
+            match Config::parse(&text, "p") {
+                Ok(c) => {
+                    prop_assert!(serde.is_ok());
+                    prop_assert!(c.validate().is_empty());
+                    let back = toml::to_string(&c).unwrap();
+                    prop_assert_eq!(Config::parse(&back, "back").unwrap(), c);
+                }
+                Err(ConfigError::Invalid { errors, .. }) => {
+                    prop_assert!(!errors.is_empty());
+                    prop_assert!(errors.iter().all(|e| !e.trim().is_empty()));
+                    if let Ok(c) = serde {
+                        prop_assert!(!c.validate().is_empty(), "refused a good file: {:?}", errors);
+                    }
+                }
+                Err(ConfigError::Parse { message, .. }) => {
+                    prop_assert!(serde.is_err());
+                    prop_assert!(message.starts_with("line "), "{}", message);
+                }
+                Err(e @ ConfigError::Read { .. }) => prop_assert!(false, "{}", e),
+            }
+        }
+
+        #[test]
+        fn prop_duration_parses_without_panic_and_round_trips(
+            s in prop_oneof!["\\PC{0,30}", "([0-9]{1,22} ?(ns|us|ms|s|sec|m|min|h|d|w|M|y|years) ?){1,4}"]
+        ) {
+            if let Ok(d) = toml::Value::String(s.clone()).try_into::<DurationStr>() {
+                let shown = toml::Value::try_from(d).unwrap();
+                prop_assert_eq!(shown.clone().try_into::<DurationStr>().unwrap(), d, "{} -> {}", s, shown);
+            }
+        }
+
+        #[test]
+        fn prop_cron_parses_without_panic_and_round_trips(
+            s in prop_oneof![
+                "\\PC{0,40}",
+                prop::collection::vec(
+                    prop_oneof![
+                        prop::sample::select(vec![
+                            "*", "0", "*/5", "1-5", "Mon", "L", "?", "60", "30", "2", "1,2",
+                            "Mon#2", "5L", "W", "2100", "1970", "Feb", "0-59/7", "31", "29",
+                        ]).prop_map(str::to_string),
+                        "[0-9*/,#LW?-]{1,6}",
+                    ],
+                    5..8,
+                ).prop_map(|f| f.join(" ")),
+            ]
+        ) {
+            if let Ok(c) = s.parse::<CronSchedule>() {
+                prop_assert_eq!(&c.expr, &s);
+                let again: CronSchedule = c.expr.parse().unwrap();
+                let t0 = chrono::DateTime::parse_from_rfc3339("2030-01-01T00:00:00Z")
+                    .unwrap()
+                    .with_timezone(&chrono::Utc);
+                let a: Vec<_> = c.schedule.after(&t0).take(3).collect();
+                let b: Vec<_> = again.schedule.after(&t0).take(3).collect();
+                prop_assert_eq!(a, b);
+                // The never-fires check ends (cron's years stop at 2100).
+                let _ = fires_within(&c.schedule, t0, SCHEDULE_HORIZON_YEARS);
+            }
+        }
+
+        #[test]
+        fn prop_workload_parses_without_panic_and_round_trips(
+            s in prop_oneof![
+                "\\PC{0,40}",
+                "[a-z0-9.-]{0,12}/(Deployment|deploy|sts|DaemonSet|ds|CronJob|x)/[a-zA-Z0-9.-]{0,12}",
+            ]
+        ) {
+            if let Ok(w) = s.parse::<WorkloadRef>() {
+                prop_assert_eq!(w.to_string().parse::<WorkloadRef>(), Ok(w));
+            }
+        }
+
+        #[test]
+        fn prop_redacted_url_never_shows_the_password(
+            scheme in "(http|https|ftp|x)", user in "[a-z]{0,6}", host in "[a-z0-9.]{1,12}",
+            path in "(/[a-z0-9%@:]{0,8}){0,3}", junk in "\\PC{0,20}",
+        ) {
+            let url = format!("{scheme}://{user}:Pw-S3cret@{host}{path}?token=Tk-S3cret");
+            for u in [url.clone(), format!("{junk}{url}"), url.replace("://", "")] {
+                let r = redacted_url(&u);
+                prop_assert!(!r.contains("Pw-S3cret") && !r.contains("Tk-S3cret"), "{} -> {}", u, r);
+            }
+            let _ = redacted_url(&junk);
+        }
     }
 }
