@@ -1358,6 +1358,16 @@ schedule = "0 0 3 * * *"
     }
 
     #[test]
+    fn target_names_may_have_40_characters_as_documented() {
+        // Before, the 20-character account-prefix rule applied to target names too.
+        let forty = "a".repeat(40);
+        Config::parse(&MINIMAL.replace("\"chatbot\"", &format!("{forty:?}")), "t").unwrap();
+        let e = err(&MINIMAL.replace("\"chatbot\"", &format!("\"{forty}b\"")));
+        assert!(e.contains(".name: must be 1-40 characters"), "{e}");
+        assert!(is_target_name("chat-2") && !is_target_name("") && !is_target_name("Chat"));
+    }
+
+    #[test]
     fn a_syntax_error_names_line_and_column() {
         let e = err("[vault]\naddress = \"http://x\n");
         assert!(

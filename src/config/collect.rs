@@ -70,7 +70,15 @@ pub(super) fn collect<T: DeserializeOwned>(
         next_span = next_span.saturating_add(1);
         s
     };
-    for _ in 0..MAX_PASSES {
+    for pass in 0..=MAX_PASSES {
+        if pass == MAX_PASSES {
+            problems.push(Problem {
+                span: None,
+                path: Vec::new(),
+                message: format!("stopped after {MAX_PASSES} passes: fix these and check again"),
+            });
+            break;
+        }
         let err = match T::deserialize(ValueDeserializer::from(doc.clone())) {
             Ok(value) => {
                 return Collected {
@@ -530,6 +538,19 @@ fn has_word(text: &str, word: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn collecting_is_bounded_and_says_so() {
+        let text: String = (0..MAX_PASSES + 10)
+            .map(|i| format!("k{i} = 1\n"))
+            .collect();
+        let doc = DeTable::parse(&text).unwrap();
+        let doc = Spanned::new(doc.span(), DeValue::Table(doc.into_inner()));
+        let c = collect::<crate::config::AuditConfig>(text.len(), doc);
+        assert!(c.value.is_none());
+        assert_eq!(c.problems.len(), MAX_PASSES + 1);
+        assert!(c.problems[MAX_PASSES].message.starts_with("stopped after"));
+    }
 
     #[test]
     fn message_paths_parse() {
