@@ -1364,7 +1364,7 @@ mod tests {
             let leaf = prop_oneof![
                 Just(V::Null),
                 any::<bool>().prop_map(V::Bool),
-                any::<i64>().prop_map(|n| V::from(n)),
+                any::<i64>().prop_map(V::from),
                 "\\PC{0,20}".prop_map(V::String),
                 (1000usize..1100).prop_map(|n| V::String("r".repeat(n))),
             ];
