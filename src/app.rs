@@ -5,7 +5,7 @@ use crate::config::Config;
 use crate::daemon::{
     Daemon, DaemonOptions, Fanout, Leadership, LiveRotations, ScheduleObserver, TriggerError,
 };
-use crate::http::{self, ApiTokens, AppState, Readiness};
+use crate::http::{self, ApiTokens, AppState, Readiness, Unready};
 use crate::kube::KubeRoller;
 use crate::leader::{LeaderConfig, LeaderElector};
 use crate::metrics::Metrics;
@@ -295,12 +295,16 @@ struct BackendReadiness {
 
 #[async_trait]
 impl Readiness for BackendReadiness {
-    async fn check(&self) -> Result<(), Vec<String>> {
+    async fn check(&self) -> Result<(), Vec<Unready>> {
         let (v, k) = tokio::join!(self.store.health(), self.roller.ping());
-        let problems: Vec<String> = [v.err(), k.err()]
+        let problems: Vec<Unready> = [("vault", v.err()), ("kubernetes", k.err())]
             .into_iter()
-            .flatten()
-            .map(|e| e.to_string())
+            .filter_map(|(backend, e)| {
+                e.map(|e| Unready {
+                    backend,
+                    detail: e.to_string(),
+                })
+            })
             .collect();
         if problems.is_empty() {
             Ok(())

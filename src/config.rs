@@ -1,17 +1,23 @@
 //! TOML configuration → a validated [`Config`].
 //!
 //! Parsing is strict (`deny_unknown_fields`) so a typo is an error, not a silently ignored
-//! option. Semantic checks that serde cannot express (duplicate targets, workload syntax,
-//! drain bounds) run in [`Config::validate`] and every message names the target and the field.
+//! option. Semantic checks that serde cannot express (duplicate targets and Vault paths,
+//! workload syntax, drain bounds, zero durations, schedules that never fire) run in
+//! [`Config::validate`]. [`Config::parse`] reports every problem of a file at once (see
+//! `collect.rs`), each naming its line, the target and the field.
+
+mod collect;
 
 use crate::retry::RetryPolicy;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
+use toml::de::{DeTable, DeValue};
+use toml::Spanned;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -20,10 +26,19 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// A TOML syntax error: nothing past it can be read.
     #[error("{path}: {message}")]
     Parse { path: String, message: String },
-    #[error("{path}: invalid configuration:\n  - {}", .errors.join("\n  - "))]
+    /// Every problem found, each `line N: <field path>: <what>` (the line when known).
+    #[error("{path}: invalid configuration ({}):\n  - {}", count(.errors.len()), .errors.join("\n  - "))]
     Invalid { path: String, errors: Vec<String> },
+}
+
+fn count(n: usize) -> String {
+    match n {
+        1 => "1 error".into(),
+        n => format!("{n} errors"),
+    }
 }
 
 /// The whole configuration file.
@@ -643,24 +658,70 @@ impl Config {
     }
 
     /// Parse and validate TOML text; `origin` names the source in errors.
+    ///
+    /// A syntax error stops at once ([`ConfigError::Parse`], with line and column). Past
+    /// that, every problem is reported together ([`ConfigError::Invalid`]): unknown keys,
+    /// bad values, missing fields and the semantic checks of [`Config::validate`], each as
+    /// `line N: <field path>: <what>`, in file order.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let root = DeTable::parse(text).map_err(|e| ConfigError::Parse {
             path: origin.to_string(),
-            message: describe_toml_error(text, &e),
+            message: syntax_message(text, &e),
         })?;
-        let errors = config.validate();
-        if errors.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigError::Invalid {
-                path: origin.to_string(),
-                errors,
+        let doc = Spanned::new(root.span(), DeValue::Table(root.into_inner()));
+        let collected = collect::collect::<Config>(text.len(), doc.clone());
+        let mut found: Vec<(Option<usize>, String)> = collected
+            .problems
+            .iter()
+            .map(|p| {
+                let what = collect::describe(&doc, &p.path);
+                let message = if what.is_empty() {
+                    p.message.clone()
+                } else {
+                    format!("{what}: {}", p.message)
+                };
+                (
+                    p.span.as_ref().and_then(|s| line_of(text, s.start)),
+                    message,
+                )
             })
+            .collect();
+        if let Some(config) = &collected.value {
+            for message in config.validate() {
+                if collect::mentions_tainted(&collected.tainted, &message) {
+                    continue;
+                }
+                let span = collect::span_of(&doc, &collect::message_path(&message));
+                found.push((span.and_then(|s| line_of(text, s.start)), message));
+            }
+        }
+        match collected.value {
+            Some(config) if found.is_empty() => Ok(config),
+            _ => {
+                // File order; messages without a line last. The sort is stable.
+                found.sort_by_key(|(line, _)| line.unwrap_or(usize::MAX));
+                let errors = found
+                    .into_iter()
+                    .map(|(line, m)| match line {
+                        Some(l) => format!("line {l}: {m}"),
+                        None => m,
+                    })
+                    .collect();
+                Err(ConfigError::Invalid {
+                    path: origin.to_string(),
+                    errors,
+                })
+            }
         }
     }
 
     /// Checks serde cannot express; each message names the target and the field.
     pub fn validate(&self) -> Vec<String> {
+        self.validate_at(chrono::Utc::now())
+    }
+
+    /// [`Config::validate`] with `now` for the check that schedules fire.
+    pub fn validate_at(&self, now: chrono::DateTime<chrono::Utc>) -> Vec<String> {
         let mut errors = Vec::new();
         let d = &self.daemon;
         if d.max_concurrent_rotations == 0 {
@@ -695,6 +756,11 @@ impl Config {
                     "daemon.{field}: must be greater than zero (it paces a polling loop)"
                 ));
             }
+        }
+        if d.sweep_min_age.get().is_zero() {
+            errors.push(
+                "daemon.sweep_min_age: must be greater than zero (the sweep could delete an account a running rotation just minted)".into(),
+            );
         }
         if d.delete_max_backoff < d.delete_retry_base {
             errors.push(
@@ -735,10 +801,11 @@ impl Config {
             }
         }
         let mut names = BTreeSet::new();
-        let mut paths = BTreeSet::new();
+        // Normalized Vault path -> the first target there.
+        let mut paths: BTreeMap<String, String> = BTreeMap::new();
         for (i, t) in self.targets.iter().enumerate() {
             let at = format!("targets[{i}] ({:?})", t.name);
-            if !is_account_prefix(&t.name) || t.name.len() > 40 {
+            if !is_target_name(&t.name) {
                 errors.push(format!(
                     "{at}.name: must be 1-40 characters of a-z, 0-9 and '-' (it goes into service account names)"
                 ));
@@ -746,11 +813,16 @@ impl Config {
             if !names.insert(t.name.as_str()) {
                 errors.push(format!("{at}.name: duplicate target name {:?}", t.name));
             }
-            if !paths.insert((t.vault_path.as_str(), t.vault_field.as_str())) {
-                errors.push(format!(
-                    "{at}.vault_path: {:?} field {:?} is already managed by another target",
-                    t.vault_path, t.vault_field
-                ));
+            let path = normalize_vault_path(&t.vault_path);
+            match paths.get(&path) {
+                Some(first) if !path.is_empty() => errors.push(format!(
+                    "{at}.vault_path: {:?} is the same Vault path as {first}.vault_path; custom metadata is kept per path, so the two targets would overwrite each other's record of the old account",
+                    t.vault_path
+                )),
+                Some(_) => {}
+                None => {
+                    paths.insert(path, at.clone());
+                }
             }
             if t.project_id.is_empty() {
                 errors.push(format!("{at}.project_id: must not be empty"));
@@ -776,6 +848,14 @@ impl Config {
                     errors.push(format!("{at}.workloads[{j}]: {w} is listed twice"));
                 }
             }
+            if let Some(s) = &t.schedule {
+                if !fires_within(&s.schedule, now, SCHEDULE_HORIZON_YEARS) {
+                    errors.push(format!(
+                        "{at}.schedule: {:?} never fires (no time matches it in the next {SCHEDULE_HORIZON_YEARS} years)",
+                        s.expr
+                    ));
+                }
+            }
             if t.rollout_timeout.get().is_zero() {
                 errors.push(format!("{at}.rollout_timeout: must be greater than zero"));
             }
@@ -795,12 +875,21 @@ impl Config {
                 }
             }
             for (j, p) in t.smoke_probes.iter().enumerate() {
-                if url::Url::parse(&p.url).is_err() {
-                    errors.push(format!(
-                        "{at}.smoke_probes[{j}].url: {:?} is not a URL",
-                        p.url
-                    ));
+                let probe = format!("{at}.smoke_probes[{j}]");
+                match url::Url::parse(&p.url) {
+                    Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+                    Ok(_) => errors.push(format!(
+                        "{probe}.url: {:?} must be an http(s) URL",
+                        redacted_url(&p.url)
+                    )),
+                    Err(_) => errors.push(format!(
+                        "{probe}.url: {:?} is not a URL",
+                        redacted_url(&p.url)
+                    )),
                 }
+                // Zero would poll in a hot loop, or fail every attempt at once.
+                check_timeout(&mut errors, &format!("{probe}.interval"), p.interval);
+                check_timeout(&mut errors, &format!("{probe}.timeout"), p.timeout);
                 if !(100..=599).contains(&p.expect_status) {
                     errors.push(format!(
                         "{at}.smoke_probes[{j}].expect_status: {} is not an HTTP status",
@@ -830,6 +919,77 @@ impl Config {
     }
 }
 
+/// How far ahead a schedule must have a fire time (a cron like Feb 30 has none, ever).
+const SCHEDULE_HORIZON_YEARS: u32 = 10;
+
+/// Whether `schedule` fires after `now` and within `years`.
+fn fires_within(schedule: &cron::Schedule, now: chrono::DateTime<chrono::Utc>, years: u32) -> bool {
+    let horizon = now + chrono::Duration::days(366 * i64::from(years));
+    // cron's years end at 2100, so looking for the next time always ends.
+    schedule.after(&now).next().is_some_and(|t| t <= horizon)
+}
+
+/// A Vault KV path as Vault sees it: no leading or trailing `/`, no empty segments, so
+/// `a/b`, `/a/b/` and `a//b` are one path.
+pub fn normalize_vault_path(path: &str) -> String {
+    path.split('/')
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// `url` fit for errors, logs and audit: no userinfo (`user:pass@`), query values and
+/// fragment replaced by `redacted`. Smoke-probe URLs may carry credentials; this is what
+/// may be shown of them. Text that is not a URL is cut the same way, by hand.
+pub fn redacted_url(url: &str) -> String {
+    const R: &str = "redacted";
+    // Without an authority (`user:pass@host` parses as scheme `user`), userinfo would hide
+    // in the path: such text is cut by hand.
+    match url::Url::parse(url).ok().filter(|u| u.has_host()) {
+        Some(mut u) => {
+            // Cannot fail: the URL has a host.
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            if u.query().is_some() {
+                let keys: Vec<String> = u.query_pairs().map(|(k, _)| k.into_owned()).collect();
+                if keys.is_empty() {
+                    u.set_query(None);
+                } else {
+                    u.query_pairs_mut()
+                        .clear()
+                        .extend_pairs(keys.iter().map(|k| (k.as_str(), R)));
+                }
+            }
+            if u.fragment().is_some() {
+                u.set_fragment(Some(R));
+            }
+            u.to_string()
+        }
+        None => {
+            // Not a URL: drop everything from `?` or `#`, and everything up to the last `@`
+            // (too much rather than a password), keeping a leading `scheme://`.
+            let (head, tail) = match url.split_once(['?', '#']) {
+                Some((h, _)) => (h, format!("?{R}")),
+                None => (url, String::new()),
+            };
+            let scheme = head
+                .split_once("://")
+                .map(|(s, _)| s)
+                .filter(|s| {
+                    !s.is_empty()
+                        && s.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+                })
+                .map(|s| format!("{s}://"))
+                .unwrap_or_default();
+            match head.rsplit_once('@') {
+                Some((_, host)) => format!("{scheme}{host}{tail}"),
+                None => format!("{head}{tail}"),
+            }
+        }
+    }
+}
+
 fn check_timeout(errors: &mut Vec<String>, field: &str, d: DurationStr) {
     if d.get().is_zero() {
         errors.push(format!("{field}: must be greater than zero"));
@@ -847,54 +1007,47 @@ fn check_backoff(errors: &mut Vec<String>, section: &str, base: DurationStr, max
     }
 }
 
+/// What a target may be called: 1-40 of a-z, 0-9 and `-` (it goes into service-account
+/// names). The API checks a name against it before looking the target up.
+pub fn is_target_name(s: &str) -> bool {
+    is_account_prefix_chars(s) && s.len() <= 40
+}
+
 fn is_account_prefix(s: &str) -> bool {
+    is_account_prefix_chars(s) && s.len() <= 20
+}
+
+fn is_account_prefix_chars(s: &str) -> bool {
     !s.is_empty()
-        && s.len() <= 20
         && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
-/// toml's message already names the key path for unknown/missing fields and bad values
-/// (e.g. "unknown field `shedule`"); add which `[[targets]]` entry when it is in one.
-fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
-    let mut msg = e.message().to_string();
-    if let Some(span) = e.span() {
-        let line = text[..span.start.min(text.len())].lines().count().max(1);
-        let before = &text[..span.start.min(text.len())];
-        if let Some(pos) = before.rfind("[[targets]]") {
-            let target_index = before.matches("[[targets]]").count() - 1;
-            let name = text[pos..]
-                .lines()
-                .find_map(|l| {
-                    let l = l.trim();
-                    l.strip_prefix("name")
-                        .and_then(|r| r.trim_start().strip_prefix('='))
-                        .map(|v| v.trim().trim_matches('"').to_string())
-                })
-                .unwrap_or_default();
-            msg = format!(
-                "targets[{target_index}] ({name:?}){}: {msg}",
-                key_on_line(text, span.start)
-            );
-        } else if let Some(table) = before.rfind("\n[").map(|p| &text[p + 2..]) {
-            let table = table.split(']').next().unwrap_or_default();
-            msg = format!("{table}{}: {msg}", key_on_line(text, span.start));
-        }
-        msg = format!("line {line}: {msg}");
-    }
-    msg
+/// 1-based line of byte `offset`; `None` past the end (a placeholder's span).
+fn line_of(text: &str, offset: usize) -> Option<usize> {
+    let before = text.as_bytes().get(..offset)?;
+    Some(before.iter().filter(|&&b| b == b'\n').count() + 1)
 }
 
-/// `.key` when the line holding `offset` reads `key = ...`.
-fn key_on_line(text: &str, offset: usize) -> String {
-    let start = text[..offset.min(text.len())]
-        .rfind('\n')
+/// `line 3, column 9: TOML syntax error: ...`.
+fn syntax_message(text: &str, e: &toml::de::Error) -> String {
+    let Some(span) = e.span() else {
+        return format!("TOML syntax error: {}", e.message());
+    };
+    let start = span.start.min(text.len());
+    let line_start = text.as_bytes()[..start]
+        .iter()
+        .rposition(|&b| b == b'\n')
         .map_or(0, |p| p + 1);
-    let line = text[start..].lines().next().unwrap_or_default();
-    match line.split_once('=') {
-        Some((k, _)) if !k.trim().is_empty() && !k.contains('[') => format!(".{}", k.trim()),
-        _ => String::new(),
-    }
+    let column = String::from_utf8_lossy(&text.as_bytes()[line_start..start])
+        .chars()
+        .count()
+        + 1;
+    let line = line_of(text, start).unwrap_or(1);
+    format!(
+        "line {line}, column {column}: TOML syntax error: {}",
+        e.message()
+    )
 }
 
 #[cfg(test)]
@@ -1111,10 +1264,549 @@ schedule = "0 0 3 * * *"
         assert!(e.contains("unknown field `max_retry`"), "{e}");
     }
 
+    /// `err` split into its problems (the lines after the header).
+    fn problems(text: &str) -> Vec<String> {
+        match Config::parse(text, "t.toml").unwrap_err() {
+            ConfigError::Invalid { errors, .. } => errors,
+            other => panic!("not Invalid: {other}"),
+        }
+    }
+
+    #[test]
+    fn unknown_key_bad_cron_and_bad_duration_are_all_reported_with_lines() {
+        // The issue's example: before, only the duration was reported.
+        let text = MINIMAL.replace("0 0 3 * * *", "0 3 * * *")
+            + "grace_period = \"5 parsecs\"\nrollout_timout = \"10m\"\n";
+        let p = problems(&text);
+        assert_eq!(p.len(), 3, "{p:#?}");
+        assert!(p[0].starts_with("line 10: targets[0] (\"chatbot\").schedule: invalid cron"));
+        assert!(
+            p[1].starts_with("line 11: targets[0] (\"chatbot\").grace_period: invalid duration")
+        );
+        assert!(p[2].starts_with(
+            "line 12: targets[0] (\"chatbot\").rollout_timout: unknown field `rollout_timout`"
+        ));
+    }
+
+    #[test]
+    fn parse_errors_and_semantic_errors_come_together_in_file_order() {
+        let text = format!(
+            "[daemon]\nmax_concurrent_rotations = 0\nbogus = 1\n{}",
+            MINIMAL.replace("name = \"chatbot\"", "name = \"Chat Bot\"\njitter = 5")
+        );
+        let p = problems(&text);
+        assert_eq!(p.len(), 4, "{p:#?}");
+        assert!(
+            p[0].starts_with("line 2: daemon.max_concurrent_rotations: must be"),
+            "{p:#?}"
+        );
+        assert!(
+            p[1].starts_with("line 3: daemon.bogus: unknown field `bogus`"),
+            "{p:#?}"
+        );
+        assert!(
+            p[2].starts_with("line 9: targets[0] (\"Chat Bot\").name: must be 1-40"),
+            "{p:#?}"
+        );
+        assert!(
+            p[3].starts_with("line 10: targets[0] (\"Chat Bot\").jitter: invalid type"),
+            "{p:#?}"
+        );
+    }
+
+    #[test]
+    fn a_bad_required_field_does_not_hide_the_rest_of_its_target() {
+        // workloads is required: taking the bad one out must not stop the collection, nor
+        // add a "missing field" or "at least one workload" echo of the same problem.
+        let text = MINIMAL.replace("[\"demo/Deployment/chatbot\"]", "[\"chatbot\"]")
+            + "jitter = \"soon\"\n[targets.drain]\nquiet_for = \"1m\"\nmax_wait = 3\n";
+        let p = problems(&text);
+        assert_eq!(p.len(), 3, "{p:#?}");
+        assert!(
+            p[0].contains(".workloads[0]: invalid workload \"chatbot\""),
+            "{p:#?}"
+        );
+        assert!(p[1].contains(".jitter: invalid duration"), "{p:#?}");
+        assert!(p[2].contains(".drain.max_wait: invalid type"), "{p:#?}");
+    }
+
+    #[test]
+    fn a_missing_field_is_named_with_its_target_and_line() {
+        let p = problems(&MINIMAL.replace("project_id = \"proj_abc\"\n", ""));
+        assert_eq!(
+            p,
+            vec!["line 5: targets[0] (\"chatbot\").project_id: missing field `project_id`"]
+        );
+    }
+
+    #[test]
+    fn a_bad_target_keeps_the_index_of_the_next() {
+        let second = MINIMAL
+            .split("[[targets]]")
+            .nth(1)
+            .unwrap()
+            .replace("chatbot", "two");
+        let text = format!("{MINIMAL}targets = 1\n").replace("targets = 1\n", "");
+        let text = text.replace("[[targets]]", "[[targets]]\nname = 5\n[[targets]]");
+        let text = format!("{text}[[targets]]{}jitter = 1\n", second);
+        let p = problems(&text);
+        assert!(
+            p.iter()
+                .any(|e| e.contains("targets[2] (\"two\").jitter: invalid type")),
+            "{p:#?}"
+        );
+    }
+
+    #[test]
+    fn target_names_may_have_40_characters_as_documented() {
+        // Before, the 20-character account-prefix rule applied to target names too.
+        let forty = "a".repeat(40);
+        Config::parse(&MINIMAL.replace("\"chatbot\"", &format!("{forty:?}")), "t").unwrap();
+        let e = err(&MINIMAL.replace("\"chatbot\"", &format!("\"{forty}b\"")));
+        assert!(e.contains(".name: must be 1-40 characters"), "{e}");
+        assert!(is_target_name("chat-2") && !is_target_name("") && !is_target_name("Chat"));
+    }
+
+    #[test]
+    fn a_syntax_error_names_line_and_column() {
+        let e = err("[vault]\naddress = \"http://x\n");
+        assert!(
+            e.starts_with("t.toml: line 2, column 20: TOML syntax error:"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn targets_on_one_vault_path_are_rejected_whatever_the_spelling_or_field() {
+        let second = MINIMAL.split("[[targets]]").nth(1).unwrap();
+        for spelling in [
+            "apps/chatbot/openai",
+            "/apps/chatbot/openai/",
+            "apps//chatbot///openai",
+        ] {
+            let other = second.replace("chatbot\"", "other\"").replace(
+                "\"apps/chatbot/openai\"",
+                &format!("{spelling:?}\nvault_field = \"k2\""),
+            );
+            let e = err(&format!("{MINIMAL}[[targets]]{other}"));
+            assert!(
+                e.contains(&format!(
+                    "targets[1] (\"other\").vault_path: {spelling:?} is the same Vault path as targets[0] (\"chatbot\").vault_path"
+                )),
+                "{spelling}: {e}"
+            );
+        }
+        // Under or beside it is another path.
+        for path in [
+            "apps/chatbot/openai/v2",
+            "apps/chatbot/openai-2",
+            "apps/chatbot",
+        ] {
+            let other = second
+                .replace("chatbot\"", "other\"")
+                .replace("apps/chatbot/openai", path);
+            Config::parse(&format!("{MINIMAL}[[targets]]{other}"), "t")
+                .unwrap_or_else(|e| panic!("{path}: {e}"));
+        }
+        assert_eq!(normalize_vault_path("//a//b/"), "a/b");
+    }
+
+    #[test]
+    fn zero_durations_that_pace_loops_are_rejected() {
+        let probe = |extra: &str| {
+            format!("{MINIMAL}[[targets.smoke_probes]]\nurl = \"http://chat/healthz\"\n{extra}\n")
+        };
+        Config::parse(&probe(""), "t").unwrap();
+        for (text, needle) in [
+            (
+                probe("interval = \"0s\""),
+                "line 13: targets[0] (\"chatbot\").smoke_probes[0].interval: must be greater than zero",
+            ),
+            (
+                probe("timeout = \"0s\""),
+                "line 13: targets[0] (\"chatbot\").smoke_probes[0].timeout: must be greater than zero",
+            ),
+            (
+                format!("[daemon]\nsweep_min_age = \"0s\"\n{MINIMAL}"),
+                "line 2: daemon.sweep_min_age: must be greater than zero",
+            ),
+            (
+                MINIMAL.replace("[vault]\n", "[vault]\nrequest_timeout = \"0s\"\n"),
+                "line 3: vault.request_timeout: must be greater than zero",
+            ),
+        ] {
+            let e = err(&text);
+            assert!(e.contains(needle), "{needle}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_schedule_that_never_fires_is_rejected() {
+        for never in ["0 0 0 30 2 *", "0 0 0 31 4 *", "0 0 0 1 1 * 2020"] {
+            let e = err(&MINIMAL.replace("0 0 3 * * *", never));
+            assert!(
+                e.contains(&format!(
+                    "line 10: targets[0] (\"chatbot\").schedule: {never:?} never fires"
+                )),
+                "{e}"
+            );
+        }
+        // Rare is not never.
+        Config::parse(&MINIMAL.replace("0 0 3 * * *", "0 0 0 29 2 *"), "t").unwrap();
+        let feb29: cron::Schedule = "0 0 0 29 2 *".parse().unwrap();
+        let y2027 = chrono::DateTime::parse_from_rfc3339("2027-01-01T00:00:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        assert!(fires_within(&feb29, y2027, 2));
+        assert!(!fires_within(&feb29, y2027, 1));
+    }
+
+    #[test]
+    fn probe_urls_are_redacted_in_errors() {
+        let text = format!(
+            "{MINIMAL}[[targets.smoke_probes]]\nurl = \"ftp://u:hunter2@h/p?token=tok-secret\"\n"
+        );
+        let e = err(&text);
+        assert!(
+            e.contains("\"ftp://h/p?token=redacted\" must be an http(s) URL"),
+            "{e}"
+        );
+        assert!(!e.contains("hunter2") && !e.contains("tok-secret"), "{e}");
+    }
+
+    #[test]
+    fn redacted_url_drops_userinfo_query_values_and_fragment() {
+        for (url, want) in [
+            (
+                "http://user:pass@host:8080/p/x?token=abc&q=1#frag",
+                "http://host:8080/p/x?token=redacted&q=redacted#redacted",
+            ),
+            ("https://user@host/", "https://host/"),
+            ("http://host/healthz", "http://host/healthz"),
+            ("http://host/?", "http://host/"),
+            ("user:pass@host/path?k=v", "host/path?redacted"),
+            ("http://user:p@ss@host/x", "http://host/x"),
+            ("not a url at all", "not a url at all"),
+            ("://user:pw@h", "h"),
+            ("://http://:pw@.?t=x", ".?redacted"),
+            ("x://u:pw@h/a@b c", "x://h/a@b%20c"),
+            ("u:pw@h/a@b c", "b c"),
+            ("not-a-scheme!://u:pw@h", "h"),
+        ] {
+            assert_eq!(redacted_url(url), want, "{url}");
+        }
+    }
+
     #[test]
     fn serialized_config_parses_back_identically() {
         let c = Config::parse(MINIMAL, "t").unwrap();
         let text = toml::to_string(&c).unwrap();
         assert_eq!(Config::parse(&text, "round trip").unwrap(), c);
+    }
+}
+
+/// Property tests of the parsers: no input panics them, and what parses round-trips.
+/// CI runs proptest's default 256 cases per property; a longer run:
+/// `PROPTEST_CASES=100000 cargo test --lib prop_` (README, "Configuration").
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// TOML-ish lines from the config's own vocabulary (sections, keys, plausible and
+    /// implausible values), so most inputs get past the syntax and into the collector.
+    fn fragment() -> impl Strategy<Value = String> {
+        let header = prop::sample::select(vec![
+            "[daemon]",
+            "[daemon.leader_election]",
+            "[daemon.audit]",
+            "[openai]",
+            "[vault]",
+            "[vault.auth]",
+            "[kubernetes]",
+            "[[targets]]",
+            "[targets.drain]",
+            "[targets.synced_secret]",
+            "[[targets.smoke_probes]]",
+            "[bogus]",
+            "[[daemon]]",
+            "[targets]",
+        ])
+        .prop_map(str::to_string);
+        let key = prop_oneof![
+            prop::sample::select(vec![
+                "name",
+                "project_id",
+                "vault_path",
+                "vault_field",
+                "workloads",
+                "schedule",
+                "max_key_age",
+                "jitter",
+                "grace_period",
+                "rollout_timeout",
+                "address",
+                "method",
+                "role",
+                "url",
+                "interval",
+                "timeout",
+                "quiet_for",
+                "max_wait",
+                "on_timeout",
+                "sweep_min_age",
+                "max_concurrent_rotations",
+                "listen",
+                "request_timeout",
+                "retry_base",
+                "max_backoff",
+                "enabled",
+                "lease_duration",
+                "renew_deadline",
+                "retry_period",
+                "namespace",
+                "log_format",
+                "targets",
+                "vault",
+                "expect_status",
+                "consecutive_successes",
+                "state_prefix",
+            ])
+            .prop_map(str::to_string),
+            "[a-z_]{1,12}",
+        ];
+        let value = prop_oneof![
+            prop::sample::select(vec![
+                "\"0s\"",
+                "\"10m\"",
+                "\"1h 30m\"",
+                "\"5 parsecs\"",
+                "\"\"",
+                "\"0 0 3 * * *\"",
+                "\"0 0 0 30 2 *\"",
+                "\"* * *\"",
+                "\"http://127.0.0.1:8200\"",
+                "\"http://u:p@h/x?t=1\"",
+                "[\"prod/Deployment/chat\"]",
+                "[\"x\", 1]",
+                "[]",
+                "{}",
+                "{ quiet_for = \"1m\" }",
+                "true",
+                "0",
+                "-1",
+                "4294967296",
+                "1.5",
+                "1979-05-27T07:32:00Z",
+                "\"kubernetes\"",
+                "\"token\"",
+                "\"apps/a\"",
+                "\"/apps//a/\"",
+                "\"chat\"",
+                "\"proj_x\"",
+                "\"0.0.0.0:8080\"",
+            ])
+            .prop_map(str::to_string),
+            "\"[ -~]{0,16}\"".prop_map(|s| s.replace('\\', "")),
+            any::<i64>().prop_map(|n| n.to_string()),
+        ];
+        let line = prop_oneof![
+            2 => header,
+            6 => (key, value).prop_map(|(k, v)| format!("{k} = {v}")),
+            1 => "[ -~]{0,20}",
+        ];
+        prop::collection::vec(line, 0..40).prop_map(|l| l.join("\n"))
+    }
+
+    /// A valid file (a vault section, up to three targets) with random keys set, replaced or
+    /// removed per section: mostly well-formed TOML, some of it valid, some not.
+    fn document() -> impl Strategy<Value = String> {
+        let key = || {
+            prop::sample::select(vec![
+                "name",
+                "project_id",
+                "vault_path",
+                "vault_field",
+                "workloads",
+                "schedule",
+                "max_key_age",
+                "jitter",
+                "grace_period",
+                "rollout_timeout",
+                "address",
+                "request_timeout",
+                "sweep_min_age",
+                "max_concurrent_rotations",
+                "retry_base",
+                "max_backoff",
+                "bogus",
+                "poll_interval",
+                "account_prefix",
+                "state_prefix",
+            ])
+        };
+        let value = || {
+            prop::sample::select(vec![
+                "\"0s\"",
+                "\"10m\"",
+                "\"30d\"",
+                "\"5 parsecs\"",
+                "\"\"",
+                "\"0 0 3 * * *\"",
+                "\"0 0 0 30 2 *\"",
+                "\"* * *\"",
+                "\"http://127.0.0.1:8200\"",
+                "\"apps/t0\"",
+                "\"/apps//t0/\"",
+                "[\"prod/Deployment/t0\"]",
+                "[\"Deployment/x\"]",
+                "[]",
+                "0",
+                "3",
+                "true",
+                "\"t0\"",
+                "\"Bad Name\"",
+                "\"okr\"",
+                "\"proj_x\"",
+            ])
+        };
+        let edits = move || prop::collection::vec((key(), prop::option::of(value())), 0..4);
+        (edits(), edits(), prop::collection::vec(edits(), 0..4)).prop_map(
+            |(daemon, vault, targets)| {
+                let render = |header: &str,
+                              mut base: BTreeMap<String, String>,
+                              edits: Vec<(&str, Option<&str>)>| {
+                    for (k, v) in edits {
+                        match v {
+                            Some(v) => base.insert(k.to_string(), v.to_string()),
+                            None => base.remove(k),
+                        };
+                    }
+                    let body: Vec<String> =
+                        base.iter().map(|(k, v)| format!("{k} = {v}")).collect();
+                    format!("{header}\n{}\n", body.join("\n"))
+                };
+                let mut text = render("[daemon]", BTreeMap::new(), daemon);
+                let vault_base = BTreeMap::from([(
+                    "address".to_string(),
+                    "\"http://127.0.0.1:8200\"".to_string(),
+                )]);
+                text += &render("[vault]", vault_base, vault);
+                for (i, edits) in targets.into_iter().enumerate() {
+                    let base = BTreeMap::from([
+                        ("name".to_string(), format!("\"t{i}\"")),
+                        ("project_id".to_string(), "\"proj_x\"".to_string()),
+                        ("vault_path".to_string(), format!("\"apps/t{i}\"")),
+                        (
+                            "workloads".to_string(),
+                            format!("[\"prod/Deployment/t{i}\"]"),
+                        ),
+                    ]);
+                    text += &render("[[targets]]", base, edits);
+                }
+                text
+            },
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn prop_config_parse_never_panics_on_any_text(text in "\\PC{0,400}") {
+            let _ = Config::parse(&text, "p");
+        }
+
+        /// Never accepts what serde rejects or validate refuses, never refuses a file both
+        /// accept; every reported problem names something, and a parsed file round-trips.
+        #[test]
+        fn prop_config_parse_agrees_with_serde_and_validate(
+            text in prop_oneof![fragment(), document()]
+        ) {
+            let serde = toml::from_str::<Config>(&text);
+            match Config::parse(&text, "p") {
+                Ok(c) => {
+                    prop_assert!(serde.is_ok());
+                    prop_assert!(c.validate().is_empty());
+                    let back = toml::to_string(&c).unwrap();
+                    prop_assert_eq!(Config::parse(&back, "back").unwrap(), c);
+                }
+                Err(ConfigError::Invalid { errors, .. }) => {
+                    prop_assert!(!errors.is_empty());
+                    prop_assert!(errors.iter().all(|e| !e.trim().is_empty()));
+                    if let Ok(c) = serde {
+                        prop_assert!(!c.validate().is_empty(), "refused a good file: {:?}", errors);
+                    }
+                }
+                Err(ConfigError::Parse { message, .. }) => {
+                    prop_assert!(serde.is_err());
+                    prop_assert!(message.starts_with("line "), "{}", message);
+                }
+                Err(e @ ConfigError::Read { .. }) => prop_assert!(false, "{}", e),
+            }
+        }
+
+        #[test]
+        fn prop_duration_parses_without_panic_and_round_trips(
+            s in prop_oneof!["\\PC{0,30}", "([0-9]{1,22} ?(ns|us|ms|s|sec|m|min|h|d|w|M|y|years) ?){1,4}"]
+        ) {
+            if let Ok(d) = toml::Value::String(s.clone()).try_into::<DurationStr>() {
+                let shown = toml::Value::try_from(d).unwrap();
+                prop_assert_eq!(shown.clone().try_into::<DurationStr>().unwrap(), d, "{} -> {}", s, shown);
+            }
+        }
+
+        #[test]
+        fn prop_cron_parses_without_panic_and_round_trips(
+            s in prop_oneof![
+                "\\PC{0,40}",
+                prop::collection::vec(
+                    prop_oneof![
+                        prop::sample::select(vec![
+                            "*", "0", "*/5", "1-5", "Mon", "L", "?", "60", "30", "2", "1,2",
+                            "Mon#2", "5L", "W", "2100", "1970", "Feb", "0-59/7", "31", "29",
+                        ]).prop_map(str::to_string),
+                        "[0-9*/,#LW?-]{1,6}",
+                    ],
+                    5..8,
+                ).prop_map(|f| f.join(" ")),
+            ]
+        ) {
+            if let Ok(c) = s.parse::<CronSchedule>() {
+                prop_assert_eq!(&c.expr, &s);
+                let again: CronSchedule = c.expr.parse().unwrap();
+                let t0 = chrono::DateTime::parse_from_rfc3339("2030-01-01T00:00:00Z")
+                    .unwrap()
+                    .with_timezone(&chrono::Utc);
+                let a: Vec<_> = c.schedule.after(&t0).take(3).collect();
+                let b: Vec<_> = again.schedule.after(&t0).take(3).collect();
+                prop_assert_eq!(a, b);
+                // The never-fires check ends (cron's years stop at 2100).
+                let _ = fires_within(&c.schedule, t0, SCHEDULE_HORIZON_YEARS);
+            }
+        }
+
+        #[test]
+        fn prop_workload_parses_without_panic_and_round_trips(
+            s in prop_oneof![
+                "\\PC{0,40}",
+                "[a-z0-9.-]{0,12}/(Deployment|deploy|sts|DaemonSet|ds|CronJob|x)/[a-zA-Z0-9.-]{0,12}",
+            ]
+        ) {
+            if let Ok(w) = s.parse::<WorkloadRef>() {
+                prop_assert_eq!(w.to_string().parse::<WorkloadRef>(), Ok(w));
+            }
+        }
+
+        #[test]
+        fn prop_redacted_url_never_shows_the_password(
+            scheme in "(http|https|ftp|x)", user in "[a-z]{0,6}", host in "[a-z0-9.]{1,12}",
+            path in "(/[a-z0-9%@:]{0,8}){0,3}", junk in "\\PC{0,20}",
+        ) {
+            let url = format!("{scheme}://{user}:Pw-S3cret@{host}{path}?token=Tk-S3cret");
+            for u in [url.clone(), format!("{junk}{url}"), url.replace("://", "")] {
+                let r = redacted_url(&u);
+                prop_assert!(!r.contains("Pw-S3cret") && !r.contains("Tk-S3cret"), "{} -> {}", u, r);
+            }
+            let _ = redacted_url(&junk);
+        }
     }
 }

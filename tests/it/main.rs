@@ -3,6 +3,7 @@
 mod support;
 
 mod audit_cli;
+mod config_corpus;
 mod daemon_e2e;
 mod demo;
 mod deploy;
