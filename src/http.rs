@@ -3,9 +3,9 @@
 //! `POST /v1/targets/{name}/rotations` → 202 with the rotation id and `Location`;
 //! `GET /v1/rotations/{id}`; `GET /v1/targets`. Every `/v1` call needs
 //! `Authorization: Bearer <token>`; tokens come from a file of `name:token` lines and the
-//! name is recorded as the actor. A trigger reaching a replica that is not the leader gets
-//! 503 with the leader's identity (no forwarding: the caller retries against the leader or
-//! the Service, which only routes to ready pods).
+//! name is recorded as the actor. On a follower, `/v1` calls are forwarded to the leader
+//! ([`crate::forward`]); a trigger a follower cannot forward gets 503 with the leader's
+//! identity.
 
 use crate::daemon::{Accepted, Daemon, TriggerError};
 use crate::rotation::ports::AccountRef;
@@ -146,6 +146,8 @@ pub struct AppState {
     pub tokens: Arc<RwLock<ApiTokens>>,
     pub readiness: Arc<dyn Readiness>,
     pub metrics: MetricsRender,
+    /// Sends a follower's `/v1` calls to the leader; `None`: every call is answered here.
+    pub forward: Option<Arc<crate::forward::Forwarder>>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -158,6 +160,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/rotations/{id}", get(get_rotation))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::forward::middleware,
+        ))
         .with_state(state)
 }
 
@@ -167,7 +173,7 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 
 /// The token name, or a 401 response.
 #[allow(clippy::result_large_err)] // the error is the response itself, built once
-fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<String, Response> {
+pub(crate) fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<String, Response> {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -496,6 +502,7 @@ mod tests {
             tokens: Arc::new(RwLock::new(tokens)),
             readiness: Arc::new(AlwaysReady),
             metrics: Arc::new(|| "openai_key_rotator_up 1\n".to_string()),
+            forward: None,
         };
         (router(state), world)
     }

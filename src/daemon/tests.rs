@@ -139,7 +139,7 @@ async fn refusals_are_explicit() {
     );
     // Not the leader.
     let (tx, rx) = watch::channel(false);
-    let (_ntx, nrx) = watch::channel(Some("okr-0".to_string()));
+    let (_ntx, nrx) = watch::channel(Some(crate::leader::Holder::new("okr-0")));
     let live = Arc::new(LiveRotations::default());
     let follower = Daemon::new(
         config(vec![t], 1),
