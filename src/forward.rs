@@ -646,6 +646,28 @@ mod tests {
     }
 
     #[test]
+    fn the_config_checks_advertise_url() {
+        let text = |url: &str| {
+            format!(
+                "[daemon.leader_election]\nenabled = true\nadvertise_url = {url:?}\n\n[vault]\naddress = \"http://127.0.0.1:8200\"\n"
+            )
+        };
+        let c = Config::parse(&text("http://10.0.0.7:8080"), "t").unwrap();
+        assert_eq!(
+            c.daemon.leader_election.advertise_url.as_deref(),
+            Some("http://10.0.0.7:8080")
+        );
+        let e = Config::parse(&text("10.0.0.7:8080"), "t")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("daemon.leader_election.advertise_url"), "{e}");
+        let e = Config::parse(&text("http://u:hunter2-pass@10.0.0.7"), "t")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("credentials") && !e.contains("hunter2"), "{e}");
+    }
+
+    #[test]
     fn api_urls_are_origins_only() {
         for ok in [
             "http://10.0.0.7:8080",
