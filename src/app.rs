@@ -5,6 +5,7 @@ use crate::config::Config;
 use crate::daemon::{
     Daemon, DaemonOptions, Fanout, Leadership, LiveRotations, ScheduleObserver, TriggerError,
 };
+use crate::forward::{self, Forwarder};
 use crate::http::{self, ApiTokens, AppState, Readiness, Unready};
 use crate::kube::KubeRoller;
 use crate::leader::{LeaderConfig, LeaderElector};
@@ -355,8 +356,15 @@ pub async fn start(
         metrics: services.metrics.clone(),
         audit: audit.clone(),
     });
+    // Bound first: the port goes into the API URL this replica advertises.
+    let listener = tokio::net::TcpListener::bind(config.daemon.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.daemon.listen))?;
+    let addr = listener.local_addr()?;
     let election_stop = CancellationToken::new();
     let mut election_task = None;
+    // (identity, own API URL) when elected: a follower then forwards API calls.
+    let mut forwarding = None;
     let leader = if config.daemon.leader_election.enabled {
         let le = &config.daemon.leader_election;
         let identity = le
@@ -366,6 +374,14 @@ pub async fn start(
             .or_else(|| std::env::var("HOSTNAME").ok())
             .unwrap_or_else(|| format!("openai-key-rotator-{}", std::process::id()));
         let namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| le.namespace.clone());
+        let api_url = advertise_url(le.advertise_url.as_deref(), addr.port());
+        match &api_url {
+            Some(url) => tracing::info!(%url, "advertising this replica's API URL on the Lease"),
+            None => tracing::warn!(
+                "no daemon.leader_election.advertise_url and no POD_IP: while this replica leads, followers cannot forward API calls to it"
+            ),
+        }
+        forwarding = Some((identity.clone(), api_url.clone()));
         let cfg = LeaderConfig {
             namespace,
             lease_name: le.lease_name.clone(),
@@ -373,6 +389,7 @@ pub async fn start(
             lease_duration: le.lease_duration.get(),
             renew_deadline: le.renew_deadline.get(),
             retry_period: le.retry_period.get(),
+            api_url,
         };
         let elector = LeaderElector::try_new(services.roller.client(), cfg)
             .context("daemon.leader_election")?;
@@ -420,6 +437,18 @@ pub async fn start(
     };
     let tokens = Arc::new(RwLock::new(tokens));
     let metrics = services.metrics.clone();
+    let forward = match forwarding {
+        Some((identity, own_url)) => Some(Arc::new(
+            Forwarder::new(
+                identity,
+                own_url,
+                Arc::new(daemon.clone()),
+                forward::DEFAULT_TIMEOUT,
+            )
+            .context("daemon.leader_election")?,
+        )),
+        None => None,
+    };
     let state = AppState {
         daemon: daemon.clone(),
         tokens: tokens.clone(),
@@ -428,11 +457,8 @@ pub async fn start(
             roller: services.roller.clone(),
         }),
         metrics: Arc::new(move || metrics.render()),
+        forward,
     };
-    let listener = tokio::net::TcpListener::bind(config.daemon.listen)
-        .await
-        .with_context(|| format!("listening on {}", config.daemon.listen))?;
-    let addr = listener.local_addr()?;
     tracing::info!(%addr, targets = config.targets.len(), "openai-key-rotator running");
     let server_stop = shutdown.clone();
     let server = tokio::spawn(async move {
@@ -467,6 +493,22 @@ pub async fn start(
         addr,
         done,
     })
+}
+
+/// The API URL to advertise: the configured one, else `http://POD_IP:port` (the pod's IP
+/// from the downward API), else none.
+fn advertise_url(configured: Option<&str>, port: u16) -> Option<String> {
+    if let Some(url) = configured {
+        return Some(url.to_string());
+    }
+    let ip = std::env::var("POD_IP").ok()?;
+    match ip.trim().parse::<std::net::IpAddr>() {
+        Ok(ip) => Some(format!("http://{}", SocketAddr::new(ip, port))),
+        Err(_) => {
+            tracing::warn!(pod_ip = %ip, "POD_IP is not an IP address; not advertising an API URL");
+            None
+        }
+    }
 }
 
 /// SIGUSR1: emergency-rotate every target (what an incident responder reaches for);

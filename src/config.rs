@@ -97,6 +97,10 @@ pub struct LeaderElectionConfig {
     /// A leader that could not renew for this long steps down (must be < lease_duration).
     pub renew_deadline: DurationStr,
     pub retry_period: DurationStr,
+    /// This replica's API URL (`http(s)://host:port`) as other replicas reach it: the
+    /// leader writes it to the Lease and followers forward API calls there. Unset = from
+    /// env POD_IP and the listen port; without either, followers answer 503 instead.
+    pub advertise_url: Option<String>,
 }
 
 impl Default for LeaderElectionConfig {
@@ -109,6 +113,7 @@ impl Default for LeaderElectionConfig {
             lease_duration: DurationStr::from_secs(15),
             renew_deadline: DurationStr::from_secs(10),
             retry_period: DurationStr::from_secs(2),
+            advertise_url: None,
         }
     }
 }
@@ -746,6 +751,13 @@ impl Config {
                     "daemon.leader_election: namespace and lease_name must not be empty".into(),
                 );
             }
+        }
+        if let Some(e) = le
+            .advertise_url
+            .as_deref()
+            .and_then(|u| crate::forward::check_api_url(u).err())
+        {
+            errors.push(format!("daemon.leader_election.advertise_url: {e}"));
         }
         for (field, v) in [
             ("poll_interval", d.poll_interval),

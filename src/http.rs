@@ -3,9 +3,9 @@
 //! `POST /v1/targets/{name}/rotations` → 202 with the rotation id and `Location`;
 //! `GET /v1/rotations/{id}`; `GET /v1/targets`. Every `/v1` call needs
 //! `Authorization: Bearer <token>`; tokens come from a file of `name:token` lines and the
-//! name is recorded as the actor. A trigger reaching a replica that is not the leader gets
-//! 503 with the leader's identity (no forwarding: the caller retries against the leader or
-//! the Service, which only routes to ready pods).
+//! name is recorded as the actor. On a follower, `/v1` calls are forwarded to the leader
+//! ([`crate::forward`]); a trigger a follower cannot forward gets 503 with the leader's
+//! identity.
 //!
 //! Bad input gets a JSON `{"error": "..."}` with the status that fits (400 bad body, 401
 //! token, 404 unknown target or endpoint, 405 method, 413 body over 16 KiB, 415 content
@@ -182,6 +182,8 @@ pub struct AppState {
     pub tokens: Arc<RwLock<ApiTokens>>,
     pub readiness: Arc<dyn Readiness>,
     pub metrics: MetricsRender,
+    /// Sends a follower's `/v1` calls to the leader; `None`: every call is answered here.
+    pub forward: Option<Arc<crate::forward::Forwarder>>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -194,6 +196,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/rotations/{id}", get(get_rotation))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::forward::middleware,
+        ))
         .layer(axum::middleware::from_fn(json_errors))
         .with_state(state)
 }
@@ -246,7 +252,7 @@ fn shown(s: &str) -> String {
 
 /// The token name, or a 401 response.
 #[allow(clippy::result_large_err)] // the error is the response itself, built once
-fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<String, Response> {
+pub(crate) fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<String, Response> {
     // The scheme is case-insensitive (RFC 9110); a header that is not ASCII matches nothing.
     let presented = headers
         .get(header::AUTHORIZATION)
@@ -703,6 +709,7 @@ mod tests {
             tokens: Arc::new(RwLock::new(tokens)),
             readiness,
             metrics: Arc::new(|| "openai_key_rotator_up 1\n".to_string()),
+            forward: None,
         };
         (router(state), world)
     }

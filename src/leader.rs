@@ -16,15 +16,20 @@
 //! `lease_duration - renew_deadline` (5 s with the defaults; NTP keeps nodes within
 //! milliseconds).
 //!
+//! The holder also writes where its API answers ([`API_URL_ANNOTATION`], with
+//! [`API_URL_HOLDER_ANNOTATION`] naming whose URL it is) so that followers can forward API
+//! calls to it without RBAC to read pods. A holder without a URL removes both, so a previous
+//! holder's URL is never taken for the current one's.
+//!
 //! ```no_run
 //! # async fn demo(client: kube::Client) {
 //! use openai_key_rotator::leader::{LeaderConfig, LeaderElector};
 //! let cfg = LeaderConfig::new("okr", "openai-key-rotator", "okr-0");
 //! let cancel = tokio_util::sync::CancellationToken::new();
-//! let (is_leader, leader_name, task) = LeaderElector::new(client, cfg).spawn(cancel.clone());
-//! // hand (is_leader, leader_name) to `Daemon::new`; on shutdown: cancel, then await `task`
+//! let (is_leader, holder, task) = LeaderElector::new(client, cfg).spawn(cancel.clone());
+//! // hand (is_leader, holder) to `Daemon::new`; on shutdown: cancel, then await `task`
 //! // (it releases the Lease so the other replica takes over at once).
-//! # let _ = (is_leader, leader_name, task);
+//! # let _ = (is_leader, holder, task);
 //! # }
 //! ```
 
@@ -32,6 +37,7 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -55,6 +61,32 @@ pub struct LeaderConfig {
     pub renew_deadline: Duration,
     /// Interval between renewals, and between a candidate's attempts.
     pub retry_period: Duration,
+    /// Where this replica's API answers (`http://POD_IP:PORT`), written to the Lease while
+    /// it leads so followers can forward API calls to it; `None`: followers cannot.
+    pub api_url: Option<String>,
+}
+
+/// The Lease annotation holding the leader's API URL.
+pub const API_URL_ANNOTATION: &str = "openai-key-rotator/api-url";
+/// The identity that wrote [`API_URL_ANNOTATION`]: a holder that does not write the
+/// annotations (an older version) leaves them behind, and this tells them apart.
+pub const API_URL_HOLDER_ANNOTATION: &str = "openai-key-rotator/api-url-holder";
+
+/// Who holds the Lease, and where its API answers (when it says).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    pub identity: String,
+    pub api_url: Option<String>,
+}
+
+impl Holder {
+    /// A holder that advertises no API URL.
+    pub fn new(identity: impl Into<String>) -> Holder {
+        Holder {
+            identity: identity.into(),
+            api_url: None,
+        }
+    }
 }
 
 impl LeaderConfig {
@@ -71,6 +103,7 @@ impl LeaderConfig {
             lease_duration: Duration::from_secs(15),
             renew_deadline: Duration::from_secs(10),
             retry_period: Duration::from_secs(2),
+            api_url: None,
         }
     }
 
@@ -101,6 +134,9 @@ impl LeaderConfig {
         if self.renew_deadline <= self.retry_period.mul_f64(1.2) {
             return Err(E::RetryPeriodTooLong);
         }
+        if let Some(url) = &self.api_url {
+            crate::forward::check_api_url(url).map_err(E::ApiUrl)?;
+        }
         Ok(())
     }
 
@@ -124,6 +160,8 @@ pub enum LeaderConfigError {
     RenewDeadlineNotBelowLease,
     #[error("leader election: renew_deadline must exceed 1.2 x retry_period")]
     RetryPeriodTooLong,
+    #[error("leader election: api_url {0}")]
+    ApiUrl(String),
 }
 
 /// Why one attempt to acquire or renew did not succeed.
@@ -185,15 +223,15 @@ impl LeaderElector {
 
     /// Run the election until `cancel`; on cancel, if leader, publish `false` and release
     /// the Lease (no holder) so the other replica takes over at once. Returns (am I leader,
-    /// who leads: `None` when nobody validly holds the Lease or it cannot be read) and the
-    /// task. If the task ends in any other way (aborted, panicked) its receivers read
-    /// `false`; they never see a closed channel.
+    /// who leads and at which API URL: `None` when nobody validly holds the Lease or it
+    /// cannot be read) and the task. If the task ends in any other way (aborted, panicked)
+    /// its receivers read `false`; they never see a closed channel.
     pub fn spawn(
         self,
         cancel: CancellationToken,
     ) -> (
         watch::Receiver<bool>,
-        watch::Receiver<Option<String>>,
+        watch::Receiver<Option<Holder>>,
         JoinHandle<()>,
     ) {
         let (publisher, is_leader, leader_name) = Publisher::new();
@@ -230,7 +268,7 @@ impl LeaderElector {
                     st.renewed_at = Some(sent);
                     if !st.leading {
                         st.leading = true;
-                        out.set(true, Some(cfg.identity.clone()));
+                        out.set(true, Some(self.me()));
                         tracing::info!(identity = %cfg.identity, lease = %cfg.lease_name, "became leader");
                     }
                 }
@@ -238,8 +276,11 @@ impl LeaderElector {
                     if st.leading {
                         self.step_down(&mut st, &mut out, "the Lease names another holder");
                     }
-                    if st.last_holder.as_deref() != Some(holder.as_str()) {
-                        tracing::info!(identity = %cfg.identity, leader = %holder, "following leader");
+                    // A new leader, or the same one with another API URL.
+                    let seen = st.valid_holder(cfg, Timestamp::now(), Instant::now());
+                    if st.last_holder != seen {
+                        let url = seen.as_ref().and_then(|h| h.api_url.as_deref());
+                        tracing::info!(identity = %cfg.identity, leader = %holder, leader_api_url = url.unwrap_or("none"), "following leader");
                     }
                 }
                 Err(e) if st.leading => {
@@ -250,7 +291,7 @@ impl LeaderElector {
                 }
             }
             let holder = if st.leading {
-                Some(cfg.identity.clone())
+                Some(self.me())
             } else {
                 st.valid_holder(cfg, Timestamp::now(), Instant::now())
             };
@@ -279,6 +320,14 @@ impl LeaderElector {
             self.release(&mut st).await;
         }
         tracing::info!(identity = %cfg.identity, "leader election stopped");
+    }
+
+    /// This replica as the holder it publishes while leading.
+    fn me(&self) -> Holder {
+        Holder {
+            identity: self.cfg.identity.clone(),
+            api_url: self.cfg.api_url.clone(),
+        }
     }
 
     fn step_down(&self, st: &mut State, out: &mut Publisher, why: &str) {
@@ -378,6 +427,7 @@ impl LeaderElector {
             return;
         }
         let now = MicroTime(Timestamp::now());
+        set_api_url(&mut lease.metadata, &cfg.identity, None);
         let spec = lease.spec.get_or_insert_with(Default::default);
         spec.holder_identity = None;
         spec.lease_duration_seconds = Some(1);
@@ -413,7 +463,7 @@ struct State {
     /// without `renewTime`).
     observed_at: Option<Instant>,
     /// The holder last published.
-    last_holder: Option<String>,
+    last_holder: Option<Holder>,
 }
 
 impl State {
@@ -438,16 +488,19 @@ impl State {
         }
     }
 
-    /// The holder of the last-seen Lease if it is still valid.
+    /// The holder of the last-seen Lease if it is still valid, with its API URL.
     fn valid_holder(
         &self,
         cfg: &LeaderConfig,
         now: Timestamp,
         now_mono: Instant,
-    ) -> Option<String> {
+    ) -> Option<Holder> {
         let lease = self.observed.as_ref()?;
         let h = holder(lease)?;
-        (!self.expired(cfg, now, now_mono)).then(|| h.clone())
+        (!self.expired(cfg, now, now_mono)).then(|| Holder {
+            identity: h.clone(),
+            api_url: api_url(lease, h),
+        })
     }
 }
 
@@ -458,6 +511,40 @@ fn holder(lease: &Lease) -> Option<&String> {
         .as_ref()
         .and_then(|s| s.holder_identity.as_ref())
         .filter(|h| !h.is_empty())
+}
+
+/// The API URL the Lease advertises for `holder`: only if written by that holder and well
+/// formed (anything else is not forwarded to).
+fn api_url(lease: &Lease, holder: &str) -> Option<String> {
+    let a = lease.metadata.annotations.as_ref()?;
+    if a.get(API_URL_HOLDER_ANNOTATION).map(String::as_str) != Some(holder) {
+        return None;
+    }
+    let url = a.get(API_URL_ANNOTATION)?;
+    match crate::forward::check_api_url(url) {
+        Ok(()) => Some(url.clone()),
+        Err(e) => {
+            tracing::warn!(leader = %holder, error = %e, "the Lease's API URL is not usable; not forwarding to it");
+            None
+        }
+    }
+}
+
+/// Advertise `url` as `identity`'s, or remove any advertised URL when `None`.
+fn set_api_url(meta: &mut ObjectMeta, identity: &str, url: Option<&str>) {
+    match url {
+        Some(url) => {
+            let a = meta.annotations.get_or_insert_with(BTreeMap::new);
+            a.insert(API_URL_ANNOTATION.into(), url.into());
+            a.insert(API_URL_HOLDER_ANNOTATION.into(), identity.into());
+        }
+        None => {
+            if let Some(a) = meta.annotations.as_mut() {
+                a.remove(API_URL_ANNOTATION);
+                a.remove(API_URL_HOLDER_ANNOTATION);
+            }
+        }
+    }
 }
 
 /// `renewTime + leaseDurationSeconds <= now`. A Lease without `renewTime` counts from when
@@ -486,12 +573,14 @@ fn lease_expired(
 
 /// The Lease a first holder creates.
 fn new_lease(cfg: &LeaderConfig, now: Timestamp) -> Lease {
+    let mut metadata = ObjectMeta {
+        name: Some(cfg.lease_name.clone()),
+        namespace: Some(cfg.namespace.clone()),
+        ..Default::default()
+    };
+    set_api_url(&mut metadata, &cfg.identity, cfg.api_url.as_deref());
     Lease {
-        metadata: ObjectMeta {
-            name: Some(cfg.lease_name.clone()),
-            namespace: Some(cfg.namespace.clone()),
-            ..Default::default()
-        },
+        metadata,
         spec: Some(LeaseSpec {
             holder_identity: Some(cfg.identity.clone()),
             lease_duration_seconds: Some(cfg.lease_duration_seconds()),
@@ -504,9 +593,11 @@ fn new_lease(cfg: &LeaderConfig, now: Timestamp) -> Lease {
 }
 
 /// `current` taken or renewed by us (its metadata, resourceVersion included, kept for the
-/// version check): a change of holder sets `acquireTime` and counts a transition.
+/// version check): a change of holder sets `acquireTime` and counts a transition; our API
+/// URL replaces (or, without one, removes) whatever URL was advertised.
 fn renewed(current: &Lease, cfg: &LeaderConfig, now: Timestamp) -> Lease {
     let mut next = current.clone();
+    set_api_url(&mut next.metadata, &cfg.identity, cfg.api_url.as_deref());
     let same_holder = holder(current) == Some(&cfg.identity);
     let spec = next.spec.get_or_insert_with(Default::default);
     if !same_holder || spec.acquire_time.is_none() {
@@ -541,11 +632,11 @@ fn deadline_min(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
 /// returns from `changed()` at once, every time, and a loop waiting for leadership would spin.
 struct Publisher {
     leader: Option<watch::Sender<bool>>,
-    holder: Option<watch::Sender<Option<String>>>,
+    holder: Option<watch::Sender<Option<Holder>>>,
 }
 
 impl Publisher {
-    fn new() -> (Self, watch::Receiver<bool>, watch::Receiver<Option<String>>) {
+    fn new() -> (Self, watch::Receiver<bool>, watch::Receiver<Option<Holder>>) {
         let (ltx, lrx) = watch::channel(false);
         let (htx, hrx) = watch::channel(None);
         (
@@ -559,7 +650,7 @@ impl Publisher {
     }
 
     /// Leadership first: a replica stepping down must say so before anything else.
-    fn set(&mut self, leading: bool, holder: Option<String>) {
+    fn set(&mut self, leading: bool, holder: Option<Holder>) {
         if let Some(tx) = &self.leader {
             tx.send_if_modified(|v| std::mem::replace(v, leading) != leading);
         }
@@ -706,7 +797,7 @@ mod tests {
         let mut st = State::default();
         st.observe(lease(Some("other"), Some(0), Some(10)));
         let mono = Instant::now();
-        assert_eq!(st.valid_holder(&c, ts(5), mono).as_deref(), Some("other"));
+        assert_eq!(st.valid_holder(&c, ts(5), mono), Some(Holder::new("other")));
         assert_eq!(st.valid_holder(&c, ts(11), mono), None);
         st.observe(lease(None, Some(0), Some(10)));
         assert_eq!(st.valid_holder(&c, ts(5), mono), None);
@@ -715,11 +806,11 @@ mod tests {
     #[tokio::test]
     async fn receivers_read_false_and_stay_open_after_the_publisher_goes() {
         let (mut p, mut leader, mut name) = Publisher::new();
-        p.set(true, Some("me".into()));
+        p.set(true, Some(Holder::new("me")));
         assert!(*leader.borrow_and_update());
-        assert_eq!(name.borrow_and_update().as_deref(), Some("me"));
+        assert_eq!(*name.borrow_and_update(), Some(Holder::new("me")));
         // Unchanged values do not wake receivers.
-        p.set(true, Some("me".into()));
+        p.set(true, Some(Holder::new("me")));
         assert!(!leader.has_changed().unwrap());
         drop(p);
         assert!(leader.has_changed().unwrap());
@@ -728,5 +819,86 @@ mod tests {
         // Still open: `changed()` waits instead of failing at once.
         let waited = tokio::time::timeout(Duration::from_millis(50), leader.changed()).await;
         assert!(waited.is_err(), "the channel closed: {waited:?}");
+    }
+
+    fn with_url(mut c: LeaderConfig, url: &str) -> LeaderConfig {
+        c.api_url = Some(url.into());
+        c
+    }
+
+    fn annotations(l: &Lease) -> BTreeMap<String, String> {
+        l.metadata.annotations.clone().unwrap_or_default()
+    }
+
+    #[test]
+    fn the_holder_writes_its_api_url_and_one_without_removes_the_last() {
+        let mine = with_url(cfg(), "http://10.0.0.7:8080");
+        let created = new_lease(&mine, ts(0));
+        let a = annotations(&created);
+        assert_eq!(a[API_URL_ANNOTATION], "http://10.0.0.7:8080");
+        assert_eq!(a[API_URL_HOLDER_ANNOTATION], "me");
+        // Taking over someone else's Lease replaces their URL; others' annotations stay.
+        let mut theirs = lease(Some("other"), Some(0), Some(15));
+        theirs.metadata.annotations = Some(BTreeMap::from([
+            (
+                API_URL_ANNOTATION.to_string(),
+                "http://10.0.0.9:8080".to_string(),
+            ),
+            (API_URL_HOLDER_ANNOTATION.to_string(), "other".to_string()),
+            ("unrelated".to_string(), "kept".to_string()),
+        ]));
+        let a = annotations(&renewed(&theirs, &mine, ts(20)));
+        assert_eq!(a[API_URL_ANNOTATION], "http://10.0.0.7:8080");
+        assert_eq!(a[API_URL_HOLDER_ANNOTATION], "me");
+        assert_eq!(a["unrelated"], "kept");
+        // A holder without a URL must not leave the previous holder's behind.
+        let a = annotations(&renewed(&theirs, &cfg(), ts(20)));
+        assert!(!a.contains_key(API_URL_ANNOTATION), "{a:?}");
+        assert!(!a.contains_key(API_URL_HOLDER_ANNOTATION), "{a:?}");
+        assert_eq!(a["unrelated"], "kept");
+        assert!(!annotations(&new_lease(&cfg(), ts(0))).contains_key(API_URL_ANNOTATION));
+    }
+
+    #[test]
+    fn a_follower_reads_the_url_only_when_the_holder_wrote_it() {
+        let c = cfg();
+        let mono = Instant::now();
+        let writer = with_url(
+            LeaderConfig::new("ns", "lease", "other"),
+            "http://10.0.0.9:8080",
+        );
+        let mut l = renewed(&lease(Some("x"), Some(0), Some(10)), &writer, ts(0));
+        let mut st = State::default();
+        st.observe(l.clone());
+        assert_eq!(
+            st.valid_holder(&c, ts(5), mono),
+            Some(Holder {
+                identity: "other".into(),
+                api_url: Some("http://10.0.0.9:8080".into())
+            })
+        );
+        // A holder that does not write the annotations (an older version) took over: the
+        // URL left behind is not its URL.
+        l.spec.as_mut().unwrap().holder_identity = Some("old-version".into());
+        st.observe(l.clone());
+        assert_eq!(
+            st.valid_holder(&c, ts(5), mono),
+            Some(Holder::new("old-version"))
+        );
+        // A malformed URL is not forwarded to.
+        l.spec.as_mut().unwrap().holder_identity = Some("other".into());
+        l.metadata.annotations.as_mut().unwrap().insert(
+            API_URL_ANNOTATION.into(),
+            "http://10.0.0.9:8080/elsewhere?x".into(),
+        );
+        st.observe(l);
+        assert_eq!(st.valid_holder(&c, ts(5), mono), Some(Holder::new("other")));
+    }
+
+    #[test]
+    fn a_bad_api_url_fails_validation() {
+        let c = with_url(cfg(), "10.0.0.7:8080");
+        assert!(matches!(c.validate(), Err(LeaderConfigError::ApiUrl(_))));
+        assert_eq!(with_url(cfg(), "http://10.0.0.7:8080").validate(), Ok(()));
     }
 }

@@ -8,7 +8,9 @@
 //! prints its history; `OKR_SIM_SEEDS=N` and `OKR_SIM_ROTATIONS=N` size the CI run (see
 //! RELIABILITY.md for the long run).
 
-use crate::config::{Config, DurationStr, SmokeProbe, SyncedSecret, Target, VaultConfig, WorkloadRef};
+use crate::config::{
+    Config, DurationStr, SmokeProbe, SyncedSecret, Target, VaultConfig, WorkloadRef,
+};
 use crate::daemon::{Daemon, DaemonOptions, Fanout, Leadership, LiveRotations, NoSchedule};
 use crate::rotation::fakes::{Behaviour, FakeAccount, FakeWorld, TokioClock};
 use crate::rotation::faults::{Call, Crash, Fault, FaultPlan, Op};
@@ -80,7 +82,9 @@ impl FaultPlan for SimPlan {
         } else if write && x < 0.027 {
             Some(Fault::LostAnswer)
         } else if write && x < 0.032 {
-            Some(Fault::LateEffect(Duration::from_millis(rng.random_range(100..20_000))))
+            Some(Fault::LateEffect(Duration::from_millis(
+                rng.random_range(100..20_000),
+            )))
         } else {
             None
         };
@@ -100,7 +104,10 @@ impl FaultPlan for SimPlan {
                 self.store.put(&call.subject, "api_key", key.expose(), meta);
                 self.history.push(
                     &self.clock,
-                    format!("[{}] a concurrent writer re-saved {}", self.process, call.subject),
+                    format!(
+                        "[{}] a concurrent writer re-saved {}",
+                        self.process, call.subject
+                    ),
                 );
             }
             return None;
@@ -108,7 +115,10 @@ impl FaultPlan for SimPlan {
         if let Some(f) = fault {
             self.history.push(
                 &self.clock,
-                format!("[{}] fault {f:?} at {:?} {}", self.process, call.op, call.subject),
+                format!(
+                    "[{}] fault {f:?} at {:?} {}",
+                    self.process, call.op, call.subject
+                ),
             );
         }
         fault
@@ -191,10 +201,9 @@ impl Observer for SimChecker {
                     }
                 }
                 let is_old = j.old_account.as_ref().map(|a| &a.id) == Some(account_id);
-                let verified = j
-                    .steps
-                    .iter()
-                    .any(|s| s.step == crate::rotation::Step::Verify && s.outcome.as_deref() == Some("ok"));
+                let verified = j.steps.iter().any(|s| {
+                    s.step == crate::rotation::Step::Verify && s.outcome.as_deref() == Some("ok")
+                });
                 if is_old && *why == "retire" && !verified {
                     self.violation(format!(
                         "I2: old account {account_id} retired by {} before its verify passed",
@@ -227,7 +236,7 @@ struct Process {
     crash: Crash,
     leads: Arc<AtomicBool>,
     leader_tx: watch::Sender<bool>,
-    _holder_tx: watch::Sender<Option<String>>,
+    _holder_tx: watch::Sender<Option<crate::leader::Holder>>,
     run: tokio::task::JoinHandle<()>,
 }
 
@@ -253,7 +262,9 @@ struct Sim {
 }
 
 fn workload(name: &str) -> WorkloadRef {
-    format!("sim/Deployment/{name}").parse().expect("valid workload")
+    format!("sim/Deployment/{name}")
+        .parse()
+        .expect("valid workload")
 }
 
 impl Sim {
@@ -301,12 +312,9 @@ impl Sim {
                 timeout: DurationStr::from_secs(120),
             });
             if let Some(s) = &synced_secret {
-                fakes.roller.set_secret_hash(
-                    &s.namespace,
-                    &s.name,
-                    &s.key,
-                    &old.key.sha256_hex(),
-                );
+                fakes
+                    .roller
+                    .set_secret_hash(&s.namespace, &s.name, &s.key, &old.key.sha256_hex());
             }
             let smoke_probes = if rng.random_bool(0.3) {
                 let url = format!("http://{name}.sim.svc/healthz");
@@ -444,7 +452,10 @@ impl Sim {
         );
         let d = daemon.clone();
         let run = tokio::spawn(async move { d.run().await });
-        self.log(format!("start process {name}{}", if leads { " (leader)" } else { "" }));
+        self.log(format!(
+            "start process {name}{}",
+            if leads { " (leader)" } else { "" }
+        ));
         Process {
             name,
             daemon,
@@ -521,9 +532,21 @@ async fn run_seed(seed: u64, rotations: u64) -> Outcome {
             .map(|t| format!(
                 "{}[{}{}{}]",
                 t.name,
-                t.workloads.iter().map(|w| w.name.as_str()).collect::<Vec<_>>().join("+"),
-                if t.synced_secret.is_some() { ",secret" } else { "" },
-                if t.smoke_probes.is_empty() { "" } else { ",probe" }
+                t.workloads
+                    .iter()
+                    .map(|w| w.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join("+"),
+                if t.synced_secret.is_some() {
+                    ",secret"
+                } else {
+                    ""
+                },
+                if t.smoke_probes.is_empty() {
+                    ""
+                } else {
+                    ",probe"
+                }
             ))
             .collect::<Vec<_>>()
             .join(" ")
@@ -548,8 +571,13 @@ async fn run_seed(seed: u64, rotations: u64) -> Outcome {
             }
             35..=59 => {
                 let t = sim.target();
-                let mut req =
-                    RotationRequest::new(&t.name, Trigger::Api, "sim", "sim", clock_now(&sim.clock));
+                let mut req = RotationRequest::new(
+                    &t.name,
+                    Trigger::Api,
+                    "sim",
+                    "sim",
+                    clock_now(&sim.clock),
+                );
                 let kind = sim.rng.random_range(0..10);
                 if kind < 4 {
                     req = req.emergency(kind == 0);
@@ -610,7 +638,10 @@ async fn run_seed(seed: u64, rotations: u64) -> Outcome {
                 // Leadership moves; the old leader lags: its running steps go on until the
                 // fence stops their next write.
                 let old = std::mem::replace(&mut leader, sim.start(true));
-                sim.log(format!("leader {} loses the Lease to {}", old.name, leader.name));
+                sim.log(format!(
+                    "leader {} loses the Lease to {}",
+                    old.name, leader.name
+                ));
                 old.leads.store(false, Ordering::SeqCst);
                 let _ = old.leader_tx.send(false);
                 lagging.push(old);
@@ -661,7 +692,13 @@ async fn run_seed(seed: u64, rotations: u64) -> Outcome {
                 busy |= !s.journal.status.is_terminal() || !s.journal.pending_deletions.is_empty();
             }
         }
-        if !busy && settled.daemon.targets().iter().all(|t| t.running_rotation.is_none()) {
+        if !busy
+            && settled
+                .daemon
+                .targets()
+                .iter()
+                .all(|t| t.running_rotation.is_none())
+        {
             quiet = true;
             break;
         }
@@ -794,7 +831,10 @@ fn tail(s: &str, n: usize) -> String {
 /// `OKR_SIM_SEED=N`: replay one seed, print its whole history.
 #[test]
 fn replay() {
-    let Some(seed) = std::env::var("OKR_SIM_SEED").ok().and_then(|s| s.parse().ok()) else {
+    let Some(seed) = std::env::var("OKR_SIM_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    else {
         return;
     };
     let o = simulate(seed, env_u64("OKR_SIM_ROTATIONS", 30));

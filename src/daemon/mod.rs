@@ -3,6 +3,7 @@
 //! down between steps.
 
 use crate::config::{Config, Target};
+use crate::leader::Holder;
 use crate::rotation::ports::{Clock, SecretStore, SystemClock};
 use crate::rotation::{
     Engine, EngineError, Journal, Observer, RotationControl, RotationEvent, RotationRequest,
@@ -244,8 +245,8 @@ struct Inner {
     wake: Notify,
     opts: DaemonOptions,
     leader: watch::Receiver<bool>,
-    leader_name: watch::Receiver<Option<String>>,
-    _leadership_senders: Option<(watch::Sender<bool>, watch::Sender<Option<String>>)>,
+    leader_name: watch::Receiver<Option<Holder>>,
+    _leadership_senders: Option<(watch::Sender<bool>, watch::Sender<Option<Holder>>)>,
     accepting: AtomicBool,
     tasks: TaskTracker,
     shutdown: CancellationToken,
@@ -257,12 +258,12 @@ pub struct Daemon {
     inner: Arc<Inner>,
 }
 
-/// Who leads: "am I the leader" and "who is", as watch channels.
+/// Who leads: "am I the leader" and "who is" (with its API URL), as watch channels.
 pub struct Leadership {
     pub is_leader: watch::Receiver<bool>,
-    pub holder: watch::Receiver<Option<String>>,
+    pub holder: watch::Receiver<Option<Holder>>,
     /// For a single replica: the senders, kept so the channels never close.
-    _fixed: Option<(watch::Sender<bool>, watch::Sender<Option<String>>)>,
+    _fixed: Option<(watch::Sender<bool>, watch::Sender<Option<Holder>>)>,
 }
 
 impl Leadership {
@@ -280,7 +281,7 @@ impl Leadership {
     /// Channels fed by a leader elector.
     pub fn elected(
         is_leader: watch::Receiver<bool>,
-        holder: watch::Receiver<Option<String>>,
+        holder: watch::Receiver<Option<Holder>>,
     ) -> Leadership {
         Leadership {
             is_leader,
@@ -342,6 +343,11 @@ impl Daemon {
 
     pub fn is_leader(&self) -> bool {
         *self.inner.leader.borrow()
+    }
+
+    /// Who holds the Lease and where its API answers (`None`: nobody validly, or no election).
+    pub fn leader_holder(&self) -> Option<Holder> {
+        self.inner.leader_name.borrow().clone()
     }
 
     pub fn shutdown_token(&self) -> CancellationToken {
@@ -415,7 +421,12 @@ impl Daemon {
         }
         if !self.is_leader() {
             return Err(TriggerError::NotLeader {
-                leader: self.inner.leader_name.borrow().clone(),
+                leader: self
+                    .inner
+                    .leader_name
+                    .borrow()
+                    .as_ref()
+                    .map(|h| h.identity.clone()),
             });
         }
         let control = Arc::new(RotationControl::default());

@@ -139,7 +139,7 @@ async fn refusals_are_explicit() {
     );
     // Not the leader.
     let (tx, rx) = watch::channel(false);
-    let (_ntx, nrx) = watch::channel(Some("okr-0".to_string()));
+    let (_ntx, nrx) = watch::channel(Some(crate::leader::Holder::new("okr-0")));
     let live = Arc::new(LiveRotations::default());
     let follower = Daemon::new(
         config(vec![t], 1),
@@ -611,7 +611,10 @@ async fn removing_a_target_mid_rotation_does_not_make_the_scheduler_spin() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let polls = world.store.state.lock().unwrap().meta_reads - before;
     // max_sleep is 50 ms: about 10 passes over one target in 500 ms; a spin makes thousands.
-    assert!(polls < 100, "{polls} key reads in 500 ms: the scheduler spins");
+    assert!(
+        polls < 100,
+        "{polls} key reads in 500 ms: the scheduler spins"
+    );
     h.shutdown.cancel();
     run.await.unwrap();
 }

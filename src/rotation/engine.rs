@@ -1089,9 +1089,12 @@ impl Engine {
                 ))
             })?;
         for probe in &target.smoke_probes {
-            self.probe(probe, deadline)
-                .await
-                .map_err(|e| StepFailure(format!("verify: smoke probe {}: {e}", probe.url)))?;
+            self.probe(probe, deadline).await.map_err(|e| {
+                StepFailure(format!(
+                    "verify: smoke probe {}: {e}",
+                    crate::config::redacted_url(&probe.url)
+                ))
+            })?;
         }
         Ok(())
     }

@@ -160,11 +160,45 @@ def check_pod(docs, label, replicas):
     env = {e["name"]: e for e in c.get("env", [])}
     check(env.get("POD_NAME", {}).get("valueFrom") and env.get("POD_NAMESPACE", {}).get("valueFrom"),
           f"{label}: POD_NAME/POD_NAMESPACE from the downward API")
+    # With HA the leader advertises http://POD_IP:port on the Lease for followers to forward to.
+    pod_ip = env.get("POD_IP", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+    check(pod_ip == ("status.podIP" if replicas > 1 else None),
+          f"{label}: POD_IP from status.podIP only with HA (got {pod_ip!r}, {replicas} replicas)")
     check(c["args"][:1] == ["run"], f"{label}: args {c['args']}")
     check("checksum/config" in dep["spec"]["template"]["metadata"].get("annotations", {}),
           f"{label}: no config checksum annotation")
     pdbs = by_kind(docs, "PodDisruptionBudget")
     check(bool(pdbs) == (replicas > 1), f"{label}: {len(pdbs)} PDBs with {replicas} replicas")
+
+
+def peer_rules(docs):
+    """(ingress, egress): does the NetworkPolicy let the daemon's own pods reach each other's
+    API port (a follower forwarding to the leader)? The peer selector must be the policy's
+    own pod selector, which must select the Deployment's pods."""
+    [np] = by_kind(docs, "NetworkPolicy")
+    sel = np["spec"]["podSelector"]
+    pod_labels = by_kind(docs, "Deployment")[0]["spec"]["template"]["metadata"]["labels"]
+    if not sel.get("matchLabels") or not sel["matchLabels"].items() <= pod_labels.items():
+        return (False, False)
+    peer = lambda rule, key: (rule.get("ports") == [{"port": "http", "protocol": "TCP"}]
+                              and rule.get(key) == [{"podSelector": sel}])
+    return (any(peer(r, "from") for r in np["spec"].get("ingress", [])),
+            any(peer(r, "to") for r in np["spec"].get("egress", [])))
+
+
+def check_peer_controls():
+    """Negative controls of the HA forwarding checks: without leader election there is no
+    POD_IP and no peer rule, and the peer check notices a missing rule."""
+    values = load_values("values-all")
+    values["leaderElection"]["enabled"] = False
+    docs = docs_of(render(values))
+    check(peer_rules(docs) == (False, False), f"values-all without HA: peer rules {peer_rules(docs)}")
+    [c] = by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"]
+    check("POD_IP" not in {e["name"] for e in c.get("env", [])}, "values-all without HA: POD_IP set")
+    docs = docs_of(render(load_values("values-all")))
+    [np] = by_kind(docs, "NetworkPolicy")
+    np["spec"]["egress"] = [r for r in np["spec"]["egress"] if "to" not in r or "podSelector" not in r["to"][0]]
+    check(peer_rules(docs) == (True, False), f"the peer check missed a removed egress rule: {peer_rules(docs)}")
 
 
 def check_no_inline_secrets(docs, rendered, label):
@@ -216,6 +250,10 @@ def check_variant(name, out_dir, expect):
     kinds = {d["kind"] for d in docs}
     for kind in ("ServiceMonitor", "PrometheusRule", "NetworkPolicy"):
         check((kind in kinds) == expect["all"], f"{label}: {kind} rendered={kind in kinds}")
+    if "NetworkPolicy" in kinds:
+        ha = expect["replicas"] > 1
+        check(peer_rules(docs) == (ha, ha),
+              f"{label}: NetworkPolicy rules between the replicas (ingress, egress) = {peer_rules(docs)}, want HA={ha}")
     if expect["all"]:
         check_prometheus_rule(docs, label)
         dash = [x for x in by_kind(docs, "ConfigMap") if x["metadata"]["name"].endswith("-dashboard")]
@@ -289,6 +327,7 @@ def main():
             "shared": [secret_read(["search-openai"])],
             NAMESPACE: leases,
         }})
+    check_peer_controls()
     check_negative("bad-wrong-type", ["leaderElection", "replicas", "integer"])
     check_negative("bad-unknown-key", ["replicaCount", "not allowed"])
     check_negative("bad-missing-admin-key", ["openai.adminKeySecret.name is required"], lint_fails=False)

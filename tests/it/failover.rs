@@ -2,7 +2,8 @@
 //! (SIGKILL, no release) in the middle of a rotation: the other takes over within the lease
 //! duration and resumes the rotation from the journal. The leader is stopped (SIGTERM) in
 //! the middle of a step: it releases the Lease only after its steps stopped, so the two
-//! never lead at once.
+//! never lead at once. API calls sent to the follower are forwarded to the leader (found
+//! through the API URL it writes on the Lease), so the CLI works through either replica.
 
 use crate::support::{self, ChildGuard};
 use openai_key_rotator::config::DurationStr;
@@ -14,8 +15,20 @@ use std::time::{Duration, Instant};
 
 const TOKEN: &str = "failover-test-token-0123456789";
 
-fn spawn_daemon(config: &Path, tokens: &Path, name: &str, port: u16) -> ChildGuard {
+/// `pod_ip`: the env the chart sets from the downward API; `None` = this replica advertises
+/// no API URL (followers cannot forward to it).
+fn spawn_daemon(
+    config: &Path,
+    tokens: &Path,
+    name: &str,
+    port: u16,
+    pod_ip: Option<&str>,
+) -> ChildGuard {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_openai-key-rotator"));
+    match pod_ip {
+        Some(ip) => cmd.env("POD_IP", ip),
+        None => cmd.env_remove("POD_IP"),
+    };
     cmd.arg("run")
         .arg("--config")
         .arg(config)
@@ -46,6 +59,265 @@ async fn wait_until<F: FnMut() -> bool>(
     }
 }
 
+/// Wait until the follower on `port` forwards `/v1` calls to `leader` (it has read the
+/// Lease and its API URL).
+async fn wait_forwarding(http: &reqwest::Client, port: u16, leader: &str, follower: &ChildGuard) {
+    let start = Instant::now();
+    loop {
+        if let Ok(r) = http
+            .get(format!("http://127.0.0.1:{port}/v1/targets"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+        {
+            if r.headers().get("x-okr-forwarded-to").map(|v| v.as_bytes())
+                == Some(leader.as_bytes())
+            {
+                assert_eq!(r.status(), 200);
+                return;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the follower never forwarded to {leader}:\n{}",
+            follower.output()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The audit records of `event` in a daemon's audit file.
+fn audited(path: &Path, event: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["event"] == event)
+        .collect()
+}
+
+/// The CLI, as an operator runs it against the Service (here: the follower's port).
+async fn cli(args: &[&str], port: u16) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_openai-key-rotator"));
+    cmd.args(args)
+        .env("OKR_ADDR", format!("http://127.0.0.1:{port}"))
+        .env("OKR_TOKEN", TOKEN)
+        .env_remove("OKR_TOKEN_FILE");
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap());
+    tokio::time::timeout(Duration::from_secs(60), out)
+        .await
+        .expect("the CLI finished within 60 s")
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_follower_forwards_api_calls_to_the_leader_and_the_cli_works_through_it() {
+    let bao = support::start_bao().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = SandboxOptions::for_tests(dir.path());
+    opts.external_vault = Some((bao.addr.clone(), Secret::new(bao.token.clone())));
+    opts.schedule = "0 0 0 1 1 *".into();
+    let sb = Sandbox::start(opts).await.unwrap();
+    assert!(sb.wait_ready(Duration::from_secs(30)).await);
+    let mut config = sb.config.clone();
+    let le = &mut config.daemon.leader_election;
+    le.enabled = true;
+    le.namespace = "okr".into();
+    le.lease_name = "okr-leader".into();
+    le.lease_duration = DurationStr::from_secs(3);
+    le.renew_deadline = DurationStr::from_secs(2);
+    le.retry_period = DurationStr(Duration::from_millis(250));
+    // Long enough to see the rotation running through the follower.
+    config.targets[0].grace_period = DurationStr::from_secs(2);
+    let config_path = dir.path().join("ha.toml");
+    std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, format!("oncall:{TOKEN}\n")).unwrap();
+    let (pa, pb) = (support::free_port(), support::free_port());
+    // okr-a's URL comes from POD_IP (what the chart sets); okr-b has none, which only
+    // matters if it leads.
+    let a = spawn_daemon(&config_path, &tokens, "okr-a", pa, Some("127.0.0.1"));
+    let kube = sb.kube.clone();
+    let lease = move || kube.lease("okr", "okr-leader");
+    wait_until("okr-a to lead", Duration::from_secs(30), &[&a], || {
+        lease().and_then(|l| l.spec?.holder_identity).as_deref() == Some("okr-a")
+    })
+    .await;
+    let annotations = lease().unwrap().metadata.annotations.unwrap_or_default();
+    assert_eq!(
+        annotations
+            .get("openai-key-rotator/api-url")
+            .map(String::as_str),
+        Some(format!("http://127.0.0.1:{pa}").as_str()),
+        "{annotations:?}"
+    );
+    let b = spawn_daemon(&config_path, &tokens, "okr-b", pb, None);
+    let http = reqwest::Client::new();
+    wait_forwarding(&http, pb, "okr-a", &b).await;
+    let audit_a = config_path.with_file_name("audit-okr-a.jsonl");
+    let audit_b = config_path.with_file_name("audit-okr-b.jsonl");
+
+    // A wrong token is refused by the follower itself and never reaches the leader.
+    let r = http
+        .post(format!(
+            "http://127.0.0.1:{pb}/v1/targets/chatbot/rotations"
+        ))
+        .bearer_auth("wrong-token-0123456789abcdef")
+        .json(&serde_json::json!({"reason": "bad token"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(!r.headers().contains_key("x-okr-forwarded-to"));
+
+    // A trigger sent to the follower: 202 with the leader's rotation id.
+    let creates = sb.openai.calls("service_accounts.create");
+    let r = http
+        .post(format!(
+            "http://127.0.0.1:{pb}/v1/targets/chatbot/rotations"
+        ))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({"reason": "via the follower"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(r.headers()["x-okr-forwarded-to"], "okr-a");
+    let location = r.headers()["location"].to_str().unwrap().to_string();
+    let v: serde_json::Value = r.json().await.unwrap();
+    let id = v["rotation_id"].as_str().unwrap().to_string();
+    assert_eq!(v["status"], "accepted", "{v}");
+    assert_eq!(location, format!("/v1/rotations/{id}"));
+
+    let get = |port: u16, path: String| {
+        let http = http.clone();
+        async move {
+            let r = http
+                .get(format!("http://127.0.0.1:{port}{path}"))
+                .bearer_auth(TOKEN)
+                .send()
+                .await
+                .unwrap();
+            let forwarded = r
+                .headers()
+                .get("x-okr-forwarded-to")
+                .map(|v| v.to_str().unwrap().to_string());
+            (
+                r.status(),
+                forwarded,
+                r.json::<serde_json::Value>().await.unwrap(),
+            )
+        }
+    };
+    // The follower's answers are the leader's: its own view has no running rotation.
+    let (s, fwd, targets) = get(pb, "/v1/targets".into()).await;
+    assert_eq!((s.as_u16(), fwd.as_deref()), (200, Some("okr-a")));
+    assert_eq!(targets["targets"][0]["name"], "chatbot");
+    assert_eq!(
+        targets["targets"][0]["running_rotation"],
+        id.as_str(),
+        "{targets}"
+    );
+    let (s, fwd, via_b) = get(pb, location.clone()).await;
+    assert_eq!((s.as_u16(), fwd.as_deref()), (200, Some("okr-a")));
+    let (_, _, on_a) = get(pa, location.clone()).await;
+    assert_eq!(via_b["rotation_id"], id.as_str());
+    assert_eq!(via_b["actor"], "oncall");
+    assert_eq!(via_b["reason"], "via the follower");
+    assert_eq!(via_b["started_at"], on_a["started_at"]);
+    assert_eq!(via_b["new_account_name"], on_a["new_account_name"]);
+
+    // Followed through the follower to the end.
+    let start = Instant::now();
+    loop {
+        let (_, _, j) = get(pb, location.clone()).await;
+        if j["status"] == "completed" {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "not completed: {j}\n{}",
+            a.output()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Started exactly once, by the leader.
+    assert_eq!(sb.openai.calls("service_accounts.create") - creates, 1);
+    let requested = audited(&audit_a, "rotation_requested");
+    assert_eq!(requested.len(), 1, "{requested:?}");
+    assert_eq!(requested[0]["rotation_id"], id.as_str());
+    assert!(audited(&audit_b, "rotation_requested").is_empty());
+    assert!(audited(&audit_b, "trigger_refused").is_empty());
+    // The wrong token was refused on okr-b; okr-a never saw it.
+    assert!(
+        b.output().contains("missing or unknown bearer token"),
+        "{}",
+        b.output()
+    );
+    assert!(
+        !a.output().contains("missing or unknown bearer token"),
+        "{}",
+        a.output()
+    );
+
+    // The CLI pointed at the follower: rotate --wait follows to the end, status works.
+    let out = cli(
+        &[
+            "rotate",
+            "chatbot",
+            "--wait",
+            "--reason",
+            "cli via the follower",
+        ],
+        pb,
+    )
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "rotate --wait: {:?}\n{stdout}\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        a.output()
+    );
+    let cli_id = stdout
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("rotation ")?
+                .strip_suffix(" of chatbot started")
+        })
+        .unwrap_or_else(|| panic!("no rotation id in {stdout}"))
+        .to_string();
+    assert!(
+        stdout.contains(&format!("rotation {cli_id}: completed")),
+        "{stdout}"
+    );
+    let out = cli(&["status"], pb).await;
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "status: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("chatbot"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(
+        line.contains(&cli_id) && line.contains("completed"),
+        "{stdout}"
+    );
+
+    assert_eq!(sb.openai.calls("service_accounts.create") - creates, 2);
+    let requested = audited(&audit_a, "rotation_requested");
+    assert_eq!(requested.len(), 2, "{requested:?}");
+    assert_eq!(requested[1]["rotation_id"], cli_id.as_str());
+    assert!(audited(&audit_b, "rotation_requested").is_empty());
+    let accounts = sb.openai.service_accounts(&sb.project_id);
+    assert_eq!(accounts.len(), 1, "{accounts:?}");
+    assert_eq!(sb.consumers.total().failed, 0, "{:?}", sb.consumers.total());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leader_mid_rotation_hands_over_and_the_rotation_completes() {
     let bao = support::start_bao().await;
@@ -72,7 +344,7 @@ async fn killing_the_leader_mid_rotation_hands_over_and_the_rotation_completes()
     std::fs::write(&tokens, format!("oncall:{TOKEN}\n")).unwrap();
 
     let (pa, pb) = (support::free_port(), support::free_port());
-    let mut a = spawn_daemon(&config_path, &tokens, "okr-a", pa);
+    let mut a = spawn_daemon(&config_path, &tokens, "okr-a", pa, Some("127.0.0.1"));
     let kube = sb.kube.clone();
     let holder = move || {
         kube.lease("okr", "okr-leader")
@@ -83,48 +355,26 @@ async fn killing_the_leader_mid_rotation_hands_over_and_the_rotation_completes()
         holder() == "okr-a"
     })
     .await;
-    let b = spawn_daemon(&config_path, &tokens, "okr-b", pb);
+    let b = spawn_daemon(&config_path, &tokens, "okr-b", pb, Some("127.0.0.1"));
     let http = reqwest::Client::new();
-    // The follower refuses triggers with 503 and names the leader.
-    let start = Instant::now();
-    let refused = loop {
-        if let Ok(r) = http
-            .post(format!(
-                "http://127.0.0.1:{pb}/v1/targets/chatbot/rotations"
-            ))
-            .bearer_auth(TOKEN)
-            .json(&serde_json::json!({"reason": "to the follower"}))
-            .send()
-            .await
-        {
-            break r;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "okr-b not up:\n{}",
-            b.output()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    assert_eq!(refused.status(), 503);
-    let body: serde_json::Value = refused.json().await.unwrap();
-    assert_eq!(body["leader"], "okr-a");
+    wait_forwarding(&http, pb, "okr-a", &b).await;
 
-    // Start a rotation on the leader and wait until it sits in its grace period.
+    // The rotation is started through the follower, which forwards it to the leader.
     let seeded_accounts = sb.openai.service_accounts(&sb.project_id);
-    let r: serde_json::Value = http
+    let r = http
         .post(format!(
-            "http://127.0.0.1:{pa}/v1/targets/chatbot/rotations"
+            "http://127.0.0.1:{pb}/v1/targets/chatbot/rotations"
         ))
         .bearer_auth(TOKEN)
-        .json(&serde_json::json!({"reason": "failover test"}))
+        .json(&serde_json::json!({"reason": "failover test, via the follower"}))
         .send()
         .await
-        .unwrap()
-        .json()
-        .await
         .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(r.headers()["x-okr-forwarded-to"], "okr-a");
+    let r: serde_json::Value = r.json().await.unwrap();
     let id = r["rotation_id"].as_str().unwrap().to_string();
+    // Wait until it sits in its grace period (asking the leader itself).
     let start = Instant::now();
     loop {
         let j: serde_json::Value = http
@@ -151,6 +401,26 @@ async fn killing_the_leader_mid_rotation_hands_over_and_the_rotation_completes()
     let killed = Instant::now();
     a.child.kill().unwrap();
     a.child.wait().unwrap();
+    // Until the Lease expires, the follower still forwards to the dead leader: it answers at
+    // once, 503 naming it (nothing was delivered), instead of hanging or answering for it.
+    let r = http
+        .get(format!("http://127.0.0.1:{pb}/v1/rotations/{id}"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["leader"], "okr-a", "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("cannot reach"),
+        "{body}"
+    );
+    assert!(
+        killed.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        killed.elapsed()
+    );
     wait_until("okr-b to take over", Duration::from_secs(10), &[&b], || {
         holder() == "okr-b"
     })
@@ -161,7 +431,7 @@ async fn killing_the_leader_mid_rotation_hands_over_and_the_rotation_completes()
         "took {takeover:?}"
     );
 
-    // okr-b resumes the journaled rotation to completion.
+    // okr-b resumes the journaled rotation to completion, and answers for itself now.
     let start = Instant::now();
     let j = loop {
         let r = http
@@ -170,8 +440,10 @@ async fn killing_the_leader_mid_rotation_hands_over_and_the_rotation_completes()
             .send()
             .await
             .unwrap();
+        let forwarded = r.headers().contains_key("x-okr-forwarded-to");
         let j: serde_json::Value = r.json().await.unwrap();
         if j["status"] == "completed" {
+            assert!(!forwarded, "the new leader forwarded: {j}");
             break j;
         }
         assert!(
@@ -214,7 +486,8 @@ async fn a_sigterm_hands_over_only_after_the_leaders_steps_stopped() {
     let tokens = dir.path().join("tokens");
     std::fs::write(&tokens, format!("oncall:{TOKEN}\n")).unwrap();
     let (pa, pb) = (support::free_port(), support::free_port());
-    let mut a = spawn_daemon(&config_path, &tokens, "okr-a", pa);
+    // No POD_IP and no advertise_url: the leader advertises no API URL.
+    let mut a = spawn_daemon(&config_path, &tokens, "okr-a", pa, None);
     let kube = sb.kube.clone();
     let holder = move || {
         kube.lease("okr", "okr-leader")
@@ -225,9 +498,50 @@ async fn a_sigterm_hands_over_only_after_the_leaders_steps_stopped() {
         holder() == "okr-a"
     })
     .await;
-    let b = spawn_daemon(&config_path, &tokens, "okr-b", pb);
+    let b = spawn_daemon(&config_path, &tokens, "okr-b", pb, None);
     let http = reqwest::Client::new();
     let seeded_accounts = sb.openai.service_accounts(&sb.project_id);
+    // Negative control of forwarding: without the leader's URL the follower refuses a
+    // trigger with 503 naming the leader, and nothing starts.
+    let creates = sb.openai.calls("service_accounts.create");
+    let start = Instant::now();
+    loop {
+        let r = http
+            .post(format!(
+                "http://127.0.0.1:{pb}/v1/targets/chatbot/rotations"
+            ))
+            .bearer_auth(TOKEN)
+            .json(&serde_json::json!({"reason": "to the follower"}))
+            .send()
+            .await;
+        if let Ok(r) = r {
+            assert_eq!(r.status(), 503);
+            assert!(!r.headers().contains_key("x-okr-forwarded-to"));
+            let body: serde_json::Value = r.json().await.unwrap();
+            // Until okr-b has read the Lease once, it knows no leader.
+            if body["leader"] == "okr-a" {
+                break;
+            }
+            assert!(body["leader"].is_null(), "{body}");
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "okr-b never named okr-a:\n{}",
+            b.output()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let lease = sb.kube.lease("okr", "okr-leader").unwrap();
+    let annotations = lease.metadata.annotations.unwrap_or_default();
+    assert!(
+        !annotations.contains_key("openai-key-rotator/api-url"),
+        "{annotations:?}"
+    );
+    assert_eq!(
+        sb.openai.calls("service_accounts.create"),
+        creates,
+        "a refused trigger minted an account"
+    );
     let r: serde_json::Value = http
         .post(format!(
             "http://127.0.0.1:{pa}/v1/targets/chatbot/rotations"

@@ -8,7 +8,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, PostParams};
 use kube::{Client, Config};
-use openai_key_rotator::leader::{LeaderConfig, LeaderElector};
+use openai_key_rotator::leader::{
+    Holder, LeaderConfig, LeaderElector, API_URL_ANNOTATION, API_URL_HOLDER_ANNOTATION,
+};
 use openai_key_rotator::sandbox::kube::{KubeSim, KubeSimOptions};
 use openai_key_rotator::sandbox::{loopback, Server};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -49,7 +51,7 @@ fn cfg(identity: &str, lease_secs: u64, renew_deadline: Duration) -> LeaderConfi
 struct Replica {
     id: String,
     leader: watch::Receiver<bool>,
-    name: watch::Receiver<Option<String>>,
+    name: watch::Receiver<Option<Holder>>,
     cancel: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -73,6 +75,10 @@ impl Replica {
     }
 
     fn names(&self) -> Option<String> {
+        self.name.borrow().as_ref().map(|h| h.identity.clone())
+    }
+
+    fn holder(&self) -> Option<Holder> {
         self.name.borrow().clone()
     }
 }
@@ -393,4 +399,87 @@ async fn a_leader_whose_renewals_fail_with_500_steps_down_within_the_renew_deadl
 #[tokio::test]
 async fn a_leader_whose_renewals_conflict_steps_down_within_the_renew_deadline() {
     renewals_fail(409).await;
+}
+
+fn url_annotations(sim: &KubeSim) -> (Option<String>, Option<String>) {
+    let a = sim
+        .lease(NS, LEASE)
+        .expect("the Lease exists")
+        .metadata
+        .annotations
+        .unwrap_or_default();
+    (
+        a.get(API_URL_ANNOTATION).cloned(),
+        a.get(API_URL_HOLDER_ANNOTATION).cloned(),
+    )
+}
+
+/// The leader's API URL reaches followers through the Lease (what forwarding needs), a new
+/// leader replaces it, and a released Lease advertises none.
+#[tokio::test]
+async fn followers_learn_the_leaders_api_url_from_the_lease() {
+    let (sim, server) = start().await;
+    let with_url = |id: &str, url: Option<&str>| LeaderConfig {
+        api_url: url.map(Into::into),
+        ..cfg(id, 2, Duration::from_secs(1))
+    };
+    let a = Replica::start(&server, with_url("okr-a", Some("http://10.0.0.1:8080")));
+    wait_until(Duration::from_secs(5), || a.is_leader())
+        .await
+        .expect("okr-a leads");
+    assert_eq!(
+        url_annotations(&sim),
+        (Some("http://10.0.0.1:8080".into()), Some("okr-a".into()))
+    );
+    // okr-b advertises nothing, okr-c does.
+    let b = Replica::start(&server, with_url("okr-b", None));
+    let c = Replica::start(&server, with_url("okr-c", Some("http://10.0.0.3:8080")));
+    let a_holder = Holder {
+        identity: "okr-a".into(),
+        api_url: Some("http://10.0.0.1:8080".into()),
+    };
+    for r in [&a, &b, &c] {
+        wait_until(Duration::from_secs(2), || {
+            r.holder().as_ref() == Some(&a_holder)
+        })
+        .await
+        .unwrap_or_else(|| panic!("{} sees {:?}", r.id, r.holder()));
+    }
+    let mon = Monitor::start(&[&b, &c]);
+    stop(a).await;
+    assert_eq!(
+        url_annotations(&sim),
+        (None, None),
+        "a released Lease advertises no URL"
+    );
+    wait_until(Duration::from_secs(3), || b.is_leader() || c.is_leader())
+        .await
+        .expect("a new leader");
+    let (leader, follower, url) = if b.is_leader() {
+        (&b, &c, None)
+    } else {
+        (&c, &b, Some("http://10.0.0.3:8080".to_string()))
+    };
+    let want = Holder {
+        identity: leader.id.clone(),
+        api_url: url.clone(),
+    };
+    // The follower follows the new leader's URL (or its lack of one), never okr-a's.
+    wait_until(Duration::from_secs(2), || {
+        follower.holder().as_ref() == Some(&want)
+    })
+    .await
+    .unwrap_or_else(|| {
+        panic!(
+            "{} sees {:?}, want {want:?}",
+            follower.id,
+            follower.holder()
+        )
+    });
+    assert_eq!(leader.holder(), Some(want));
+    let holder_ann = url.as_ref().map(|_| leader.id.clone());
+    assert_eq!(url_annotations(&sim), (url, holder_ann));
+    mon.assert_never_two();
+    stop(b).await;
+    stop(c).await;
 }

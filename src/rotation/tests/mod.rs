@@ -493,6 +493,10 @@ async fn smoke_probes_gate_the_rotation() {
     assert_eq!(j.status, Status::RolledBack);
     let e = j.error.unwrap();
     assert!(e.contains("smoke probe") && e.contains("HTTP 503"), "{e}");
+    assert!(
+        !e.contains("user:pw"),
+        "the probe URL's credentials are in the error: {e}"
+    );
     assert_eq!(w.current_key(), w.old.key);
     w.assert_clean();
 }
