@@ -345,7 +345,15 @@ impl Sim {
                 max_key_age: None,
                 jitter: DurationStr::from_secs(rng.random_range(0..60)),
                 grace_period: DurationStr::from_secs(rng.random_range(0..90)),
-                drain: None,
+                drain: rng.random_bool(0.3).then(|| crate::config::DrainConfig {
+                    quiet_for: DurationStr::from_secs(60),
+                    max_wait: DurationStr::from_secs(600),
+                    on_timeout: if rng.random_bool(0.5) {
+                        crate::config::DrainTimeout::Keep
+                    } else {
+                        crate::config::DrainTimeout::Retire
+                    },
+                }),
                 smoke_probes,
                 rollout_timeout: DurationStr::from_secs(300),
             });
@@ -501,6 +509,29 @@ impl Sim {
         })
     }
 
+    /// Straggler traffic: a little use of every live key, now and then (drains wait on it).
+    fn spawn_traffic(&mut self) -> tokio::task::JoinHandle<()> {
+        let (fakes, mut rng) = (self.fakes.clone(), StdRng::seed_from_u64(self.rng.random()));
+        let clock = self.clock.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(rng.random_range(5..120))).await;
+                let keys: Vec<String> = fakes
+                    .issuer
+                    .state
+                    .lock()
+                    .unwrap()
+                    .accounts
+                    .values()
+                    .map(|a| a.key_id.clone())
+                    .collect();
+                if let Some(k) = keys.get(rng.random_range(0..keys.len().max(1))) {
+                    fakes.issuer.record_use(k, clock_now(&clock));
+                }
+            }
+        })
+    }
+
     fn violations(&self) -> Vec<String> {
         self.checker.violations.lock().unwrap().clone()
     }
@@ -522,7 +553,128 @@ pub(crate) struct Outcome {
 
 /// Run one seed until `rotations` rotations finished (or the event budget is spent), then
 /// settle and check for orphans.
-async fn run_seed(seed: u64, rotations: u64) -> Outcome {
+/// A bug planted in the simulation, to show its checks can fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Plant {
+    None,
+    /// The sweep's old rule, run hourly: delete every account whose name parses as ours and
+    /// that no *configured* target's current key names (it kills removed targets' keys).
+    OldSweep,
+    /// Retire before verify: delete a rotation's old account as soon as its publish is done.
+    RetireBeforeVerify,
+}
+
+/// The planted bugs, as test-side actors over the same fakes (the shipped code has none).
+fn spawn_plant(sim: &Sim, plant: Plant) -> Option<tokio::task::JoinHandle<()>> {
+    let (fakes, checker, configured) = (sim.fakes.clone(), sim.checker.clone(), sim.all.clone());
+    let configured = Arc::new(Mutex::new(configured));
+    match plant {
+        Plant::None => None,
+        Plant::OldSweep => Some(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1800)).await;
+                let targets = configured.lock().unwrap().clone();
+                // Only the first target counts as configured (the others were "removed").
+                let t = &targets[0];
+                let referenced = fakes
+                    .store
+                    .state
+                    .lock()
+                    .unwrap()
+                    .meta
+                    .get(&t.vault_path)
+                    .and_then(|m| m.account.clone())
+                    .map(|a| a.id);
+                let accounts: Vec<FakeAccount> = fakes
+                    .issuer
+                    .state
+                    .lock()
+                    .unwrap()
+                    .accounts
+                    .values()
+                    .cloned()
+                    .collect();
+                for a in accounts {
+                    let ours =
+                        crate::rotation::journal::parse_account_name("okr", &a.name).is_some();
+                    if ours && Some(&a.id) != referenced.as_ref() {
+                        fakes.issuer.state.lock().unwrap().accounts.remove(&a.id);
+                        fakes
+                            .issuer
+                            .state
+                            .lock()
+                            .unwrap()
+                            .deleted
+                            .insert(a.id.clone(), a.clone());
+                        let mut j = Journal::queued(
+                            &RotationRequest::new(
+                                &t.name,
+                                Trigger::Schedule,
+                                "sweep",
+                                "old rule",
+                                Utc::now(),
+                            ),
+                            "okr",
+                        );
+                        j.status = crate::rotation::Status::Completed;
+                        checker.on_event(
+                            &j,
+                            &RotationEvent::AccountDeleted {
+                                account_id: a.id,
+                                why: "sweep",
+                            },
+                        );
+                    }
+                }
+            }
+        })),
+        Plant::RetireBeforeVerify => Some(tokio::spawn(async move {
+            let engine = fakes.engine(EngineOptions::default());
+            let mut done = BTreeSet::new();
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let targets = configured.lock().unwrap().clone();
+                for t in &targets {
+                    let Ok(Some(s)) = engine.journal(&t.name).await else {
+                        continue;
+                    };
+                    let j = s.journal;
+                    let published = j.steps.iter().any(|s| {
+                        s.step == crate::rotation::Step::Publish && s.finished_at.is_some()
+                    });
+                    let verified = j.steps.iter().any(|s| {
+                        s.step == crate::rotation::Step::Verify
+                            && s.outcome.as_deref() == Some("ok")
+                    });
+                    let Some(old) = j.old_account.clone() else {
+                        continue;
+                    };
+                    if published && !verified && done.insert(j.rotation_id.clone()) {
+                        let gone = fakes.issuer.state.lock().unwrap().accounts.remove(&old.id);
+                        if let Some(a) = gone {
+                            fakes
+                                .issuer
+                                .state
+                                .lock()
+                                .unwrap()
+                                .deleted
+                                .insert(a.id.clone(), a);
+                            checker.on_event(
+                                &j,
+                                &RotationEvent::AccountDeleted {
+                                    account_id: old.id,
+                                    why: "retire",
+                                },
+                            );
+                        }
+                    }
+                }
+            }
+        })),
+    }
+}
+
+async fn run_seed_with(seed: u64, rotations: u64, plant: Plant) -> Outcome {
     crate::rng::seed_thread(Some(seed ^ 0x5eed));
     let mut sim = Sim::new(seed);
     sim.log(format!(
@@ -552,6 +704,8 @@ async fn run_seed(seed: u64, rotations: u64) -> Outcome {
             .join(" ")
     ));
     let syncer = sim.spawn_syncer();
+    let traffic = sim.spawn_traffic();
+    let planted = spawn_plant(&sim, plant);
     sim.knobs.on.store(true, Ordering::SeqCst);
     let mut leader = sim.start(true);
     let mut lagging: Vec<Process> = Vec::new();
@@ -666,7 +820,11 @@ async fn run_seed(seed: u64, rotations: u64) -> Outcome {
     // Settle: no more faults, every target back, healthy workloads and probes, one clean
     // process; let it resume, retry and sweep.
     sim.knobs.on.store(false, Ordering::SeqCst);
-    sim.log("settle: faults off");
+    traffic.abort();
+    if let Some(p) = planted {
+        p.abort();
+    }
+    sim.log("settle: faults off, traffic stops");
     for t in &sim.all {
         for w in &t.workloads {
             sim.fakes.roller.set_behaviour(w, Behaviour::Healthy);
@@ -781,12 +939,32 @@ async fn run_seed(seed: u64, rotations: u64) -> Outcome {
 
 /// Run `seed` on its own paused, single-threaded runtime: the same seed, the same history.
 pub(crate) fn simulate(seed: u64, rotations: u64) -> Outcome {
+    simulate_with(seed, rotations, Plant::None)
+}
+
+fn simulate_with(seed: u64, rotations: u64, plant: Plant) -> Outcome {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
         .build()
         .expect("a runtime");
-    rt.block_on(run_seed(seed, rotations))
+    rt.block_on(run_seed_with(seed, rotations, plant))
+}
+
+/// The negative controls: each planted bug is caught within a few seeds.
+#[test]
+fn the_simulation_catches_planted_bugs() {
+    for (plant, invariant) in [(Plant::OldSweep, "I1"), (Plant::RetireBeforeVerify, "I2")] {
+        let caught = (1..=10).find_map(|seed| {
+            let o = simulate_with(seed, 20, plant);
+            o.violations
+                .iter()
+                .find(|v| v.starts_with(invariant))
+                .map(|v| (seed, v.clone()))
+        });
+        let (seed, v) = caught.unwrap_or_else(|| panic!("{plant:?} was not caught in 10 seeds"));
+        eprintln!("{plant:?} caught at seed {seed}: {v}");
+    }
 }
 
 fn env_u64(name: &str, default: u64) -> u64 {
