@@ -260,6 +260,23 @@ pub trait WorkloadRoller: Send + Sync {
         annotation: &str,
         value: &str,
     ) -> Result<(), BackendError>;
+    /// Whether the workload is paused (`spec.paused` of a Deployment or an Argo Rollout):
+    /// a paused rollout never completes, so a rotation refuses it before minting.
+    async fn paused(&self, _workload: &WorkloadRef) -> Result<bool, BackendError> {
+        Ok(false)
+    }
+    /// What in the cluster reads the key at Vault `mount`/`path` (field `field`): pods whose
+    /// Vault Agent injector annotations name the path, VaultStaticSecret and ExternalSecret
+    /// objects that read it, the Secrets they write, and the pods and workloads that mount
+    /// or `envFrom` those Secrets. The caller drops what its target lists.
+    async fn consumers_of(
+        &self,
+        _mount: &str,
+        _path: &str,
+        _field: &str,
+    ) -> Result<Vec<Consumer>, BackendError> {
+        Ok(Vec::new())
+    }
     /// Record a Kubernetes Event on the workload (best effort; callers ignore errors).
     async fn event(
         &self,
@@ -268,6 +285,21 @@ pub trait WorkloadRoller: Send + Sync {
         reason: &str,
         note: &str,
     ) -> Result<(), BackendError>;
+}
+
+/// Something that reads a target's key, found by [`WorkloadRoller::consumers_of`].
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Consumer {
+    /// What it is: `Pod`, `Deployment`, `StatefulSet`, `DaemonSet`, `Rollout`,
+    /// `VaultStaticSecret`, `ExternalSecret`, `Secret`.
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    /// How it reads the key, e.g. "vault.hashicorp.com/agent-inject-secret-openai" or
+    /// "envFrom Secret chat-openai (written by ExternalSecret chat)".
+    pub via: String,
+    /// The workload to roll for it, when it is (or belongs to) one.
+    pub workload: Option<WorkloadRef>,
 }
 
 /// Outcome class of one backend call (a bounded metric label).
