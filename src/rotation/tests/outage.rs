@@ -345,3 +345,53 @@ async fn a_fenced_engine_makes_no_further_write_and_the_next_leader_resumes() {
     assert_eq!(w.managed_accounts(), 1);
     w.assert_clean();
 }
+
+/// Found by the simulation (seed 1022): a create that timed out and landed late, in a
+/// rotation whose history copy was never written, was no longer named by any journal once
+/// the next rotation overwrote the target's journal: the sweep could not prove it ours.
+#[tokio::test]
+async fn a_late_mint_stays_provably_ours_after_the_next_rotation() {
+    let w = world();
+    let (engine, _crash) = w.faulty_engine(Arc::new(PlanFn({
+        let (created, history) = (
+            std::sync::atomic::AtomicBool::new(false),
+            std::sync::atomic::AtomicBool::new(false),
+        );
+        move |c: &Call| match c.op {
+            Op::CreateAccount if !created.swap(true, std::sync::atomic::Ordering::SeqCst) => {
+                Some(Fault::LateEffect(Duration::from_millis(50)))
+            }
+            Op::WriteDoc
+                if c.subject.contains("/rotations/")
+                    && !history.swap(true, std::sync::atomic::Ordering::SeqCst) =>
+            {
+                Some(Fault::Transient)
+            }
+            _ => None,
+        }
+    })));
+    let j1 = engine
+        .rotate(&w.target, req(), None, Arc::default())
+        .await
+        .unwrap();
+    assert_eq!(j1.status, Status::Failed, "{j1:#?}");
+    // The next rotation overwrites the target's journal; then the late create lands.
+    assert_eq!(w.rotate(req()).await.unwrap().status, Status::Completed);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let orphan = w
+        .issuer
+        .list_service_accounts(PROJECT)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|a| a.name == j1.new_account_name)
+        .expect("the late create landed");
+    let r = w
+        .engine()
+        .sweep(std::slice::from_ref(&w.target), Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(r.deleted, vec![orphan.id], "{r:?}");
+    assert_eq!(w.managed_accounts(), 1);
+    w.assert_clean();
+}
