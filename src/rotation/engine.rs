@@ -479,6 +479,10 @@ impl Engine {
         journal.spec = Some(target.clone());
         let prior = prior.map(|p| p.journal);
         if let Some(p) = &prior {
+            // The target's journal is about to be overwritten: make sure the history keeps
+            // the last rotation (its best-effort copy may have been lost), because the
+            // sweep's proof of what we minted lives there.
+            self.keep_history(p).await?;
             // Deletions the last rotation could not finish are this one's to finish.
             journal.pending_deletions = p.pending_deletions.clone();
             if !request.is_manual() {
@@ -511,6 +515,19 @@ impl Engine {
         self.forward(target, &mut rec, Step::Mint, None, &control)
             .instrument(span)
             .await
+    }
+
+    /// Write `j`'s history copy unless it exists (check-and-set on "absent").
+    async fn keep_history(&self, j: &Journal) -> Result<(), EngineError> {
+        let doc = Self::to_doc(j)?;
+        match self
+            .store
+            .write_doc(&self.history_path(&j.rotation_id), &doc, 0)
+            .await
+        {
+            Ok(_) | Err(BackendError::Conflict { .. }) => Ok(()),
+            Err(e) => Err(EngineError::Backend(e)),
+        }
     }
 
     /// Whose key Vault serves: the last rotation's journal knows by the key's hash (its new
@@ -930,16 +947,9 @@ impl Engine {
             Status::Running | Status::RollingBack => {}
         }
         self.save(rec).await?;
-        // History copy for `GET /v1/rotations/{id}` once the target moves on; best effort.
-        let written = match Self::to_doc(&rec.journal) {
-            Ok(doc) => self
-                .store
-                .write_doc(&self.history_path(&rec.journal.rotation_id), &doc, 0)
-                .await
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        if let Err(e) = written {
+        // History copy for `GET /v1/rotations/{id}` and the sweep's proof of ownership once
+        // the target moves on; if it fails here, the next rotation writes it first.
+        if let Err(e) = self.keep_history(&rec.journal).await {
             tracing::warn!(error = %e, "could not write rotation history");
         }
         self.observer
