@@ -403,6 +403,7 @@ mod reload {
 /// Regressions for the daemon's outage paths (the "zero downtime" issue).
 mod outage {
     use super::*;
+    use crate::metrics::Metrics;
     use crate::rotation::faults::{once, Call, Crash, Fault, Op};
     use crate::rotation::ports::KeyMeta;
     use crate::rotation::Engine;
@@ -582,6 +583,99 @@ mod outage {
         );
         let overlaps = world.roller.state.lock().unwrap().overlaps.clone();
         assert!(overlaps.is_empty(), "{overlaps:#?}");
+    }
+
+    /// A daemon whose engine also feeds `metrics` (as `app::start` wires it).
+    fn harness_with_metrics(world: &FakeWorld, t: &Target, metrics: Arc<Metrics>) -> Harness {
+        let live = Arc::new(LiveRotations::default());
+        let observers: Vec<Arc<dyn Observer>> = vec![live.clone(), metrics];
+        let engine = Arc::new(
+            world
+                .engine(engine_opts())
+                .with_observer(Arc::new(Fanout(observers))),
+        );
+        let shutdown = CancellationToken::new();
+        let daemon = Daemon::new(
+            config(vec![t.clone()], 1),
+            engine,
+            Arc::new(world.store.clone()),
+            live.clone(),
+            Arc::new(NoSchedule),
+            Leadership::sole(),
+            DaemonOptions {
+                max_sleep: Duration::from_millis(50),
+                pending_retry_interval: Duration::from_millis(100),
+                shutdown_grace: Duration::from_secs(5),
+                ..Default::default()
+            },
+            shutdown.clone(),
+        );
+        Harness {
+            world: world.clone(),
+            daemon,
+            live,
+            shutdown,
+        }
+    }
+
+    fn gauge(m: &Metrics, series: &str) -> Option<f64> {
+        m.render().lines().find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
+    }
+
+    /// Scenario 4: a leaked key whose revoke keeps failing is retried and alerted on. The
+    /// alert's gauge must survive a restart: the retry of a finished rotation's pending
+    /// deletions has to report what is still pending, or a restarted daemon shows 0 while
+    /// the leaked key still works.
+    #[tokio::test]
+    async fn a_pending_revoke_of_a_leaked_key_stays_visible_across_restarts() {
+        let world = FakeWorld::default();
+        let (t, old) = world.seed_target("chat", Utc::now());
+        world.issuer.state.lock().unwrap().fail_deletes = 1_000;
+        let pending = r#"openai_key_rotator_old_account_pending_deletion{target="chat"}"#;
+
+        let m1 = Arc::new(Metrics::new(&["chat".into()]));
+        let h = harness_with_metrics(&world, &t, m1.clone());
+        let id = h
+            .daemon
+            .trigger(&manual("chat").emergency(false))
+            .await
+            .unwrap();
+        let j = wait_finished(&h, id.rotation_id()).await;
+        assert_eq!(j.status, Status::Completed);
+        assert_eq!(j.pending_deletions.len(), 1, "{j:#?}");
+        assert_eq!(j.pending_deletions[0].account.id, old.id);
+        assert_eq!(gauge(&m1, pending), Some(1.0));
+
+        // Restart: the new daemon retries the pending revoke (it fails again).
+        let attempts = j.pending_deletions[0].attempts;
+        let m2 = Arc::new(Metrics::new(&["chat".into()]));
+        let h2 = harness_with_metrics(&world, &t, m2.clone());
+        let d = h2.daemon.clone();
+        let run = tokio::spawn(async move { d.run().await });
+        until("the restarted daemon retried the revoke", async || {
+            journal_of(&world, "chat").await.pending_deletions[0].attempts > attempts
+        })
+        .await;
+        assert_eq!(
+            gauge(&m2, pending),
+            Some(1.0),
+            "the restarted daemon does not show the leaked key's pending revoke"
+        );
+        // OpenAI recovers: the next retry deletes it and the gauge goes to 0.
+        world.issuer.state.lock().unwrap().fail_deletes = 0;
+        until("the leaked account is gone", async || {
+            !world.issuer.account_ids().contains(&old.id)
+        })
+        .await;
+        until("the gauge is back to 0", async || {
+            gauge(&m2, pending) == Some(0.0)
+        })
+        .await;
+        h2.shutdown.cancel();
+        run.await.unwrap();
     }
 }
 
