@@ -168,6 +168,12 @@ impl Observer for LogObserver {
             RotationEvent::AccountDeleted { account_id, why } => {
                 tracing::info!(rotation_id = %id, %target, %account_id, %why, "service account deleted")
             }
+            RotationEvent::PendingRetried => {
+                let left = j.pending_deletions.len();
+                if left > 0 {
+                    tracing::warn!(rotation_id = %id, %target, pending = left, "pending deletions retried; some are still pending")
+                }
+            }
             RotationEvent::RollbackRefused { reason } => {
                 tracing::error!(rotation_id = %id, %target, %reason, "rollback refused: the old key no longer works")
             }

@@ -569,6 +569,8 @@ impl Observer for Audit {
                 }
                 f
             }
+            // Each deletion it made has its own `account_deleted` record.
+            RotationEvent::PendingRetried => return,
             RotationEvent::RollbackRefused { reason } => {
                 let mut f = with_old_account(
                     with_new_account(rotation_fields(j, AuditEvent::RollbackRefused), j),

@@ -8,6 +8,7 @@
 //! e.g. parallel tests, never share series. No key material reaches a label or a value: the
 //! observers only read ids, statuses and times.
 
+use crate::rotation::journal::PendingReason;
 use crate::rotation::ports::{Backend, CallObserver, StatusClass};
 use crate::rotation::{Journal, Observer, RotationEvent, Status, Step, Trigger};
 use chrono::{DateTime, Utc};
@@ -64,6 +65,7 @@ pub struct Metrics {
     retries: IntCounterVec,
     orphans_swept: IntCounter,
     pending_deletion: IntGaugeVec,
+    leaked_pending: IntGaugeVec,
     leader: IntGauge,
     build_info: IntGaugeVec,
 }
@@ -196,6 +198,11 @@ impl Metrics {
                 "Service accounts the target's last rotation left for later deletion.",
                 &["target"],
             ),
+            leaked_pending: int_gauge(
+                "leaked_key_pending_revocation",
+                "Old accounts of emergency rotations (possibly leaked keys) not yet deleted.",
+                &["target"],
+            ),
             leader: reg(
                 &registry,
                 IntGauge::with_opts(Opts::new(
@@ -301,6 +308,7 @@ impl Metrics {
                 .set(0);
         }
         self.pending_deletion.with_label_values(&[t]).set(0);
+        self.leaked_pending.with_label_values(&[t]).set(0);
     }
 
     fn remove_target(&self, t: &str) {
@@ -321,10 +329,28 @@ impl Metrics {
             let _ = self.rotation_step.remove_label_values(&[t, step.as_str()]);
         }
         let _ = self.pending_deletion.remove_label_values(&[t]);
+        let _ = self.leaked_pending.remove_label_values(&[t]);
     }
 
     pub fn orphans_swept(&self, n: u64) {
         self.orphans_swept.inc_by(n);
+    }
+
+    /// The pending-deletion gauges of `j`'s target, from the journal (the one truth).
+    fn set_pending(&self, j: &Journal) {
+        let t = j.target.as_str();
+        let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        let leaked = j
+            .pending_deletions
+            .iter()
+            .filter(|p| p.reason == PendingReason::Leaked)
+            .count();
+        self.pending_deletion
+            .with_label_values(&[t])
+            .set(count(j.pending_deletions.len()));
+        self.leaked_pending
+            .with_label_values(&[t])
+            .set(count(leaked));
     }
 
     /// Point `rotation_step` of `target` at `current` (all 0 for `None`).
@@ -374,9 +400,7 @@ impl Observer for Metrics {
                     .observe(took.as_secs_f64());
                 self.in_progress.with_label_values(&[t]).set(0);
                 self.set_step(t, None);
-                self.pending_deletion
-                    .with_label_values(&[t])
-                    .set(i64::try_from(j.pending_deletions.len()).unwrap_or(i64::MAX));
+                self.set_pending(j);
                 if j.status == Status::Completed {
                     self.last_success
                         .with_label_values(&[t])
@@ -397,15 +421,9 @@ impl Observer for Metrics {
             }
             // The rotation then ends `failed`, which is counted.
             RotationEvent::RollbackRefused { .. } => {}
-            RotationEvent::AccountDeleted { why, .. } => {
-                // A later resume retried a deletion the finished rotation left pending.
-                if *why == "pending deletion" {
-                    let g = self.pending_deletion.with_label_values(&[t]);
-                    if g.get() > 0 {
-                        g.dec();
-                    }
-                }
-            }
+            RotationEvent::PendingRetried => self.set_pending(j),
+            // Counted through the journal's pending deletions (above).
+            RotationEvent::AccountDeleted { .. } => {}
         }
     }
 }
@@ -826,14 +844,16 @@ mod tests {
             30.0
         );
 
-        // A later resume deletes it.
+        // A later resume deletes it and reports what is left.
         j.pending_deletions.clear();
-        let deleted = RotationEvent::AccountDeleted {
-            account_id: "svc_acct_2".into(),
-            why: "pending deletion",
-        };
-        m.on_event(&j, &deleted);
-        m.on_event(&j, &deleted); // never below 0
+        m.on_event(
+            &j,
+            &RotationEvent::AccountDeleted {
+                account_id: "svc_acct_2".into(),
+                why: "pending deletion",
+            },
+        );
+        m.on_event(&j, &RotationEvent::PendingRetried);
         let s = parse(&m.render());
         assert_eq!(
             get(

@@ -635,6 +635,7 @@ mod outage {
         let (t, old) = world.seed_target("chat", Utc::now());
         world.issuer.state.lock().unwrap().fail_deletes = 1_000;
         let pending = r#"openai_key_rotator_old_account_pending_deletion{target="chat"}"#;
+        let leaked = r#"openai_key_rotator_leaked_key_pending_revocation{target="chat"}"#;
 
         let m1 = Arc::new(Metrics::new(&["chat".into()]));
         let h = harness_with_metrics(&world, &t, m1.clone());
@@ -648,6 +649,7 @@ mod outage {
         assert_eq!(j.pending_deletions.len(), 1, "{j:#?}");
         assert_eq!(j.pending_deletions[0].account.id, old.id);
         assert_eq!(gauge(&m1, pending), Some(1.0));
+        assert_eq!(gauge(&m1, leaked), Some(1.0));
 
         // Restart: the new daemon retries the pending revoke (it fails again).
         let attempts = j.pending_deletions[0].attempts;
@@ -664,14 +666,15 @@ mod outage {
             Some(1.0),
             "the restarted daemon does not show the leaked key's pending revoke"
         );
+        assert_eq!(gauge(&m2, leaked), Some(1.0));
         // OpenAI recovers: the next retry deletes it and the gauge goes to 0.
         world.issuer.state.lock().unwrap().fail_deletes = 0;
         until("the leaked account is gone", async || {
             !world.issuer.account_ids().contains(&old.id)
         })
         .await;
-        until("the gauge is back to 0", async || {
-            gauge(&m2, pending) == Some(0.0)
+        until("the gauges are back to 0", async || {
+            gauge(&m2, pending) == Some(0.0) && gauge(&m2, leaked) == Some(0.0)
         })
         .await;
         h2.shutdown.cancel();

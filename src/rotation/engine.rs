@@ -147,6 +147,9 @@ pub enum RotationEvent {
         account_id: String,
         why: &'static str,
     },
+    /// A finished rotation's pending deletions were retried; the journal holds what is
+    /// still pending (a restarted daemon learns it here, as no `Finished` follows).
+    PendingRetried,
     /// A rollback did not put the old key back because it no longer works; the new key
     /// stays in Vault.
     RollbackRefused {

@@ -47,6 +47,8 @@ impl Engine {
             if !rec.journal.pending_deletions.is_empty() {
                 self.retry_pending(target, &mut rec, None).await?;
                 self.save(&mut rec).await?;
+                self.observer
+                    .on_event(&rec.journal, &super::engine::RotationEvent::PendingRetried);
             }
             return Ok(rec.journal);
         }

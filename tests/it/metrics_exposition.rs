@@ -332,6 +332,7 @@ fn expected() -> BTreeMap<Series, f64> {
             "key_created_timestamp_seconds",
             "rotation_in_progress",
             "old_account_pending_deletion",
+            "leaked_key_pending_revocation",
         ] {
             w.insert(series(g, &[("target", t)]), 0.0);
         }
@@ -474,6 +475,7 @@ fn prometheus_client_reads_exactly_the_expected_series() {
         ("retries", "counter"),
         ("orphans_swept", "counter"),
         ("old_account_pending_deletion", "gauge"),
+        ("leaked_key_pending_revocation", "gauge"),
         ("leader", "gauge"),
         ("build_info", "gauge"),
     ]
