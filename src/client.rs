@@ -223,3 +223,100 @@ pub fn format_targets(v: &Value) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    /// A daemon whose first `fails` answers to `GET /v1/rotations/{id}` are `status` (a
+    /// leader hand-over seen through the chart's Service), then the finished rotation.
+    async fn flaky_daemon(fails: usize, status: StatusCode) -> (String, Arc<AtomicUsize>) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let seen = calls.clone();
+        let app = axum::Router::new().route(
+            "/v1/rotations/{id}",
+            axum::routing::get(move || {
+                let seen = seen.clone();
+                async move {
+                    if seen.fetch_add(1, Ordering::SeqCst) < fails {
+                        (
+                            status,
+                            axum::Json(serde_json::json!({"error": "no leader"})),
+                        )
+                            .into_response()
+                    } else {
+                        axum::Json(serde_json::json!({
+                            "status": "completed",
+                            "started_at": "2026-12-02T00:00:00Z",
+                            "steps": [],
+                        }))
+                        .into_response()
+                    }
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (format!("http://{addr}"), calls)
+    }
+
+    /// `rotate --wait` outlives a leader hand-over: a 502/503 while the Lease moves is
+    /// retried until the wait timeout.
+    #[tokio::test]
+    async fn follow_retries_while_the_leader_changes() {
+        for status in [StatusCode::SERVICE_UNAVAILABLE, StatusCode::BAD_GATEWAY] {
+            let (addr, calls) = flaky_daemon(3, status).await;
+            let client = ApiClient::new(&addr, None);
+            let mut out = Vec::new();
+            let got = client
+                .follow(
+                    "r1",
+                    &mut out,
+                    Duration::from_millis(5),
+                    Duration::from_secs(10),
+                )
+                .await;
+            assert_eq!(got.ok().as_deref(), Some("completed"), "{status}");
+            assert_eq!(calls.load(Ordering::SeqCst), 4);
+        }
+    }
+
+    /// Negative control: what is not transient (404, 401) fails at once, and a daemon that
+    /// stays unavailable fails at the timeout, naming the last answer.
+    #[tokio::test]
+    async fn follow_gives_up_on_lasting_or_final_errors() {
+        let (addr, calls) = flaky_daemon(usize::MAX, StatusCode::NOT_FOUND).await;
+        let client = ApiClient::new(&addr, None);
+        let got = client
+            .follow(
+                "r1",
+                &mut Vec::new(),
+                Duration::from_millis(5),
+                Duration::from_secs(10),
+            )
+            .await;
+        assert!(
+            matches!(got, Err(ClientError::Api { status: 404, .. })),
+            "{got:?}"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+        let (addr, _) = flaky_daemon(usize::MAX, StatusCode::SERVICE_UNAVAILABLE).await;
+        let client = ApiClient::new(&addr, None);
+        let got = client
+            .follow(
+                "r1",
+                &mut Vec::new(),
+                Duration::from_millis(5),
+                Duration::from_millis(200),
+            )
+            .await;
+        let e = got.unwrap_err().to_string();
+        assert!(e.contains("503"), "{e}");
+    }
+}
