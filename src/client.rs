@@ -19,6 +19,19 @@ pub enum ClientError {
     Protocol(String),
 }
 
+impl ClientError {
+    /// Worth asking again: the daemon (or the leader behind a follower) is restarting or
+    /// changing hands. 502 from a follower means the leader's answer was lost; for a read
+    /// that is safe to repeat.
+    fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Unreachable { .. } => true,
+            ClientError::Api { status, .. } => matches!(status, 502..=504),
+            ClientError::Protocol(_) => false,
+        }
+    }
+}
+
 pub struct ApiClient {
     base: String,
     token: Option<Secret>,
@@ -53,10 +66,16 @@ impl ApiClient {
             },
         })?;
         let status = resp.status().as_u16();
-        let body: Value = resp
-            .json()
-            .await
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let bytes = resp.bytes().await.map_err(|e| ClientError::Unreachable {
+            addr: self.base.clone(),
+            message: format!("reading the answer: {e}"),
+        })?;
+        // An error from something in between (a proxy's HTML 502) is still an error status.
+        let body: Value = match serde_json::from_slice(&bytes) {
+            Ok(v) => v,
+            Err(_) if status >= 400 => Value::Null,
+            Err(e) => return Err(ClientError::Protocol(e.to_string())),
+        };
         if status >= 400 {
             let mut message = body["error"].as_str().unwrap_or("error").to_string();
             if let Some(leader) = body["leader"].as_str() {
@@ -114,7 +133,15 @@ impl ApiClient {
         let mut printed = 0usize;
         let mut started_printed = false;
         loop {
-            let j = self.rotation(id).await?;
+            let j = match self.rotation(id).await {
+                Ok(j) => j,
+                Err(e) if e.is_transient() && start.elapsed() <= timeout => {
+                    tracing::debug!(error = %e, "waiting for the daemon");
+                    tokio::time::sleep(poll).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let steps = j["steps"].as_array().cloned().unwrap_or_default();
             let t0 = j["started_at"]
                 .as_str()
