@@ -715,3 +715,68 @@ async fn removing_a_target_mid_rotation_does_not_make_the_scheduler_spin() {
     h.shutdown.cancel();
     run.await.unwrap();
 }
+
+/// Counts refused triggers (the scheduler's attempts that did not start a rotation).
+#[derive(Default)]
+struct CountRefusals(std::sync::atomic::AtomicUsize);
+impl ScheduleObserver for CountRefusals {
+    fn next_rotation(&self, _: &str, _: Option<DateTime<Utc>>) {}
+    fn key_created(&self, _: &str, _: Option<DateTime<Utc>>) {}
+    fn rotation_requested(&self, _: &RotationRequest, _: &str) {}
+    fn trigger_refused(&self, _: &RotationRequest, _: &TriggerError) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+    fn rotation_upgraded(&self, _: &RotationRequest, _: &str) {}
+    fn rotation_resumed(&self, _: &RotationRequest, _: &str) {}
+    fn unconfigured_target(&self, _: &str, _: &str, _: bool) {}
+    fn swept(&self, _: &[String]) {}
+}
+
+/// Found by the simulation: a due target whose scheduled trigger is refused (here: its
+/// journal cannot be read, so nothing may start) stayed due, and the loop retried it with
+/// no pause, hammering Vault. A refusal holds the target for a while.
+#[tokio::test]
+async fn a_refused_scheduled_trigger_is_held_not_retried_in_a_loop() {
+    use crate::rotation::faults::{Call, Crash, Fault, Op, PlanFn};
+    let world = FakeWorld::default();
+    let (mut t, _) = world.seed_target("chat", Utc::now());
+    t.schedule = Some("* * * * * *".parse().unwrap());
+    let unreadable = PlanFn(|c: &Call| {
+        (c.op == Op::ReadDoc && c.subject.contains("/targets/")).then_some(Fault::Transient)
+    });
+    let live = Arc::new(LiveRotations::default());
+    let engine = Arc::new(
+        crate::rotation::Engine::new(
+            world.faulty_ports(Arc::new(unreadable), Crash::default()),
+            engine_opts(),
+        )
+        .with_observer(live.clone()),
+    );
+    let refusals = Arc::new(CountRefusals::default());
+    let shutdown = CancellationToken::new();
+    let daemon = Daemon::new(
+        config(vec![t], 1),
+        engine,
+        Arc::new(world.store.clone()),
+        live,
+        refusals.clone(),
+        Leadership::sole(),
+        DaemonOptions {
+            max_sleep: Duration::from_millis(50),
+            shutdown_grace: Duration::from_secs(5),
+            ..Default::default()
+        },
+        shutdown.clone(),
+    );
+    let d = daemon.clone();
+    let run = tokio::spawn(async move { d.run().await });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let n = refusals.0.load(std::sync::atomic::Ordering::SeqCst);
+    // Due every second for 1.5 s: at most two attempts; without the hold, one per pass.
+    assert!(
+        (1..=2).contains(&n),
+        "{n} refused scheduled triggers in 1.5 s"
+    );
+    shutdown.cancel();
+    run.await.unwrap();
+}
