@@ -648,6 +648,7 @@ mod tests {
             new_vault_version: None,
             rollback_vault_version: None,
             old_retired: false,
+            new_key_adopted: None,
             pending_deletions: Vec::new(),
             steps: Vec::new(),
             error: None,

@@ -389,6 +389,9 @@ pub struct Target {
     pub grace_period: DurationStr,
     #[serde(default)]
     pub drain: Option<DrainConfig>,
+    /// Before the drain, wait until the Usage API shows the new key in use.
+    #[serde(default)]
+    pub adoption: Option<AdoptionConfig>,
     #[serde(default)]
     pub smoke_probes: Vec<SmokeProbe>,
     /// Bound on roll + verify for all workloads of this target.
@@ -436,6 +439,22 @@ pub struct DrainConfig {
     /// What to do when `max_wait` passes with the old key still in use.
     #[serde(default)]
     pub on_timeout: DrainTimeout,
+}
+
+/// New-key adoption: a verified rollout whose workloads still do not use the new key (they
+/// read it from somewhere else, or cache the old one) is rolled back rather than retired.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AdoptionConfig {
+    /// Requests the Usage API must count for the new key.
+    #[serde(default = "default_min_requests")]
+    pub min_requests: u64,
+    /// Counted from the start of the drain step (a restart does not extend it).
+    pub timeout: DurationStr,
+}
+
+fn default_min_requests() -> u64 {
+    1
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -877,6 +896,16 @@ impl Config {
                         "{at}.drain.max_wait: ({:?}) must be at least drain.quiet_for ({:?})",
                         dr.max_wait, dr.quiet_for
                     ));
+                }
+            }
+            if let Some(a) = &t.adoption {
+                if a.min_requests == 0 {
+                    errors.push(format!(
+                        "{at}.adoption.min_requests: must be at least 1 (0 would prove nothing)"
+                    ));
+                }
+                if a.timeout.get().is_zero() {
+                    errors.push(format!("{at}.adoption.timeout: must be greater than zero"));
                 }
             }
             if let Some(age) = t.max_key_age {

@@ -132,6 +132,7 @@ mod tests {
             jitter: DurationStr::from_secs(jitter_s),
             grace_period: DurationStr::from_secs(1),
             drain: None,
+            adoption: None,
             smoke_probes: vec![],
             rollout_timeout: DurationStr::from_secs(10),
         }

@@ -354,6 +354,7 @@ impl Sim {
                         crate::config::DrainTimeout::Retire
                     },
                 }),
+                adoption: None,
                 smoke_probes,
                 rollout_timeout: DurationStr::from_secs(300),
             });

@@ -170,6 +170,18 @@ impl Observer for NoObserver {
 /// A step that did not succeed; the rotation must roll back.
 pub(super) struct StepFailure(pub(super) String);
 
+/// What the adoption check found.
+enum Adoption {
+    /// Not configured.
+    NotAsked,
+    /// Used (or not awaited): a note for the step's outcome.
+    Proven(String),
+    /// Asked to stop while waiting.
+    Stopped,
+    /// Not used within the timeout: roll back.
+    Failed(String),
+}
+
 /// The journal plus the Vault version it was read/written at (for CAS).
 pub(super) struct Record {
     pub(super) journal: Journal,
@@ -664,6 +676,20 @@ impl Engine {
                 }
                 Step::Drain => {
                     self.begin(rec, Step::Drain).await?;
+                    let adopted = match self.adoption(target, rec, control).await {
+                        Adoption::Proven(note) => {
+                            self.save(rec).await?;
+                            note
+                        }
+                        Adoption::NotAsked => String::new(),
+                        Adoption::Stopped => {
+                            return Err(EngineError::Stopped {
+                                rotation_id: rec.journal.rotation_id.clone(),
+                                step: Step::Drain,
+                            })
+                        }
+                        Adoption::Failed(why) => return self.rollback(target, rec, why).await,
+                    };
                     let Some(outcome) = self.drain(target, rec, control).await else {
                         // Shutdown or lost leadership mid-wait: resume serves the rest.
                         return Err(EngineError::Stopped {
@@ -671,7 +697,7 @@ impl Engine {
                             step: Step::Drain,
                         });
                     };
-                    self.finish(rec, &outcome).await?;
+                    self.finish(rec, &format!("{adopted}{outcome}")).await?;
                     step = Step::Retire;
                 }
                 Step::Retire => {
@@ -1110,6 +1136,71 @@ impl Engine {
             })?;
         }
         Ok(())
+    }
+
+    /// New-key adoption (`[targets.adoption]`): wait until the Usage API counts at least
+    /// `min_requests` for the new key. Verification proved pods carry the rollout; this
+    /// proves they use the key (a consumer that reads it from elsewhere, or caches the old
+    /// one, would otherwise die at retire). Skipped in an emergency: the old key is the
+    /// danger then.
+    async fn adoption(
+        &self,
+        target: &Target,
+        rec: &mut Record,
+        control: &RotationControl,
+    ) -> Adoption {
+        let Some(a) = &target.adoption else {
+            return Adoption::NotAsked;
+        };
+        if let Some(n) = rec.journal.new_key_adopted {
+            return Adoption::Proven(format!("new key adopted ({n} requests); "));
+        }
+        if control.is_emergency() {
+            return Adoption::Proven("adoption not awaited (emergency); ".into());
+        }
+        let Some(new) = rec.journal.new_account.clone() else {
+            return Adoption::Failed("adoption: the journal names no new account".into());
+        };
+        let since = rec.journal.started_at;
+        let started = rec
+            .journal
+            .step_first_started_at(Step::Drain)
+            .unwrap_or_else(|| self.now());
+        let waited = (self.now() - started).to_std().unwrap_or_default();
+        let bound = Instant::now() + a.timeout.get().saturating_sub(waited);
+        let mut seen = 0;
+        loop {
+            if control.stop_requested() {
+                return Adoption::Stopped;
+            }
+            if control.is_emergency() {
+                return Adoption::Proven("adoption cut short (emergency); ".into());
+            }
+            match self
+                .issuer
+                .key_usage(&target.project_id, &new.key_id, since)
+                .await
+            {
+                Ok(u) => {
+                    // `last_used_at` is current where usage buckets lag: it counts as one.
+                    let used_now = u.last_used_at.is_some_and(|t| t >= since);
+                    seen = u.requests_since.max(u64::from(used_now));
+                    if seen >= a.min_requests {
+                        rec.journal.new_key_adopted = Some(seen);
+                        return Adoption::Proven(format!("new key adopted ({seen} requests); "));
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "usage query failed; waiting for adoption"),
+            }
+            if Instant::now() >= bound {
+                return Adoption::Failed(format!(
+                    "adoption: the new key had {seen} of {} requests after {:?}: the workloads do not use it",
+                    a.min_requests, a.timeout
+                ));
+            }
+            let left = bound.saturating_duration_since(Instant::now());
+            tokio::time::sleep(left.min(self.opts.drain_poll_interval)).await;
+        }
     }
 
     /// Grace period, then the optional usage-verified drain. Returns the step outcome, or

@@ -803,6 +803,7 @@ impl FakeWorld {
             jitter: DurationStr::default(),
             grace_period: DurationStr(Duration::from_millis(5)),
             drain: None,
+            adoption: None,
             smoke_probes: vec![],
             rollout_timeout: DurationStr(Duration::from_secs(2)),
         };

@@ -240,6 +240,10 @@ pub struct Journal {
     pub rollback_vault_version: Option<u64>,
     /// The old account was deleted (by retire, or first with `revoke_first`).
     pub old_retired: bool,
+    /// Requests the Usage API counted for the new key when adoption was proven (so a
+    /// resumed drain does not wait for it again).
+    #[serde(default)]
+    pub new_key_adopted: Option<u64>,
     pub pending_deletions: Vec<PendingDeletion>,
     pub steps: Vec<StepRecord>,
     pub error: Option<String>,
@@ -294,6 +298,7 @@ impl Journal {
             new_vault_version: None,
             rollback_vault_version: None,
             old_retired: false,
+            new_key_adopted: None,
             pending_deletions: Vec::new(),
             steps: Vec::new(),
             error: None,

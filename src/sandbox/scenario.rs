@@ -464,6 +464,7 @@ impl Sandbox {
             jitter: spec.jitter,
             grace_period: DurationStr::from_secs(2),
             drain: None,
+            adoption: None,
             smoke_probes: Vec::new(),
             rollout_timeout: DurationStr::from_secs(60),
         })

@@ -67,6 +67,7 @@ fn world() -> World {
         jitter: DurationStr::default(),
         grace_period: DurationStr(Duration::from_millis(5)),
         drain: None,
+        adoption: None,
         smoke_probes: vec![],
         rollout_timeout: DurationStr(Duration::from_secs(2)),
     };
@@ -736,6 +737,90 @@ async fn drain_waits_until_the_old_key_is_quiet() {
     let retire = j.steps.iter().find(|s| s.step == Step::Retire).unwrap();
     assert!(retire.started_at - last >= chrono::Duration::milliseconds(200));
     w.assert_clean();
+}
+
+/// Workloads that use whatever key was minted: every minted account's key is used
+/// every 10 ms (the Usage API then counts it), until `stop`.
+fn users_of_minted_keys(w: &World, stop: tokio_util::sync::CancellationToken) {
+    let issuer = w.issuer.clone();
+    tokio::spawn(async move {
+        while !stop.is_cancelled() {
+            let keys: Vec<String> = {
+                let s = issuer.state.lock().unwrap();
+                s.minted
+                    .iter()
+                    .filter_map(|id| s.accounts.get(id).map(|a| a.key_id.clone()))
+                    .collect()
+            };
+            for k in keys {
+                issuer.record_use(&k, chrono::Utc::now());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+}
+
+fn adoption(min_requests: u64, timeout_ms: u64) -> Option<crate::config::AdoptionConfig> {
+    Some(crate::config::AdoptionConfig {
+        min_requests,
+        timeout: DurationStr(Duration::from_millis(timeout_ms)),
+    })
+}
+
+/// New-key adoption: the drain starts only once the Usage API shows the new key in use.
+#[tokio::test]
+async fn adoption_waits_for_the_new_key_to_be_used() {
+    let mut w = world();
+    w.target.adoption = adoption(5, 5_000);
+    let stop = tokio_util::sync::CancellationToken::new();
+    users_of_minted_keys(&w, stop.clone());
+    let j = w.rotate(req()).await.unwrap();
+    stop.cancel();
+    assert_eq!(j.status, Status::Completed, "{j:#?}");
+    assert!(j.new_key_adopted.is_some_and(|n| n >= 5), "{j:#?}");
+    let drain = j.steps.iter().find(|s| s.step == Step::Drain).unwrap();
+    assert!(
+        drain.outcome.as_deref().unwrap().starts_with("new key adopted"),
+        "{drain:?}"
+    );
+    assert!(!w.issuer.account_ids().contains(&w.old.id));
+    w.assert_clean();
+}
+
+/// Workloads that never use the new key (they read it from somewhere else): the rotation
+/// rolls back instead of retiring the key they still use. The negative control: without
+/// `adoption` the same rotation completes and the old key dies under them.
+#[tokio::test]
+async fn a_new_key_nobody_uses_is_rolled_back_not_retired() {
+    let mut w = world();
+    w.target.adoption = adoption(1, 300);
+    let j = w.rotate(req()).await.unwrap();
+    assert_eq!(j.status, Status::RolledBack, "{j:#?}");
+    let why = j.error.clone().unwrap_or_default();
+    assert!(why.contains("do not use it"), "{why}");
+    assert_eq!(j.new_key_adopted, None);
+    assert_eq!(w.current_key(), w.old.key, "Vault serves the old key again");
+    assert!(w.issuer.account_ids().contains(&w.old.id));
+    w.assert_clean();
+
+    let mut w = world();
+    w.target.adoption = None;
+    let j = w.rotate(req()).await.unwrap();
+    assert_eq!(j.status, Status::Completed);
+    assert!(!w.issuer.account_ids().contains(&w.old.id));
+}
+
+/// An emergency does not wait for adoption: the old key is the danger.
+#[tokio::test]
+async fn an_emergency_does_not_wait_for_adoption() {
+    let mut w = world();
+    w.target.adoption = adoption(1, 60_000);
+    let j = tokio::time::timeout(Duration::from_secs(10), w.rotate(req().emergency(false)))
+        .await
+        .expect("no adoption wait")
+        .unwrap();
+    assert_eq!(j.status, Status::Completed, "{j:#?}");
+    assert!(!w.issuer.account_ids().contains(&w.old.id));
 }
 
 #[tokio::test]
