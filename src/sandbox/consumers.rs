@@ -275,13 +275,22 @@ impl Consumers {
             }
         };
         self.kube.open_readiness_gate(&namespace, &pod);
-        let url = format!("{}/models", spec.openai_base_url.trim_end_matches('/'));
+        // A chat completion, as a real workload makes: the Usage API counts it, so drains
+        // and new-key adoption see real traffic (`/models` is not usage).
+        let url = format!(
+            "{}/chat/completions",
+            spec.openai_base_url.trim_end_matches('/')
+        );
+        let body = serde_json::json!({
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": "ping"}],
+        });
         loop {
             let outcome = tokio::select! {
                 _ = stop.cancelled() => return,
                 r = async {
                     let _permit = self.in_flight.acquire().await;
-                    self.http.get(&url).bearer_auth(key.expose()).send().await
+                    self.http.post(&url).bearer_auth(key.expose()).json(&body).send().await
                 } => r,
             };
             match outcome {

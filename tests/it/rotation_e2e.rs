@@ -1081,3 +1081,59 @@ async fn statefulsets_and_daemonsets_rotate_without_a_failed_call() {
     );
     env.assert_invariants(&[]).await;
 }
+
+/// New-key adoption end to end: the consumer pods call the OpenAI simulator with the key
+/// they mount, so the Usage API counts the new key once they run on it; the drain starts
+/// only then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adoption_is_proven_by_the_usage_api_before_the_drain() {
+    let env = env_with(|c| {
+        c.targets[0].adoption = Some(openai_key_rotator::config::AdoptionConfig {
+            min_requests: 3,
+            timeout: DurationStr(Duration::from_secs(30)),
+        });
+    })
+    .await;
+    let old_key = env.vault_key(&env.target().vault_path, None).await.unwrap();
+    let j = env.rotate(req()).await.unwrap();
+    assert_eq!(j.status, Status::Completed, "{j:#?}");
+    assert!(j.new_key_adopted.is_some_and(|n| n >= 3), "{j:#?}");
+    assert!(
+        step_outcome(&j, Step::Drain).starts_with("new key adopted"),
+        "{}",
+        step_outcome(&j, Step::Drain)
+    );
+    assert!(!env.sb.openai.key_is_live(&old_key));
+    let calls = env.sb.consumers.total();
+    assert_eq!(calls.failed, 0, "{calls:?}");
+    env.assert_invariants(&[]).await;
+}
+
+/// Workloads that do not use the new key within the timeout (here: more requests than the
+/// consumers can make): the rotation rolls back, Vault serves the old key again, and no
+/// consumer call fails on the way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_key_not_adopted_in_time_is_rolled_back() {
+    let env = env_with(|c| {
+        c.targets[0].adoption = Some(openai_key_rotator::config::AdoptionConfig {
+            min_requests: 1_000_000,
+            timeout: DurationStr(Duration::from_secs(2)),
+        });
+    })
+    .await;
+    let t = env.target();
+    let old_key = env.vault_key(&t.vault_path, None).await.unwrap();
+    let j = env.rotate(req()).await.unwrap();
+    assert_eq!(j.status, Status::RolledBack, "{j:#?}");
+    assert!(
+        j.error.as_deref().unwrap_or("").contains("do not use it"),
+        "{j:#?}"
+    );
+    let served = env.vault_key(&t.vault_path, None).await.unwrap();
+    assert_eq!(served, old_key, "Vault serves the old key again");
+    assert!(env.sb.openai.key_is_live(&old_key));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let calls = env.sb.consumers.total();
+    assert_eq!(calls.failed, 0, "{calls:?}");
+    env.assert_invariants(&[]).await;
+}

@@ -98,6 +98,14 @@ max_wait = {{ .maxWait | toJson }}
 on_timeout = {{ . | toJson }}
 {{- end }}
 {{- end }}
+{{- with $t.adoption }}
+
+[targets.adoption]
+timeout = {{ .timeout | toJson }}
+{{- with .minRequests }}
+min_requests = {{ . }}
+{{- end }}
+{{- end }}
 {{- range $p := $t.smokeProbes }}
 
 [[targets.smoke_probes]]

@@ -780,7 +780,11 @@ async fn adoption_waits_for_the_new_key_to_be_used() {
     assert!(j.new_key_adopted.is_some_and(|n| n >= 5), "{j:#?}");
     let drain = j.steps.iter().find(|s| s.step == Step::Drain).unwrap();
     assert!(
-        drain.outcome.as_deref().unwrap().starts_with("new key adopted"),
+        drain
+            .outcome
+            .as_deref()
+            .unwrap()
+            .starts_with("new key adopted"),
         "{drain:?}"
     );
     assert!(!w.issuer.account_ids().contains(&w.old.id));
