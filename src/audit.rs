@@ -649,6 +649,7 @@ mod tests {
             rollback_vault_version: None,
             old_retired: false,
             new_key_adopted: None,
+            waves: Vec::new(),
             pending_deletions: Vec::new(),
             steps: Vec::new(),
             error: None,

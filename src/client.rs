@@ -132,6 +132,7 @@ impl ApiClient {
         let start = Instant::now();
         let mut printed = 0usize;
         let mut started_printed = false;
+        let mut waves_printed = 0usize;
         loop {
             let j = match self.rotation(id).await {
                 Ok(j) => j,
@@ -182,6 +183,24 @@ impl ApiClient {
                 );
                 printed += 1;
                 started_printed = false;
+            }
+            // A staged rollout: a line per wave once it is verified.
+            let waves = j["waves"].as_array().cloned().unwrap_or_default();
+            while waves_printed < waves.len() && !waves[waves_printed]["verified_at"].is_null() {
+                let w = &waves[waves_printed];
+                let names: Vec<&str> = w["workloads"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(Value::as_str).collect())
+                    .unwrap_or_default();
+                let _ = writeln!(
+                    out,
+                    "{}   wave {}/{} verified: {}",
+                    since(&w["verified_at"]),
+                    waves_printed + 1,
+                    waves.len(),
+                    names.join(", ")
+                );
+                waves_printed += 1;
             }
             let status = j["status"].as_str().unwrap_or("").to_string();
             if matches!(status.as_str(), "completed" | "rolled_back" | "failed") {

@@ -371,8 +371,14 @@ pub struct Target {
     pub vault_path: String,
     #[serde(default = "default_vault_field")]
     pub vault_field: String,
-    /// `namespace/kind/name`, kind one of Deployment, StatefulSet, DaemonSet.
+    /// `namespace/kind/name`, kind one of Deployment, StatefulSet, DaemonSet. With `waves`,
+    /// every wave's workloads in order (filled in at load).
+    #[serde(default)]
     pub workloads: Vec<WorkloadRef>,
+    /// Staged rollout instead of `workloads`: each wave is rolled and verified before the
+    /// next starts; a failure rolls back only the waves that moved.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waves: Vec<Vec<WorkloadRef>>,
     #[serde(default)]
     pub synced_secret: Option<SyncedSecret>,
     /// Cron expression with a seconds field, evaluated in UTC.
@@ -397,6 +403,17 @@ pub struct Target {
     /// Bound on roll + verify for all workloads of this target.
     #[serde(default = "default_rollout_timeout")]
     pub rollout_timeout: DurationStr,
+}
+
+impl Target {
+    /// The waves in order; without `waves`, one wave of every workload.
+    pub fn wave_list(&self) -> Vec<&[WorkloadRef]> {
+        if self.waves.is_empty() {
+            vec![self.workloads.as_slice()]
+        } else {
+            self.waves.iter().map(Vec::as_slice).collect()
+        }
+    }
 }
 
 fn default_vault_field() -> String {
@@ -479,6 +496,10 @@ pub struct SmokeProbe {
     pub interval: DurationStr,
     #[serde(default = "default_probe_timeout")]
     pub timeout: DurationStr,
+    /// With `waves`: the wave (from 1) after which this probe gates the next; every probe
+    /// also runs at verify.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wave: Option<usize>,
 }
 
 fn default_expect_status() -> u16 {
@@ -720,7 +741,14 @@ impl Config {
             }
         }
         match collected.value {
-            Some(config) if found.is_empty() => Ok(config),
+            Some(mut config) if found.is_empty() => {
+                for t in &mut config.targets {
+                    if !t.waves.is_empty() {
+                        t.workloads = t.waves.concat();
+                    }
+                }
+                Ok(config)
+            }
             _ => {
                 // File order; messages without a line last. The sort is stable.
                 found.sort_by_key(|(line, _)| line.unwrap_or(usize::MAX));
@@ -870,13 +898,51 @@ impl Config {
                     t.vault_path, d.state_prefix
                 ));
             }
-            if t.workloads.is_empty() {
-                errors.push(format!("{at}.workloads: at least one workload is required"));
+            if t.waves.is_empty() {
+                if t.workloads.is_empty() {
+                    errors.push(format!(
+                        "{at}.workloads: at least one workload is required (or waves)"
+                    ));
+                }
+                let mut seen = BTreeSet::new();
+                for (j, w) in t.workloads.iter().enumerate() {
+                    if !seen.insert(w) {
+                        errors.push(format!("{at}.workloads[{j}]: {w} is listed twice"));
+                    }
+                }
+            } else {
+                // After load `workloads` is the waves' concatenation; a file sets one.
+                if !t.workloads.is_empty() && t.workloads != t.waves.concat() {
+                    errors.push(format!(
+                        "{at}.waves: set either workloads or waves, not both"
+                    ));
+                }
+                let mut seen = BTreeSet::new();
+                for (k, wave) in t.waves.iter().enumerate() {
+                    if wave.is_empty() {
+                        errors.push(format!(
+                            "{at}.waves[{k}]: a wave needs at least one workload"
+                        ));
+                    }
+                    for (j, w) in wave.iter().enumerate() {
+                        if !seen.insert(w) {
+                            errors.push(format!(
+                                "{at}.waves[{k}][{j}]: {w} is listed twice (a workload belongs to one wave)"
+                            ));
+                        }
+                    }
+                }
             }
-            let mut seen = BTreeSet::new();
-            for (j, w) in t.workloads.iter().enumerate() {
-                if !seen.insert(w) {
-                    errors.push(format!("{at}.workloads[{j}]: {w} is listed twice"));
+            for (j, p) in t.smoke_probes.iter().enumerate() {
+                match p.wave {
+                    Some(_) if t.waves.is_empty() => errors.push(format!(
+                        "{at}.smoke_probes[{j}].wave: the target has no waves"
+                    )),
+                    Some(k) if k == 0 || k > t.waves.len() => errors.push(format!(
+                        "{at}.smoke_probes[{j}].wave: {k} is not a wave (1 to {})",
+                        t.waves.len()
+                    )),
+                    _ => {}
                 }
             }
             if let Some(s) = &t.schedule {

@@ -571,7 +571,20 @@ pub struct RotationView {
     pub old_retired: bool,
     pub pending_deletions: Vec<PendingView>,
     pub steps: Vec<StepView>,
+    /// A staged target's waves in order (empty without waves).
+    pub waves: Vec<WaveView>,
+    /// Requests the Usage API counted for the new key when adoption was proven.
+    pub new_key_adopted: Option<u64>,
     pub error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct WaveView {
+    /// From 1.
+    pub wave: usize,
+    pub workloads: Vec<String>,
+    pub rolled_at: Option<DateTime<Utc>>,
+    pub verified_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -632,6 +645,23 @@ impl From<&Journal> for RotationView {
                     outcome: s.outcome.clone(),
                 })
                 .collect(),
+            waves: j
+                .waves
+                .iter()
+                .enumerate()
+                .map(|(i, p)| WaveView {
+                    wave: i + 1,
+                    workloads: j
+                        .spec
+                        .as_ref()
+                        .and_then(|t| t.waves.get(i))
+                        .map(|w| w.iter().map(ToString::to_string).collect())
+                        .unwrap_or_default(),
+                    rolled_at: p.rolled_at,
+                    verified_at: p.verified_at,
+                })
+                .collect(),
+            new_key_adopted: j.new_key_adopted,
             error: j.error.clone(),
         }
     }

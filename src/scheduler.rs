@@ -126,6 +126,7 @@ mod tests {
             vault_path: "x".into(),
             vault_field: "api_key".into(),
             workloads: vec!["ns/Deployment/a".parse().unwrap()],
+            waves: vec![],
             synced_secret: None,
             schedule: schedule.map(|s| s.parse::<CronSchedule>().unwrap()),
             max_key_age: max_age.map(DurationStr::from_secs),

@@ -304,6 +304,13 @@ impl Sim {
             if rng.random_bool(0.4) {
                 workloads.push(shared.clone());
             }
+            // Staged: one wave per workload.
+            let waves: Vec<Vec<crate::config::WorkloadRef>> =
+                if workloads.len() > 1 && rng.random_bool(0.5) {
+                    workloads.iter().map(|w| vec![w.clone()]).collect()
+                } else {
+                    vec![]
+                };
             let synced_secret = rng.random_bool(0.3).then(|| SyncedSecret {
                 namespace: "sim".into(),
                 name: format!("{name}-openai"),
@@ -326,6 +333,7 @@ impl Sim {
                     consecutive_successes: 2,
                     interval: DurationStr::from_secs(2),
                     timeout: DurationStr::from_secs(1),
+                    wave: (!waves.is_empty() && rng.random_bool(0.5)).then_some(1),
                 }]
             } else {
                 vec![]
@@ -336,6 +344,7 @@ impl Sim {
                 vault_path: path,
                 vault_field: "api_key".into(),
                 workloads,
+                waves,
                 synced_secret,
                 schedule: Some(
                     format!("0 */{} * * * *", rng.random_range(10..=30))

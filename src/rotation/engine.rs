@@ -14,7 +14,7 @@ use super::ports::{
     SecretStore, SmokeProber, StoredKey, SystemClock, WorkloadRoller,
 };
 use super::request::RotationRequest;
-use crate::config::{DrainTimeout, Target};
+use crate::config::{DrainTimeout, Target, WorkloadRef};
 use crate::retry::{Retry, RetryPolicy};
 use crate::secret::Secret;
 use crate::sync::LockExt;
@@ -1043,7 +1043,57 @@ impl Engine {
         target: &Target,
         rec: &mut Record,
     ) -> Result<Result<(), StepFailure>, EngineError> {
-        for w in &target.workloads {
+        if target.waves.is_empty() {
+            return self.roll_workloads(&target.workloads, rec).await;
+        }
+        // Staged: each wave but the last is rolled and verified here (rollouts, pods, its
+        // probes) before the next moves; the last is verified by the verify step, with all.
+        let waves = target.wave_list();
+        rec.journal.waves.resize(waves.len(), Default::default());
+        for (i, wave) in waves.iter().enumerate() {
+            let n = i + 1;
+            if rec.journal.waves[i].verified_at.is_some() {
+                continue;
+            }
+            if rec.journal.waves[i].rolled_at.is_none() {
+                // Saved before the patches: a crash after one still counts the wave as moved.
+                rec.journal.waves[i].rolled_at = Some(self.now());
+                self.save(rec).await?;
+            }
+            if let Err(StepFailure(why)) = self.roll_workloads(wave, rec).await? {
+                return Ok(Err(StepFailure(format!("wave {n}: {why}"))));
+            }
+            if n == waves.len() {
+                break;
+            }
+            let deadline = Instant::now() + target.rollout_timeout.get();
+            if let Err(e) = self
+                .wait_rollouts_of(wave, &rec.journal.rotation_id, deadline)
+                .await
+            {
+                return Ok(Err(StepFailure(format!("wave {n}: {e}"))));
+            }
+            for probe in target.smoke_probes.iter().filter(|p| p.wave == Some(n)) {
+                if let Err(e) = self.probe(probe, deadline).await {
+                    return Ok(Err(StepFailure(format!(
+                        "wave {n}: smoke probe {}: {e}",
+                        crate::config::redacted_url(&probe.url)
+                    ))));
+                }
+            }
+            rec.journal.waves[i].verified_at = Some(self.now());
+            self.save(rec).await?;
+            tracing::info!(rotation_id = %rec.journal.rotation_id, wave = n, of = waves.len(), "wave verified");
+        }
+        Ok(Ok(()))
+    }
+
+    async fn roll_workloads(
+        &self,
+        workloads: &[WorkloadRef],
+        rec: &mut Record,
+    ) -> Result<Result<(), StepFailure>, EngineError> {
+        for w in workloads {
             self.fenced(&rec.journal)?;
             if let Err(e) = self.roller.roll(w, &rec.journal.rotation_id).await {
                 return Ok(Err(StepFailure(format!("roll {w}: {e}"))));
@@ -1072,8 +1122,18 @@ impl Engine {
         rollout_id: &str,
         deadline: Instant,
     ) -> Result<(), String> {
-        let mut pending: BTreeMap<_, String> = target
-            .workloads
+        self.wait_rollouts_of(&target.workloads, rollout_id, deadline)
+            .await
+    }
+
+    /// [`Self::wait_rollouts`] for some of the workloads (a wave).
+    pub(super) async fn wait_rollouts_of(
+        &self,
+        workloads: &[WorkloadRef],
+        rollout_id: &str,
+        deadline: Instant,
+    ) -> Result<(), String> {
+        let mut pending: BTreeMap<_, String> = workloads
             .iter()
             .map(|w| (w.clone(), "not checked yet".to_string()))
             .collect();
@@ -1134,6 +1194,9 @@ impl Engine {
                     crate::config::redacted_url(&probe.url)
                 ))
             })?;
+        }
+        if let Some(last) = rec.journal.waves.last_mut() {
+            last.verified_at = Some(self.now());
         }
         Ok(())
     }

@@ -797,6 +797,7 @@ impl FakeWorld {
                 format!("demo/Deployment/{name}-api").parse().unwrap(),
                 format!("demo/Deployment/{name}-worker").parse().unwrap(),
             ],
+            waves: vec![],
             synced_secret: None,
             schedule: None,
             max_key_age: None,

@@ -159,6 +159,13 @@ impl PendingReason {
     }
 }
 
+/// Progress of one wave of a staged rollout.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaveProgress {
+    pub rolled_at: Option<DateTime<Utc>>,
+    pub verified_at: Option<DateTime<Utc>>,
+}
+
 /// An account the daemon still has to delete, with the conditions the deletion waits for.
 /// Carried from one rotation's journal to the next until it is gone.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -244,6 +251,10 @@ pub struct Journal {
     /// resumed drain does not wait for it again).
     #[serde(default)]
     pub new_key_adopted: Option<u64>,
+    /// Per wave of a staged target (empty otherwise): when it was rolled (recorded before
+    /// its patches, so a crash after one is still "moved") and verified.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waves: Vec<WaveProgress>,
     pub pending_deletions: Vec<PendingDeletion>,
     pub steps: Vec<StepRecord>,
     pub error: Option<String>,
@@ -299,6 +310,7 @@ impl Journal {
             rollback_vault_version: None,
             old_retired: false,
             new_key_adopted: None,
+            waves: Vec::new(),
             pending_deletions: Vec::new(),
             steps: Vec::new(),
             error: None,

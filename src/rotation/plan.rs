@@ -33,9 +33,33 @@ impl Engine {
                 s.timeout, s.namespace, s.name, s.key
             ));
         }
-        for w in &target.workloads {
+        let waves = target.wave_list();
+        let staged = !target.waves.is_empty();
+        for (i, wave) in waves.iter().enumerate() {
+            let n = i + 1;
+            let names: Vec<String> = wave.iter().map(ToString::to_string).collect();
+            if !staged {
+                for w in &names {
+                    plan.push(format!(
+                        "roll: annotate {w} with openai-key-rotator/rotation-id"
+                    ));
+                }
+                continue;
+            }
+            let probes = target
+                .smoke_probes
+                .iter()
+                .filter(|p| p.wave == Some(n))
+                .count();
+            let gate = if n < waves.len() {
+                format!(", then wait until its rollouts complete and {probes} probe(s) pass (within {:?}) before wave {}", target.rollout_timeout, n + 1)
+            } else {
+                ", then verify with everything else".into()
+            };
             plan.push(format!(
-                "roll: annotate {w} with openai-key-rotator/rotation-id"
+                "roll wave {n}/{}: annotate {} with openai-key-rotator/rotation-id{gate}",
+                waves.len(),
+                names.join(", ")
             ));
         }
         plan.push(format!(

@@ -124,7 +124,20 @@ impl Engine {
             outcome = "Vault holds the old key again, but the synced Secret did not; workloads not rolled".into();
         } else if rolled {
             let mut rolled_all = true;
-            for w in &target.workloads {
+            // A staged rollout rolls back only the waves that moved; later ones never took
+            // the new key.
+            let moved: Vec<crate::config::WorkloadRef> = if rec.journal.waves.is_empty() {
+                target.workloads.clone()
+            } else {
+                target
+                    .wave_list()
+                    .into_iter()
+                    .zip(&rec.journal.waves)
+                    .filter(|(_, p)| p.rolled_at.is_some())
+                    .flat_map(|(wave, _)| wave.iter().cloned())
+                    .collect()
+            };
+            for w in &moved {
                 self.fenced(&rec.journal)?;
                 if let Err(e) = self.roller.roll(w, &rb_id).await {
                     tracing::error!(workload = %w, error = %e, "rollback roll failed");
@@ -142,7 +155,7 @@ impl Engine {
             }
             if rolled_all {
                 let deadline = Instant::now() + target.rollout_timeout.get();
-                if let Err(e) = self.wait_rollouts(target, &rb_id, deadline).await {
+                if let Err(e) = self.wait_rollouts_of(&moved, &rb_id, deadline).await {
                     tracing::error!(error = %e, "rollback rollout incomplete");
                 }
             }

@@ -458,6 +458,7 @@ impl Sandbox {
             vault_path,
             vault_field: "api_key".into(),
             workloads,
+            waves: Vec::new(),
             synced_secret: None,
             schedule: Some(opts.schedule.parse::<CronSchedule>().map_err(seed_err)?),
             max_key_age: None,

@@ -323,7 +323,9 @@ def main():
         "rbac": {
             "prod": workload(["deployments", "statefulsets"]) + [secret_read(["chatbot-openai"]),
                                                                 secret_patch(["chatbot-openai"])],
-            "search": workload(["daemonsets", "deployments"]),
+            # The batch target's waves: every wave's workloads get their rules.
+            "search": workload(["daemonsets", "deployments", "statefulsets"]),
+            "staging": workload(["deployments"]),
             "shared": [secret_read(["search-openai"])],
             NAMESPACE: leases,
         }})
@@ -332,6 +334,7 @@ def main():
     check_negative("bad-unknown-key", ["replicaCount", "not allowed"])
     check_negative("bad-missing-admin-key", ["openai.adminKeySecret.name is required"], lint_fails=False)
     check_negative("bad-no-targets", ["at least one target is required"], lint_fails=False)
+    check_negative("bad-waves-and-workloads", ["oneOf"])
     # Drift: deploy/manifests is the chart's output with the committed minimal values.
     check(MANIFESTS.is_file() and MANIFESTS.read_text() == render_manifests(),
           "deploy/manifests/openai-key-rotator.yaml is out of date: run tests/chart/check_chart.py --write-manifests")

@@ -540,6 +540,7 @@ async fn a_failing_smoke_probe_rolls_back() {
             consecutive_successes: 2,
             interval: DurationStr(Duration::from_millis(100)),
             timeout: DurationStr(Duration::from_secs(1)),
+            wave: None,
         }];
     })
     .await;
@@ -730,6 +731,7 @@ async fn a_rollback_waits_for_the_synced_secret_and_no_call_fails() {
         consecutive_successes: 1,
         interval: DurationStr(Duration::from_millis(100)),
         timeout: DurationStr(Duration::from_secs(1)),
+        wave: None,
     }];
     t.rollout_timeout = DurationStr(Duration::from_secs(20));
     let j = env.rotate_on(&t, req(), Arc::default()).await.unwrap();
@@ -1133,6 +1135,126 @@ async fn a_new_key_not_adopted_in_time_is_rolled_back() {
     assert_eq!(served, old_key, "Vault serves the old key again");
     assert!(env.sb.openai.key_is_live(&old_key));
     tokio::time::sleep(Duration::from_secs(1)).await;
+    let calls = env.sb.consumers.total();
+    assert_eq!(calls.failed, 0, "{calls:?}");
+    env.assert_invariants(&[]).await;
+}
+
+/// The pod-template rotation id of a Deployment in the simulator.
+fn template_rotation_id(env: &Env, name: &str) -> Option<String> {
+    env.sb
+        .kube
+        .deployment(NAMESPACE, name)?
+        .spec?
+        .template
+        .metadata?
+        .annotations?
+        .get("openai-key-rotator/rotation-id")
+        .cloned()
+}
+
+/// Staged waves end to end: the api Deployment is wave 1, the worker wave 2; wave 2 starts
+/// only once wave 1's rollout is complete and its probe passes, and no consumer call fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waves_roll_in_order_against_the_simulators() {
+    let url = probe_server(200).await;
+    let env = env_with(|c| {
+        let t = &mut c.targets[0];
+        t.waves = t.workloads.iter().map(|w| vec![w.clone()]).collect();
+        t.smoke_probes = vec![SmokeProbe {
+            url: url.clone(),
+            expect_status: 200,
+            consecutive_successes: 1,
+            interval: DurationStr(Duration::from_millis(100)),
+            timeout: DurationStr(Duration::from_secs(1)),
+            wave: Some(1),
+        }];
+    })
+    .await;
+    let t = env.target();
+    let i1 = I1Sampler::start(&env);
+    let j = env.rotate(req()).await.unwrap();
+    assert_eq!(j.status, Status::Completed, "{j:#?}");
+    assert_eq!(i1.finish(), Vec::<String>::new());
+    assert_eq!(j.waves.len(), 2, "{j:#?}");
+    let (w1, w2) = (&j.waves[0], &j.waves[1]);
+    assert!(
+        w1.verified_at.unwrap() <= w2.rolled_at.unwrap(),
+        "wave 2 moved before wave 1 was verified: {j:#?}"
+    );
+    // Wave 2's new ReplicaSet was created after wave 1 was verified.
+    let worker = &t.workloads[1].name;
+    let created = env
+        .sb
+        .kube
+        .replica_sets(NAMESPACE, &format!("app={worker}"))
+        .into_iter()
+        .filter(|rs| {
+            rs.spec
+                .as_ref()
+                .and_then(|s| s.template.as_ref())
+                .and_then(|p| p.metadata.as_ref())
+                .and_then(|m| m.annotations.as_ref())
+                .and_then(|a| a.get("openai-key-rotator/rotation-id"))
+                == Some(&j.rotation_id)
+        })
+        .filter_map(|rs| rs.metadata.creation_timestamp.map(|t| t.0))
+        .min()
+        .expect("wave 2's ReplicaSet");
+    assert!(
+        created.as_second() >= w1.verified_at.unwrap().timestamp(),
+        "wave 2's ReplicaSet at {created}, wave 1 verified at {:?}",
+        w1.verified_at
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let calls = env.sb.consumers.total();
+    assert_eq!(calls.failed, 0, "{calls:?}");
+    env.assert_invariants(&[]).await;
+}
+
+/// A failing wave-1 probe rolls wave 1 back and leaves wave 2 untouched (its pod template
+/// never carries the rotation id); the old key is served again; no call fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_wave_leaves_later_waves_untouched_against_the_simulators() {
+    let url = probe_server(503).await;
+    let env = env_with(|c| {
+        let t = &mut c.targets[0];
+        t.rollout_timeout = DurationStr(Duration::from_secs(4));
+        t.waves = t.workloads.iter().map(|w| vec![w.clone()]).collect();
+        t.smoke_probes = vec![SmokeProbe {
+            url: url.clone(),
+            expect_status: 200,
+            consecutive_successes: 1,
+            interval: DurationStr(Duration::from_millis(100)),
+            timeout: DurationStr(Duration::from_secs(1)),
+            wave: Some(1),
+        }];
+    })
+    .await;
+    let t = env.target();
+    let seeded = env.vault_key(&t.vault_path, None).await.unwrap();
+    let worker_before = template_rotation_id(&env, &t.workloads[1].name);
+    let j = env.rotate(req()).await.unwrap();
+    assert_eq!(j.status, Status::RolledBack, "{j:#?}");
+    assert!(
+        j.error
+            .as_deref()
+            .unwrap_or("")
+            .starts_with("wave 1: smoke probe"),
+        "{j:#?}"
+    );
+    assert_eq!(
+        template_rotation_id(&env, &t.workloads[1].name),
+        worker_before,
+        "wave 2 was touched"
+    );
+    assert_eq!(
+        template_rotation_id(&env, &t.workloads[0].name).as_deref(),
+        Some(format!("{}-rollback", j.rotation_id).as_str()),
+        "wave 1 was rolled back"
+    );
+    assert_eq!(env.vault_key(&t.vault_path, None).await.unwrap(), seeded);
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let calls = env.sb.consumers.total();
     assert_eq!(calls.failed, 0, "{calls:?}");
     env.assert_invariants(&[]).await;

@@ -58,7 +58,11 @@ vault_path = {{ $t.vaultPath | toJson }}
 {{- with $t.vaultField }}
 vault_field = {{ . | toJson }}
 {{- end }}
+{{- if $t.waves }}
+waves = {{ $t.waves | toJson }}
+{{- else }}
 workloads = {{ $t.workloads | toJson }}
+{{- end }}
 {{- with $t.schedule }}
 schedule = {{ . | toJson }}
 {{- end }}
@@ -121,6 +125,9 @@ interval = {{ . | toJson }}
 {{- end }}
 {{- with $p.timeout }}
 timeout = {{ . | toJson }}
+{{- end }}
+{{- with $p.wave }}
+wave = {{ int . }}
 {{- end }}
 {{- end }}
 {{- end }}

@@ -52,7 +52,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $_ := required "openai.adminKeySecret.name is required: the name of an existing Secret holding the OpenAI admin key" .Values.openai.adminKeySecret.name -}}
 {{- $_ := required "vault.address is required, e.g. https://vault.vault.svc:8200" .Values.vault.address -}}
 {{- if not .Values.targets -}}
-{{- fail "targets: at least one target is required (name, projectId, vaultPath, workloads)" -}}
+{{- fail "targets: at least one target is required (name, projectId, vaultPath, workloads or waves)" -}}
 {{- end -}}
 {{- if eq .Values.vault.auth.method "token" -}}
 {{- $_ := required "vault.auth.tokenSecret.name is required with vault.auth.method=token" .Values.vault.auth.tokenSecret.name -}}
@@ -79,7 +79,11 @@ annotation is set (the daemon patches the Secret only to nudge the operator).
 {{- $plural := dict "Deployment" "deployments" "StatefulSet" "statefulsets" "DaemonSet" "daemonsets" -}}
 {{- $all := dict -}}
 {{- range $t := .Values.targets -}}
-{{- range $w := $t.workloads -}}
+{{- $ws := $t.workloads | default list -}}
+{{- range $wave := $t.waves | default list -}}
+{{- $ws = concat $ws $wave -}}
+{{- end -}}
+{{- range $w := $ws -}}
 {{- $parts := splitList "/" $w -}}
 {{- $ns := index $parts 0 -}}
 {{- $e := get $all $ns | default (dict "resources" (list) "secrets" (list) "patchSecrets" (list)) -}}

@@ -61,6 +61,7 @@ fn world() -> World {
         vault_path: PATH.into(),
         vault_field: FIELD.into(),
         workloads: workloads(),
+        waves: vec![],
         synced_secret: None,
         schedule: None,
         max_key_age: None,
@@ -300,7 +301,8 @@ impl Observer for InvariantChecker {
             }
             let is_old = j.old_account.as_ref().map(|a| &a.id) == Some(account_id);
             if is_old && *why != "revoke_first" {
-                for w in workloads() {
+                let of_target = j.spec.as_ref().map(|t| t.workloads.clone());
+                for w in of_target.unwrap_or_else(workloads) {
                     let done = format!("complete {w} {}", j.rotation_id);
                     if self.log.position(&done).is_none() {
                         self.violations.lock().unwrap().push(format!(
@@ -470,6 +472,7 @@ fn probe(url: &str) -> SmokeProbe {
         consecutive_successes: 3,
         interval: DurationStr(Duration::from_millis(5)),
         timeout: DurationStr(Duration::from_secs(1)),
+        wave: None,
     }
 }
 
@@ -499,6 +502,139 @@ async fn smoke_probes_gate_the_rotation() {
         "the probe URL's credentials are in the error: {e}"
     );
     assert_eq!(w.current_key(), w.old.key);
+    w.assert_clean();
+}
+
+/// A target staged in three waves of one workload each: a, b, c.
+fn staged(w: &mut World) -> Vec<WorkloadRef> {
+    let ws: Vec<WorkloadRef> = [
+        "demo/Deployment/a",
+        "demo/Deployment/b",
+        "demo/Deployment/c",
+    ]
+    .iter()
+    .map(|s| s.parse().unwrap())
+    .collect();
+    w.target.waves = ws.iter().map(|x| vec![x.clone()]).collect();
+    w.target.workloads = ws.clone();
+    ws
+}
+
+/// Waves: each is rolled only after the one before completed its rollout and its probes.
+#[tokio::test]
+async fn waves_roll_in_order_each_verified_before_the_next() {
+    let mut w = world();
+    let ws = staged(&mut w);
+    let p1 = "http://a.demo.svc/healthz";
+    w.prober.answer(p1, &[200]);
+    w.target.smoke_probes = vec![SmokeProbe {
+        wave: Some(1),
+        ..probe(p1)
+    }];
+    let j = w.rotate(req()).await.unwrap();
+    assert_eq!(j.status, Status::Completed, "{j:#?}");
+    let at = |e: &str| {
+        w.log
+            .position(e)
+            .unwrap_or_else(|| panic!("no {e:?} in the log"))
+    };
+    let id = &j.rotation_id;
+    assert!(at(&format!("complete {} {id}", ws[0])) < at(&format!("roll {} {id}", ws[1])));
+    assert!(at(&format!("complete {} {id}", ws[1])) < at(&format!("roll {} {id}", ws[2])));
+    assert_eq!(j.waves.len(), 3);
+    assert!(
+        j.waves
+            .iter()
+            .all(|p| p.rolled_at.is_some() && p.verified_at.is_some()),
+        "{j:#?}"
+    );
+    w.assert_clean();
+}
+
+/// A failure in wave 2 rolls back waves 1 and 2 and leaves wave 3 untouched. The negative
+/// control: the same failure without waves rolls (and rolls back) every workload.
+#[tokio::test]
+async fn a_failing_wave_rolls_back_what_moved_and_leaves_later_waves_untouched() {
+    let mut w = world();
+    let ws = staged(&mut w);
+    w.roller.set_behaviour(&ws[1], Behaviour::DeadlineExceeded);
+    let j = w.rotate(req()).await.unwrap();
+    assert_eq!(j.status, Status::RolledBack, "{j:#?}");
+    assert!(
+        j.error.as_deref().unwrap_or("").starts_with("wave 2:"),
+        "{j:#?}"
+    );
+    assert_eq!(
+        w.roller.workload(&ws[0]).rolls,
+        2,
+        "wave 1: rolled and rolled back"
+    );
+    assert_eq!(
+        w.roller.workload(&ws[1]).rolls,
+        2,
+        "wave 2: rolled and rolled back"
+    );
+    assert_eq!(w.roller.workload(&ws[2]).rolls, 0, "wave 3 never moved");
+    assert_eq!(w.current_key(), w.old.key);
+    w.assert_clean();
+
+    // A failing wave-1 probe stops before wave 2.
+    let mut w = world();
+    let ws = staged(&mut w);
+    let p1 = "http://a.demo.svc/broken";
+    w.prober.answer(p1, &[503]);
+    w.target.rollout_timeout = DurationStr(Duration::from_millis(200));
+    w.target.smoke_probes = vec![SmokeProbe {
+        wave: Some(1),
+        ..probe(p1)
+    }];
+    let j = w.rotate(req()).await.unwrap();
+    assert_eq!(j.status, Status::RolledBack, "{j:#?}");
+    assert!(
+        j.error
+            .as_deref()
+            .unwrap_or("")
+            .starts_with("wave 1: smoke probe"),
+        "{j:#?}"
+    );
+    assert_eq!(w.roller.workload(&ws[1]).rolls, 0);
+    assert_eq!(w.roller.workload(&ws[2]).rolls, 0);
+    w.assert_clean();
+
+    // Negative control: one list of the same workloads.
+    let mut w = world();
+    let ws = staged(&mut w);
+    w.target.waves.clear();
+    w.roller.set_behaviour(&ws[1], Behaviour::DeadlineExceeded);
+    let j = w.rotate(req()).await.unwrap();
+    assert_eq!(j.status, Status::RolledBack);
+    assert!(
+        w.roller.workload(&ws[2]).rolls > 0,
+        "without waves every workload moves"
+    );
+}
+
+/// A crash right after wave 2's patch: the resumed rotation goes on from there, rolls no
+/// wave twice, and completes.
+#[tokio::test]
+async fn a_crash_between_waves_resumes_without_rolling_a_wave_twice() {
+    let mut w = world();
+    let ws = staged(&mut w);
+    let b = ws[1].to_string();
+    let (engine, crash) = w.faulty_engine(once(
+        move |c: &Call| c.op == Op::Roll && c.subject.contains(&b),
+        Fault::CrashAfter,
+    ));
+    let r = crash
+        .run(engine.rotate(&w.target, req(), None, Arc::default()))
+        .await;
+    assert!(r.is_none(), "crashed");
+    let j = w.resume().await.unwrap();
+    assert_eq!(j.status, Status::Completed, "{j:#?}");
+    for x in &ws {
+        assert_eq!(w.roller.workload(x).rolls, 1, "{x} rolled once");
+    }
+    assert!(!w.issuer.account_ids().contains(&w.old.id));
     w.assert_clean();
 }
 
@@ -1070,6 +1206,22 @@ async fn dry_run_plan_touches_nothing() {
     );
     assert!(w.log.entries().is_empty(), "{:?}", w.log.entries());
     assert!(!text.contains(w.old.key.expose()));
+}
+
+#[tokio::test]
+async fn the_plan_shows_the_waves() {
+    let mut w = world();
+    staged(&mut w);
+    let plan = w.engine().plan(&w.target).await.unwrap().join("\n");
+    assert!(
+        plan.contains("roll wave 1/3: annotate demo/Deployment/a with openai-key-rotator/rotation-id, then wait until its rollouts complete and 0 probe(s) pass"),
+        "{plan}"
+    );
+    assert!(
+        plan.contains("roll wave 3/3: annotate demo/Deployment/c with openai-key-rotator/rotation-id, then verify with everything else"),
+        "{plan}"
+    );
+    assert!(w.log.entries().is_empty());
 }
 
 mod outage;
