@@ -67,6 +67,8 @@ pub fn engine_options(config: &Config) -> EngineOptions {
             max_backoff: d.poll_interval.get() * 4,
             ..RetryPolicy::default()
         },
+        coalesce_window: d.coalesce_window.get(),
+        max_concurrent_rollouts: d.max_concurrent_rollouts,
     }
 }
 
@@ -624,6 +626,32 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         (
             "daemon.leader_election",
             o.leader_election != n.leader_election,
+        ),
+        // The engine's options are fixed when it is built.
+        ("daemon.poll_interval", o.poll_interval != n.poll_interval),
+        (
+            "daemon.drain_poll_interval",
+            o.drain_poll_interval != n.drain_poll_interval,
+        ),
+        (
+            "daemon.delete_max_retries",
+            o.delete_max_retries != n.delete_max_retries,
+        ),
+        (
+            "daemon.delete_retry_base",
+            o.delete_retry_base != n.delete_retry_base,
+        ),
+        (
+            "daemon.delete_max_backoff",
+            o.delete_max_backoff != n.delete_max_backoff,
+        ),
+        (
+            "daemon.coalesce_window",
+            o.coalesce_window != n.coalesce_window,
+        ),
+        (
+            "daemon.max_concurrent_rollouts",
+            o.max_concurrent_rollouts != n.max_concurrent_rollouts,
         ),
     ]
     .into_iter()

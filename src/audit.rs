@@ -650,6 +650,7 @@ mod tests {
             old_retired: false,
             new_key_adopted: None,
             waves: Vec::new(),
+            rollout_id: None,
             pending_deletions: Vec::new(),
             steps: Vec::new(),
             error: None,

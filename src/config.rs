@@ -81,6 +81,11 @@ pub struct DaemonConfig {
     pub delete_max_retries: u32,
     pub delete_retry_base: DurationStr,
     pub delete_max_backoff: DurationStr,
+    /// A rotation at its roll step waits up to this long for other running rotations that
+    /// need the same workloads, so the workload restarts once for all; "0s" = never.
+    pub coalesce_window: DurationStr,
+    /// Workloads rolling at once across all rotations; unset = no bound.
+    pub max_concurrent_rollouts: Option<usize>,
 }
 
 /// With several replicas, a Kubernetes Lease elects the one that rotates.
@@ -134,6 +139,8 @@ impl Default for DaemonConfig {
             delete_max_retries: 4,
             delete_retry_base: DurationStr::from_secs(2),
             delete_max_backoff: DurationStr::from_secs(60),
+            coalesce_window: DurationStr::from_secs(3),
+            max_concurrent_rollouts: None,
         }
     }
 }
@@ -776,6 +783,11 @@ impl Config {
     pub fn validate_at(&self, now: chrono::DateTime<chrono::Utc>) -> Vec<String> {
         let mut errors = Vec::new();
         let d = &self.daemon;
+        if d.max_concurrent_rollouts == Some(0) {
+            errors.push(
+                "daemon.max_concurrent_rollouts: must be at least 1 (unset = no bound)".into(),
+            );
+        }
         if d.max_concurrent_rotations == 0 {
             errors.push("daemon.max_concurrent_rotations: must be at least 1".into());
         }

@@ -435,12 +435,21 @@ impl Sim {
         let mut ports = self.fakes.faulty_ports(plan, crash.clone());
         ports.clock = self.clock.clone();
         let live = Arc::new(LiveRotations::default());
+        // Some processes coalesce restarts of shared workloads and bound rollouts.
+        let coalesce_window = if self.rng.random_bool(0.5) {
+            Duration::from_secs(3)
+        } else {
+            Duration::ZERO
+        };
+        let max_concurrent_rollouts = self.rng.random_bool(0.3).then_some(2);
         let engine = Arc::new(
             Engine::new(
                 ports,
                 EngineOptions {
                     poll_interval: Duration::from_secs(2),
                     drain_poll_interval: Duration::from_secs(30),
+                    coalesce_window,
+                    max_concurrent_rollouts,
                     ..EngineOptions::default()
                 },
             )

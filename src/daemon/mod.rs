@@ -496,7 +496,9 @@ impl Daemon {
             .live
             .put(&Journal::queued(req, &config.daemon.account_prefix));
         let request = req.clone();
+        let interest = self.inner.engine.expect_roll(&id, &target);
         self.inner.tasks.spawn(async move {
+            let _interest = interest;
             this.run_rotation(target, Work::Rotate(Box::new((request, prior))), control)
                 .await
         });

@@ -780,3 +780,104 @@ async fn a_refused_scheduled_trigger_is_held_not_retried_in_a_loop() {
     shutdown.cancel();
     run.await.unwrap();
 }
+
+/// Restart coalescing: an emergency of three targets that share a Deployment restarts it
+/// once, not three times; each rotation still verifies and retires its own old account.
+mod coalescing {
+    use super::*;
+    use crate::config::WorkloadRef;
+    use std::collections::BTreeSet;
+
+    fn shared_targets(world: &FakeWorld) -> (Vec<Target>, WorkloadRef, Vec<String>) {
+        let shared: WorkloadRef = "demo/Deployment/shared".parse().unwrap();
+        let mut targets = Vec::new();
+        let mut olds = Vec::new();
+        for name in ["a", "b", "c"] {
+            let (mut t, old) = world.seed_target(name, Utc::now());
+            t.workloads.push(shared.clone());
+            targets.push(t);
+            olds.push(old.id);
+        }
+        (targets, shared, olds)
+    }
+
+    async fn emergency_of_all(window: Duration) -> (FakeWorld, WorkloadRef, Vec<Journal>) {
+        let world = FakeWorld::default();
+        world.roller.state.lock().unwrap().polls_to_complete = 5;
+        let (targets, shared, olds) = shared_targets(&world);
+        let live = Arc::new(LiveRotations::default());
+        let engine = Arc::new(
+            world
+                .engine(EngineOptions {
+                    coalesce_window: window,
+                    ..engine_opts()
+                })
+                .with_observer(live.clone()),
+        );
+        let shutdown = CancellationToken::new();
+        let daemon = Daemon::new(
+            config(targets, 3),
+            engine,
+            Arc::new(world.store.clone()),
+            live.clone(),
+            Arc::new(NoSchedule),
+            Leadership::sole(),
+            DaemonOptions {
+                max_sleep: Duration::from_millis(50),
+                shutdown_grace: Duration::from_secs(5),
+                ..Default::default()
+            },
+            shutdown.clone(),
+        );
+        let h = Harness {
+            world: world.clone(),
+            daemon,
+            live,
+            shutdown,
+        };
+        let mut ids = Vec::new();
+        for name in ["a", "b", "c"] {
+            let a = h
+                .daemon
+                .trigger(&manual(name).emergency(false))
+                .await
+                .unwrap();
+            ids.push(a.rotation_id().to_string());
+        }
+        let mut done = Vec::new();
+        for id in &ids {
+            done.push(wait_finished(&h, id).await);
+        }
+        for old in &olds {
+            assert!(!world.issuer.account_ids().contains(old), "{old} retired");
+        }
+        (world, shared, done)
+    }
+
+    #[tokio::test]
+    async fn an_emergency_of_every_target_restarts_a_shared_workload_once() {
+        let (world, shared, done) = emergency_of_all(Duration::from_secs(3)).await;
+        for j in &done {
+            assert_eq!(j.status, Status::Completed, "{j:#?}");
+        }
+        assert_eq!(
+            world.roller.workload(&shared).rolls,
+            1,
+            "one restart for all three"
+        );
+        let ids: BTreeSet<&str> = done.iter().map(|j| j.rollout_id()).collect();
+        assert_eq!(ids.len(), 1, "one shared rollout id: {ids:?}");
+        let overlaps = world.roller.state.lock().unwrap().overlaps.clone();
+        assert!(overlaps.is_empty(), "{overlaps:#?}");
+    }
+
+    /// Negative control: with coalescing off the shared workload restarts once per target.
+    #[tokio::test]
+    async fn without_coalescing_it_restarts_once_per_target() {
+        let (world, shared, done) = emergency_of_all(Duration::ZERO).await;
+        for j in &done {
+            assert_eq!(j.status, Status::Completed, "{j:#?}");
+        }
+        assert_eq!(world.roller.workload(&shared).rolls, 3);
+    }
+}

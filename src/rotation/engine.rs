@@ -71,6 +71,11 @@ pub struct EngineOptions {
     pub delete_retry: RetryPolicy,
     /// Retries of the new key's `GET /v1/models` (a new key can take a moment to work).
     pub key_check_retry: RetryPolicy,
+    /// How long a rotation at its roll step waits for others that need the same workloads
+    /// (zero: never; each rolls on its own).
+    pub coalesce_window: Duration,
+    /// Workloads rolling at once across all rotations (None: no bound).
+    pub max_concurrent_rollouts: Option<usize>,
 }
 
 impl Default for EngineOptions {
@@ -92,6 +97,8 @@ impl Default for EngineOptions {
                 max_backoff: Duration::from_secs(4),
                 ..RetryPolicy::default()
             },
+            coalesce_window: Duration::ZERO,
+            max_concurrent_rollouts: None,
         }
     }
 }
@@ -242,8 +249,12 @@ pub struct Engine {
     /// Every Vault `(path, field)` known to hold a key of ours: configured targets and the
     /// targets named by journals. The deletion point checks them all (I5).
     pub(super) known_paths: std::sync::Mutex<BTreeSet<(String, String)>>,
-    /// Shared workloads are rolled by one rotation at a time.
+    /// Shared workloads are rolled by one rotation (or one coalesced roll) at a time.
     pub(super) workload_locks: Arc<super::locks::WorkloadLocks>,
+    /// Rotations that need the same workloads at about the same time share one roll.
+    coalescer: Arc<super::coalesce::Coalescer>,
+    /// `max_concurrent_rollouts`: a permit per workload from its roll until verified.
+    rollouts: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl Engine {
@@ -259,6 +270,10 @@ impl Engine {
             fence: std::sync::RwLock::new(Arc::new(NoFence)),
             known_paths: std::sync::Mutex::default(),
             workload_locks: Arc::default(),
+            coalescer: Arc::new(super::coalesce::Coalescer::new(opts.coalesce_window)),
+            rollouts: opts
+                .max_concurrent_rollouts
+                .map(|n| Arc::new(tokio::sync::Semaphore::new(n.max(1)))),
             opts,
         }
     }
@@ -599,6 +614,13 @@ impl Engine {
         let mut step = from;
         // Held from roll through verify (and any rollback they lead to).
         let mut workloads_held = None;
+        let mut rollout_permits = None;
+        // Until this rotation has its rollout id, batches on its workloads wait for it.
+        let before_roll = matches!(step, Step::Mint | Step::Publish | Step::Sync | Step::Roll);
+        let mut interest = (before_roll && rec.journal.rollout_id.is_none()).then(|| {
+            self.coalescer
+                .register(&rec.journal.rotation_id, &target.workloads)
+        });
         loop {
             // Shutdown: stop between steps, never inside one. Not between mint and publish
             // (the new key exists only in memory there), and a rollback always runs through.
@@ -645,7 +667,17 @@ impl Engine {
                     step = Step::Roll;
                 }
                 Step::Roll => {
+                    if rec.journal.rollout_id.is_none() && interest.is_some() {
+                        let id = self
+                            .coalescer
+                            .join(&rec.journal.rotation_id, &target.workloads)
+                            .await;
+                        // Recorded (by `begin`) before any patch, so a resume rolls with it.
+                        rec.journal.rollout_id = (id != rec.journal.rotation_id).then_some(id);
+                    }
+                    interest = None;
                     workloads_held = Some(self.hold_workloads(target, rec).await);
+                    rollout_permits = self.rollout_permits(target).await;
                     self.begin(rec, Step::Roll).await?;
                     if control.revoke_first() && !rec.journal.old_retired {
                         rec.journal.revoke_first = true;
@@ -660,6 +692,7 @@ impl Engine {
                 Step::Verify => {
                     if workloads_held.is_none() {
                         workloads_held = Some(self.hold_workloads(target, rec).await);
+                        rollout_permits = self.rollout_permits(target).await;
                     }
                     self.begin(rec, Step::Verify).await?;
                     let Some(k) = key.as_ref() else {
@@ -672,6 +705,7 @@ impl Engine {
                     }
                     self.finish(rec, "ok").await?;
                     drop(workloads_held.take());
+                    drop(rollout_permits.take());
                     step = Step::Drain;
                 }
                 Step::Drain => {
@@ -724,6 +758,25 @@ impl Engine {
         }
     }
 
+    /// Announce that `rotation_id` will roll `target`'s workloads (the daemon calls this
+    /// when it accepts a trigger, so a rotation still queued for a slot, or not yet
+    /// scheduled, counts): batches forming on them wait for it, within the window.
+    pub fn expect_roll(&self, rotation_id: &str, target: &Target) -> super::coalesce::Interest {
+        self.coalescer.register(rotation_id, &target.workloads)
+    }
+
+    /// `max_concurrent_rollouts`: one permit per workload of the target (at most the bound),
+    /// held from its roll until it is verified.
+    async fn rollout_permits(&self, target: &Target) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let sem = self.rollouts.clone()?;
+        let bound = self.opts.max_concurrent_rollouts.unwrap_or(1).max(1);
+        let n = u32::try_from(target.workloads.len().clamp(1, bound)).unwrap_or(u32::MAX);
+        if sem.available_permits() < n as usize {
+            tracing::info!(target = %target.name, "waiting: max_concurrent_rollouts workloads are rolling");
+        }
+        sem.acquire_many_owned(n).await.ok()
+    }
+
     /// Wait until no other rotation rolls any of the target's workloads, then hold them.
     pub(super) async fn hold_workloads(
         &self,
@@ -731,7 +784,7 @@ impl Engine {
         rec: &Record,
     ) -> super::locks::WorkloadGuard {
         self.workload_locks
-            .acquire(&target.workloads, &rec.journal.rotation_id)
+            .acquire(&target.workloads, rec.journal.rollout_id())
             .await
     }
 
@@ -1068,7 +1121,7 @@ impl Engine {
             }
             let deadline = Instant::now() + target.rollout_timeout.get();
             if let Err(e) = self
-                .wait_rollouts_of(wave, &rec.journal.rotation_id, deadline)
+                .wait_rollouts_of(wave, rec.journal.rollout_id(), deadline)
                 .await
             {
                 return Ok(Err(StepFailure(format!("wave {n}: {e}"))));
@@ -1095,7 +1148,8 @@ impl Engine {
     ) -> Result<Result<(), StepFailure>, EngineError> {
         for w in workloads {
             self.fenced(&rec.journal)?;
-            if let Err(e) = self.roller.roll(w, &rec.journal.rotation_id).await {
+            let id = rec.journal.rollout_id().to_string();
+            if let Err(e) = self.roller.roll(w, &id).await {
                 return Ok(Err(StepFailure(format!("roll {w}: {e}"))));
             }
             let _ = self
@@ -1169,7 +1223,7 @@ impl Engine {
         key: &Secret,
     ) -> Result<(), StepFailure> {
         let deadline = Instant::now() + target.rollout_timeout.get();
-        self.wait_rollouts(target, &rec.journal.rotation_id, deadline)
+        self.wait_rollouts(target, rec.journal.rollout_id(), deadline)
             .await
             .map_err(|e| StepFailure(format!("verify: {e}")))?;
         // The new key answers; a few tries, as a new key can take a moment to propagate.

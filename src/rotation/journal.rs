@@ -255,6 +255,10 @@ pub struct Journal {
     /// its patches, so a crash after one is still "moved") and verified.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub waves: Vec<WaveProgress>,
+    /// The id the workloads were rolled with, when not this rotation's own: a coalesced
+    /// roll shared with other rotations (recorded before the patches).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_id: Option<String>,
     pub pending_deletions: Vec<PendingDeletion>,
     pub steps: Vec<StepRecord>,
     pub error: Option<String>,
@@ -281,6 +285,12 @@ pub struct Stored {
 }
 
 impl Journal {
+    /// What the workloads' pod templates carry for this rotation: the coalesced roll's id,
+    /// else the rotation id.
+    pub fn rollout_id(&self) -> &str {
+        self.rollout_id.as_deref().unwrap_or(&self.rotation_id)
+    }
+
     /// The journal of a requested rotation, before anything is known of the old key or the
     /// new one: what the live view shows while it waits for a slot, and what the engine
     /// starts from.
@@ -311,6 +321,7 @@ impl Journal {
             old_retired: false,
             new_key_adopted: None,
             waves: Vec::new(),
+            rollout_id: None,
             pending_deletions: Vec::new(),
             steps: Vec::new(),
             error: None,

@@ -1,7 +1,8 @@
 //! Workload locks: two rotations never roll (or verify, or roll back) one workload at once,
-//! when targets share a workload. A rotation takes all of its workloads in one step (no
+//! when targets share a workload. A holder takes all of its workloads in one step (no
 //! partial holds, so no deadlock) and may take them again while it holds them (a rollback
-//! inside a verify).
+//! inside a verify). The holder is a rollout id: the rotations of one coalesced roll share
+//! it, so they verify together; each acquisition is counted and the last release frees.
 
 use crate::config::WorkloadRef;
 use crate::sync::LockExt;
@@ -11,8 +12,8 @@ use tokio::sync::Notify;
 
 #[derive(Default)]
 pub(super) struct WorkloadLocks {
-    /// Workload → the rotation holding it.
-    held: Mutex<BTreeMap<WorkloadRef, String>>,
+    /// Workload → the rollout holding it, and how many guards hold it.
+    held: Mutex<BTreeMap<WorkloadRef, (String, usize)>>,
     freed: Notify,
 }
 
@@ -37,15 +38,15 @@ impl WorkloadLocks {
                 let mut held = self.held.locked();
                 let free = workloads
                     .iter()
-                    .all(|w| held.get(w).is_none_or(|o| o == owner));
+                    .all(|w| held.get(w).is_none_or(|(o, _)| o == owner));
                 if free {
-                    let taken = workloads
-                        .iter()
-                        .filter(|w| !held.contains_key(*w))
-                        .cloned()
-                        .collect::<Vec<_>>();
+                    let mut taken: Vec<WorkloadRef> = workloads.to_vec();
+                    taken.sort();
+                    taken.dedup();
                     for w in &taken {
-                        held.insert(w.clone(), owner.to_string());
+                        held.entry(w.clone())
+                            .or_insert_with(|| (owner.to_string(), 0))
+                            .1 += 1;
                     }
                     return WorkloadGuard {
                         locks: self.clone(),
@@ -68,10 +69,45 @@ impl Drop for WorkloadGuard {
             return;
         }
         let mut held = self.locks.held.locked();
+        let mut freed = false;
         for w in &self.taken {
-            held.remove(w);
+            if let Some((_, n)) = held.get_mut(w) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    held.remove(w);
+                    freed = true;
+                }
+            }
         }
         drop(held);
-        self.locks.freed.notify_waiters();
+        if freed {
+            self.locks.freed.notify_waiters();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn w(s: &str) -> WorkloadRef {
+        s.parse().unwrap()
+    }
+
+    /// A re-entrant hold (a rollback inside a verify) must not free the workload when the
+    /// inner guard drops: the outer holder still rolls it.
+    #[tokio::test]
+    async fn the_last_release_frees_not_the_first() {
+        let locks = Arc::new(WorkloadLocks::default());
+        let shared = [w("ns/Deployment/shared")];
+        let outer = locks.acquire(&shared, "r1").await;
+        let inner = locks.acquire(&shared, "r1").await;
+        drop(inner);
+        let other = tokio::time::timeout(Duration::from_millis(50), locks.acquire(&shared, "r2"));
+        assert!(other.await.is_err(), "r2 took a workload r1 still holds");
+        drop(outer);
+        let other = tokio::time::timeout(Duration::from_millis(50), locks.acquire(&shared, "r2"));
+        assert!(other.await.is_ok(), "freed after the last release");
     }
 }

@@ -1,6 +1,7 @@
 //! The rotation: a journaled state machine over small ports (key issuer, secret store,
 //! workload roller, smoke prober, clock), one file per concern.
 
+mod coalesce;
 mod deletion;
 pub mod engine;
 pub mod journal;

@@ -163,7 +163,7 @@ impl Engine {
         // 4. Delete the new account, unless Vault, the Secret or a ready pod still uses it.
         if let Some(new) = rec.journal.new_account.clone() {
             let sha = rec.journal.new_key_sha256.clone();
-            let carry = rolled.then(|| rec.journal.rotation_id.clone());
+            let carry = rolled.then(|| rec.journal.rollout_id().to_string());
             let doomed = Doomed {
                 project: &target.project_id,
                 account: &new,

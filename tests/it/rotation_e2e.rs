@@ -139,7 +139,7 @@ impl Observer for I2Checker {
                 .and_then(|a| a.get("openai-key-rotator/rotation-id"))
                 .cloned();
             let mut problems = Vec::new();
-            if ann.as_deref() != Some(j.rotation_id.as_str()) {
+            if ann.as_deref() != Some(j.rollout_id()) {
                 problems.push(format!("template carries {ann:?}"));
             }
             if rollout_status(&d) != RolloutStatus::Complete {
@@ -158,7 +158,7 @@ impl Observer for I2Checker {
                     .as_ref()
                     .and_then(|a| a.get("openai-key-rotator/rotation-id"))
                     .cloned();
-                if ready && !terminating && pod_id.as_deref() != Some(j.rotation_id.as_str()) {
+                if ready && !terminating && pod_id.as_deref() != Some(j.rollout_id()) {
                     problems.push(format!("ready pod {:?} runs {pod_id:?}", p.metadata.name));
                 }
             }
