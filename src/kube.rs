@@ -19,7 +19,9 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ObjectReference, Pod, Secret as K8sSecret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::NamespaceResourceScope;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{
+    Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
+};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::core::Selector;
 use kube::runtime::events::{self, Recorder, Reporter};
@@ -34,6 +36,14 @@ use std::time::Duration;
 /// The pod-template annotation a roll sets; its value is the rotation (rollout) id.
 pub const ROTATION_ANNOTATION: &str = "openai-key-rotator/rotation-id";
 
+/// On a Rollout (its own metadata, not the pod template): the rotation id of the last
+/// restart we asked for, and the `spec.restartAt` we set for it.
+pub const RESTART_AT_ANNOTATION: &str = "openai-key-rotator/restart-at";
+/// The rotation id and restart time of the restart before that (see
+/// [`WorkloadRoller::ready_pods_with`] for Rollouts).
+pub const PREVIOUS_ROTATION_ANNOTATION: &str = "openai-key-rotator/previous-rotation-id";
+pub const PREVIOUS_RESTART_AT_ANNOTATION: &str = "openai-key-rotator/previous-restart-at";
+
 /// Name under which writes (managedFields) and Events are attributed to us.
 const MANAGER: &str = "openai-key-rotator";
 /// Operation names reported to the [`CallObserver`] (a bounded metric label set).
@@ -42,6 +52,8 @@ pub const OPERATIONS: &[&str] = &[
     "workload.get",
     "workload.patch",
     "pods.list",
+    "rollout.get",
+    "rollout.patch",
     "secret.get",
     "secret.patch",
     "event.create",
@@ -290,14 +302,26 @@ impl KubeRoller {
             WorkloadKind::DaemonSet => {
                 Workload::DaemonSet(self.get("workload.get", ns, name, &what).await?)
             }
+            WorkloadKind::Rollout => {
+                let api = self.rollouts(ns);
+                Workload::Rollout(Box::new(
+                    self.call("rollout.get", &what, false, || api.get(name))
+                        .await?,
+                ))
+            }
         })
+    }
+
+    /// `argoproj.io/v1alpha1` Rollouts in `ns`, through kube's dynamic API.
+    fn rollouts(&self, ns: &str) -> Api<DynamicObject> {
+        Api::namespaced_with(self.client.clone(), ns, &rollout_resource())
     }
 
     /// Pods the workload's selector picks that are Ready and not terminating (terminating
     /// pods are out of the Service endpoints and on their way out, as kubectl counts them).
     async fn ready_pods(&self, w: &WorkloadRef, wl: &Workload) -> Result<Vec<Pod>, BackendError> {
         let selector = wl.selector().ok_or_else(|| invalid(w, "has no selector"))?;
-        let selector = Selector::try_from(selector.clone())
+        let selector = Selector::try_from(selector)
             .map_err(|e| invalid(w, &format!("has an unusable selector: {e}")))?;
         if selector.selects_all() {
             return Err(invalid(w, "has an empty selector"));
@@ -320,6 +344,26 @@ impl WorkloadRoller for KubeRoller {
             tracing::debug!(workload = %w, rollout_id, "already rolled to this id");
             return Ok(());
         }
+        if let Workload::Rollout(ro) = &current {
+            // What `kubectl argo rollouts restart` does: a merge patch of spec.restartAt.
+            // The pod template stays as it is (a template change would start a new
+            // canary/blue-green update with its steps); our id and the restart time go on
+            // the Rollout's own metadata, with the previous pair kept for
+            // `ready_pods_with`.
+            let patch = Patch::Merge(restart_patch(ro, rollout_id, chrono::Utc::now()));
+            let what = describe(w);
+            let api = self.rollouts(&w.namespace);
+            let params = PatchParams {
+                field_manager: Some(MANAGER.into()),
+                ..Default::default()
+            };
+            self.call("rollout.patch", &what, false, || {
+                api.patch(&w.name, &params, &patch)
+            })
+            .await?;
+            tracing::info!(workload = %w, rollout_id, "restarted");
+            return Ok(());
+        }
         // What `kubectl rollout restart` does, with our annotation: a strategic merge patch
         // of the pod template (no resourceVersion: it touches only our key).
         let patch = Patch::Strategic(serde_json::json!({
@@ -340,6 +384,7 @@ impl WorkloadRoller for KubeRoller {
                 self.patch::<DaemonSet>("workload.patch", ns, name, &what, &patch)
                     .await
             }
+            WorkloadKind::Rollout => Err(invalid(w, "is not a Rollout")),
         }?;
         tracing::info!(workload = %w, rollout_id, "rolled");
         Ok(())
@@ -361,8 +406,9 @@ impl WorkloadRoller for KubeRoller {
             }
             None => {
                 return Ok(RolloutState::Failed(format!(
-                    "{}'s pod template carries no {ROTATION_ANNOTATION} annotation (expected {rollout_id:?}): it was rolled back or replaced",
-                    describe(w)
+                    "{}'s {} carries no {ROTATION_ANNOTATION} annotation (expected {rollout_id:?}): it was rolled back or replaced",
+                    describe(w),
+                    if matches!(wl, Workload::Rollout(_)) { "metadata" } else { "pod template" }
                 )))
             }
         }
@@ -370,12 +416,24 @@ impl WorkloadRoller for KubeRoller {
         if state != RolloutState::Complete {
             return Ok(state);
         }
-        let stale = self
-            .ready_pods(w, &wl)
-            .await?
-            .iter()
-            .filter(|p| pod_rotation_id(p) != Some(rollout_id))
-            .count();
+        let pods = self.ready_pods(w, &wl).await?;
+        let stale = match &wl {
+            Workload::Rollout(ro) => {
+                let Some(since) = restart_at_of(ro) else {
+                    return Ok(RolloutState::Failed(format!(
+                        "{} carries no valid {RESTART_AT_ANNOTATION} annotation: it was not restarted by us",
+                        describe(w)
+                    )));
+                };
+                pods.iter()
+                    .filter(|p| !created_at_or_after(p, since))
+                    .count()
+            }
+            _ => pods
+                .iter()
+                .filter(|p| pod_rotation_id(p) != Some(rollout_id))
+                .count(),
+        };
         if stale == 0 {
             return Ok(RolloutState::Complete);
         }
@@ -395,13 +453,26 @@ impl WorkloadRoller for KubeRoller {
         rollout_id: &str,
     ) -> Result<u32, BackendError> {
         let wl = self.workload(w).await?;
-        let n = self
-            .ready_pods(w, &wl)
-            .await?
-            .iter()
-            .filter(|p| pod_rotation_id(p) == Some(rollout_id))
-            .count();
+        let pods = self.ready_pods(w, &wl).await?;
+        let n = match &wl {
+            Workload::Rollout(ro) => {
+                let window = restart_window(ro, rollout_id);
+                pods.iter().filter(|p| window.holds(p)).count()
+            }
+            _ => pods
+                .iter()
+                .filter(|p| pod_rotation_id(p) == Some(rollout_id))
+                .count(),
+        };
         Ok(u32::try_from(n).unwrap_or(u32::MAX))
+    }
+
+    async fn paused(&self, w: &WorkloadRef) -> Result<bool, BackendError> {
+        Ok(match self.workload(w).await? {
+            Workload::Deployment(d) => d.spec.and_then(|s| s.paused) == Some(true),
+            Workload::Rollout(ro) => rollout_paused(&ro),
+            Workload::StatefulSet(_) | Workload::DaemonSet(_) => false,
+        })
     }
 
     async fn secret_sha256(
@@ -450,7 +521,7 @@ impl WorkloadRoller for KubeRoller {
         let wl = self.workload(w).await?;
         let meta = wl.meta();
         let reference = ObjectReference {
-            api_version: Some("apps/v1".into()),
+            api_version: Some(w.kind.api_version().into()),
             kind: Some(w.kind.as_str().into()),
             namespace: Some(w.namespace.clone()),
             name: Some(w.name.clone()),
@@ -481,6 +552,8 @@ enum Workload {
     Deployment(Deployment),
     StatefulSet(StatefulSet),
     DaemonSet(DaemonSet),
+    /// An Argo Rollout, read through kube's dynamic API.
+    Rollout(Box<DynamicObject>),
 }
 
 impl Workload {
@@ -489,28 +562,35 @@ impl Workload {
             Workload::Deployment(d) => &d.metadata,
             Workload::StatefulSet(s) => &s.metadata,
             Workload::DaemonSet(d) => &d.metadata,
+            Workload::Rollout(r) => &r.metadata,
         }
     }
 
-    fn template_meta(&self) -> Option<&ObjectMeta> {
+    /// The metadata that carries our rotation id: the pod template's, or a Rollout's own.
+    fn id_meta(&self) -> Option<&ObjectMeta> {
         match self {
             Workload::Deployment(d) => d.spec.as_ref()?.template.metadata.as_ref(),
             Workload::StatefulSet(s) => s.spec.as_ref()?.template.metadata.as_ref(),
             Workload::DaemonSet(d) => d.spec.as_ref()?.template.metadata.as_ref(),
+            Workload::Rollout(r) => Some(&r.metadata),
         }
     }
 
-    fn selector(&self) -> Option<&LabelSelector> {
+    fn selector(&self) -> Option<LabelSelector> {
         match self {
-            Workload::Deployment(d) => d.spec.as_ref().map(|s| &s.selector),
-            Workload::StatefulSet(s) => s.spec.as_ref().map(|s| &s.selector),
-            Workload::DaemonSet(d) => d.spec.as_ref().map(|s| &s.selector),
+            Workload::Deployment(d) => d.spec.as_ref().map(|s| s.selector.clone()),
+            Workload::StatefulSet(s) => s.spec.as_ref().map(|s| s.selector.clone()),
+            Workload::DaemonSet(d) => d.spec.as_ref().map(|s| s.selector.clone()),
+            Workload::Rollout(r) => r
+                .data
+                .pointer("/spec/selector")
+                .and_then(|v| serde_json::from_value(v.clone()).ok()),
         }
     }
 
-    /// The rotation id the pod template carries.
+    /// The rotation id the pod template (a Rollout: its metadata) carries.
     fn rotation_id(&self) -> Option<&str> {
-        self.template_meta()?
+        self.id_meta()?
             .annotations
             .as_ref()?
             .get(ROTATION_ANNOTATION)
@@ -538,6 +618,7 @@ impl Workload {
             Workload::Deployment(d) => deployment_state(d),
             Workload::StatefulSet(s) => statefulset_state(s),
             Workload::DaemonSet(d) => daemonset_state(d),
+            Workload::Rollout(r) => argo_rollout_state(r),
         }
     }
 }
@@ -676,6 +757,241 @@ pub fn daemonset_state(d: &DaemonSet) -> RolloutState {
     if available < desired {
         return RolloutState::Progressing(format!(
             "Waiting for daemon set {name:?} rollout to finish: {available} of {desired} updated pods are available..."
+        ));
+    }
+    RolloutState::Complete
+}
+
+/// Argo Rollouts' `Rollout` as kube's dynamic API addresses it.
+pub fn rollout_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("argoproj.io", "v1alpha1", "Rollout"),
+        "rollouts",
+    )
+}
+
+fn annotation<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
+    meta.annotations.as_ref()?.get(key).map(String::as_str)
+}
+
+fn parse_time(s: &str) -> Option<i64> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.timestamp())
+}
+
+/// The `spec.restartAt` our last restart of the Rollout set, in seconds.
+fn restart_at_of(ro: &DynamicObject) -> Option<i64> {
+    annotation(&ro.metadata, RESTART_AT_ANNOTATION).and_then(parse_time)
+}
+
+/// The merge patch that restarts a Rollout for `rollout_id`, as `kubectl argo rollouts
+/// restart` does (`spec.restartAt`), with the id and time on the Rollout's metadata and the
+/// previous pair kept. The time is rounded up to the next whole second: Argo restarts the
+/// pods created *before* `restartAt` and creation times have whole seconds, so a pod that
+/// started earlier in the current second is restarted too (Argo waits until a future
+/// `restartAt`, here at most a second).
+pub fn restart_patch(
+    ro: &DynamicObject,
+    rollout_id: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> serde_json::Value {
+    let at = chrono::DateTime::from_timestamp(now.timestamp() + 1, 0)
+        .unwrap_or(now)
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let prev_id = annotation(&ro.metadata, ROTATION_ANNOTATION);
+    let prev_at = annotation(&ro.metadata, RESTART_AT_ANNOTATION);
+    serde_json::json!({
+        "metadata": {"annotations": {
+            ROTATION_ANNOTATION: rollout_id,
+            RESTART_AT_ANNOTATION: at,
+            PREVIOUS_ROTATION_ANNOTATION: prev_id,
+            PREVIOUS_RESTART_AT_ANNOTATION: prev_id.and(prev_at),
+        }},
+        "spec": {"restartAt": at}
+    })
+}
+
+fn created_second(p: &Pod) -> Option<i64> {
+    p.metadata
+        .creation_timestamp
+        .as_ref()
+        .map(|t| t.0.as_second())
+}
+
+/// Argo's own rule, inverted: its restart replaces every pod created before `restartAt`,
+/// so a pod created at or after it runs on what was published before the restart.
+fn created_at_or_after(p: &Pod, since: i64) -> bool {
+    created_second(p).is_some_and(|c| c >= since)
+}
+
+/// Which of a Rollout's pods belong to one of our restarts: created in `[from, until)`
+/// (`None`: none can be told to).
+struct RestartWindow(Option<(i64, Option<i64>)>);
+
+impl RestartWindow {
+    fn holds(&self, p: &Pod) -> bool {
+        match (self.0, created_second(p)) {
+            (Some((from, until)), Some(c)) => c >= from && until.is_none_or(|u| c < u),
+            // A pod without a creation time: count it while any window is open (safe side).
+            (Some(_), None) => true,
+            (None, _) => false,
+        }
+    }
+}
+
+/// The pods that still run on what restart `rollout_id` started with. Restarts do not
+/// label pods, so a Rollout remembers its last two restarts (id and `restartAt`): the
+/// current one owns the pods created since its time; the previous one those created
+/// between its time and the current one's. An older id owns, while the current restart is
+/// unfinished, every pod older than the current restart (it cannot be told apart; counting
+/// it errs on the side of keeping a key alive), and nothing once it has finished.
+fn restart_window(ro: &DynamicObject, rollout_id: &str) -> RestartWindow {
+    let meta = &ro.metadata;
+    let current = restart_at_of(ro);
+    if annotation(meta, ROTATION_ANNOTATION) == Some(rollout_id) {
+        return RestartWindow(Some((current.unwrap_or(i64::MIN), None)));
+    }
+    if annotation(meta, PREVIOUS_ROTATION_ANNOTATION) == Some(rollout_id) {
+        let from = annotation(meta, PREVIOUS_RESTART_AT_ANNOTATION)
+            .and_then(parse_time)
+            .unwrap_or(i64::MIN);
+        return RestartWindow(Some((from, current)));
+    }
+    match current {
+        Some(at) if !restart_finished(ro) => RestartWindow(Some((i64::MIN, Some(at)))),
+        _ => RestartWindow(None),
+    }
+}
+
+fn rollout_spec(ro: &DynamicObject) -> &serde_json::Value {
+    ro.data.get("spec").unwrap_or(&serde_json::Value::Null)
+}
+
+fn rollout_status(ro: &DynamicObject) -> &serde_json::Value {
+    ro.data.get("status").unwrap_or(&serde_json::Value::Null)
+}
+
+/// Argo marks a restart done by copying `spec.restartAt` into `status.restartedAt`.
+fn restart_finished(ro: &DynamicObject) -> bool {
+    let want = rollout_spec(ro).get("restartAt").and_then(|v| v.as_str());
+    let done = rollout_status(ro)
+        .get("restartedAt")
+        .and_then(|v| v.as_str());
+    match (want, done) {
+        (None, _) => true,
+        (Some(w), Some(d)) => parse_time(w).is_some() && parse_time(w) == parse_time(d),
+        (Some(_), None) => false,
+    }
+}
+
+/// A paused Rollout: `spec.paused` (manually) or pause conditions set by its controller
+/// (a canary pause step, an inconclusive analysis, ...). Either waits for a human.
+pub fn rollout_paused(ro: &DynamicObject) -> bool {
+    rollout_spec(ro).get("paused").and_then(|v| v.as_bool()) == Some(true)
+        || rollout_status(ro)
+            .get("pauseConditions")
+            .and_then(|v| v.as_array())
+            .is_some_and(|a| !a.is_empty())
+}
+
+fn int(v: &serde_json::Value, key: &str) -> Option<i64> {
+    v.get(key).and_then(|v| v.as_i64())
+}
+
+/// Where an Argo Rollout stands, by Argo's own rule (`GetRolloutPhase` /
+/// `CalculateRolloutPhase` in `utils/rollout`, what `kubectl argo rollouts status` waits
+/// on), made strict where the rotation needs it: the controller must have observed the
+/// current generation (a missing or unparsable `observedGeneration` waits, where Argo would
+/// take it for an old controller's), `Degraded`, an abort, `InvalidSpec` or a progress
+/// deadline fail (no waiting them out), the restart must be done
+/// (`status.restartedAt == spec.restartAt`), the phase `Healthy`, and updated and available
+/// replicas must reach `spec.replicas` (default 1).
+pub fn argo_rollout_state(ro: &DynamicObject) -> RolloutState {
+    let name = ro.metadata.name.as_deref().unwrap_or_default();
+    let spec = rollout_spec(ro);
+    let st = rollout_status(ro);
+    let observed = match st.get("observedGeneration") {
+        Some(serde_json::Value::String(s)) => s.parse::<i64>().ok(),
+        Some(v) => v.as_i64(),
+        None => None,
+    };
+    if observed.is_none_or(|o| o < ro.metadata.generation.unwrap_or(0)) {
+        return RolloutState::Progressing("waiting for rollout spec update to be observed".into());
+    }
+    let message = st.get("message").and_then(|v| v.as_str()).unwrap_or("");
+    if st.get("abort").and_then(|v| v.as_bool()) == Some(true) {
+        return RolloutState::Failed(format!("rollout {name:?} was aborted: {message}"));
+    }
+    for c in st
+        .get("conditions")
+        .and_then(|v| v.as_array())
+        .into_iter()
+        .flatten()
+    {
+        let field = |k: &str| c.get(k).and_then(|v| v.as_str()).unwrap_or("");
+        let reason = field("reason");
+        if field("type") == "InvalidSpec"
+            || reason == "RolloutAborted"
+            || reason == "ProgressDeadlineExceeded"
+        {
+            let why = if field("type") == "InvalidSpec" {
+                "InvalidSpec"
+            } else {
+                reason
+            };
+            return RolloutState::Failed(format!(
+                "rollout {name:?} is Degraded: {why}: {}",
+                field("message")
+            ));
+        }
+    }
+    let phase = st.get("phase").and_then(|v| v.as_str()).unwrap_or("");
+    if phase == "Degraded" {
+        return RolloutState::Failed(format!("rollout {name:?} is Degraded: {message}"));
+    }
+    let pause_conditions = st
+        .get("pauseConditions")
+        .and_then(|v| v.as_array())
+        .map_or(0, Vec::len);
+    if st.get("controllerPause").and_then(|v| v.as_bool()) == Some(true) && pause_conditions == 0 {
+        return RolloutState::Progressing("waiting for rollout to unpause".into());
+    }
+    if rollout_paused(ro) {
+        return RolloutState::Progressing(format!(
+            "rollout {name:?} is paused{}",
+            if message.is_empty() {
+                String::new()
+            } else {
+                format!(": {message}")
+            }
+        ));
+    }
+    if !restart_finished(ro) {
+        return RolloutState::Progressing(format!("rollout {name:?} is restarting"));
+    }
+    if !phase.is_empty() && phase != "Healthy" {
+        return RolloutState::Progressing(format!("rollout {name:?} is {phase}: {message}"));
+    }
+    let want = int(spec, "replicas").unwrap_or(1);
+    let updated = int(st, "updatedReplicas").unwrap_or(0);
+    let available = int(st, "availableReplicas").unwrap_or(0);
+    if updated < want {
+        return RolloutState::Progressing(format!(
+            "rollout {name:?}: {updated} of {want} replicas updated"
+        ));
+    }
+    if available < want {
+        return RolloutState::Progressing(format!(
+            "rollout {name:?}: {available} of {want} replicas available"
+        ));
+    }
+    let canary_without_routing = spec
+        .pointer("/strategy/canary")
+        .is_some_and(|c| c.get("trafficRouting").is_none());
+    if canary_without_routing && int(st, "replicas").unwrap_or(0) > updated {
+        return RolloutState::Progressing(format!(
+            "rollout {name:?}: old replicas are pending termination"
         ));
     }
     RolloutState::Complete
