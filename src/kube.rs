@@ -1435,9 +1435,9 @@ mod tests {
         assert_eq!(w.partition(), Some(2));
         assert_eq!(
             w.selector()
-                .and_then(|s| s.match_labels.as_ref())
-                .map(|m| m["app"].as_str()),
-            Some("db")
+                .and_then(|s| s.match_labels)
+                .map(|m| m["app"].clone()),
+            Some("db".to_string())
         );
         let d = Workload::Deployment(deployment(1, json!({}), json!({})));
         assert_eq!(d.rotation_id(), None);
