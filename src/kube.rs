@@ -1444,6 +1444,238 @@ mod tests {
         assert_eq!(d.partition(), None);
     }
 
+    fn rollout(
+        generation: i64,
+        spec: serde_json::Value,
+        status: serde_json::Value,
+    ) -> DynamicObject {
+        let mut spec_full = json!({
+            "replicas": 3,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": []}},
+            "strategy": {"canary": {}},
+            "restartAt": "2026-01-01T00:00:10Z"
+        });
+        for (k, v) in spec.as_object().expect("object") {
+            spec_full[k] = v.clone();
+        }
+        from(json!({
+            "apiVersion": "argoproj.io/v1alpha1", "kind": "Rollout",
+            "metadata": {"name": "web", "namespace": "ns", "generation": generation,
+                         "annotations": {ROTATION_ANNOTATION: "r2", RESTART_AT_ANNOTATION: "2026-01-01T00:00:10Z",
+                                         PREVIOUS_ROTATION_ANNOTATION: "r1", PREVIOUS_RESTART_AT_ANNOTATION: "2026-01-01T00:00:05Z"}},
+            "spec": spec_full,
+            "status": status
+        }))
+    }
+
+    fn healthy(extra: serde_json::Value) -> serde_json::Value {
+        let mut st = json!({"observedGeneration": "2", "phase": "Healthy", "message": "",
+                            "replicas": 3, "updatedReplicas": 3, "readyReplicas": 3, "availableReplicas": 3,
+                            "restartedAt": "2026-01-01T00:00:10Z", "currentPodHash": "abc", "stableRS": "abc"});
+        for (k, v) in extra.as_object().expect("object") {
+            st[k] = v.clone();
+        }
+        st
+    }
+
+    #[test]
+    fn rollout_rules_follow_argo() {
+        assert_eq!(
+            argo_rollout_state(&rollout(2, json!({}), healthy(json!({})))),
+            RolloutState::Complete
+        );
+        // observedGeneration may also be a number (older controllers).
+        assert_eq!(
+            argo_rollout_state(&rollout(
+                2,
+                json!({}),
+                healthy(json!({"observedGeneration": 2}))
+            )),
+            RolloutState::Complete
+        );
+        // Negative control: a Healthy phase the controller computed for an older generation
+        // (the restart patch not yet seen) is no completion.
+        for stale in [
+            json!("1"),
+            json!(1),
+            json!("not-a-number"),
+            serde_json::Value::Null,
+        ] {
+            let mut st = healthy(json!({}));
+            st["observedGeneration"] = stale.clone();
+            assert_eq!(
+                progressing(argo_rollout_state(&rollout(2, json!({}), st))),
+                "waiting for rollout spec update to be observed",
+                "{stale}"
+            );
+        }
+        // The restart not yet done (status.restartedAt behind spec.restartAt) waits even when
+        // the phase still says Healthy.
+        let m = progressing(argo_rollout_state(&rollout(
+            2,
+            json!({}),
+            healthy(json!({"restartedAt": "2026-01-01T00:00:05Z"})),
+        )));
+        assert!(m.contains("restarting"), "{m}");
+        let m = progressing(argo_rollout_state(&rollout(
+            2,
+            json!({}),
+            healthy(json!({"phase": "Progressing", "message": "more replicas need to be updated"})),
+        )));
+        assert!(m.contains("Progressing: more replicas"), "{m}");
+        // Counts short of spec.replicas wait, whatever the phase says.
+        let m = progressing(argo_rollout_state(&rollout(
+            2,
+            json!({}),
+            healthy(json!({"availableReplicas": 2})),
+        )));
+        assert!(m.contains("2 of 3 replicas available"), "{m}");
+        let m = progressing(argo_rollout_state(&rollout(
+            2,
+            json!({}),
+            healthy(json!({"updatedReplicas": 1})),
+        )));
+        assert!(m.contains("1 of 3 replicas updated"), "{m}");
+        // Degraded, an abort, InvalidSpec and a progress deadline fail at once.
+        let m = failed(argo_rollout_state(&rollout(
+            2,
+            json!({}),
+            healthy(json!({"phase": "Degraded", "message": "ProgressDeadlineExceeded: timed out"})),
+        )));
+        assert!(m.contains("Degraded") && m.contains("timed out"), "{m}");
+        let m = failed(argo_rollout_state(&rollout(
+            2,
+            json!({}),
+            healthy(json!({"abort": true, "phase": "Degraded", "message": "RolloutAborted: x"})),
+        )));
+        assert!(m.contains("aborted"), "{m}");
+        for (type_, reason) in [
+            ("InvalidSpec", "InvalidSpec"),
+            ("Progressing", "RolloutAborted"),
+            ("Progressing", "ProgressDeadlineExceeded"),
+        ] {
+            let st = healthy(
+                json!({"phase": "", "conditions": [{"type": type_, "status": "False", "reason": reason, "message": "m"}]}),
+            );
+            let m = failed(argo_rollout_state(&rollout(2, json!({}), st)));
+            assert!(m.contains(reason), "{m}");
+        }
+        // Paused (by hand or at a canary pause step) and unpausing wait.
+        let m = progressing(argo_rollout_state(&rollout(
+            2,
+            json!({"paused": true}),
+            healthy(json!({"phase": "Paused", "message": "manually paused"})),
+        )));
+        assert!(m.contains("paused"), "{m}");
+        let m = progressing(argo_rollout_state(&rollout(
+            2,
+            json!({}),
+            healthy(
+                json!({"pauseConditions": [{"reason": "CanaryPauseStep"}], "controllerPause": true}),
+            ),
+        )));
+        assert!(m.contains("paused"), "{m}");
+        let m = progressing(argo_rollout_state(&rollout(
+            2,
+            json!({}),
+            healthy(json!({"controllerPause": true})),
+        )));
+        assert_eq!(m, "waiting for rollout to unpause");
+        // A basic canary with old replicas left waits for them to go.
+        let m = progressing(argo_rollout_state(&rollout(
+            2,
+            json!({}),
+            healthy(json!({"replicas": 4})),
+        )));
+        assert!(m.contains("old replicas"), "{m}");
+        // replicas defaults to 1.
+        let mut r = rollout(
+            2,
+            json!({}),
+            healthy(json!({"replicas": 1, "updatedReplicas": 1, "availableReplicas": 1})),
+        );
+        r.data["spec"].as_object_mut().unwrap().remove("replicas");
+        assert_eq!(argo_rollout_state(&r), RolloutState::Complete);
+    }
+
+    #[test]
+    fn rollout_paused_reads_spec_and_pause_conditions() {
+        assert!(!rollout_paused(&rollout(1, json!({}), healthy(json!({})))));
+        assert!(rollout_paused(&rollout(
+            1,
+            json!({"paused": true}),
+            healthy(json!({}))
+        )));
+        assert!(rollout_paused(&rollout(
+            1,
+            json!({}),
+            healthy(json!({"pauseConditions": [{"reason": "CanaryPauseStep"}]}))
+        )));
+        assert!(!rollout_paused(&rollout(
+            1,
+            json!({"paused": false}),
+            healthy(json!({"pauseConditions": []}))
+        )));
+    }
+
+    #[test]
+    fn restart_patch_rounds_up_and_keeps_the_previous_restart() {
+        let ro = rollout(2, json!({}), healthy(json!({})));
+        let now = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:01:00.250Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        let p = restart_patch(&ro, "r3", now);
+        assert_eq!(p["spec"]["restartAt"], "2026-01-01T00:01:01Z");
+        let a = &p["metadata"]["annotations"];
+        assert_eq!(a[ROTATION_ANNOTATION], "r3");
+        assert_eq!(a[RESTART_AT_ANNOTATION], "2026-01-01T00:01:01Z");
+        assert_eq!(a[PREVIOUS_ROTATION_ANNOTATION], "r2");
+        assert_eq!(a[PREVIOUS_RESTART_AT_ANNOTATION], "2026-01-01T00:00:10Z");
+        // Nothing to keep on a first restart: the previous pair is cleared (merge-patch null).
+        let mut fresh = ro.clone();
+        fresh.metadata.annotations = None;
+        let p = restart_patch(&fresh, "r1", now);
+        assert!(p["metadata"]["annotations"][PREVIOUS_ROTATION_ANNOTATION].is_null());
+        assert!(p["metadata"]["annotations"][PREVIOUS_RESTART_AT_ANNOTATION].is_null());
+    }
+
+    #[test]
+    fn restart_windows_tell_which_pods_a_restart_made() {
+        let pod = |created: &str| -> Pod {
+            from(json!({"metadata": {"name": "p", "creationTimestamp": created}}))
+        };
+        let (before, between, after) = (
+            pod("2026-01-01T00:00:01Z"),
+            pod("2026-01-01T00:00:07Z"),
+            pod("2026-01-01T00:00:10Z"),
+        );
+        let ro = rollout(2, json!({}), healthy(json!({})));
+        let w = restart_window(&ro, "r2");
+        assert!(!w.holds(&before) && !w.holds(&between) && w.holds(&after));
+        let w = restart_window(&ro, "r1");
+        assert!(!w.holds(&before) && w.holds(&between) && !w.holds(&after));
+        // An older id: nothing once the current restart is done...
+        assert!(!restart_window(&ro, "r0").holds(&before));
+        // ...and every older pod while it is not (the safe side).
+        let unfinished = rollout(
+            2,
+            json!({}),
+            healthy(json!({"restartedAt": "2026-01-01T00:00:05Z"})),
+        );
+        let w = restart_window(&unfinished, "r0");
+        assert!(w.holds(&before) && w.holds(&between) && !w.holds(&after));
+        // Argo's rule: a pod created at restartAt is new.
+        assert!(created_at_or_after(
+            &after,
+            parse_time("2026-01-01T00:00:10Z").unwrap()
+        ));
+        assert!(!created_at_or_after(
+            &between,
+            parse_time("2026-01-01T00:00:10Z").unwrap()
+        ));
+    }
+
     #[test]
     fn ready_means_condition_true_and_not_terminating() {
         let pod = |ready: &str, deleting: bool| -> Pod {
