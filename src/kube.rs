@@ -790,13 +790,25 @@ fn restart_at_of(ro: &DynamicObject) -> Option<i64> {
 /// previous pair kept. The time is rounded up to the next whole second: Argo restarts the
 /// pods created *before* `restartAt` and creation times have whole seconds, so a pod that
 /// started earlier in the current second is restarted too (Argo waits until a future
-/// `restartAt`, here at most a second).
+/// `restartAt`, here about a second). It is also later than the Rollout's last restart.
 pub fn restart_patch(
     ro: &DynamicObject,
     rollout_id: &str,
     now: chrono::DateTime<chrono::Utc>,
 ) -> serde_json::Value {
-    let at = chrono::DateTime::from_timestamp(now.timestamp() + 1, 0)
+    // Strictly after the last restart too: two restarts within one second (a rollback
+    // right after a restart that degraded) would otherwise set the same restartAt, which
+    // Argo takes as already done.
+    let last = [
+        rollout_spec(ro).get("restartAt").and_then(|v| v.as_str()),
+        annotation(&ro.metadata, RESTART_AT_ANNOTATION),
+    ]
+    .into_iter()
+    .flatten()
+    .filter_map(parse_time)
+    .max();
+    let secs = (now.timestamp() + 1).max(last.map_or(i64::MIN, |l| l + 1));
+    let at = chrono::DateTime::from_timestamp(secs, 0)
         .unwrap_or(now)
         .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let prev_id = annotation(&ro.metadata, ROTATION_ANNOTATION);
@@ -1627,6 +1639,17 @@ mod tests {
             .with_timezone(&chrono::Utc);
         let p = restart_patch(&ro, "r3", now);
         assert_eq!(p["spec"]["restartAt"], "2026-01-01T00:01:01Z");
+        // Within the second of the last restart (or before it, a skewed clock): one second
+        // after it, never the same restartAt (Argo would take that as done).
+        for early in ["2026-01-01T00:00:09.500Z", "2026-01-01T00:00:03Z"] {
+            let t = chrono::DateTime::parse_from_rfc3339(early)
+                .unwrap()
+                .with_timezone(&chrono::Utc);
+            assert_eq!(
+                restart_patch(&ro, "r3", t)["spec"]["restartAt"],
+                "2026-01-01T00:00:11Z"
+            );
+        }
         let a = &p["metadata"]["annotations"];
         assert_eq!(a[ROTATION_ANNOTATION], "r3");
         assert_eq!(a[RESTART_AT_ANNOTATION], "2026-01-01T00:01:01Z");
