@@ -1105,3 +1105,177 @@ async fn kubectl_gets_restarts_and_waits_for_statefulsets_and_daemonsets() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn kubectl_gets_patches_and_waits_for_argo_rollouts() {
+    let (sim, server) = start(100).await;
+    let k = Kubectl::new(&server, "demo");
+    // Created by kubectl from a manifest, as a user would (the simulator serves no OpenAPI
+    // documents for client-side validation).
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("rollout.json");
+    std::fs::write(
+        &manifest,
+        serde_json::to_string(&KubeSim::simple_rollout("demo", "web", 2)).unwrap(),
+    )
+    .unwrap();
+    let out = k
+        .ok(&[
+            "create",
+            "--validate=false",
+            "-f",
+            manifest.to_str().unwrap(),
+        ])
+        .await;
+    assert!(out.contains("rollout.argoproj.io/web created"), "{out}");
+    k.ok(&[
+        "wait",
+        "--for=jsonpath={.status.phase}=Healthy",
+        "rollout/web",
+        "--timeout=30s",
+    ])
+    .await;
+    // The table has the CRD's printer columns; the short name and the full name resolve.
+    let table = k.ok(&["get", "rollouts.argoproj.io"]).await;
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        [
+            "NAME",
+            "DESIRED",
+            "CURRENT",
+            "UP-TO-DATE",
+            "AVAILABLE",
+            "AGE"
+        ],
+        "{table}"
+    );
+    let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(&row[..5], ["web", "2", "2", "2", "2"], "{table}");
+    let ro: Value = serde_json::from_str(&k.ok(&["get", "ro", "web", "-o", "json"]).await).unwrap();
+    assert_eq!(ro["apiVersion"], "argoproj.io/v1alpha1");
+    assert_eq!(
+        ro["status"]["observedGeneration"],
+        ro["metadata"]["generation"].to_string()
+    );
+    let before: Vec<String> = active_pods(&sim.pods("demo", "app=web"))
+        .iter()
+        .map(|p| p.metadata.name.clone().unwrap())
+        .collect();
+
+    // `kubectl argo rollouts restart` is a merge patch of spec.restartAt; the simulated
+    // controller replaces every older pod, then records status.restartedAt.
+    let at = (chrono::Utc::now() + chrono::Duration::seconds(1))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let patch = format!(r#"{{"spec":{{"restartAt":"{at}"}}}}"#);
+    let out = k
+        .ok(&["patch", "rollout", "web", "--type", "merge", "-p", &patch])
+        .await;
+    assert!(out.contains("rollout.argoproj.io/web patched"), "{out}");
+    k.ok(&[
+        "wait",
+        &format!("--for=jsonpath={{.status.restartedAt}}={at}"),
+        "rollout/web",
+        "--timeout=30s",
+    ])
+    .await;
+    k.ok(&[
+        "wait",
+        "--for=jsonpath={.status.phase}=Healthy",
+        "rollout/web",
+        "--timeout=30s",
+    ])
+    .await;
+    let pods = sim.pods("demo", "app=web");
+    let after = active_pods(&pods)
+        .into_iter()
+        .filter(|p| is_ready(p))
+        .collect::<Vec<_>>();
+    assert_eq!(after.len(), 2);
+    for p in after {
+        assert!(!before.contains(p.metadata.name.as_ref().unwrap()));
+        let created = p
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .unwrap()
+            .0
+            .as_second();
+        let at_s = chrono::DateTime::parse_from_rfc3339(&at)
+            .unwrap()
+            .timestamp();
+        assert!(
+            created >= at_s,
+            "{:?} created before restartAt",
+            p.metadata.name
+        );
+        assert!(
+            p.metadata
+                .labels
+                .as_ref()
+                .unwrap()
+                .contains_key("rollouts-pod-template-hash"),
+            "{:?}",
+            p.metadata.labels
+        );
+    }
+
+    // A strategic merge patch is refused as for every custom resource.
+    let out = k
+        .run(&[
+            "patch",
+            "rollout",
+            "web",
+            "-p",
+            r#"{"spec":{"paused":true}}"#,
+        ])
+        .await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("merge-patch+json"), "{err}");
+    // Paused by hand: phase Paused.
+    k.ok(&[
+        "patch",
+        "ro",
+        "web",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"paused":true}}"#,
+    ])
+    .await;
+    k.ok(&[
+        "wait",
+        "--for=jsonpath={.status.phase}=Paused",
+        "rollout/web",
+        "--timeout=30s",
+    ])
+    .await;
+    let msg = k
+        .ok(&["get", "ro", "web", "-o", "jsonpath={.status.message}"])
+        .await;
+    assert_eq!(msg, "manually paused");
+    // Aborted through the test hook: Degraded, status.abort.
+    k.ok(&[
+        "patch",
+        "ro",
+        "web",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"paused":false}}"#,
+    ])
+    .await;
+    sim.set_rollout_aborted("demo", "web", true);
+    k.ok(&[
+        "wait",
+        "--for=jsonpath={.status.abort}=true",
+        "rollout/web",
+        "--timeout=30s",
+    ])
+    .await;
+    let phase = k
+        .ok(&["get", "ro", "web", "-o", "jsonpath={.status.phase}"])
+        .await;
+    assert_eq!(phase, "Degraded");
+}
