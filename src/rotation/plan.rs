@@ -2,7 +2,7 @@
 
 use super::engine::{Engine, EngineError};
 use super::journal::account_name;
-use crate::config::Target;
+use crate::config::{Target, WorkloadKind};
 
 impl Engine {
     /// What a rotation of `target` would do, touching nothing.
@@ -12,6 +12,9 @@ impl Engine {
             .read_key(&target.vault_path, &target.vault_field)
             .await?;
         let mut plan = Vec::new();
+        if let Some(why) = self.refusal(target).await {
+            plan.push(format!("refused: {why}"));
+        }
         let name = account_name(&self.account_prefix(), &target.name, "<rotation-id>");
         plan.push(format!(
             "mint: create service account {name} in project {}",
@@ -34,9 +37,12 @@ impl Engine {
             ));
         }
         for w in &target.workloads {
-            plan.push(format!(
-                "roll: annotate {w} with openai-key-rotator/rotation-id"
-            ));
+            plan.push(match w.kind {
+                WorkloadKind::Rollout => format!(
+                    "roll: restart {w} through spec.restartAt (its id in the Rollout's openai-key-rotator/rotation-id)"
+                ),
+                _ => format!("roll: annotate {w} with openai-key-rotator/rotation-id"),
+            });
         }
         plan.push(format!(
             "verify: rollouts complete within {:?}, the new key answers GET /v1/models, {} smoke probe(s)",

@@ -1008,6 +1008,20 @@ async fn dry_run_plan_touches_nothing() {
         text.contains(&format!("retire: delete service account {}", w.old.id)),
         "{text}"
     );
+    assert!(!text.contains("refused"), "{text}");
+    // A Rollout is restarted, and a paused workload is named as the refusal.
+    let ro: WorkloadRef = "demo/Rollout/canary".parse().unwrap();
+    w.target.workloads.push(ro.clone());
+    w.roller.set_paused(&ro, true);
+    let text = w.engine().plan(&w.target).await.unwrap().join("\n");
+    assert!(
+        text.contains("roll: restart demo/Rollout/canary through spec.restartAt"),
+        "{text}"
+    );
+    assert!(
+        text.starts_with("refused: target chat: workload demo/Rollout/canary is paused"),
+        "{text}"
+    );
     assert!(w.log.entries().is_empty(), "{:?}", w.log.entries());
     assert!(!text.contains(w.old.key.expose()));
 }
