@@ -1312,7 +1312,7 @@ async fn a_degraded_rollout_rolls_back_and_a_paused_one_is_refused_before_mintin
     assert_eq!(j.status, Status::RolledBack, "{j:#?}");
     assert!(
         started.elapsed() < Duration::from_secs(25),
-        "did not wait out the timeout"
+        "rolled back only at rollout_timeout, not when the Rollout degraded"
     );
     assert_eq!(i1.finish(), Vec::<String>::new());
     let err = j.error.clone().unwrap();
