@@ -1279,3 +1279,80 @@ async fn kubectl_gets_patches_and_waits_for_argo_rollouts() {
         .await;
     assert_eq!(phase, "Degraded");
 }
+
+#[tokio::test]
+async fn the_simulated_argo_controller_restarts_one_pod_at_a_time_and_waits_for_restart_at() {
+    use openai_key_rotator::sandbox::kube::WorkloadKind;
+    let (sim, _server) = start(150).await;
+    sim.create_rollout(KubeSim::simple_rollout("demo", "web", 3))
+        .unwrap();
+    assert!(
+        sim.wait_rollout_complete_for(
+            WorkloadKind::Rollout,
+            "demo",
+            "web",
+            Duration::from_secs(15)
+        )
+        .await
+    );
+    let ready = |sim: &KubeSim| {
+        sim.pods("demo", "app=web")
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none() && is_ready(p))
+            .map(|p| p.metadata.name.unwrap())
+            .collect::<Vec<_>>()
+    };
+    let before = ready(&sim);
+    assert_eq!(before.len(), 3);
+    let rs_before = sim.replica_sets("demo", "app=web");
+    assert_eq!(rs_before.len(), 1);
+
+    // A restartAt two seconds ahead: nothing happens before it.
+    let at_s = chrono::Utc::now().timestamp() + 2;
+    let at = chrono::DateTime::from_timestamp(at_s, 0)
+        .unwrap()
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let gen = sim
+        .update_rollout("demo", "web", |r| r["spec"]["restartAt"] = json!(at))
+        .unwrap()["metadata"]["generation"]
+        .as_i64()
+        .unwrap();
+    let mut phases = Vec::new();
+    let mut min_ready = usize::MAX;
+    let t = Instant::now();
+    loop {
+        let ro = sim.rollout("demo", "web").unwrap();
+        let phase = ro["status"]["phase"].as_str().unwrap_or("").to_string();
+        if phases.last() != Some(&phase) {
+            phases.push(phase.clone());
+        }
+        let now_ready = ready(&sim);
+        if chrono::Utc::now().timestamp() < at_s - 1 {
+            assert_eq!(now_ready, before, "a pod was replaced before restartAt");
+        }
+        min_ready = min_ready.min(now_ready.len());
+        if ro["status"]["restartedAt"] == json!(at) && phase == "Healthy" {
+            assert_eq!(ro["status"]["observedGeneration"], json!(gen.to_string()));
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "{ro:#}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // maxUnavailable 1: never fewer than two ready pods; all three replaced in place.
+    assert!(min_ready >= 2, "{min_ready}");
+    assert!(phases.contains(&"Progressing".to_string()), "{phases:?}");
+    let after = ready(&sim);
+    assert_eq!(after.len(), 3);
+    assert!(
+        after.iter().all(|p| !before.contains(p)),
+        "{after:?} {before:?}"
+    );
+    let rs_after = sim.replica_sets("demo", "app=web");
+    assert_eq!(rs_after.len(), 1, "same ReplicaSet, no new template hash");
+    assert_eq!(rs_after[0].metadata.name, rs_before[0].metadata.name);
+    for p in sim.pods("demo", "app=web") {
+        if p.metadata.deletion_timestamp.is_none() {
+            assert!(p.metadata.creation_timestamp.unwrap().0.as_second() >= at_s);
+        }
+    }
+}
