@@ -1356,3 +1356,76 @@ async fn the_simulated_argo_controller_restarts_one_pod_at_a_time_and_waits_for_
         }
     }
 }
+
+#[tokio::test]
+async fn kube_rs_discovers_lists_patches_and_watches_rollouts_dynamically() {
+    use kube::api::{ApiResource, DynamicObject};
+    use kube::discovery::{Discovery, Scope};
+    let (sim, server) = start(50).await;
+    sim.create_rollout(KubeSim::simple_rollout("demo", "web", 1))
+        .unwrap();
+    let client = kube_client(&server, "demo").await;
+    // kube's discovery finds the group, its one version and the resource.
+    let discovery = Discovery::new(client.clone()).run().await.unwrap();
+    let group = discovery
+        .groups()
+        .find(|g| g.name() == "argoproj.io")
+        .expect("argoproj.io discovered");
+    assert_eq!(group.preferred_version_or_latest(), "v1alpha1");
+    let (ar, caps): (ApiResource, _) = group
+        .recommended_resources()
+        .into_iter()
+        .find(|(r, _)| r.kind == "Rollout")
+        .unwrap();
+    assert_eq!(ar.plural, "rollouts");
+    assert_eq!(caps.scope, Scope::Namespaced);
+    let api: Api<DynamicObject> = Api::namespaced_with(client, "demo", &ar);
+    let list = api
+        .list(&ListParams::default().labels("app=web"))
+        .await
+        .unwrap();
+    assert_eq!(list.items.len(), 1);
+    let rv = list.metadata.resource_version.clone().unwrap();
+    // A watch from the list's resourceVersion sees the restart patch and the controller's
+    // status writes.
+    let mut stream = api
+        .watch(&WatchParams::default().fields("metadata.name=web"), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    let at = (chrono::Utc::now() + chrono::Duration::seconds(1))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    api.patch(
+        "web",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"restartAt": at}})),
+    )
+    .await
+    .unwrap();
+    let t = Instant::now();
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("a watch event")
+            .expect("stream open")
+            .unwrap();
+        if let WatchEvent::Modified(o) = ev {
+            if o.data["status"]["restartedAt"] == json!(at)
+                && o.data["status"]["phase"] == "Healthy"
+            {
+                break;
+            }
+        }
+        assert!(t.elapsed() < Duration::from_secs(20));
+    }
+    // A strategic merge patch gets the API server's 415.
+    let err = api
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Strategic(json!({"spec": {"paused": true}})),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(api_code(&err).0, 415, "{err}");
+}
