@@ -2,6 +2,13 @@
 //! rollouts by kubectl's `rollout status` rule plus "every ready pod carries the rotation
 //! id", reads synced Secrets by hash only, and records Events on the rolled workloads.
 //!
+//! Argo Rollouts (`argoproj.io/v1alpha1`, through kube's `DynamicObject`) are restarted
+//! instead, by a merge patch of `spec.restartAt` (see [`restart_patch`]), judged by Argo's
+//! own rule ([`argo_rollout_state`]), and a ready pod runs the restart when it was created
+//! at or after its `restartAt` (Argo replaces every older pod; the template, and so the
+//! pods' annotations, do not change). [`WorkloadRoller::paused`] reads `spec.paused` of a
+//! Deployment and `spec.paused` / `status.pauseConditions` of a Rollout.
+//!
 //! Every request takes the shared observed path ([`crate::retry::Call`]): a per-attempt
 //! timeout (`kubernetes.request_timeout`), bounded retry on 409/429/5xx/transport failures
 //! with the `[kubernetes]` policy (the API server's `retryAfterSeconds` honoured up to
