@@ -378,8 +378,8 @@ pub struct Target {
     pub vault_path: String,
     #[serde(default = "default_vault_field")]
     pub vault_field: String,
-    /// `namespace/kind/name`, kind one of Deployment, StatefulSet, DaemonSet. With `waves`,
-    /// every wave's workloads in order (filled in at load).
+    /// `namespace/kind/name`, kind one of Deployment, StatefulSet, DaemonSet, Rollout
+    /// (Argo Rollouts). With `waves`, every wave's workloads in order (filled in at load).
     #[serde(default)]
     pub workloads: Vec<WorkloadRef>,
     /// Staged rollout instead of `workloads`: each wave is rolled and verified before the
@@ -616,6 +616,9 @@ pub enum WorkloadKind {
     Deployment,
     StatefulSet,
     DaemonSet,
+    /// An Argo Rollouts `Rollout` (`argoproj.io/v1alpha1`), restarted through
+    /// `spec.restartAt` rather than a pod-template change.
+    Rollout,
 }
 
 impl WorkloadKind {
@@ -624,6 +627,15 @@ impl WorkloadKind {
             WorkloadKind::Deployment => "Deployment",
             WorkloadKind::StatefulSet => "StatefulSet",
             WorkloadKind::DaemonSet => "DaemonSet",
+            WorkloadKind::Rollout => "Rollout",
+        }
+    }
+
+    /// The API group/version the kind is served under.
+    pub fn api_version(self) -> &'static str {
+        match self {
+            WorkloadKind::Rollout => "argoproj.io/v1alpha1",
+            _ => "apps/v1",
         }
     }
 }
@@ -655,9 +667,10 @@ impl FromStr for WorkloadRef {
             "deployment" | "deployments" | "deploy" => WorkloadKind::Deployment,
             "statefulset" | "statefulsets" | "sts" => WorkloadKind::StatefulSet,
             "daemonset" | "daemonsets" | "ds" => WorkloadKind::DaemonSet,
+            "rollout" | "rollouts" | "ro" => WorkloadKind::Rollout,
             _ => {
                 return Err(format!(
-                    "invalid workload {s:?}: kind {kind:?} is not one of Deployment, StatefulSet, DaemonSet"
+                    "invalid workload {s:?}: kind {kind:?} is not one of Deployment, StatefulSet, DaemonSet, Rollout"
                 ))
             }
         };
@@ -1907,7 +1920,7 @@ mod props {
         fn prop_workload_parses_without_panic_and_round_trips(
             s in prop_oneof![
                 "\\PC{0,40}",
-                "[a-z0-9.-]{0,12}/(Deployment|deploy|sts|DaemonSet|ds|CronJob|x)/[a-zA-Z0-9.-]{0,12}",
+                "[a-z0-9.-]{0,12}/(Deployment|deploy|sts|DaemonSet|ds|Rollout|ro|CronJob|x)/[a-zA-Z0-9.-]{0,12}",
             ]
         ) {
             if let Ok(w) = s.parse::<WorkloadRef>() {

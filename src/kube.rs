@@ -2,6 +2,13 @@
 //! rollouts by kubectl's `rollout status` rule plus "every ready pod carries the rotation
 //! id", reads synced Secrets by hash only, and records Events on the rolled workloads.
 //!
+//! Argo Rollouts (`argoproj.io/v1alpha1`, through kube's `DynamicObject`) are restarted
+//! instead, by a merge patch of `spec.restartAt` (see [`restart_patch`]), judged by Argo's
+//! own rule ([`argo_rollout_state`]), and a ready pod runs the restart when it was created
+//! at or after its `restartAt` (Argo replaces every older pod; the template, and so the
+//! pods' annotations, do not change). [`WorkloadRoller::paused`] reads `spec.paused` of a
+//! Deployment and `spec.paused` / `status.pauseConditions` of a Rollout.
+//!
 //! Every request takes the shared observed path ([`crate::retry::Call`]): a per-attempt
 //! timeout (`kubernetes.request_timeout`), bounded retry on 409/429/5xx/transport failures
 //! with the `[kubernetes]` policy (the API server's `retryAfterSeconds` honoured up to
@@ -19,7 +26,9 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ObjectReference, Pod, Secret as K8sSecret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::NamespaceResourceScope;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{
+    Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
+};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::core::Selector;
 use kube::runtime::events::{self, Recorder, Reporter};
@@ -34,6 +43,14 @@ use std::time::Duration;
 /// The pod-template annotation a roll sets; its value is the rotation (rollout) id.
 pub const ROTATION_ANNOTATION: &str = "openai-key-rotator/rotation-id";
 
+/// On a Rollout (its own metadata, not the pod template): the rotation id of the last
+/// restart we asked for, and the `spec.restartAt` we set for it.
+pub const RESTART_AT_ANNOTATION: &str = "openai-key-rotator/restart-at";
+/// The rotation id and restart time of the restart before that (see
+/// [`WorkloadRoller::ready_pods_with`] for Rollouts).
+pub const PREVIOUS_ROTATION_ANNOTATION: &str = "openai-key-rotator/previous-rotation-id";
+pub const PREVIOUS_RESTART_AT_ANNOTATION: &str = "openai-key-rotator/previous-restart-at";
+
 /// Name under which writes (managedFields) and Events are attributed to us.
 const MANAGER: &str = "openai-key-rotator";
 /// Operation names reported to the [`CallObserver`] (a bounded metric label set).
@@ -42,6 +59,8 @@ pub const OPERATIONS: &[&str] = &[
     "workload.get",
     "workload.patch",
     "pods.list",
+    "rollout.get",
+    "rollout.patch",
     "secret.get",
     "secret.patch",
     "event.create",
@@ -290,14 +309,26 @@ impl KubeRoller {
             WorkloadKind::DaemonSet => {
                 Workload::DaemonSet(self.get("workload.get", ns, name, &what).await?)
             }
+            WorkloadKind::Rollout => {
+                let api = self.rollouts(ns);
+                Workload::Rollout(Box::new(
+                    self.call("rollout.get", &what, false, || api.get(name))
+                        .await?,
+                ))
+            }
         })
+    }
+
+    /// `argoproj.io/v1alpha1` Rollouts in `ns`, through kube's dynamic API.
+    fn rollouts(&self, ns: &str) -> Api<DynamicObject> {
+        Api::namespaced_with(self.client.clone(), ns, &rollout_resource())
     }
 
     /// Pods the workload's selector picks that are Ready and not terminating (terminating
     /// pods are out of the Service endpoints and on their way out, as kubectl counts them).
     async fn ready_pods(&self, w: &WorkloadRef, wl: &Workload) -> Result<Vec<Pod>, BackendError> {
         let selector = wl.selector().ok_or_else(|| invalid(w, "has no selector"))?;
-        let selector = Selector::try_from(selector.clone())
+        let selector = Selector::try_from(selector)
             .map_err(|e| invalid(w, &format!("has an unusable selector: {e}")))?;
         if selector.selects_all() {
             return Err(invalid(w, "has an empty selector"));
@@ -320,6 +351,26 @@ impl WorkloadRoller for KubeRoller {
             tracing::debug!(workload = %w, rollout_id, "already rolled to this id");
             return Ok(());
         }
+        if let Workload::Rollout(ro) = &current {
+            // What `kubectl argo rollouts restart` does: a merge patch of spec.restartAt.
+            // The pod template stays as it is (a template change would start a new
+            // canary/blue-green update with its steps); our id and the restart time go on
+            // the Rollout's own metadata, with the previous pair kept for
+            // `ready_pods_with`.
+            let patch = Patch::Merge(restart_patch(ro, rollout_id, chrono::Utc::now()));
+            let what = describe(w);
+            let api = self.rollouts(&w.namespace);
+            let params = PatchParams {
+                field_manager: Some(MANAGER.into()),
+                ..Default::default()
+            };
+            self.call("rollout.patch", &what, false, || {
+                api.patch(&w.name, &params, &patch)
+            })
+            .await?;
+            tracing::info!(workload = %w, rollout_id, "restarted");
+            return Ok(());
+        }
         // What `kubectl rollout restart` does, with our annotation: a strategic merge patch
         // of the pod template (no resourceVersion: it touches only our key).
         let patch = Patch::Strategic(serde_json::json!({
@@ -340,6 +391,7 @@ impl WorkloadRoller for KubeRoller {
                 self.patch::<DaemonSet>("workload.patch", ns, name, &what, &patch)
                     .await
             }
+            WorkloadKind::Rollout => Err(invalid(w, "is not a Rollout")),
         }?;
         tracing::info!(workload = %w, rollout_id, "rolled");
         Ok(())
@@ -361,8 +413,9 @@ impl WorkloadRoller for KubeRoller {
             }
             None => {
                 return Ok(RolloutState::Failed(format!(
-                    "{}'s pod template carries no {ROTATION_ANNOTATION} annotation (expected {rollout_id:?}): it was rolled back or replaced",
-                    describe(w)
+                    "{}'s {} carries no {ROTATION_ANNOTATION} annotation (expected {rollout_id:?}): it was rolled back or replaced",
+                    describe(w),
+                    if matches!(wl, Workload::Rollout(_)) { "metadata" } else { "pod template" }
                 )))
             }
         }
@@ -370,12 +423,24 @@ impl WorkloadRoller for KubeRoller {
         if state != RolloutState::Complete {
             return Ok(state);
         }
-        let stale = self
-            .ready_pods(w, &wl)
-            .await?
-            .iter()
-            .filter(|p| pod_rotation_id(p) != Some(rollout_id))
-            .count();
+        let pods = self.ready_pods(w, &wl).await?;
+        let stale = match &wl {
+            Workload::Rollout(ro) => {
+                let Some(since) = restart_at_of(ro) else {
+                    return Ok(RolloutState::Failed(format!(
+                        "{} carries no valid {RESTART_AT_ANNOTATION} annotation: it was not restarted by us",
+                        describe(w)
+                    )));
+                };
+                pods.iter()
+                    .filter(|p| !created_at_or_after(p, since))
+                    .count()
+            }
+            _ => pods
+                .iter()
+                .filter(|p| pod_rotation_id(p) != Some(rollout_id))
+                .count(),
+        };
         if stale == 0 {
             return Ok(RolloutState::Complete);
         }
@@ -395,13 +460,26 @@ impl WorkloadRoller for KubeRoller {
         rollout_id: &str,
     ) -> Result<u32, BackendError> {
         let wl = self.workload(w).await?;
-        let n = self
-            .ready_pods(w, &wl)
-            .await?
-            .iter()
-            .filter(|p| pod_rotation_id(p) == Some(rollout_id))
-            .count();
+        let pods = self.ready_pods(w, &wl).await?;
+        let n = match &wl {
+            Workload::Rollout(ro) => {
+                let window = restart_window(ro, rollout_id);
+                pods.iter().filter(|p| window.holds(p)).count()
+            }
+            _ => pods
+                .iter()
+                .filter(|p| pod_rotation_id(p) == Some(rollout_id))
+                .count(),
+        };
         Ok(u32::try_from(n).unwrap_or(u32::MAX))
+    }
+
+    async fn paused(&self, w: &WorkloadRef) -> Result<bool, BackendError> {
+        Ok(match self.workload(w).await? {
+            Workload::Deployment(d) => d.spec.and_then(|s| s.paused) == Some(true),
+            Workload::Rollout(ro) => rollout_paused(&ro),
+            Workload::StatefulSet(_) | Workload::DaemonSet(_) => false,
+        })
     }
 
     async fn secret_sha256(
@@ -450,7 +528,7 @@ impl WorkloadRoller for KubeRoller {
         let wl = self.workload(w).await?;
         let meta = wl.meta();
         let reference = ObjectReference {
-            api_version: Some("apps/v1".into()),
+            api_version: Some(w.kind.api_version().into()),
             kind: Some(w.kind.as_str().into()),
             namespace: Some(w.namespace.clone()),
             name: Some(w.name.clone()),
@@ -481,6 +559,8 @@ enum Workload {
     Deployment(Deployment),
     StatefulSet(StatefulSet),
     DaemonSet(DaemonSet),
+    /// An Argo Rollout, read through kube's dynamic API.
+    Rollout(Box<DynamicObject>),
 }
 
 impl Workload {
@@ -489,28 +569,35 @@ impl Workload {
             Workload::Deployment(d) => &d.metadata,
             Workload::StatefulSet(s) => &s.metadata,
             Workload::DaemonSet(d) => &d.metadata,
+            Workload::Rollout(r) => &r.metadata,
         }
     }
 
-    fn template_meta(&self) -> Option<&ObjectMeta> {
+    /// The metadata that carries our rotation id: the pod template's, or a Rollout's own.
+    fn id_meta(&self) -> Option<&ObjectMeta> {
         match self {
             Workload::Deployment(d) => d.spec.as_ref()?.template.metadata.as_ref(),
             Workload::StatefulSet(s) => s.spec.as_ref()?.template.metadata.as_ref(),
             Workload::DaemonSet(d) => d.spec.as_ref()?.template.metadata.as_ref(),
+            Workload::Rollout(r) => Some(&r.metadata),
         }
     }
 
-    fn selector(&self) -> Option<&LabelSelector> {
+    fn selector(&self) -> Option<LabelSelector> {
         match self {
-            Workload::Deployment(d) => d.spec.as_ref().map(|s| &s.selector),
-            Workload::StatefulSet(s) => s.spec.as_ref().map(|s| &s.selector),
-            Workload::DaemonSet(d) => d.spec.as_ref().map(|s| &s.selector),
+            Workload::Deployment(d) => d.spec.as_ref().map(|s| s.selector.clone()),
+            Workload::StatefulSet(s) => s.spec.as_ref().map(|s| s.selector.clone()),
+            Workload::DaemonSet(d) => d.spec.as_ref().map(|s| s.selector.clone()),
+            Workload::Rollout(r) => r
+                .data
+                .pointer("/spec/selector")
+                .and_then(|v| serde_json::from_value(v.clone()).ok()),
         }
     }
 
-    /// The rotation id the pod template carries.
+    /// The rotation id the pod template (a Rollout: its metadata) carries.
     fn rotation_id(&self) -> Option<&str> {
-        self.template_meta()?
+        self.id_meta()?
             .annotations
             .as_ref()?
             .get(ROTATION_ANNOTATION)
@@ -538,6 +625,7 @@ impl Workload {
             Workload::Deployment(d) => deployment_state(d),
             Workload::StatefulSet(s) => statefulset_state(s),
             Workload::DaemonSet(d) => daemonset_state(d),
+            Workload::Rollout(r) => argo_rollout_state(r),
         }
     }
 }
@@ -676,6 +764,253 @@ pub fn daemonset_state(d: &DaemonSet) -> RolloutState {
     if available < desired {
         return RolloutState::Progressing(format!(
             "Waiting for daemon set {name:?} rollout to finish: {available} of {desired} updated pods are available..."
+        ));
+    }
+    RolloutState::Complete
+}
+
+/// Argo Rollouts' `Rollout` as kube's dynamic API addresses it.
+pub fn rollout_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("argoproj.io", "v1alpha1", "Rollout"),
+        "rollouts",
+    )
+}
+
+fn annotation<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
+    meta.annotations.as_ref()?.get(key).map(String::as_str)
+}
+
+fn parse_time(s: &str) -> Option<i64> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.timestamp())
+}
+
+/// The `spec.restartAt` our last restart of the Rollout set, in seconds.
+fn restart_at_of(ro: &DynamicObject) -> Option<i64> {
+    annotation(&ro.metadata, RESTART_AT_ANNOTATION).and_then(parse_time)
+}
+
+/// The merge patch that restarts a Rollout for `rollout_id`, as `kubectl argo rollouts
+/// restart` does (`spec.restartAt`), with the id and time on the Rollout's metadata and the
+/// previous pair kept. The time is rounded up to the next whole second: Argo restarts the
+/// pods created *before* `restartAt` and creation times have whole seconds, so a pod that
+/// started earlier in the current second is restarted too (Argo waits until a future
+/// `restartAt`, here about a second). It is also later than the Rollout's last restart.
+pub fn restart_patch(
+    ro: &DynamicObject,
+    rollout_id: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> serde_json::Value {
+    // Strictly after the last restart too: two restarts within one second (a rollback
+    // right after a restart that degraded) would otherwise set the same restartAt, which
+    // Argo takes as already done.
+    let last = [
+        rollout_spec(ro).get("restartAt").and_then(|v| v.as_str()),
+        annotation(&ro.metadata, RESTART_AT_ANNOTATION),
+    ]
+    .into_iter()
+    .flatten()
+    .filter_map(parse_time)
+    .max();
+    let secs = (now.timestamp() + 1).max(last.map_or(i64::MIN, |l| l + 1));
+    let at = chrono::DateTime::from_timestamp(secs, 0)
+        .unwrap_or(now)
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let prev_id = annotation(&ro.metadata, ROTATION_ANNOTATION);
+    let prev_at = annotation(&ro.metadata, RESTART_AT_ANNOTATION);
+    serde_json::json!({
+        "metadata": {"annotations": {
+            ROTATION_ANNOTATION: rollout_id,
+            RESTART_AT_ANNOTATION: at,
+            PREVIOUS_ROTATION_ANNOTATION: prev_id,
+            PREVIOUS_RESTART_AT_ANNOTATION: prev_id.and(prev_at),
+        }},
+        "spec": {"restartAt": at}
+    })
+}
+
+fn created_second(p: &Pod) -> Option<i64> {
+    p.metadata
+        .creation_timestamp
+        .as_ref()
+        .map(|t| t.0.as_second())
+}
+
+/// Argo's own rule, inverted: its restart replaces every pod created before `restartAt`,
+/// so a pod created at or after it runs on what was published before the restart.
+fn created_at_or_after(p: &Pod, since: i64) -> bool {
+    created_second(p).is_some_and(|c| c >= since)
+}
+
+/// Which of a Rollout's pods belong to one of our restarts: created in `[from, until)`
+/// (`None`: none can be told to).
+struct RestartWindow(Option<(i64, Option<i64>)>);
+
+impl RestartWindow {
+    fn holds(&self, p: &Pod) -> bool {
+        match (self.0, created_second(p)) {
+            (Some((from, until)), Some(c)) => c >= from && until.is_none_or(|u| c < u),
+            // A pod without a creation time: count it while any window is open (safe side).
+            (Some(_), None) => true,
+            (None, _) => false,
+        }
+    }
+}
+
+/// The pods that still run on what restart `rollout_id` started with. Restarts do not
+/// label pods, so a Rollout remembers its last two restarts (id and `restartAt`): the
+/// current one owns the pods created since its time; the previous one those created
+/// between its time and the current one's. An older id owns, while the current restart is
+/// unfinished, every pod older than the current restart (it cannot be told apart; counting
+/// it errs on the side of keeping a key alive), and nothing once it has finished.
+fn restart_window(ro: &DynamicObject, rollout_id: &str) -> RestartWindow {
+    let meta = &ro.metadata;
+    let current = restart_at_of(ro);
+    if annotation(meta, ROTATION_ANNOTATION) == Some(rollout_id) {
+        return RestartWindow(Some((current.unwrap_or(i64::MIN), None)));
+    }
+    if annotation(meta, PREVIOUS_ROTATION_ANNOTATION) == Some(rollout_id) {
+        let from = annotation(meta, PREVIOUS_RESTART_AT_ANNOTATION)
+            .and_then(parse_time)
+            .unwrap_or(i64::MIN);
+        return RestartWindow(Some((from, current)));
+    }
+    match current {
+        Some(at) if !restart_finished(ro) => RestartWindow(Some((i64::MIN, Some(at)))),
+        _ => RestartWindow(None),
+    }
+}
+
+fn rollout_spec(ro: &DynamicObject) -> &serde_json::Value {
+    ro.data.get("spec").unwrap_or(&serde_json::Value::Null)
+}
+
+fn rollout_status(ro: &DynamicObject) -> &serde_json::Value {
+    ro.data.get("status").unwrap_or(&serde_json::Value::Null)
+}
+
+/// Argo marks a restart done by copying `spec.restartAt` into `status.restartedAt`.
+fn restart_finished(ro: &DynamicObject) -> bool {
+    let want = rollout_spec(ro).get("restartAt").and_then(|v| v.as_str());
+    let done = rollout_status(ro)
+        .get("restartedAt")
+        .and_then(|v| v.as_str());
+    match (want, done) {
+        (None, _) => true,
+        (Some(w), Some(d)) => parse_time(w).is_some() && parse_time(w) == parse_time(d),
+        (Some(_), None) => false,
+    }
+}
+
+/// A paused Rollout: `spec.paused` (manually) or pause conditions set by its controller
+/// (a canary pause step, an inconclusive analysis, ...). Either waits for a human.
+pub fn rollout_paused(ro: &DynamicObject) -> bool {
+    rollout_spec(ro).get("paused").and_then(|v| v.as_bool()) == Some(true)
+        || rollout_status(ro)
+            .get("pauseConditions")
+            .and_then(|v| v.as_array())
+            .is_some_and(|a| !a.is_empty())
+}
+
+fn int(v: &serde_json::Value, key: &str) -> Option<i64> {
+    v.get(key).and_then(|v| v.as_i64())
+}
+
+/// Where an Argo Rollout stands, by Argo's own rule (`GetRolloutPhase` /
+/// `CalculateRolloutPhase` in `utils/rollout`, what `kubectl argo rollouts status` waits
+/// on), made strict where the rotation needs it: the controller must have observed the
+/// current generation (a missing or unparsable `observedGeneration` waits, where Argo would
+/// take it for an old controller's), `Degraded`, an abort, `InvalidSpec` or a progress
+/// deadline fail (no waiting them out), the restart must be done
+/// (`status.restartedAt == spec.restartAt`), the phase `Healthy`, and updated and available
+/// replicas must reach `spec.replicas` (default 1).
+pub fn argo_rollout_state(ro: &DynamicObject) -> RolloutState {
+    let name = ro.metadata.name.as_deref().unwrap_or_default();
+    let spec = rollout_spec(ro);
+    let st = rollout_status(ro);
+    let observed = match st.get("observedGeneration") {
+        Some(serde_json::Value::String(s)) => s.parse::<i64>().ok(),
+        Some(v) => v.as_i64(),
+        None => None,
+    };
+    if observed.is_none_or(|o| o < ro.metadata.generation.unwrap_or(0)) {
+        return RolloutState::Progressing("waiting for rollout spec update to be observed".into());
+    }
+    let message = st.get("message").and_then(|v| v.as_str()).unwrap_or("");
+    if st.get("abort").and_then(|v| v.as_bool()) == Some(true) {
+        return RolloutState::Failed(format!("rollout {name:?} was aborted: {message}"));
+    }
+    for c in st
+        .get("conditions")
+        .and_then(|v| v.as_array())
+        .into_iter()
+        .flatten()
+    {
+        let field = |k: &str| c.get(k).and_then(|v| v.as_str()).unwrap_or("");
+        let reason = field("reason");
+        if field("type") == "InvalidSpec"
+            || reason == "RolloutAborted"
+            || reason == "ProgressDeadlineExceeded"
+        {
+            let why = if field("type") == "InvalidSpec" {
+                "InvalidSpec"
+            } else {
+                reason
+            };
+            return RolloutState::Failed(format!(
+                "rollout {name:?} is Degraded: {why}: {}",
+                field("message")
+            ));
+        }
+    }
+    let phase = st.get("phase").and_then(|v| v.as_str()).unwrap_or("");
+    if phase == "Degraded" {
+        return RolloutState::Failed(format!("rollout {name:?} is Degraded: {message}"));
+    }
+    let pause_conditions = st
+        .get("pauseConditions")
+        .and_then(|v| v.as_array())
+        .map_or(0, Vec::len);
+    if st.get("controllerPause").and_then(|v| v.as_bool()) == Some(true) && pause_conditions == 0 {
+        return RolloutState::Progressing("waiting for rollout to unpause".into());
+    }
+    if rollout_paused(ro) {
+        return RolloutState::Progressing(format!(
+            "rollout {name:?} is paused{}",
+            if message.is_empty() {
+                String::new()
+            } else {
+                format!(": {message}")
+            }
+        ));
+    }
+    if !restart_finished(ro) {
+        return RolloutState::Progressing(format!("rollout {name:?} is restarting"));
+    }
+    if !phase.is_empty() && phase != "Healthy" {
+        return RolloutState::Progressing(format!("rollout {name:?} is {phase}: {message}"));
+    }
+    let want = int(spec, "replicas").unwrap_or(1);
+    let updated = int(st, "updatedReplicas").unwrap_or(0);
+    let available = int(st, "availableReplicas").unwrap_or(0);
+    if updated < want {
+        return RolloutState::Progressing(format!(
+            "rollout {name:?}: {updated} of {want} replicas updated"
+        ));
+    }
+    if available < want {
+        return RolloutState::Progressing(format!(
+            "rollout {name:?}: {available} of {want} replicas available"
+        ));
+    }
+    let canary_without_routing = spec
+        .pointer("/strategy/canary")
+        .is_some_and(|c| c.get("trafficRouting").is_none());
+    if canary_without_routing && int(st, "replicas").unwrap_or(0) > updated {
+        return RolloutState::Progressing(format!(
+            "rollout {name:?}: old replicas are pending termination"
         ));
     }
     RolloutState::Complete
@@ -1119,13 +1454,256 @@ mod tests {
         assert_eq!(w.partition(), Some(2));
         assert_eq!(
             w.selector()
-                .and_then(|s| s.match_labels.as_ref())
-                .map(|m| m["app"].as_str()),
-            Some("db")
+                .and_then(|s| s.match_labels)
+                .map(|m| m["app"].clone()),
+            Some("db".to_string())
         );
         let d = Workload::Deployment(deployment(1, json!({}), json!({})));
         assert_eq!(d.rotation_id(), None);
         assert_eq!(d.partition(), None);
+    }
+
+    fn rollout(
+        generation: i64,
+        spec: serde_json::Value,
+        status: serde_json::Value,
+    ) -> DynamicObject {
+        let mut spec_full = json!({
+            "replicas": 3,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": []}},
+            "strategy": {"canary": {}},
+            "restartAt": "2026-01-01T00:00:10Z"
+        });
+        for (k, v) in spec.as_object().expect("object") {
+            spec_full[k] = v.clone();
+        }
+        from(json!({
+            "apiVersion": "argoproj.io/v1alpha1", "kind": "Rollout",
+            "metadata": {"name": "web", "namespace": "ns", "generation": generation,
+                         "annotations": {ROTATION_ANNOTATION: "r2", RESTART_AT_ANNOTATION: "2026-01-01T00:00:10Z",
+                                         PREVIOUS_ROTATION_ANNOTATION: "r1", PREVIOUS_RESTART_AT_ANNOTATION: "2026-01-01T00:00:05Z"}},
+            "spec": spec_full,
+            "status": status
+        }))
+    }
+
+    fn healthy(extra: serde_json::Value) -> serde_json::Value {
+        let mut st = json!({"observedGeneration": "2", "phase": "Healthy", "message": "",
+                            "replicas": 3, "updatedReplicas": 3, "readyReplicas": 3, "availableReplicas": 3,
+                            "restartedAt": "2026-01-01T00:00:10Z", "currentPodHash": "abc", "stableRS": "abc"});
+        for (k, v) in extra.as_object().expect("object") {
+            st[k] = v.clone();
+        }
+        st
+    }
+
+    #[test]
+    fn rollout_rules_follow_argo() {
+        assert_eq!(
+            argo_rollout_state(&rollout(2, json!({}), healthy(json!({})))),
+            RolloutState::Complete
+        );
+        // observedGeneration may also be a number (older controllers).
+        assert_eq!(
+            argo_rollout_state(&rollout(
+                2,
+                json!({}),
+                healthy(json!({"observedGeneration": 2}))
+            )),
+            RolloutState::Complete
+        );
+        // Negative control: a Healthy phase the controller computed for an older generation
+        // (the restart patch not yet seen) is no completion.
+        for stale in [
+            json!("1"),
+            json!(1),
+            json!("not-a-number"),
+            serde_json::Value::Null,
+        ] {
+            let mut st = healthy(json!({}));
+            st["observedGeneration"] = stale.clone();
+            assert_eq!(
+                progressing(argo_rollout_state(&rollout(2, json!({}), st))),
+                "waiting for rollout spec update to be observed",
+                "{stale}"
+            );
+        }
+        // The restart not yet done (status.restartedAt behind spec.restartAt) waits even when
+        // the phase still says Healthy.
+        let m = progressing(argo_rollout_state(&rollout(
+            2,
+            json!({}),
+            healthy(json!({"restartedAt": "2026-01-01T00:00:05Z"})),
+        )));
+        assert!(m.contains("restarting"), "{m}");
+        let m = progressing(argo_rollout_state(&rollout(
+            2,
+            json!({}),
+            healthy(json!({"phase": "Progressing", "message": "more replicas need to be updated"})),
+        )));
+        assert!(m.contains("Progressing: more replicas"), "{m}");
+        // Counts short of spec.replicas wait, whatever the phase says.
+        let m = progressing(argo_rollout_state(&rollout(
+            2,
+            json!({}),
+            healthy(json!({"availableReplicas": 2})),
+        )));
+        assert!(m.contains("2 of 3 replicas available"), "{m}");
+        let m = progressing(argo_rollout_state(&rollout(
+            2,
+            json!({}),
+            healthy(json!({"updatedReplicas": 1})),
+        )));
+        assert!(m.contains("1 of 3 replicas updated"), "{m}");
+        // Degraded, an abort, InvalidSpec and a progress deadline fail at once.
+        let m = failed(argo_rollout_state(&rollout(
+            2,
+            json!({}),
+            healthy(json!({"phase": "Degraded", "message": "ProgressDeadlineExceeded: timed out"})),
+        )));
+        assert!(m.contains("Degraded") && m.contains("timed out"), "{m}");
+        let m = failed(argo_rollout_state(&rollout(
+            2,
+            json!({}),
+            healthy(json!({"abort": true, "phase": "Degraded", "message": "RolloutAborted: x"})),
+        )));
+        assert!(m.contains("aborted"), "{m}");
+        for (type_, reason) in [
+            ("InvalidSpec", "InvalidSpec"),
+            ("Progressing", "RolloutAborted"),
+            ("Progressing", "ProgressDeadlineExceeded"),
+        ] {
+            let st = healthy(
+                json!({"phase": "", "conditions": [{"type": type_, "status": "False", "reason": reason, "message": "m"}]}),
+            );
+            let m = failed(argo_rollout_state(&rollout(2, json!({}), st)));
+            assert!(m.contains(reason), "{m}");
+        }
+        // Paused (by hand or at a canary pause step) and unpausing wait.
+        let m = progressing(argo_rollout_state(&rollout(
+            2,
+            json!({"paused": true}),
+            healthy(json!({"phase": "Paused", "message": "manually paused"})),
+        )));
+        assert!(m.contains("paused"), "{m}");
+        let m = progressing(argo_rollout_state(&rollout(
+            2,
+            json!({}),
+            healthy(
+                json!({"pauseConditions": [{"reason": "CanaryPauseStep"}], "controllerPause": true}),
+            ),
+        )));
+        assert!(m.contains("paused"), "{m}");
+        let m = progressing(argo_rollout_state(&rollout(
+            2,
+            json!({}),
+            healthy(json!({"controllerPause": true})),
+        )));
+        assert_eq!(m, "waiting for rollout to unpause");
+        // A basic canary with old replicas left waits for them to go.
+        let m = progressing(argo_rollout_state(&rollout(
+            2,
+            json!({}),
+            healthy(json!({"replicas": 4})),
+        )));
+        assert!(m.contains("old replicas"), "{m}");
+        // replicas defaults to 1.
+        let mut r = rollout(
+            2,
+            json!({}),
+            healthy(json!({"replicas": 1, "updatedReplicas": 1, "availableReplicas": 1})),
+        );
+        r.data["spec"].as_object_mut().unwrap().remove("replicas");
+        assert_eq!(argo_rollout_state(&r), RolloutState::Complete);
+    }
+
+    #[test]
+    fn rollout_paused_reads_spec_and_pause_conditions() {
+        assert!(!rollout_paused(&rollout(1, json!({}), healthy(json!({})))));
+        assert!(rollout_paused(&rollout(
+            1,
+            json!({"paused": true}),
+            healthy(json!({}))
+        )));
+        assert!(rollout_paused(&rollout(
+            1,
+            json!({}),
+            healthy(json!({"pauseConditions": [{"reason": "CanaryPauseStep"}]}))
+        )));
+        assert!(!rollout_paused(&rollout(
+            1,
+            json!({"paused": false}),
+            healthy(json!({"pauseConditions": []}))
+        )));
+    }
+
+    #[test]
+    fn restart_patch_rounds_up_and_keeps_the_previous_restart() {
+        let ro = rollout(2, json!({}), healthy(json!({})));
+        let now = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:01:00.250Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        let p = restart_patch(&ro, "r3", now);
+        assert_eq!(p["spec"]["restartAt"], "2026-01-01T00:01:01Z");
+        // Within the second of the last restart (or before it, a skewed clock): one second
+        // after it, never the same restartAt (Argo would take that as done).
+        for early in ["2026-01-01T00:00:09.500Z", "2026-01-01T00:00:03Z"] {
+            let t = chrono::DateTime::parse_from_rfc3339(early)
+                .unwrap()
+                .with_timezone(&chrono::Utc);
+            assert_eq!(
+                restart_patch(&ro, "r3", t)["spec"]["restartAt"],
+                "2026-01-01T00:00:11Z"
+            );
+        }
+        let a = &p["metadata"]["annotations"];
+        assert_eq!(a[ROTATION_ANNOTATION], "r3");
+        assert_eq!(a[RESTART_AT_ANNOTATION], "2026-01-01T00:01:01Z");
+        assert_eq!(a[PREVIOUS_ROTATION_ANNOTATION], "r2");
+        assert_eq!(a[PREVIOUS_RESTART_AT_ANNOTATION], "2026-01-01T00:00:10Z");
+        // Nothing to keep on a first restart: the previous pair is cleared (merge-patch null).
+        let mut fresh = ro.clone();
+        fresh.metadata.annotations = None;
+        let p = restart_patch(&fresh, "r1", now);
+        assert!(p["metadata"]["annotations"][PREVIOUS_ROTATION_ANNOTATION].is_null());
+        assert!(p["metadata"]["annotations"][PREVIOUS_RESTART_AT_ANNOTATION].is_null());
+    }
+
+    #[test]
+    fn restart_windows_tell_which_pods_a_restart_made() {
+        let pod = |created: &str| -> Pod {
+            from(json!({"metadata": {"name": "p", "creationTimestamp": created}}))
+        };
+        let (before, between, after) = (
+            pod("2026-01-01T00:00:01Z"),
+            pod("2026-01-01T00:00:07Z"),
+            pod("2026-01-01T00:00:10Z"),
+        );
+        let ro = rollout(2, json!({}), healthy(json!({})));
+        let w = restart_window(&ro, "r2");
+        assert!(!w.holds(&before) && !w.holds(&between) && w.holds(&after));
+        let w = restart_window(&ro, "r1");
+        assert!(!w.holds(&before) && w.holds(&between) && !w.holds(&after));
+        // An older id: nothing once the current restart is done...
+        assert!(!restart_window(&ro, "r0").holds(&before));
+        // ...and every older pod while it is not (the safe side).
+        let unfinished = rollout(
+            2,
+            json!({}),
+            healthy(json!({"restartedAt": "2026-01-01T00:00:05Z"})),
+        );
+        let w = restart_window(&unfinished, "r0");
+        assert!(w.holds(&before) && w.holds(&between) && !w.holds(&after));
+        // Argo's rule: a pod created at restartAt is new.
+        assert!(created_at_or_after(
+            &after,
+            parse_time("2026-01-01T00:00:10Z").unwrap()
+        ));
+        assert!(!created_at_or_after(
+            &between,
+            parse_time("2026-01-01T00:00:10Z").unwrap()
+        ));
     }
 
     #[test]

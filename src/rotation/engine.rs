@@ -132,6 +132,14 @@ pub enum EngineError {
         step: Step,
         why: String,
     },
+    /// A target's workload is paused (a paused Deployment, or an Argo Rollout paused by hand
+    /// or by its controller): its rollout would never complete, so the rotation is refused
+    /// before anything is minted (it ends `failed` with this as its error).
+    #[error("target {target}: workload {workload} is paused (its rollout would never complete); resume it, then rotate again")]
+    WorkloadPaused {
+        target: String,
+        workload: WorkloadRef,
+    },
     /// A journal to resume names a target that is neither configured nor recorded in it.
     #[error("rotation {rotation_id} of target {target}: the target is no longer configured and the journal predates target snapshots; left alone")]
     NoTarget { rotation_id: String, target: String },
@@ -542,9 +550,41 @@ impl Engine {
         self.observer
             .on_event(&rec.journal, &RotationEvent::Started);
         let span = tracing::info_span!("rotation", rotation_id = %rec.journal.rotation_id, target = %target.name);
-        self.forward(target, &mut rec, Step::Mint, None, &control)
-            .instrument(span)
-            .await
+        async {
+            // Refuse a paused workload before minting: nothing is created, nothing to undo.
+            if let Some(reason) = self.refusal(target).await {
+                return self.fail(&mut rec, reason).await;
+            }
+            self.forward(target, &mut rec, Step::Mint, None, &control)
+                .await
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Why a fresh rotation of `target` must not start (checked before minting): a paused
+    /// workload, or that it cannot be told whether one is.
+    pub(super) async fn refusal(&self, target: &Target) -> Option<String> {
+        for w in &target.workloads {
+            match self.roller.paused(w).await {
+                Ok(false) => {}
+                Ok(true) => {
+                    return Some(
+                        EngineError::WorkloadPaused {
+                            target: target.name.clone(),
+                            workload: w.clone(),
+                        }
+                        .to_string(),
+                    )
+                }
+                Err(e) => {
+                    return Some(format!(
+                        "cannot tell whether workload {w} is paused, so nothing was minted: {e}"
+                    ))
+                }
+            }
+        }
+        None
     }
 
     /// Write `j`'s history copy unless it exists (check-and-set on "absent").

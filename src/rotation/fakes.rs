@@ -550,6 +550,8 @@ pub struct RollerState {
     pub rolls: Vec<(String, String, BTreeMap<String, String>)>,
     /// Rolls that replaced a rollout still in progress (two rotations on one workload).
     pub overlaps: Vec<String>,
+    /// Workloads (`ns/Kind/name`) that report themselves paused.
+    pub paused: BTreeSet<String>,
 }
 
 #[derive(Clone)]
@@ -577,6 +579,16 @@ impl FakeRoller {
             .entry(w.to_string())
             .or_default()
             .behaviour = b;
+    }
+
+    /// Make the workload report itself paused (`spec.paused` / Argo pause conditions).
+    pub fn set_paused(&self, w: &WorkloadRef, paused: bool) {
+        let mut s = self.state.lock().unwrap();
+        if paused {
+            s.paused.insert(w.to_string());
+        } else {
+            s.paused.remove(&w.to_string());
+        }
     }
 
     pub fn workload(&self, w: &WorkloadRef) -> FakeWorkload {
@@ -675,6 +687,15 @@ impl WorkloadRoller for FakeRoller {
                 Ok(RolloutState::Complete)
             }
         }
+    }
+
+    async fn paused(&self, workload: &WorkloadRef) -> Result<bool, BackendError> {
+        Ok(self
+            .state
+            .lock()
+            .unwrap()
+            .paused
+            .contains(&workload.to_string()))
     }
 
     async fn ready_pods_with(

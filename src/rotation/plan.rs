@@ -2,7 +2,7 @@
 
 use super::engine::{Engine, EngineError};
 use super::journal::account_name;
-use crate::config::Target;
+use crate::config::{Target, WorkloadKind};
 
 impl Engine {
     /// What a rotation of `target` would do, touching nothing.
@@ -12,6 +12,9 @@ impl Engine {
             .read_key(&target.vault_path, &target.vault_field)
             .await?;
         let mut plan = Vec::new();
+        if let Some(why) = self.refusal(target).await {
+            plan.push(format!("refused: {why}"));
+        }
         let name = account_name(&self.account_prefix(), &target.name, "<rotation-id>");
         plan.push(format!(
             "mint: create service account {name} in project {}",
@@ -35,14 +38,19 @@ impl Engine {
         }
         let waves = target.wave_list();
         let staged = !target.waves.is_empty();
+        let how = |w: &crate::config::WorkloadRef| {
+            match w.kind {
+            WorkloadKind::Rollout => format!(
+                "restart {w} through spec.restartAt (its id in the Rollout's openai-key-rotator/rotation-id)"
+            ),
+            _ => format!("annotate {w} with openai-key-rotator/rotation-id"),
+        }
+        };
         for (i, wave) in waves.iter().enumerate() {
             let n = i + 1;
-            let names: Vec<String> = wave.iter().map(ToString::to_string).collect();
             if !staged {
-                for w in &names {
-                    plan.push(format!(
-                        "roll: annotate {w} with openai-key-rotator/rotation-id"
-                    ));
+                for w in wave.iter() {
+                    plan.push(format!("roll: {}", how(w)));
                 }
                 continue;
             }
@@ -56,10 +64,11 @@ impl Engine {
             } else {
                 ", then verify with everything else".into()
             };
+            let what: Vec<String> = wave.iter().map(how).collect();
             plan.push(format!(
-                "roll wave {n}/{}: annotate {} with openai-key-rotator/rotation-id{gate}",
+                "roll wave {n}/{}: {}{gate}",
                 waves.len(),
-                names.join(", ")
+                what.join("; ")
             ));
         }
         plan.push(format!(

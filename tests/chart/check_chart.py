@@ -96,11 +96,13 @@ def rules_of(role):
     ]
 
 
-WORKLOAD_RULES = lambda resources: [
-    (("apps",), tuple(resources), ("get", "list", "patch", "watch"), ()),
-    (("",), ("pods",), ("list", "watch"), ()),
-    (("events.k8s.io",), ("events",), ("create", "patch"), ()),
-]
+WORKLOAD_RULES = lambda resources, rollouts=False: (
+    ([(("apps",), tuple(resources), ("get", "list", "patch", "watch"), ())] if resources else [])
+    + ([(("argoproj.io",), ("rollouts",), ("get", "list", "patch", "watch"), ())] if rollouts else [])
+    + [
+        (("",), ("pods",), ("list", "watch"), ()),
+        (("events.k8s.io",), ("events",), ("create", "patch"), ()),
+    ])
 
 
 def check_rbac(docs, label, expected):
@@ -321,11 +323,13 @@ def main():
     check_variant("values-all", out_dir, {
         "replicas": 3, "all": True,
         "rbac": {
-            "prod": workload(["deployments", "statefulsets"]) + [secret_read(["chatbot-openai"]),
-                                                                secret_patch(["chatbot-openai"])],
+            "prod": workload(["deployments", "statefulsets"], rollouts=True)
+            + [secret_read(["chatbot-openai"]), secret_patch(["chatbot-openai"])],
             # The batch target's waves: every wave's workloads get their rules.
             "search": workload(["daemonsets", "deployments", "statefulsets"]),
             "staging": workload(["deployments"]),
+            # A namespace with only a Rollout: Argo's resource, pods and Events, no apps group.
+            "edge": workload([], rollouts=True),
             "shared": [secret_read(["search-openai"])],
             NAMESPACE: leases,
         }})

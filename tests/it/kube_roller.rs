@@ -1096,3 +1096,230 @@ async fn never_ready_statefulsets_and_daemonsets_stay_progressing() {
         assert_eq!(state, RolloutState::Complete, "{w}");
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Argo Rollouts
+
+const RESTART_AT: &str = "openai-key-rotator/restart-at";
+
+async fn seed_rollout(e: &Env, ns: &str, name: &str, replicas: i32) -> WorkloadRef {
+    e.sim
+        .create_rollout(KubeSim::simple_rollout(ns, name, replicas))
+        .unwrap();
+    assert!(
+        e.sim
+            .wait_rollout_complete_for(WorkloadKind::Rollout, ns, name, Duration::from_secs(15))
+            .await,
+        "{:?}",
+        e.sim.rollout(ns, name)
+    );
+    workload_ref(WorkloadKind::Rollout, ns, name)
+}
+
+/// Ready, live pods of a Rollout and their creation times (seconds).
+fn ready_rollout_pods(e: &Env, ns: &str, name: &str) -> Vec<(String, i64)> {
+    e.sim
+        .pods(ns, &format!("app={name}"))
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none() && is_ready(p))
+        .map(|p| {
+            (
+                p.metadata.name.clone().unwrap(),
+                p.metadata
+                    .creation_timestamp
+                    .as_ref()
+                    .unwrap()
+                    .0
+                    .as_second(),
+            )
+        })
+        .collect()
+}
+
+fn restart_at(e: &Env, ns: &str, name: &str) -> (String, String) {
+    let ro = e.sim.rollout(ns, name).unwrap();
+    (
+        ro["spec"]["restartAt"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+        ro["metadata"]["annotations"][RESTART_AT]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+    )
+}
+
+fn secs(t: &str) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(t).unwrap().timestamp()
+}
+
+#[tokio::test]
+async fn kube_roller_restarts_a_rollout_through_restart_at_and_judges_it_by_argos_rule() {
+    let e = env(100).await;
+    let w = seed_rollout(&e, "ro", "web", 3).await;
+    let template_before = e.sim.rollout("ro", "web").unwrap()["spec"]["template"].clone();
+    let pods_before = ready_rollout_pods(&e, "ro", "web");
+    assert_eq!(pods_before.len(), 3);
+    assert!(!e.roller.paused(&w).await.unwrap());
+    let from = e.calls.len();
+
+    e.roller.roll(&w, "r1").await.unwrap();
+    // The roll is a merge patch of spec.restartAt (whole seconds, after now) plus our id
+    // on the Rollout's metadata; the pod template is untouched (no new update, no steps).
+    assert_eq!(e.calls.of("rollout.patch", from), [StatusClass::Success]);
+    let (spec_at, ann_at) = restart_at(&e, "ro", "web");
+    assert_eq!(spec_at, ann_at);
+    assert!(
+        spec_at.ends_with('Z') && !spec_at.contains('.'),
+        "{spec_at}"
+    );
+    assert!(secs(&spec_at) > chrono::Utc::now().timestamp() - 1);
+    let ro = e.sim.rollout("ro", "web").unwrap();
+    assert_eq!(ro["metadata"]["annotations"][ROTATION_ANNOTATION], "r1");
+    assert_eq!(ro["spec"]["template"], template_before);
+
+    let (state, seen) = until_settled_kind(&e, &w, "r1", Duration::from_secs(20)).await;
+    assert_eq!(state, RolloutState::Complete, "{seen:?}");
+    assert!(
+        seen.iter().any(|m| m.contains("restarting")),
+        "it waited for the restart: {seen:?}"
+    );
+    // Every ready pod was created at or after restartAt: all three replaced.
+    let pods = ready_rollout_pods(&e, "ro", "web");
+    assert_eq!(pods.len(), 3);
+    for (name, created) in &pods {
+        assert!(*created >= secs(&spec_at), "{name} created {created}");
+        assert!(
+            !pods_before.iter().any(|(n, _)| n == name),
+            "{name} is an old pod"
+        );
+    }
+    assert_eq!(e.roller.ready_pods_with(&w, "r1").await.unwrap(), 3);
+    assert_eq!(e.roller.ready_pods_with(&w, "other").await.unwrap(), 0);
+
+    // Repeating is a no-op: no second restart.
+    let rv = e.sim.rollout("ro", "web").unwrap()["metadata"]["resourceVersion"].clone();
+    e.roller.roll(&w, "r1").await.unwrap();
+    assert_eq!(
+        e.sim.rollout("ro", "web").unwrap()["metadata"]["resourceVersion"],
+        rv
+    );
+
+    // A second restart (a rollback's): the pods move to it, the first id keeps none.
+    e.roller.roll(&w, "r1-rollback").await.unwrap();
+    let ro = e.sim.rollout("ro", "web").unwrap();
+    assert_eq!(
+        ro["metadata"]["annotations"]["openai-key-rotator/previous-rotation-id"],
+        "r1"
+    );
+    // While it runs, the first restart's pods still count as on "r1".
+    assert_eq!(e.roller.ready_pods_with(&w, "r1").await.unwrap(), 3);
+    let (state, seen) = until_settled_kind(&e, &w, "r1-rollback", Duration::from_secs(20)).await;
+    assert_eq!(state, RolloutState::Complete, "{seen:?}");
+    assert_eq!(
+        e.roller.ready_pods_with(&w, "r1-rollback").await.unwrap(),
+        3
+    );
+    assert_eq!(e.roller.ready_pods_with(&w, "r1").await.unwrap(), 0);
+    // The old id, asked about after the restart moved on, is a failure (rolled again).
+    assert!(matches!(
+        e.roller.rollout_state(&w, "r1").await.unwrap(),
+        RolloutState::Failed(m) if m.contains("rolled again")
+    ));
+
+    // Events name the Rollout with Argo's apiVersion.
+    e.roller
+        .event(&w, EventType::Normal, "RotationStarted", "rotation r1")
+        .await
+        .unwrap();
+    let api: Api<K8sEvent> = Api::namespaced(e.roller.client(), "ro");
+    let ev = api.list(&ListParams::default()).await.unwrap().items;
+    let r = ev[0].regarding.as_ref().unwrap();
+    assert_eq!(r.kind.as_deref(), Some("Rollout"));
+    assert_eq!(r.api_version.as_deref(), Some("argoproj.io/v1alpha1"));
+    assert_eq!(
+        r.uid.as_deref(),
+        e.sim.rollout("ro", "web").unwrap()["metadata"]["uid"].as_str()
+    );
+    // A missing Rollout is NotFound.
+    assert!(matches!(
+        e.roller
+            .roll(&workload_ref(WorkloadKind::Rollout, "ro", "gone"), "r1")
+            .await,
+        Err(BackendError::NotFound { .. })
+    ));
+}
+
+#[tokio::test]
+async fn kube_roller_fails_a_degraded_or_aborted_rollout_and_sees_pauses() {
+    let e = env(50).await;
+    let w = seed_rollout(&e, "ro", "web", 2).await;
+
+    // A restart that degrades fails at once (no waiting out the deadline).
+    e.sim.degrade_rollout_restarts("ro", "web", 1);
+    e.roller.roll(&w, "r1").await.unwrap();
+    let t = Instant::now();
+    let (state, seen) = until_settled_kind(&e, &w, "r1", Duration::from_secs(10)).await;
+    assert!(
+        matches!(&state, RolloutState::Failed(m) if m.contains("Degraded") && m.contains("ProgressDeadlineExceeded")),
+        "{state:?} {seen:?}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(5));
+    // The next restart proceeds (the degrade was one-shot).
+    e.roller.roll(&w, "r2").await.unwrap();
+    let (state, seen) = until_settled_kind(&e, &w, "r2", Duration::from_secs(20)).await;
+    assert_eq!(state, RolloutState::Complete, "{seen:?}");
+
+    // An aborted Rollout fails.
+    e.sim.set_rollout_aborted("ro", "web", true);
+    let t = Instant::now();
+    loop {
+        match e.roller.rollout_state(&w, "r2").await.unwrap() {
+            RolloutState::Failed(m) => {
+                assert!(m.contains("aborted"), "{m}");
+                break;
+            }
+            s => assert!(t.elapsed() < Duration::from_secs(5), "{s:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    e.sim.set_rollout_aborted("ro", "web", false);
+
+    // Paused: by hand (spec.paused) or by its controller (pauseConditions).
+    assert!(!e.roller.paused(&w).await.unwrap());
+    e.sim
+        .update_rollout("ro", "web", |r| {
+            r["spec"]["paused"] = serde_json::json!(true)
+        })
+        .unwrap();
+    assert!(e.roller.paused(&w).await.unwrap());
+    e.sim
+        .update_rollout("ro", "web", |r| {
+            r["spec"]["paused"] = serde_json::json!(false)
+        })
+        .unwrap();
+    assert!(!e.roller.paused(&w).await.unwrap());
+    e.sim
+        .set_rollout_pause_condition("ro", "web", Some("CanaryPauseStep"));
+    let t = Instant::now();
+    while !e.roller.paused(&w).await.unwrap() {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "pause condition not seen"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    e.sim.set_rollout_pause_condition("ro", "web", None);
+
+    // A paused Deployment too; StatefulSets have no pause.
+    seed(&e.sim, "ro", "api", 1).await;
+    let d = deployment_ref("ro", "api");
+    assert!(!e.roller.paused(&d).await.unwrap());
+    e.sim
+        .update_deployment("ro", "api", |d| {
+            d.spec.as_mut().unwrap().paused = Some(true)
+        })
+        .unwrap();
+    assert!(e.roller.paused(&d).await.unwrap());
+}

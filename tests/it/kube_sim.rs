@@ -1105,3 +1105,327 @@ async fn kubectl_gets_restarts_and_waits_for_statefulsets_and_daemonsets() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn kubectl_gets_patches_and_waits_for_argo_rollouts() {
+    let (sim, server) = start(100).await;
+    let k = Kubectl::new(&server, "demo");
+    // Created by kubectl from a manifest, as a user would (the simulator serves no OpenAPI
+    // documents for client-side validation).
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("rollout.json");
+    std::fs::write(
+        &manifest,
+        serde_json::to_string(&KubeSim::simple_rollout("demo", "web", 2)).unwrap(),
+    )
+    .unwrap();
+    let out = k
+        .ok(&[
+            "create",
+            "--validate=false",
+            "-f",
+            manifest.to_str().unwrap(),
+        ])
+        .await;
+    assert!(out.contains("rollout.argoproj.io/web created"), "{out}");
+    k.ok(&[
+        "wait",
+        "--for=jsonpath={.status.phase}=Healthy",
+        "rollout/web",
+        "--timeout=30s",
+    ])
+    .await;
+    // The table has the CRD's printer columns; the short name and the full name resolve.
+    let table = k.ok(&["get", "rollouts.argoproj.io"]).await;
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        [
+            "NAME",
+            "DESIRED",
+            "CURRENT",
+            "UP-TO-DATE",
+            "AVAILABLE",
+            "AGE"
+        ],
+        "{table}"
+    );
+    let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(&row[..5], ["web", "2", "2", "2", "2"], "{table}");
+    let ro: Value = serde_json::from_str(&k.ok(&["get", "ro", "web", "-o", "json"]).await).unwrap();
+    assert_eq!(ro["apiVersion"], "argoproj.io/v1alpha1");
+    assert_eq!(
+        ro["status"]["observedGeneration"],
+        ro["metadata"]["generation"].to_string()
+    );
+    let before: Vec<String> = active_pods(&sim.pods("demo", "app=web"))
+        .iter()
+        .map(|p| p.metadata.name.clone().unwrap())
+        .collect();
+
+    // `kubectl argo rollouts restart` is a merge patch of spec.restartAt; the simulated
+    // controller replaces every older pod, then records status.restartedAt.
+    let at = (chrono::Utc::now() + chrono::Duration::seconds(1))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let patch = format!(r#"{{"spec":{{"restartAt":"{at}"}}}}"#);
+    let out = k
+        .ok(&["patch", "rollout", "web", "--type", "merge", "-p", &patch])
+        .await;
+    assert!(out.contains("rollout.argoproj.io/web patched"), "{out}");
+    k.ok(&[
+        "wait",
+        &format!("--for=jsonpath={{.status.restartedAt}}={at}"),
+        "rollout/web",
+        "--timeout=30s",
+    ])
+    .await;
+    k.ok(&[
+        "wait",
+        "--for=jsonpath={.status.phase}=Healthy",
+        "rollout/web",
+        "--timeout=30s",
+    ])
+    .await;
+    let pods = sim.pods("demo", "app=web");
+    let after = active_pods(&pods)
+        .into_iter()
+        .filter(|p| is_ready(p))
+        .collect::<Vec<_>>();
+    assert_eq!(after.len(), 2);
+    for p in after {
+        assert!(!before.contains(p.metadata.name.as_ref().unwrap()));
+        let created = p
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .unwrap()
+            .0
+            .as_second();
+        let at_s = chrono::DateTime::parse_from_rfc3339(&at)
+            .unwrap()
+            .timestamp();
+        assert!(
+            created >= at_s,
+            "{:?} created before restartAt",
+            p.metadata.name
+        );
+        assert!(
+            p.metadata
+                .labels
+                .as_ref()
+                .unwrap()
+                .contains_key("rollouts-pod-template-hash"),
+            "{:?}",
+            p.metadata.labels
+        );
+    }
+
+    // A strategic merge patch is refused as for every custom resource.
+    let out = k
+        .run(&[
+            "patch",
+            "rollout",
+            "web",
+            "-p",
+            r#"{"spec":{"paused":true}}"#,
+        ])
+        .await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("merge-patch+json"), "{err}");
+    // Paused by hand: phase Paused.
+    k.ok(&[
+        "patch",
+        "ro",
+        "web",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"paused":true}}"#,
+    ])
+    .await;
+    k.ok(&[
+        "wait",
+        "--for=jsonpath={.status.phase}=Paused",
+        "rollout/web",
+        "--timeout=30s",
+    ])
+    .await;
+    let msg = k
+        .ok(&["get", "ro", "web", "-o", "jsonpath={.status.message}"])
+        .await;
+    assert_eq!(msg, "manually paused");
+    // Aborted through the test hook: Degraded, status.abort.
+    k.ok(&[
+        "patch",
+        "ro",
+        "web",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"paused":false}}"#,
+    ])
+    .await;
+    sim.set_rollout_aborted("demo", "web", true);
+    k.ok(&[
+        "wait",
+        "--for=jsonpath={.status.abort}=true",
+        "rollout/web",
+        "--timeout=30s",
+    ])
+    .await;
+    let phase = k
+        .ok(&["get", "ro", "web", "-o", "jsonpath={.status.phase}"])
+        .await;
+    assert_eq!(phase, "Degraded");
+}
+
+#[tokio::test]
+async fn the_simulated_argo_controller_restarts_one_pod_at_a_time_and_waits_for_restart_at() {
+    use openai_key_rotator::sandbox::kube::WorkloadKind;
+    let (sim, _server) = start(150).await;
+    sim.create_rollout(KubeSim::simple_rollout("demo", "web", 3))
+        .unwrap();
+    assert!(
+        sim.wait_rollout_complete_for(
+            WorkloadKind::Rollout,
+            "demo",
+            "web",
+            Duration::from_secs(15)
+        )
+        .await
+    );
+    let ready = |sim: &KubeSim| {
+        sim.pods("demo", "app=web")
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none() && is_ready(p))
+            .map(|p| p.metadata.name.unwrap())
+            .collect::<Vec<_>>()
+    };
+    let before = ready(&sim);
+    assert_eq!(before.len(), 3);
+    let rs_before = sim.replica_sets("demo", "app=web");
+    assert_eq!(rs_before.len(), 1);
+
+    // A restartAt two seconds ahead: nothing happens before it.
+    let at_s = chrono::Utc::now().timestamp() + 2;
+    let at = chrono::DateTime::from_timestamp(at_s, 0)
+        .unwrap()
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let gen = sim
+        .update_rollout("demo", "web", |r| r["spec"]["restartAt"] = json!(at))
+        .unwrap()["metadata"]["generation"]
+        .as_i64()
+        .unwrap();
+    let mut phases = Vec::new();
+    let mut min_ready = usize::MAX;
+    let t = Instant::now();
+    loop {
+        let ro = sim.rollout("demo", "web").unwrap();
+        let phase = ro["status"]["phase"].as_str().unwrap_or("").to_string();
+        if phases.last() != Some(&phase) {
+            phases.push(phase.clone());
+        }
+        let now_ready = ready(&sim);
+        if chrono::Utc::now().timestamp() < at_s - 1 {
+            assert_eq!(now_ready, before, "a pod was replaced before restartAt");
+        }
+        min_ready = min_ready.min(now_ready.len());
+        if ro["status"]["restartedAt"] == json!(at) && phase == "Healthy" {
+            assert_eq!(ro["status"]["observedGeneration"], json!(gen.to_string()));
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "{ro:#}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // maxUnavailable 1: never fewer than two ready pods; all three replaced in place.
+    assert!(min_ready >= 2, "{min_ready}");
+    assert!(phases.contains(&"Progressing".to_string()), "{phases:?}");
+    let after = ready(&sim);
+    assert_eq!(after.len(), 3);
+    assert!(
+        after.iter().all(|p| !before.contains(p)),
+        "{after:?} {before:?}"
+    );
+    let rs_after = sim.replica_sets("demo", "app=web");
+    assert_eq!(rs_after.len(), 1, "same ReplicaSet, no new template hash");
+    assert_eq!(rs_after[0].metadata.name, rs_before[0].metadata.name);
+    for p in sim.pods("demo", "app=web") {
+        if p.metadata.deletion_timestamp.is_none() {
+            assert!(p.metadata.creation_timestamp.unwrap().0.as_second() >= at_s);
+        }
+    }
+}
+
+#[tokio::test]
+async fn kube_rs_discovers_lists_patches_and_watches_rollouts_dynamically() {
+    use kube::api::{ApiResource, DynamicObject};
+    use kube::discovery::{Discovery, Scope};
+    let (sim, server) = start(50).await;
+    sim.create_rollout(KubeSim::simple_rollout("demo", "web", 1))
+        .unwrap();
+    let client = kube_client(&server, "demo").await;
+    // kube's discovery finds the group, its one version and the resource.
+    let discovery = Discovery::new(client.clone()).run().await.unwrap();
+    let group = discovery
+        .groups()
+        .find(|g| g.name() == "argoproj.io")
+        .expect("argoproj.io discovered");
+    assert_eq!(group.preferred_version_or_latest(), "v1alpha1");
+    let (ar, caps): (ApiResource, _) = group
+        .recommended_resources()
+        .into_iter()
+        .find(|(r, _)| r.kind == "Rollout")
+        .unwrap();
+    assert_eq!(ar.plural, "rollouts");
+    assert_eq!(caps.scope, Scope::Namespaced);
+    let api: Api<DynamicObject> = Api::namespaced_with(client, "demo", &ar);
+    let list = api
+        .list(&ListParams::default().labels("app=web"))
+        .await
+        .unwrap();
+    assert_eq!(list.items.len(), 1);
+    let rv = list.metadata.resource_version.clone().unwrap();
+    // A watch from the list's resourceVersion sees the restart patch and the controller's
+    // status writes.
+    let mut stream = api
+        .watch(&WatchParams::default().fields("metadata.name=web"), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    let at = (chrono::Utc::now() + chrono::Duration::seconds(1))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    api.patch(
+        "web",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"restartAt": at}})),
+    )
+    .await
+    .unwrap();
+    let t = Instant::now();
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("a watch event")
+            .expect("stream open")
+            .unwrap();
+        if let WatchEvent::Modified(o) = ev {
+            if o.data["status"]["restartedAt"] == json!(at)
+                && o.data["status"]["phase"] == "Healthy"
+            {
+                break;
+            }
+        }
+        assert!(t.elapsed() < Duration::from_secs(20));
+    }
+    // A strategic merge patch gets the API server's 415.
+    let err = api
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Strategic(json!({"spec": {"paused": true}})),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(api_code(&err).0, 415, "{err}");
+}

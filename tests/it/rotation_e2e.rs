@@ -8,7 +8,8 @@ use crate::support::{self, Bao};
 use openai_key_rotator::app::{self, Services};
 use openai_key_rotator::audit::{self, Audit, VerifyOutcome};
 use openai_key_rotator::config::{
-    Config, DrainConfig, DrainTimeout, DurationStr, SmokeProbe, SyncedSecret, Target,
+    Config, DrainConfig, DrainTimeout, DurationStr, SmokeProbe, SyncedSecret, Target, WorkloadKind,
+    WorkloadRef,
 };
 use openai_key_rotator::retry::RetryPolicy;
 use openai_key_rotator::rotation::{
@@ -127,6 +128,10 @@ impl Observer for I2Checker {
             return;
         };
         for w in &t.workloads {
+            if w.kind == WorkloadKind::Rollout {
+                self.check_rollout(j, account_id, w);
+                continue;
+            }
             let d = self
                 .kube
                 .deployment(&w.namespace, &w.name)
@@ -168,6 +173,58 @@ impl Observer for I2Checker {
                     problems.join(", ")
                 ));
             }
+        }
+    }
+}
+
+impl I2Checker {
+    /// I2 for an Argo Rollout: it carries the rotation id, Argo's status says done
+    /// (Healthy, the restart recorded), and every ready pod was created at or after the
+    /// restart's restartAt.
+    fn check_rollout(&self, j: &Journal, account_id: &str, w: &WorkloadRef) {
+        let ro = self.kube.rollout(&w.namespace, &w.name).expect("rollout");
+        let ann = |k: &str| ro["metadata"]["annotations"][k].as_str().map(String::from);
+        let mut problems = Vec::new();
+        if ann("openai-key-rotator/rotation-id").as_deref() != Some(j.rotation_id.as_str()) {
+            problems.push(format!(
+                "Rollout carries {:?}",
+                ann("openai-key-rotator/rotation-id")
+            ));
+        }
+        if self
+            .kube
+            .workload_rollout_status(WorkloadKind::Rollout, &w.namespace, &w.name)
+            != Some(RolloutStatus::Complete)
+        {
+            problems.push(format!("rollout status {:?}", ro["status"]));
+        }
+        let at = ann("openai-key-rotator/restart-at")
+            .and_then(|a| chrono::DateTime::parse_from_rfc3339(&a).ok())
+            .map(|t| t.timestamp())
+            .unwrap_or(i64::MAX);
+        for p in self.kube.pods(&w.namespace, &format!("app={}", w.name)) {
+            let ready = p
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            let created = p
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map_or(0, |t| t.0.as_second());
+            if ready && p.metadata.deletion_timestamp.is_none() && created < at {
+                problems.push(format!(
+                    "ready pod {:?} predates the restart",
+                    p.metadata.name
+                ));
+            }
+        }
+        if !problems.is_empty() {
+            self.violations.lock().unwrap().push(format!(
+                "I2: {account_id} deleted while {w}: {}",
+                problems.join(", ")
+            ));
         }
     }
 }
@@ -930,7 +987,9 @@ async fn a_429_storm_slows_the_rotation_but_it_succeeds() {
             if let Ok(r) = http.get(&url).bearer_auth(&admin).send().await {
                 limited += u32::from(r.status() == 429);
             }
-            tokio::time::sleep(Duration::from_millis(150)).await;
+            // Fast enough to keep the 2/s bucket empty even on a loaded machine (at 150 ms
+            // a starved neighbour let the daemon through without a single 429).
+            tokio::time::sleep(Duration::from_millis(40)).await;
         }
         limited
     });
@@ -1258,4 +1317,205 @@ async fn a_failing_wave_leaves_later_waves_untouched_against_the_simulators() {
     let calls = env.sb.consumers.total();
     assert_eq!(calls.failed, 0, "{calls:?}");
     env.assert_invariants(&[]).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Argo Rollouts
+
+/// Add a 3-replica Rollout `chatbot-canary` whose pods are consumers of the target's key,
+/// wait until it is Healthy, and return the target with it added to its workloads.
+async fn with_rollout(env: &Env) -> Target {
+    use openai_key_rotator::sandbox::kube::KubeSim;
+    let mut t = env.target();
+    env.sb.consumers.add(
+        NAMESPACE,
+        "chatbot-canary",
+        ConsumerSpec {
+            source: KeySource::Vault {
+                addr: env.bao.addr.clone(),
+                token: Secret::new(env.bao.token.clone()),
+                mount: "secret".into(),
+                path: t.vault_path.clone(),
+                field: "api_key".into(),
+            },
+            openai_base_url: env.sb.openai_url.clone(),
+            interval: Duration::from_millis(50),
+        },
+    );
+    env.sb
+        .kube
+        .create_rollout(KubeSim::simple_rollout(NAMESPACE, "chatbot-canary", 3))
+        .unwrap();
+    assert!(
+        env.sb
+            .kube
+            .wait_rollout_complete_for(
+                WorkloadKind::Rollout,
+                NAMESPACE,
+                "chatbot-canary",
+                Duration::from_secs(30)
+            )
+            .await
+    );
+    // Beside the seeded Deployments, which read the same key.
+    t.workloads.push(
+        format!("{NAMESPACE}/Rollout/chatbot-canary")
+            .parse()
+            .unwrap(),
+    );
+    t
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_target_rotates_end_to_end_without_a_failed_call() {
+    let env = env_with(|_| {}).await;
+    let t = with_rollout(&env).await;
+    let seeded = env.vault_key(&t.vault_path, None).await.unwrap();
+    let old = env.sb.openai.service_accounts(&env.sb.project_id);
+    let before = env.sb.consumers.stats(NAMESPACE, "chatbot-canary");
+    assert_eq!(before.pods_started, 3, "{before:?}");
+    let i1 = I1Sampler::start(&env);
+    let j = env.rotate_on(&t, req(), Arc::default()).await.unwrap();
+    assert_eq!(j.status, Status::Completed, "{j:#?}");
+    assert_eq!(i1.finish(), Vec::<String>::new());
+    let current = env.vault_key(&t.vault_path, None).await.unwrap();
+    assert_ne!(current, seeded);
+    assert!(!env.sb.openai.key_is_live(&seeded), "old key retired");
+    assert_eq!(*env.i2.old_deleted.lock().unwrap(), vec![old[0].id.clone()]);
+    // Restarted through restartAt: the template is unchanged (one ReplicaSet), every pod was
+    // replaced, and each new pod came up after restartAt.
+    let ro = env.sb.kube.rollout(NAMESPACE, "chatbot-canary").unwrap();
+    assert_eq!(
+        ro["metadata"]["annotations"]["openai-key-rotator/rotation-id"],
+        j.rotation_id.as_str()
+    );
+    assert_eq!(ro["status"]["restartedAt"], ro["spec"]["restartAt"]);
+    assert!(ro["spec"]["template"]["metadata"]
+        .get("annotations")
+        .is_none());
+    assert_eq!(
+        env.sb
+            .kube
+            .replica_sets(NAMESPACE, "app=chatbot-canary")
+            .len(),
+        1
+    );
+    let after = env.sb.consumers.stats(NAMESPACE, "chatbot-canary");
+    assert_eq!(after.pods_started, 6, "{after:?}");
+    assert!(
+        env.sb
+            .openai
+            .requests_served(j.new_account.as_ref().unwrap().key_id.as_str())
+            > 0,
+        "the restarted pods use the new key"
+    );
+    // Not one consumer call failed.
+    let total = env.sb.consumers.total();
+    assert_eq!(total.failed, 0, "{total:?}");
+    // Events on the Rollout.
+    let events = env.sb.kube.events(NAMESPACE);
+    assert!(events
+        .iter()
+        .any(|e| e.reason.as_deref() == Some("RotationCompleted")
+            && e.regarding.as_ref().and_then(|r| r.kind.as_deref()) == Some("Rollout")));
+    env.assert_invariants(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_degraded_rollout_rolls_back_and_a_paused_one_is_refused_before_minting() {
+    let env = env_with(|_| {}).await;
+    let t = with_rollout(&env).await;
+    let seeded = env.vault_key(&t.vault_path, None).await.unwrap();
+
+    // Paused (spec.paused): refused before anything is minted or written.
+    env.sb
+        .kube
+        .update_rollout(NAMESPACE, "chatbot-canary", |r| {
+            r["spec"]["paused"] = serde_json::json!(true)
+        })
+        .unwrap();
+    let version = env.vault_version(&t.vault_path).await;
+    let j = env.rotate_on(&t, req(), Arc::default()).await.unwrap();
+    assert_eq!(j.status, Status::Failed, "{j:#?}");
+    let err = j.error.clone().unwrap();
+    assert!(
+        err.contains(&format!("{NAMESPACE}/Rollout/chatbot-canary")) && err.contains("paused"),
+        "{err}"
+    );
+    assert!(j.new_account.is_none() && j.steps.is_empty(), "{j:#?}");
+    assert_eq!(env.sb.openai.service_accounts(&env.sb.project_id).len(), 1);
+    assert_eq!(env.vault_version(&t.vault_path).await, version);
+    assert_eq!(env.vault_key(&t.vault_path, None).await.unwrap(), seeded);
+    // Paused by its controller (a canary pause step) too.
+    env.sb
+        .kube
+        .update_rollout(NAMESPACE, "chatbot-canary", |r| {
+            r["spec"]["paused"] = serde_json::json!(false)
+        })
+        .unwrap();
+    env.sb
+        .kube
+        .set_rollout_pause_condition(NAMESPACE, "chatbot-canary", Some("CanaryPauseStep"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while env.sb.kube.rollout(NAMESPACE, "chatbot-canary").unwrap()["status"]["pauseConditions"]
+        .is_null()
+    {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let j = env.rotate_on(&t, req(), Arc::default()).await.unwrap();
+    assert_eq!(j.status, Status::Failed, "{j:#?}");
+    assert!(j.new_account.is_none());
+    assert_eq!(env.sb.openai.service_accounts(&env.sb.project_id).len(), 1);
+    env.sb
+        .kube
+        .set_rollout_pause_condition(NAMESPACE, "chatbot-canary", None);
+    assert!(
+        env.sb
+            .kube
+            .wait_rollout_complete_for(
+                WorkloadKind::Rollout,
+                NAMESPACE,
+                "chatbot-canary",
+                Duration::from_secs(10)
+            )
+            .await
+    );
+
+    // Degraded: the rotation's restart degrades, the rotation rolls back at once.
+    env.sb
+        .kube
+        .degrade_rollout_restarts(NAMESPACE, "chatbot-canary", 1);
+    let i1 = I1Sampler::start(&env);
+    let started = Instant::now();
+    let j = env.rotate_on(&t, req(), Arc::default()).await.unwrap();
+    assert_eq!(j.status, Status::RolledBack, "{j:#?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "rolled back only at rollout_timeout, not when the Rollout degraded"
+    );
+    assert_eq!(i1.finish(), Vec::<String>::new());
+    let err = j.error.clone().unwrap();
+    assert!(
+        err.contains("Degraded") && err.contains("chatbot-canary"),
+        "{err}"
+    );
+    // The old key is current again and live; the rollback's restart completed; the new
+    // account is gone (no ready pod carries the rotation's restart).
+    assert_eq!(env.vault_key(&t.vault_path, None).await.unwrap(), seeded);
+    assert!(env.sb.openai.key_is_live(&seeded));
+    let ro = env.sb.kube.rollout(NAMESPACE, "chatbot-canary").unwrap();
+    assert_eq!(
+        ro["metadata"]["annotations"]["openai-key-rotator/rotation-id"],
+        format!("{}-rollback", j.rotation_id).as_str()
+    );
+    assert_eq!(ro["status"]["phase"], "Healthy", "{ro:#}");
+    assert_eq!(env.sb.openai.service_accounts(&env.sb.project_id).len(), 1);
+    assert!(
+        env.i2.old_deleted.lock().unwrap().is_empty(),
+        "the old account lives"
+    );
+    let total = env.sb.consumers.total();
+    assert_eq!(total.failed, 0, "{total:?}");
+    env.assert_invariants(&[err]).await;
 }

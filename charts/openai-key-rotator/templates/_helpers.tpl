@@ -86,12 +86,16 @@ annotation is set (the daemon patches the Secret only to nudge the operator).
 {{- range $w := $ws -}}
 {{- $parts := splitList "/" $w -}}
 {{- $ns := index $parts 0 -}}
-{{- $e := get $all $ns | default (dict "resources" (list) "secrets" (list) "patchSecrets" (list)) -}}
+{{- $e := get $all $ns | default (dict "resources" (list) "rollouts" false "secrets" (list) "patchSecrets" (list)) -}}
+{{- if eq (index $parts 1) "Rollout" -}}
+{{- $_ := set $e "rollouts" true -}}
+{{- else -}}
 {{- $_ := set $e "resources" (append $e.resources (get $plural (index $parts 1)) | uniq | sortAlpha) -}}
+{{- end -}}
 {{- $_ := set $all $ns $e -}}
 {{- end -}}
 {{- with $t.syncedSecret -}}
-{{- $e := get $all .namespace | default (dict "resources" (list) "secrets" (list) "patchSecrets" (list)) -}}
+{{- $e := get $all .namespace | default (dict "resources" (list) "rollouts" false "secrets" (list) "patchSecrets" (list)) -}}
 {{- $_ := set $e "secrets" (append $e.secrets .name | uniq | sortAlpha) -}}
 {{- if .forceSyncAnnotation -}}
 {{- $_ := set $e "patchSecrets" (append $e.patchSecrets .name | uniq | sortAlpha) -}}

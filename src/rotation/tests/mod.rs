@@ -678,6 +678,35 @@ async fn a_failed_mint_changes_nothing_and_a_lost_create_answer_leaves_no_orphan
 }
 
 #[tokio::test]
+async fn a_paused_workload_is_refused_before_anything_is_minted() {
+    let w = world();
+    let paused = workloads()[1].clone();
+    w.roller.set_paused(&paused, true);
+    let j = w.rotate(req()).await.unwrap();
+    assert_eq!(j.status, Status::Failed, "{j:#?}");
+    let err = j.error.clone().unwrap();
+    assert!(
+        err.contains("demo/Deployment/worker") && err.contains("is paused"),
+        "{err}"
+    );
+    // Nothing minted, published or rolled; the old key is untouched.
+    assert!(j.new_account.is_none() && j.steps.is_empty(), "{j:#?}");
+    assert_eq!(w.issuer.account_ids(), [w.old.id.clone()].into());
+    assert!(w.issuer.state.lock().unwrap().minted.is_empty());
+    assert_eq!(w.current_key(), w.old.key);
+    let log = w.log.entries();
+    assert!(
+        !log.iter()
+            .any(|e| e.starts_with("create") || e.starts_with("roll")),
+        "{log:#?}"
+    );
+    // Resumed, the same target rotates.
+    w.roller.set_paused(&paused, false);
+    assert_eq!(w.rotate(req()).await.unwrap().status, Status::Completed);
+    w.assert_clean();
+}
+
+#[tokio::test]
 async fn retire_failure_completes_with_pending_deletion_retried_later() {
     let w = world();
     w.issuer.state.lock().unwrap().fail_deletes = 3;
@@ -1202,6 +1231,20 @@ async fn dry_run_plan_touches_nothing() {
     );
     assert!(
         text.contains(&format!("retire: delete service account {}", w.old.id)),
+        "{text}"
+    );
+    assert!(!text.contains("refused"), "{text}");
+    // A Rollout is restarted, and a paused workload is named as the refusal.
+    let ro: WorkloadRef = "demo/Rollout/canary".parse().unwrap();
+    w.target.workloads.push(ro.clone());
+    w.roller.set_paused(&ro, true);
+    let text = w.engine().plan(&w.target).await.unwrap().join("\n");
+    assert!(
+        text.contains("roll: restart demo/Rollout/canary through spec.restartAt"),
+        "{text}"
+    );
+    assert!(
+        text.starts_with("refused: target chat: workload demo/Rollout/canary is paused"),
         "{text}"
     );
     assert!(w.log.entries().is_empty(), "{:?}", w.log.entries());

@@ -492,6 +492,12 @@ fn patch_object(
     q: &Query,
 ) -> ApiResult {
     let kind = PatchKind::from_content_type(content_type)?;
+    if kind == PatchKind::Strategic && info.is_custom() {
+        // What the API server says for every custom resource.
+        return Err(KubeSimError::UnsupportedMediaType(
+            "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml".into(),
+        ));
+    }
     if kind == PatchKind::Apply && q.get("fieldManager").is_none_or(|m| m.is_empty()) {
         return Err(KubeSimError::BadRequest(
             "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch".into(),

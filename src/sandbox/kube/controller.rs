@@ -215,6 +215,7 @@ pub(crate) fn reconcile_in(inner: &mut Inner, opts: &KubeSimOptions, now: Instan
     deployments(&mut inner.store, scope);
     super::statefulset::sync_all(inner, now, scope);
     super::daemonset::sync_all(inner, opts, now, scope);
+    super::rollout::sync_all(inner, now, scope);
 }
 
 /// The namespaces a controller pass covers.
@@ -442,6 +443,7 @@ fn owner_alive(store: &Store, ns: &str, kind: &str, name: &str, uid: &str) -> bo
         "ReplicaSet" => Res::ReplicaSet,
         "StatefulSet" => Res::StatefulSet,
         "DaemonSet" => Res::DaemonSet,
+        "Rollout" => Res::Rollout,
         // Owners we do not model are assumed alive.
         _ => return true,
     };

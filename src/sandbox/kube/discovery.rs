@@ -20,6 +20,8 @@ pub enum Res {
     Lease,
     EventV1,
     TokenReview,
+    /// Argo Rollouts' `Rollout` (a CustomResourceDefinition on a real cluster).
+    Rollout,
 }
 
 /// Static facts about a [`Res`]: where it lives in the API and what it supports.
@@ -224,6 +226,30 @@ pub static RESOURCES: &[ResInfo] = &[
         status_subresource: false,
         tracks_generation: false,
     },
+    // As the argo-rollouts CRD declares it (`kubectl get ro`, status subresource).
+    ResInfo {
+        res: Res::Rollout,
+        group: "argoproj.io",
+        version: "v1alpha1",
+        plural: "rollouts",
+        singular: "rollout",
+        kind: "Rollout",
+        namespaced: true,
+        verbs: &[
+            "delete",
+            "deletecollection",
+            "get",
+            "list",
+            "patch",
+            "create",
+            "update",
+            "watch",
+        ],
+        short_names: &["ro"],
+        categories: &[],
+        status_subresource: true,
+        tracks_generation: true,
+    },
 ];
 
 impl Res {
@@ -246,6 +272,11 @@ impl ResInfo {
     }
 
     /// Has a `/scale` subresource (autoscaling/v1 `Scale`), as `kubectl scale` uses.
+    /// A custom resource: no strategic merge patch (the API server answers 415).
+    pub fn is_custom(&self) -> bool {
+        self.res == Res::Rollout
+    }
+
     pub fn has_scale(&self) -> bool {
         matches!(
             self.res,
@@ -279,12 +310,12 @@ pub fn lookup(group: &str, version: &str, plural: &str) -> Option<&'static ResIn
         .find(|r| r.group == group && r.version == version && r.plural == plural)
 }
 
-/// Group versions served, in the order the real server lists them.
-fn groups() -> Vec<&'static str> {
-    let mut out: Vec<&'static str> = Vec::new();
+/// Groups served (each with its one version), in the order the real server lists them.
+fn groups() -> Vec<(&'static str, &'static str)> {
+    let mut out: Vec<(&'static str, &'static str)> = Vec::new();
     for r in RESOURCES {
-        if !r.group.is_empty() && !out.contains(&r.group) {
-            out.push(r.group);
+        if !r.group.is_empty() && !out.iter().any(|(g, _)| *g == r.group) {
+            out.push((r.group, r.version));
         }
     }
     out
@@ -320,8 +351,8 @@ pub fn api_versions(server_address: &str) -> Value {
     })
 }
 
-fn api_group(name: &str) -> Value {
-    let gv = json!({"groupVersion": format!("{name}/v1"), "version": "v1"});
+fn api_group((name, version): (&str, &str)) -> Value {
+    let gv = json!({"groupVersion": format!("{name}/{version}"), "version": version});
     json!({
         "name": name,
         "versions": [gv.clone()],
@@ -337,8 +368,8 @@ pub fn api_group_list() -> Value {
 
 /// `GET /apis/{group}`, or `None` for a group we do not serve.
 pub fn api_group_doc(group: &str) -> Option<Value> {
-    groups().contains(&group).then(|| {
-        let mut g = api_group(group);
+    groups().into_iter().find(|(g, _)| *g == group).map(|gv| {
+        let mut g = api_group(gv);
         g["kind"] = json!("APIGroup");
         g["apiVersion"] = json!("v1");
         g
@@ -458,6 +489,31 @@ mod tests {
         assert!(
             Res::StatefulSet.info().tracks_generation && Res::DaemonSet.info().tracks_generation
         );
+    }
+
+    #[test]
+    fn argoproj_serves_rollouts_at_v1alpha1() {
+        let list: APIGroupList = serde_json::from_value(api_group_list()).unwrap();
+        let argo = list
+            .groups
+            .iter()
+            .find(|g| g.name == "argoproj.io")
+            .unwrap();
+        assert_eq!(argo.versions[0].group_version, "argoproj.io/v1alpha1");
+        assert_eq!(argo.preferred_version.as_ref().unwrap().version, "v1alpha1");
+        let doc = api_group_doc("argoproj.io").unwrap();
+        assert_eq!(
+            doc["preferredVersion"]["groupVersion"],
+            "argoproj.io/v1alpha1"
+        );
+        let res: APIResourceList =
+            serde_json::from_value(resource_list("argoproj.io", "v1alpha1").unwrap()).unwrap();
+        let ro = res.resources.iter().find(|r| r.name == "rollouts").unwrap();
+        assert_eq!(ro.kind, "Rollout");
+        assert_eq!(ro.short_names.as_deref(), Some(&["ro".to_string()][..]));
+        assert!(res.resources.iter().any(|r| r.name == "rollouts/status"));
+        assert!(resource_list("argoproj.io", "v1").is_none());
+        assert!(Res::Rollout.info().is_custom() && !Res::Deployment.info().is_custom());
     }
 
     #[test]

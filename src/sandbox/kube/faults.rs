@@ -212,13 +212,20 @@ pub struct WatchDisconnect {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WorkloadFaults {
-    /// `Deployment`, `StatefulSet` or `DaemonSet`.
+    /// `Deployment`, `StatefulSet`, `DaemonSet` or `Rollout`.
     pub kind: Option<String>,
     /// New pods never become Ready: the rollout never completes (and a Deployment's
     /// progress deadline eventually fails it).
     pub never_ready: Option<bool>,
     /// Time from pod creation to Ready, instead of the simulator's default.
     pub ready_delay_ms: Option<u64>,
+    /// Rollouts: the next this many restarts degrade (`ProgressDeadlineExceeded`).
+    pub degrade_restarts: Option<u32>,
+    /// Rollouts: aborted (`status.abort`, phase Degraded) or not.
+    pub aborted: Option<bool>,
+    /// Rollouts: a controller pause condition with this reason (e.g. `CanaryPauseStep`);
+    /// an empty string clears it.
+    pub pause_condition: Option<String>,
 }
 
 /// The fault settings and the counters they fire on.
@@ -485,7 +492,7 @@ impl KubeSim {
         let kind: Option<WorkloadKind> = match w.kind.as_deref() {
             None => None,
             Some(k) => Some(super::workload_kind(k).ok_or_else(|| {
-                format!("kind {k:?} is not one of Deployment, StatefulSet, DaemonSet")
+                format!("kind {k:?} is not one of Deployment, StatefulSet, DaemonSet, Rollout")
             })?),
         };
         match (kind, w.never_ready) {
@@ -497,6 +504,15 @@ impl KubeSim {
             (Some(k), Some(ms)) => self.set_ready_delay_for(k, ns, name, Duration::from_millis(ms)),
             (None, Some(ms)) => self.set_ready_delay(ns, name, Duration::from_millis(ms)),
             _ => {}
+        }
+        if let Some(n) = w.degrade_restarts {
+            self.degrade_rollout_restarts(ns, name, n);
+        }
+        if let Some(a) = w.aborted {
+            self.set_rollout_aborted(ns, name, a);
+        }
+        if let Some(r) = &w.pause_condition {
+            self.set_rollout_pause_condition(ns, name, Some(r.as_str()).filter(|r| !r.is_empty()));
         }
         Ok(())
     }

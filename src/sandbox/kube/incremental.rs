@@ -115,4 +115,8 @@ fn settled(inner: &Inner, ns: &str) -> bool {
         && store.list(Res::DaemonSet, Some(ns)).into_iter().all(|d| {
             typed(d).is_some_and(|d| daemonset::rollout_status(&d) == RolloutStatus::Complete)
         })
+        && store
+            .list(Res::Rollout, Some(ns))
+            .into_iter()
+            .all(super::rollout::settled)
 }

@@ -1,9 +1,11 @@
 //! A Kubernetes API server subset, in memory, faithful enough for the real `kubectl` and
 //! kube-rs: discovery, get/list/watch/create/update/patch/delete with selectors and
 //! optimistic concurrency for Deployments, ReplicaSets, StatefulSets, DaemonSets,
-//! ControllerRevisions, Pods, Secrets, Events (both APIs), Leases and TokenReviews, plus
-//! rollout controllers (Deployment → ReplicaSet → Pod; StatefulSet → Pod; DaemonSet → Pod on
-//! every simulated node; a simulated kubelet) that write status the way the real ones do.
+//! ControllerRevisions, Pods, Secrets, Events (both APIs), Leases, TokenReviews and Argo
+//! Rollouts (`argoproj.io/v1alpha1` `Rollout`, as its CRD serves it), plus rollout
+//! controllers (Deployment → ReplicaSet → Pod; StatefulSet → Pod; DaemonSet → Pod on every
+//! simulated node; Rollout → ReplicaSet → Pod with `spec.restartAt`, see [`rollout`]; a
+//! simulated kubelet) that write status the way the real ones do.
 //!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
@@ -24,6 +26,7 @@ mod incremental;
 mod objects;
 mod patch;
 mod revisions;
+pub mod rollout;
 pub mod selector;
 pub mod statefulset;
 mod store;
@@ -133,6 +136,15 @@ pub(crate) struct WorkloadSettings {
     pub never_ready: bool,
     pub ready_delay: Option<Duration>,
     pub gated: bool,
+    /// Rollouts: this many coming restarts degrade (ProgressDeadlineExceeded; the restart
+    /// halts) instead of completing.
+    pub degrade_restarts: u32,
+    /// The `spec.restartAt` of the restart that degraded.
+    pub degraded_restart: Option<String>,
+    /// Rollouts: aborted (`status.abort`, phase Degraded) until cleared.
+    pub aborted: bool,
+    /// Rollouts: a controller pause condition with this reason (e.g. `CanaryPauseStep`).
+    pub rollout_pause: Option<String>,
 }
 
 /// Who a registered service-account token authenticates as.
@@ -210,14 +222,16 @@ pub(crate) fn workload_kind(kind: &str) -> Option<WorkloadKind> {
         "Deployment" => Some(WorkloadKind::Deployment),
         "StatefulSet" => Some(WorkloadKind::StatefulSet),
         "DaemonSet" => Some(WorkloadKind::DaemonSet),
+        "Rollout" => Some(WorkloadKind::Rollout),
         _ => None,
     }
 }
 
-const ALL_KINDS: [WorkloadKind; 3] = [
+const ALL_KINDS: [WorkloadKind; 4] = [
     WorkloadKind::Deployment,
     WorkloadKind::StatefulSet,
     WorkloadKind::DaemonSet,
+    WorkloadKind::Rollout,
 ];
 
 fn workload_res(kind: WorkloadKind) -> Res {
@@ -225,6 +239,7 @@ fn workload_res(kind: WorkloadKind) -> Res {
         WorkloadKind::Deployment => Res::Deployment,
         WorkloadKind::StatefulSet => Res::StatefulSet,
         WorkloadKind::DaemonSet => Res::DaemonSet,
+        WorkloadKind::Rollout => Res::Rollout,
     }
 }
 
@@ -714,7 +729,82 @@ preferences: {{}}
             WorkloadKind::DaemonSet => self
                 .daemonset(ns, name)
                 .map(|d| daemonset::rollout_status(&d)),
+            WorkloadKind::Rollout => self.rollout(ns, name).map(|r| {
+                let phase = r.pointer("/status/phase").and_then(|v| v.as_str());
+                let message = r.pointer("/status/message").and_then(|v| v.as_str());
+                match phase {
+                    _ if rollout::settled(&r) => RolloutStatus::Complete,
+                    Some("Degraded") => RolloutStatus::Failed(message.unwrap_or("").into()),
+                    p => RolloutStatus::Waiting(format!(
+                        "{}: {}",
+                        p.unwrap_or("(no phase)"),
+                        message.unwrap_or("")
+                    )),
+                }
+            }),
         }
+    }
+
+    /// A minimal Argo Rollout, shaped like [`Self::simple_deployment`] (canary strategy
+    /// without steps): JSON, as there is no typed struct for it.
+    pub fn simple_rollout(ns: &str, name: &str, replicas: i32) -> serde_json::Value {
+        let mut v = simple_workload("Rollout", ns, name, Some(replicas));
+        v["apiVersion"] = serde_json::json!("argoproj.io/v1alpha1");
+        v["spec"]["strategy"] = serde_json::json!({"canary": {}});
+        v
+    }
+
+    /// Create a Rollout through the API's admission; the simulated Argo controller brings
+    /// it up (see [`rollout`]).
+    pub fn create_rollout(&self, ro: serde_json::Value) -> Result<serde_json::Value, KubeSimError> {
+        let ns = ro
+            .pointer("/metadata/namespace")
+            .and_then(|v| v.as_str())
+            .unwrap_or("default")
+            .to_string();
+        let v = objects::admit(Res::Rollout, ro)?;
+        self.shared.lock().store.create(Res::Rollout, &ns, v, false)
+    }
+
+    pub fn rollout(&self, ns: &str, name: &str) -> Option<serde_json::Value> {
+        self.shared
+            .lock()
+            .store
+            .get(Res::Rollout, ns, name)
+            .cloned()
+    }
+
+    /// Change a Rollout as a client's update would (e.g. `spec.paused = true`).
+    pub fn update_rollout(
+        &self,
+        ns: &str,
+        name: &str,
+        change: impl FnOnce(&mut serde_json::Value),
+    ) -> Result<serde_json::Value, KubeSimError> {
+        self.update_typed(Res::Rollout, ns, name, change)
+    }
+
+    /// The next `n` restarts of the Rollout degrade as Argo reports a rollout whose new pods
+    /// never come up: phase `Degraded`, `ProgressDeadlineExceeded`, the restart halted. A
+    /// later restart (a rollback's) proceeds.
+    pub fn degrade_rollout_restarts(&self, ns: &str, name: &str, n: u32) {
+        self.with_workload(&[WorkloadKind::Rollout], ns, name, |w| {
+            w.degrade_restarts = n
+        });
+    }
+
+    /// Abort the Rollout (`status.abort: true`, phase `Degraded`, `RolloutAborted`), as
+    /// `kubectl argo rollouts abort` does, until cleared.
+    pub fn set_rollout_aborted(&self, ns: &str, name: &str, aborted: bool) {
+        self.with_workload(&[WorkloadKind::Rollout], ns, name, |w| w.aborted = aborted);
+    }
+
+    /// Pause the Rollout as its controller does at a canary `pause` step
+    /// (`status.pauseConditions`, `controllerPause`); `None` resumes it.
+    pub fn set_rollout_pause_condition(&self, ns: &str, name: &str, reason: Option<&str>) {
+        self.with_workload(&[WorkloadKind::Rollout], ns, name, |w| {
+            w.rollout_pause = reason.map(str::to_string)
+        });
     }
 
     /// Wait until the rollout of the workload named `name` is complete by kubectl's rule:

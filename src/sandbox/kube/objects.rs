@@ -140,6 +140,13 @@ pub fn admit(res: Res, mut obj: Value) -> Result<Value, KubeSimError> {
             }
         }
         Res::Secret => default_secret(&mut obj),
+        // The CRD's schema: a pod template and a selector (workloadRef is not simulated).
+        Res::Rollout => {
+            require_workload_shape(info, &name, &obj)?;
+            if let Some(spec) = obj.pointer_mut("/spec/template/spec") {
+                default_pod_spec(spec);
+            }
+        }
         Res::Namespace => {
             let labels = obj["metadata"]["labels"]
                 .as_object()
@@ -166,6 +173,8 @@ pub fn admit(res: Res, mut obj: Value) -> Result<Value, KubeSimError> {
         Res::Lease => roundtrip::<Lease>(info, obj)?,
         Res::EventV1 => roundtrip::<k8s_openapi::api::events::v1::Event>(info, obj)?,
         Res::TokenReview => roundtrip::<TokenReview>(info, obj)?,
+        // No typed struct: the CRD keeps unknown fields of spec and status as sent.
+        Res::Rollout => obj,
     };
     if is_workload(res) {
         validate_workload(info, &name, &obj)?;
@@ -176,7 +185,7 @@ pub fn admit(res: Res, mut obj: Value) -> Result<Value, KubeSimError> {
 fn is_workload(res: Res) -> bool {
     matches!(
         res,
-        Res::Deployment | Res::ReplicaSet | Res::StatefulSet | Res::DaemonSet
+        Res::Deployment | Res::ReplicaSet | Res::StatefulSet | Res::DaemonSet | Res::Rollout
     )
 }
 

@@ -184,6 +184,15 @@ fn columns(res: Res) -> Vec<Value> {
             age,
         ],
         Res::Lease => vec![name, col("Holder", "string", "", 0), age],
+        // The argo-rollouts CRD's additionalPrinterColumns.
+        Res::Rollout => vec![
+            name,
+            col("Desired", "integer", "", 0),
+            col("Current", "integer", "", 0),
+            col("Up-to-date", "integer", "", 0),
+            col("Available", "integer", "", 0),
+            age,
+        ],
         Res::Namespace => vec![name, col("Status", "string", "", 0), age],
         Res::Event => vec![
             col("Last Seen", "string", "", 0),
@@ -328,6 +337,17 @@ fn cells(res: Res, o: &Value) -> Vec<Value> {
             json!(age(o)),
         ],
         Res::Lease => vec![name, json!(s(o, "/spec/holderIdentity")), json!(age(o))],
+        Res::Rollout => vec![
+            name,
+            json!(o
+                .pointer("/spec/replicas")
+                .and_then(Value::as_i64)
+                .unwrap_or(1)),
+            json!(i(o, "/status/replicas")),
+            json!(i(o, "/status/updatedReplicas")),
+            json!(i(o, "/status/availableReplicas")),
+            json!(age(o)),
+        ],
         Res::Namespace => vec![name, json!(s(o, "/status/phase")), json!(age(o))],
         Res::Event => vec![
             json!(age(o)),

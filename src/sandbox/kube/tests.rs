@@ -985,3 +985,164 @@ fn operation_names_cover_what_the_daemon_calls() {
         "no duplicates (two Event APIs share names)"
     );
 }
+
+async fn until_rollout(
+    sim: &KubeSim,
+    what: &str,
+    f: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let t = Instant::now();
+    loop {
+        let ro = sim.rollout("ns", "ro").unwrap();
+        if f(&ro) {
+            return ro;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "{what}: {ro:#}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn rollouts_come_up_and_the_control_knobs_degrade_abort_and_pause_them() {
+    let (sim, _stop) = running(fast());
+    // Admission: a Rollout needs a selector and a pod template with containers.
+    let mut bad = KubeSim::simple_rollout("ns", "bad", 1);
+    bad["spec"].as_object_mut().unwrap().remove("selector");
+    assert!(matches!(
+        sim.create_rollout(bad),
+        Err(KubeSimError::Invalid { .. })
+    ));
+    sim.create_rollout(KubeSim::simple_rollout("ns", "ro", 2))
+        .unwrap();
+    assert!(
+        sim.wait_rollout_complete_for(WorkloadKind::Rollout, "ns", "ro", Duration::from_secs(10))
+            .await
+    );
+    let ro = sim.rollout("ns", "ro").unwrap();
+    let st = &ro["status"];
+    assert_eq!(st["observedGeneration"], "1");
+    assert_eq!(
+        (
+            st["replicas"].as_i64(),
+            st["updatedReplicas"].as_i64(),
+            st["availableReplicas"].as_i64()
+        ),
+        (Some(2), Some(2), Some(2))
+    );
+    assert_eq!(st["stableRS"], st["currentPodHash"]);
+    // The pods' owner chain names the Rollout (what consumers and PodEvents key on).
+    let owners = sim.pod_owners("ns");
+    assert_eq!(owners.len(), 2);
+    assert!(owners
+        .iter()
+        .all(|o| o.workload == Some(("Rollout".into(), "ro".into()))));
+
+    // Through the control API's settings: abort, then clear.
+    sim.set_workload_faults(
+        "ns",
+        "ro",
+        &WorkloadFaults {
+            kind: Some("Rollout".into()),
+            aborted: Some(true),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    until_rollout(&sim, "aborted", |r| {
+        r["status"]["abort"] == true && r["status"]["phase"] == "Degraded"
+    })
+    .await;
+    assert!(
+        matches!(sim.workload_rollout_status(WorkloadKind::Rollout, "ns", "ro"), Some(RolloutStatus::Failed(m)) if m.contains("RolloutAborted"))
+    );
+    sim.set_workload_faults(
+        "ns",
+        "ro",
+        &WorkloadFaults {
+            aborted: Some(false),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    until_rollout(&sim, "healthy again", |r| {
+        r["status"]["phase"] == "Healthy" && r["status"].get("abort").is_none()
+    })
+    .await;
+
+    // A controller pause, then resumed ("" clears it).
+    sim.set_workload_faults(
+        "ns",
+        "ro",
+        &WorkloadFaults {
+            pause_condition: Some("CanaryPauseStep".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let ro = until_rollout(&sim, "paused", |r| r["status"]["phase"] == "Paused").await;
+    assert_eq!(
+        ro["status"]["pauseConditions"][0]["reason"],
+        "CanaryPauseStep"
+    );
+    assert_eq!(ro["status"]["controllerPause"], true);
+    sim.set_workload_faults(
+        "ns",
+        "ro",
+        &WorkloadFaults {
+            pause_condition: Some(String::new()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    until_rollout(&sim, "resumed", |r| r["status"]["phase"] == "Healthy").await;
+
+    // One degraded restart, then a restart that completes.
+    sim.set_workload_faults(
+        "ns",
+        "ro",
+        &WorkloadFaults {
+            degrade_restarts: Some(1),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let at = |s: i64| {
+        chrono::DateTime::from_timestamp(chrono::Utc::now().timestamp() + s, 0)
+            .unwrap()
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    };
+    let first = at(1);
+    sim.update_rollout("ns", "ro", |r| {
+        r["spec"]["restartAt"] = serde_json::json!(first)
+    })
+    .unwrap();
+    let ro = until_rollout(&sim, "degraded", |r| r["status"]["phase"] == "Degraded").await;
+    assert!(
+        ro["status"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("ProgressDeadlineExceeded"),
+        "{ro:#}"
+    );
+    let second = at(2);
+    sim.update_rollout("ns", "ro", |r| {
+        r["spec"]["restartAt"] = serde_json::json!(second)
+    })
+    .unwrap();
+    until_rollout(&sim, "restarted", |r| {
+        r["status"]["restartedAt"] == serde_json::json!(second) && r["status"]["phase"] == "Healthy"
+    })
+    .await;
+    // Unknown kinds are still refused by name.
+    let err = sim
+        .set_workload_faults(
+            "ns",
+            "ro",
+            &WorkloadFaults {
+                kind: Some("CronJob".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+    assert!(err.contains("Rollout"), "{err}");
+}
