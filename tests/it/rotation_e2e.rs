@@ -254,6 +254,10 @@ fn engine_opts() -> EngineOptions {
 }
 
 async fn env_with(tweak: impl FnOnce(&mut Config)) -> Env {
+    env_with_opts(tweak, engine_opts()).await
+}
+
+async fn env_with_opts(tweak: impl FnOnce(&mut Config), engine: EngineOptions) -> Env {
     captured_logs();
     let bao = support::start_bao().await;
     let dir = tempfile::tempdir().unwrap();
@@ -278,7 +282,7 @@ async fn env_with(tweak: impl FnOnce(&mut Config)) -> Env {
     });
     let cancel = CancellationToken::new();
     let audit = Audit::open(Some(&dir.path().join("audit.jsonl")), false).unwrap();
-    let services = app::connect_with(&config, audit, &cancel, engine_opts(), vec![i2.clone()])
+    let services = app::connect_with(&config, audit, &cancel, engine, vec![i2.clone()])
         .await
         .expect("connect");
     Env {
@@ -1518,4 +1522,111 @@ async fn a_degraded_rollout_rolls_back_and_a_paused_one_is_refused_before_mintin
     let total = env.sb.consumers.total();
     assert_eq!(total.failed, 0, "{total:?}");
     env.assert_invariants(&[err]).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Restart coalescing
+
+/// Three targets whose keys the chatbot Deployments all use (two more keys at their own
+/// Vault paths), rotated at once as an emergency of every target would: with a coalescing
+/// window the Deployments restart once (one new ReplicaSet each), else once per target.
+async fn three_targets_at_once(window: Duration) -> (Env, Vec<Journal>) {
+    let env = env_with_opts(
+        |c| {
+            let base = c.targets[0].clone();
+            for n in ["embed", "moderate"] {
+                let mut t = base.clone();
+                t.name = format!("chatbot-{n}");
+                t.vault_path = format!("demo/chatbot-{n}/openai");
+                c.targets.push(t);
+            }
+        },
+        EngineOptions {
+            coalesce_window: window,
+            ..engine_opts()
+        },
+    )
+    .await;
+    let targets = env.config.targets.clone();
+    let engine = &env.services.engine;
+    let reqs: Vec<RotationRequest> = targets
+        .iter()
+        .map(|t| {
+            RotationRequest::new(&t.name, Trigger::Api, "oncall", "leak", chrono::Utc::now())
+                .emergency(false)
+        })
+        .collect();
+    // As the daemon does when it accepts the triggers.
+    let _interest: Vec<_> = targets
+        .iter()
+        .zip(&reqs)
+        .map(|(t, r)| engine.expect_roll(&r.rotation_id, t))
+        .collect();
+    let runs = targets
+        .iter()
+        .zip(reqs)
+        .map(|(t, r)| env.rotate_on(t, r, Arc::default()));
+    let done: Vec<Journal> = futures::future::join_all(runs)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    (env, done)
+}
+
+/// New ReplicaSets of `workload` whose template carries one of `ids`.
+fn new_replica_sets(env: &Env, workload: &str, ids: &[&str]) -> usize {
+    env.sb
+        .kube
+        .replica_sets(NAMESPACE, &format!("app={workload}"))
+        .iter()
+        .filter(|rs| {
+            rs.spec
+                .as_ref()
+                .and_then(|s| s.template.as_ref())
+                .and_then(|p| p.metadata.as_ref())
+                .and_then(|m| m.annotations.as_ref())
+                .and_then(|a| a.get("openai-key-rotator/rotation-id"))
+                .is_some_and(|id| ids.contains(&id.as_str()))
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_emergency_of_three_targets_restarts_the_shared_deployments_once() {
+    let (env, done) = three_targets_at_once(Duration::from_secs(5)).await;
+    for j in &done {
+        assert_eq!(j.status, Status::Completed, "{j:#?}");
+    }
+    let ids: Vec<&str> = done.iter().map(|j| j.rollout_id()).collect();
+    assert!(
+        ids.iter().all(|id| *id == ids[0]),
+        "one rollout id: {ids:?}"
+    );
+    for w in &env.target().workloads {
+        assert_eq!(
+            new_replica_sets(&env, &w.name, &ids),
+            1,
+            "{w} restarted once"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let calls = env.sb.consumers.total();
+    assert_eq!(calls.failed, 0, "{calls:?}");
+    env.assert_invariants(&[]).await;
+}
+
+/// Negative control: without coalescing each rotation restarts the Deployments again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_coalescing_the_shared_deployments_restart_once_per_target() {
+    let (env, done) = three_targets_at_once(Duration::ZERO).await;
+    for j in &done {
+        assert_eq!(j.status, Status::Completed, "{j:#?}");
+    }
+    let ids: Vec<&str> = done.iter().map(|j| j.rollout_id()).collect();
+    for w in &env.target().workloads {
+        assert_eq!(new_replica_sets(&env, &w.name, &ids), 3, "{w}");
+    }
+    let calls = env.sb.consumers.total();
+    assert_eq!(calls.failed, 0, "{calls:?}");
 }
