@@ -11,6 +11,12 @@ state_prefix = {{ $v.daemon.statePrefix | toJson }}
 account_prefix = {{ $v.daemon.accountPrefix | toJson }}
 sweep_min_age = {{ $v.daemon.sweepMinAge | toJson }}
 log_format = {{ $v.daemon.logFormat | toJson }}
+{{- with $v.daemon.coalesceWindow }}
+coalesce_window = {{ . | toJson }}
+{{- end }}
+{{- with $v.daemon.maxConcurrentRollouts }}
+max_concurrent_rollouts = {{ int . }}
+{{- end }}
 
 [daemon.leader_election]
 enabled = {{ $v.leaderElection.enabled }}
