@@ -69,6 +69,7 @@ pub fn engine_options(config: &Config) -> EngineOptions {
         },
         coalesce_window: d.coalesce_window.get(),
         max_concurrent_rollouts: d.max_concurrent_rollouts,
+        kv_mount: config.vault.kv_mount.clone(),
     }
 }
 
@@ -169,6 +170,9 @@ impl Observer for LogObserver {
             }
             RotationEvent::AccountDeleted { account_id, why } => {
                 tracing::info!(rotation_id = %id, %target, %account_id, %why, "service account deleted")
+            }
+            RotationEvent::UnlistedConsumers { found, action } => {
+                tracing::warn!(rotation_id = %id, %target, action, count = found.len(), found = %found.join("; "), "workloads read this key but are not in the target")
             }
             RotationEvent::PendingRetried => {
                 let left = j.pending_deletions.len();

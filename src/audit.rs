@@ -92,6 +92,7 @@ pub enum AuditEvent {
     TriggerRefused,
     AuditStarted,
     RollbackRefused,
+    UnlistedConsumers,
     UnconfiguredTarget,
 }
 
@@ -112,6 +113,7 @@ impl AuditEvent {
             AuditEvent::TriggerRefused => "trigger_refused",
             AuditEvent::AuditStarted => "audit_started",
             AuditEvent::RollbackRefused => "rollback_refused",
+            AuditEvent::UnlistedConsumers => "unlisted_consumers",
             AuditEvent::UnconfiguredTarget => "unconfigured_target",
         }
     }
@@ -571,6 +573,12 @@ impl Observer for Audit {
             }
             // Each deletion it made has its own `account_deleted` record.
             RotationEvent::PendingRetried => return,
+            RotationEvent::UnlistedConsumers { found, action } => {
+                let mut f = rotation_fields(j, AuditEvent::UnlistedConsumers);
+                f.outcome = Some((*action).into());
+                f.message = Some(found.join("; "));
+                f
+            }
             RotationEvent::RollbackRefused { reason } => {
                 let mut f = with_old_account(
                     with_new_account(rotation_fields(j, AuditEvent::RollbackRefused), j),

@@ -405,6 +405,9 @@ pub struct Target {
     /// Before the drain, wait until the Usage API shows the new key in use.
     #[serde(default)]
     pub adoption: Option<AdoptionConfig>,
+    /// What to do about workloads in the cluster that read this key but are not listed.
+    #[serde(default)]
+    pub unlisted_consumers: UnlistedConsumers,
     #[serde(default)]
     pub smoke_probes: Vec<SmokeProbe>,
     /// Bound on roll + verify for all workloads of this target.
@@ -463,6 +466,30 @@ pub struct DrainConfig {
     /// What to do when `max_wait` passes with the old key still in use.
     #[serde(default)]
     pub on_timeout: DrainTimeout,
+}
+
+/// Workloads found reading a target's key (Vault Agent annotations, VSO/ESO-synced Secrets
+/// they mount) that the target does not list: they would keep the old key until it dies.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum UnlistedConsumers {
+    /// Report them (log, metric, audit, plan) and rotate.
+    #[default]
+    Warn,
+    /// Stop before minting.
+    Refuse,
+    /// Roll them too (pods without a workload cannot be rolled: reported as with warn).
+    Include,
+}
+
+impl UnlistedConsumers {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UnlistedConsumers::Warn => "warn",
+            UnlistedConsumers::Refuse => "refuse",
+            UnlistedConsumers::Include => "include",
+        }
+    }
 }
 
 /// New-key adoption: a verified rollout whose workloads still do not use the new key (they

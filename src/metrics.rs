@@ -66,6 +66,7 @@ pub struct Metrics {
     orphans_swept: IntCounter,
     pending_deletion: IntGaugeVec,
     leaked_pending: IntGaugeVec,
+    unlisted: IntGaugeVec,
     leader: IntGauge,
     build_info: IntGaugeVec,
 }
@@ -203,6 +204,11 @@ impl Metrics {
                 "Old accounts of emergency rotations (possibly leaked keys) not yet deleted.",
                 &["target"],
             ),
+            unlisted: int_gauge(
+                "unlisted_consumers",
+                "Consumers of the target's key found in the cluster but not in the target, at its last rotation's start.",
+                &["target"],
+            ),
             leader: reg(
                 &registry,
                 IntGauge::with_opts(Opts::new(
@@ -309,6 +315,7 @@ impl Metrics {
         }
         self.pending_deletion.with_label_values(&[t]).set(0);
         self.leaked_pending.with_label_values(&[t]).set(0);
+        self.unlisted.with_label_values(&[t]).set(0);
     }
 
     fn remove_target(&self, t: &str) {
@@ -330,6 +337,7 @@ impl Metrics {
         }
         let _ = self.pending_deletion.remove_label_values(&[t]);
         let _ = self.leaked_pending.remove_label_values(&[t]);
+        let _ = self.unlisted.remove_label_values(&[t]);
     }
 
     pub fn orphans_swept(&self, n: u64) {
@@ -375,6 +383,7 @@ impl Observer for Metrics {
         match event {
             RotationEvent::Started => {
                 self.in_progress.with_label_values(&[t]).set(1);
+                self.unlisted.with_label_values(&[t]).set(0);
                 self.set_step(t, None);
             }
             RotationEvent::StepStarted(step) => {
@@ -422,6 +431,10 @@ impl Observer for Metrics {
             // The rotation then ends `failed`, which is counted.
             RotationEvent::RollbackRefused { .. } => {}
             RotationEvent::PendingRetried => self.set_pending(j),
+            RotationEvent::UnlistedConsumers { found, .. } => self
+                .unlisted
+                .with_label_values(&[t])
+                .set(i64::try_from(found.len()).unwrap_or(i64::MAX)),
             // Counted through the journal's pending deletions (above).
             RotationEvent::AccountDeleted { .. } => {}
         }
@@ -862,6 +875,23 @@ mod tests {
             ),
             0.0
         );
+    }
+
+    #[test]
+    fn unlisted_consumers_are_counted_until_the_next_rotation_starts() {
+        let m = Metrics::new(&["chat".into()]);
+        let j = journal("chat", Trigger::Api);
+        let series = "openai_key_rotator_unlisted_consumers{target=\"chat\"}";
+        m.on_event(
+            &j,
+            &RotationEvent::UnlistedConsumers {
+                found: vec!["Deployment a/b (x)".into(), "Pod a/c (y)".into()],
+                action: "warn",
+            },
+        );
+        assert_eq!(get(&parse(&m.render()), series), 2.0);
+        m.on_event(&j, &RotationEvent::Started);
+        assert_eq!(get(&parse(&m.render()), series), 0.0);
     }
 
     #[test]

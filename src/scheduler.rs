@@ -134,6 +134,7 @@ mod tests {
             grace_period: DurationStr::from_secs(1),
             drain: None,
             adoption: None,
+            unlisted_consumers: Default::default(),
             smoke_probes: vec![],
             rollout_timeout: DurationStr::from_secs(10),
         }

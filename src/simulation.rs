@@ -364,6 +364,7 @@ impl Sim {
                     },
                 }),
                 adoption: None,
+                unlisted_consumers: Default::default(),
                 smoke_probes,
                 rollout_timeout: DurationStr::from_secs(300),
             });

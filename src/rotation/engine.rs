@@ -76,6 +76,9 @@ pub struct EngineOptions {
     pub coalesce_window: Duration,
     /// Workloads rolling at once across all rotations (None: no bound).
     pub max_concurrent_rollouts: Option<usize>,
+    /// Vault KV v2 mount of the targets' paths (what Vault Agent annotations and
+    /// VSO/ESO objects name).
+    pub kv_mount: String,
 }
 
 impl Default for EngineOptions {
@@ -99,6 +102,7 @@ impl Default for EngineOptions {
             },
             coalesce_window: Duration::ZERO,
             max_concurrent_rollouts: None,
+            kv_mount: "secret".into(),
         }
     }
 }
@@ -161,6 +165,12 @@ pub enum RotationEvent {
     AccountDeleted {
         account_id: String,
         why: &'static str,
+    },
+    /// Consumers of the key the target does not list were found before minting; `action`
+    /// is the target's policy (`warn`, `refuse`, `include`). Names only, never values.
+    UnlistedConsumers {
+        found: Vec<String>,
+        action: &'static str,
     },
     /// A finished rotation's pending deletions were retried; the journal holds what is
     /// still pending (a restarted daemon learns it here, as no `Finished` follows).
@@ -555,11 +565,108 @@ impl Engine {
             if let Some(reason) = self.refusal(target).await {
                 return self.fail(&mut rec, reason).await;
             }
+            let included;
+            let target = match self.check_consumers(target, &rec.journal).await {
+                Ok(None) => target,
+                Ok(Some(t)) => {
+                    included = t;
+                    rec.journal.spec = Some(included.clone());
+                    &included
+                }
+                Err(reason) => return self.fail(&mut rec, reason).await,
+            };
             self.forward(target, &mut rec, Step::Mint, None, &control)
                 .await
         }
         .instrument(span)
         .await
+    }
+
+    /// What in the cluster reads `target`'s key without being listed: workloads and pods
+    /// found by the roller, minus the target's own workloads and its configured synced
+    /// Secret; the VSO/ESO objects themselves are only how they read it.
+    pub(super) async fn unlisted_consumers(
+        &self,
+        target: &Target,
+    ) -> Result<Vec<super::ports::Consumer>, BackendError> {
+        let found = self
+            .roller
+            .consumers_of(&self.opts.kv_mount, &target.vault_path, &target.vault_field)
+            .await?;
+        let listed = |c: &super::ports::Consumer| match &c.workload {
+            Some(w) => target.workloads.contains(w),
+            None => {
+                c.kind == "Secret"
+                    && target
+                        .synced_secret
+                        .as_ref()
+                        .is_some_and(|s| s.namespace == c.namespace && s.name == c.name)
+            }
+        };
+        let mut out: Vec<_> = found
+            .into_iter()
+            .filter(|c| !matches!(c.kind.as_str(), "VaultStaticSecret" | "ExternalSecret"))
+            .filter(|c| !listed(c))
+            .collect();
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
+    /// Apply the target's `unlisted_consumers` policy before minting: `Ok(None)` rotate as
+    /// configured, `Ok(Some(t))` rotate `t` (with the found workloads added), `Err` refuse.
+    async fn check_consumers(
+        &self,
+        target: &Target,
+        journal: &Journal,
+    ) -> Result<Option<Target>, String> {
+        use crate::config::UnlistedConsumers as Policy;
+        let policy = target.unlisted_consumers;
+        let found = match self.unlisted_consumers(target).await {
+            Ok(f) => f,
+            Err(e) if policy == Policy::Warn => {
+                tracing::warn!(target = %target.name, error = %e, "cannot look for unlisted consumers of the key; rotating the listed workloads");
+                return Ok(None);
+            }
+            Err(e) => {
+                return Err(format!(
+                    "cannot look for unlisted consumers of the key (unlisted_consumers = \"{}\"), so nothing was minted: {e}",
+                    policy.as_str()
+                ))
+            }
+        };
+        if found.is_empty() {
+            return Ok(None);
+        }
+        let names: Vec<String> = found.iter().map(describe_consumer).collect();
+        self.observer.on_event(
+            journal,
+            &RotationEvent::UnlistedConsumers {
+                found: names.clone(),
+                action: policy.as_str(),
+            },
+        );
+        match policy {
+            Policy::Warn => Ok(None),
+            Policy::Refuse => Err(format!(
+                "target {}: {} unlisted consumer(s) read the key (unlisted_consumers = \"refuse\"), so nothing was minted: {}",
+                target.name,
+                found.len(),
+                names.join("; ")
+            )),
+            Policy::Include => {
+                let mut t = target.clone();
+                for w in found.iter().filter_map(|c| c.workload.clone()) {
+                    if !t.workloads.contains(&w) {
+                        t.workloads.push(w.clone());
+                        if let Some(last) = t.waves.last_mut() {
+                            last.push(w);
+                        }
+                    }
+                }
+                Ok(Some(t))
+            }
+        }
     }
 
     /// Why a fresh rotation of `target` must not start (checked before minting): a paused
@@ -1533,4 +1640,9 @@ impl Engine {
         }
         Ok(format!("{} pending deletion: {problem}", old.id))
     }
+}
+
+/// `Kind ns/name (via ...)`, for logs, audit and plans.
+pub(super) fn describe_consumer(c: &super::ports::Consumer) -> String {
+    format!("{} {}/{} ({})", c.kind, c.namespace, c.name, c.via)
 }

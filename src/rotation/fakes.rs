@@ -552,6 +552,8 @@ pub struct RollerState {
     pub overlaps: Vec<String>,
     /// Workloads (`ns/Kind/name`) that report themselves paused.
     pub paused: BTreeSet<String>,
+    /// What `consumers_of` reports (for any path).
+    pub consumers: Vec<super::ports::Consumer>,
 }
 
 #[derive(Clone)]
@@ -687,6 +689,15 @@ impl WorkloadRoller for FakeRoller {
                 Ok(RolloutState::Complete)
             }
         }
+    }
+
+    async fn consumers_of(
+        &self,
+        _mount: &str,
+        _path: &str,
+        _field: &str,
+    ) -> Result<Vec<super::ports::Consumer>, BackendError> {
+        Ok(self.state.lock().unwrap().consumers.clone())
     }
 
     async fn paused(&self, workload: &WorkloadRef) -> Result<bool, BackendError> {
@@ -826,6 +837,7 @@ impl FakeWorld {
             grace_period: DurationStr(Duration::from_millis(5)),
             drain: None,
             adoption: None,
+            unlisted_consumers: Default::default(),
             smoke_probes: vec![],
             rollout_timeout: DurationStr(Duration::from_secs(2)),
         };

@@ -71,6 +71,20 @@ impl Engine {
                 what.join("; ")
             ));
         }
+        plan.push(match self.unlisted_consumers(target).await {
+            Ok(found) if found.is_empty() => "consumers: no unlisted workload reads the key".into(),
+            Ok(found) => format!(
+                "consumers: {} unlisted consumer(s) read the key (unlisted_consumers = \"{}\"): {}",
+                found.len(),
+                target.unlisted_consumers.as_str(),
+                found
+                    .iter()
+                    .map(super::engine::describe_consumer)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+            Err(e) => format!("consumers: cannot look for unlisted consumers: {e}"),
+        });
         plan.push(format!(
             "verify: rollouts complete within {:?}, the new key answers GET /v1/models, {} smoke probe(s)",
             target.rollout_timeout,

@@ -466,6 +466,7 @@ impl Sandbox {
             grace_period: DurationStr::from_secs(2),
             drain: None,
             adoption: None,
+            unlisted_consumers: Default::default(),
             smoke_probes: Vec::new(),
             rollout_timeout: DurationStr::from_secs(60),
         })

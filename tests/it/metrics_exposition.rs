@@ -333,6 +333,7 @@ fn expected() -> BTreeMap<Series, f64> {
             "rotation_in_progress",
             "old_account_pending_deletion",
             "leaked_key_pending_revocation",
+            "unlisted_consumers",
         ] {
             w.insert(series(g, &[("target", t)]), 0.0);
         }
@@ -476,6 +477,7 @@ fn prometheus_client_reads_exactly_the_expected_series() {
         ("orphans_swept", "counter"),
         ("old_account_pending_deletion", "gauge"),
         ("leaked_key_pending_revocation", "gauge"),
+        ("unlisted_consumers", "gauge"),
         ("leader", "gauge"),
         ("build_info", "gauge"),
     ]

@@ -64,6 +64,9 @@ vault_path = {{ $t.vaultPath | toJson }}
 {{- with $t.vaultField }}
 vault_field = {{ . | toJson }}
 {{- end }}
+{{- with $t.unlistedConsumers }}
+unlisted_consumers = {{ . | toJson }}
+{{- end }}
 {{- if $t.waves }}
 waves = {{ $t.waves | toJson }}
 {{- else }}

@@ -69,6 +69,7 @@ fn world() -> World {
         grace_period: DurationStr(Duration::from_millis(5)),
         drain: None,
         adoption: None,
+        unlisted_consumers: Default::default(),
         smoke_probes: vec![],
         rollout_timeout: DurationStr(Duration::from_secs(2)),
     };
@@ -635,6 +636,103 @@ async fn a_crash_between_waves_resumes_without_rolling_a_wave_twice() {
         assert_eq!(w.roller.workload(x).rolls, 1, "{x} rolled once");
     }
     assert!(!w.issuer.account_ids().contains(&w.old.id));
+    w.assert_clean();
+}
+
+/// An unlisted consumer of the key: a Deployment whose pods the Vault Agent injects the
+/// key into, not in the target; and the target's own workload, which must not count.
+fn with_unlisted_consumer(w: &World) -> WorkloadRef {
+    let other: WorkloadRef = "batch/Deployment/reports".parse().unwrap();
+    w.roller.state.lock().unwrap().consumers = vec![
+        Consumer {
+            kind: "Deployment".into(),
+            namespace: "batch".into(),
+            name: "reports".into(),
+            via: "vault.hashicorp.com/agent-inject-secret-openai".into(),
+            workload: Some(other.clone()),
+        },
+        Consumer {
+            kind: "Deployment".into(),
+            namespace: "demo".into(),
+            name: "api".into(),
+            via: "vault.hashicorp.com/agent-inject-secret-openai".into(),
+            workload: Some(workloads()[0].clone()),
+        },
+        Consumer {
+            kind: "ExternalSecret".into(),
+            namespace: "batch".into(),
+            name: "reports-openai".into(),
+            via: "spec.data[0].remoteRef.key".into(),
+            workload: None,
+        },
+    ];
+    other
+}
+
+/// `warn` (the default): reported to the observers, and the rotation goes on.
+#[tokio::test]
+async fn unlisted_consumers_are_reported_and_the_rotation_goes_on() {
+    let w = world();
+    let other = with_unlisted_consumer(&w);
+    let j = w.rotate(req()).await.unwrap();
+    assert_eq!(j.status, Status::Completed);
+    assert_eq!(
+        w.roller.workload(&other).rolls,
+        0,
+        "warn rolls nothing extra"
+    );
+    let plan = w.engine().plan(&w.target).await.unwrap().join("\n");
+    assert!(
+        plan.contains("consumers: 1 unlisted consumer(s) read the key (unlisted_consumers = \"warn\"): Deployment batch/reports"),
+        "{plan}"
+    );
+    w.assert_clean();
+}
+
+/// `refuse`: nothing is minted. Negative control: with none found the same target rotates.
+#[tokio::test]
+async fn refuse_stops_before_minting_when_an_unlisted_consumer_reads_the_key() {
+    let mut w = world();
+    w.target.unlisted_consumers = crate::config::UnlistedConsumers::Refuse;
+    with_unlisted_consumer(&w);
+    let before = w.issuer.account_ids();
+    let j = w.rotate(req()).await.unwrap();
+    assert_eq!(j.status, Status::Failed, "{j:#?}");
+    let e = j.error.clone().unwrap_or_default();
+    assert!(
+        e.contains("Deployment batch/reports") && e.contains("nothing was minted"),
+        "{e}"
+    );
+    assert!(
+        !e.contains("demo/api"),
+        "a listed workload is not unlisted: {e}"
+    );
+    assert_eq!(w.issuer.account_ids(), before, "nothing minted");
+    assert_eq!(w.current_key(), w.old.key);
+
+    w.roller.state.lock().unwrap().consumers.clear();
+    assert_eq!(w.rotate(req()).await.unwrap().status, Status::Completed);
+}
+
+/// `include`: the found workload is rolled and verified with the target's.
+#[tokio::test]
+async fn include_rolls_the_unlisted_consumer_too() {
+    let mut w = world();
+    w.target.unlisted_consumers = crate::config::UnlistedConsumers::Include;
+    let other = with_unlisted_consumer(&w);
+    let j = w.rotate(req()).await.unwrap();
+    assert_eq!(j.status, Status::Completed, "{j:#?}");
+    assert_eq!(w.roller.workload(&other).rolls, 1);
+    assert!(
+        w.log
+            .position(&format!("complete {other} {}", j.rotation_id))
+            .is_some(),
+        "verified before retire"
+    );
+    assert!(
+        j.spec.unwrap().workloads.contains(&other),
+        "the journal's target includes it"
+    );
     w.assert_clean();
 }
 
