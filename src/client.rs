@@ -311,22 +311,22 @@ mod tests {
         (format!("http://{addr}"), calls)
     }
 
+    /// `rotate --wait` on rotation r1 of the daemon at `addr`.
+    async fn follow(addr: &str, timeout: Duration) -> Result<String, ClientError> {
+        let client = ApiClient::new(addr, None);
+        let mut out = Vec::new();
+        client
+            .follow("r1", &mut out, Duration::from_millis(5), timeout)
+            .await
+    }
+
     /// `rotate --wait` outlives a leader hand-over: a 502/503 while the Lease moves is
     /// retried until the wait timeout.
     #[tokio::test]
     async fn follow_retries_while_the_leader_changes() {
         for status in [StatusCode::SERVICE_UNAVAILABLE, StatusCode::BAD_GATEWAY] {
             let (addr, calls) = flaky_daemon(3, status).await;
-            let client = ApiClient::new(&addr, None);
-            let mut out = Vec::new();
-            let got = client
-                .follow(
-                    "r1",
-                    &mut out,
-                    Duration::from_millis(5),
-                    Duration::from_secs(10),
-                )
-                .await;
+            let got = follow(&addr, Duration::from_secs(10)).await;
             assert_eq!(got.ok().as_deref(), Some("completed"), "{status}");
             assert_eq!(calls.load(Ordering::SeqCst), 4);
         }
@@ -337,15 +337,7 @@ mod tests {
     #[tokio::test]
     async fn follow_gives_up_on_lasting_or_final_errors() {
         let (addr, calls) = flaky_daemon(usize::MAX, StatusCode::NOT_FOUND).await;
-        let client = ApiClient::new(&addr, None);
-        let got = client
-            .follow(
-                "r1",
-                &mut Vec::new(),
-                Duration::from_millis(5),
-                Duration::from_secs(10),
-            )
-            .await;
+        let got = follow(&addr, Duration::from_secs(10)).await;
         assert!(
             matches!(got, Err(ClientError::Api { status: 404, .. })),
             "{got:?}"
@@ -353,15 +345,7 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 1);
 
         let (addr, _) = flaky_daemon(usize::MAX, StatusCode::SERVICE_UNAVAILABLE).await;
-        let client = ApiClient::new(&addr, None);
-        let got = client
-            .follow(
-                "r1",
-                &mut Vec::new(),
-                Duration::from_millis(5),
-                Duration::from_millis(200),
-            )
-            .await;
+        let got = follow(&addr, Duration::from_millis(200)).await;
         let e = got.unwrap_err().to_string();
         assert!(e.contains("503"), "{e}");
     }

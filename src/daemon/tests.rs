@@ -46,25 +46,51 @@ struct Harness {
 }
 
 fn harness(world: FakeWorld, targets: Vec<Target>, max_concurrent: usize) -> Harness {
+    let engine = world.engine(engine_opts());
+    harness_on(&world, engine, vec![], targets, max_concurrent, |_| {})
+}
+
+/// What `harness_on` lets a test change before the daemon is built.
+struct HarnessParts {
+    schedule: Arc<dyn ScheduleObserver>,
+    opts: DaemonOptions,
+}
+
+/// A daemon over `engine` (observed by the live view and `observers`).
+fn harness_on(
+    world: &FakeWorld,
+    engine: crate::rotation::Engine,
+    observers: Vec<Arc<dyn Observer>>,
+    targets: Vec<Target>,
+    max_concurrent: usize,
+    tweak: impl FnOnce(&mut HarnessParts),
+) -> Harness {
     let live = Arc::new(LiveRotations::default());
-    let engine = Arc::new(world.engine(engine_opts()).with_observer(live.clone()));
+    let mut all: Vec<Arc<dyn Observer>> = vec![live.clone()];
+    all.extend(observers);
+    let engine = Arc::new(engine.with_observer(Arc::new(Fanout(all))));
+    let mut parts = HarnessParts {
+        schedule: Arc::new(NoSchedule),
+        opts: DaemonOptions {
+            max_sleep: Duration::from_millis(50),
+            shutdown_grace: Duration::from_secs(5),
+            ..Default::default()
+        },
+    };
+    tweak(&mut parts);
     let shutdown = CancellationToken::new();
     let daemon = Daemon::new(
         config(targets, max_concurrent),
         engine,
         Arc::new(world.store.clone()),
         live.clone(),
-        Arc::new(NoSchedule),
+        parts.schedule,
         Leadership::sole(),
-        DaemonOptions {
-            max_sleep: Duration::from_millis(50),
-            shutdown_grace: Duration::from_secs(5),
-            ..Default::default()
-        },
+        parts.opts,
         shutdown.clone(),
     );
     Harness {
-        world,
+        world: world.clone(),
         daemon,
         live,
         shutdown,
@@ -587,35 +613,14 @@ mod outage {
 
     /// A daemon whose engine also feeds `metrics` (as `app::start` wires it).
     fn harness_with_metrics(world: &FakeWorld, t: &Target, metrics: Arc<Metrics>) -> Harness {
-        let live = Arc::new(LiveRotations::default());
-        let observers: Vec<Arc<dyn Observer>> = vec![live.clone(), metrics];
-        let engine = Arc::new(
-            world
-                .engine(engine_opts())
-                .with_observer(Arc::new(Fanout(observers))),
-        );
-        let shutdown = CancellationToken::new();
-        let daemon = Daemon::new(
-            config(vec![t.clone()], 1),
-            engine,
-            Arc::new(world.store.clone()),
-            live.clone(),
-            Arc::new(NoSchedule),
-            Leadership::sole(),
-            DaemonOptions {
-                max_sleep: Duration::from_millis(50),
-                pending_retry_interval: Duration::from_millis(100),
-                shutdown_grace: Duration::from_secs(5),
-                ..Default::default()
-            },
-            shutdown.clone(),
-        );
-        Harness {
-            world: world.clone(),
-            daemon,
-            live,
-            shutdown,
-        }
+        harness_on(
+            world,
+            world.engine(engine_opts()),
+            vec![metrics],
+            vec![t.clone()],
+            1,
+            |p| p.opts.pending_retry_interval = Duration::from_millis(100),
+        )
     }
 
     fn gauge(m: &Metrics, series: &str) -> Option<f64> {
@@ -744,30 +749,14 @@ async fn a_refused_scheduled_trigger_is_held_not_retried_in_a_loop() {
     let unreadable = PlanFn(|c: &Call| {
         (c.op == Op::ReadDoc && c.subject.contains("/targets/")).then_some(Fault::Transient)
     });
-    let live = Arc::new(LiveRotations::default());
-    let engine = Arc::new(
-        crate::rotation::Engine::new(
-            world.faulty_ports(Arc::new(unreadable), Crash::default()),
-            engine_opts(),
-        )
-        .with_observer(live.clone()),
-    );
     let refusals = Arc::new(CountRefusals::default());
-    let shutdown = CancellationToken::new();
-    let daemon = Daemon::new(
-        config(vec![t], 1),
-        engine,
-        Arc::new(world.store.clone()),
-        live,
-        refusals.clone(),
-        Leadership::sole(),
-        DaemonOptions {
-            max_sleep: Duration::from_millis(50),
-            shutdown_grace: Duration::from_secs(5),
-            ..Default::default()
-        },
-        shutdown.clone(),
+    let engine = crate::rotation::Engine::new(
+        world.faulty_ports(Arc::new(unreadable), Crash::default()),
+        engine_opts(),
     );
+    let r = refusals.clone();
+    let h = harness_on(&world, engine, vec![], vec![t], 1, move |p| p.schedule = r);
+    let (daemon, shutdown) = (h.daemon.clone(), h.shutdown.clone());
     let d = daemon.clone();
     let run = tokio::spawn(async move { d.run().await });
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -805,36 +794,11 @@ mod coalescing {
         let world = FakeWorld::default();
         world.roller.state.lock().unwrap().polls_to_complete = 5;
         let (targets, shared, olds) = shared_targets(&world);
-        let live = Arc::new(LiveRotations::default());
-        let engine = Arc::new(
-            world
-                .engine(EngineOptions {
-                    coalesce_window: window,
-                    ..engine_opts()
-                })
-                .with_observer(live.clone()),
-        );
-        let shutdown = CancellationToken::new();
-        let daemon = Daemon::new(
-            config(targets, 3),
-            engine,
-            Arc::new(world.store.clone()),
-            live.clone(),
-            Arc::new(NoSchedule),
-            Leadership::sole(),
-            DaemonOptions {
-                max_sleep: Duration::from_millis(50),
-                shutdown_grace: Duration::from_secs(5),
-                ..Default::default()
-            },
-            shutdown.clone(),
-        );
-        let h = Harness {
-            world: world.clone(),
-            daemon,
-            live,
-            shutdown,
-        };
+        let engine = world.engine(EngineOptions {
+            coalesce_window: window,
+            ..engine_opts()
+        });
+        let h = harness_on(&world, engine, vec![], targets, 3, |_| {});
         let mut ids = Vec::new();
         for name in ["a", "b", "c"] {
             let a = h

@@ -414,6 +414,12 @@ impl Env {
     }
 
     /// I2 held, no orphans (I3), and no key value anywhere it must not be (I4).
+    /// Zero downtime: no consumer call failed.
+    fn assert_no_failed_calls(&self) {
+        let calls = self.sb.consumers.total();
+        assert_eq!(calls.failed, 0, "{calls:?}");
+    }
+
     async fn assert_invariants(&self, errors: &[String]) {
         let v = self.i2.violations.lock().unwrap().clone();
         assert!(v.is_empty(), "{v:#?}");
@@ -1147,16 +1153,23 @@ async fn statefulsets_and_daemonsets_rotate_without_a_failed_call() {
     env.assert_invariants(&[]).await;
 }
 
+fn adoption(
+    min_requests: u64,
+    timeout_secs: u64,
+) -> Option<openai_key_rotator::config::AdoptionConfig> {
+    Some(openai_key_rotator::config::AdoptionConfig {
+        min_requests,
+        timeout: DurationStr(Duration::from_secs(timeout_secs)),
+    })
+}
+
 /// New-key adoption end to end: the consumer pods call the OpenAI simulator with the key
 /// they mount, so the Usage API counts the new key once they run on it; the drain starts
 /// only then.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adoption_is_proven_by_the_usage_api_before_the_drain() {
     let env = env_with(|c| {
-        c.targets[0].adoption = Some(openai_key_rotator::config::AdoptionConfig {
-            min_requests: 3,
-            timeout: DurationStr(Duration::from_secs(30)),
-        });
+        c.targets[0].adoption = adoption(3, 30);
     })
     .await;
     let old_key = env.vault_key(&env.target().vault_path, None).await.unwrap();
@@ -1169,8 +1182,7 @@ async fn adoption_is_proven_by_the_usage_api_before_the_drain() {
         step_outcome(&j, Step::Drain)
     );
     assert!(!env.sb.openai.key_is_live(&old_key));
-    let calls = env.sb.consumers.total();
-    assert_eq!(calls.failed, 0, "{calls:?}");
+    env.assert_no_failed_calls();
     env.assert_invariants(&[]).await;
 }
 
@@ -1180,10 +1192,7 @@ async fn adoption_is_proven_by_the_usage_api_before_the_drain() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_key_not_adopted_in_time_is_rolled_back() {
     let env = env_with(|c| {
-        c.targets[0].adoption = Some(openai_key_rotator::config::AdoptionConfig {
-            min_requests: 1_000_000,
-            timeout: DurationStr(Duration::from_secs(2)),
-        });
+        c.targets[0].adoption = adoption(1_000_000, 2);
     })
     .await;
     let t = env.target();
@@ -1198,8 +1207,7 @@ async fn a_new_key_not_adopted_in_time_is_rolled_back() {
     assert_eq!(served, old_key, "Vault serves the old key again");
     assert!(env.sb.openai.key_is_live(&old_key));
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let calls = env.sb.consumers.total();
-    assert_eq!(calls.failed, 0, "{calls:?}");
+    env.assert_no_failed_calls();
     env.assert_invariants(&[]).await;
 }
 
@@ -1216,6 +1224,18 @@ fn template_rotation_id(env: &Env, name: &str) -> Option<String> {
         .cloned()
 }
 
+/// A probe of `url` gating wave `wave`.
+fn wave_probe(url: &str, wave: usize) -> SmokeProbe {
+    SmokeProbe {
+        url: url.to_string(),
+        expect_status: 200,
+        consecutive_successes: 1,
+        interval: DurationStr(Duration::from_millis(100)),
+        timeout: DurationStr(Duration::from_secs(1)),
+        wave: Some(wave),
+    }
+}
+
 /// Staged waves end to end: the api Deployment is wave 1, the worker wave 2; wave 2 starts
 /// only once wave 1's rollout is complete and its probe passes, and no consumer call fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1224,14 +1244,7 @@ async fn waves_roll_in_order_against_the_simulators() {
     let env = env_with(|c| {
         let t = &mut c.targets[0];
         t.waves = t.workloads.iter().map(|w| vec![w.clone()]).collect();
-        t.smoke_probes = vec![SmokeProbe {
-            url: url.clone(),
-            expect_status: 200,
-            consecutive_successes: 1,
-            interval: DurationStr(Duration::from_millis(100)),
-            timeout: DurationStr(Duration::from_secs(1)),
-            wave: Some(1),
-        }];
+        t.smoke_probes = vec![wave_probe(&url, 1)];
     })
     .await;
     let t = env.target();
@@ -1247,20 +1260,8 @@ async fn waves_roll_in_order_against_the_simulators() {
     );
     // Wave 2's new ReplicaSet was created after wave 1 was verified.
     let worker = &t.workloads[1].name;
-    let created = env
-        .sb
-        .kube
-        .replica_sets(NAMESPACE, &format!("app={worker}"))
+    let created = replica_sets_of(&env, worker, &[j.rollout_id()])
         .into_iter()
-        .filter(|rs| {
-            rs.spec
-                .as_ref()
-                .and_then(|s| s.template.as_ref())
-                .and_then(|p| p.metadata.as_ref())
-                .and_then(|m| m.annotations.as_ref())
-                .and_then(|a| a.get("openai-key-rotator/rotation-id"))
-                == Some(&j.rotation_id)
-        })
         .filter_map(|rs| rs.metadata.creation_timestamp.map(|t| t.0))
         .min()
         .expect("wave 2's ReplicaSet");
@@ -1270,8 +1271,7 @@ async fn waves_roll_in_order_against_the_simulators() {
         w1.verified_at
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let calls = env.sb.consumers.total();
-    assert_eq!(calls.failed, 0, "{calls:?}");
+    env.assert_no_failed_calls();
     env.assert_invariants(&[]).await;
 }
 
@@ -1284,14 +1284,7 @@ async fn a_failing_wave_leaves_later_waves_untouched_against_the_simulators() {
         let t = &mut c.targets[0];
         t.rollout_timeout = DurationStr(Duration::from_secs(4));
         t.waves = t.workloads.iter().map(|w| vec![w.clone()]).collect();
-        t.smoke_probes = vec![SmokeProbe {
-            url: url.clone(),
-            expect_status: 200,
-            consecutive_successes: 1,
-            interval: DurationStr(Duration::from_millis(100)),
-            timeout: DurationStr(Duration::from_secs(1)),
-            wave: Some(1),
-        }];
+        t.smoke_probes = vec![wave_probe(&url, 1)];
     })
     .await;
     let t = env.target();
@@ -1318,8 +1311,7 @@ async fn a_failing_wave_leaves_later_waves_untouched_against_the_simulators() {
     );
     assert_eq!(env.vault_key(&t.vault_path, None).await.unwrap(), seeded);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let calls = env.sb.consumers.total();
-    assert_eq!(calls.failed, 0, "{calls:?}");
+    env.assert_no_failed_calls();
     env.assert_invariants(&[]).await;
 }
 
@@ -1574,12 +1566,16 @@ async fn three_targets_at_once(window: Duration) -> (Env, Vec<Journal>) {
     (env, done)
 }
 
-/// New ReplicaSets of `workload` whose template carries one of `ids`.
-fn new_replica_sets(env: &Env, workload: &str, ids: &[&str]) -> usize {
+/// ReplicaSets of `workload` whose template carries one of `ids`.
+fn replica_sets_of(
+    env: &Env,
+    workload: &str,
+    ids: &[&str],
+) -> Vec<k8s_openapi::api::apps::v1::ReplicaSet> {
     env.sb
         .kube
         .replica_sets(NAMESPACE, &format!("app={workload}"))
-        .iter()
+        .into_iter()
         .filter(|rs| {
             rs.spec
                 .as_ref()
@@ -1589,7 +1585,11 @@ fn new_replica_sets(env: &Env, workload: &str, ids: &[&str]) -> usize {
                 .and_then(|a| a.get("openai-key-rotator/rotation-id"))
                 .is_some_and(|id| ids.contains(&id.as_str()))
         })
-        .count()
+        .collect()
+}
+
+fn new_replica_sets(env: &Env, workload: &str, ids: &[&str]) -> usize {
+    replica_sets_of(env, workload, ids).len()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1611,8 +1611,7 @@ async fn an_emergency_of_three_targets_restarts_the_shared_deployments_once() {
         );
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let calls = env.sb.consumers.total();
-    assert_eq!(calls.failed, 0, "{calls:?}");
+    env.assert_no_failed_calls();
     env.assert_invariants(&[]).await;
 }
 
@@ -1627,6 +1626,5 @@ async fn without_coalescing_the_shared_deployments_restart_once_per_target() {
     for w in &env.target().workloads {
         assert_eq!(new_replica_sets(&env, &w.name, &ids), 3, "{w}");
     }
-    let calls = env.sb.consumers.total();
-    assert_eq!(calls.failed, 0, "{calls:?}");
+    env.assert_no_failed_calls();
 }
