@@ -4,6 +4,8 @@ mod support;
 
 mod audit_cli;
 mod config_corpus;
+mod crash_matrix;
+mod daemon_rig;
 mod daemon_e2e;
 mod demo;
 mod deploy;

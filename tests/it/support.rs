@@ -328,3 +328,127 @@ async fn forward(
         Err(_) => axum::http::StatusCode::BAD_GATEWAY.into_response(),
     }
 }
+
+/// Which request a [`HoldProxy`] holds: `(method, path, JSON body)` → hold it?
+pub type HoldMatch = Arc<dyn Fn(&str, &str, &serde_json::Value) -> bool + Send + Sync>;
+
+#[derive(Default)]
+struct HoldState {
+    rule: Option<(HoldMatch, bool)>,
+    /// Requests held right now, and ever.
+    held: u64,
+    total: u64,
+    /// Bumped by `abort`: a held request sees it and ends without (further) effect.
+    epoch: u64,
+}
+
+/// An HTTP proxy in front of a real server (OpenBao) that can hold the first request a
+/// matcher picks, before it is forwarded (`after_effect = false`: it never takes effect) or
+/// after (`true`: it took effect, the answer is held back: a lost answer). For crash tests:
+/// wait until [`HoldProxy::wait_held`], kill the client, then [`HoldProxy::abort`].
+#[derive(Clone)]
+pub struct HoldProxy {
+    pub url: String,
+    state: Arc<Mutex<HoldState>>,
+    changed: Arc<tokio::sync::Notify>,
+}
+
+impl HoldProxy {
+    pub async fn start(upstream: &str) -> HoldProxy {
+        let state: Arc<Mutex<HoldState>> = Arc::default();
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let (st, ch, up) = (state.clone(), changed.clone(), upstream.to_string());
+        let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+            let (st, ch, up) = (st.clone(), ch.clone(), up.clone());
+            async move {
+                let (parts, body) = req.into_parts();
+                let body = axum::body::to_bytes(body, 16 << 20)
+                    .await
+                    .unwrap_or_default();
+                let json: serde_json::Value =
+                    serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+                let held = {
+                    let mut s = st.lock().unwrap();
+                    match s.rule.take() {
+                        Some((m, after))
+                            if m(parts.method.as_str(), parts.uri.path(), &json) =>
+                        {
+                            // One request per arming: later ones pass.
+                            s.held += 1;
+                            s.total += 1;
+                            Some((after, s.epoch))
+                        }
+                        other => {
+                            s.rule = other;
+                            None
+                        }
+                    }
+                };
+                let req = axum::http::Request::from_parts(parts, body);
+                let wait_abort = |epoch: u64| {
+                    let (st, ch) = (st.clone(), ch.clone());
+                    async move {
+                        loop {
+                            let n = ch.notified();
+                            if st.lock().unwrap().epoch > epoch {
+                                break;
+                            }
+                            n.await;
+                        }
+                        st.lock().unwrap().held -= 1;
+                    }
+                };
+                match held {
+                    None => forward(&up, req).await,
+                    Some((false, epoch)) => {
+                        wait_abort(epoch).await;
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE.into_response()
+                    }
+                    Some((true, epoch)) => {
+                        let _ = forward(&up, req).await;
+                        wait_abort(epoch).await;
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE.into_response()
+                    }
+                }
+            }
+        });
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+        HoldProxy {
+            url,
+            state,
+            changed,
+        }
+    }
+
+    /// Hold the next request `m` picks (before or after its effect).
+    pub fn arm(&self, m: HoldMatch, after_effect: bool) {
+        self.state.lock().unwrap().rule = Some((m, after_effect));
+    }
+
+    /// Disarm, and end every held request without effect (an after-effect one has had it).
+    pub fn abort(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.rule = None;
+        s.epoch += 1;
+        drop(s);
+        self.changed.notify_waiters();
+    }
+
+    pub fn held(&self) -> u64 {
+        self.state.lock().unwrap().held
+    }
+
+    /// Wait until a request is held; false after `timeout`.
+    pub async fn wait_held(&self, timeout: Duration) -> bool {
+        let start = Instant::now();
+        while self.held() == 0 {
+            if start.elapsed() > timeout {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        true
+    }
+}
