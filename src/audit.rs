@@ -1105,6 +1105,49 @@ mod tests {
         assert_eq!(verify(&path).unwrap(), VerifyOutcome::Ok { records: 3 });
     }
 
+    /// Found by the crash matrix: `sweep` (a one-shot command, same config, so the same
+    /// audit file) appended its records while the daemon ran; from then on every record of
+    /// the daemon was refused ("it changed under this writer") and only logged, so its
+    /// rotations and account deletions went unaudited for the rest of its life.
+    #[test]
+    fn the_daemon_keeps_its_trail_after_a_one_shot_command_appended_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let daemon = Audit::open(Some(&path), false).unwrap();
+        daemon
+            .record(AuditFields::new(AuditEvent::RotationStarted))
+            .unwrap();
+        {
+            // `openai-key-rotator sweep --config <the daemon's config>`
+            let sweep = Audit::open(Some(&path), false).unwrap();
+            sweep
+                .record(AuditFields::new(AuditEvent::SweepDeleted))
+                .unwrap();
+        }
+        daemon
+            .record(AuditFields::new(AuditEvent::AccountDeleted))
+            .expect("the daemon's record after the sweep's is written");
+        daemon
+            .record(AuditFields::new(AuditEvent::RotationCompleted))
+            .unwrap();
+        assert_eq!(verify(&path).unwrap(), VerifyOutcome::Ok { records: 6 });
+        let events: Vec<String> = lines(&path)
+            .iter()
+            .map(|l| serde_json::from_str::<AuditRecord>(l).unwrap().event)
+            .collect();
+        assert_eq!(
+            events,
+            [
+                "audit_started",
+                "rotation_started",
+                "audit_started",
+                "sweep_deleted",
+                "account_deleted",
+                "rotation_completed"
+            ]
+        );
+    }
+
     #[test]
     fn the_last_line_is_found_across_chunk_boundaries() {
         let dir = tempfile::tempdir().unwrap();
