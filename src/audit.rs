@@ -316,18 +316,36 @@ impl Audit {
         let mut line = serde_json::to_string(&rec).expect("an audit record serializes");
         let hash = sha256_hex(line.as_bytes());
         line.push('\n');
+        let (mut seq, mut prev) = (rec.seq, hash);
         if let Some(sink) = chain.file.as_mut() {
-            // One writer per file: anyone else's append (a second handle or process, an
-            // edit) would fork the chain, so stop rather than write after it.
+            // Writers in other processes (a one-shot `sweep` or `rotate --once` with the
+            // daemon's config) append to the same file: an exclusive lock makes each
+            // check-and-append atomic across processes.
+            let _lock = FileLock::take(&sink.file);
             let len = sink.file.metadata().map(|m| m.len()).unwrap_or(sink.len);
             if len != sink.len {
-                return Err(AuditError::Unchainable {
-                    path: sink.path.clone(),
-                    reason: format!(
-                        "it changed under this writer ({} bytes expected, {len} found):                          another writer or an edit",
-                        sink.len
-                    ),
-                });
+                // Lines another writer appended are adopted when they continue the chain
+                // from where this writer stood; anything else (an edit, a truncation, a
+                // fork) stops this writer rather than write after it.
+                let (s2, p2) = adopt_appended(sink, len, rec.seq - 1, &rec.prev_sha256)
+                    .map_err(|why| AuditError::Unchainable {
+                        path: sink.path.clone(),
+                        reason: format!(
+                            "it changed under this writer ({} bytes expected, {len} found): {why}",
+                            sink.len
+                        ),
+                    })?;
+                sink.len = len;
+                // Re-chain this record after the adopted lines.
+                let rec = AuditRecord {
+                    seq: s2 + 1,
+                    prev_sha256: p2,
+                    ..rec
+                };
+                line = serde_json::to_string(&rec).expect("an audit record serializes");
+                seq = rec.seq;
+                prev = sha256_hex(line.as_bytes());
+                line.push('\n');
             }
             let written = sink
                 .file
@@ -343,8 +361,8 @@ impl Audit {
             }
             sink.len += line.len() as u64;
         }
-        chain.seq = rec.seq;
-        chain.prev = hash;
+        chain.seq = seq;
+        chain.prev = prev;
         if let Some(s) = chain.stream.as_mut() {
             s.write_all(line.as_bytes())
                 .and_then(|()| s.flush())
@@ -359,6 +377,64 @@ impl Audit {
             tracing::error!(error = %e, "could not write an audit record");
         }
     }
+}
+
+/// An exclusive advisory lock on the audit file, released on drop. Taking it can fail
+/// (a file system without locks): then the length check alone guards the chain.
+/// (A second handle of the same open file: the lock is the open file's.)
+struct FileLock(Option<File>);
+
+impl FileLock {
+    fn take(f: &File) -> FileLock {
+        FileLock(
+            f.try_clone()
+                .ok()
+                .and_then(|h| h.lock().ok().map(|()| h)),
+        )
+    }
+}
+
+impl Drop for FileLock {
+    fn drop(&mut self) {
+        if let Some(f) = &self.0 {
+            let _ = f.unlock();
+        }
+    }
+}
+
+/// Check the bytes another writer appended after `sink.len` (up to `len`): complete lines,
+/// each the next record of the chain that stood at (`seq`, `prev`). Returns the new head.
+fn adopt_appended(
+    sink: &mut FileSink,
+    len: u64,
+    mut seq: u64,
+    prev: &str,
+) -> Result<(u64, String), String> {
+    if len < sink.len {
+        return Err("it was truncated".into());
+    }
+    let mut buf = vec![0; usize::try_from(len - sink.len).map_err(|e| e.to_string())?];
+    sink.file
+        .seek(SeekFrom::Start(sink.len))
+        .and_then(|_| sink.file.read_exact(&mut buf))
+        .map_err(|e| format!("cannot read what was appended: {e}"))?;
+    if buf.last() != Some(&b'\n') {
+        return Err("the appended part does not end with a complete line".into());
+    }
+    let mut prev = prev.to_string();
+    for l in buf[..buf.len() - 1].split(|&b| b == b'\n') {
+        let rec: AuditRecord = serde_json::from_slice(l)
+            .map_err(|_| format!("an appended line after seq {seq} is not a record"))?;
+        if rec.seq != seq + 1 || rec.prev_sha256 != prev {
+            return Err(format!(
+                "an appended line (seq {}) does not continue the chain after seq {seq}",
+                rec.seq
+            ));
+        }
+        seq = rec.seq;
+        prev = sha256_hex(l);
+    }
+    Ok((seq, prev))
 }
 
 /// The last line of a file of `len > 0` bytes, with its newline if it has one.
@@ -1090,19 +1166,59 @@ mod tests {
     }
 
     #[test]
-    fn a_second_writer_on_the_same_file_is_refused_not_forked() {
+    fn a_second_writer_is_chained_after_and_a_foreign_line_is_refused_not_forked() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
         let first = Audit::open(Some(&path), false).unwrap();
         let second = Audit::open(Some(&path), false).unwrap();
+        // Each adopts what the other appended (it continues the chain) and writes after it.
+        first
+            .record(AuditFields::new(AuditEvent::ConfigReloaded))
+            .unwrap();
+        second
+            .record(AuditFields::new(AuditEvent::ConfigReloaded))
+            .unwrap();
+        assert_eq!(verify(&path).unwrap(), VerifyOutcome::Ok { records: 4 });
+        // A line that does not continue the chain (an edit, a fork) stops the writer.
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        let mut l = lines(&path);
+        let last = l.pop().unwrap();
+        f.write_all(format!("{last}\n").as_bytes()).unwrap();
+        drop(f);
         let err = first
             .record(AuditFields::new(AuditEvent::ConfigReloaded))
             .unwrap_err();
         assert!(matches!(err, AuditError::Unchainable { .. }), "{err}");
-        second
-            .record(AuditFields::new(AuditEvent::ConfigReloaded))
-            .unwrap();
-        assert_eq!(verify(&path).unwrap(), VerifyOutcome::Ok { records: 3 });
+        assert!(err.to_string().contains("does not continue the chain"), "{err}");
+        assert_eq!(lines(&path).len(), 5, "nothing written after the foreign line");
+    }
+
+    #[test]
+    fn concurrent_writers_in_two_handles_keep_the_chain_intact() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let handles: Vec<Audit> = (0..2)
+            .map(|_| Audit::open(Some(&path), false).unwrap())
+            .collect();
+        let threads: Vec<_> = handles
+            .into_iter()
+            .enumerate()
+            .map(|(t, a)| {
+                std::thread::spawn(move || {
+                    for i in 0..50 {
+                        a.record(AuditFields {
+                            message: Some(format!("handle {t} record {i}")),
+                            ..AuditFields::new(AuditEvent::TriggerRefused)
+                        })
+                        .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(verify(&path).unwrap(), VerifyOutcome::Ok { records: 102 });
     }
 
     /// Found by the crash matrix: `sweep` (a one-shot command, same config, so the same
