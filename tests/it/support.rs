@@ -338,8 +338,13 @@ struct HoldState {
     /// Requests held right now, and ever.
     held: u64,
     total: u64,
-    /// Bumped by `abort`: a held request sees it and ends without (further) effect.
+    /// Bumped by `abort` and `release`: a held request sees it and ends (abort: without
+    /// further effect) or goes on (release: a before-effect one is forwarded now).
     epoch: u64,
+    forward_on_wake: bool,
+    /// Answer `status` without forwarding to the next `count` requests `m` picks.
+    fail: Option<(HoldMatch, u32, u16)>,
+    failed: u64,
 }
 
 /// An HTTP proxy in front of a real server (OpenBao) that can hold the first request a
@@ -367,6 +372,29 @@ impl HoldProxy {
                     .unwrap_or_default();
                 let json: serde_json::Value =
                     serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+                let fail_status = {
+                    let mut s = st.lock().unwrap();
+                    let mut hit = None;
+                    if let Some((m, left, status)) = s.fail.as_mut() {
+                        if *left > 0 && m(parts.method.as_str(), parts.uri.path(), &json) {
+                            *left -= 1;
+                            hit = Some(*status);
+                        }
+                    }
+                    if hit.is_some() {
+                        s.failed += 1;
+                    }
+                    hit
+                };
+                if let Some(status) = fail_status {
+                    let status = axum::http::StatusCode::from_u16(status).unwrap();
+                    return (
+                        status,
+                        [(axum::http::header::CONTENT_TYPE, "application/json")],
+                        r#"{"errors":["injected by the test proxy"]}"#,
+                    )
+                        .into_response();
+                }
                 let held = {
                     let mut s = st.lock().unwrap();
                     match s.rule.take() {
@@ -390,24 +418,43 @@ impl HoldProxy {
                     async move {
                         loop {
                             let n = ch.notified();
-                            if st.lock().unwrap().epoch > epoch {
-                                break;
+                            {
+                                let s = st.lock().unwrap();
+                                if s.epoch > epoch {
+                                    break s.forward_on_wake;
+                                }
                             }
                             n.await;
                         }
-                        st.lock().unwrap().held -= 1;
                     }
                 };
+                // Counted out when the request ends, also when its client went away and the
+                // server dropped it.
+                struct Out(Arc<Mutex<HoldState>>);
+                impl Drop for Out {
+                    fn drop(&mut self) {
+                        self.0.lock().unwrap().held -= 1;
+                    }
+                }
+                let _out = held.map(|_| Out(st.clone()));
                 match held {
                     None => forward(&up, req).await,
                     Some((false, epoch)) => {
-                        wait_abort(epoch).await;
-                        axum::http::StatusCode::SERVICE_UNAVAILABLE.into_response()
+                        let go_on = wait_abort(epoch).await;
+                        if go_on {
+                            forward(&up, req).await
+                        } else {
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE.into_response()
+                        }
                     }
                     Some((true, epoch)) => {
-                        let _ = forward(&up, req).await;
-                        wait_abort(epoch).await;
-                        axum::http::StatusCode::SERVICE_UNAVAILABLE.into_response()
+                        let answer = forward(&up, req).await;
+                        let go_on = wait_abort(epoch).await;
+                        if go_on {
+                            answer
+                        } else {
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE.into_response()
+                        }
                     }
                 }
             }
@@ -431,9 +478,30 @@ impl HoldProxy {
     pub fn abort(&self) {
         let mut s = self.state.lock().unwrap();
         s.rule = None;
+        s.fail = None;
         s.epoch += 1;
+        s.forward_on_wake = false;
         drop(s);
         self.changed.notify_waiters();
+    }
+
+    /// Let every held request go on (a before-effect one is forwarded now).
+    pub fn release(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.epoch += 1;
+        s.forward_on_wake = true;
+        drop(s);
+        self.changed.notify_waiters();
+    }
+
+    /// Answer `status` (without forwarding) to the next `count` requests `m` picks.
+    pub fn fail_next(&self, m: HoldMatch, count: u32, status: u16) {
+        self.state.lock().unwrap().fail = Some((m, count, status));
+    }
+
+    /// Requests answered by [`HoldProxy::fail_next`] so far.
+    pub fn failed(&self) -> u64 {
+        self.state.lock().unwrap().failed
     }
 
     pub fn held(&self) -> u64 {
