@@ -10,6 +10,7 @@ mod daemon_e2e;
 mod demo;
 mod deploy;
 mod failover;
+mod fault_matrix;
 mod kube_roller;
 mod kube_sim;
 mod leader;
