@@ -62,8 +62,8 @@ impl Row {
 
     fn describe(self) -> &'static str {
         match self {
-            Row::OpenAi429RetryAfter => "OpenAI 429 storm (1 rps shared with a neighbour, Retry-After 1 s)",
-            Row::OpenAi429NoRetryAfter => "OpenAI 429 storm (1 rps shared with a neighbour, no Retry-After)",
+            Row::OpenAi429RetryAfter => "OpenAI 429 storm (2 rps, a neighbour's 1.5 s burst at 10 rps, Retry-After 1 s)",
+            Row::OpenAi429NoRetryAfter => "OpenAI 429 storm (2 rps, a neighbour's 1.5 s burst at 10 rps, no Retry-After)",
             Row::OpenAi5xxBurst => "OpenAI 5xx burst (next 3 admin calls 503)",
             Row::OpenAiCreateAnswerLost => "OpenAI create: 500 after effect (answer lost)",
             Row::OpenAiHangCreate => "OpenAI create hangs for 3 s",
@@ -177,7 +177,7 @@ async fn fault_matrix() {
             Row::OpenAi429RetryAfter | Row::OpenAi429NoRetryAfter => {
                 rig.sb.openai.set_faults(admin(OpenAiFaults {
                     rate_limit: Some(RateLimit {
-                        requests_per_second: 1,
+                        requests_per_second: 2,
                         retry_after_secs: Some(1),
                         omit_retry_after: row == Row::OpenAi429NoRetryAfter,
                     }),
@@ -224,7 +224,8 @@ async fn fault_matrix() {
                 let admin = rig.sb.admin_key.expose().to_string();
                 tokio::spawn(async move {
                     let http = reqwest::Client::new();
-                    loop {
+                    // A 1.5 s storm at the start of the rotation (its mint lands in it).
+                    for _ in 0..15 {
                         let _ = http
                             .get(&url)
                             .bearer_auth(&admin)
