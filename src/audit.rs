@@ -327,13 +327,15 @@ impl Audit {
                 // Lines another writer appended are adopted when they continue the chain
                 // from where this writer stood; anything else (an edit, a truncation, a
                 // fork) stops this writer rather than write after it.
-                let (s2, p2) = adopt_appended(sink, len, rec.seq - 1, &rec.prev_sha256)
-                    .map_err(|why| AuditError::Unchainable {
-                        path: sink.path.clone(),
-                        reason: format!(
+                let (s2, p2) =
+                    adopt_appended(sink, len, rec.seq - 1, &rec.prev_sha256).map_err(|why| {
+                        AuditError::Unchainable {
+                            path: sink.path.clone(),
+                            reason: format!(
                             "it changed under this writer ({} bytes expected, {len} found): {why}",
                             sink.len
                         ),
+                        }
                     })?;
                 sink.len = len;
                 // Re-chain this record after the adopted lines.
@@ -386,11 +388,7 @@ struct FileLock(Option<File>);
 
 impl FileLock {
     fn take(f: &File) -> FileLock {
-        FileLock(
-            f.try_clone()
-                .ok()
-                .and_then(|h| h.lock().ok().map(|()| h)),
-        )
+        FileLock(f.try_clone().ok().and_then(|h| h.lock().ok().map(|()| h)))
     }
 }
 
@@ -1189,8 +1187,15 @@ mod tests {
             .record(AuditFields::new(AuditEvent::ConfigReloaded))
             .unwrap_err();
         assert!(matches!(err, AuditError::Unchainable { .. }), "{err}");
-        assert!(err.to_string().contains("does not continue the chain"), "{err}");
-        assert_eq!(lines(&path).len(), 5, "nothing written after the foreign line");
+        assert!(
+            err.to_string().contains("does not continue the chain"),
+            "{err}"
+        );
+        assert_eq!(
+            lines(&path).len(),
+            5,
+            "nothing written after the foreign line"
+        );
     }
 
     #[test]

@@ -943,7 +943,8 @@ impl VaultStore {
                     let mut e = f.into_backend("write", &at);
                     if maybe_applied {
                         if let BackendError::Failed { message, .. } = &mut e {
-                            message.push_str(" (the write may have been applied; read back to know)");
+                            message
+                                .push_str(" (the write may have been applied; read back to know)");
                         }
                     }
                     Err(e)

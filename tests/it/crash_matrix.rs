@@ -38,7 +38,13 @@ enum Point {
 
 impl Point {
     fn name(&self) -> String {
-        let phase = |after: bool| if after { "after effect" } else { "before effect" };
+        let phase = |after: bool| {
+            if after {
+                "after effect"
+            } else {
+                "before effect"
+            }
+        };
         match self {
             Point::Begin(s) => format!("boundary: before {s} (journal write held)"),
             Point::BeganLost(s) => format!("boundary: {s} journaled, answer lost"),
@@ -183,7 +189,8 @@ async fn crash_matrix() {
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     }
                     if rig.sb.openai.blocked().abandoned == abandoned_before.0 {
-                        problems.push("the held OpenAI call was not dropped with its client".into());
+                        problems
+                            .push("the held OpenAI call was not dropped with its client".into());
                     }
                 }
                 Point::Kube(_, false) => {
@@ -193,7 +200,9 @@ async fn crash_matrix() {
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     }
                     if rig.sb.kube.blocked().abandoned == abandoned_before.1 {
-                        problems.push("the held Kubernetes call was not dropped with its client".into());
+                        problems.push(
+                            "the held Kubernetes call was not dropped with its client".into(),
+                        );
                     }
                 }
                 _ => {}
@@ -213,7 +222,9 @@ async fn crash_matrix() {
                 match rig.rotation(&id).await {
                     Some((404, _)) => "lost (404)".to_string(),
                     other => {
-                        problems.push(format!("expected the unjournaled rotation unknown: {other:?}"));
+                        problems.push(format!(
+                            "expected the unjournaled rotation unknown: {other:?}"
+                        ));
                         "?".into()
                     }
                 }
@@ -322,7 +333,10 @@ async fn crash_matrix() {
     assert!(samples > 100, "the I1 sampler ran: {samples}");
     assert_eq!(i1_violations, Vec::<String>::new(), "{table}");
     assert_eq!(i2, Vec::<String>::new(), "{table}");
-    assert!(i2_checked >= POINTS.len() * repeats / 2, "I2 checked {i2_checked} old-account deletions");
+    assert!(
+        i2_checked >= POINTS.len() * repeats / 2,
+        "I2 checked {i2_checked} old-account deletions"
+    );
     assert_eq!(code, 0, "audit verify: {verify_out}");
     assert!(failed.is_empty(), "{table}");
     assert!(rig.sb.consumers.total().ok > 100, "consumers were calling");

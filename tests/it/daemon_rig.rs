@@ -49,9 +49,12 @@ impl Rig {
         opts_tweak(&mut opts);
         let sb = Sandbox::start(opts).await.unwrap();
         assert!(
-            tokio::time::timeout(Duration::from_secs(120), sb.wait_ready(Duration::from_secs(110)))
-                .await
-                .unwrap_or(false),
+            tokio::time::timeout(
+                Duration::from_secs(120),
+                sb.wait_ready(Duration::from_secs(110))
+            )
+            .await
+            .unwrap_or(false),
             "sandbox workloads never became ready"
         );
         let mut config = sb.config.clone();
@@ -210,9 +213,7 @@ impl Rig {
         std::fs::read_to_string(&self.audit)
             .unwrap_or_default()
             .lines()
-            .map(|l| {
-                serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line {l:?}: {e}"))
-            })
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line {l:?}: {e}")))
             .collect()
     }
 
@@ -277,7 +278,10 @@ pub async fn served(
         .to_string();
     let md = get(format!("{addr}/v1/secret/metadata/{path}")).await?;
     let sa = md
-        .pointer(&format!("/data/custom_metadata/{}", meta::SERVICE_ACCOUNT_ID))
+        .pointer(&format!(
+            "/data/custom_metadata/{}",
+            meta::SERVICE_ACCOUNT_ID
+        ))
         .and_then(|v| v.as_str())
         .map(str::to_string);
     Ok((key, sa))
@@ -294,7 +298,11 @@ pub struct I1Sampler {
 }
 
 impl I1Sampler {
-    pub fn start(bao: &Bao, paths: Vec<String>, sim: openai_key_rotator::sandbox::openai::OpenAiSim) -> I1Sampler {
+    pub fn start(
+        bao: &Bao,
+        paths: Vec<String>,
+        sim: openai_key_rotator::sandbox::openai::OpenAiSim,
+    ) -> I1Sampler {
         let violations = Arc::new(Mutex::new(Vec::new()));
         let samples = Arc::new(Mutex::new(0u64));
         let stop = CancellationToken::new();
@@ -311,19 +319,22 @@ impl I1Sampler {
                         .send()
                         .await;
                     let key = match r {
-                        Ok(r) if r.status().is_success() => r
-                            .json::<serde_json::Value>()
-                            .await
-                            .ok()
-                            .and_then(|b| {
-                                b.pointer("/data/data/api_key")?.as_str().map(str::to_string)
-                            }),
+                        Ok(r) if r.status().is_success() => {
+                            r.json::<serde_json::Value>().await.ok().and_then(|b| {
+                                b.pointer("/data/data/api_key")?
+                                    .as_str()
+                                    .map(str::to_string)
+                            })
+                        }
                         _ => None,
                     };
                     match key {
                         Some(k) if sim.key_is_live(&k) => {}
                         Some(_) => v.lock().unwrap().push(format!("I1: {p} serves a dead key")),
-                        None => v.lock().unwrap().push(format!("I1 sampler: read of {p} failed")),
+                        None => v
+                            .lock()
+                            .unwrap()
+                            .push(format!("I1 sampler: read of {p} failed")),
                     }
                     *n.lock().unwrap() += 1;
                 }
@@ -375,10 +386,7 @@ pub fn i2_violations(events: &[serde_json::Value]) -> (usize, Vec<String>) {
                 let sa = e["service_account_id"].as_str().unwrap_or_default();
                 let is_old = old.get(&rid).map(String::as_str) == Some(sa);
                 checked += usize::from(is_old);
-                if is_old
-                    && !verified.contains(&rid)
-                    && e["reason"] != "revoke_first"
-                {
+                if is_old && !verified.contains(&rid) && e["reason"] != "revoke_first" {
                     out.push(format!(
                         "I2: rotation {rid} deleted its old account {sa} before verify passed (seq {})",
                         e["seq"]
@@ -408,7 +416,12 @@ impl InProgressSampler {
         let samples = Arc::new(Mutex::new(0));
         let errors = Arc::new(Mutex::new(Vec::new()));
         let stop = CancellationToken::new();
-        let (m, n, e, s) = (max_seen.clone(), samples.clone(), errors.clone(), stop.clone());
+        let (m, n, e, s) = (
+            max_seen.clone(),
+            samples.clone(),
+            errors.clone(),
+            stop.clone(),
+        );
         let task = tokio::spawn(async move {
             let http = reqwest::Client::new();
             while !s.is_cancelled() {
@@ -427,13 +440,19 @@ impl InProgressSampler {
                         let running = t
                             .lines()
                             .filter(|l| l.starts_with("openai_key_rotator_rotation_in_progress{"))
-                            .filter(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) == Some(1.0))
+                            .filter(|l| {
+                                l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok())
+                                    == Some(1.0)
+                            })
                             .count() as u64;
                         let mut mx = m.lock().unwrap();
                         *mx = (*mx).max(running);
                         *n.lock().unwrap() += 1;
                     }
-                    Ok(_) => e.lock().unwrap().push("scrape without the rotation_in_progress family".into()),
+                    Ok(_) => e
+                        .lock()
+                        .unwrap()
+                        .push("scrape without the rotation_in_progress family".into()),
                     Err(x) => e.lock().unwrap().push(format!("scrape failed: {x}")),
                 }
                 tokio::time::sleep(every).await;

@@ -62,8 +62,12 @@ impl Row {
 
     fn describe(self) -> &'static str {
         match self {
-            Row::OpenAi429RetryAfter => "OpenAI 429 storm (2 rps, a neighbour's 1.5 s burst at 10 rps, Retry-After 1 s)",
-            Row::OpenAi429NoRetryAfter => "OpenAI 429 storm (2 rps, a neighbour's 1.5 s burst at 10 rps, no Retry-After)",
+            Row::OpenAi429RetryAfter => {
+                "OpenAI 429 storm (2 rps, a neighbour's 1.5 s burst at 10 rps, Retry-After 1 s)"
+            }
+            Row::OpenAi429NoRetryAfter => {
+                "OpenAI 429 storm (2 rps, a neighbour's 1.5 s burst at 10 rps, no Retry-After)"
+            }
             Row::OpenAi5xxBurst => "OpenAI 5xx burst (next 3 admin calls 503)",
             Row::OpenAiCreateAnswerLost => "OpenAI create: 500 after effect (answer lost)",
             Row::OpenAiHangCreate => "OpenAI create hangs for 3 s",
@@ -154,9 +158,8 @@ async fn fault_matrix() {
     let journal_path = format!("/v1/secret/data/openai-key-rotator/state/targets/{TARGET}");
     let i1 = rig.i1_sampler();
     let daemon = rig.spawn().await;
-    let mut table = String::from(
-        "| fault | outcome | time to outcome | notes |\n|---|---|---|---|\n",
-    );
+    let mut table =
+        String::from("| fault | outcome | time to outcome | notes |\n|---|---|---|---|\n");
     let mut problems_all = Vec::new();
 
     // `OKR_FAULT_ROWS=Kube409,VaultCasConflict` runs only those rows.
@@ -164,7 +167,10 @@ async fn fault_matrix() {
         .ok()
         .map(|v| v.split(',').map(str::to_string).collect());
     for row in Row::ALL {
-        if only.as_ref().is_some_and(|o| !o.contains(&format!("{row:?}"))) {
+        if only
+            .as_ref()
+            .is_some_and(|o| !o.contains(&format!("{row:?}")))
+        {
             continue;
         }
         let mut problems = Vec::new();
@@ -184,7 +190,10 @@ async fn fault_matrix() {
                     ..Default::default()
                 }))
             }
-            Row::OpenAi5xxBurst => rig.sb.openai.set_faults(admin(OpenAiFaults::fail_next(3, 503))),
+            Row::OpenAi5xxBurst => rig
+                .sb
+                .openai
+                .set_faults(admin(OpenAiFaults::fail_next(3, 503))),
             Row::OpenAiCreateAnswerLost => rig.sb.openai.set_faults(
                 OpenAiFaults::fail_next(1, 500)
                     .after_effect()
@@ -199,9 +208,7 @@ async fn fault_matrix() {
                 .openai
                 .set_faults(OpenAiFaults::hang().only("service_accounts.delete")),
             Row::Vault503OnPublish => rig.proxy.fail_next(writes_to(key_path.clone()), 3, 503),
-            Row::Vault503OnJournal => {
-                rig.proxy.fail_next(writes_to(journal_path.clone()), 3, 503)
-            }
+            Row::Vault503OnJournal => rig.proxy.fail_next(writes_to(journal_path.clone()), 3, 503),
             Row::VaultCasConflict | Row::VaultTokenRevoked => {
                 rig.proxy.arm(writes_to(key_path.clone()), false)
             }
@@ -218,8 +225,8 @@ async fn fault_matrix() {
             Row::SmokeProbeFails => probe_status.store(500, Ordering::SeqCst),
         }
         // A neighbour sharing the org's admin rate limit uses it up during a 429 storm.
-        let neighbour = matches!(row, Row::OpenAi429RetryAfter | Row::OpenAi429NoRetryAfter)
-            .then(|| {
+        let neighbour =
+            matches!(row, Row::OpenAi429RetryAfter | Row::OpenAi429NoRetryAfter).then(|| {
                 let url = format!("{}/organization/projects?limit=1", rig.sb.openai_url);
                 let admin = rig.sb.admin_key.expose().to_string();
                 tokio::spawn(async move {
@@ -294,14 +301,23 @@ async fn fault_matrix() {
         let (outcome, took) = match rig.wait_terminal(&id, Duration::from_secs(120)).await {
             Ok(v) => {
                 if let Some(e) = v["error"].as_str() {
-                    notes.push_str(&format!("error: {}", e.chars().take(120).collect::<String>()));
+                    notes.push_str(&format!(
+                        "error: {}",
+                        e.chars().take(120).collect::<String>()
+                    ));
                 }
-                (v["status"].as_str().unwrap_or("?").to_string(), started.elapsed())
+                (
+                    v["status"].as_str().unwrap_or("?").to_string(),
+                    started.elapsed(),
+                )
             }
             Err(last) => {
                 let log = daemon.output();
                 let tail: Vec<&str> = log.lines().rev().take(30).collect();
-                eprintln!("{row:?} stuck; daemon log tail (newest first):\n{}", tail.join("\n"));
+                eprintln!(
+                    "{row:?} stuck; daemon log tail (newest first):\n{}",
+                    tail.join("\n")
+                );
                 problems.push(format!("not terminal after 120 s: {last}"));
                 ("stuck".to_string(), started.elapsed())
             }
@@ -318,7 +334,10 @@ async fn fault_matrix() {
         rig.sb.kube.set_never_ready(NAMESPACE, "chatbot-api", false);
         probe_status.store(200, Ordering::SeqCst);
         if !row.allowed().contains(&outcome.as_str()) {
-            problems.push(format!("outcome {outcome}, expected one of {:?}", row.allowed()));
+            problems.push(format!(
+                "outcome {outcome}, expected one of {:?}",
+                row.allowed()
+            ));
         }
         // Settled: one account, the one Vault serves, live.
         let accounts = rig.wait_accounts(1, Duration::from_secs(30)).await;
@@ -359,7 +378,9 @@ async fn fault_matrix() {
             problems.push("no retry: the fault was not felt".into());
         }
         if row == Row::OpenAiCreateAnswerLost && creates < 2 {
-            problems.push(format!("the lost create was not re-sent ({creates} creates)"));
+            problems.push(format!(
+                "the lost create was not re-sent ({creates} creates)"
+            ));
         }
         if notes.is_empty() {
             notes = format!("{retries} retries, {creates} create calls");

@@ -398,9 +398,7 @@ impl HoldProxy {
                 let held = {
                     let mut s = st.lock().unwrap();
                     match s.rule.take() {
-                        Some((m, after))
-                            if m(parts.method.as_str(), parts.uri.path(), &json) =>
-                        {
+                        Some((m, after)) if m(parts.method.as_str(), parts.uri.path(), &json) => {
                             // One request per arming: later ones pass.
                             s.held += 1;
                             s.total += 1;
