@@ -26,10 +26,13 @@
 //! any line) with the collector's copy exposes a rewrite or a dropped tail. The genesis nonce
 //! makes each chain unique, so a chain cannot be forged by splicing lines of another.
 //!
-//! # One writer per file
-//! Each daemon replica needs its own file. A handle refuses to write once the file's length
-//! is not what its own last write left (another handle or process appended, or someone
-//! edited it), instead of forking the chain; a failed or torn write is cut back off.
+//! # Writers sharing a file
+//! Each daemon replica needs its own file. One-shot commands run with the daemon's config
+//! (`sweep`, `rotate --once`) append to it: every check-and-append holds an exclusive
+//! `flock`, and a handle that finds lines appended since its own last write adopts them
+//! when they continue the chain from there. Anything else (an edit, a truncation, a fork)
+//! makes the handle refuse to write instead of forking the chain; a failed or torn write is
+//! cut back off.
 //!
 //! # Secrets
 //! Records carry ids (rotation, service account, key id, Vault version), names, statuses and
@@ -321,7 +324,9 @@ impl Audit {
             // Writers in other processes (a one-shot `sweep` or `rotate --once` with the
             // daemon's config) append to the same file: an exclusive lock makes each
             // check-and-append atomic across processes.
-            let _lock = FileLock::take(&sink.file);
+            // (On a second handle of the same open file: the lock is the open file's.)
+            let handle = sink.file.try_clone().ok();
+            let _lock = handle.as_ref().map(FileLock::take);
             let len = sink.file.metadata().map(|m| m.len()).unwrap_or(sink.len);
             if len != sink.len {
                 // Lines another writer appended are adopted when they continue the chain
@@ -381,21 +386,28 @@ impl Audit {
     }
 }
 
-/// An exclusive advisory lock on the audit file, released on drop. Taking it can fail
-/// (a file system without locks): then the length check alone guards the chain.
-/// (A second handle of the same open file: the lock is the open file's.)
-struct FileLock(Option<File>);
+/// An exclusive advisory lock (`flock`) on the audit file, released on drop. Taking it can
+/// fail (a file system without locks): then the length check alone guards the chain.
+struct FileLock<'a>(Option<&'a File>);
 
-impl FileLock {
-    fn take(f: &File) -> FileLock {
-        FileLock(f.try_clone().ok().and_then(|h| h.lock().ok().map(|()| h)))
+impl<'a> FileLock<'a> {
+    #[cfg(unix)]
+    fn take(f: &'a File) -> FileLock<'a> {
+        use rustix::fs::{flock, FlockOperation};
+        FileLock(flock(f, FlockOperation::LockExclusive).ok().map(|()| f))
+    }
+
+    #[cfg(not(unix))]
+    fn take(_: &'a File) -> FileLock<'a> {
+        FileLock(None)
     }
 }
 
-impl Drop for FileLock {
+impl Drop for FileLock<'_> {
     fn drop(&mut self) {
-        if let Some(f) = &self.0 {
-            let _ = f.unlock();
+        #[cfg(unix)]
+        if let Some(f) = self.0 {
+            let _ = rustix::fs::flock(f, rustix::fs::FlockOperation::Unlock);
         }
     }
 }
