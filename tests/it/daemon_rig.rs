@@ -128,6 +128,33 @@ impl Rig {
         v["rotation_id"].as_str().unwrap().to_string()
     }
 
+    /// [`Rig::trigger`], but a 409 ("already rotating") is retried for up to 5 s: the
+    /// rotation's view can read `completed` a moment before its target is free again.
+    /// Returns the id and how many 409s were seen.
+    pub async fn trigger_when_free(&self, target: &str, body: serde_json::Value) -> (String, u32) {
+        let start = Instant::now();
+        let mut conflicts = 0;
+        loop {
+            let r = self
+                .http
+                .post(format!("{}/v1/targets/{target}/rotations", self.addr()))
+                .bearer_auth(TOKEN)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status();
+            let v: serde_json::Value = r.json().await.unwrap();
+            if status == 409 && start.elapsed() < Duration::from_secs(5) {
+                conflicts += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+            assert_eq!(status, 202, "trigger {target}: {v}");
+            return (v["rotation_id"].as_str().unwrap().to_string(), conflicts);
+        }
+    }
+
     /// `GET /v1/rotations/{id}`: (HTTP status, body); a transport error is `None`.
     pub async fn rotation(&self, id: &str) -> Option<(u16, serde_json::Value)> {
         let r = self

@@ -36,14 +36,17 @@ async fn consecutive_rotations_under_load() {
     let start = Instant::now();
     let before = rig.sb.consumers.total();
     let mut durations = Vec::new();
+    // 409s right after a rotation read `completed` (the target frees a moment later).
+    let mut conflicts = 0u32;
     for k in 0..n {
         let t = Instant::now();
-        let id = rig
-            .trigger(
+        let (id, c) = rig
+            .trigger_when_free(
                 "chatbot",
                 serde_json::json!({"reason": format!("load {k}")}),
             )
             .await;
+        conflicts += c;
         let v = rig
             .wait_terminal(&id, Duration::from_secs(60))
             .await
@@ -57,7 +60,7 @@ async fn consecutive_rotations_under_load() {
     let (ok, failed) = (stats.ok - before.ok, stats.failed - before.failed);
     durations.sort();
     println!(
-        "load: {n} rotations in {:.1} s (median {:.2} s, max {:.2} s), consumer calls ok {ok} failed {failed}, {} pods started, {samples} I1 samples",
+        "load: {n} rotations in {:.1} s (median {:.2} s, max {:.2} s), consumer calls ok {ok} failed {failed}, {} pods started, {samples} I1 samples, {conflicts} early 409s",
         elapsed.as_secs_f64(),
         durations[n / 2].as_secs_f64(),
         durations[n - 1].as_secs_f64(),
