@@ -63,10 +63,10 @@ impl Row {
     fn describe(self) -> &'static str {
         match self {
             Row::OpenAi429RetryAfter => {
-                "OpenAI 429 storm (2 rps, a neighbour's 1.5 s burst at 10 rps, Retry-After 1 s)"
+                "OpenAI 429 storm (2 rps, a neighbour's 2 s burst at 10 rps, Retry-After 1 s)"
             }
             Row::OpenAi429NoRetryAfter => {
-                "OpenAI 429 storm (2 rps, a neighbour's 1.5 s burst at 10 rps, no Retry-After)"
+                "OpenAI 429 storm (2 rps, a neighbour's 2 s burst at 10 rps, no Retry-After)"
             }
             Row::OpenAi5xxBurst => "OpenAI 5xx burst (next 3 admin calls 503)",
             Row::OpenAiCreateAnswerLost => "OpenAI create: 500 after effect (answer lost)",
@@ -225,24 +225,42 @@ async fn fault_matrix() {
             Row::SmokeProbeFails => probe_status.store(500, Ordering::SeqCst),
         }
         // A neighbour sharing the org's admin rate limit uses it up during a 429 storm.
+        let limited = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let neighbour =
             matches!(row, Row::OpenAi429RetryAfter | Row::OpenAi429NoRetryAfter).then(|| {
                 let url = format!("{}/organization/projects?limit=1", rig.sb.openai_url);
                 let admin = rig.sb.admin_key.expose().to_string();
+                let limited = limited.clone();
                 tokio::spawn(async move {
                     let http = reqwest::Client::new();
-                    // A 1.5 s storm at the start of the rotation (its mint lands in it).
-                    for _ in 0..15 {
-                        let _ = http
+                    // A 2 s storm; the rotation starts once the neighbour is limited, so its
+                    // mint lands in the storm.
+                    for _ in 0..20 {
+                        if let Ok(r) = http
                             .get(&url)
                             .bearer_auth(&admin)
                             .timeout(Duration::from_secs(2))
                             .send()
-                            .await;
+                            .await
+                        {
+                            if r.status() == 429 {
+                                limited.store(true, Ordering::SeqCst);
+                            }
+                        }
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 })
             });
+        if neighbour.is_some() {
+            let t = Instant::now();
+            while !limited.load(Ordering::SeqCst) {
+                assert!(
+                    t.elapsed() < Duration::from_secs(5),
+                    "the storm never began"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
         let started = Instant::now();
         let id = rig
             .trigger(TARGET, serde_json::json!({"reason": row.describe()}))
