@@ -26,10 +26,13 @@
 //! any line) with the collector's copy exposes a rewrite or a dropped tail. The genesis nonce
 //! makes each chain unique, so a chain cannot be forged by splicing lines of another.
 //!
-//! # One writer per file
-//! Each daemon replica needs its own file. A handle refuses to write once the file's length
-//! is not what its own last write left (another handle or process appended, or someone
-//! edited it), instead of forking the chain; a failed or torn write is cut back off.
+//! # Writers sharing a file
+//! Each daemon replica needs its own file. One-shot commands run with the daemon's config
+//! (`sweep`, `rotate --once`) append to it: every check-and-append holds an exclusive
+//! `flock`, and a handle that finds lines appended since its own last write adopts them
+//! when they continue the chain from there. Anything else (an edit, a truncation, a fork)
+//! makes the handle refuse to write instead of forking the chain; a failed or torn write is
+//! cut back off.
 //!
 //! # Secrets
 //! Records carry ids (rotation, service account, key id, Vault version), names, statuses and
@@ -318,18 +321,40 @@ impl Audit {
         let mut line = serde_json::to_string(&rec).expect("an audit record serializes");
         let hash = sha256_hex(line.as_bytes());
         line.push('\n');
+        let (mut seq, mut prev) = (rec.seq, hash);
         if let Some(sink) = chain.file.as_mut() {
-            // One writer per file: anyone else's append (a second handle or process, an
-            // edit) would fork the chain, so stop rather than write after it.
+            // Writers in other processes (a one-shot `sweep` or `rotate --once` with the
+            // daemon's config) append to the same file: an exclusive lock makes each
+            // check-and-append atomic across processes.
+            // (On a second handle of the same open file: the lock is the open file's.)
+            let handle = sink.file.try_clone().ok();
+            let _lock = handle.as_ref().map(FileLock::take);
             let len = sink.file.metadata().map(|m| m.len()).unwrap_or(sink.len);
             if len != sink.len {
-                return Err(AuditError::Unchainable {
-                    path: sink.path.clone(),
-                    reason: format!(
-                        "it changed under this writer ({} bytes expected, {len} found):                          another writer or an edit",
-                        sink.len
-                    ),
-                });
+                // Lines another writer appended are adopted when they continue the chain
+                // from where this writer stood; anything else (an edit, a truncation, a
+                // fork) stops this writer rather than write after it.
+                let (s2, p2) =
+                    adopt_appended(sink, len, rec.seq - 1, &rec.prev_sha256).map_err(|why| {
+                        AuditError::Unchainable {
+                            path: sink.path.clone(),
+                            reason: format!(
+                            "it changed under this writer ({} bytes expected, {len} found): {why}",
+                            sink.len
+                        ),
+                        }
+                    })?;
+                sink.len = len;
+                // Re-chain this record after the adopted lines.
+                let rec = AuditRecord {
+                    seq: s2 + 1,
+                    prev_sha256: p2,
+                    ..rec
+                };
+                line = serde_json::to_string(&rec).expect("an audit record serializes");
+                seq = rec.seq;
+                prev = sha256_hex(line.as_bytes());
+                line.push('\n');
             }
             let written = sink
                 .file
@@ -345,8 +370,8 @@ impl Audit {
             }
             sink.len += line.len() as u64;
         }
-        chain.seq = rec.seq;
-        chain.prev = hash;
+        chain.seq = seq;
+        chain.prev = prev;
         if let Some(s) = chain.stream.as_mut() {
             s.write_all(line.as_bytes())
                 .and_then(|()| s.flush())
@@ -361,6 +386,67 @@ impl Audit {
             tracing::error!(error = %e, "could not write an audit record");
         }
     }
+}
+
+/// An exclusive advisory lock (`flock`) on the audit file, released on drop. Taking it can
+/// fail (a file system without locks): then the length check alone guards the chain.
+struct FileLock<'a>(Option<&'a File>);
+
+impl<'a> FileLock<'a> {
+    #[cfg(unix)]
+    fn take(f: &'a File) -> FileLock<'a> {
+        use rustix::fs::{flock, FlockOperation};
+        FileLock(flock(f, FlockOperation::LockExclusive).ok().map(|()| f))
+    }
+
+    #[cfg(not(unix))]
+    fn take(_: &'a File) -> FileLock<'a> {
+        FileLock(None)
+    }
+}
+
+impl Drop for FileLock<'_> {
+    fn drop(&mut self) {
+        #[cfg(unix)]
+        if let Some(f) = self.0 {
+            let _ = rustix::fs::flock(f, rustix::fs::FlockOperation::Unlock);
+        }
+    }
+}
+
+/// Check the bytes another writer appended after `sink.len` (up to `len`): complete lines,
+/// each the next record of the chain that stood at (`seq`, `prev`). Returns the new head.
+fn adopt_appended(
+    sink: &mut FileSink,
+    len: u64,
+    mut seq: u64,
+    prev: &str,
+) -> Result<(u64, String), String> {
+    if len < sink.len {
+        return Err("it was truncated".into());
+    }
+    let mut buf = vec![0; usize::try_from(len - sink.len).map_err(|e| e.to_string())?];
+    sink.file
+        .seek(SeekFrom::Start(sink.len))
+        .and_then(|_| sink.file.read_exact(&mut buf))
+        .map_err(|e| format!("cannot read what was appended: {e}"))?;
+    if buf.last() != Some(&b'\n') {
+        return Err("the appended part does not end with a complete line".into());
+    }
+    let mut prev = prev.to_string();
+    for l in buf[..buf.len() - 1].split(|&b| b == b'\n') {
+        let rec: AuditRecord = serde_json::from_slice(l)
+            .map_err(|_| format!("an appended line after seq {seq} is not a record"))?;
+        if rec.seq != seq + 1 || rec.prev_sha256 != prev {
+            return Err(format!(
+                "an appended line (seq {}) does not continue the chain after seq {seq}",
+                rec.seq
+            ));
+        }
+        seq = rec.seq;
+        prev = sha256_hex(l);
+    }
+    Ok((seq, prev))
 }
 
 /// The last line of a file of `len > 0` bytes, with its newline if it has one.
@@ -1103,19 +1189,109 @@ mod tests {
     }
 
     #[test]
-    fn a_second_writer_on_the_same_file_is_refused_not_forked() {
+    fn a_second_writer_is_chained_after_and_a_foreign_line_is_refused_not_forked() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
         let first = Audit::open(Some(&path), false).unwrap();
         let second = Audit::open(Some(&path), false).unwrap();
+        // Each adopts what the other appended (it continues the chain) and writes after it.
+        first
+            .record(AuditFields::new(AuditEvent::ConfigReloaded))
+            .unwrap();
+        second
+            .record(AuditFields::new(AuditEvent::ConfigReloaded))
+            .unwrap();
+        assert_eq!(verify(&path).unwrap(), VerifyOutcome::Ok { records: 4 });
+        // A line that does not continue the chain (an edit, a fork) stops the writer.
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        let mut l = lines(&path);
+        let last = l.pop().unwrap();
+        f.write_all(format!("{last}\n").as_bytes()).unwrap();
+        drop(f);
         let err = first
             .record(AuditFields::new(AuditEvent::ConfigReloaded))
             .unwrap_err();
         assert!(matches!(err, AuditError::Unchainable { .. }), "{err}");
-        second
-            .record(AuditFields::new(AuditEvent::ConfigReloaded))
+        assert!(
+            err.to_string().contains("does not continue the chain"),
+            "{err}"
+        );
+        assert_eq!(
+            lines(&path).len(),
+            5,
+            "nothing written after the foreign line"
+        );
+    }
+
+    #[test]
+    fn concurrent_writers_in_two_handles_keep_the_chain_intact() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let handles: Vec<Audit> = (0..2)
+            .map(|_| Audit::open(Some(&path), false).unwrap())
+            .collect();
+        let threads: Vec<_> = handles
+            .into_iter()
+            .enumerate()
+            .map(|(t, a)| {
+                std::thread::spawn(move || {
+                    for i in 0..50 {
+                        a.record(AuditFields {
+                            message: Some(format!("handle {t} record {i}")),
+                            ..AuditFields::new(AuditEvent::TriggerRefused)
+                        })
+                        .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(verify(&path).unwrap(), VerifyOutcome::Ok { records: 102 });
+    }
+
+    /// Found by the crash matrix: `sweep` (a one-shot command, same config, so the same
+    /// audit file) appended its records while the daemon ran; from then on every record of
+    /// the daemon was refused ("it changed under this writer") and only logged, so its
+    /// rotations and account deletions went unaudited for the rest of its life.
+    #[test]
+    fn the_daemon_keeps_its_trail_after_a_one_shot_command_appended_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let daemon = Audit::open(Some(&path), false).unwrap();
+        daemon
+            .record(AuditFields::new(AuditEvent::RotationStarted))
             .unwrap();
-        assert_eq!(verify(&path).unwrap(), VerifyOutcome::Ok { records: 3 });
+        {
+            // `openai-key-rotator sweep --config <the daemon's config>`
+            let sweep = Audit::open(Some(&path), false).unwrap();
+            sweep
+                .record(AuditFields::new(AuditEvent::SweepDeleted))
+                .unwrap();
+        }
+        daemon
+            .record(AuditFields::new(AuditEvent::AccountDeleted))
+            .expect("the daemon's record after the sweep's is written");
+        daemon
+            .record(AuditFields::new(AuditEvent::RotationCompleted))
+            .unwrap();
+        assert_eq!(verify(&path).unwrap(), VerifyOutcome::Ok { records: 6 });
+        let events: Vec<String> = lines(&path)
+            .iter()
+            .map(|l| serde_json::from_str::<AuditRecord>(l).unwrap().event)
+            .collect();
+        assert_eq!(
+            events,
+            [
+                "audit_started",
+                "rotation_started",
+                "audit_started",
+                "sweep_deleted",
+                "account_deleted",
+                "rotation_completed"
+            ]
+        );
     }
 
     #[test]

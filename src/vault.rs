@@ -783,17 +783,28 @@ impl VaultStore {
         Fut: Future<Output = Result<T, ClientError>>,
     {
         let at = self.at(path);
-        self.observed()
-            .call(op, &at, &self.retry)
-            .run(
-                |f: &Fail| f.verdict(absent_ok),
-                |_| {
-                    let fut = call(self.client());
-                    async move { fut.await.map_err(Fail::from_client) }
-                },
-            )
-            .await
-            .map_err(|g| g.error)
+        let run = || async {
+            self.observed()
+                .call(op, &at, &self.retry)
+                .run(
+                    |f: &Fail| f.verdict(absent_ok),
+                    |_| {
+                        let fut = call(self.client());
+                        async move { fut.await.map_err(Fail::from_client) }
+                    },
+                )
+                .await
+        };
+        match run().await.map_err(|g| g.error) {
+            // A token revoked or expired before its renewal: log in again (token auth
+            // re-reads its source) and try once more; a 403 was not applied. If no new
+            // token can be had, the 403 stands.
+            Err(Fail::Status { code: 403, .. }) if self.refresh_token().await.is_ok() => {
+                tracing::info!(op, "Vault answered 403; logged in again and retrying once");
+                run().await.map_err(|g| g.error)
+            }
+            r => r,
+        }
     }
 
     /// `GET data/<path>[?version=n]`; `None` on 404.
@@ -865,66 +876,80 @@ impl VaultStore {
         let unresolved = AtomicBool::new(false);
         let unresolved = &unresolved;
         let mount = self.mount.as_str();
-        let outcome = self
-            .observed()
-            .call(OP_WRITE, &at, &self.retry)
-            .run_with(
-                |f: &Fail| f.verdict(false),
-                |f: &Fail, _| {
-                    let ambiguous = f.maybe_applied();
-                    async move {
-                        if !ambiguous {
-                            return Resume::Retry;
-                        }
-                        match self.landed(path, data, expected).await {
-                            Ok(Landed::Yes(v)) => Resume::Finish(Ok(v)),
-                            Ok(Landed::Unchanged) => Resume::Retry,
-                            Ok(Landed::Moved(now)) => {
-                                Resume::Finish(Err(Fail::Moved { expected, now }))
+        let mut relogged = false;
+        loop {
+            let outcome = self
+                .observed()
+                .call(OP_WRITE, &at, &self.retry)
+                .run_with(
+                    |f: &Fail| f.verdict(false),
+                    |f: &Fail, _| {
+                        let ambiguous = f.maybe_applied();
+                        async move {
+                            if !ambiguous {
+                                return Resume::Retry;
                             }
-                            Err(f) => {
-                                unresolved.store(true, Ordering::SeqCst);
-                                Resume::Finish(Err(f))
+                            match self.landed(path, data, expected).await {
+                                Ok(Landed::Yes(v)) => Resume::Finish(Ok(v)),
+                                Ok(Landed::Unchanged) => Resume::Retry,
+                                Ok(Landed::Moved(now)) => {
+                                    Resume::Finish(Err(Fail::Moved { expected, now }))
+                                }
+                                Err(f) => {
+                                    unresolved.store(true, Ordering::SeqCst);
+                                    Resume::Finish(Err(f))
+                                }
                             }
                         }
-                    }
-                },
-                |_| {
-                    let c = self.client();
-                    let req = SetSecretRequest {
-                        mount: mount.to_string(),
-                        path: path.to_string(),
-                        data: Value::Object(data.clone()),
-                        options: Some(SetSecretRequestOptions { cas }),
-                    };
-                    async move {
-                        vaultrs::api::exec_with_result(&*c, req)
-                            .await
-                            .map(|m| m.version)
-                            .map_err(Fail::from_client)
-                    }
-                },
-            )
-            .await;
-        let g: GaveUp<Fail> = match outcome {
-            Ok(v) => return Ok(v),
-            Err(g) => g,
-        };
-        match g.error {
-            Fail::CasMismatch => Err(conflict(
-                &at,
-                format!("{CAS_MISMATCH} (expected version {expected})"),
-            )),
-            f => {
-                let maybe_applied = f.maybe_applied() || unresolved.load(Ordering::SeqCst);
-                let mut e = f.into_backend("write", &at);
-                if maybe_applied {
-                    if let BackendError::Failed { message, .. } = &mut e {
-                        message.push_str(" (the write may have been applied; read back to know)");
-                    }
-                }
-                Err(e)
+                    },
+                    |_| {
+                        let c = self.client();
+                        let req = SetSecretRequest {
+                            mount: mount.to_string(),
+                            path: path.to_string(),
+                            data: Value::Object(data.clone()),
+                            options: Some(SetSecretRequestOptions { cas }),
+                        };
+                        async move {
+                            vaultrs::api::exec_with_result(&*c, req)
+                                .await
+                                .map(|m| m.version)
+                                .map_err(Fail::from_client)
+                        }
+                    },
+                )
+                .await;
+            let g: GaveUp<Fail> = match outcome {
+                Ok(v) => return Ok(v),
+                Err(g) => g,
+            };
+            // A revoked or expired token: log in again and write once more (a 403 was not
+            // applied); without a new token the 403 stands.
+            if !relogged
+                && matches!(g.error, Fail::Status { code: 403, .. })
+                && self.refresh_token().await.is_ok()
+            {
+                relogged = true;
+                tracing::info!("Vault answered 403 to a write; logged in again and retrying once");
+                continue;
             }
+            return match g.error {
+                Fail::CasMismatch => Err(conflict(
+                    &at,
+                    format!("{CAS_MISMATCH} (expected version {expected})"),
+                )),
+                f => {
+                    let maybe_applied = f.maybe_applied() || unresolved.load(Ordering::SeqCst);
+                    let mut e = f.into_backend("write", &at);
+                    if maybe_applied {
+                        if let BackendError::Failed { message, .. } = &mut e {
+                            message
+                                .push_str(" (the write may have been applied; read back to know)");
+                        }
+                    }
+                    Err(e)
+                }
+            };
         }
     }
 

@@ -621,8 +621,15 @@ impl Daemon {
                     st.history.consecutive_failures = j.consecutive_failures;
                     st.history.last_failure_at = j.last_failure_at;
                 }
-                if j.status.is_terminal() && j.pending_deletions.is_empty() {
-                    continue;
+                if j.status.is_terminal() {
+                    // Killed between the concluding journal write and the history copy:
+                    // write it now, so the rotation stays known by id.
+                    if let Err(e) = this.inner.engine.ensure_history(j).await {
+                        tracing::warn!(error = %e, rotation_id = %j.rotation_id, "could not write a missing rotation history copy");
+                    }
+                    if j.pending_deletions.is_empty() {
+                        continue;
+                    }
                 }
                 let Some(target) = j.spec.clone().or(configured.clone()) else {
                     tracing::warn!(target = %j.target, rotation_id = %j.rotation_id, "a journal names a target that is not configured, and predates target snapshots: left alone");
@@ -851,6 +858,7 @@ impl Daemon {
         if let Some(j) = self.inner.live.get(id) {
             return Ok(Some(j));
         }
+        // A copy a killed daemon did not write is written when the journals are resumed.
         self.inner.engine.history(id).await
     }
 

@@ -694,6 +694,15 @@ impl Engine {
         None
     }
 
+    /// Write the history copy of a finished rotation unless it exists: a daemon killed
+    /// between the concluding journal write and the copy leaves only the target journal.
+    pub async fn ensure_history(&self, j: &Journal) -> Result<(), EngineError> {
+        if !j.status.is_terminal() {
+            return Ok(());
+        }
+        self.keep_history(j).await
+    }
+
     /// Write `j`'s history copy unless it exists (check-and-set on "absent").
     async fn keep_history(&self, j: &Journal) -> Result<(), EngineError> {
         let doc = Self::to_doc(j)?;

@@ -4,13 +4,17 @@ mod support;
 
 mod audit_cli;
 mod config_corpus;
+mod crash_matrix;
 mod daemon_e2e;
+mod daemon_rig;
 mod demo;
 mod deploy;
 mod failover;
+mod fault_matrix;
 mod kube_roller;
 mod kube_sim;
 mod leader;
+mod load;
 mod metrics_exposition;
 mod openai_client;
 mod openai_sim;

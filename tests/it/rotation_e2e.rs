@@ -82,16 +82,25 @@ impl I1Sampler {
                         .header("X-Vault-Token", &token)
                         .send()
                         .await;
-                    if let Ok(r) = r {
-                        if let Ok(body) = r.json::<serde_json::Value>().await {
-                            if let Some(k) =
-                                body.pointer("/data/data/api_key").and_then(|x| x.as_str())
-                            {
-                                if !sim.key_is_live(k) {
-                                    v.lock().unwrap().push(format!("I1: {p} serves a dead key"));
-                                }
-                            }
+                    // A read that fails is a violation too: a sampler that skips what it
+                    // cannot read could pass without looking.
+                    let key = match r {
+                        Ok(r) if r.status().is_success() => {
+                            r.json::<serde_json::Value>().await.ok().and_then(|body| {
+                                body.pointer("/data/data/api_key")?
+                                    .as_str()
+                                    .map(str::to_string)
+                            })
                         }
+                        _ => None,
+                    };
+                    match key {
+                        Some(k) if sim.key_is_live(&k) => {}
+                        Some(_) => v.lock().unwrap().push(format!("I1: {p} serves a dead key")),
+                        None => v
+                            .lock()
+                            .unwrap()
+                            .push(format!("I1 sampler: reading {p} failed")),
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;

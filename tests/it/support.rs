@@ -328,3 +328,193 @@ async fn forward(
         Err(_) => axum::http::StatusCode::BAD_GATEWAY.into_response(),
     }
 }
+
+/// Which request a [`HoldProxy`] holds: `(method, path, JSON body)` → hold it?
+pub type HoldMatch = Arc<dyn Fn(&str, &str, &serde_json::Value) -> bool + Send + Sync>;
+
+#[derive(Default)]
+struct HoldState {
+    rule: Option<(HoldMatch, bool)>,
+    /// Requests held right now, and ever.
+    held: u64,
+    total: u64,
+    /// Bumped by `abort` and `release`: a held request sees it and ends (abort: without
+    /// further effect) or goes on (release: a before-effect one is forwarded now).
+    epoch: u64,
+    forward_on_wake: bool,
+    /// Answer `status` without forwarding to the next `count` requests `m` picks.
+    fail: Option<(HoldMatch, u32, u16)>,
+    failed: u64,
+}
+
+/// An HTTP proxy in front of a real server (OpenBao) that can hold the first request a
+/// matcher picks, before it is forwarded (`after_effect = false`: it never takes effect) or
+/// after (`true`: it took effect, the answer is held back: a lost answer). For crash tests:
+/// wait until [`HoldProxy::wait_held`], kill the client, then [`HoldProxy::abort`].
+#[derive(Clone)]
+pub struct HoldProxy {
+    pub url: String,
+    state: Arc<Mutex<HoldState>>,
+    changed: Arc<tokio::sync::Notify>,
+}
+
+impl HoldProxy {
+    pub async fn start(upstream: &str) -> HoldProxy {
+        let state: Arc<Mutex<HoldState>> = Arc::default();
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let (st, ch, up) = (state.clone(), changed.clone(), upstream.to_string());
+        let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+            let (st, ch, up) = (st.clone(), ch.clone(), up.clone());
+            async move {
+                let (parts, body) = req.into_parts();
+                let body = axum::body::to_bytes(body, 16 << 20)
+                    .await
+                    .unwrap_or_default();
+                let json: serde_json::Value =
+                    serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+                let fail_status = {
+                    let mut s = st.lock().unwrap();
+                    let mut hit = None;
+                    if let Some((m, left, status)) = s.fail.as_mut() {
+                        if *left > 0 && m(parts.method.as_str(), parts.uri.path(), &json) {
+                            *left -= 1;
+                            hit = Some(*status);
+                        }
+                    }
+                    if hit.is_some() {
+                        s.failed += 1;
+                    }
+                    hit
+                };
+                if let Some(status) = fail_status {
+                    let status = axum::http::StatusCode::from_u16(status).unwrap();
+                    return (
+                        status,
+                        [(axum::http::header::CONTENT_TYPE, "application/json")],
+                        r#"{"errors":["injected by the test proxy"]}"#,
+                    )
+                        .into_response();
+                }
+                let held = {
+                    let mut s = st.lock().unwrap();
+                    match s.rule.take() {
+                        Some((m, after)) if m(parts.method.as_str(), parts.uri.path(), &json) => {
+                            // One request per arming: later ones pass.
+                            s.held += 1;
+                            s.total += 1;
+                            Some((after, s.epoch))
+                        }
+                        other => {
+                            s.rule = other;
+                            None
+                        }
+                    }
+                };
+                let req = axum::http::Request::from_parts(parts, body);
+                let wait_abort = |epoch: u64| {
+                    let (st, ch) = (st.clone(), ch.clone());
+                    async move {
+                        loop {
+                            let n = ch.notified();
+                            {
+                                let s = st.lock().unwrap();
+                                if s.epoch > epoch {
+                                    break s.forward_on_wake;
+                                }
+                            }
+                            n.await;
+                        }
+                    }
+                };
+                // Counted out when the request ends, also when its client went away and the
+                // server dropped it.
+                struct Out(Arc<Mutex<HoldState>>);
+                impl Drop for Out {
+                    fn drop(&mut self) {
+                        self.0.lock().unwrap().held -= 1;
+                    }
+                }
+                let _out = held.map(|_| Out(st.clone()));
+                match held {
+                    None => forward(&up, req).await,
+                    Some((false, epoch)) => {
+                        let go_on = wait_abort(epoch).await;
+                        if go_on {
+                            forward(&up, req).await
+                        } else {
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE.into_response()
+                        }
+                    }
+                    Some((true, epoch)) => {
+                        let answer = forward(&up, req).await;
+                        let go_on = wait_abort(epoch).await;
+                        if go_on {
+                            answer
+                        } else {
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE.into_response()
+                        }
+                    }
+                }
+            }
+        });
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+        HoldProxy {
+            url,
+            state,
+            changed,
+        }
+    }
+
+    /// Hold the next request `m` picks (before or after its effect).
+    pub fn arm(&self, m: HoldMatch, after_effect: bool) {
+        self.state.lock().unwrap().rule = Some((m, after_effect));
+    }
+
+    /// Disarm, and end every held request without effect (an after-effect one has had it).
+    pub fn abort(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.rule = None;
+        s.fail = None;
+        s.epoch += 1;
+        s.forward_on_wake = false;
+        drop(s);
+        self.changed.notify_waiters();
+    }
+
+    /// Let every held request go on (a before-effect one is forwarded now).
+    pub fn release(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.epoch += 1;
+        s.forward_on_wake = true;
+        drop(s);
+        self.changed.notify_waiters();
+    }
+
+    /// Answer `status` (without forwarding) to the next `count` requests `m` picks.
+    pub fn fail_next(&self, m: HoldMatch, count: u32, status: u16) {
+        self.state.lock().unwrap().fail = Some((m, count, status));
+    }
+
+    /// Requests answered by [`HoldProxy::fail_next`] so far.
+    pub fn failed(&self) -> u64 {
+        self.state.lock().unwrap().failed
+    }
+
+    pub fn held(&self) -> u64 {
+        self.state.lock().unwrap().held
+    }
+
+    /// Wait until a request is held; false after `timeout`.
+    pub async fn wait_held(&self, timeout: Duration) -> bool {
+        let start = Instant::now();
+        while self.held() == 0 {
+            if start.elapsed() > timeout {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        true
+    }
+}
