@@ -142,6 +142,7 @@ async fn fault_matrix() {
                 consecutive_successes: 1,
                 interval: DurationStr(Duration::from_millis(100)),
                 timeout: DurationStr::from_secs(1),
+                wave: None,
             }];
             if let VaultAuth::Token { token_file: f, .. } = &mut c.vault.auth {
                 let path = f.clone().unwrap().with_file_name("daemon-vault-token");
