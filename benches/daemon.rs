@@ -405,27 +405,41 @@ impl Daemon {
         })
     }
 
-    async fn trigger(&self, target: &str, emergency: bool, revoke_first: bool) -> Res<String> {
+    /// Start a rotation; the wall-clock time (seconds) the accepted request was sent, and
+    /// its id. A 409 right after the previous rotation's last audit line (the target is
+    /// released just after it) is retried.
+    async fn trigger(
+        &self,
+        target: &str,
+        emergency: bool,
+        revoke_first: bool,
+    ) -> Res<(f64, String)> {
         let mut body = json!({"reason": "bench", "emergency": emergency});
         if revoke_first {
             body["revoke_first"] = true.into();
         }
-        let r = self
-            .http
-            .post(format!("{}/v1/targets/{target}/rotations", self.url))
-            .bearer_auth(&self.token)
-            .json(&body)
-            .send()
-            .await?;
-        let status = r.status();
-        let v: Value = r.json().await?;
-        if status.as_u16() != 202 {
-            return Err(format!("trigger {target}: {status} {v}").into());
+        let t = Instant::now();
+        loop {
+            let sent = now_secs();
+            let r = self
+                .http
+                .post(format!("{}/v1/targets/{target}/rotations", self.url))
+                .bearer_auth(&self.token)
+                .json(&body)
+                .send()
+                .await?;
+            let status = r.status();
+            let v: Value = r.json().await?;
+            if status.as_u16() == 409 && t.elapsed() < Duration::from_secs(10) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            }
+            if status.as_u16() != 202 {
+                return Err(format!("trigger {target}: {status} {v}").into());
+            }
+            let id = v["rotation_id"].as_str().ok_or("no rotation_id")?;
+            return Ok((sent, id.to_string()));
         }
-        Ok(v["rotation_id"]
-            .as_str()
-            .ok_or("no rotation_id")?
-            .to_string())
     }
 
     fn records(&self) -> Vec<Rec> {
@@ -644,15 +658,15 @@ async fn p1(quick: bool) -> Res<()> {
             )
             .await?;
             // One warm-up rotation (connections, first journal).
-            let id = d.trigger("app-00001", false, false).await?;
+            d.trigger("app-00001", false, false).await?;
             d.wait_ended(1, Duration::from_secs(120)).await?;
-            let _ = id;
             let m0 = d.metrics().await?;
             let c0 = cpu_ticks(d.pid);
             let mut walls = Vec::new();
             for i in 0..runs {
-                let t0 = now_secs();
-                let id = d.trigger("app-00001", false, false).await?;
+                // The target is released just after its last audit line.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let (t0, id) = d.trigger("app-00001", false, false).await?;
                 let recs = d.wait_ended(i + 2, Duration::from_secs(120)).await?;
                 let done = recs
                     .iter()
@@ -921,8 +935,9 @@ async fn p4(quick: bool) -> Res<()> {
         let mut rollouts = Vec::new();
         let mut ended_n = 0;
         for _ in 0..runs {
-            let t0 = now_secs();
-            let id = d.trigger("app-00001", true, false).await?;
+            // An emergency trigger on a finishing rotation would upgrade it, not start one.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let (t0, id) = d.trigger("app-00001", true, false).await?;
             ended_n += 1;
             let recs = d.wait_ended(ended_n, Duration::from_secs(120)).await?;
             let mine: Vec<&Rec> = recs.iter().filter(|r| r.rotation_id == id).collect();
@@ -946,9 +961,10 @@ async fn p4(quick: bool) -> Res<()> {
         // revoke_first: trigger to the old key answering 401.
         let mut dead = Vec::new();
         for _ in 0..runs {
+            tokio::time::sleep(Duration::from_millis(300)).await;
             let old = sb.vault_key("apps/app-00001/openai").await?;
+            let (sent, _) = d.trigger("app-00001", true, true).await?;
             let t0 = Instant::now();
-            d.trigger("app-00001", true, true).await?;
             ended_n += 1;
             loop {
                 let r = sb
@@ -965,7 +981,7 @@ async fn p4(quick: bool) -> Res<()> {
                 }
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
-            dead.push(t0.elapsed().as_secs_f64() * 1000.0);
+            dead.push((now_secs() - sent) * 1000.0);
             d.wait_ended(ended_n, Duration::from_secs(120)).await?;
         }
         let k = median(dead);
@@ -1021,10 +1037,11 @@ async fn recipe(quick: bool) -> Res<()> {
             sb.wait_ready(Duration::from_secs(300)).await?;
             let cfg: toml::Value =
                 toml::from_str(&std::fs::read_to_string(sb.dir.join("config.toml"))?)?;
-            let mut list = String::new();
+            // One line per target: name project path namespace deployment old-account.
+            let mut lines = Vec::new();
             for t in cfg["targets"].as_array().ok_or("targets")? {
-                let name = t["name"].as_str().unwrap_or("");
-                let path = t["vault_path"].as_str().unwrap_or("");
+                let field = |k: &str| t.get(k).and_then(|v| v.as_str()).unwrap_or("");
+                let path = field("vault_path");
                 let meta: Value = sb
                     .http
                     .get(format!("{}/v1/secret/metadata/{path}", sb.vault))
@@ -1036,21 +1053,22 @@ async fn recipe(quick: bool) -> Res<()> {
                 let old = meta["data"]["custom_metadata"]["okr_service_account_id"]
                     .as_str()
                     .ok_or("no old account id")?;
-                list.push_str(&format!(
-                    "{name} {} {path} {} {}\n",
-                    t["project_id"].as_str().unwrap_or(""),
-                    t["workloads"][0]["namespace"].as_str().unwrap_or(""),
-                    t["workloads"][0]["name"].as_str().unwrap_or(""),
+                // Workloads are written `namespace/Kind/name`.
+                let w = t
+                    .get("workloads")
+                    .and_then(|w| w.as_array()?.first()?.as_str())
+                    .ok_or("no workload")?;
+                let parts: Vec<&str> = w.split('/').collect();
+                let (ns, deploy) = match parts.as_slice() {
+                    [ns, _, name] => (*ns, *name),
+                    _ => return Err(format!("workload {w}").into()),
+                };
+                lines.push(format!(
+                    "{} {} {path} {ns} {deploy} {old}",
+                    field("name"),
+                    field("project_id")
                 ));
-                list.push_str(&format!("# old {old}\n"));
             }
-            // One line per target: name project path namespace deployment old-account.
-            let lines: Vec<String> = list
-                .lines()
-                .collect::<Vec<_>>()
-                .chunks(2)
-                .map(|c| format!("{} {}", c[0], c[1].trim_start_matches("# old ")))
-                .collect();
             let targets = sb.dir.join("recipe-targets");
             std::fs::write(&targets, lines.join("\n") + "\n")?;
             let t0 = Instant::now();

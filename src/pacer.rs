@@ -5,17 +5,22 @@
 //! Without pacing, each concurrent rotation finds the limit by hitting it and waits out its
 //! own `Retry-After`; with many targets that is a storm of 429s. The [`Pacer`] keeps one
 //! estimate per client instead:
-//! - while the server says requests remain, they go at once (each send takes one);
+//! - while the server says requests remain, they go at once (each send takes one), but
+//!   never more than the limit within one window of our own sends (the window: the longest
+//!   announced reset, rounded up to whole seconds), so answers that lag behind requests in
+//!   flight cannot overfill it;
 //! - when none remain, nothing is sent until the announced reset, then one request per
 //!   `window / limit` (the longest reset seen, divided by the limit: the server's own
 //!   sustainable rate) until an answer says more remain;
-//! - a 429's `Retry-After` holds every caller, not only the one that got it.
+//! - a 429 holds every caller, not only the one that got it, until the announced reset
+//!   (or `Retry-After` when no reset is announced).
 //!
 //! Until the first answer, one request at a time finds out the limit. Requests still in
 //! flight are subtracted from the server's `remaining` (it has not
 //! counted them yet, or has: either way the estimate errs low). Every wait is bounded by
 //! [`MAX_WAIT`]; without headers (a server that announces nothing) nothing is paced.
 
+use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -23,6 +28,11 @@ use tokio::time::Instant;
 
 /// No announced wait is believed beyond this (a garbled header must not stall the daemon).
 pub const MAX_WAIT: Duration = Duration::from_secs(300);
+/// Most sends remembered for the local window (a larger limit is only paced by answers).
+const MAX_LOG: u64 = 10_000;
+/// Added to our own window: a request reaches the server a little after we send it, and
+/// not always equally late.
+const LOG_MARGIN: Duration = Duration::from_millis(20);
 /// Added to an announced reset: the header is rounded down to milliseconds.
 const MARGIN: Duration = Duration::from_millis(5);
 
@@ -101,6 +111,9 @@ struct State {
     /// The longest reset announced: the server's window.
     window: Duration,
     limit: u64,
+    /// Our own sends within the last window (at most `limit`, at most [`MAX_LOG`]): never
+    /// more than the limit in any window, whatever the answers said.
+    sent: VecDeque<Instant>,
     in_flight: u64,
     /// Some answer (or failure) came back: until then one request finds out the limit.
     seen: bool,
@@ -121,6 +134,24 @@ impl State {
         if !self.seen && self.in_flight > 0 {
             return Some(Duration::ZERO);
         }
+        // Our own sliding window: the limit's worth of sends in the last window.
+        let logged = self.limit > 0 && self.limit <= MAX_LOG && !self.window.is_zero();
+        if logged {
+            while self
+                .sent
+                .front()
+                .is_some_and(|t| now.duration_since(*t) >= self.window)
+            {
+                self.sent.pop_front();
+            }
+            if self.sent.len() as u64 >= self.limit {
+                if let Some(oldest) = self.sent.front() {
+                    return Some(
+                        (*oldest + self.window + LOG_MARGIN).saturating_duration_since(now),
+                    );
+                }
+            }
+        }
         match self.remaining {
             None => {}
             Some(r) if r > 0 => self.remaining = Some(r - 1),
@@ -130,6 +161,10 @@ impl State {
                 }
                 self.next_slot = Some(now + self.gap());
             }
+        }
+        self.sent.push_back(now);
+        if self.sent.len() as u64 > self.limit.clamp(1, MAX_LOG) {
+            self.sent.pop_front();
         }
         self.in_flight += 1;
         None
@@ -188,21 +223,35 @@ impl Pacer {
         if let Some(limit) = l.limit {
             s.limit = limit;
         }
+        // Others in flight: the server may not have counted them yet.
+        let others = s.in_flight.saturating_sub(1);
+        let left = if l.rejected {
+            Some(0)
+        } else {
+            l.remaining.map(|r| r.saturating_sub(others))
+        };
         if let Some(reset) = l.reset {
             let reset = reset.min(MAX_WAIT);
-            s.window = s.window.max(reset);
-            s.reset_at = Some(now + reset + MARGIN);
+            // The window is whole seconds (per second, per minute); an exhausted answer's
+            // reset is a little under it.
+            let whole = Duration::from_secs(reset.as_secs() + u64::from(reset.subsec_nanos() > 0));
+            s.window = s.window.max(whole);
+            // With requests left the reset says when the window is whole again, not when
+            // the next one may go: only an exhausted answer sets the next slot.
+            if left == Some(0) {
+                s.reset_at = Some(now + reset + MARGIN);
+            }
         }
         if l.rejected {
-            s.remaining = Some(0);
-            if let Some(after) = l.retry_after {
+            // Everyone waits for the announced reset when there is one (to the millisecond);
+            // `Retry-After` is whole seconds and stays the refused call's own wait.
+            if let Some(after) = l.reset.map(|r| r + MARGIN).or(l.retry_after) {
                 let until = now + after.min(MAX_WAIT);
                 s.hold_until = Some(s.hold_until.map_or(until, |h| h.max(until)));
             }
-        } else if let Some(r) = l.remaining {
-            // Others in flight: the server may not have counted them yet.
-            let others = s.in_flight.saturating_sub(1);
-            s.remaining = Some(r.saturating_sub(others));
+        }
+        if left.is_some() {
+            s.remaining = left;
         }
     }
 
@@ -281,10 +330,11 @@ mod tests {
         p.acquire().await;
         p.acquire().await;
         assert!(Instant::now() - t1 >= Duration::from_millis(500));
-        // An answer saying more remain lets them go at once.
+        // An answer saying more remain lets them go at once, up to the limit per window
+        // (the limit grew to 10).
         {
             let _a = p.acquire().await;
-            p.observe(&answer(4, 3, 1000));
+            p.observe(&answer(10, 3, 1000));
         }
         let t2 = Instant::now();
         for _ in 0..3 {
@@ -338,6 +388,37 @@ mod tests {
         }
         p.acquire().await;
         assert!(Instant::now() - t0 >= Duration::from_secs(7));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_429_with_an_announced_reset_holds_until_that_reset() {
+        let p = Pacer::new();
+        let t0 = Instant::now();
+        {
+            let _a = p.acquire().await;
+            p.observe(&Limits {
+                rejected: true,
+                retry_after: Some(Duration::from_secs(7)),
+                ..answer(10, 0, 300)
+            });
+        }
+        p.acquire().await;
+        let waited = Instant::now() - t0;
+        assert!(waited >= Duration::from_millis(300) && waited < Duration::from_secs(7));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reset_announced_while_requests_remain_does_not_delay() {
+        let p = Pacer::new();
+        let t0 = Instant::now();
+        {
+            let _a = p.acquire().await;
+            p.observe(&answer(10, 5, 60_000));
+        }
+        for _ in 0..5 {
+            p.acquire().await;
+        }
+        assert_eq!(Instant::now(), t0);
     }
 
     #[tokio::test(start_paused = true)]
