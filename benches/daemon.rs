@@ -277,6 +277,16 @@ impl Sandbox {
     }
 }
 
+/// A part that fails early must not leave its simulators running.
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 fn rolled_out(d: &Value) -> bool {
     let st = &d["status"];
     let want = d["spec"]["replicas"].as_i64().unwrap_or(1);
@@ -504,6 +514,15 @@ impl Daemon {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
