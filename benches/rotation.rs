@@ -1,6 +1,6 @@
 //! Benchmarks: what a rotation costs, measured (never asserted in tests).
 //!
-//! `cargo bench --bench rotation` runs them and rewrites BENCHMARKS.md:
+//! `cargo bench --bench rotation` runs them and rewrites its section of BENCHMARKS.md:
 //! 1. the state machine alone over the in-memory fakes (engine overhead per rotation);
 //! 2. a full rotation against the simulators with the real clients (HTTP, polling, rollout
 //!    of two Deployments with 2 replicas each), while consumer pods call the data plane;
@@ -113,8 +113,8 @@ fn main() {
     let fm = median(fakes.clone());
     let em = median(e2e.clone());
     let report = format!(
-        "# Benchmarks\n\n\
-         Reproduce: `cargo bench --bench rotation` (rewrites this file). Machine: {cores} cores; \
+        "## In process: the state machine and one end-to-end rotation\n\n\
+         Reproduce: `cargo bench --bench rotation` (rewrites this section). Machine: {cores} cores; \
          figures are medians of repeated runs in one process.\n\n\
          | benchmark | runs | median | p90 |\n|---|---|---|---|\n\
          | state machine over in-memory fakes (7 steps, 15+ journal writes) | {nf} | {fm:?} | {fp:?} |\n\
@@ -134,7 +134,15 @@ fn main() {
         rss_mib = rss as f64 / 1024.0,
     );
     print!("{report}");
+    // Only its own section: `cargo bench --bench daemon` writes the others.
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("BENCHMARKS.md");
-    std::fs::write(&path, report).unwrap();
+    let text = std::fs::read_to_string(&path).unwrap_or_default();
+    let (begin, end) = ("<!-- begin:in-process -->", "<!-- end:in-process -->");
+    let block = format!("{begin}\n{}\n{end}", report.trim_end());
+    let new = match (text.find(begin), text.find(end)) {
+        (Some(b), Some(e)) if e > b => format!("{}{block}{}", &text[..b], &text[e + end.len()..]),
+        _ => format!("{block}\n\n{}", text.trim_start()),
+    };
+    std::fs::write(&path, new).unwrap();
     eprintln!("wrote {}", path.display());
 }

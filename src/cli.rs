@@ -206,6 +206,10 @@ pub struct SandboxArgs {
     /// --targets, about 50 calls a second in all).
     #[arg(long)]
     pub consumer_interval_ms: Option<u64>,
+    /// Milliseconds a new pod takes to become ready (default 500): the length of a rollout
+    /// step.
+    #[arg(long)]
+    pub pod_ready_delay_ms: Option<u64>,
 }
 
 /// Logs go to stderr: JSON when not on a terminal (or when asked), human text otherwise.
@@ -390,6 +394,10 @@ async fn sandbox(args: SandboxArgs) -> anyhow::Result<std::process::ExitCode> {
         target_count,
         projects: args.projects.map(|p| p as usize),
         consumer_interval,
+        pod_ready_delay: args
+            .pod_ready_delay_ms
+            .map(std::time::Duration::from_millis)
+            .unwrap_or(SandboxOptions::default().pod_ready_delay),
         ..Default::default()
     })
     .await

@@ -17,6 +17,7 @@ pub mod kube;
 pub mod leader;
 pub mod metrics;
 pub mod openai;
+pub mod pacer;
 pub mod retry;
 pub mod rng;
 pub mod rotation;

@@ -23,6 +23,7 @@
 //! and hyper logs nothing without its unstable tracing cfg.
 
 use crate::config::OpenAiConfig;
+use crate::pacer::{Limits, Pacer};
 use crate::retry::{Call, GaveUp, Resume, Retry, RetryPolicy, Timeout, Verdict};
 use crate::rotation::ports::{
     AccountInfo, AccountRef, Backend, BackendError, CallObserver, KeyIssuer, KeyUsage, MintedKey,
@@ -162,6 +163,9 @@ pub struct OpenAiClient {
     page_size: u32,
     max_pages: usize,
     calls: Arc<dyn CallObserver>,
+    /// Paces admin-key requests to the announced rate limit (`x-ratelimit-*`, 429s),
+    /// shared by every concurrent rotation.
+    pacer: Pacer,
 }
 
 /// No key material: base URL and limits only.
@@ -454,6 +458,7 @@ impl OpenAiClient {
             page_size: MAX_PAGE_SIZE,
             max_pages: DEFAULT_MAX_PAGES,
             calls,
+            pacer: Pacer::new(),
         })
     }
 
@@ -534,6 +539,14 @@ impl OpenAiClient {
         let (status, headers, body) = exchange
             .await
             .map_err(|e| transport_failure(&e, self.timeout))?;
+        let rejected = status == StatusCode::TOO_MANY_REQUESTS;
+        if self.paced(req) {
+            self.pacer.observe(&Limits {
+                rejected,
+                retry_after: retry_after(&headers).filter(|_| rejected),
+                ..Limits::from_headers(&headers)
+            });
+        }
         if status.is_success() {
             Ok(Some(body))
         } else if status == StatusCode::NOT_FOUND && req.gone_ok {
@@ -559,6 +572,12 @@ impl OpenAiClient {
             .what(what)
     }
 
+    /// Requests with the admin key share the organization's Admin API limit; a checked
+    /// key's data-plane call has limits of its own.
+    fn paced(&self, req: &Req<'_>) -> bool {
+        std::ptr::eq(req.auth, &self.admin_key)
+    }
+
     /// Attempts under the client's retry policy.
     async fn call(&self, req: &Req<'_>) -> Result<Reply, GaveUp<Failure>> {
         self.call_with(&self.retry, req).await
@@ -569,9 +588,13 @@ impl OpenAiClient {
         policy: &RetryPolicy,
         req: &Req<'_>,
     ) -> Result<Reply, GaveUp<Failure>> {
-        self.observed(req.op, policy, req.url.path())
-            .run(Failure::verdict, |_| self.attempt(req))
-            .await
+        let call = self.observed(req.op, policy, req.url.path());
+        let call = if self.paced(req) {
+            call.paced(&self.pacer)
+        } else {
+            call
+        };
+        call.run(Failure::verdict, |_| self.attempt(req)).await
     }
 
     /// The final error of a call: its failure, attempts or the server's hint.
@@ -666,6 +689,7 @@ impl KeyIssuer for OpenAiClient {
         let had = &had_ambiguous;
         let result = self
             .observed(OP, &self.retry, &what)
+            .paced(&self.pacer)
             .run_with(
                 Failure::create_verdict,
                 |f: &Failure, _| {

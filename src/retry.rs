@@ -186,6 +186,7 @@ pub struct Call<'a> {
     observer: &'a dyn CallObserver,
     timeout: Option<Duration>,
     what: &'a str,
+    pacer: Option<&'a crate::pacer::Pacer>,
 }
 
 impl<'a> Call<'a> {
@@ -203,12 +204,20 @@ impl<'a> Call<'a> {
             observer,
             timeout: None,
             what: "",
+            pacer: None,
         }
     }
 
     /// Bound each attempt; past it the attempt fails with `E::from(Timeout)`.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
+        self
+    }
+
+    /// Wait for `pacer` before each attempt (outside its timeout; the attempt feeds the
+    /// answer's limits to it). The reported latency includes that wait.
+    pub fn paced(mut self, pacer: &'a crate::pacer::Pacer) -> Self {
+        self.pacer = Some(pacer);
         self
     }
 
@@ -251,9 +260,14 @@ impl<'a> Call<'a> {
         HFut: Future<Output = Resume<T, E>>,
     {
         let timeout = self.timeout;
+        let pacer = self.pacer;
         drive(self.policy, Some(self), classify, before_retry, move |n| {
             let fut = attempt(n);
             async move {
+                let _permit = match pacer {
+                    Some(p) => Some(p.acquire().await),
+                    None => None,
+                };
                 match timeout {
                     None => fut.await,
                     Some(after) => match tokio::time::timeout(after, fut).await {

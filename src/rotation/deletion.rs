@@ -172,14 +172,23 @@ impl Engine {
     }
 
     /// I5: a path (any known one) whose current key is this account's. With the key's hash
-    /// known, what Vault serves decides; without it, the metadata's account id does.
+    /// known, what Vault serves decides; without it, the metadata's account id does. The
+    /// paths are read [`I5_READS_IN_FLIGHT`] at a time: every deletion reads them all, so
+    /// one by one a fleet's retires cost N sequential reads each.
     async fn served_by_vault(&self, target: Option<&Target>, d: &Doomed<'_>) -> Option<String> {
+        use futures::StreamExt;
         let mut paths = self.known_paths.locked().clone();
         if let Some(t) = target {
             paths.insert((t.vault_path.clone(), t.vault_field.clone()));
         }
-        for (path, field) in paths {
-            match self.store.read_key(&path, &field).await {
+        let mut reads = futures::stream::iter(paths)
+            .map(|(path, field)| async move {
+                let read = self.store.read_key(&path, &field).await;
+                (path, read)
+            })
+            .buffer_unordered(I5_READS_IN_FLIGHT);
+        while let Some((path, read)) = reads.next().await {
+            match read {
                 Ok(Some(c)) => {
                     let served = match d.key_sha256 {
                         Some(sha) => c.key.sha256_hex() == sha,
@@ -204,3 +213,6 @@ impl Engine {
         None
     }
 }
+
+/// Vault reads of the I5 check in flight at once (per deletion).
+const I5_READS_IN_FLIGHT: usize = 16;

@@ -316,6 +316,39 @@ impl VaultSim {
     }
 }
 
+/// `GET sys/internal/ui/mounts/<path>`: what the `vault`/`bao kv` CLI asks first to learn
+/// the mount's KV version (answered as OpenBao does for a KV v2 mount).
+fn mount_preflight(method: &Method, path: &str) -> ApiResult {
+    if *method != Method::GET {
+        return Err(ApiError::Unsupported);
+    }
+    if path != MOUNT && !path.starts_with(&format!("{MOUNT}/")) {
+        return Err(ApiError::NoRoute(format!("sys/internal/ui/mounts/{path}")));
+    }
+    Ok(Reply::Enveloped(
+        StatusCode::OK,
+        json!({
+            "request_id": uuid::Uuid::new_v4().to_string(),
+            "lease_id": "",
+            "renewable": false,
+            "lease_duration": 0,
+            "data": {
+                "path": format!("{MOUNT}/"),
+                "type": "kv",
+                "description": "key/value secret storage",
+                "options": {"version": "2"},
+                "config": {"default_lease_ttl": 0, "max_lease_ttl": 0, "force_no_cache": false},
+                "local": false,
+                "seal_wrap": false,
+                "external_entropy_access": false,
+            },
+            "wrap_info": null,
+            "warnings": null,
+            "auth": null,
+        }),
+    ))
+}
+
 impl State {
     fn handle(&mut self, req: &Request<'_>, now: DateTime<Utc>) -> ApiResult {
         if req.path == "sys/health" {
@@ -330,6 +363,9 @@ impl State {
         }
         if let Some(p) = req.path.strip_prefix("sys/auth/") {
             return self.enable_auth(req.method, p, req.body);
+        }
+        if let Some(p) = req.path.strip_prefix("sys/internal/ui/mounts/") {
+            return mount_preflight(req.method, p);
         }
         match req.path.as_str() {
             "sys/seal" => {
