@@ -552,6 +552,8 @@ pub struct RollerState {
     pub overlaps: Vec<String>,
     /// Workloads (`ns/Kind/name`) that report themselves paused.
     pub paused: BTreeSet<String>,
+    /// What `consumers_of` reports (for every path: tests set what the cluster would show).
+    pub consumers: Vec<Consumer>,
 }
 
 #[derive(Clone)]
@@ -687,6 +689,15 @@ impl WorkloadRoller for FakeRoller {
                 Ok(RolloutState::Complete)
             }
         }
+    }
+
+    async fn consumers_of(
+        &self,
+        _mount: &str,
+        _path: &str,
+        _field: &str,
+    ) -> Result<Vec<Consumer>, BackendError> {
+        Ok(self.state.lock().unwrap().consumers.clone())
     }
 
     async fn paused(&self, workload: &WorkloadRef) -> Result<bool, BackendError> {

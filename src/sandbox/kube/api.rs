@@ -39,10 +39,7 @@ pub(crate) fn router(shared: Arc<Shared>, cancel: CancellationToken) -> Router {
             get(|| async { json_resp(StatusCode::OK, &discovery::version()) }),
         )
         .route("/api", get(core_versions))
-        .route(
-            "/apis",
-            get(|| async { json_resp(StatusCode::OK, &discovery::api_group_list()) }),
-        )
+        .route("/apis", get(group_list))
         .route("/api/{*rest}", any(dispatch))
         .route("/apis/{*rest}", any(dispatch))
         .route_layer(axum::middleware::from_fn_with_state(
@@ -74,6 +71,12 @@ fn not_found_resource() -> Response {
                 "message": "the server could not find the requested resource",
                 "reason": "NotFound", "details": {}, "code": 404}),
     )
+}
+
+async fn group_list(State(st): State<AppState>) -> Response {
+    let unserved = st.shared.lock().unserved.clone();
+    let served = |r: Res| !unserved.contains(&r);
+    json_resp(StatusCode::OK, &discovery::api_group_list_served(&served))
 }
 
 async fn core_versions(headers: HeaderMap) -> Response {
@@ -194,6 +197,13 @@ async fn dispatch(
     let Some(route) = parse_route(uri.path()) else {
         return not_found_resource();
     };
+    let unserved = st.shared.lock().unserved.clone();
+    let served = |r: Res| !unserved.contains(&r);
+    if let Route::Collection { info, .. } | Route::Object { info, .. } = &route {
+        if !served(info.res) {
+            return not_found_resource();
+        }
+    }
     let q = query(&uri);
     let tbl = table::wants_table(&headers)
         .then(|| Include::from_query(q.get("includeObject").map(String::as_str)));
@@ -204,13 +214,13 @@ async fn dispatch(
         .to_string();
     let result = match route {
         Route::Discovery(g, v) if method == Method::GET => {
-            return match discovery::resource_list(&g, &v) {
+            return match discovery::resource_list_served(&g, &v, &served) {
                 Some(doc) => json_resp(StatusCode::OK, &doc),
                 None => not_found_resource(),
             }
         }
         Route::GroupDoc(g) if method == Method::GET => {
-            return match discovery::api_group_doc(&g) {
+            return match discovery::api_group_doc_served(&g, &served) {
                 Some(doc) => json_resp(StatusCode::OK, &doc),
                 None => not_found_resource(),
             }
