@@ -220,7 +220,10 @@ pub fn pod_uses_secret(spec: &PodSpec, secret: &str) -> Vec<String> {
 
 /// Collected consumers, deduplicated by (kind, namespace, name), the ways joined.
 #[derive(Default)]
-struct Found(BTreeMap<(String, String, String), (BTreeSet<String>, Option<WorkloadRef>)>);
+struct Found(BTreeMap<ConsumerKey, (BTreeSet<String>, Option<WorkloadRef>)>);
+
+/// (kind, namespace, name).
+type ConsumerKey = (String, String, String);
 
 impl Found {
     fn add(&mut self, kind: &str, ns: &str, name: &str, via: String, w: Option<WorkloadRef>) {
