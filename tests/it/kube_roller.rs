@@ -1673,3 +1673,50 @@ async fn consumers_skip_an_uninstalled_crd_but_fail_on_a_server_error() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn consumer_pods_resolve_to_statefulsets_daemonsets_rollouts_or_themselves() {
+    let e = env(20).await;
+    let ann = serde_json::json!({"vault.hashicorp.com/agent-inject": "true",
+        "vault.hashicorp.com/agent-inject-secret-openai": "secret/data/demo/chatbot"});
+    let with_ann = |mut v: serde_json::Value| {
+        v["spec"]["template"]["metadata"]["annotations"] = ann.clone();
+        v
+    };
+    let sts = with_ann(serde_json::to_value(KubeSim::simple_statefulset("apps", "db", 1)).unwrap());
+    e.sim
+        .create_statefulset(serde_json::from_value(sts).unwrap())
+        .unwrap();
+    let ds = with_ann(serde_json::to_value(KubeSim::simple_daemonset("apps", "agent")).unwrap());
+    e.sim
+        .create_daemonset(serde_json::from_value(ds).unwrap())
+        .unwrap();
+    e.sim
+        .create_rollout(with_ann(KubeSim::simple_rollout("apps", "canary", 1)))
+        .unwrap();
+    let pods: Api<Pod> = Api::namespaced(e.roller.client(), "apps");
+    let bare: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "bare", "annotations": ann},
+        "spec": {"containers": [{"name": "app", "image": "registry.example/x:1"}]}
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &bare).await.unwrap();
+    for app in ["db", "agent", "canary"] {
+        pods_of(&e, "apps", app).await;
+    }
+    let found = e
+        .roller
+        .consumers_of("secret", "demo/chatbot", "api_key")
+        .await
+        .unwrap();
+    assert_eq!(
+        summary(&found),
+        [
+            "DaemonSet/apps/agent -> apps/DaemonSet/agent",
+            "Pod/apps/bare -> ",
+            "Rollout/apps/canary -> apps/Rollout/canary",
+            "StatefulSet/apps/db -> apps/StatefulSet/db",
+        ],
+        "{found:#?}"
+    );
+}
