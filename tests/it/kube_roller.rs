@@ -1720,3 +1720,61 @@ async fn consumer_pods_resolve_to_statefulsets_daemonsets_rollouts_or_themselves
         "{found:#?}"
     );
 }
+
+#[tokio::test]
+async fn consumers_skip_a_forbidden_source_and_read_the_others() {
+    let e = env(20).await;
+    let es = openai_key_rotator::kube::external_secret_resource();
+    create_dynamic(
+        &e,
+        &es,
+        "apps",
+        serde_json::json!({
+            "apiVersion": "external-secrets.io/v1beta1", "kind": "ExternalSecret",
+            "metadata": {"name": "chat", "namespace": "apps"},
+            "spec": {"data": [{"secretKey": "k", "remoteRef": {"key": "secret/demo/chatbot"}}]}
+        }),
+    )
+    .await;
+    consumer_deployment(
+        &e.sim,
+        "apps",
+        "mounts-es",
+        serde_json::json!({}),
+        serde_json::json!({
+        "volumes": [{"name": "key", "secret": {"secretName": "chat"}}]}),
+    );
+    pods_of(&e, "apps", "mounts-es").await;
+    // RBAC without discovery.enabled: no cluster-wide pods list.
+    assert!(e.sim.set_forbidden("pods", true));
+    let from = e.calls.len();
+    let found = e
+        .roller
+        .consumers_of("secret", "demo/chatbot", "k")
+        .await
+        .unwrap();
+    assert_eq!(
+        summary(&found),
+        ["ExternalSecret/apps/chat -> ", "Secret/apps/chat -> "]
+    );
+    // Forbidden is final: asked once, not retried.
+    assert_eq!(
+        e.calls.of("consumers.pods.list", from),
+        [StatusClass::ClientError]
+    );
+    // Granted again: the Deployment mounting the Secret shows up.
+    e.sim.set_forbidden("pods", false);
+    let found = e
+        .roller
+        .consumers_of("secret", "demo/chatbot", "k")
+        .await
+        .unwrap();
+    assert_eq!(
+        summary(&found),
+        [
+            "Deployment/apps/mounts-es -> apps/Deployment/mounts-es",
+            "ExternalSecret/apps/chat -> ",
+            "Secret/apps/chat -> ",
+        ]
+    );
+}

@@ -73,6 +73,44 @@ fn not_found_resource() -> Response {
     )
 }
 
+/// 403 as the API server's authorizer words it.
+fn forbidden_resp(method: &Method, route: &Route, info: &ResInfo, watch: bool) -> Response {
+    let (verb, ns) = match route {
+        Route::Collection { ns, .. } => (
+            match *method {
+                Method::GET if watch => "watch",
+                Method::GET => "list",
+                Method::POST => "create",
+                Method::DELETE => "deletecollection",
+                _ => "update",
+            },
+            ns.clone(),
+        ),
+        Route::Object { ns, .. } => (
+            match *method {
+                Method::GET => "get",
+                Method::PUT => "update",
+                Method::PATCH => "patch",
+                Method::DELETE => "delete",
+                _ => "get",
+            },
+            Some(ns.clone()).filter(|n| !n.is_empty()),
+        ),
+        _ => ("get", None),
+    };
+    let scope = match ns {
+        Some(ns) => format!("in the namespace \"{ns}\""),
+        None => "at the cluster scope".to_string(),
+    };
+    json_resp(
+        StatusCode::FORBIDDEN,
+        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": format!("{} is forbidden: User \"system:anonymous\" cannot {verb} resource \"{}\" in API group \"{}\" {scope}",
+                    info.qualified(), info.plural, info.group),
+                "reason": "Forbidden", "details": {"group": info.group, "kind": info.plural}, "code": 403}),
+    )
+}
+
 async fn group_list(State(st): State<AppState>) -> Response {
     let unserved = st.shared.lock().unserved.clone();
     let served = |r: Res| !unserved.contains(&r);
@@ -197,11 +235,17 @@ async fn dispatch(
     let Some(route) = parse_route(uri.path()) else {
         return not_found_resource();
     };
-    let unserved = st.shared.lock().unserved.clone();
+    let (unserved, forbidden) = {
+        let inner = st.shared.lock();
+        (inner.unserved.clone(), inner.forbidden.clone())
+    };
     let served = |r: Res| !unserved.contains(&r);
     if let Route::Collection { info, .. } | Route::Object { info, .. } = &route {
         if !served(info.res) {
             return not_found_resource();
+        }
+        if forbidden.contains(&info.res) {
+            return forbidden_resp(&method, &route, info, flag(&query(&uri), "watch"));
         }
     }
     let q = query(&uri);

@@ -182,6 +182,8 @@ pub(crate) struct Inner {
     pub pods: HashMap<(String, String), PodRuntime>,
     /// Custom resources whose CRD is "not installed": absent from discovery, 404 on use.
     pub unserved: BTreeSet<Res>,
+    /// Resources every request for is refused with 403 Forbidden (RBAC not granted).
+    pub forbidden: BTreeSet<Res>,
 }
 
 pub(crate) struct Shared {
@@ -286,6 +288,7 @@ impl KubeSim {
                     next_watch: 0,
                     pods: HashMap::new(),
                     unserved: BTreeSet::new(),
+                    forbidden: BTreeSet::new(),
                 }),
                 holds: Default::default(),
                 opts,
@@ -786,6 +789,26 @@ preferences: {{}}
             inner.unserved.remove(&info.res);
         } else {
             inner.unserved.insert(info.res);
+        }
+        true
+    }
+
+    /// Refuse (or stop refusing) every request for a resource with 403 Forbidden, as an
+    /// API server does when RBAC grants the client nothing on it; named as kubectl names it
+    /// (`pods`, `deployments.apps`, `externalsecrets.external-secrets.io`). False for a
+    /// resource that is not served.
+    pub fn set_forbidden(&self, qualified: &str, forbidden: bool) -> bool {
+        let Some(info) = discovery::RESOURCES
+            .iter()
+            .find(|r| r.qualified() == qualified)
+        else {
+            return false;
+        };
+        let mut inner = self.shared.lock();
+        if forbidden {
+            inner.forbidden.insert(info.res);
+        } else {
+            inner.forbidden.remove(&info.res);
         }
         true
     }
