@@ -16,10 +16,18 @@
 //! classifies kube's errors ([`classify`]). kube's own retry layer is switched off so the
 //! observer sees every attempt and there is one retry bound, not two stacked ones.
 
+mod consumers;
+
+pub use consumers::{
+    agent_path_matches, eso_key_matches, external_secret_resource, vault_static_secret_resource,
+    vso_matches,
+};
+
 use crate::config::{KubernetesConfig, WorkloadKind, WorkloadRef};
 use crate::retry::{Call, GaveUp, Retry, RetryPolicy, Timeout, Verdict};
 use crate::rotation::ports::{
-    Backend, BackendError, CallObserver, EventType, RolloutState, StatusClass, WorkloadRoller,
+    Backend, BackendError, CallObserver, Consumer, EventType, RolloutState, StatusClass,
+    WorkloadRoller,
 };
 use async_trait::async_trait;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
@@ -64,6 +72,10 @@ pub const OPERATIONS: &[&str] = &[
     "secret.get",
     "secret.patch",
     "event.create",
+    "consumers.pods.list",
+    "consumers.replicasets.get",
+    "consumers.vaultstaticsecrets.list",
+    "consumers.externalsecrets.list",
 ];
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -101,6 +113,8 @@ pub struct KubeRoller {
     recorder: Recorder,
     retry: RetryPolicy,
     timeout: Duration,
+    /// Consumer sources already warned about as unreadable (forbidden or not installed).
+    unseen: Arc<std::sync::Mutex<std::collections::BTreeSet<&'static str>>>,
 }
 
 impl KubeRoller {
@@ -168,6 +182,7 @@ impl KubeRoller {
             calls,
             retry: defaults.retry_policy(),
             timeout: defaults.request_timeout.get(),
+            unseen: Arc::default(),
         })
     }
 
@@ -472,6 +487,15 @@ impl WorkloadRoller for KubeRoller {
                 .count(),
         };
         Ok(u32::try_from(n).unwrap_or(u32::MAX))
+    }
+
+    async fn consumers_of(
+        &self,
+        mount: &str,
+        path: &str,
+        field: &str,
+    ) -> Result<Vec<Consumer>, BackendError> {
+        self.find_consumers(mount, path, field).await
     }
 
     async fn paused(&self, w: &WorkloadRef) -> Result<bool, BackendError> {

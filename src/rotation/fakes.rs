@@ -552,8 +552,8 @@ pub struct RollerState {
     pub overlaps: Vec<String>,
     /// Workloads (`ns/Kind/name`) that report themselves paused.
     pub paused: BTreeSet<String>,
-    /// What `consumers_of` reports (for any path).
-    pub consumers: Vec<super::ports::Consumer>,
+    /// What `consumers_of` reports (for every path: tests set what the cluster would show).
+    pub consumers: Vec<Consumer>,
 }
 
 #[derive(Clone)]
@@ -696,7 +696,7 @@ impl WorkloadRoller for FakeRoller {
         _mount: &str,
         _path: &str,
         _field: &str,
-    ) -> Result<Vec<super::ports::Consumer>, BackendError> {
+    ) -> Result<Vec<Consumer>, BackendError> {
         Ok(self.state.lock().unwrap().consumers.clone())
     }
 

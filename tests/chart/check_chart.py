@@ -105,10 +105,44 @@ WORKLOAD_RULES = lambda resources, rollouts=False: (
     ])
 
 
-def check_rbac(docs, label, expected):
-    """`expected`: {namespace: [rule tuples]} for every Role the release creates."""
-    check(not by_kind(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding"),
-          f"{label}: cluster-wide RBAC rendered")
+# discovery.enabled: read-only, cluster-wide, for unlisted consumers (never Secrets, never a write).
+DISCOVERY_RULES = [
+    (("",), ("pods",), ("get", "list"), ()),
+    (("apps",), ("replicasets", "deployments", "statefulsets", "daemonsets"), ("get", "list"), ()),
+    (("argoproj.io",), ("rollouts",), ("get", "list"), ()),
+    (("secrets.hashicorp.com",), ("vaultstaticsecrets",), ("get", "list"), ()),
+    (("external-secrets.io",), ("externalsecrets",), ("get", "list"), ()),
+]
+
+
+def check_cluster_rbac(docs, label, expected):
+    """`expected`: the one ClusterRole's rules, or None when none may be rendered."""
+    croles = by_kind(docs, "ClusterRole")
+    cbindings = by_kind(docs, "ClusterRoleBinding")
+    if expected is None:
+        check(not croles and not cbindings, f"{label}: cluster-wide RBAC rendered")
+        return
+    check(len(croles) == 1 and len(cbindings) == 1,
+          f"{label}: {len(croles)} ClusterRoles, {len(cbindings)} ClusterRoleBindings, want 1 each")
+    if not croles or not cbindings:
+        return
+    got = sorted(rules_of(croles[0]))
+    check(got == sorted(expected), f"{label}: ClusterRole rules\n  got  {got}\n  want {sorted(expected)}")
+    for rule in croles[0].get("rules", []):
+        check(set(rule.get("verbs", [])) <= {"get", "list"}, f"{label}: ClusterRole grants more than reads: {rule}")
+        check("secrets" not in rule.get("resources", []), f"{label}: ClusterRole reads Secrets: {rule}")
+    b = cbindings[0]
+    check(b["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                           "name": croles[0]["metadata"]["name"]}, f"{label}: ClusterRoleBinding roleRef {b['roleRef']}")
+    sa = by_kind(docs, "ServiceAccount")[0]["metadata"]["name"]
+    check(b["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": NAMESPACE}],
+          f"{label}: ClusterRoleBinding subjects {b['subjects']}")
+
+
+def check_rbac(docs, label, expected, cluster=None):
+    """`expected`: {namespace: [rule tuples]} for every Role the release creates;
+    `cluster`: the discovery ClusterRole's rules (None: no cluster-wide RBAC)."""
+    check_cluster_rbac(docs, label, cluster)
     roles = {(r["metadata"]["namespace"], r["metadata"]["name"]): r for r in by_kind(docs, "Role")}
     got = {}
     for (ns, _), role in roles.items():
@@ -244,7 +278,7 @@ def check_variant(name, out_dir, expect):
     r = run([str(BIN / "yamllint"), "--strict", "-c", str(YAMLLINT_CONFIG), str(manifest)])
     check(r.returncode == 0, f"{label}: yamllint:\n{r.stdout}{r.stderr}")
     check_pod(docs, label, expect["replicas"])
-    check_rbac(docs, label, expect["rbac"])
+    check_rbac(docs, label, expect["rbac"], expect.get("cluster_rbac"))
     check_no_inline_secrets(docs, rendered, label)
     toml = config_toml(docs)
     check(f"enabled = {'true' if expect['replicas'] > 1 else 'false'}" in toml,
@@ -321,7 +355,7 @@ def main():
         "replicas": 2, "all": False,
         "rbac": {"prod": workload(["deployments", "statefulsets"]), NAMESPACE: leases}})
     check_variant("values-all", out_dir, {
-        "replicas": 3, "all": True,
+        "replicas": 3, "all": True, "cluster_rbac": DISCOVERY_RULES,
         "rbac": {
             "prod": workload(["deployments", "statefulsets"], rollouts=True)
             + [secret_read(["chatbot-openai"]), secret_patch(["chatbot-openai"])],
@@ -334,6 +368,10 @@ def main():
             NAMESPACE: leases,
         }})
     check_peer_controls()
+    # Negative control: values-all with discovery off renders no cluster-wide RBAC.
+    values = load_values("values-all")
+    values["discovery"]["enabled"] = False
+    check_cluster_rbac(docs_of(render(values)), "values-all with discovery off", None)
     check_negative("bad-wrong-type", ["leaderElection", "replicas", "integer"])
     check_negative("bad-unknown-key", ["replicaCount", "not allowed"])
     check_negative("bad-missing-admin-key", ["openai.adminKeySecret.name is required"], lint_fails=False)

@@ -1323,3 +1323,455 @@ async fn kube_roller_fails_a_degraded_or_aborted_rollout_and_sees_pauses() {
         .unwrap();
     assert!(e.roller.paused(&d).await.unwrap());
 }
+
+// ---------------------------------------------------------------------------------------
+// consumers_of: what reads a Vault path, listed or not
+
+/// A Deployment whose pod template carries `annotations` and `spec` (merged into the
+/// simple one), created through the API so the simulator makes its pods from the template.
+fn consumer_deployment(
+    sim: &KubeSim,
+    ns: &str,
+    name: &str,
+    annotations: serde_json::Value,
+    pod_spec: serde_json::Value,
+) {
+    let mut v = serde_json::to_value(KubeSim::simple_deployment(ns, name, 1)).unwrap();
+    v["spec"]["template"]["metadata"]["annotations"] = annotations;
+    for (k, val) in pod_spec.as_object().cloned().unwrap_or_default() {
+        v["spec"]["template"]["spec"][k] = val;
+    }
+    sim.create_deployment(serde_json::from_value(v).unwrap())
+        .unwrap();
+}
+
+async fn create_dynamic(e: &Env, ar: &kube::api::ApiResource, ns: &str, v: serde_json::Value) {
+    let api: Api<kube::api::DynamicObject> = Api::namespaced_with(e.roller.client(), ns, ar);
+    let obj: kube::api::DynamicObject = serde_json::from_value(v).unwrap();
+    api.create(&PostParams::default(), &obj).await.unwrap();
+}
+
+async fn create_secret(e: &Env, ns: &str, name: &str) {
+    let api: Api<K8sSecret> = Api::namespaced(e.roller.client(), ns);
+    let s = K8sSecret {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    api.create(&PostParams::default(), &s).await.unwrap();
+}
+
+/// Wait until the Deployment's pods exist (the simulator's controller makes them).
+async fn pods_of(e: &Env, ns: &str, app: &str) {
+    let api: Api<Pod> = Api::namespaced(e.roller.client(), ns);
+    let t = Instant::now();
+    loop {
+        let pods = api
+            .list(&ListParams::default().labels(&format!("app={app}")))
+            .await
+            .unwrap();
+        if !pods.items.is_empty() {
+            return;
+        }
+        assert!(t.elapsed() < Duration::from_secs(15), "no pods of {app}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn summary(cs: &[openai_key_rotator::rotation::ports::Consumer]) -> Vec<String> {
+    cs.iter()
+        .map(|c| {
+            format!(
+                "{}/{}/{} -> {}",
+                c.kind,
+                c.namespace,
+                c.name,
+                c.workload
+                    .as_ref()
+                    .map(|w| w.to_string())
+                    .unwrap_or_default()
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn consumers_are_found_through_agent_annotations_operators_and_their_secrets() {
+    let e = env(20).await;
+    let agent = |path: &str| {
+        serde_json::json!({
+            "vault.hashicorp.com/agent-inject": "true",
+            "vault.hashicorp.com/agent-inject-secret-openai": path,
+        })
+    };
+    // Vault Agent: one naming the path (KV v2 API path), one another path (control), one
+    // naming the path without opting in (control).
+    consumer_deployment(
+        &e.sim,
+        "apps",
+        "agent-app",
+        agent("secret/data/demo/chatbot"),
+        serde_json::json!({}),
+    );
+    consumer_deployment(
+        &e.sim,
+        "apps",
+        "agent-other",
+        agent("secret/data/demo/other"),
+        serde_json::json!({}),
+    );
+    consumer_deployment(
+        &e.sim,
+        "apps",
+        "agent-off",
+        serde_json::json!({"vault.hashicorp.com/agent-inject-secret-openai": "secret/demo/chatbot"}),
+        serde_json::json!({}),
+    );
+    // External Secrets: one reading the path (key without the mount), writing chat-openai;
+    // one reading another key (control), writing other-openai.
+    let es = openai_key_rotator::kube::external_secret_resource();
+    create_dynamic(&e, &es, "apps", serde_json::json!({
+        "apiVersion": "external-secrets.io/v1beta1", "kind": "ExternalSecret",
+        "metadata": {"name": "chat", "namespace": "apps"},
+        "spec": {"secretStoreRef": {"name": "vault", "kind": "ClusterSecretStore"},
+                 "target": {"name": "chat-openai"},
+                 "data": [{"secretKey": "OPENAI_API_KEY", "remoteRef": {"key": "demo/chatbot", "property": "api_key"}}]}
+    })).await;
+    create_dynamic(
+        &e,
+        &es,
+        "apps",
+        serde_json::json!({
+            "apiVersion": "external-secrets.io/v1beta1", "kind": "ExternalSecret",
+            "metadata": {"name": "other", "namespace": "apps"},
+            "spec": {"target": {"name": "other-openai"},
+                     "dataFrom": [{"extract": {"key": "secret/demo/other"}}]}
+        }),
+    )
+    .await;
+    // Vault Secrets Operator in another namespace, writing vso-openai (no target name:
+    // destination.name is required).
+    let vss = openai_key_rotator::kube::vault_static_secret_resource();
+    create_dynamic(
+        &e,
+        &vss,
+        "web",
+        serde_json::json!({
+            "apiVersion": "secrets.hashicorp.com/v1beta1", "kind": "VaultStaticSecret",
+            "metadata": {"name": "chat-vso", "namespace": "web"},
+            "spec": {"mount": "secret", "path": "demo/chatbot", "type": "kv-v2",
+                     "destination": {"name": "vso-openai", "create": true}}
+        }),
+    )
+    .await;
+    for (ns, s) in [
+        ("apps", "chat-openai"),
+        ("apps", "other-openai"),
+        ("web", "vso-openai"),
+        ("apps", "unrelated"),
+    ] {
+        create_secret(&e, ns, s).await;
+    }
+    // Consumers of the written Secrets: a volume, envFrom, env secretKeyRef; controls: a
+    // Deployment mounting an unrelated Secret, one envFrom-ing the other ExternalSecret's.
+    consumer_deployment(
+        &e.sim,
+        "apps",
+        "mounts-es",
+        serde_json::json!({}),
+        serde_json::json!({
+        "volumes": [{"name": "key", "secret": {"secretName": "chat-openai"}}]}),
+    );
+    consumer_deployment(
+        &e.sim,
+        "web",
+        "envfrom-vso",
+        serde_json::json!({}),
+        serde_json::json!({
+        "containers": [{"name": "app", "image": "registry.example/x:1", "envFrom": [{"secretRef": {"name": "vso-openai"}}]}]}),
+    );
+    consumer_deployment(
+        &e.sim,
+        "apps",
+        "env-es",
+        serde_json::json!({}),
+        serde_json::json!({
+        "containers": [{"name": "app", "image": "registry.example/x:1", "env": [{"name": "K",
+            "valueFrom": {"secretKeyRef": {"name": "chat-openai", "key": "OPENAI_API_KEY"}}}]}]}),
+    );
+    consumer_deployment(
+        &e.sim,
+        "apps",
+        "mounts-unrelated",
+        serde_json::json!({}),
+        serde_json::json!({
+        "volumes": [{"name": "key", "secret": {"secretName": "unrelated"}}]}),
+    );
+    consumer_deployment(
+        &e.sim,
+        "apps",
+        "envfrom-other",
+        serde_json::json!({}),
+        serde_json::json!({
+        "containers": [{"name": "app", "image": "registry.example/x:1", "envFrom": [{"secretRef": {"name": "other-openai"}}]}]}),
+    );
+    // The same Secret name in another namespace is another Secret (control).
+    consumer_deployment(
+        &e.sim,
+        "web",
+        "mounts-es-elsewhere",
+        serde_json::json!({}),
+        serde_json::json!({
+        "volumes": [{"name": "key", "secret": {"secretName": "chat-openai"}}]}),
+    );
+    for (ns, d) in [
+        ("apps", "agent-app"),
+        ("apps", "agent-other"),
+        ("apps", "agent-off"),
+        ("apps", "mounts-es"),
+        ("web", "envfrom-vso"),
+        ("apps", "env-es"),
+        ("apps", "mounts-unrelated"),
+        ("apps", "envfrom-other"),
+        ("web", "mounts-es-elsewhere"),
+    ] {
+        pods_of(&e, ns, d).await;
+    }
+
+    let found = e
+        .roller
+        .consumers_of("secret", "demo/chatbot", "api_key")
+        .await
+        .unwrap();
+    assert_eq!(
+        summary(&found),
+        [
+            "Deployment/apps/agent-app -> apps/Deployment/agent-app",
+            "Deployment/apps/env-es -> apps/Deployment/env-es",
+            "Deployment/apps/mounts-es -> apps/Deployment/mounts-es",
+            "Deployment/web/envfrom-vso -> web/Deployment/envfrom-vso",
+            "ExternalSecret/apps/chat -> ",
+            "Secret/apps/chat-openai -> ",
+            "Secret/web/vso-openai -> ",
+            "VaultStaticSecret/web/chat-vso -> ",
+        ],
+        "{found:#?}"
+    );
+    let via = |name: &str| found.iter().find(|c| c.name == name).unwrap().via.clone();
+    assert_eq!(
+        via("agent-app"),
+        "vault.hashicorp.com/agent-inject-secret-openai"
+    );
+    assert!(
+        via("mounts-es").contains("volume key (Secret chat-openai)")
+            && via("mounts-es").contains("ExternalSecret chat"),
+        "{}",
+        via("mounts-es")
+    );
+    assert!(
+        via("envfrom-vso").contains("envFrom Secret vso-openai")
+            && via("envfrom-vso").contains("VaultStaticSecret chat-vso")
+    );
+    assert_eq!(via("chat"), "spec.data[0].remoteRef.key");
+    // Deterministic: asking again gives the same answer.
+    assert_eq!(
+        e.roller
+            .consumers_of("secret", "/demo//chatbot/", "api_key")
+            .await
+            .unwrap(),
+        found
+    );
+    // Negative control: the other path finds only its own readers.
+    let other = e
+        .roller
+        .consumers_of("secret", "demo/other", "api_key")
+        .await
+        .unwrap();
+    assert_eq!(
+        summary(&other),
+        [
+            "Deployment/apps/agent-other -> apps/Deployment/agent-other",
+            "Deployment/apps/envfrom-other -> apps/Deployment/envfrom-other",
+            "ExternalSecret/apps/other -> ",
+            "Secret/apps/other-openai -> ",
+        ]
+    );
+    // A path nothing reads.
+    assert!(e
+        .roller
+        .consumers_of("secret", "demo/nobody", "api_key")
+        .await
+        .unwrap()
+        .is_empty());
+    let ok: Vec<_> = e.calls.of("consumers.pods.list", 0);
+    assert!(!ok.is_empty() && ok.iter().all(|s| *s == StatusClass::Success));
+}
+
+#[tokio::test]
+async fn consumers_skip_an_uninstalled_crd_but_fail_on_a_server_error() {
+    let e = env(20).await;
+    consumer_deployment(
+        &e.sim,
+        "apps",
+        "agent-app",
+        serde_json::json!({"vault.hashicorp.com/agent-inject": "true",
+            "vault.hashicorp.com/agent-inject-secret-k": "secret/demo/chatbot"}),
+        serde_json::json!({}),
+    );
+    pods_of(&e, "apps", "agent-app").await;
+    assert!(e
+        .sim
+        .set_crd_installed("vaultstaticsecrets.secrets.hashicorp.com", false));
+    assert!(e
+        .sim
+        .set_crd_installed("externalsecrets.external-secrets.io", false));
+    let from = e.calls.len();
+    let found = e
+        .roller
+        .consumers_of("secret", "demo/chatbot", "k")
+        .await
+        .unwrap();
+    assert_eq!(
+        summary(&found),
+        ["Deployment/apps/agent-app -> apps/Deployment/agent-app"]
+    );
+    // A 404 is an answer ("not installed"), not retried.
+    assert_eq!(
+        e.calls.of("consumers.externalsecrets.list", from),
+        [StatusClass::Success]
+    );
+    assert_eq!(
+        e.calls.of("consumers.vaultstaticsecrets.list", from),
+        [StatusClass::Success]
+    );
+    // A 5xx on a source is an error (transient), after the bounded retries.
+    e.sim
+        .set_crd_installed("externalsecrets.external-secrets.io", true);
+    e.sim.set_faults(openai_key_rotator::sandbox::kube::Faults {
+        fail_next: Some(openai_key_rotator::sandbox::kube::FailNext {
+            count: 100,
+            status: 503,
+            operations: vec!["externalsecrets.list".into()],
+        }),
+        ..Default::default()
+    });
+    let err = e
+        .roller
+        .consumers_of("secret", "demo/chatbot", "k")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            BackendError::Failed {
+                transient: true,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn consumer_pods_resolve_to_statefulsets_daemonsets_rollouts_or_themselves() {
+    let e = env(20).await;
+    let ann = serde_json::json!({"vault.hashicorp.com/agent-inject": "true",
+        "vault.hashicorp.com/agent-inject-secret-openai": "secret/data/demo/chatbot"});
+    let with_ann = |mut v: serde_json::Value| {
+        v["spec"]["template"]["metadata"]["annotations"] = ann.clone();
+        v
+    };
+    let sts = with_ann(serde_json::to_value(KubeSim::simple_statefulset("apps", "db", 1)).unwrap());
+    e.sim
+        .create_statefulset(serde_json::from_value(sts).unwrap())
+        .unwrap();
+    let ds = with_ann(serde_json::to_value(KubeSim::simple_daemonset("apps", "agent")).unwrap());
+    e.sim
+        .create_daemonset(serde_json::from_value(ds).unwrap())
+        .unwrap();
+    e.sim
+        .create_rollout(with_ann(KubeSim::simple_rollout("apps", "canary", 1)))
+        .unwrap();
+    let pods: Api<Pod> = Api::namespaced(e.roller.client(), "apps");
+    let bare: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "bare", "annotations": ann},
+        "spec": {"containers": [{"name": "app", "image": "registry.example/x:1"}]}
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &bare).await.unwrap();
+    for app in ["db", "agent", "canary"] {
+        pods_of(&e, "apps", app).await;
+    }
+    let found = e
+        .roller
+        .consumers_of("secret", "demo/chatbot", "api_key")
+        .await
+        .unwrap();
+    assert_eq!(
+        summary(&found),
+        [
+            "DaemonSet/apps/agent -> apps/DaemonSet/agent",
+            "Pod/apps/bare -> ",
+            "Rollout/apps/canary -> apps/Rollout/canary",
+            "StatefulSet/apps/db -> apps/StatefulSet/db",
+        ],
+        "{found:#?}"
+    );
+}
+
+#[tokio::test]
+async fn a_forbidden_source_is_an_error_not_an_empty_answer() {
+    let e = env(20).await;
+    let es = openai_key_rotator::kube::external_secret_resource();
+    create_dynamic(
+        &e,
+        &es,
+        "apps",
+        serde_json::json!({
+            "apiVersion": "external-secrets.io/v1beta1", "kind": "ExternalSecret",
+            "metadata": {"name": "chat", "namespace": "apps"},
+            "spec": {"data": [{"secretKey": "k", "remoteRef": {"key": "secret/demo/chatbot"}}]}
+        }),
+    )
+    .await;
+    consumer_deployment(
+        &e.sim,
+        "apps",
+        "mounts-es",
+        serde_json::json!({}),
+        serde_json::json!({
+        "volumes": [{"name": "key", "secret": {"secretName": "chat"}}]}),
+    );
+    pods_of(&e, "apps", "mounts-es").await;
+    // RBAC without discovery.enabled: no cluster-wide pods list.
+    assert!(e.sim.set_forbidden("pods", true));
+    let from = e.calls.len();
+    let err = e
+        .roller
+        .consumers_of("secret", "demo/chatbot", "k")
+        .await
+        .expect_err("not checked must not pass for none found");
+    assert!(err.to_string().contains("forbidden"), "{err}");
+    // Forbidden is final: asked once, not retried.
+    assert_eq!(
+        e.calls.of("consumers.pods.list", from),
+        [StatusClass::ClientError]
+    );
+    // Granted again: the Deployment mounting the Secret shows up.
+    e.sim.set_forbidden("pods", false);
+    let found = e
+        .roller
+        .consumers_of("secret", "demo/chatbot", "k")
+        .await
+        .unwrap();
+    assert_eq!(
+        summary(&found),
+        [
+            "Deployment/apps/mounts-es -> apps/Deployment/mounts-es",
+            "ExternalSecret/apps/chat -> ",
+            "Secret/apps/chat -> ",
+        ]
+    );
+}

@@ -1429,3 +1429,91 @@ async fn kube_rs_discovers_lists_patches_and_watches_rollouts_dynamically() {
         .unwrap_err();
     assert_eq!(api_code(&err).0, 415, "{err}");
 }
+
+#[tokio::test]
+async fn kubectl_creates_and_lists_vault_static_secrets_and_external_secrets() {
+    let (sim, server) = start(100).await;
+    let k = Kubectl::new(&server, "demo");
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("crs.json");
+    let list = json!({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "secrets.hashicorp.com/v1beta1", "kind": "VaultStaticSecret",
+         "metadata": {"name": "chat-vso", "namespace": "web"},
+         "spec": {"mount": "secret", "path": "demo/chatbot", "type": "kv-v2",
+                  "destination": {"name": "vso-openai", "create": true}}},
+        {"apiVersion": "external-secrets.io/v1beta1", "kind": "ExternalSecret",
+         "metadata": {"name": "chat", "namespace": "demo"},
+         "spec": {"secretStoreRef": {"name": "vault", "kind": "ClusterSecretStore"},
+                  "refreshInterval": "1h",
+                  "data": [{"secretKey": "k", "remoteRef": {"key": "demo/chatbot"}}]}},
+    ]});
+    std::fs::write(&manifest, manifest_text(&list)).unwrap();
+    let out = k
+        .ok(&[
+            "create",
+            "--validate=false",
+            "-f",
+            manifest.to_str().unwrap(),
+        ])
+        .await;
+    assert!(
+        out.contains("vaultstaticsecret.secrets.hashicorp.com/chat-vso created"),
+        "{out}"
+    );
+    assert!(
+        out.contains("externalsecret.external-secrets.io/chat created"),
+        "{out}"
+    );
+    let vss = k
+        .ok(&["get", "vaultstaticsecrets.secrets.hashicorp.com", "-A"])
+        .await;
+    let header: Vec<&str> = vss.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(header, ["NAMESPACE", "NAME", "AGE"], "{vss}");
+    assert!(vss.lines().nth(1).unwrap().starts_with("web"), "{vss}");
+    let es = k.ok(&["get", "es", "-A"]).await;
+    let header: Vec<&str> = es.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        [
+            "NAMESPACE",
+            "NAME",
+            "STORE",
+            "REFRESH",
+            "INTERVAL",
+            "STATUS",
+            "READY"
+        ],
+        "{es}"
+    );
+    assert!(es.contains("vault") && es.contains("1h"), "{es}");
+    // The CRD's required fields are checked.
+    let bad = dir.path().join("bad.json");
+    std::fs::write(
+        &bad,
+        json!({"apiVersion": "secrets.hashicorp.com/v1beta1", "kind": "VaultStaticSecret",
+               "metadata": {"name": "x", "namespace": "web"}, "spec": {"mount": "secret"}})
+        .to_string(),
+    )
+    .unwrap();
+    let out = k
+        .run(&["create", "--validate=false", "-f", bad.to_str().unwrap()])
+        .await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("spec.path: Required value"));
+    // Uninstalled: gone from discovery, as kubectl sees it.
+    assert!(sim.set_crd_installed("vaultstaticsecrets.secrets.hashicorp.com", false));
+    let k2 = Kubectl::new(&server, "demo");
+    let out = k2
+        .run(&["get", "vaultstaticsecrets.secrets.hashicorp.com", "-A"])
+        .await;
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(!sim.set_crd_installed("deployments.apps", false));
+}
+
+fn manifest_text(v: &Value) -> String {
+    v.to_string()
+}

@@ -39,10 +39,7 @@ pub(crate) fn router(shared: Arc<Shared>, cancel: CancellationToken) -> Router {
             get(|| async { json_resp(StatusCode::OK, &discovery::version()) }),
         )
         .route("/api", get(core_versions))
-        .route(
-            "/apis",
-            get(|| async { json_resp(StatusCode::OK, &discovery::api_group_list()) }),
-        )
+        .route("/apis", get(group_list))
         .route("/api/{*rest}", any(dispatch))
         .route("/apis/{*rest}", any(dispatch))
         .route_layer(axum::middleware::from_fn_with_state(
@@ -74,6 +71,50 @@ fn not_found_resource() -> Response {
                 "message": "the server could not find the requested resource",
                 "reason": "NotFound", "details": {}, "code": 404}),
     )
+}
+
+/// 403 as the API server's authorizer words it.
+fn forbidden_resp(method: &Method, route: &Route, info: &ResInfo, watch: bool) -> Response {
+    let (verb, ns) = match route {
+        Route::Collection { ns, .. } => (
+            match *method {
+                Method::GET if watch => "watch",
+                Method::GET => "list",
+                Method::POST => "create",
+                Method::DELETE => "deletecollection",
+                _ => "update",
+            },
+            ns.clone(),
+        ),
+        Route::Object { ns, .. } => (
+            match *method {
+                Method::GET => "get",
+                Method::PUT => "update",
+                Method::PATCH => "patch",
+                Method::DELETE => "delete",
+                _ => "get",
+            },
+            Some(ns.clone()).filter(|n| !n.is_empty()),
+        ),
+        _ => ("get", None),
+    };
+    let scope = match ns {
+        Some(ns) => format!("in the namespace \"{ns}\""),
+        None => "at the cluster scope".to_string(),
+    };
+    json_resp(
+        StatusCode::FORBIDDEN,
+        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": format!("{} is forbidden: User \"system:anonymous\" cannot {verb} resource \"{}\" in API group \"{}\" {scope}",
+                    info.qualified(), info.plural, info.group),
+                "reason": "Forbidden", "details": {"group": info.group, "kind": info.plural}, "code": 403}),
+    )
+}
+
+async fn group_list(State(st): State<AppState>) -> Response {
+    let unserved = st.shared.lock().unserved.clone();
+    let served = |r: Res| !unserved.contains(&r);
+    json_resp(StatusCode::OK, &discovery::api_group_list_served(&served))
 }
 
 async fn core_versions(headers: HeaderMap) -> Response {
@@ -194,6 +235,19 @@ async fn dispatch(
     let Some(route) = parse_route(uri.path()) else {
         return not_found_resource();
     };
+    let (unserved, forbidden) = {
+        let inner = st.shared.lock();
+        (inner.unserved.clone(), inner.forbidden.clone())
+    };
+    let served = |r: Res| !unserved.contains(&r);
+    if let Route::Collection { info, .. } | Route::Object { info, .. } = &route {
+        if !served(info.res) {
+            return not_found_resource();
+        }
+        if forbidden.contains(&info.res) {
+            return forbidden_resp(&method, &route, info, flag(&query(&uri), "watch"));
+        }
+    }
     let q = query(&uri);
     let tbl = table::wants_table(&headers)
         .then(|| Include::from_query(q.get("includeObject").map(String::as_str)));
@@ -204,13 +258,13 @@ async fn dispatch(
         .to_string();
     let result = match route {
         Route::Discovery(g, v) if method == Method::GET => {
-            return match discovery::resource_list(&g, &v) {
+            return match discovery::resource_list_served(&g, &v, &served) {
                 Some(doc) => json_resp(StatusCode::OK, &doc),
                 None => not_found_resource(),
             }
         }
         Route::GroupDoc(g) if method == Method::GET => {
-            return match discovery::api_group_doc(&g) {
+            return match discovery::api_group_doc_served(&g, &served) {
                 Some(doc) => json_resp(StatusCode::OK, &doc),
                 None => not_found_resource(),
             }

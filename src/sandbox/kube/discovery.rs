@@ -22,6 +22,10 @@ pub enum Res {
     TokenReview,
     /// Argo Rollouts' `Rollout` (a CustomResourceDefinition on a real cluster).
     Rollout,
+    /// Vault Secrets Operator's `VaultStaticSecret` (a CRD on a real cluster).
+    VaultStaticSecret,
+    /// External Secrets Operator's `ExternalSecret` (a CRD on a real cluster).
+    ExternalSecret,
 }
 
 /// Static facts about a [`Res`]: where it lives in the API and what it supports.
@@ -250,6 +254,48 @@ pub static RESOURCES: &[ResInfo] = &[
         status_subresource: true,
         tracks_generation: true,
     },
+    // As the vault-secrets-operator CRD declares it (status subresource, no short name).
+    ResInfo {
+        res: Res::VaultStaticSecret,
+        group: "secrets.hashicorp.com",
+        version: "v1beta1",
+        plural: "vaultstaticsecrets",
+        singular: "vaultstaticsecret",
+        kind: "VaultStaticSecret",
+        namespaced: true,
+        verbs: CRD_VERBS,
+        short_names: &[],
+        categories: &[],
+        status_subresource: true,
+        tracks_generation: true,
+    },
+    // As the external-secrets CRD declares it (`kubectl get es`, category external-secrets).
+    ResInfo {
+        res: Res::ExternalSecret,
+        group: "external-secrets.io",
+        version: "v1beta1",
+        plural: "externalsecrets",
+        singular: "externalsecret",
+        kind: "ExternalSecret",
+        namespaced: true,
+        verbs: CRD_VERBS,
+        short_names: &["es"],
+        categories: &["external-secrets"],
+        status_subresource: true,
+        tracks_generation: true,
+    },
+];
+
+/// The verbs the API server serves for a custom resource, in its order.
+const CRD_VERBS: &[&str] = &[
+    "delete",
+    "deletecollection",
+    "get",
+    "list",
+    "patch",
+    "create",
+    "update",
+    "watch",
 ];
 
 impl Res {
@@ -274,7 +320,10 @@ impl ResInfo {
     /// Has a `/scale` subresource (autoscaling/v1 `Scale`), as `kubectl scale` uses.
     /// A custom resource: no strategic merge patch (the API server answers 415).
     pub fn is_custom(&self) -> bool {
-        self.res == Res::Rollout
+        matches!(
+            self.res,
+            Res::Rollout | Res::VaultStaticSecret | Res::ExternalSecret
+        )
     }
 
     pub fn has_scale(&self) -> bool {
@@ -310,10 +359,17 @@ pub fn lookup(group: &str, version: &str, plural: &str) -> Option<&'static ResIn
         .find(|r| r.group == group && r.version == version && r.plural == plural)
 }
 
+/// Which resources are served (a custom resource whose CRD is uninstalled is not).
+pub type Served<'a> = &'a dyn Fn(Res) -> bool;
+
+fn all_served(_: Res) -> bool {
+    true
+}
+
 /// Groups served (each with its one version), in the order the real server lists them.
-fn groups() -> Vec<(&'static str, &'static str)> {
+fn groups(served: Served<'_>) -> Vec<(&'static str, &'static str)> {
     let mut out: Vec<(&'static str, &'static str)> = Vec::new();
-    for r in RESOURCES {
+    for r in RESOURCES.iter().filter(|r| served(r.res)) {
         if !r.group.is_empty() && !out.iter().any(|(g, _)| *g == r.group) {
             out.push((r.group, r.version));
         }
@@ -362,26 +418,44 @@ fn api_group((name, version): (&str, &str)) -> Value {
 
 /// `GET /apis`.
 pub fn api_group_list() -> Value {
-    let groups: Vec<Value> = groups().into_iter().map(api_group).collect();
+    api_group_list_served(&all_served)
+}
+
+/// `GET /apis` with only the `served` resources.
+pub fn api_group_list_served(served: Served<'_>) -> Value {
+    let groups: Vec<Value> = groups(served).into_iter().map(api_group).collect();
     json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
 }
 
 /// `GET /apis/{group}`, or `None` for a group we do not serve.
 pub fn api_group_doc(group: &str) -> Option<Value> {
-    groups().into_iter().find(|(g, _)| *g == group).map(|gv| {
-        let mut g = api_group(gv);
-        g["kind"] = json!("APIGroup");
-        g["apiVersion"] = json!("v1");
-        g
-    })
+    api_group_doc_served(group, &all_served)
+}
+
+/// `GET /apis/{group}` with only the `served` resources.
+pub fn api_group_doc_served(group: &str, served: Served<'_>) -> Option<Value> {
+    groups(served)
+        .into_iter()
+        .find(|(g, _)| *g == group)
+        .map(|gv| {
+            let mut g = api_group(gv);
+            g["kind"] = json!("APIGroup");
+            g["apiVersion"] = json!("v1");
+            g
+        })
 }
 
 /// `GET /api/v1` or `GET /apis/{group}/{version}`, or `None` if not served.
 pub fn resource_list(group: &str, version: &str) -> Option<Value> {
+    resource_list_served(group, version, &all_served)
+}
+
+/// `GET /api/v1` or `GET /apis/{group}/{version}` with only the `served` resources.
+pub fn resource_list_served(group: &str, version: &str, served: Served<'_>) -> Option<Value> {
     let mut resources = Vec::new();
     for r in RESOURCES
         .iter()
-        .filter(|r| r.group == group && r.version == version)
+        .filter(|r| r.group == group && r.version == version && served(r.res))
     {
         let mut entry = json!({
             "name": r.plural,

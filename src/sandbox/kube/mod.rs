@@ -180,6 +180,10 @@ pub(crate) struct Inner {
     pub watches: BTreeMap<u64, faults::WatchCtl>,
     pub next_watch: u64,
     pub pods: HashMap<(String, String), PodRuntime>,
+    /// Custom resources whose CRD is "not installed": absent from discovery, 404 on use.
+    pub unserved: BTreeSet<Res>,
+    /// Resources every request for is refused with 403 Forbidden (RBAC not granted).
+    pub forbidden: BTreeSet<Res>,
 }
 
 pub(crate) struct Shared {
@@ -283,6 +287,8 @@ impl KubeSim {
                     watches: BTreeMap::new(),
                     next_watch: 0,
                     pods: HashMap::new(),
+                    unserved: BTreeSet::new(),
+                    forbidden: BTreeSet::new(),
                 }),
                 holds: Default::default(),
                 opts,
@@ -764,6 +770,47 @@ preferences: {{}}
             .to_string();
         let v = objects::admit(Res::Rollout, ro)?;
         self.shared.lock().store.create(Res::Rollout, &ns, v, false)
+    }
+
+    /// Install or uninstall a custom resource's CRD, named as kubectl names it
+    /// (`vaultstaticsecrets.secrets.hashicorp.com`, `externalsecrets.external-secrets.io`,
+    /// `rollouts.argoproj.io`). Uninstalled, it leaves discovery and its URLs answer 404
+    /// (its objects are kept, as they would be for a reinstall). False for a name that is
+    /// not a simulated custom resource.
+    pub fn set_crd_installed(&self, qualified: &str, installed: bool) -> bool {
+        let Some(info) = discovery::RESOURCES
+            .iter()
+            .find(|r| r.is_custom() && r.qualified() == qualified)
+        else {
+            return false;
+        };
+        let mut inner = self.shared.lock();
+        if installed {
+            inner.unserved.remove(&info.res);
+        } else {
+            inner.unserved.insert(info.res);
+        }
+        true
+    }
+
+    /// Refuse (or stop refusing) every request for a resource with 403 Forbidden, as an
+    /// API server does when RBAC grants the client nothing on it; named as kubectl names it
+    /// (`pods`, `deployments.apps`, `externalsecrets.external-secrets.io`). False for a
+    /// resource that is not served.
+    pub fn set_forbidden(&self, qualified: &str, forbidden: bool) -> bool {
+        let Some(info) = discovery::RESOURCES
+            .iter()
+            .find(|r| r.qualified() == qualified)
+        else {
+            return false;
+        };
+        let mut inner = self.shared.lock();
+        if forbidden {
+            inner.forbidden.insert(info.res);
+        } else {
+            inner.forbidden.remove(&info.res);
+        }
+        true
     }
 
     pub fn rollout(&self, ns: &str, name: &str) -> Option<serde_json::Value> {

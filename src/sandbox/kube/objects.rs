@@ -147,6 +147,14 @@ pub fn admit(res: Res, mut obj: Value) -> Result<Value, KubeSimError> {
                 default_pod_spec(spec);
             }
         }
+        // The CRDs' required fields (their OpenAPI schemas; the rest is kept as sent).
+        Res::VaultStaticSecret => require_fields(
+            info,
+            &name,
+            &obj,
+            &["mount", "path", "type", "destination/name"],
+        )?,
+        Res::ExternalSecret => require_fields(info, &name, &obj, &[])?,
         Res::Namespace => {
             let labels = obj["metadata"]["labels"]
                 .as_object()
@@ -174,12 +182,48 @@ pub fn admit(res: Res, mut obj: Value) -> Result<Value, KubeSimError> {
         Res::EventV1 => roundtrip::<k8s_openapi::api::events::v1::Event>(info, obj)?,
         Res::TokenReview => roundtrip::<TokenReview>(info, obj)?,
         // No typed struct: the CRD keeps unknown fields of spec and status as sent.
-        Res::Rollout => obj,
+        Res::Rollout | Res::VaultStaticSecret | Res::ExternalSecret => obj,
     };
     if is_workload(res) {
         validate_workload(info, &name, &obj)?;
     }
     Ok(obj)
+}
+
+/// `spec` must be an object holding each of `fields` (`a/b` = `spec.a.b`), as a CRD's
+/// structural schema requires.
+fn require_fields(
+    info: &ResInfo,
+    name: &str,
+    obj: &Value,
+    fields: &[&str],
+) -> Result<(), KubeSimError> {
+    if !obj.get("spec").is_some_and(Value::is_object) {
+        return Err(KubeSimError::invalid(
+            info,
+            name,
+            vec![cause("FieldValueRequired", "spec", "Required value")],
+        ));
+    }
+    let missing: Vec<FieldCause> = fields
+        .iter()
+        .filter(|f| {
+            obj.pointer(&format!("/spec/{f}"))
+                .is_none_or(Value::is_null)
+        })
+        .map(|f| {
+            cause(
+                "FieldValueRequired",
+                &format!("spec.{}", f.replace('/', ".")),
+                "Required value",
+            )
+        })
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(KubeSimError::invalid(info, name, missing))
+    }
 }
 
 fn is_workload(res: Res) -> bool {

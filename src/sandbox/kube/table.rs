@@ -193,6 +193,16 @@ fn columns(res: Res) -> Vec<Value> {
             col("Available", "integer", "", 0),
             age,
         ],
+        // vault-secrets-operator's CRD declares no printer columns: the CRD default.
+        Res::VaultStaticSecret => vec![name, age],
+        // The external-secrets CRD's additionalPrinterColumns.
+        Res::ExternalSecret => vec![
+            name,
+            col("Store", "string", "", 0),
+            col("Refresh Interval", "string", "", 0),
+            col("Status", "string", "", 0),
+            col("Ready", "string", "", 0),
+        ],
         Res::Namespace => vec![name, col("Status", "string", "", 0), age],
         Res::Event => vec![
             col("Last Seen", "string", "", 0),
@@ -348,6 +358,20 @@ fn cells(res: Res, o: &Value) -> Vec<Value> {
             json!(i(o, "/status/availableReplicas")),
             json!(age(o)),
         ],
+        Res::VaultStaticSecret => vec![name, json!(age(o))],
+        Res::ExternalSecret => {
+            let ready = o
+                .pointer("/status/conditions")
+                .and_then(Value::as_array)
+                .and_then(|cs| cs.iter().find(|c| s(c, "/type") == "Ready"));
+            vec![
+                name,
+                json!(s(o, "/spec/secretStoreRef/name")),
+                json!(s(o, "/spec/refreshInterval")),
+                json!(ready.map_or("", |c| s(c, "/reason"))),
+                json!(ready.map_or("", |c| s(c, "/status"))),
+            ]
+        }
         Res::Namespace => vec![name, json!(s(o, "/status/phase")), json!(age(o))],
         Res::Event => vec![
             json!(age(o)),
