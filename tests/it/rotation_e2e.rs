@@ -1637,3 +1637,92 @@ async fn without_coalescing_the_shared_deployments_restart_once_per_target() {
     }
     env.assert_no_failed_calls();
 }
+
+// ---------------------------------------------------------------------------------------
+// Unlisted consumers
+
+/// A Deployment `reports` in namespace `batch` whose pods the Vault Agent injects the
+/// chatbot key into (the target does not list it), or another path's key (`path`).
+fn agent_injected_deployment(env: &Env, name: &str, path: &str) -> String {
+    use openai_key_rotator::sandbox::kube::KubeSim;
+    let mut v = serde_json::to_value(KubeSim::simple_deployment("batch", name, 1)).unwrap();
+    v["spec"]["template"]["metadata"]["annotations"] = serde_json::json!({
+        "vault.hashicorp.com/agent-inject": "true",
+        "vault.hashicorp.com/agent-inject-secret-openai": format!("secret/data/{path}"),
+    });
+    env.sb
+        .kube
+        .create_deployment(serde_json::from_value(v).unwrap())
+        .unwrap();
+    format!("batch/Deployment/{name}")
+}
+
+fn deployment_rotation_id(env: &Env, ns: &str, name: &str) -> Option<String> {
+    env.sb
+        .kube
+        .deployment(ns, name)?
+        .spec?
+        .template
+        .metadata?
+        .annotations?
+        .get("openai-key-rotator/rotation-id")
+        .cloned()
+}
+
+/// `refuse`: a Deployment the Vault Agent feeds the key to, not in the target, stops the
+/// rotation before anything is minted. `include`: it is rolled and verified with the
+/// target's workloads. The negative control: a Deployment reading another path is no
+/// consumer, and the rotation goes on without touching it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unlisted_consumers_found_in_the_cluster_are_refused_or_included() {
+    use openai_key_rotator::config::UnlistedConsumers;
+    let env = env_with(|_| {}).await;
+    let mut t = env.target();
+    let reports = agent_injected_deployment(&env, "reports", &t.vault_path);
+    let other = agent_injected_deployment(&env, "other", "demo/someone-else/openai");
+    // The search reads pods: wait until the controller made them.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while ["reports", "other"]
+        .iter()
+        .any(|n| env.sb.kube.pods("batch", &format!("app={n}")).is_empty())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the agent-injected pods never appeared"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seeded = env.vault_key(&t.vault_path, None).await.unwrap();
+    let accounts = env.sb.openai.service_accounts(&env.sb.project_id).len();
+
+    t.unlisted_consumers = UnlistedConsumers::Refuse;
+    let j = env.rotate_on(&t, req(), Arc::default()).await.unwrap();
+    assert_eq!(j.status, Status::Failed, "{j:#?}");
+    let e = j.error.clone().unwrap_or_default();
+    assert!(
+        e.contains("Deployment batch/reports") && e.contains("nothing was minted"),
+        "{e}"
+    );
+    assert!(!e.contains("batch/other"), "{e}");
+    assert_eq!(env.vault_key(&t.vault_path, None).await.unwrap(), seeded);
+    assert_eq!(
+        env.sb.openai.service_accounts(&env.sb.project_id).len(),
+        accounts
+    );
+
+    t.unlisted_consumers = UnlistedConsumers::Include;
+    let j = env.rotate_on(&t, req(), Arc::default()).await.unwrap();
+    assert_eq!(j.status, Status::Completed, "{j:#?}");
+    assert_eq!(
+        deployment_rotation_id(&env, "batch", "reports").as_deref(),
+        Some(j.rollout_id()),
+        "{reports} rolled with the rotation"
+    );
+    assert_eq!(
+        deployment_rotation_id(&env, "batch", "other"),
+        None,
+        "{other} untouched"
+    );
+    env.assert_no_failed_calls();
+    env.assert_invariants(&[e]).await;
+}
