@@ -63,6 +63,7 @@ pub struct Metrics {
     api_requests: IntCounterVec,
     api_duration: HistogramVec,
     retries: IntCounterVec,
+    rate_limit_waits: IntCounterVec,
     orphans_swept: IntCounter,
     pending_deletion: IntGaugeVec,
     leaked_pending: IntGaugeVec,
@@ -186,6 +187,11 @@ impl Metrics {
                 "Backend API calls retried by the clients.",
                 &["backend"],
             ),
+            rate_limit_waits: counter(
+                "rate_limit_waits_total",
+                "Backend API calls held by the client's rate-limit pacer before they went.",
+                &["backend"],
+            ),
             orphans_swept: reg(
                 &registry,
                 IntCounter::with_opts(Opts::new(
@@ -233,6 +239,7 @@ impl Metrics {
         }
         for backend in BACKENDS {
             m.retries.with_label_values(&[backend.as_str()]);
+            m.rate_limit_waits.with_label_values(&[backend.as_str()]);
         }
         m.set_targets(targets);
         m
@@ -459,6 +466,12 @@ impl CallObserver for Metrics {
 
     fn retry(&self, backend: Backend, _operation: &'static str) {
         self.retries.with_label_values(&[backend.as_str()]).inc();
+    }
+
+    fn paced(&self, backend: Backend, _operation: &'static str, _waited: Duration) {
+        self.rate_limit_waits
+            .with_label_values(&[backend.as_str()])
+            .inc();
     }
 }
 

@@ -194,8 +194,10 @@ impl Pacer {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Wait until a request may go, and take its place.
-    pub async fn acquire(&self) -> Permit<'_> {
+    /// Wait until a request may go, and take its place; also how long it waited.
+    pub async fn acquire(&self) -> (Permit<'_>, Duration) {
+        let t0 = Instant::now();
+        let mut held = false;
         loop {
             let (wait, first) = {
                 let mut s = self.lock();
@@ -204,9 +206,18 @@ impl Pacer {
                 (s.take(Instant::now()), first)
             };
             match wait {
-                None => return Permit { pacer: self },
-                Some(Duration::ZERO) => first.await,
-                Some(w) => tokio::time::sleep(w.min(MAX_WAIT)).await,
+                None => {
+                    let waited = if held { t0.elapsed() } else { Duration::ZERO };
+                    return (Permit { pacer: self }, waited);
+                }
+                Some(Duration::ZERO) => {
+                    held = true;
+                    first.await
+                }
+                Some(w) => {
+                    held = true;
+                    tokio::time::sleep(w.min(MAX_WAIT)).await
+                }
             }
         }
     }

@@ -261,11 +261,18 @@ impl<'a> Call<'a> {
     {
         let timeout = self.timeout;
         let pacer = self.pacer;
+        let (backend, operation, observer) = (self.backend, self.operation, self.observer);
         drive(self.policy, Some(self), classify, before_retry, move |n| {
             let fut = attempt(n);
             async move {
                 let _permit = match pacer {
-                    Some(p) => Some(p.acquire().await),
+                    Some(p) => {
+                        let (permit, waited) = p.acquire().await;
+                        if !waited.is_zero() {
+                            observer.paced(backend, operation, waited);
+                        }
+                        Some(permit)
+                    }
                     None => None,
                 };
                 match timeout {

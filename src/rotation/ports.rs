@@ -349,6 +349,8 @@ pub trait CallObserver: Send + Sync {
         elapsed: std::time::Duration,
     );
     fn retry(&self, backend: Backend, operation: &'static str);
+    /// A call waited for the rate-limit pacer before it went (no 429 needed to slow it).
+    fn paced(&self, _backend: Backend, _operation: &'static str, _waited: std::time::Duration) {}
 }
 
 /// A [`CallObserver`] that ignores everything.

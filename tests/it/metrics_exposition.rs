@@ -299,6 +299,7 @@ fn expected() -> BTreeMap<Series, f64> {
     w.insert(series("orphans_swept_total", &[]), 3.0);
     for b in BACKENDS {
         w.insert(series("retries_total", &[("backend", b)]), 0.0);
+        w.insert(series("rate_limit_waits_total", &[("backend", b)]), 0.0);
     }
     for s in Step::ALL {
         histogram(
@@ -474,6 +475,7 @@ fn prometheus_client_reads_exactly_the_expected_series() {
         ("api_requests", "counter"),
         ("api_request_duration_seconds", "histogram"),
         ("retries", "counter"),
+        ("rate_limit_waits", "counter"),
         ("orphans_swept", "counter"),
         ("old_account_pending_deletion", "gauge"),
         ("leaked_key_pending_revocation", "gauge"),

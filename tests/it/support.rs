@@ -115,6 +115,9 @@ pub struct Bao {
     pub addr: String,
     pub token: String,
     pub guard: ChildGuard,
+    /// Its own HOME: a dev server writes `~/.vault-token`, and parallel ones raced on it
+    /// ("rename /root/.vault-token.tmp: no such file or directory", exit 1).
+    _home: tempfile::TempDir,
 }
 
 /// A free port whose successor is free too: a dev OpenBao also listens on API port + 1
@@ -149,6 +152,7 @@ impl Bao {
 pub async fn start_bao() -> Bao {
     for attempt in 1..=5 {
         let port = free_port_pair();
+        let home = tempfile::tempdir().expect("a HOME for OpenBao");
         let mut cmd = Command::new(tool("bao"));
         cmd.args([
             "server",
@@ -157,6 +161,7 @@ pub async fn start_bao() -> Bao {
             &format!("-dev-listen-address=127.0.0.1:{port}"),
         ])
         .env("BAO_DISABLE_MLOCK", "true")
+        .env("HOME", home.path())
         .env_remove("BAO_ADDR")
         .env_remove("VAULT_ADDR");
         let mut guard = ChildGuard::spawn(cmd);
@@ -184,6 +189,7 @@ pub async fn start_bao() -> Bao {
                     addr,
                     token: "root".into(),
                     guard,
+                    _home: home,
                 };
             }
             assert!(

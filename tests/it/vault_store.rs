@@ -1164,6 +1164,8 @@ async fn vault_store_verifies_tls_with_the_configured_ca() {
     ])
     .arg(format!("-dev-tls-cert-dir={}", certs.path().display()))
     .env("BAO_DISABLE_MLOCK", "true")
+    // Its own HOME: parallel dev servers race on ~/.vault-token (see support::Bao).
+    .env("HOME", certs.path())
     .env_remove("BAO_ADDR")
     .env_remove("VAULT_ADDR");
     let guard = support::ChildGuard::spawn(cmd);
