@@ -845,3 +845,72 @@ mod coalescing {
         assert_eq!(world.roller.workload(&shared).rolls, 3);
     }
 }
+
+/// `max_concurrent_rollouts`: three targets of two workloads each, rotated at once, never
+/// have more than two workloads rolling (patched, rollout not complete). The negative
+/// control without the bound sees more.
+mod rollout_bound {
+    use super::*;
+
+    async fn max_rolling(bound: Option<usize>) -> usize {
+        let world = FakeWorld::default();
+        world.roller.state.lock().unwrap().polls_to_complete = 20;
+        let targets: Vec<Target> = ["a", "b", "c"]
+            .iter()
+            .map(|n| world.seed_target(n, Utc::now()).0)
+            .collect();
+        let engine = world.engine(EngineOptions {
+            max_concurrent_rollouts: bound,
+            ..engine_opts()
+        });
+        let h = harness_on(&world, engine, vec![], targets, 3, |_| {});
+        let mut ids = Vec::new();
+        for n in ["a", "b", "c"] {
+            ids.push(
+                h.daemon
+                    .trigger(&manual(n))
+                    .await
+                    .unwrap()
+                    .rotation_id()
+                    .to_string(),
+            );
+        }
+        let mut most = 0;
+        loop {
+            let rolling = world
+                .roller
+                .state
+                .lock()
+                .unwrap()
+                .workloads
+                .values()
+                .filter(|w| w.annotation.is_some() && !w.complete)
+                .count();
+            most = most.max(rolling);
+            let mut done = true;
+            for id in &ids {
+                let j = h.daemon.rotation(id).await.unwrap();
+                done &= j.is_some_and(|j| j.status.is_terminal());
+            }
+            if done {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        for id in &ids {
+            assert_eq!(wait_finished(&h, id).await.status, Status::Completed);
+        }
+        most
+    }
+
+    #[tokio::test]
+    async fn the_bound_holds_across_rotations() {
+        let most = max_rolling(Some(2)).await;
+        assert!((1..=2).contains(&most), "{most} workloads rolling at once");
+    }
+
+    #[tokio::test]
+    async fn without_a_bound_more_roll_at_once() {
+        assert!(max_rolling(None).await > 2);
+    }
+}
