@@ -339,29 +339,8 @@ impl I1Sampler {
             let http = reqwest::Client::new();
             while !s.is_cancelled() {
                 for p in &paths {
-                    let r = http
-                        .get(format!("{addr}/v1/secret/data/{p}"))
-                        .header("X-Vault-Token", &token)
-                        .timeout(Duration::from_secs(5))
-                        .send()
-                        .await;
-                    let key = match r {
-                        Ok(r) if r.status().is_success() => {
-                            r.json::<serde_json::Value>().await.ok().and_then(|b| {
-                                b.pointer("/data/data/api_key")?
-                                    .as_str()
-                                    .map(str::to_string)
-                            })
-                        }
-                        _ => None,
-                    };
-                    match key {
-                        Some(k) if sim.key_is_live(&k) => {}
-                        Some(_) => v.lock().unwrap().push(format!("I1: {p} serves a dead key")),
-                        None => v
-                            .lock()
-                            .unwrap()
-                            .push(format!("I1 sampler: read of {p} failed")),
+                    if let Some(bad) = support::i1_violation(&http, &addr, &token, p, &sim).await {
+                        v.lock().unwrap().push(bad);
                     }
                     *n.lock().unwrap() += 1;
                 }

@@ -77,30 +77,8 @@ impl I1Sampler {
             let http = reqwest::Client::new();
             while !s.is_cancelled() {
                 for p in &paths {
-                    let r = http
-                        .get(format!("{addr}/v1/secret/data/{p}"))
-                        .header("X-Vault-Token", &token)
-                        .send()
-                        .await;
-                    // A read that fails is a violation too: a sampler that skips what it
-                    // cannot read could pass without looking.
-                    let key = match r {
-                        Ok(r) if r.status().is_success() => {
-                            r.json::<serde_json::Value>().await.ok().and_then(|body| {
-                                body.pointer("/data/data/api_key")?
-                                    .as_str()
-                                    .map(str::to_string)
-                            })
-                        }
-                        _ => None,
-                    };
-                    match key {
-                        Some(k) if sim.key_is_live(&k) => {}
-                        Some(_) => v.lock().unwrap().push(format!("I1: {p} serves a dead key")),
-                        None => v
-                            .lock()
-                            .unwrap()
-                            .push(format!("I1 sampler: reading {p} failed")),
+                    if let Some(bad) = support::i1_violation(&http, &addr, &token, p, &sim).await {
+                        v.lock().unwrap().push(bad);
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;

@@ -524,3 +524,36 @@ impl HoldProxy {
         true
     }
 }
+
+/// One I1 sample of Vault `path` (KV v2 at `secret/`, field `api_key`): `None` when the
+/// key it serves is live, else the violation. A read that fails is a violation too: a
+/// sampler that skips what it cannot read could pass without looking.
+pub async fn i1_violation(
+    http: &reqwest::Client,
+    addr: &str,
+    token: &str,
+    path: &str,
+    sim: &openai_key_rotator::sandbox::openai::OpenAiSim,
+) -> Option<String> {
+    let r = http
+        .get(format!("{addr}/v1/secret/data/{path}"))
+        .header("X-Vault-Token", token)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await;
+    let key = match r {
+        Ok(r) if r.status().is_success() => {
+            r.json::<serde_json::Value>().await.ok().and_then(|b| {
+                b.pointer("/data/data/api_key")?
+                    .as_str()
+                    .map(str::to_string)
+            })
+        }
+        _ => None,
+    };
+    match key {
+        Some(k) if sim.key_is_live(&k) => None,
+        Some(_) => Some(format!("I1: {path} serves a dead key")),
+        None => Some(format!("I1 sampler: reading {path} failed")),
+    }
+}
