@@ -93,18 +93,34 @@ impl Rig {
 
     /// Start the daemon and wait until it answers `/healthz`.
     pub async fn spawn(&self) -> ChildGuard {
+        self.spawn_replica(&self.config_path, None, self.port, &self.audit)
+            .await
+    }
+
+    /// Start a daemon with its own config, port and audit file; `name` is its `POD_NAME`
+    /// (its Lease identity), and it advertises its API on 127.0.0.1 for forwarding.
+    pub async fn spawn_replica(
+        &self,
+        config: &std::path::Path,
+        name: Option<&str>,
+        port: u16,
+        audit: &std::path::Path,
+    ) -> ChildGuard {
         let mut cmd = Command::new(BIN);
         cmd.args(["run", "--config"])
-            .arg(&self.config_path)
+            .arg(config)
             .arg("--api-tokens-file")
             .arg(&self.tokens)
             .arg("--audit-file")
-            .arg(&self.audit)
-            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+            .arg(audit)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
             .env("RUST_LOG", "info");
+        if let Some(name) = name {
+            cmd.env("POD_NAME", name).env("POD_IP", "127.0.0.1");
+        }
         let mut guard = ChildGuard::spawn(cmd);
         support::wait_http(
-            &format!("{}/healthz", self.addr()),
+            &format!("http://127.0.0.1:{port}/healthz"),
             Duration::from_secs(60),
             &mut guard,
         )

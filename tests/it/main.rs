@@ -10,6 +10,7 @@ mod daemon_rig;
 mod demo;
 mod deploy;
 mod failover;
+mod ha_matrix;
 mod fault_matrix;
 mod kube_roller;
 mod kube_sim;

@@ -351,6 +351,9 @@ struct HoldState {
     /// Answer `status` without forwarding to the next `count` requests `m` picks.
     fail: Option<(HoldMatch, u32, u16)>,
     failed: u64,
+    /// When the last write (any method but GET, HEAD and LIST) arrived: the HA tests prove
+    /// a replica made no write after another took the Lease.
+    last_write: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// An HTTP proxy in front of a real server (OpenBao) that can hold the first request a
@@ -378,6 +381,9 @@ impl HoldProxy {
                     .unwrap_or_default();
                 let json: serde_json::Value =
                     serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+                if !matches!(parts.method.as_str(), "GET" | "HEAD" | "LIST") {
+                    st.lock().unwrap().last_write = Some(chrono::Utc::now());
+                }
                 let fail_status = {
                     let mut s = st.lock().unwrap();
                     let mut hit = None;
@@ -510,6 +516,11 @@ impl HoldProxy {
 
     pub fn held(&self) -> u64 {
         self.state.lock().unwrap().held
+    }
+
+    /// When the last write request arrived (before any hold or injected failure).
+    pub fn last_write(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.state.lock().unwrap().last_write
     }
 
     /// Wait until a request is held; false after `timeout`.
