@@ -914,3 +914,75 @@ mod rollout_bound {
         assert!(max_rolling(None).await > 2);
     }
 }
+
+/// Triggers the target again from inside the finishing rotation's `Finished` event (its view
+/// reads terminal; its task still holds the target), holding that task for 200 ms so the
+/// trigger lands in the window.
+struct TriggerOnFinish {
+    daemon: std::sync::OnceLock<Daemon>,
+    emergency: bool,
+    fired: AtomicBool,
+    result: Arc<Mutex<Option<Result<Accepted, TriggerError>>>>,
+}
+
+impl Observer for TriggerOnFinish {
+    fn on_event(&self, j: &Journal, event: &RotationEvent) {
+        if !matches!(event, RotationEvent::Finished) || self.fired.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let daemon = self.daemon.get().expect("daemon set").clone();
+        let mut req = manual(&j.target);
+        if self.emergency {
+            req = req.emergency(false);
+        }
+        let out = self.result.clone();
+        // Its own thread: a task spawned here would wait in this worker's LIFO slot until
+        // the finishing task yields, after the window.
+        let rt = tokio::runtime::Handle::current();
+        std::thread::spawn(move || {
+            let r = rt.block_on(daemon.trigger(&req));
+            *out.lock().unwrap() = Some(r);
+        });
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Regression: a trigger arriving after `GET /v1/rotations/{id}` reads `completed` but before
+/// the rotation's task let go of the target was refused `409 already rotating`, and an
+/// emergency one was "upgraded" into the finished rotation: accepted, and nothing rotated.
+/// Either now waits for the target and starts a new rotation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trigger_right_after_a_rotation_finished_starts_a_new_one() {
+    for emergency in [false, true] {
+        let world = FakeWorld::default();
+        let (t, _) = world.seed_target("chat", Utc::now());
+        let result: Arc<Mutex<Option<Result<Accepted, TriggerError>>>> = Arc::default();
+        let obs = Arc::new(TriggerOnFinish {
+            daemon: std::sync::OnceLock::new(),
+            emergency,
+            fired: AtomicBool::new(false),
+            result: result.clone(),
+        });
+        let engine = world.engine(engine_opts());
+        let h = harness_on(&world, engine, vec![obs.clone()], vec![t], 2, |_| {});
+        assert!(obs.daemon.set(h.daemon.clone()).is_ok());
+        let first = h.daemon.trigger(&manual("chat")).await.unwrap();
+        let j = wait_finished(&h, first.rotation_id()).await;
+        assert_eq!(j.status, Status::Completed);
+        let second = loop {
+            if let Some(r) = result.lock().unwrap().take() {
+                break r;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let second = match second {
+            Ok(Accepted::Started(id)) => id,
+            other => panic!("emergency={emergency}: the trigger in the finishing window got {other:?}"),
+        };
+        assert_ne!(second, first.rotation_id());
+        let j2 = wait_finished(&h, &second).await;
+        assert_eq!(j2.status, Status::Completed, "emergency={emergency}");
+        assert_eq!(j2.emergency, emergency);
+        h.shutdown.cancel();
+    }
+}
