@@ -202,6 +202,10 @@ fn chrono_of(d: Duration) -> chrono::Duration {
 /// How long a due target waits after its scheduled trigger was refused.
 const REFUSED_RETRY: Duration = Duration::from_secs(30);
 
+/// How long a trigger waits for a target whose rotation has finished but whose task has not
+/// yet let go of it (bookkeeping only: no remote call happens in between).
+const FINISHING_WAIT: Duration = Duration::from_secs(5);
+
 /// What a rotation task does: rotate from the journal the trigger read, or resume one.
 enum Work {
     Rotate(Box<(RotationRequest, Option<Stored>)>),
@@ -243,6 +247,8 @@ struct Inner {
     /// The configured size of `slots` (permits in use are not visible on the semaphore).
     slot_limit: Mutex<usize>,
     wake: Notify,
+    /// Notified whenever a target is let go (its rotation task ended or never started).
+    freed: Notify,
     opts: DaemonOptions,
     leader: watch::Receiver<bool>,
     leader_name: watch::Receiver<Option<Holder>>,
@@ -322,6 +328,7 @@ impl Daemon {
                 slots,
                 slot_limit: Mutex::new(limit),
                 wake: Notify::new(),
+                freed: Notify::new(),
                 opts,
                 leader: leadership.is_leader,
                 leader_name: leadership.holder,
@@ -430,25 +437,53 @@ impl Daemon {
             });
         }
         let control = Arc::new(RotationControl::default());
-        {
-            // Claim the target before reading its journal, so a second trigger in between
-            // upgrades or is refused instead of starting another rotation.
-            let mut targets = self.inner.targets.locked();
-            let st = targets.entry(target.name.clone()).or_default();
-            if let Some(r) = &st.running {
-                if req.emergency {
-                    r.control.upgrade_to_emergency(req.revoke_first);
-                    return Ok(Accepted::Upgraded(r.id.clone()));
+        let mut waited = false;
+        loop {
+            // Registered before the check, so a release in between is not missed.
+            let freed = self.inner.freed.notified();
+            let finishing = {
+                // Claim the target before reading its journal, so a second trigger in
+                // between upgrades or is refused instead of starting another rotation.
+                let mut targets = self.inner.targets.locked();
+                let st = targets.entry(target.name.clone()).or_default();
+                match &st.running {
+                    // Its view already reads terminal: the task is only letting go of the
+                    // target. Refusing (or upgrading a finished rotation) would drop this
+                    // request, so wait for the target instead, once and briefly.
+                    Some(r)
+                        if !waited
+                            && self
+                                .inner
+                                .live
+                                .get(&r.id)
+                                .is_some_and(|j| j.status.is_terminal()) =>
+                    {
+                        true
+                    }
+                    Some(r) => {
+                        if req.emergency {
+                            r.control.upgrade_to_emergency(req.revoke_first);
+                            return Ok(Accepted::Upgraded(r.id.clone()));
+                        }
+                        return Err(TriggerError::AlreadyRunning {
+                            target: target.name.clone(),
+                            rotation_id: r.id.clone(),
+                        });
+                    }
+                    None => {
+                        st.running = Some(Running {
+                            id: req.rotation_id.clone(),
+                            control: control.clone(),
+                        });
+                        false
+                    }
                 }
-                return Err(TriggerError::AlreadyRunning {
-                    target: target.name.clone(),
-                    rotation_id: r.id.clone(),
-                });
+            };
+            if !finishing {
+                break;
             }
-            st.running = Some(Running {
-                id: req.rotation_id.clone(),
-                control: control.clone(),
-            });
+            waited = true;
+            let _ = tokio::time::timeout(FINISHING_WAIT, freed).await;
         }
         if req.emergency {
             control.upgrade_to_emergency(req.revoke_first);
@@ -513,6 +548,8 @@ impl Daemon {
                 st.running = None;
             }
         }
+        drop(targets);
+        self.inner.freed.notify_waiters();
     }
 
     /// One rotation or resume, holding a concurrency slot.
@@ -543,6 +580,7 @@ impl Daemon {
             targets.remove(&target.name);
             drop(targets);
             self.inner.wake.notify_one();
+            self.inner.freed.notify_waiters();
             return;
         }
         let st = targets.entry(target.name.clone()).or_default();
@@ -594,6 +632,7 @@ impl Daemon {
         }
         drop(targets);
         self.inner.wake.notify_one();
+        self.inner.freed.notify_waiters();
     }
 
     /// Resume what a previous run left unfinished (and retry pending deletions).

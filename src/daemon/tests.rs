@@ -977,7 +977,9 @@ async fn a_trigger_right_after_a_rotation_finished_starts_a_new_one() {
         };
         let second = match second {
             Ok(Accepted::Started(id)) => id,
-            other => panic!("emergency={emergency}: the trigger in the finishing window got {other:?}"),
+            other => {
+                panic!("emergency={emergency}: the trigger in the finishing window got {other:?}")
+            }
         };
         assert_ne!(second, first.rotation_id());
         let j2 = wait_finished(&h, &second).await;

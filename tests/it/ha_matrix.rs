@@ -488,7 +488,10 @@ async fn rotation_outcome(
                     _ => {}
                 }
             }
-            last = format!("HTTP {s}{}: {v}", if forwarded { " (forwarded)" } else { "" });
+            last = format!(
+                "HTTP {s}{}: {v}",
+                if forwarded { " (forwarded)" } else { "" }
+            );
         }
         if start.elapsed() > Duration::from_secs(60) {
             return Err(format!("not terminal after 60 s: {last}"));
