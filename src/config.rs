@@ -86,6 +86,12 @@ pub struct DaemonConfig {
     pub coalesce_window: DurationStr,
     /// Workloads rolling at once across all rotations; unset = no bound.
     pub max_concurrent_rollouts: Option<usize>,
+    /// How often the leader takes the key inventory (metrics); "0s" = never.
+    pub inventory_interval: DurationStr,
+    /// A key with no use for this long is `unused` in the inventory and its metric.
+    pub inventory_unused_after: DurationStr,
+    /// A key expiring within this long is `expiring` in the inventory.
+    pub inventory_expiring_within: DurationStr,
 }
 
 /// With several replicas, a Kubernetes Lease elects the one that rotates.
@@ -141,6 +147,9 @@ impl Default for DaemonConfig {
             delete_max_backoff: DurationStr::from_secs(60),
             coalesce_window: DurationStr::from_secs(3),
             max_concurrent_rollouts: None,
+            inventory_interval: DurationStr::from_secs(3600),
+            inventory_unused_after: DurationStr::from_secs(30 * 86_400),
+            inventory_expiring_within: DurationStr::from_secs(7 * 86_400),
         }
     }
 }
@@ -877,6 +886,16 @@ impl Config {
             errors.push(
                 "daemon.delete_max_backoff: must be at least daemon.delete_retry_base".into(),
             );
+        }
+        for (field, v) in [
+            ("inventory_unused_after", d.inventory_unused_after),
+            ("inventory_expiring_within", d.inventory_expiring_within),
+        ] {
+            if v.get() < Duration::from_secs(86_400) {
+                errors.push(format!(
+                    "daemon.{field}: ({v:?}) must be at least 1 day (the inventory counts in days)"
+                ));
+            }
         }
         if d.state_prefix.trim_matches('/').is_empty() {
             errors.push("daemon.state_prefix: must not be empty".into());

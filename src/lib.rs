@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod demo;
 pub mod forward;
 pub mod http;
+pub mod inventory;
 pub mod kube;
 pub mod leader;
 pub mod metrics;

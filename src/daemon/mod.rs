@@ -123,6 +123,8 @@ pub trait ScheduleObserver: Send + Sync {
     fn unconfigured_target(&self, target: &str, rotation_id: &str, resumed: bool);
     /// The sweep deleted these orphaned managed accounts.
     fn swept(&self, account_ids: &[String]);
+    /// A full inventory was taken (of the configured `projects`).
+    fn inventory_taken(&self, _projects: &[String], _inventory: &crate::inventory::Inventory) {}
 }
 
 pub struct NoSchedule;
@@ -742,6 +744,7 @@ impl Daemon {
         let mut leader = self.inner.leader.clone();
         let mut resumed = false;
         let mut last_sweep: Option<tokio::time::Instant> = None;
+        let mut last_inventory: Option<tokio::time::Instant> = None;
         let mut last_retry = tokio::time::Instant::now();
         while !self.inner.shutdown.is_cancelled() {
             if !*leader.borrow() {
@@ -795,6 +798,11 @@ impl Daemon {
                 self.sweep_in_background();
                 last_sweep = Some(tokio::time::Instant::now());
             }
+            let every = self.config().daemon.inventory_interval.get();
+            if !every.is_zero() && last_inventory.is_none_or(|t| t.elapsed() >= every) {
+                self.inventory_in_background();
+                last_inventory = Some(tokio::time::Instant::now());
+            }
             let sleep = self.sleep_for();
             tokio::select! {
                 _ = tokio::time::sleep(sleep) => {}
@@ -825,6 +833,31 @@ impl Daemon {
                 }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "sweep failed"),
+            }
+        });
+    }
+
+    /// Take the inventory for the metrics; read-only, so shutdown just drops it.
+    fn inventory_in_background(&self) {
+        let this = self.clone();
+        let stop = self.inner.shutdown.clone();
+        self.inner.tasks.spawn(async move {
+            let config = this.config();
+            let opts = crate::inventory::Options::from_config(&config.daemon);
+            let taken = tokio::select! {
+                r = this.inventory(&opts) => r,
+                _ = stop.cancelled() => return,
+            };
+            match taken {
+                Ok(inv) => {
+                    let projects: Vec<String> =
+                        config.targets.iter().map(|t| t.project_id.clone()).collect();
+                    if inv.has_errors() {
+                        tracing::warn!("inventory: some projects or Vault paths could not be read");
+                    }
+                    this.inner.schedule_obs.inventory_taken(&projects, &inv);
+                }
+                Err(e) => tracing::warn!(error = %e, "inventory failed"),
             }
         });
     }
@@ -902,6 +935,15 @@ impl Daemon {
             .locked()
             .get(target)
             .and_then(|s| s.running.as_ref().map(|r| r.id.clone()))
+    }
+
+    /// The key inventory of the configured targets' projects (or `opts.project`).
+    pub async fn inventory(
+        &self,
+        opts: &crate::inventory::Options,
+    ) -> Result<crate::inventory::Inventory, crate::inventory::InventoryError> {
+        let config = self.config();
+        crate::inventory::take(&self.inner.engine, &config.targets, opts).await
     }
 }
 
