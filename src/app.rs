@@ -126,6 +126,7 @@ pub async fn connect_with(
         )
         .with_observer(Arc::new(Fanout(observers))),
     );
+    engine.set_naming(crate::naming::Naming::from_config(&config.daemon));
     Ok(Services {
         metrics,
         audit,

@@ -17,6 +17,7 @@ pub mod inventory;
 pub mod kube;
 pub mod leader;
 pub mod metrics;
+pub mod naming;
 pub mod openai;
 pub mod pacer;
 pub mod retry;

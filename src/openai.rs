@@ -189,6 +189,10 @@ impl fmt::Debug for OpenAiClient {
 #[derive(Serialize)]
 struct CreateServiceAccountRequest<'a> {
     name: &'a str,
+    /// The SDKs' addition (September 2026): the key stops working this many seconds after
+    /// creation. Left out when unset (no expiry).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_in_seconds: Option<u64>,
 }
 
 /// `ProjectServiceAccountCreateResponse`. Holds the key value: no Debug.
@@ -722,11 +726,23 @@ impl KeyIssuer for OpenAiClient {
         project: &str,
         name: &str,
     ) -> Result<MintedKey, BackendError> {
+        self.create_service_account_expiring(project, name, None)
+            .await
+    }
+
+    async fn create_service_account_expiring(
+        &self,
+        project: &str,
+        name: &str,
+        expires_in: Option<Duration>,
+    ) -> Result<MintedKey, BackendError> {
         const OP: &str = "service_accounts.create";
         let what = format!("project {project} name {name:?}");
-        let body = serde_json::to_vec(&CreateServiceAccountRequest { name }).map_err(|e| {
-            failed_msg(OP, &what, &format!("cannot encode the request: {e}"), false)
-        })?;
+        let body = serde_json::to_vec(&CreateServiceAccountRequest {
+            name,
+            expires_in_seconds: expires_in.map(|d| d.as_secs().max(1)),
+        })
+        .map_err(|e| failed_msg(OP, &what, &format!("cannot encode the request: {e}"), false))?;
         let had_ambiguous = AtomicBool::new(false);
         let had = &had_ambiguous;
         let result = self

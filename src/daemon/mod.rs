@@ -378,6 +378,9 @@ impl Daemon {
         self.inner
             .engine
             .set_account_prefix(&config.daemon.account_prefix);
+        self.inner
+            .engine
+            .set_naming(crate::naming::Naming::from_config(&config.daemon));
         self.resize_slots(config.daemon.max_concurrent_rotations.max(1));
         *self.inner.config.write_now() = config;
         self.inner.wake.notify_one();
@@ -494,9 +497,12 @@ impl Daemon {
         }
         let id = req.rotation_id.clone();
         // Visible at once (queued for a slot), until the engine's first event replaces it.
-        self.inner
-            .live
-            .put(&Journal::queued(req, &config.daemon.account_prefix));
+        let mut queued = Journal::queued(req, &config.daemon.account_prefix);
+        queued.new_account_name =
+            self.inner
+                .engine
+                .account_name_for(&req.target, &req.rotation_id, req.requested_at);
+        self.inner.live.put(&queued);
         let request = req.clone();
         let interest = self.inner.engine.expect_roll(&id, &target);
         self.inner.tasks.spawn(async move {

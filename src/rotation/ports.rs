@@ -126,6 +126,24 @@ pub trait KeyIssuer: Send + Sync {
         key_id: &str,
         since: DateTime<Utc>,
     ) -> Result<KeyUsage, BackendError>;
+    /// [`create_service_account`](Self::create_service_account) whose key stops working
+    /// `expires_in` after creation (`expires_in_seconds`); `None` = never. The default
+    /// cannot set an expiry and refuses one rather than mint a key without it.
+    async fn create_service_account_expiring(
+        &self,
+        project: &str,
+        name: &str,
+        expires_in: Option<Duration>,
+    ) -> Result<MintedKey, BackendError> {
+        match expires_in {
+            None => self.create_service_account(project, name).await,
+            Some(_) => Err(BackendError::Failed {
+                backend: Backend::OpenAi,
+                message: format!("project {project}: this issuer cannot set a key expiry"),
+                transient: false,
+            }),
+        }
+    }
     /// Every API key of the project (user- and service-account-owned), all pages. The
     /// default says the issuer cannot list them (the inventory shows an error row).
     async fn list_project_keys(&self, project: &str) -> Result<Vec<ProjectKey>, BackendError> {

@@ -375,3 +375,89 @@ async fn the_api_the_cli_and_the_metric() {
     let _ = tokio::time::timeout(Duration::from_secs(10), running.done).await;
     env.cancel.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_expiry_backstop_reaches_the_key_the_inventory_and_the_metric() {
+    let env = env().await;
+    let sim = env.sb.openai.clone();
+    let mut target = env.config.targets[0].clone();
+    let three_days = 3 * 86_400;
+    target.key_expiry = Some(DurationStr::from_secs(three_days));
+    let engine = &env.services.engine;
+    let prior = engine.journal(&target.name).await.unwrap();
+    let j = engine
+        .rotate(
+            &target,
+            RotationRequest::new(&target.name, Trigger::Cli, "test", "expiry", chrono::Utc::now()),
+            prior,
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(j.status, Status::Completed, "{:?}", j.error);
+    let new = j.new_account.unwrap();
+    let account = sim
+        .service_accounts(&env.sb.project_id)
+        .into_iter()
+        .find(|a| a.id == new.id)
+        .unwrap();
+    let expires = account.key_expires_at.expect("minted with expires_in_seconds");
+    assert_eq!(expires, account.created_at + three_days as i64);
+
+    let targets = vec![target.clone()];
+    let inv = inventory::take(engine, &targets, &opts()).await.unwrap();
+    let row = row(&inv.rows, |r| r.key_id.as_deref() == Some(&new.key_id));
+    assert_eq!(row.expires_at.map(|t| t.timestamp()), Some(expires));
+    assert_eq!(row.flags, vec![Flag::Expiring], "3 days is within the 7-day window");
+    assert_eq!(inv.served.len(), 1);
+    assert_eq!(inv.served[0].expires_at.map(|t| t.timestamp()), Some(expires));
+    // Negative control: with a 1-day window it is not expiring yet.
+    let narrow = Options {
+        expiring_within: chrono::Duration::days(1),
+        ..opts()
+    };
+    let inv1 = inventory::take(engine, &targets, &narrow).await.unwrap();
+    assert!(!row_of(&inv1, &new.key_id).has(Flag::Expiring));
+
+    let m = openai_key_rotator::metrics::Metrics::new(&[target.name.clone()]);
+    m.set_inventory(&[env.sb.project_id.clone()], &inv);
+    let text = m.render();
+    let want = format!(
+        "openai_key_rotator_key_expires_timestamp_seconds{{target=\"{}\"}} {expires}",
+        target.name
+    );
+    assert!(text.contains(&want), "{want} not in:\n{text}");
+
+    // The next rotation without key_expiry mints a key that never expires (negative control).
+    target.key_expiry = None;
+    let prior = engine.journal(&target.name).await.unwrap();
+    let j = engine
+        .rotate(
+            &target,
+            RotationRequest::new(&target.name, Trigger::Cli, "test", "no expiry", chrono::Utc::now()),
+            prior,
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(j.status, Status::Completed, "{:?}", j.error);
+    let id = j.new_account.unwrap().id;
+    let account = sim
+        .service_accounts(&env.sb.project_id)
+        .into_iter()
+        .find(|a| a.id == id)
+        .unwrap();
+    assert_eq!(account.key_expires_at, None);
+    let inv = inventory::take(engine, &[target], &opts()).await.unwrap();
+    m.set_inventory(&[env.sb.project_id.clone()], &inv);
+    assert_eq!(inv.served[0].expires_at, None);
+    assert!(m.render().contains(&format!(
+        "openai_key_rotator_key_expires_timestamp_seconds{{target=\"{}\"}} 0",
+        env.config.targets[0].name
+    )));
+    env.cancel.cancel();
+}
+
+fn row_of<'a>(inv: &'a inventory::Inventory, key_id: &str) -> &'a Row {
+    row(&inv.rows, |r| r.key_id.as_deref() == Some(key_id))
+}
