@@ -1167,6 +1167,27 @@ pub fn rotation_bound(t: &Target) -> Duration {
         + t.drain.as_ref().map_or(Duration::ZERO, |d| d.max_wait.get())
 }
 
+/// `31d 1h 10m`: days rather than humantime's months, whole seconds.
+fn days(d: Duration) -> String {
+    let s = d.as_secs();
+    let parts = [
+        (s / 86_400, "d"),
+        (s % 86_400 / 3600, "h"),
+        (s % 3600 / 60, "m"),
+        (s % 60, "s"),
+    ];
+    let out: Vec<String> = parts
+        .iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, u)| format!("{n}{u}"))
+        .collect();
+    if out.is_empty() {
+        "0s".into()
+    } else {
+        out.join(" ")
+    }
+}
+
 fn check_key_expiry(at: &str, t: &Target, e: DurationStr) -> Vec<String> {
     let mut errors = Vec::new();
     if e.get() < Duration::from_secs(1) || e.get() > MAX_KEY_EXPIRY {
@@ -1189,10 +1210,12 @@ fn check_key_expiry(at: &str, t: &Target, e: DurationStr) -> Vec<String> {
     let need = age.get() + rotation_bound(t) + EXPIRY_ALERT_MARGIN;
     if e.get() <= need {
         errors.push(format!(
-            "{at}.key_expiry: ({e:?}) must exceed max_key_age ({age:?}) + the rotation's worst case ({:?}: jitter, sync timeout, rollout_timeout, adoption timeout, grace_period, drain max_wait) + the expiry alert's margin ({:?}) = {:?}",
-            DurationStr(rotation_bound(t)),
-            DurationStr(EXPIRY_ALERT_MARGIN),
-            DurationStr(need)
+            "{at}.key_expiry: ({}) must exceed max_key_age ({}) + the rotation's worst case ({}: jitter, sync timeout, rollout_timeout, adoption timeout, grace_period, drain max_wait) + the expiry alert's margin ({}) = {}",
+            days(e.get()),
+            days(age.get()),
+            days(rotation_bound(t)),
+            days(EXPIRY_ALERT_MARGIN),
+            days(need)
         ));
     }
     errors
