@@ -1160,11 +1160,17 @@ const MAX_KEY_EXPIRY: Duration = Duration::from_secs(10 * 365 * 86_400);
 /// runs into the backstop.
 pub fn rotation_bound(t: &Target) -> Duration {
     t.jitter.get()
-        + t.synced_secret.as_ref().map_or(Duration::ZERO, |s| s.timeout.get())
+        + t.synced_secret
+            .as_ref()
+            .map_or(Duration::ZERO, |s| s.timeout.get())
         + t.rollout_timeout.get()
-        + t.adoption.as_ref().map_or(Duration::ZERO, |a| a.timeout.get())
+        + t.adoption
+            .as_ref()
+            .map_or(Duration::ZERO, |a| a.timeout.get())
         + t.grace_period.get()
-        + t.drain.as_ref().map_or(Duration::ZERO, |d| d.max_wait.get())
+        + t.drain
+            .as_ref()
+            .map_or(Duration::ZERO, |d| d.max_wait.get())
 }
 
 /// `31d 1h 10m`: days rather than humantime's months, whole seconds.

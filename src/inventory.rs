@@ -397,7 +397,9 @@ pub fn rows_for(
             if account.is_some_and(|a| own.pending.contains(a)) {
                 flags.push(Flag::PendingDeletion);
             }
-            if k.expires_at.is_some_and(|e| e - now <= opts.expiring_within) {
+            if k.expires_at
+                .is_some_and(|e| e - now <= opts.expiring_within)
+            {
                 flags.push(Flag::Expiring);
             }
             Row {
@@ -467,7 +469,8 @@ mod tests {
             owned("chat", "proj_a"),
         );
         own.pending.insert("svc_acct_old".into());
-        own.accounts.insert("svc_acct_old".into(), owned("chat", "proj_a"));
+        own.accounts
+            .insert("svc_acct_old".into(), owned("chat", "proj_a"));
         let mut unused_user = ProjectKey {
             id: "key_user".into(),
             name: "laptop".into(),
@@ -480,14 +483,18 @@ mod tests {
         };
         let mut expiring = sa_key("key_exp", "svc_acct_ours", "whatever");
         expiring.expires_at = Some(t("2026-12-05T00:00:00Z"));
-        let keys = vec![
+        let keys = [
             expiring,
             // Found by name only (a create whose answer was lost).
             sa_key("key_byname", "svc_acct_x", "okr-chat-20261201000000-abcdef"),
             sa_key("key_old", "svc_acct_old", "okr-chat-1"),
             unused_user.clone(),
             // Same name, another project's journal: proves nothing here.
-            sa_key("key_lookalike", "svc_acct_y", "okr-chat-20261201000000-abcdef"),
+            sa_key(
+                "key_lookalike",
+                "svc_acct_y",
+                "okr-chat-20261201000000-abcdef",
+            ),
         ];
         let rows = rows_for("proj_a", &keys[..4], &own, now, &opts());
         assert_eq!(rows[0].flags, vec![Flag::Expiring]);
@@ -514,7 +521,11 @@ mod tests {
     #[test]
     fn the_table_fits_80_columns_and_json_is_one_array() {
         let now = t("2026-12-02T00:00:00Z");
-        let mut k = sa_key("key_0123456789abcdef", "svc_acct_old", "a-very-long-name-indeed");
+        let mut k = sa_key(
+            "key_0123456789abcdef",
+            "svc_acct_old",
+            "a-very-long-name-indeed",
+        );
         k.expires_at = Some(now);
         k.last_used_at = None;
         let mut own = Ownership::default();
@@ -535,7 +546,13 @@ mod tests {
         for line in table.lines() {
             assert!(line.chars().count() <= 80, "{} > 80: {line:?}", line.len());
         }
-        for f in ["unmanaged", "unused", "pending_deletion", "expiring", "ERROR"] {
+        for f in [
+            "unmanaged",
+            "unused",
+            "pending_deletion",
+            "expiring",
+            "ERROR",
+        ] {
             assert!(table.contains(f), "{f} missing:\n{table}");
         }
         let json: serde_json::Value = serde_json::from_str(&inv.to_json()).unwrap();

@@ -143,7 +143,10 @@ fn fits(parts: &[Part], name: &str, prefix: &str, env: &str) -> bool {
     let Some((first, rest)) = parts.split_first() else {
         return name.is_empty();
     };
-    let fixed = |s: &str| name.strip_prefix(s).is_some_and(|n| fits(rest, n, prefix, env));
+    let fixed = |s: &str| {
+        name.strip_prefix(s)
+            .is_some_and(|n| fits(rest, n, prefix, env))
+    };
     let after = |n: Option<&str>| n.is_some_and(|n| fits(rest, n, prefix, env));
     match first {
         Part::Lit(s) => fixed(s),
@@ -236,7 +239,10 @@ mod tests {
     fn bad_templates_say_what_is_wrong() {
         for (t, says) in [
             ("{target}-{env}", "must contain {rotation}"),
-            ("{target}-{rotation}-{region}", "unknown placeholder {region}"),
+            (
+                "{target}-{rotation}-{region}",
+                "unknown placeholder {region}",
+            ),
             ("{target}-{rotation", "without a closing"),
             ("my key {rotation}", "' ' is not allowed"),
             ("", "must contain {rotation}"),

@@ -1146,7 +1146,11 @@ fn listed_key(k: ListedApiKey) -> Result<ProjectKey, String> {
     let created_at = at("created_at", k.created_at)?;
     let last_used_at = k.last_used_at.map(|v| at("last_used_at", v)).transpose()?;
     let expires_at = k.expires_at.map(|v| at("expires_at", v)).transpose()?;
-    let owner = match (k.owner.type_.as_str(), k.owner.user, k.owner.service_account) {
+    let owner = match (
+        k.owner.type_.as_str(),
+        k.owner.user,
+        k.owner.service_account,
+    ) {
         ("user", Some(u), _) => KeyOwner::User { id: u.id },
         ("service_account", _, Some(a)) => KeyOwner::ServiceAccount {
             id: a.id,

@@ -20,6 +20,9 @@ use tokio::sync::{watch, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// How long after start the first inventory is taken (or sooner, every interval).
+const FIRST_INVENTORY_AFTER: Duration = Duration::from_secs(60);
+
 #[derive(Clone)]
 pub struct DaemonOptions {
     pub backoff: Backoff,
@@ -751,6 +754,7 @@ impl Daemon {
         let mut resumed = false;
         let mut last_sweep: Option<tokio::time::Instant> = None;
         let mut last_inventory: Option<tokio::time::Instant> = None;
+        let started = tokio::time::Instant::now();
         let mut last_retry = tokio::time::Instant::now();
         while !self.inner.shutdown.is_cancelled() {
             if !*leader.borrow() {
@@ -805,11 +809,22 @@ impl Daemon {
                 last_sweep = Some(tokio::time::Instant::now());
             }
             let every = self.config().daemon.inventory_interval.get();
-            if !every.is_zero() && last_inventory.is_none_or(|t| t.elapsed() >= every) {
+            // The first one soon after start (the metrics survive no restart), but not in
+            // the middle of resuming.
+            let inventory_in = |last: Option<tokio::time::Instant>| match last {
+                None => every
+                    .min(FIRST_INVENTORY_AFTER)
+                    .saturating_sub(started.elapsed()),
+                Some(t) => every.saturating_sub(t.elapsed()),
+            };
+            if !every.is_zero() && inventory_in(last_inventory).is_zero() {
                 self.inventory_in_background();
                 last_inventory = Some(tokio::time::Instant::now());
             }
-            let sleep = self.sleep_for();
+            let mut sleep = self.sleep_for();
+            if !every.is_zero() {
+                sleep = sleep.min(inventory_in(last_inventory).max(Duration::from_millis(100)));
+            }
             tokio::select! {
                 _ = tokio::time::sleep(sleep) => {}
                 _ = self.inner.wake.notified() => {}
@@ -856,8 +871,11 @@ impl Daemon {
             };
             match taken {
                 Ok(inv) => {
-                    let projects: Vec<String> =
-                        config.targets.iter().map(|t| t.project_id.clone()).collect();
+                    let projects: Vec<String> = config
+                        .targets
+                        .iter()
+                        .map(|t| t.project_id.clone())
+                        .collect();
                     if inv.has_errors() {
                         tracing::warn!("inventory: some projects or Vault paths could not be read");
                     }

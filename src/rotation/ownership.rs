@@ -96,11 +96,17 @@ impl Engine {
         let mut paths: BTreeMap<String, (String, String)> = BTreeMap::new();
         for j in current.iter().chain(histories.iter()) {
             if let Some(t) = &j.spec {
-                paths.insert(t.name.clone(), (t.vault_path.clone(), t.vault_field.clone()));
+                paths.insert(
+                    t.name.clone(),
+                    (t.vault_path.clone(), t.vault_field.clone()),
+                );
             }
         }
         for t in targets {
-            paths.insert(t.name.clone(), (t.vault_path.clone(), t.vault_field.clone()));
+            paths.insert(
+                t.name.clone(),
+                (t.vault_path.clone(), t.vault_field.clone()),
+            );
         }
         for (target, (path, field)) in paths {
             match self.store.read_key_meta(&path, &field).await {
@@ -108,7 +114,9 @@ impl Engine {
                     let account = info.meta.account.as_ref();
                     let owned = Owned {
                         target: target.clone(),
-                        project: configured.get(target.as_str()).map(|t| t.project_id.clone()),
+                        project: configured
+                            .get(target.as_str())
+                            .map(|t| t.project_id.clone()),
                     };
                     if let Some(a) = account {
                         own.accounts.entry(a.id.clone()).or_insert(owned.clone());

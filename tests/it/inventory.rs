@@ -53,9 +53,15 @@ async fn env() -> Env {
         },
         ..EngineOptions::default()
     };
-    let services = app::connect_with(&config, Audit::open(None, false).unwrap(), &cancel, engine, vec![])
-        .await
-        .expect("connect");
+    let services = app::connect_with(
+        &config,
+        Audit::open(None, false).unwrap(),
+        &cancel,
+        engine,
+        vec![],
+    )
+    .await
+    .expect("connect");
     Env {
         _bao: bao,
         sb,
@@ -85,7 +91,11 @@ fn seed_others(env: &Env) -> Vec<Secret> {
             .1,
     );
     for i in 0..100 {
-        values.push(sim.create_service_account(p, &format!("bulk-{i}")).unwrap().1);
+        values.push(
+            sim.create_service_account(p, &format!("bulk-{i}"))
+                .unwrap()
+                .1,
+        );
     }
     let now = sim.now();
     sim.create_user_key(p, "user_alice", "alice laptop", Some(now - 40 * 86_400))
@@ -95,7 +105,7 @@ fn seed_others(env: &Env) -> Vec<Secret> {
     values
 }
 
-fn row<'a>(rows: &'a [Row], f: impl Fn(&Row) -> bool) -> &'a Row {
+fn row(rows: &[Row], f: impl Fn(&Row) -> bool) -> &Row {
     rows.iter().find(|r| f(r)).expect("row")
 }
 
@@ -137,7 +147,13 @@ async fn every_key_once_with_owner_and_flags_ownership_from_journals_not_names()
     let j = engine
         .rotate(
             &target,
-            RotationRequest::new(&target.name, Trigger::Cli, "test", "inventory", chrono::Utc::now()),
+            RotationRequest::new(
+                &target.name,
+                Trigger::Cli,
+                "test",
+                "inventory",
+                chrono::Utc::now(),
+            ),
             prior,
             Default::default(),
         )
@@ -258,6 +274,7 @@ async fn the_api_the_cli_and_the_metric() {
     let project = env.sb.project_id.clone();
     let mut config = env.config.clone();
     config.daemon.listen = "127.0.0.1:0".parse().unwrap();
+    config.daemon.inventory_interval = DurationStr::from_secs(1);
     let config_path = env.dir.path().join("inventory.toml");
     std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
     let tokens = env.dir.path().join("tokens");
@@ -282,7 +299,11 @@ async fn the_api_the_cli_and_the_metric() {
     let (status, body) = get(&format!("{base}/v1/inventory"), Some(TOKEN)).await;
     assert_eq!(status, 200, "{body}");
     let rows: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
-    assert_eq!(rows.len(), 103 + 1 + 2, "seeded key + 103 others + 2 users'");
+    assert_eq!(
+        rows.len(),
+        103 + 1 + 2,
+        "seeded key + 103 others + 2 users'"
+    );
     let seeded = rows.iter().find(|r| r["managed"] == true).unwrap();
     for field in [
         "project_id",
@@ -330,7 +351,10 @@ async fn the_api_the_cli_and_the_metric() {
             )));
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(20), "{want} not in:\n{m}");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{want} not in:\n{m}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
@@ -341,13 +365,27 @@ async fn the_api_the_cli_and_the_metric() {
         .output()
         .unwrap();
     let table = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(out.status.success(), "{table}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(table.contains("unmanaged") && table.contains("user"), "{table}");
+    assert!(
+        out.status.success(),
+        "{table}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        table.contains("unmanaged") && table.contains("user"),
+        "{table}"
+    );
     for line in table.lines() {
         assert!(line.chars().count() <= 80, "wider than 80: {line:?}");
     }
     let out = std::process::Command::new(BIN)
-        .args(["inventory", "--format", "json", "--unused-days", "7", "--project"])
+        .args([
+            "inventory",
+            "--format",
+            "json",
+            "--unused-days",
+            "7",
+            "--project",
+        ])
         .arg(&project)
         .arg("--config")
         .arg(&config_path)
@@ -358,7 +396,14 @@ async fn the_api_the_cli_and_the_metric() {
     assert_eq!(rows.len(), 106);
     // Negative control: an unreadable project exits 2 with its error row.
     let out = std::process::Command::new(BIN)
-        .args(["inventory", "--format", "json", "--project", "proj_nosuch", "--config"])
+        .args([
+            "inventory",
+            "--format",
+            "json",
+            "--project",
+            "proj_nosuch",
+            "--config",
+        ])
         .arg(&config_path)
         .output()
         .unwrap();
@@ -388,7 +433,13 @@ async fn the_expiry_backstop_reaches_the_key_the_inventory_and_the_metric() {
     let j = engine
         .rotate(
             &target,
-            RotationRequest::new(&target.name, Trigger::Cli, "test", "expiry", chrono::Utc::now()),
+            RotationRequest::new(
+                &target.name,
+                Trigger::Cli,
+                "test",
+                "expiry",
+                chrono::Utc::now(),
+            ),
             prior,
             Default::default(),
         )
@@ -401,16 +452,25 @@ async fn the_expiry_backstop_reaches_the_key_the_inventory_and_the_metric() {
         .into_iter()
         .find(|a| a.id == new.id)
         .unwrap();
-    let expires = account.key_expires_at.expect("minted with expires_in_seconds");
+    let expires = account
+        .key_expires_at
+        .expect("minted with expires_in_seconds");
     assert_eq!(expires, account.created_at + three_days as i64);
 
     let targets = vec![target.clone()];
     let inv = inventory::take(engine, &targets, &opts()).await.unwrap();
     let row = row(&inv.rows, |r| r.key_id.as_deref() == Some(&new.key_id));
     assert_eq!(row.expires_at.map(|t| t.timestamp()), Some(expires));
-    assert_eq!(row.flags, vec![Flag::Expiring], "3 days is within the 7-day window");
+    assert_eq!(
+        row.flags,
+        vec![Flag::Expiring],
+        "3 days is within the 7-day window"
+    );
     assert_eq!(inv.served.len(), 1);
-    assert_eq!(inv.served[0].expires_at.map(|t| t.timestamp()), Some(expires));
+    assert_eq!(
+        inv.served[0].expires_at.map(|t| t.timestamp()),
+        Some(expires)
+    );
     // Negative control: with a 1-day window it is not expiring yet.
     let narrow = Options {
         expiring_within: chrono::Duration::days(1),
@@ -420,7 +480,7 @@ async fn the_expiry_backstop_reaches_the_key_the_inventory_and_the_metric() {
     assert!(!row_of(&inv1, &new.key_id).has(Flag::Expiring));
 
     let m = openai_key_rotator::metrics::Metrics::new(&[target.name.clone()]);
-    m.set_inventory(&[env.sb.project_id.clone()], &inv);
+    m.set_inventory(std::slice::from_ref(&env.sb.project_id), &inv);
     let text = m.render();
     let want = format!(
         "openai_key_rotator_key_expires_timestamp_seconds{{target=\"{}\"}} {expires}",
@@ -434,7 +494,13 @@ async fn the_expiry_backstop_reaches_the_key_the_inventory_and_the_metric() {
     let j = engine
         .rotate(
             &target,
-            RotationRequest::new(&target.name, Trigger::Cli, "test", "no expiry", chrono::Utc::now()),
+            RotationRequest::new(
+                &target.name,
+                Trigger::Cli,
+                "test",
+                "no expiry",
+                chrono::Utc::now(),
+            ),
             prior,
             Default::default(),
         )
@@ -449,7 +515,7 @@ async fn the_expiry_backstop_reaches_the_key_the_inventory_and_the_metric() {
         .unwrap();
     assert_eq!(account.key_expires_at, None);
     let inv = inventory::take(engine, &[target], &opts()).await.unwrap();
-    m.set_inventory(&[env.sb.project_id.clone()], &inv);
+    m.set_inventory(std::slice::from_ref(&env.sb.project_id), &inv);
     assert_eq!(inv.served[0].expires_at, None);
     assert!(m.render().contains(&format!(
         "openai_key_rotator_key_expires_timestamp_seconds{{target=\"{}\"}} 0",

@@ -248,10 +248,8 @@ async fn openai_sim_satisfies_the_official_description_through_prism() {
     let v = c
         .ok(
             "api_keys.list (user-owned key, owner_project_access=any)",
-            admin(http.get(format!(
-                "{p}/organization/projects/{user_project}/api_keys"
-            )))
-            .query(&[("owner_project_access", "any"), ("limit", "1")]),
+            admin(http.get(format!("{p}/organization/projects/{user_project}/api_keys")))
+                .query(&[("owner_project_access", "any"), ("limit", "1")]),
         )
         .await;
     assert_eq!(v["has_more"], true);
@@ -259,10 +257,8 @@ async fn openai_sim_satisfies_the_official_description_through_prism() {
     let v = c
         .ok(
             "api_keys.list (user-owned key, second page)",
-            admin(http.get(format!(
-                "{p}/organization/projects/{user_project}/api_keys"
-            )))
-            .query(&[("owner_project_access", "any"), ("after", after.as_str())]),
+            admin(http.get(format!("{p}/organization/projects/{user_project}/api_keys")))
+                .query(&[("owner_project_access", "any"), ("after", after.as_str())]),
         )
         .await;
     assert_eq!(v["data"][0]["id"], user_key.as_str());

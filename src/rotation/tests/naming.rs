@@ -45,7 +45,10 @@ async fn a_lost_create_is_found_by_its_templated_name_on_resume() {
         format!("{at}-chat-Prod-{}", j.rotation_id),
         "the journal holds the templated name before the create"
     );
-    assert!(j.new_account.is_none(), "the create's answer was never heard");
+    assert!(
+        j.new_account.is_none(),
+        "the create's answer was never heard"
+    );
     let before = names(&w).await;
     let orphan = before
         .iter()
