@@ -270,7 +270,7 @@ async fn get(url: &str, token: Option<&str>) -> (u16, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_the_cli_and_the_metric() {
     let env = env().await;
-    seed_others(&env);
+    let values = seed_others(&env);
     let project = env.sb.project_id.clone();
     let mut config = env.config.clone();
     config.daemon.listen = "127.0.0.1:0".parse().unwrap();
@@ -298,6 +298,9 @@ async fn the_api_the_cli_and_the_metric() {
     assert_eq!(status, 401, "{body}");
     let (status, body) = get(&format!("{base}/v1/inventory"), Some(TOKEN)).await;
     assert_eq!(status, 200, "{body}");
+    for v in &values {
+        assert!(!body.contains(v.expose()), "a key value in /v1/inventory");
+    }
     let rows: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
     assert_eq!(
         rows.len(),
@@ -365,11 +368,11 @@ async fn the_api_the_cli_and_the_metric() {
         .output()
         .unwrap();
     let table = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "{table}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{table}{stderr}");
+    for v in &values {
+        assert!(!table.contains(v.expose()) && !stderr.contains(v.expose()));
+    }
     assert!(
         table.contains("unmanaged") && table.contains("user"),
         "{table}"
