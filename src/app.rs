@@ -126,6 +126,7 @@ pub async fn connect_with(
         )
         .with_observer(Arc::new(Fanout(observers))),
     );
+    engine.set_naming(crate::naming::Naming::from_config(&config.daemon));
     Ok(Services {
         metrics,
         audit,
@@ -243,6 +244,9 @@ impl ScheduleObserver for Hooks {
             message: Some(e.to_string()),
             ..AuditFields::new(AuditEvent::TriggerRefused)
         });
+    }
+    fn inventory_taken(&self, projects: &[String], inventory: &crate::inventory::Inventory) {
+        self.metrics.set_inventory(projects, inventory);
     }
     fn swept(&self, account_ids: &[String]) {
         self.metrics.orphans_swept(account_ids.len() as u64);
@@ -779,5 +783,33 @@ pub async fn sweep_once(
         std::process::ExitCode::SUCCESS
     } else {
         std::process::ExitCode::from(2)
+    })
+}
+
+/// `inventory --config FILE`: connect, take the inventory once, print it (table or JSON).
+pub async fn inventory_once(
+    args: &crate::cli::InventoryArgs,
+) -> anyhow::Result<std::process::ExitCode> {
+    let config = Config::load(&args.config)?;
+    let mut opts = crate::inventory::Options::from_config(&config.daemon);
+    opts.project = args.project.clone();
+    if let Some(raw) = &args.unused_days {
+        opts.unused_after =
+            crate::inventory::unused_days("--unused-days", raw).map_err(anyhow::Error::msg)?;
+    }
+    let cancel = CancellationToken::new();
+    // The inventory writes nothing: no audit sink.
+    let services = connect(&config, Audit::open(None, false)?, &cancel).await?;
+    let inv = crate::inventory::take(&services.engine, &config.targets, &opts).await;
+    cancel.cancel();
+    let inv = inv?;
+    match args.format {
+        crate::cli::InventoryFormat::Table => print!("{}", inv.to_table()),
+        crate::cli::InventoryFormat::Json => println!("{}", inv.to_json()),
+    }
+    Ok(if inv.has_errors() {
+        std::process::ExitCode::from(2)
+    } else {
+        std::process::ExitCode::SUCCESS
     })
 }

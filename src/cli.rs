@@ -53,6 +53,32 @@ pub enum Command {
     /// kubeconfig and a daemon config for them, and run until SIGTERM/SIGINT.
     #[cfg(feature = "sandbox")]
     Sandbox(SandboxArgs),
+    /// List every API key of every configured project: owner, last use, whether a journal
+    /// or Vault path of ours names it, and flags (unmanaged, unused, pending_deletion,
+    /// expiring). Exits 2 when a project or Vault path could not be read (its error row).
+    Inventory(InventoryArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct InventoryArgs {
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Only this project (configured or not).
+    #[arg(long)]
+    pub project: Option<String>,
+    /// A key with no use for this many days is `unused` (default: daemon.inventory_unused_after).
+    #[arg(long)]
+    pub unused_days: Option<String>,
+    #[arg(long, value_enum, default_value_t = InventoryFormat::Table)]
+    pub format: InventoryFormat,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InventoryFormat {
+    /// Readable at 80 columns.
+    Table,
+    /// One JSON array.
+    Json,
 }
 
 /// Where the daemon's API is and how to authenticate.
@@ -312,6 +338,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         } => Ok(audit_verify(&file)),
         #[cfg(feature = "sandbox")]
         Command::Sandbox(args) => sandbox(args).await,
+        Command::Inventory(args) => {
+            init_tracing(LogFormat::Auto);
+            crate::app::inventory_once(&args).await
+        }
     }
 }
 

@@ -86,6 +86,17 @@ pub struct DaemonConfig {
     pub coalesce_window: DurationStr,
     /// Workloads rolling at once across all rotations; unset = no bound.
     pub max_concurrent_rollouts: Option<usize>,
+    /// How often the leader takes the key inventory (metrics); "0s" = never.
+    pub inventory_interval: DurationStr,
+    /// A key with no use for this long is `unused` in the inventory and its metric.
+    pub inventory_unused_after: DurationStr,
+    /// A key expiring within this long is `expiring` in the inventory.
+    pub inventory_expiring_within: DurationStr,
+    /// Service-account names, e.g. "{yy}-{mm}-{target}-{env}-{rotation}"; unset =
+    /// "{prefix}-{target}-{rotation}". Must contain {rotation}.
+    pub account_name_template: Option<String>,
+    /// The environment `{env}` stands for in the name template (one daemon per environment).
+    pub env: Option<String>,
 }
 
 /// With several replicas, a Kubernetes Lease elects the one that rotates.
@@ -141,6 +152,11 @@ impl Default for DaemonConfig {
             delete_max_backoff: DurationStr::from_secs(60),
             coalesce_window: DurationStr::from_secs(3),
             max_concurrent_rollouts: None,
+            inventory_interval: DurationStr::from_secs(3600),
+            inventory_unused_after: DurationStr::from_secs(30 * 86_400),
+            inventory_expiring_within: DurationStr::from_secs(7 * 86_400),
+            account_name_template: None,
+            env: None,
         }
     }
 }
@@ -413,6 +429,11 @@ pub struct Target {
     /// Bound on roll + verify for all workloads of this target.
     #[serde(default = "default_rollout_timeout")]
     pub rollout_timeout: DurationStr,
+    /// Expiry backstop: each minted key stops working this long after creation
+    /// (`expires_in_seconds`), even if every rotation fails. Must exceed `max_key_age` plus
+    /// the rotation's worst-case duration plus the expiry alert's margin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_expiry: Option<DurationStr>,
 }
 
 impl Target {
@@ -878,6 +899,51 @@ impl Config {
                 "daemon.delete_max_backoff: must be at least daemon.delete_retry_base".into(),
             );
         }
+        for (field, v) in [
+            ("inventory_unused_after", d.inventory_unused_after),
+            ("inventory_expiring_within", d.inventory_expiring_within),
+        ] {
+            if v.get() < Duration::from_secs(86_400) {
+                errors.push(format!(
+                    "daemon.{field}: ({v:?}) must be at least 1 day (the inventory counts in days)"
+                ));
+            }
+        }
+        if let Some(e) = d.env.as_deref().filter(|e| !crate::naming::valid_env(e)) {
+            errors.push(format!(
+                "daemon.env: {e:?} must be 1-20 characters of a-z, A-Z, 0-9 and '-'"
+            ));
+        }
+        if let Some(t) = &d.account_name_template {
+            match crate::naming::NameTemplate::parse(t) {
+                Err(e) => errors.push(format!("daemon.account_name_template: {e}")),
+                Ok(tpl) => {
+                    if tpl.uses_env() && d.env.is_none() {
+                        errors.push(
+                            "daemon.env: must be set: daemon.account_name_template uses {env}"
+                                .into(),
+                        );
+                    }
+                    for (i, t) in self.targets.iter().enumerate() {
+                        let name = tpl.render(&crate::naming::NameVars {
+                            prefix: &d.account_prefix,
+                            target: &t.name,
+                            rotation_id: crate::naming::SAMPLE_ROTATION_ID,
+                            env: d.env.as_deref(),
+                            at: now,
+                        });
+                        if name.len() > crate::naming::MAX_NAME_LEN {
+                            errors.push(format!(
+                                "targets[{i}] ({:?}).name: its service account names (like {name:?}, from daemon.account_name_template) are {} characters; at most {}",
+                                t.name,
+                                name.len(),
+                                crate::naming::MAX_NAME_LEN
+                            ));
+                        }
+                    }
+                }
+            }
+        }
         if d.state_prefix.trim_matches('/').is_empty() {
             errors.push("daemon.state_prefix: must not be empty".into());
         }
@@ -1033,6 +1099,9 @@ impl Config {
                     ));
                 }
             }
+            if let Some(e) = t.key_expiry {
+                errors.extend(check_key_expiry(&at, t, e));
+            }
             for (j, p) in t.smoke_probes.iter().enumerate() {
                 let probe = format!("{at}.smoke_probes[{j}]");
                 match url::Url::parse(&p.url) {
@@ -1076,6 +1145,86 @@ impl Config {
     pub fn target(&self, name: &str) -> Option<&Target> {
         self.targets.iter().find(|t| t.name == name)
     }
+}
+
+/// Warning the `OpenAIKeyExpiringSoon` alert gives before a served key expires: a key must
+/// outlive its rotation by more than this, or the alert fires on every healthy cycle.
+pub const EXPIRY_ALERT_MARGIN: Duration = Duration::from_secs(2 * 86_400);
+
+/// Longest `expires_in_seconds` the simulator (and we) accept: ten years.
+const MAX_KEY_EXPIRY: Duration = Duration::from_secs(10 * 365 * 86_400);
+
+/// The longest a rotation can take before the old key is retired: the schedule's jitter,
+/// the sync wait, roll + verify, adoption, the grace period and the drain's bound. A key
+/// must outlive `max_key_age` by this much (plus the alert margin) so a slow rotation never
+/// runs into the backstop.
+pub fn rotation_bound(t: &Target) -> Duration {
+    t.jitter.get()
+        + t.synced_secret
+            .as_ref()
+            .map_or(Duration::ZERO, |s| s.timeout.get())
+        + t.rollout_timeout.get()
+        + t.adoption
+            .as_ref()
+            .map_or(Duration::ZERO, |a| a.timeout.get())
+        + t.grace_period.get()
+        + t.drain
+            .as_ref()
+            .map_or(Duration::ZERO, |d| d.max_wait.get())
+}
+
+/// `31d 1h 10m`: days rather than humantime's months, whole seconds.
+fn days(d: Duration) -> String {
+    let s = d.as_secs();
+    let parts = [
+        (s / 86_400, "d"),
+        (s % 86_400 / 3600, "h"),
+        (s % 3600 / 60, "m"),
+        (s % 60, "s"),
+    ];
+    let out: Vec<String> = parts
+        .iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, u)| format!("{n}{u}"))
+        .collect();
+    if out.is_empty() {
+        "0s".into()
+    } else {
+        out.join(" ")
+    }
+}
+
+fn check_key_expiry(at: &str, t: &Target, e: DurationStr) -> Vec<String> {
+    let mut errors = Vec::new();
+    if e.get() < Duration::from_secs(1) || e.get() > MAX_KEY_EXPIRY {
+        errors.push(format!(
+            "{at}.key_expiry: ({e:?}) must be from 1s to 10 years"
+        ));
+        return errors;
+    }
+    if e.get().subsec_nanos() != 0 {
+        errors.push(format!(
+            "{at}.key_expiry: ({e:?}) must be whole seconds (it is sent as expires_in_seconds)"
+        ));
+    }
+    let Some(age) = t.max_key_age else {
+        errors.push(format!(
+            "{at}.key_expiry: needs max_key_age (rotations must replace a key before it expires)"
+        ));
+        return errors;
+    };
+    let need = age.get() + rotation_bound(t) + EXPIRY_ALERT_MARGIN;
+    if e.get() <= need {
+        errors.push(format!(
+            "{at}.key_expiry: ({}) must exceed max_key_age ({}) + the rotation's worst case ({}: jitter, sync timeout, rollout_timeout, adoption timeout, grace_period, drain max_wait) + the expiry alert's margin ({}) = {}",
+            days(e.get()),
+            days(age.get()),
+            days(rotation_bound(t)),
+            days(EXPIRY_ALERT_MARGIN),
+            days(need)
+        ));
+    }
+    errors
 }
 
 /// How far ahead a schedule must have a fire time (a cron like Feb 30 has none, ever).

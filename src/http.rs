@@ -194,6 +194,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/targets", get(list_targets))
         .route("/v1/targets/{name}/rotations", post(create_rotation))
         .route("/v1/rotations/{id}", get(get_rotation))
+        .route("/v1/inventory", get(get_inventory))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(axum::middleware::from_fn_with_state(
@@ -672,6 +673,52 @@ async fn list_targets(State(state): State<AppState>, headers: HeaderMap) -> Resp
         return r;
     }
     Json(json!({ "targets": state.daemon.targets() })).into_response()
+}
+
+/// `GET /v1/inventory?project=P&unused_days=N`: the key inventory as one JSON array (a
+/// project that cannot be listed is an error row); the configured windows by default.
+async fn get_inventory(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Response {
+    if let Err(r) = authenticate(&state, &headers) {
+        return r;
+    }
+    let config = state.daemon.config();
+    let mut opts = crate::inventory::Options::from_config(&config.daemon);
+    let raw = query.unwrap_or_default();
+    for (k, v) in url::form_urlencoded::parse(raw.as_bytes()) {
+        match k.as_ref() {
+            "project" if !v.is_empty() && v.len() <= 128 => opts.project = Some(v.into_owned()),
+            "project" => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "project: must be a project id of 1-128 characters",
+                )
+            }
+            "unused_days" => match crate::inventory::unused_days("unused_days", &v) {
+                Ok(d) => opts.unused_after = d,
+                Err(e) => return error(StatusCode::BAD_REQUEST, e),
+            },
+            other => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "unknown query parameter {}: expected project or unused_days",
+                        shown(other)
+                    ),
+                )
+            }
+        }
+    }
+    match state.daemon.inventory(&opts).await {
+        Ok(inv) => Json(inv.rows).into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "inventory failed");
+            error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
+    }
 }
 
 #[cfg(test)]

@@ -70,6 +70,9 @@ pub struct Metrics {
     unlisted: IntGaugeVec,
     leader: IntGauge,
     build_info: IntGaugeVec,
+    inventory_keys: IntGaugeVec,
+    inventory_errors: IntGaugeVec,
+    key_expires: GaugeVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -228,6 +231,21 @@ impl Metrics {
                 "Always 1; the version is in the label.",
                 &["version"],
             ),
+            inventory_keys: int_gauge(
+                "inventory_keys",
+                "API keys of each configured project at the last inventory, by state (managed, unmanaged, unused).",
+                &["project", "state"],
+            ),
+            inventory_errors: int_gauge(
+                "inventory_errors",
+                "1 when the last inventory could not list the project's keys.",
+                &["project"],
+            ),
+            key_expires: gauge(
+                "key_expires_timestamp_seconds",
+                "When the key Vault serves for the target expires, from the last inventory (0: never or unknown).",
+                &["target"],
+            ),
             targets: RwLock::new(BTreeSet::new()),
             registry,
         };
@@ -345,6 +363,7 @@ impl Metrics {
         let _ = self.pending_deletion.remove_label_values(&[t]);
         let _ = self.leaked_pending.remove_label_values(&[t]);
         let _ = self.unlisted.remove_label_values(&[t]);
+        let _ = self.key_expires.remove_label_values(&[t]);
     }
 
     pub fn orphans_swept(&self, n: u64) {
@@ -366,6 +385,41 @@ impl Metrics {
         self.leaked_pending
             .with_label_values(&[t])
             .set(count(leaked));
+    }
+
+    /// Publish an inventory: key counts of the configured `projects` only (the label stays
+    /// bounded; series of projects no longer configured go), and the served keys' expiry.
+    pub fn set_inventory(&self, projects: &[String], inv: &crate::inventory::Inventory) {
+        self.inventory_keys.reset();
+        self.inventory_errors.reset();
+        for p in projects {
+            if !inv.projects.contains(p) {
+                continue;
+            }
+            let c = inv.counts(p);
+            self.inventory_errors
+                .with_label_values(&[p])
+                .set(i64::from(c.error));
+            if c.error {
+                // Not listed: no counts rather than zeros that look like "none".
+                continue;
+            }
+            let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            for (state, v) in [
+                ("managed", c.managed),
+                ("unmanaged", c.unmanaged),
+                ("unused", c.unused),
+            ] {
+                self.inventory_keys.with_label_values(&[p, state]).set(n(v));
+            }
+        }
+        for s in &inv.served {
+            if self.known(&s.target) {
+                self.key_expires
+                    .with_label_values(&[&s.target])
+                    .set(epoch_seconds(s.expires_at));
+            }
+        }
     }
 
     /// Point `rotation_step` of `target` at `current` (all 0 for `None`).

@@ -26,8 +26,8 @@ use crate::config::OpenAiConfig;
 use crate::pacer::{Limits, Pacer};
 use crate::retry::{Call, GaveUp, Resume, Retry, RetryPolicy, Timeout, Verdict};
 use crate::rotation::ports::{
-    AccountInfo, AccountRef, Backend, BackendError, CallObserver, KeyIssuer, KeyUsage, MintedKey,
-    StatusClass,
+    AccountInfo, AccountRef, Backend, BackendError, CallObserver, KeyIssuer, KeyOwner, KeyUsage,
+    MintedKey, ProjectKey, StatusClass,
 };
 use crate::secret::Secret;
 use async_trait::async_trait;
@@ -189,6 +189,10 @@ impl fmt::Debug for OpenAiClient {
 #[derive(Serialize)]
 struct CreateServiceAccountRequest<'a> {
     name: &'a str,
+    /// The SDKs' addition (September 2026): the key stops working this many seconds after
+    /// creation. Left out when unset (no expiry).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_in_seconds: Option<u64>,
 }
 
 /// `ProjectServiceAccountCreateResponse`. Holds the key value: no Debug.
@@ -239,6 +243,48 @@ struct ServiceAccountDeleted {
 #[derive(Debug, Deserialize)]
 struct ProjectApiKey {
     last_used_at: Option<i64>,
+}
+
+/// `ProjectApiKey` as the inventory reads it (never `redacted_value`). `expires_at` is the
+/// SDKs' addition (nullable; absent from our copy of the description).
+#[derive(Debug, Deserialize)]
+struct ListedApiKey {
+    id: String,
+    #[serde(default)]
+    name: Option<String>,
+    created_at: i64,
+    #[serde(default)]
+    last_used_at: Option<i64>,
+    #[serde(default)]
+    expires_at: Option<i64>,
+    owner: ListedKeyOwner,
+}
+
+/// `ProjectApiKey.owner`: `user` or `service_account` and the matching object.
+#[derive(Debug, Deserialize)]
+struct ListedKeyOwner {
+    #[serde(rename = "type")]
+    type_: String,
+    #[serde(default)]
+    user: Option<ListedOwnerRef>,
+    #[serde(default)]
+    service_account: Option<ListedOwnerRef>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ListedOwnerRef {
+    id: String,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+/// `ProjectApiKeyListResponse`.
+#[derive(Debug, Deserialize)]
+struct ApiKeyList {
+    data: Vec<ListedApiKey>,
+    #[serde(default)]
+    last_id: Option<String>,
+    has_more: bool,
 }
 
 /// `UsageResponse`.
@@ -680,11 +726,23 @@ impl KeyIssuer for OpenAiClient {
         project: &str,
         name: &str,
     ) -> Result<MintedKey, BackendError> {
+        self.create_service_account_expiring(project, name, None)
+            .await
+    }
+
+    async fn create_service_account_expiring(
+        &self,
+        project: &str,
+        name: &str,
+        expires_in: Option<Duration>,
+    ) -> Result<MintedKey, BackendError> {
         const OP: &str = "service_accounts.create";
         let what = format!("project {project} name {name:?}");
-        let body = serde_json::to_vec(&CreateServiceAccountRequest { name }).map_err(|e| {
-            failed_msg(OP, &what, &format!("cannot encode the request: {e}"), false)
-        })?;
+        let body = serde_json::to_vec(&CreateServiceAccountRequest {
+            name,
+            expires_in_seconds: expires_in.map(|d| d.as_secs().max(1)),
+        })
+        .map_err(|e| failed_msg(OP, &what, &format!("cannot encode the request: {e}"), false))?;
         let had_ambiguous = AtomicBool::new(false);
         let had = &had_ambiguous;
         let result = self
@@ -909,6 +967,70 @@ impl KeyIssuer for OpenAiClient {
             requests_since,
         })
     }
+
+    /// Every page of `GET /organization/projects/{id}/api_keys?owner_project_access=any`
+    /// (bounded by `max_pages`), through the retried, paced path.
+    async fn list_project_keys(&self, project: &str) -> Result<Vec<ProjectKey>, BackendError> {
+        const OP: &str = "api_keys.list";
+        let what = format!("project {project}");
+        let mut out = Vec::new();
+        let mut after: Option<String> = None;
+        for _ in 0..self.max_pages {
+            let mut url = self.url(&["organization", "projects", project, "api_keys"]);
+            {
+                let mut q = url.query_pairs_mut();
+                q.append_pair("limit", &self.page_size.to_string())
+                    .append_pair("owner_project_access", "any");
+                if let Some(a) = &after {
+                    q.append_pair("after", a);
+                }
+            }
+            let req = self.admin_req(OP, Method::GET, url);
+            let body = match self.call(&req).await {
+                Ok(body) => body.unwrap_or_default(),
+                Err(GaveUp {
+                    error: Failure::Status { status: 404, .. },
+                    ..
+                }) => {
+                    return Err(BackendError::NotFound {
+                        backend: Backend::OpenAi,
+                        what,
+                    })
+                }
+                Err(g) => return Err(self.failed(OP, &what, &g)),
+            };
+            let page: ApiKeyList = parse(200, &body).map_err(|f| failed_once(OP, &what, &f))?;
+            let next = page
+                .last_id
+                .or_else(|| page.data.last().map(|k| k.id.clone()));
+            for k in page.data {
+                out.push(listed_key(k).map_err(|m| failed_msg(OP, &what, &m, false))?);
+            }
+            if !page.has_more {
+                return Ok(out);
+            }
+            match next {
+                Some(n) if after.as_deref() != Some(n.as_str()) => after = Some(n),
+                _ => {
+                    return Err(failed_msg(
+                        OP,
+                        &what,
+                        "has_more is true but the page gives no new cursor",
+                        false,
+                    ))
+                }
+            }
+        }
+        Err(failed_msg(
+            OP,
+            &what,
+            &format!(
+                "still has_more after {} pages of {}; giving up",
+                self.max_pages, self.page_size
+            ),
+            false,
+        ))
+    }
 }
 
 impl OpenAiClient {
@@ -1013,6 +1135,41 @@ fn parse<T: serde::de::DeserializeOwned>(status: u16, body: &[u8]) -> Result<T, 
             e.line(),
             e.column()
         ),
+    })
+}
+
+/// A listed key in our terms; the error names the key and the field.
+fn listed_key(k: ListedApiKey) -> Result<ProjectKey, String> {
+    let at = |field: &str, v: i64| {
+        timestamp(v).ok_or_else(|| format!("key {}: {field} {v} is out of range", k.id))
+    };
+    let created_at = at("created_at", k.created_at)?;
+    let last_used_at = k.last_used_at.map(|v| at("last_used_at", v)).transpose()?;
+    let expires_at = k.expires_at.map(|v| at("expires_at", v)).transpose()?;
+    let owner = match (
+        k.owner.type_.as_str(),
+        k.owner.user,
+        k.owner.service_account,
+    ) {
+        ("user", Some(u), _) => KeyOwner::User { id: u.id },
+        ("service_account", _, Some(a)) => KeyOwner::ServiceAccount {
+            id: a.id,
+            name: a.name.unwrap_or_default(),
+        },
+        (t, _, _) => {
+            return Err(format!(
+                "key {}: owner.type {t:?} without its owner object",
+                k.id
+            ))
+        }
+    };
+    Ok(ProjectKey {
+        name: k.name.unwrap_or_default(),
+        id: k.id,
+        owner,
+        created_at,
+        last_used_at,
+        expires_at,
     })
 }
 

@@ -367,6 +367,7 @@ impl Sim {
                 unlisted_consumers: Default::default(),
                 smoke_probes,
                 rollout_timeout: DurationStr::from_secs(300),
+                key_expiry: None,
             });
         }
         let paths = all.iter().map(|t| t.vault_path.clone()).collect();

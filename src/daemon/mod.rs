@@ -20,6 +20,9 @@ use tokio::sync::{watch, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// How long after start the first inventory is taken (or sooner, every interval).
+const FIRST_INVENTORY_AFTER: Duration = Duration::from_secs(60);
+
 #[derive(Clone)]
 pub struct DaemonOptions {
     pub backoff: Backoff,
@@ -123,6 +126,8 @@ pub trait ScheduleObserver: Send + Sync {
     fn unconfigured_target(&self, target: &str, rotation_id: &str, resumed: bool);
     /// The sweep deleted these orphaned managed accounts.
     fn swept(&self, account_ids: &[String]);
+    /// A full inventory was taken (of the configured `projects`).
+    fn inventory_taken(&self, _projects: &[String], _inventory: &crate::inventory::Inventory) {}
 }
 
 pub struct NoSchedule;
@@ -383,6 +388,9 @@ impl Daemon {
         self.inner
             .engine
             .set_account_prefix(&config.daemon.account_prefix);
+        self.inner
+            .engine
+            .set_naming(crate::naming::Naming::from_config(&config.daemon));
         self.resize_slots(config.daemon.max_concurrent_rotations.max(1));
         *self.inner.config.write_now() = config;
         self.inner.wake.notify_one();
@@ -527,9 +535,12 @@ impl Daemon {
         }
         let id = req.rotation_id.clone();
         // Visible at once (queued for a slot), until the engine's first event replaces it.
-        self.inner
-            .live
-            .put(&Journal::queued(req, &config.daemon.account_prefix));
+        let mut queued = Journal::queued(req, &config.daemon.account_prefix);
+        queued.new_account_name =
+            self.inner
+                .engine
+                .account_name_for(&req.target, &req.rotation_id, req.requested_at);
+        self.inner.live.put(&queued);
         let request = req.clone();
         let interest = self.inner.engine.expect_roll(&id, &target);
         self.inner.tasks.spawn(async move {
@@ -781,6 +792,8 @@ impl Daemon {
         let mut leader = self.inner.leader.clone();
         let mut resumed = false;
         let mut last_sweep: Option<tokio::time::Instant> = None;
+        let mut last_inventory: Option<tokio::time::Instant> = None;
+        let started = tokio::time::Instant::now();
         let mut last_retry = tokio::time::Instant::now();
         while !self.inner.shutdown.is_cancelled() {
             if !*leader.borrow() {
@@ -834,7 +847,23 @@ impl Daemon {
                 self.sweep_in_background();
                 last_sweep = Some(tokio::time::Instant::now());
             }
-            let sleep = self.sleep_for();
+            let every = self.config().daemon.inventory_interval.get();
+            // The first one soon after start (the metrics survive no restart), but not in
+            // the middle of resuming.
+            let inventory_in = |last: Option<tokio::time::Instant>| match last {
+                None => every
+                    .min(FIRST_INVENTORY_AFTER)
+                    .saturating_sub(started.elapsed()),
+                Some(t) => every.saturating_sub(t.elapsed()),
+            };
+            if !every.is_zero() && inventory_in(last_inventory).is_zero() {
+                self.inventory_in_background();
+                last_inventory = Some(tokio::time::Instant::now());
+            }
+            let mut sleep = self.sleep_for();
+            if !every.is_zero() {
+                sleep = sleep.min(inventory_in(last_inventory).max(Duration::from_millis(100)));
+            }
             tokio::select! {
                 _ = tokio::time::sleep(sleep) => {}
                 _ = self.inner.wake.notified() => {}
@@ -864,6 +893,34 @@ impl Daemon {
                 }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "sweep failed"),
+            }
+        });
+    }
+
+    /// Take the inventory for the metrics; read-only, so shutdown just drops it.
+    fn inventory_in_background(&self) {
+        let this = self.clone();
+        let stop = self.inner.shutdown.clone();
+        self.inner.tasks.spawn(async move {
+            let config = this.config();
+            let opts = crate::inventory::Options::from_config(&config.daemon);
+            let taken = tokio::select! {
+                r = this.inventory(&opts) => r,
+                _ = stop.cancelled() => return,
+            };
+            match taken {
+                Ok(inv) => {
+                    let projects: Vec<String> = config
+                        .targets
+                        .iter()
+                        .map(|t| t.project_id.clone())
+                        .collect();
+                    if inv.has_errors() {
+                        tracing::warn!("inventory: some projects or Vault paths could not be read");
+                    }
+                    this.inner.schedule_obs.inventory_taken(&projects, &inv);
+                }
+                Err(e) => tracing::warn!(error = %e, "inventory failed"),
             }
         });
     }
@@ -941,6 +998,15 @@ impl Daemon {
             .locked()
             .get(target)
             .and_then(|s| s.running.as_ref().map(|r| r.id.clone()))
+    }
+
+    /// The key inventory of the configured targets' projects (or `opts.project`).
+    pub async fn inventory(
+        &self,
+        opts: &crate::inventory::Options,
+    ) -> Result<crate::inventory::Inventory, crate::inventory::InventoryError> {
+        let config = self.config();
+        crate::inventory::take(&self.inner.engine, &config.targets, opts).await
     }
 }
 

@@ -273,6 +273,8 @@ pub struct Engine {
     coalescer: Arc<super::coalesce::Coalescer>,
     /// `max_concurrent_rollouts`: a permit per workload from its roll until verified.
     rollouts: Option<Arc<tokio::sync::Semaphore>>,
+    /// `account_name_template` and `env` (a reload may change them, like the prefix).
+    pub(super) naming: std::sync::RwLock<crate::naming::Naming>,
 }
 
 impl Engine {
@@ -293,6 +295,7 @@ impl Engine {
                 .max_concurrent_rollouts
                 .map(|n| Arc::new(tokio::sync::Semaphore::new(n.max(1)))),
             opts,
+            naming: std::sync::RwLock::default(),
         }
     }
 
@@ -520,6 +523,8 @@ impl Engine {
             ..request
         };
         let mut journal = Journal::queued(&request, &self.account_prefix());
+        journal.new_account_name =
+            self.account_name_for(&target.name, &request.rotation_id, request.requested_at);
         journal.emergency = control.is_emergency();
         journal.revoke_first = control.revoke_first();
         journal.started_at = self.now();
@@ -963,7 +968,11 @@ impl Engine {
         self.fenced(&rec.journal)?;
         let minted = match self
             .issuer
-            .create_service_account(&target.project_id, &name)
+            .create_service_account_expiring(
+                &target.project_id,
+                &name,
+                target.key_expiry.map(|e| e.get()),
+            )
             .await
         {
             Ok(m) => m,

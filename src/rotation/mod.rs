@@ -6,6 +6,8 @@ mod deletion;
 pub mod engine;
 pub mod journal;
 mod locks;
+mod names;
+pub mod ownership;
 pub mod plan;
 pub mod ports;
 pub mod recovery;

@@ -1,7 +1,6 @@
 //! The dry-run plan: what a rotation of a target would do, touching nothing.
 
 use super::engine::{Engine, EngineError};
-use super::journal::account_name;
 use crate::config::{Target, WorkloadKind};
 
 impl Engine {
@@ -15,7 +14,7 @@ impl Engine {
         if let Some(why) = self.refusal(target).await {
             plan.push(format!("refused: {why}"));
         }
-        let name = account_name(&self.account_prefix(), &target.name, "<rotation-id>");
+        let name = self.account_name_for(&target.name, "<rotation-id>", self.now());
         plan.push(format!(
             "mint: create service account {name} in project {}",
             target.project_id

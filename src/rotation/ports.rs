@@ -126,6 +126,33 @@ pub trait KeyIssuer: Send + Sync {
         key_id: &str,
         since: DateTime<Utc>,
     ) -> Result<KeyUsage, BackendError>;
+    /// [`create_service_account`](Self::create_service_account) whose key stops working
+    /// `expires_in` after creation (`expires_in_seconds`); `None` = never. The default
+    /// cannot set an expiry and refuses one rather than mint a key without it.
+    async fn create_service_account_expiring(
+        &self,
+        project: &str,
+        name: &str,
+        expires_in: Option<Duration>,
+    ) -> Result<MintedKey, BackendError> {
+        match expires_in {
+            None => self.create_service_account(project, name).await,
+            Some(_) => Err(BackendError::Failed {
+                backend: Backend::OpenAi,
+                message: format!("project {project}: this issuer cannot set a key expiry"),
+                transient: false,
+            }),
+        }
+    }
+    /// Every API key of the project (user- and service-account-owned), all pages. The
+    /// default says the issuer cannot list them (the inventory shows an error row).
+    async fn list_project_keys(&self, project: &str) -> Result<Vec<ProjectKey>, BackendError> {
+        Err(BackendError::Failed {
+            backend: Backend::OpenAi,
+            message: format!("project {project}: this issuer cannot list API keys"),
+            transient: false,
+        })
+    }
 }
 
 /// Which account a stored key belongs to (Vault custom metadata; ids and times only).
@@ -408,4 +435,24 @@ impl Fence for NoFence {
     fn check(&self) -> Result<(), String> {
         Ok(())
     }
+}
+
+/// Who owns a project API key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum KeyOwner {
+    User { id: String },
+    ServiceAccount { id: String, name: String },
+}
+
+/// A project API key as listed (`ProjectApiKey`; never its value).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectKey {
+    pub id: String,
+    pub name: String,
+    pub owner: KeyOwner,
+    pub created_at: DateTime<Utc>,
+    pub last_used_at: Option<DateTime<Utc>>,
+    /// When the key stops working (the SDKs' `expires_at`); `None` = never or not said.
+    pub expires_at: Option<DateTime<Utc>>,
 }

@@ -6,7 +6,7 @@
 
 use super::deletion::{Deletion, Doomed, Why};
 use super::engine::{Engine, EngineError};
-use super::journal::{parse_account_name, Journal};
+use super::journal::Journal;
 use super::ports::AccountRef;
 use crate::config::Target;
 use std::collections::{BTreeMap, BTreeSet};
@@ -79,7 +79,7 @@ impl Engine {
         for project in projects {
             for a in self.issuer.list_service_accounts(&project).await? {
                 let Some(j) = minted.get(a.name.as_str()).copied() else {
-                    if parse_account_name(&self.account_prefix(), &a.name).is_some() {
+                    if self.named_like_ours(&a.name) {
                         report.kept_unproven += 1;
                     }
                     continue;

@@ -469,6 +469,7 @@ impl Sandbox {
             unlisted_consumers: Default::default(),
             smoke_probes: Vec::new(),
             rollout_timeout: DurationStr::from_secs(60),
+            key_expiry: None,
         })
     }
 

@@ -114,6 +114,16 @@ fn alert_rules_pass_promtool_and_their_unit_tests_can_fail() {
         ("> 0.25", "> 0.5", "OpenAIAdminAPIErrors"),
         ("* 0 + 2592000", "* 0 + 2678400", "OpenAIKeyTooOld"),
         ("for: 45m", "for: 15m", "OpenAIKeyRotationStuck"),
+        (
+            "- time() < 172800",
+            "- time() < 86400",
+            "OpenAIKeyExpiringSoon",
+        ),
+        (
+            r#"{state="unmanaged"}) > 0"#,
+            r#"{state="unmanaged"}) > 2"#,
+            "OpenAIKeyUnmanagedKeys",
+        ),
     ] {
         assert!(rules.contains(from), "{from}");
         std::fs::write(dir.path().join("rules.yaml"), rules.replacen(from, to, 1)).unwrap();

@@ -12,6 +12,7 @@ mod deploy;
 mod failover;
 mod fault_matrix;
 mod ha_matrix;
+mod inventory;
 mod kube_roller;
 mod kube_sim;
 mod leader;

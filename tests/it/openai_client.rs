@@ -1174,3 +1174,100 @@ async fn every_key_issuer_method_passes_the_official_description_through_prism()
     assert_eq!(lines_now.len(), 1, "Prism log:\n{}", prism.guard.output());
     assert_eq!(lines, lines_now);
 }
+
+#[tokio::test]
+async fn project_keys_are_listed_page_by_page_with_both_owners_and_a_5xx_is_retried() {
+    let env = env().await;
+    let p = &env.project;
+    let rec = Arc::new(Recorder::default());
+    for i in 0..9 {
+        env.sim
+            .create_service_account(p, &format!("seed-{i}"))
+            .unwrap();
+    }
+    let user = env
+        .sim
+        .create_user_key(p, "user_ada", "ada laptop", Some(1_700_000_000))
+        .unwrap();
+    let c = client(&env.base(), ADMIN, &rec, 3).with_page_size(4);
+    env.sim
+        .set_faults(Faults::fail_nth(2, 503).only("api_keys.list"));
+    let keys = c.list_project_keys(p).await.expect("list");
+    assert_eq!(keys.len(), 10);
+    // 10 keys in pages of 4: 3 pages, plus the retried 503.
+    assert_eq!(env.sim.calls("api_keys.list"), 4);
+    assert_eq!(rec.calls("api_keys.list", StatusClass::ServerError), 1);
+    let want: Vec<String> = env
+        .sim
+        .service_accounts(p)
+        .into_iter()
+        .filter_map(|a| a.key_id)
+        .chain([user.clone()])
+        .collect();
+    let got: Vec<String> = keys.iter().map(|k| k.id.clone()).collect();
+    assert_eq!(got, want);
+    let ada = keys.iter().find(|k| k.id == user).unwrap();
+    assert_eq!(
+        ada.owner,
+        openai_key_rotator::rotation::ports::KeyOwner::User {
+            id: "user_ada".into()
+        }
+    );
+    assert_eq!(ada.last_used_at.map(|t| t.timestamp()), Some(1_700_000_000));
+    assert!(matches!(
+        &keys[0].owner,
+        openai_key_rotator::rotation::ports::KeyOwner::ServiceAccount { name, .. } if name == "seed-0"
+    ));
+    env.sim.clear_faults();
+
+    // Negative controls: the page cap ends a list that will not end; an unknown project is
+    // not found.
+    let capped = client(&env.base(), ADMIN, &rec, 3)
+        .with_page_size(4)
+        .with_max_pages(2);
+    let e = capped.list_project_keys(p).await.unwrap_err();
+    assert_final(&e, "after 2 pages");
+    let e = c.list_project_keys("proj_nosuch").await.unwrap_err();
+    assert!(matches!(e, BackendError::NotFound { .. }), "{e:?}");
+}
+
+#[tokio::test]
+async fn a_key_expiry_is_sent_as_expires_in_seconds() {
+    let env = env().await;
+    let p = &env.project;
+    let rec = Arc::new(Recorder::default());
+    let c = client(&env.base(), ADMIN, &rec, 3);
+    let minted = c
+        .create_service_account_expiring(p, "okr-expiring", Some(Duration::from_secs(3600)))
+        .await
+        .expect("create");
+    let a = env
+        .sim
+        .service_accounts(p)
+        .into_iter()
+        .find(|a| a.id == minted.account.id)
+        .unwrap();
+    assert_eq!(a.key_expires_at, Some(a.created_at + 3600));
+    // Negative control: no expiry asked, none set.
+    let plain = c
+        .create_service_account_expiring(p, "okr-plain", None)
+        .await
+        .expect("create");
+    let a = env
+        .sim
+        .service_accounts(p)
+        .into_iter()
+        .find(|a| a.id == plain.account.id)
+        .unwrap();
+    assert_eq!(a.key_expires_at, None);
+    // An organization policy that requires an expiry refuses a create without one.
+    env.sim.set_key_lifetime_policy(Some(7200));
+    let e = c
+        .create_service_account_expiring(p, "okr-refused", None)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("expires_in_seconds"), "{e}");
+    c.create_service_account_expiring(p, "okr-within", Some(Duration::from_secs(7200)))
+        .await
+        .expect("within the policy");
+}

@@ -236,6 +236,35 @@ async fn openai_sim_satisfies_the_official_description_through_prism() {
         .map(|v| v["api_key"]["id"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(key_ids, want_keys);
+
+    // A user-owned key (the inventory's other owner type), listed with
+    // owner_project_access=any, paged across the service-account keys before it.
+    let user_project = &other_projects[0];
+    sim.create_service_account(user_project, "okr-contract-user-neighbour")
+        .unwrap();
+    let user_key = sim
+        .create_user_key(user_project, "user_contract", "laptop", Some(1_700_000_000))
+        .unwrap();
+    let v = c
+        .ok(
+            "api_keys.list (user-owned key, owner_project_access=any)",
+            admin(http.get(format!("{p}/organization/projects/{user_project}/api_keys")))
+                .query(&[("owner_project_access", "any"), ("limit", "1")]),
+        )
+        .await;
+    assert_eq!(v["has_more"], true);
+    let after = v["last_id"].as_str().unwrap().to_string();
+    let v = c
+        .ok(
+            "api_keys.list (user-owned key, second page)",
+            admin(http.get(format!("{p}/organization/projects/{user_project}/api_keys")))
+                .query(&[("owner_project_access", "any"), ("after", after.as_str())]),
+        )
+        .await;
+    assert_eq!(v["data"][0]["id"], user_key.as_str());
+    assert_eq!(v["data"][0]["owner"]["type"], "user");
+    assert_eq!(v["data"][0]["owner"]["user"]["id"], "user_contract");
+    assert_eq!(v["data"][0]["last_used_at"], 1_700_000_000);
     let v = c
         .ok(
             "api_keys.retrieve",

@@ -17,6 +17,15 @@ coalesce_window = {{ . | toJson }}
 {{- with $v.daemon.maxConcurrentRollouts }}
 max_concurrent_rollouts = {{ int . }}
 {{- end }}
+{{- with $v.daemon.inventoryInterval }}
+inventory_interval = {{ . | toJson }}
+{{- end }}
+{{- with $v.daemon.accountNameTemplate }}
+account_name_template = {{ . | toJson }}
+{{- end }}
+{{- with $v.daemon.env }}
+env = {{ . | toJson }}
+{{- end }}
 
 [daemon.leader_election]
 enabled = {{ $v.leaderElection.enabled }}
@@ -86,6 +95,9 @@ grace_period = {{ . | toJson }}
 {{- end }}
 {{- with $t.rolloutTimeout }}
 rollout_timeout = {{ . | toJson }}
+{{- end }}
+{{- with $t.keyExpiry }}
+key_expiry = {{ . | toJson }}
 {{- end }}
 {{- with $t.syncedSecret }}
 

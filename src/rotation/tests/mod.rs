@@ -72,6 +72,7 @@ fn world() -> World {
         unlisted_consumers: Default::default(),
         smoke_probes: vec![],
         rollout_timeout: DurationStr(Duration::from_secs(2)),
+        key_expiry: None,
     };
     let checker = Arc::new(InvariantChecker {
         issuer: issuer.clone(),
@@ -1365,4 +1366,5 @@ async fn the_plan_shows_the_waves() {
     assert!(w.log.entries().is_empty());
 }
 
+mod naming;
 mod outage;

@@ -238,6 +238,31 @@ fn key_json(a: &AccountRec, k: &KeyRec) -> Value {
     })
 }
 
+/// A user's key: `owner.type` `user` with `ProjectApiKeyOwnerUser` (the value is not kept,
+/// so the redaction is of a placeholder).
+fn user_key_json(k: &super::UserKeyRec) -> Value {
+    json!({
+        "object": "organization.project.api_key",
+        "redacted_value": "sk-proj-...user",
+        "name": k.name,
+        "created_at": k.created_at,
+        "last_used_at": k.last_used_at,
+        "expires_at": null,
+        "id": k.id,
+        "owner_project_access": "active",
+        "owner": {
+            "type": "user",
+            "user": {
+                "id": k.user_id,
+                "email": format!("{}@example.com", k.user_id),
+                "name": k.user_id,
+                "created_at": k.created_at,
+                "role": "member",
+            },
+        },
+    })
+}
+
 fn no_project(id: &str) -> ApiError {
     ApiError::not_found(format!("No such project: '{id}'."))
 }
@@ -488,6 +513,12 @@ pub(super) async fn list_api_keys(
         .filter(|a| a.project_id == project_id)
         .filter_map(|a| a.key.as_ref().map(|k| (a, k)))
         .map(|(a, k)| (k.id.as_str(), (show && !a.deleted).then(|| key_json(a, k))))
+        .chain(
+            st.user_keys
+                .iter()
+                .filter(|k| k.project_id == project_id)
+                .map(|k| (k.id.as_str(), show.then(|| user_key_json(k)))),
+        )
         .collect();
     page(all, &pairs)
 }

@@ -157,6 +157,19 @@ struct State {
     faults: faults::FaultState,
     /// Fixed "now" (Unix seconds) when set; the system clock otherwise.
     clock: Option<i64>,
+    /// Project API keys owned by users (made in the dashboard, not through the Admin API):
+    /// listed beside the service accounts' keys.
+    user_keys: Vec<UserKeyRec>,
+}
+
+/// A user-owned project API key (its value is never needed: the simulator only lists it).
+pub(super) struct UserKeyRec {
+    pub(super) id: String,
+    pub(super) project_id: String,
+    pub(super) name: String,
+    pub(super) created_at: i64,
+    pub(super) last_used_at: Option<i64>,
+    pub(super) user_id: String,
 }
 
 struct ProjectRec {
@@ -383,6 +396,7 @@ impl OpenAiSim {
             calls: BTreeMap::new(),
             faults: faults::FaultState::default(),
             clock: None,
+            user_keys: Vec::new(),
         };
         state.add_admin_key("Admin Key", admin_key, None);
         OpenAiSim {
@@ -756,6 +770,32 @@ impl OpenAiSim {
 
     pub fn now(&self) -> i64 {
         self.lock().now()
+    }
+
+    /// Seeding helper: a project API key owned by user `user_id` (as made in the
+    /// dashboard), last used at `last_used_at` (Unix seconds); returns its id.
+    pub fn create_user_key(
+        &self,
+        project_id: &str,
+        user_id: &str,
+        name: &str,
+        last_used_at: Option<i64>,
+    ) -> Result<String, OpenAiSimError> {
+        let mut st = self.lock();
+        if st.project(project_id).is_none() {
+            return Err(OpenAiSimError::UnknownProject(project_id.to_string()));
+        }
+        let id = new_id("key_", 16);
+        let created_at = st.now();
+        st.user_keys.push(UserKeyRec {
+            id: id.clone(),
+            project_id: project_id.to_string(),
+            name: name.to_string(),
+            created_at,
+            last_used_at,
+            user_id: user_id.to_string(),
+        });
+        Ok(id)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
