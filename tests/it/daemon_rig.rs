@@ -60,6 +60,9 @@ impl Rig {
         let mut config = sb.config.clone();
         // The daemon talks to OpenBao through the proxy; consumers and checks read it directly.
         config.vault.address = proxy.url.clone();
+        // No periodic inventory: its key listings would take injected Admin API faults
+        // meant for the rotation under test.
+        config.daemon.inventory_interval = DurationStr(Duration::ZERO);
         for t in &mut config.targets {
             t.grace_period = DurationStr(Duration::from_millis(300));
             t.rollout_timeout = DurationStr::from_secs(20);
