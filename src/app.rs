@@ -10,6 +10,7 @@ use crate::http::{self, ApiTokens, AppState, Readiness, Unready};
 use crate::kube::KubeRoller;
 use crate::leader::{LeaderConfig, LeaderElector};
 use crate::metrics::Metrics;
+use crate::notify::Notifier;
 use crate::openai::{load_admin_key, OpenAiClient};
 use crate::retry::RetryPolicy;
 use crate::rotation::ports::{CallObserver, SecretStore};
@@ -46,6 +47,7 @@ pub struct Services {
     pub roller: Arc<KubeRoller>,
     pub engine: Arc<Engine>,
     pub live: Arc<LiveRotations>,
+    pub notifier: Arc<Notifier>,
 }
 
 pub fn engine_options(config: &Config) -> EngineOptions {
@@ -111,11 +113,17 @@ pub async fn connect_with(
             .context("connecting to Kubernetes")?,
     );
     let live = Arc::new(LiveRotations::default());
+    let notifier = Arc::new(
+        Notifier::new(config, metrics.clone(), metrics.clone())
+            .context("setting up notifications")?,
+    );
+    notifier.spawn(cancel.child_token());
     let mut observers: Vec<Arc<dyn Observer>> = vec![
         live.clone(),
         metrics.clone(),
         Arc::new(audit.clone()),
         Arc::new(LogObserver),
+        notifier.clone(),
     ];
     observers.extend(extra);
     let prober = Arc::new(HttpProber::new().context("building the smoke-probe client")?);
@@ -134,6 +142,7 @@ pub async fn connect_with(
         roller,
         engine,
         live,
+        notifier,
     })
 }
 
@@ -205,6 +214,7 @@ impl crate::rotation::ports::Fence for LeaseFence {
 struct Hooks {
     metrics: Arc<Metrics>,
     audit: Audit,
+    notifier: Arc<Notifier>,
 }
 
 impl Hooks {
@@ -221,6 +231,7 @@ impl ScheduleObserver for Hooks {
     }
     fn key_created(&self, target: &str, at: Option<DateTime<Utc>>) {
         self.metrics.set_key_created(target, at);
+        self.notifier.key_age(target, at, Utc::now());
     }
     fn rotation_requested(&self, r: &RotationRequest, rotation_id: &str) {
         self.record(AuditFields {
@@ -243,6 +254,9 @@ impl ScheduleObserver for Hooks {
             message: Some(e.to_string()),
             ..AuditFields::new(AuditEvent::TriggerRefused)
         });
+        if matches!(r.trigger, Trigger::Schedule | Trigger::MaxAge) {
+            self.notifier.due_refused(r, &e.to_string());
+        }
     }
     fn swept(&self, account_ids: &[String]) {
         self.metrics.orphans_swept(account_ids.len() as u64);
@@ -297,6 +311,7 @@ impl ScheduleObserver for Hooks {
             outcome: Some("upgraded to emergency".into()),
             ..AuditFields::new(AuditEvent::RotationRequested)
         });
+        self.notifier.emergency_upgraded(r, rotation_id);
     }
 }
 
@@ -367,6 +382,7 @@ pub async fn start(
     let hooks = Arc::new(Hooks {
         metrics: services.metrics.clone(),
         audit: audit.clone(),
+        notifier: services.notifier.clone(),
     });
     // Bound first: the port goes into the API URL this replica advertises.
     let listener = tokio::net::TcpListener::bind(config.daemon.listen)
@@ -576,7 +592,8 @@ fn reload(
             Some(f) => Some(ApiTokens::load(f)?),
             None => None,
         };
-        Ok((new, new_tokens))
+        let notify = Notifier::stage(&new)?;
+        Ok((new, new_tokens, notify))
     });
     let rejected = |e: String| {
         tracing::error!(error = %e, "SIGHUP: new configuration rejected; keeping the running one");
@@ -587,7 +604,7 @@ fn reload(
             ..AuditFields::new(AuditEvent::ConfigReloaded)
         });
     };
-    let (new, new_tokens) = match result {
+    let (new, new_tokens, notify) = match result {
         Ok(r) => r,
         Err(e) => return rejected(format!("{e:#}")),
     };
@@ -598,6 +615,7 @@ fn reload(
         return rejected(e.to_string());
     }
     services.metrics.set_targets(&names);
+    services.notifier.apply(notify);
     if let Some(t) = new_tokens {
         *tokens.write_now() = t;
     }
@@ -656,6 +674,10 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         (
             "daemon.max_concurrent_rollouts",
             o.max_concurrent_rollouts != n.max_concurrent_rollouts,
+        ),
+        (
+            "notifications.queue_size",
+            old.notifications.queue_size != new.notifications.queue_size,
         ),
     ]
     .into_iter()

@@ -7,6 +7,12 @@
 //! `collect.rs`), each naming its line, the target and the field.
 
 mod collect;
+mod governance;
+
+pub use governance::{
+    webhook_host, AnomalyAction, AnomalyConfig, NotificationsConfig, NotifyEvent, WebhookConfig,
+    WebhookFormat,
+};
 
 use crate::retry::RetryPolicy;
 use serde::{Deserialize, Serialize};
@@ -54,6 +60,9 @@ pub struct Config {
     pub kubernetes: KubernetesConfig,
     #[serde(default)]
     pub targets: Vec<Target>,
+    /// Webhook notices of rotation outcomes, emergencies, usage anomalies, overdue keys.
+    #[serde(default)]
+    pub notifications: NotificationsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -413,6 +422,9 @@ pub struct Target {
     /// Bound on roll + verify for all workloads of this target.
     #[serde(default = "default_rollout_timeout")]
     pub rollout_timeout: DurationStr,
+    /// Watch the current key's usage for spikes (a leaked key being abused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anomaly: Option<AnomalyConfig>,
 }
 
 impl Target {
@@ -1070,6 +1082,7 @@ impl Config {
                 }
             }
         }
+        governance::validate(self, &mut errors);
         errors
     }
 

@@ -34,6 +34,18 @@ const TRIGGERS: [Trigger; 5] = [
 /// The terminal outcomes a rotation is counted under.
 const OUTCOMES: [Status; 3] = [Status::Completed, Status::RolledBack, Status::Failed];
 
+/// What became of a webhook notice (`notifications_total{outcome}`).
+pub const NOTIFY_OUTCOMES: [&str; 4] = ["delivered", "failed", "dropped", "suppressed"];
+
+/// Outcomes of a usage-anomaly check (`usage_anomaly_checks_total{outcome}`).
+pub const ANOMALY_OUTCOMES: [&str; 5] = [
+    "normal",
+    "anomaly",
+    "cooldown",
+    "insufficient_history",
+    "error",
+];
+
 const BACKENDS: [Backend; 3] = [Backend::OpenAi, Backend::Vault, Backend::Kubernetes];
 
 /// Rotations and their steps take minutes (rollouts, grace periods, drains): buckets up to
@@ -70,6 +82,10 @@ pub struct Metrics {
     unlisted: IntGaugeVec,
     leader: IntGauge,
     build_info: IntGaugeVec,
+    notifications: IntCounterVec,
+    usage_anomaly: IntGaugeVec,
+    usage_anomaly_ratio: GaugeVec,
+    usage_anomaly_checks: IntCounterVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -228,6 +244,26 @@ impl Metrics {
                 "Always 1; the version is in the label.",
                 &["version"],
             ),
+            notifications: counter(
+                "notifications_total",
+                "Webhook notices by event and outcome (delivered, failed, dropped, suppressed), per webhook.",
+                &["event", "outcome"],
+            ),
+            usage_anomaly: int_gauge(
+                "usage_anomaly",
+                "1 while the target's key's usage is past its anomaly threshold (last check).",
+                &["target"],
+            ),
+            usage_anomaly_ratio: gauge(
+                "usage_anomaly_ratio",
+                "Requests in the anomaly window over the baseline's rate for the same length (0: not judged).",
+                &["target"],
+            ),
+            usage_anomaly_checks: counter(
+                "usage_anomaly_checks_total",
+                "Usage-anomaly checks by outcome (normal, anomaly, cooldown, insufficient_history, error).",
+                &["target", "outcome"],
+            ),
             targets: RwLock::new(BTreeSet::new()),
             registry,
         };
@@ -240,6 +276,12 @@ impl Metrics {
         for backend in BACKENDS {
             m.retries.with_label_values(&[backend.as_str()]);
             m.rate_limit_waits.with_label_values(&[backend.as_str()]);
+        }
+        for event in crate::config::NotifyEvent::ALL {
+            for outcome in NOTIFY_OUTCOMES {
+                m.notifications
+                    .with_label_values(&[event.as_str(), outcome]);
+            }
         }
         m.set_targets(targets);
         m
@@ -323,6 +365,11 @@ impl Metrics {
         self.pending_deletion.with_label_values(&[t]).set(0);
         self.leaked_pending.with_label_values(&[t]).set(0);
         self.unlisted.with_label_values(&[t]).set(0);
+        self.usage_anomaly.with_label_values(&[t]).set(0);
+        self.usage_anomaly_ratio.with_label_values(&[t]).set(0.0);
+        for outcome in ANOMALY_OUTCOMES {
+            self.usage_anomaly_checks.with_label_values(&[t, outcome]);
+        }
     }
 
     fn remove_target(&self, t: &str) {
@@ -345,6 +392,11 @@ impl Metrics {
         let _ = self.pending_deletion.remove_label_values(&[t]);
         let _ = self.leaked_pending.remove_label_values(&[t]);
         let _ = self.unlisted.remove_label_values(&[t]);
+        let _ = self.usage_anomaly.remove_label_values(&[t]);
+        let _ = self.usage_anomaly_ratio.remove_label_values(&[t]);
+        for outcome in ANOMALY_OUTCOMES {
+            let _ = self.usage_anomaly_checks.remove_label_values(&[t, outcome]);
+        }
     }
 
     pub fn orphans_swept(&self, n: u64) {
@@ -374,6 +426,33 @@ impl Metrics {
             self.rotation_step
                 .with_label_values(&[target, step.as_str()])
                 .set(i64::from(Some(step) == current));
+        }
+    }
+
+    /// One webhook notice's fate; `outcome` is one of [`NOTIFY_OUTCOMES`].
+    pub fn notification(&self, event: crate::config::NotifyEvent, outcome: &'static str) {
+        self.notifications
+            .with_label_values(&[event.as_str(), outcome])
+            .inc();
+    }
+
+    /// One usage-anomaly check of a configured target: its outcome (one of
+    /// [`ANOMALY_OUTCOMES`]) and, when judged, the ratio and whether it is past the threshold.
+    pub fn anomaly_check(&self, target: &str, outcome: &'static str, judged: Option<(f64, bool)>) {
+        let targets = self.targets.read().unwrap_or_else(|e| e.into_inner());
+        if !targets.contains(target) {
+            return;
+        }
+        self.usage_anomaly_checks
+            .with_label_values(&[target, outcome])
+            .inc();
+        if let Some((ratio, firing)) = judged {
+            self.usage_anomaly_ratio
+                .with_label_values(&[target])
+                .set(if ratio.is_finite() { ratio } else { f64::MAX });
+            self.usage_anomaly
+                .with_label_values(&[target])
+                .set(i64::from(firing));
         }
     }
 }

@@ -137,6 +137,7 @@ mod tests {
             unlisted_consumers: Default::default(),
             smoke_probes: vec![],
             rollout_timeout: DurationStr::from_secs(10),
+            anomaly: None,
         }
     }
 

@@ -367,6 +367,7 @@ impl Sim {
                 unlisted_consumers: Default::default(),
                 smoke_probes,
                 rollout_timeout: DurationStr::from_secs(300),
+                anomaly: None,
             });
         }
         let paths = all.iter().map(|t| t.vault_path.clone()).collect();
@@ -409,6 +410,7 @@ impl Sim {
                 ..VaultConfig::default()
             },
             kubernetes: Default::default(),
+            notifications: Default::default(),
             targets: self
                 .all
                 .iter()

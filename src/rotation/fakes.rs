@@ -840,6 +840,7 @@ impl FakeWorld {
             unlisted_consumers: Default::default(),
             smoke_probes: vec![],
             rollout_timeout: DurationStr(Duration::from_secs(2)),
+            anomaly: None,
         };
         (target, old)
     }

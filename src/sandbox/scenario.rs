@@ -273,6 +273,7 @@ impl Sandbox {
                     ..VaultConfig::default()
                 },
                 kubernetes: KubernetesConfig::default(),
+                notifications: Default::default(),
                 targets: Vec::new(),
             },
             config_path: config_path.clone(),
@@ -469,6 +470,7 @@ impl Sandbox {
             unlisted_consumers: Default::default(),
             smoke_probes: Vec::new(),
             rollout_timeout: DurationStr::from_secs(60),
+            anomaly: None,
         })
     }
 

@@ -72,6 +72,7 @@ fn world() -> World {
         unlisted_consumers: Default::default(),
         smoke_probes: vec![],
         rollout_timeout: DurationStr(Duration::from_secs(2)),
+        anomaly: None,
     };
     let checker = Arc::new(InvariantChecker {
         issuer: issuer.clone(),
