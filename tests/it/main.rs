@@ -16,6 +16,7 @@ mod kube_sim;
 mod leader;
 mod load;
 mod metrics_exposition;
+mod notify;
 mod openai_client;
 mod openai_sim;
 mod rotation_e2e;
