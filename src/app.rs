@@ -1,5 +1,6 @@
 //! Wiring: configuration → backend clients → engine → daemon → HTTP server and signals.
 
+use crate::anomaly::{Detector, Finding};
 use crate::audit::{Audit, AuditEvent, AuditFields};
 use crate::config::Config;
 use crate::daemon::{
@@ -315,6 +316,54 @@ impl ScheduleObserver for Hooks {
     }
 }
 
+/// Detector → metrics, audit and the `anomaly` notice.
+impl crate::anomaly::AnomalyReport for Hooks {
+    fn checked(&self, target: &str, outcome: &'static str, finding: Option<&Finding>) {
+        self.metrics
+            .anomaly_check(target, outcome, finding.map(|f| (f.ratio, f.fired)));
+    }
+
+    fn fired(
+        &self,
+        target: &crate::config::Target,
+        cfg: &crate::config::AnomalyConfig,
+        finding: &Finding,
+        rotation: Option<&Result<String, String>>,
+    ) {
+        let detail = finding.describe(cfg);
+        let (outcome, rotation_id, message) = match rotation {
+            None => ("alert".to_string(), None, detail.clone()),
+            Some(Ok(id)) => ("emergency rotation requested".into(), Some(id.clone()), detail.clone()),
+            Some(Err(e)) => (
+                "emergency rotation refused".into(),
+                None,
+                format!("{detail}; the rotation was refused: {e}"),
+            ),
+        };
+        self.record(AuditFields {
+            rotation_id: rotation_id.clone(),
+            target: Some(target.name.clone()),
+            actor: Some("anomaly".into()),
+            trigger: Some(Trigger::UsageAnomaly.as_str().into()),
+            reason: Some(crate::anomaly::REASON.into()),
+            outcome: Some(outcome),
+            key_id: Some(finding.key_id.clone()),
+            message: Some(message.clone()),
+            ..AuditFields::new(AuditEvent::UsageAnomaly)
+        });
+        self.notifier.notify(crate::notify::Notice {
+            event: crate::config::NotifyEvent::Anomaly,
+            target: target.name.clone(),
+            outcome: cfg.action.as_str().into(),
+            rotation_id,
+            trigger: Some(Trigger::UsageAnomaly.as_str().into()),
+            reason: Some(crate::anomaly::REASON.into()),
+            detail: Some(message),
+            at: Utc::now(),
+        });
+    }
+}
+
 /// `/readyz`: Vault and Kubernetes answer (the configuration loaded, or we would not run).
 struct BackendReadiness {
     store: Arc<VaultStore>,
@@ -456,6 +505,15 @@ pub async fn start(
         DaemonOptions::default(),
         shutdown.clone(),
     );
+    // Polls only while this replica leads; triggers through the daemon like any trigger.
+    Arc::new(Detector::new(
+        services.issuer.clone(),
+        services.store.clone(),
+        Arc::new(daemon.clone()),
+        hooks.clone(),
+        Arc::new(crate::rotation::ports::SystemClock),
+    ))
+    .spawn(shutdown.clone());
     let tokens = match &opts.api_tokens_file {
         Some(f) => ApiTokens::load(f)?,
         None => {

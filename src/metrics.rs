@@ -23,12 +23,13 @@ use std::time::Duration;
 const PREFIX: &str = "openai_key_rotator";
 
 /// Every trigger, for pre-creating and removing per-target series.
-const TRIGGERS: [Trigger; 5] = [
+const TRIGGERS: [Trigger; 6] = [
     Trigger::Schedule,
     Trigger::MaxAge,
     Trigger::Signal,
     Trigger::Api,
     Trigger::Cli,
+    Trigger::UsageAnomaly,
 ];
 
 /// The terminal outcomes a rotation is counted under.
@@ -447,9 +448,10 @@ impl Metrics {
             .with_label_values(&[target, outcome])
             .inc();
         if let Some((ratio, firing)) = judged {
+            // +Inf when the baseline saw no use at all.
             self.usage_anomaly_ratio
                 .with_label_values(&[target])
-                .set(if ratio.is_finite() { ratio } else { f64::MAX });
+                .set(ratio);
             self.usage_anomaly
                 .with_label_values(&[target])
                 .set(i64::from(firing));
