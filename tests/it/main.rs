@@ -2,6 +2,7 @@
 
 mod support;
 
+mod anomaly;
 mod audit_cli;
 mod config_corpus;
 mod crash_matrix;

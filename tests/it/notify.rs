@@ -112,10 +112,18 @@ pub struct Env {
 
 impl Env {
     pub async fn start(tweak: impl FnOnce(&mut Config, &std::path::Path)) -> Env {
+        Env::start_with(|_| {}, tweak).await
+    }
+
+    pub async fn start_with(
+        opts_tweak: impl FnOnce(&mut SandboxOptions),
+        tweak: impl FnOnce(&mut Config, &std::path::Path),
+    ) -> Env {
         let dir = tempfile::tempdir().unwrap();
         let mut opts = SandboxOptions::for_tests(dir.path());
         // Only the test's rotations run.
         opts.schedule = "0 0 0 1 1 *".into();
+        opts_tweak(&mut opts);
         let sb = Sandbox::start(opts).await.unwrap();
         assert!(sb.wait_ready(Duration::from_secs(60)).await, "sandbox not ready");
         let mut config = sb.config.clone();
