@@ -294,8 +294,7 @@ impl Detector {
                 Some(r)
             }
         };
-        self.report
-            .fired(target, cfg, &finding, rotation.as_ref());
+        self.report.fired(target, cfg, &finding, rotation.as_ref());
         "anomaly"
     }
 

@@ -333,7 +333,11 @@ impl crate::anomaly::AnomalyReport for Hooks {
         let detail = finding.describe(cfg);
         let (outcome, rotation_id, message) = match rotation {
             None => ("alert".to_string(), None, detail.clone()),
-            Some(Ok(id)) => ("emergency rotation requested".into(), Some(id.clone()), detail.clone()),
+            Some(Ok(id)) => (
+                "emergency rotation requested".into(),
+                Some(id.clone()),
+                detail.clone(),
+            ),
             Some(Err(e)) => (
                 "emergency rotation refused".into(),
                 None,

@@ -3,6 +3,7 @@
 // Shipped code never unwraps: a failure is reported, and a true invariant says what it is
 // with `expect("...")`. Tests may unwrap.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
+pub mod anomaly;
 pub mod app;
 pub mod audit;
 pub mod cli;
@@ -31,5 +32,4 @@ mod simulation;
 pub mod smoke;
 pub mod sync;
 pub mod usage;
-pub mod anomaly;
 pub mod vault;

@@ -85,7 +85,10 @@ pub fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
         ipad[i] ^= k[i];
         opad[i] ^= k[i];
     }
-    let inner = Sha256::new().chain_update(ipad).chain_update(msg).finalize();
+    let inner = Sha256::new()
+        .chain_update(ipad)
+        .chain_update(msg)
+        .finalize();
     let out = Sha256::new()
         .chain_update(opad)
         .chain_update(inner)
@@ -109,7 +112,11 @@ pub fn signature(secret: &Secret, timestamp: i64, body: &[u8]) -> String {
 
 /// The link to the rotation's API resource, when a base URL is configured.
 fn rotation_url(base: Option<&str>, id: Option<&str>) -> Option<String> {
-    Some(format!("{}/v1/rotations/{}", base?.trim_end_matches('/'), id?))
+    Some(format!(
+        "{}/v1/rotations/{}",
+        base?.trim_end_matches('/'),
+        id?
+    ))
 }
 
 /// One line for chat.
@@ -667,9 +674,12 @@ address = "http://127.0.0.1:8200"
     #[test]
     fn bodies_have_each_format_and_the_link_only_with_a_base() {
         let n = notice(NotifyEvent::Completed);
-        let v: serde_json::Value =
-            serde_json::from_slice(&body_of(&n, WebhookFormat::Json, Some("https://okr.example/")))
-                .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body_of(
+            &n,
+            WebhookFormat::Json,
+            Some("https://okr.example/"),
+        ))
+        .unwrap();
         assert_eq!(v["event"], "completed");
         assert_eq!(v["target"], "chatbot");
         assert_eq!(v["outcome"], "completed");
@@ -682,11 +692,17 @@ address = "http://127.0.0.1:8200"
         let v: serde_json::Value =
             serde_json::from_slice(&body_of(&n, WebhookFormat::Json, None)).unwrap();
         assert!(v["rotation_url"].is_null());
-        let v: serde_json::Value =
-            serde_json::from_slice(&body_of(&n, WebhookFormat::Slack, Some("https://o.example")))
-                .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body_of(
+            &n,
+            WebhookFormat::Slack,
+            Some("https://o.example"),
+        ))
+        .unwrap();
         let text = v["text"].as_str().unwrap();
-        assert!(text.contains("chatbot") && text.contains("completed"), "{text}");
+        assert!(
+            text.contains("chatbot") && text.contains("completed"),
+            "{text}"
+        );
         assert!(text.contains("https://o.example/v1/rotations/"), "{text}");
         assert_eq!(v["blocks"][0]["text"]["text"], text);
         let v: serde_json::Value =
@@ -726,14 +742,19 @@ secret_file = "{}"
         std::fs::write(&empty, "\n").unwrap();
         let m = Arc::new(Metrics::new(&[]));
         for (file, want) in [
-            (dir.path().join("nope"), "notifications.webhooks[0].secret_file"),
+            (
+                dir.path().join("nope"),
+                "notifications.webhooks[0].secret_file",
+            ),
             (empty, "is empty"),
         ] {
             let c = config(&format!(
                 "[[notifications.webhooks]]\nurl = \"http://127.0.0.1:9/x\"\nsecret_file = \"{}\"\n",
                 file.display()
             ));
-            let e = Notifier::new(&c, m.clone(), m.clone()).unwrap_err().to_string();
+            let e = Notifier::new(&c, m.clone(), m.clone())
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(want), "{e}");
         }
     }
@@ -760,6 +781,126 @@ secret_file = "{}"
         assert!(text.contains(
             "openai_key_rotator_notifications_total{event=\"completed\",outcome=\"dropped\"} 0"
         ));
+    }
+
+    fn drain(n: &Notifier) -> Vec<Notice> {
+        let mut rx = n.rx.try_lock().unwrap();
+        let mut out = Vec::new();
+        while let Ok(x) = rx.try_recv() {
+            out.push(x);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn overdue_fires_past_max_age_plus_grace_only() {
+        let c = config(
+            r#"
+[notifications]
+overdue_after = "1h"
+[[notifications.webhooks]]
+url = "http://127.0.0.1:9/x"
+events = ["overdue"]
+
+[[targets]]
+name = "chatbot"
+project_id = "p"
+vault_path = "a/b"
+workloads = ["ns/Deployment/a"]
+max_key_age = "30d"
+
+[[targets]]
+name = "ageless"
+project_id = "p"
+vault_path = "a/c"
+workloads = ["ns/Deployment/a"]
+"#,
+        );
+        let m = Arc::new(Metrics::new(&[]));
+        let n = Notifier::new(&c, m.clone(), m).unwrap();
+        let now = Utc::now();
+        let days =
+            |d: i64, h: i64| Some(now - chrono::Duration::days(d) - chrono::Duration::hours(h));
+        // Negative controls: due but within the grace, unknown age, no max_key_age.
+        n.key_age("chatbot", days(30, 0), now);
+        n.key_age("chatbot", None, now);
+        n.key_age("ageless", days(400, 0), now);
+        assert!(drain(&n).is_empty());
+        n.key_age("chatbot", days(30, 2), now);
+        let got = drain(&n);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].event, NotifyEvent::Overdue);
+        assert_eq!(got[0].target, "chatbot");
+        assert!(
+            got[0]
+                .detail
+                .as_deref()
+                .unwrap()
+                .contains("past max_key_age 30days"),
+            "{got:?}"
+        );
+        let req = RotationRequest::new(
+            "chatbot",
+            crate::rotation::Trigger::MaxAge,
+            "schedule",
+            "key older than max_key_age",
+            now,
+        );
+        n.due_refused(
+            &req,
+            "target chatbot: cannot read its journal (vault: down); nothing was started",
+        );
+        let got = drain(&n);
+        assert_eq!(got[0].event, NotifyEvent::Overdue);
+        assert_eq!(got[0].trigger.as_deref(), Some("max_age"));
+    }
+
+    #[tokio::test]
+    async fn engine_events_map_to_notices() {
+        let c = config("[[notifications.webhooks]]\nurl = \"http://127.0.0.1:9/x\"\n");
+        let m = Arc::new(Metrics::new(&[]));
+        let n = Notifier::new(&c, m.clone(), m).unwrap();
+        let req = RotationRequest::new(
+            "chatbot",
+            crate::rotation::Trigger::Api,
+            "oncall",
+            "leak",
+            Utc::now(),
+        );
+        let mut j = Journal::queued(&req, "okr");
+        // Negative control: a plain start and steps say nothing.
+        n.on_event(&j, &RotationEvent::Started);
+        n.on_event(&j, &RotationEvent::StepStarted(crate::rotation::Step::Mint));
+        assert!(drain(&n).is_empty());
+        j.emergency = true;
+        n.on_event(&j, &RotationEvent::Started);
+        for status in [Status::Completed, Status::RolledBack, Status::Failed] {
+            j.status = status;
+            j.error =
+                (status != Status::Completed).then(|| "verify: rollout timed out".to_string());
+            n.on_event(&j, &RotationEvent::Finished);
+        }
+        let got: Vec<(NotifyEvent, String, Option<String>)> = drain(&n)
+            .into_iter()
+            .map(|x| (x.event, x.outcome, x.detail))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (NotifyEvent::Emergency, "started".into(), None),
+                (NotifyEvent::Completed, "completed".into(), None),
+                (
+                    NotifyEvent::RolledBack,
+                    "rolled_back".into(),
+                    Some("verify: rollout timed out".into())
+                ),
+                (
+                    NotifyEvent::Failed,
+                    "failed".into(),
+                    Some("verify: rollout timed out".into())
+                ),
+            ]
+        );
     }
 
     #[test]
@@ -796,8 +937,14 @@ timeout = "0s"
         )
         .unwrap_err()
         .to_string();
-        assert!(e.contains("notifications.webhooks[0].events[0]: unknown variant `nonsense`"), "{e}");
-        assert!(e.contains("notifications.webhooks[0].format: unknown variant `teams`"), "{e}");
+        assert!(
+            e.contains("notifications.webhooks[0].events[0]: unknown variant `nonsense`"),
+            "{e}"
+        );
+        assert!(
+            e.contains("notifications.webhooks[0].format: unknown variant `teams`"),
+            "{e}"
+        );
         // Negative control: a good webhook passes.
         Config::parse(
             "[vault]\naddress = \"http://v:8200\"\n[[notifications.webhooks]]\nurl = \"https://h.example/x\"\nformat = \"mattermost\"\nevents = [\"failed\", \"overdue\"]\n",

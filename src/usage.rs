@@ -200,7 +200,10 @@ impl UsageSource for OpenAiClient {
         }
         sums.into_iter()
             .map(|((s, e), requests)| {
-                match (DateTime::from_timestamp(s, 0), DateTime::from_timestamp(e, 0)) {
+                match (
+                    DateTime::from_timestamp(s, 0),
+                    DateTime::from_timestamp(e, 0),
+                ) {
                     (Some(start), Some(end)) => Ok(UsageBucket {
                         start,
                         end,

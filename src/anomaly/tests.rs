@@ -130,7 +130,9 @@ impl AnomalyReport for Recorder {
         finding: &Finding,
         rotation: Option<&Result<String, String>>,
     ) {
-        self.fired.locked().push((finding.clone(), rotation.cloned()));
+        self.fired
+            .locked()
+            .push((finding.clone(), rotation.cloned()));
     }
 }
 
@@ -217,7 +219,10 @@ async fn a_spike_fires_and_rotate_asks_for_an_emergency_rotation() {
     assert_eq!(f.current, 5 * 200 + 5 * 20);
     assert!((f.expected - 200.0).abs() < 1e-9, "{f:?}");
     assert!(f.fired && (f.ratio - 5.5).abs() < 1e-9);
-    assert_eq!(rotation.as_ref().unwrap().as_ref().unwrap(), &reqs[0].rotation_id);
+    assert_eq!(
+        rotation.as_ref().unwrap().as_ref().unwrap(),
+        &reqs[0].rotation_id
+    );
     let text = f.describe(r.target.anomaly.as_ref().unwrap());
     assert!(text.contains("1100 requests in the last 10m"), "{text}");
 }
@@ -246,8 +251,14 @@ async fn steady_traffic_a_small_spike_and_a_young_key_do_not_fire() {
     // A key younger than window + baseline is judged against the history it has.
     let r4 = rig(config("alert", "1h"), 1, spike);
     assert_eq!(r4.detector.check(&r4.target).await, "anomaly");
-    assert_eq!(r4.report.fired.locked()[0].0.baseline, Duration::from_secs(49 * 60));
-    assert!(r4.actions.requests.locked().is_empty(), "alert does not rotate");
+    assert_eq!(
+        r4.report.fired.locked()[0].0.baseline,
+        Duration::from_secs(49 * 60)
+    );
+    assert!(
+        r4.actions.requests.locked().is_empty(),
+        "alert does not rotate"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -260,7 +271,15 @@ async fn the_cooldown_stops_a_second_fire_until_it_ends() {
     assert_eq!(r.actions.requests.locked().len(), 1);
     let calls = r.usage.calls.load(Ordering::SeqCst);
     assert_eq!(calls, 1, "no Usage API call during the cooldown");
-    assert!(r.report.checks.locked().iter().filter(|c| **c == "cooldown").count() >= 19);
+    assert!(
+        r.report
+            .checks
+            .locked()
+            .iter()
+            .filter(|c| **c == "cooldown")
+            .count()
+            >= 19
+    );
     // Negative control: past the cooldown the same spike fires again.
     tokio::time::sleep(Duration::from_secs(11 * 60)).await;
     assert_eq!(r.actions.requests.locked().len(), 2);
@@ -327,7 +346,10 @@ poll_interval = "0s"
         .replace("window = \"90s\"", "window = \"1h\"")
         .replace("baseline = \"1m\"", "baseline = \"7d\"");
     let e = Config::parse(&long, "t.toml").unwrap_err().to_string();
-    assert!(e.contains("window + baseline (7days 1h) must be at most 1day"), "{e}");
+    assert!(
+        e.contains("window + baseline (7days 1h) must be at most 1day"),
+        "{e}"
+    );
     // Negative control: the defaults (1h buckets, 1h window, 7d baseline) pass.
     let ok = text.split("[targets.anomaly]").next().unwrap().to_string() + "[targets.anomaly]\n";
     let c = Config::parse(&ok, "t.toml").unwrap();

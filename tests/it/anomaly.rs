@@ -76,7 +76,8 @@ async fn a_usage_spike_starts_one_emergency_rotation_and_steady_traffic_none() {
             .unwrap();
     }
     let m = || env.metrics();
-    let normal = "openai_key_rotator_usage_anomaly_checks_total{outcome=\"normal\",target=\"chatbot\"}";
+    let normal =
+        "openai_key_rotator_usage_anomaly_checks_total{outcome=\"normal\",target=\"chatbot\"}";
     wait_until("three normal checks", Duration::from_secs(30), || {
         sample(&m(), normal) >= 3.0
     })
@@ -85,7 +86,10 @@ async fn a_usage_spike_starts_one_emergency_rotation_and_steady_traffic_none() {
         sample(&m(), "openai_key_rotator_usage_anomaly{target=\"chatbot\"}"),
         0.0
     );
-    let ratio = sample(&m(), "openai_key_rotator_usage_anomaly_ratio{target=\"chatbot\"}");
+    let ratio = sample(
+        &m(),
+        "openai_key_rotator_usage_anomaly_ratio{target=\"chatbot\"}",
+    );
     assert!(ratio > 0.5 && ratio < 2.0, "steady ratio {ratio}");
     assert!(env.running.daemon.targets()[0].last_rotation.is_none());
     assert!(env.running.daemon.running("chatbot").is_none());
@@ -137,19 +141,25 @@ async fn a_usage_spike_starts_one_emergency_rotation_and_steady_traffic_none() {
     assert_eq!(events[0]["key_id"], key_id.as_str());
     assert_eq!(events[0]["rotation_id"], id.as_str());
     assert_eq!(events[0]["reason"], "usage-anomaly");
-    let notices = rx.wait_for("/200/anomaly", 1, Duration::from_secs(10)).await;
+    let notices = rx
+        .wait_for("/200/anomaly", 1, Duration::from_secs(10))
+        .await;
     assert_eq!(notices.len(), 1);
     let n = notices[0].json();
     assert_eq!(n["event"], "anomaly");
     assert_eq!(n["outcome"], "rotate");
     assert_eq!(n["rotation_id"], id.as_str());
-    assert!(n["detail"].as_str().unwrap().contains("requests in the last 2m"));
+    assert!(n["detail"]
+        .as_str()
+        .unwrap()
+        .contains("requests in the last 2m"));
     for text in [&audit, &notices[0].body] {
         assert!(!text.contains(&old_key));
         assert!(!text.contains(&env.vault_key("chatbot")));
     }
     // Cooldown: checks go on without judging, and nothing more starts.
-    let cooling = "openai_key_rotator_usage_anomaly_checks_total{outcome=\"cooldown\",target=\"chatbot\"}";
+    let cooling =
+        "openai_key_rotator_usage_anomaly_checks_total{outcome=\"cooldown\",target=\"chatbot\"}";
     wait_until("cooldown checks", Duration::from_secs(20), || {
         sample(&m(), cooling) >= 3.0
     })

@@ -10,7 +10,7 @@ use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::routing::post;
 use chrono::Utc;
-use openai_key_rotator::app::{self, Running, RunOptions};
+use openai_key_rotator::app::{self, RunOptions, Running};
 use openai_key_rotator::config::{Config, DurationStr};
 use openai_key_rotator::notify::{signature, SIGNATURE_HEADER, TIMESTAMP_HEADER};
 use openai_key_rotator::rotation::{RotationRequest, Status, Trigger};
@@ -125,7 +125,10 @@ impl Env {
         opts.schedule = "0 0 0 1 1 *".into();
         opts_tweak(&mut opts);
         let sb = Sandbox::start(opts).await.unwrap();
-        assert!(sb.wait_ready(Duration::from_secs(60)).await, "sandbox not ready");
+        assert!(
+            sb.wait_ready(Duration::from_secs(60)).await,
+            "sandbox not ready"
+        );
         let mut config = sb.config.clone();
         config.daemon.listen = "127.0.0.1:0".parse().unwrap();
         let audit = dir.path().join("audit.jsonl");
@@ -226,10 +229,7 @@ fn webhook(url: &str, format: &str, events: &str, extra: &str) -> toml::Value {
 }
 
 fn set_webhooks(config: &mut Config, hooks: Vec<toml::Value>) {
-    config.notifications.webhooks = hooks
-        .into_iter()
-        .map(|h| h.try_into().unwrap())
-        .collect();
+    config.notifications.webhooks = hooks.into_iter().map(|h| h.try_into().unwrap()).collect();
 }
 
 const ALL: &str = r#"["completed", "rolled_back", "failed", "emergency", "anomaly", "overdue"]"#;
@@ -254,7 +254,12 @@ async fn notices_carry_ids_and_a_verifiable_signature_but_never_a_key() {
                 webhook(&format!("{}/200/slack", rx.url), "slack", ALL, ""),
                 webhook(&format!("{}/200/mm", rx.url), "mattermost", ALL, ""),
                 // Negative control: wants only failures; gets nothing here.
-                webhook(&format!("{}/200/failed-only", rx.url), "json", r#"["failed"]"#, ""),
+                webhook(
+                    &format!("{}/200/failed-only", rx.url),
+                    "json",
+                    r#"["failed"]"#,
+                    "",
+                ),
             ],
         );
     })
@@ -319,11 +324,16 @@ async fn notices_carry_ids_and_a_verifiable_signature_but_never_a_key() {
     assert_eq!(slack.len(), 3);
     let text = slack[0].json()["text"].as_str().unwrap().to_string();
     assert!(
-        text.contains("chatbot") && text.contains(&r1) && text.contains("https://okr.example/v1/rotations/"),
+        text.contains("chatbot")
+            && text.contains(&r1)
+            && text.contains("https://okr.example/v1/rotations/"),
         "{text}"
     );
     assert!(slack[0].json()["blocks"].is_array());
-    assert!(slack[0].header(SIGNATURE_HEADER).is_none(), "no secret, no signature");
+    assert!(
+        slack[0].header(SIGNATURE_HEADER).is_none(),
+        "no secret, no signature"
+    );
     let mm = rx.wait_for("/200/mm", 3, Duration::from_secs(10)).await;
     assert_eq!(mm.len(), 3);
     assert_eq!(mm[0].json()["username"], "openai-key-rotator");
@@ -361,7 +371,8 @@ async fn notices_carry_ids_and_a_verifiable_signature_but_never_a_key() {
 async fn a_failing_receiver_is_retried_then_counted_and_the_rotation_still_completes() {
     let rx = Receiver::start().await;
     let env = Env::start(|c, _| {
-        let fast = "max_retries = 2\nretry_base = \"10ms\"\nmax_backoff = \"20ms\"\ntimeout = \"2s\"";
+        let fast =
+            "max_retries = 2\nretry_base = \"10ms\"\nmax_backoff = \"20ms\"\ntimeout = \"2s\"";
         set_webhooks(
             c,
             vec![
@@ -423,7 +434,12 @@ async fn the_cooldown_suppresses_a_repeat_of_the_same_event_and_target() {
                     "",
                 ),
                 // Negative control: cooldown off (the helper's "0s").
-                webhook(&format!("{}/200/every", rx.url), "json", r#"["completed"]"#, ""),
+                webhook(
+                    &format!("{}/200/every", rx.url),
+                    "json",
+                    r#"["completed"]"#,
+                    "",
+                ),
             ],
         );
         c.notifications.webhooks[0].cooldown = DurationStr::from_secs(3600);
