@@ -113,10 +113,12 @@ impl AnomalyActions for FakeActions {
     }
 }
 
+type Fired = (Finding, Option<Result<String, String>>);
+
 #[derive(Default)]
 struct Recorder {
     checks: Mutex<Vec<&'static str>>,
-    fired: Mutex<Vec<(Finding, Option<Result<String, String>>)>>,
+    fired: Mutex<Vec<Fired>>,
 }
 
 impl AnomalyReport for Recorder {
