@@ -463,3 +463,109 @@ async fn the_cooldown_suppresses_a_repeat_of_the_same_event_and_target() {
     );
     env.stop().await;
 }
+
+#[derive(Clone, Default)]
+struct LogBuf(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuf {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogBuf {
+    type Writer = LogBuf;
+    fn make_writer(&'a self) -> LogBuf {
+        self.clone()
+    }
+}
+
+/// Webhook URLs (path and query are tokens) and the signing secret never reach the log,
+/// whether the receiver answers 500 or cannot be reached; the log names the webhook by
+/// index and host (the positive control that the capture works). Current-thread runtime:
+/// every task logs under this thread's subscriber (as in `openai_client`'s leak test).
+#[tokio::test]
+async fn webhook_urls_and_the_signing_secret_never_reach_the_log() {
+    use openai_key_rotator::config::NotifyEvent;
+    use openai_key_rotator::metrics::Metrics;
+    use openai_key_rotator::notify::{Notice, Notifier};
+    use tracing_subscriber::util::SubscriberInitExt;
+    let _second = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
+    let buf = LogBuf::default();
+    let _guard = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(buf.clone())
+        .finish()
+        .set_default();
+    tracing::callsite::rebuild_interest_cache();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    tracing::callsite::rebuild_interest_cache();
+
+    let rx = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("s");
+    std::fs::write(&secret, "whsec-LOGSECRET-1\n").unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let text = format!(
+        r#"
+[vault]
+address = "http://127.0.0.1:8200"
+[[notifications.webhooks]]
+url = "{}/500/PATHSECRET-1?token=QUERYSECRET-1"
+secret_file = "{}"
+max_retries = 1
+retry_base = "1ms"
+max_backoff = "2ms"
+[[notifications.webhooks]]
+url = "http://127.0.0.1:{closed_port}/CLOSEDSECRET-1"
+max_retries = 1
+retry_base = "1ms"
+max_backoff = "2ms"
+"#,
+        rx.url,
+        secret.display()
+    );
+    let config = Config::parse(&text, "t.toml").unwrap();
+    let metrics = Arc::new(Metrics::new(&["chatbot".to_string()]));
+    let n = Arc::new(Notifier::new(&config, metrics.clone(), metrics.clone()).unwrap());
+    let cancel = CancellationToken::new();
+    let task = n.spawn(cancel.clone());
+    n.notify(Notice {
+        event: NotifyEvent::Failed,
+        target: "chatbot".into(),
+        outcome: "failed".into(),
+        rotation_id: Some("r-1".into()),
+        trigger: Some("api".into()),
+        reason: Some("drill".into()),
+        detail: None,
+        at: Utc::now(),
+    });
+    let failed = "openai_key_rotator_notifications_total{event=\"failed\",outcome=\"failed\"}";
+    let start = Instant::now();
+    while sample(&metrics.render(), failed) < 2.0 && start.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        sample(&metrics.render(), failed),
+        2.0,
+        "{}",
+        metrics.render()
+    );
+    assert_eq!(rx.at("/500/PATHSECRET-1").len(), 2, "1 attempt + 1 retry");
+    cancel.cancel();
+    task.await.unwrap();
+    let logs = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    assert!(logs.contains("webhooks[0] (127.0.0.1)"), "{logs}");
+    assert!(logs.contains("webhooks[1] (127.0.0.1)"), "{logs}");
+    assert!(logs.contains("notification failed"), "{logs}");
+    for banned in ["PATHSECRET", "QUERYSECRET", "CLOSEDSECRET", "LOGSECRET"] {
+        assert!(!logs.contains(banned), "{banned} in the log:\n{logs}");
+    }
+}
