@@ -569,3 +569,91 @@ max_backoff = "2ms"
         assert!(!logs.contains(banned), "{banned} in the log:\n{logs}");
     }
 }
+
+/// `overdue` from the daemon's schedule pass: a key older than `max_key_age` +
+/// `overdue_after` is told once (cooldown off), then rotated by the max-age trigger; before
+/// the target has a `max_key_age` the same old key is not overdue (the negative control),
+/// nor is the fresh key after the rotation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_key_is_reported_overdue_once_and_then_rotated() {
+    use openai_key_rotator::notify::Notifier;
+    use openai_key_rotator::rotation::ports::{KeyMeta, SecretStore};
+    let rx = Receiver::start().await;
+    let env = Env::start(|c, _| {
+        set_webhooks(
+            c,
+            vec![webhook(
+                &format!("{}/200/overdue", rx.url),
+                "json",
+                r#"["overdue"]"#,
+                "",
+            )],
+        );
+        c.notifications.overdue_after = DurationStr::from_secs(60);
+    })
+    .await;
+    let t = env.sb.config.targets[0].clone();
+    let store = env.running.services.store.clone();
+    let info = store
+        .read_key_meta(&t.vault_path, &t.vault_field)
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .write_key_meta(
+            &t.vault_path,
+            &KeyMeta {
+                key_created_at: Some(Utc::now() - chrono::Duration::hours(2)),
+                ..info.meta.clone()
+            },
+        )
+        .await
+        .unwrap();
+    let old_key = env.vault_key("chatbot");
+    // A pass of the schedule sees the old key, but no max_key_age: nothing to tell.
+    let mut config = (*env.running.daemon.config()).clone();
+    env.running.daemon.reload(Arc::new(config.clone())).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(rx.all().is_empty());
+    // As SIGHUP does: the daemon and the notifier take the new configuration.
+    config.targets[0].max_key_age = Some(DurationStr::from_secs(3600));
+    env.running
+        .services
+        .notifier
+        .apply(Notifier::stage(&config).unwrap());
+    env.running.daemon.reload(Arc::new(config)).unwrap();
+    let got = rx
+        .wait_for("/200/overdue", 1, Duration::from_secs(20))
+        .await;
+    assert_eq!(got.len(), 1);
+    let v = got[0].json();
+    assert_eq!(v["event"], "overdue");
+    assert_eq!(v["target"], "chatbot");
+    assert!(
+        v["detail"]
+            .as_str()
+            .unwrap()
+            .contains("past max_key_age 1h"),
+        "{v}"
+    );
+    // The max-age rotation replaces the key; the fresh one is not overdue.
+    let start = Instant::now();
+    while env.vault_key("chatbot") == old_key || env.running.daemon.running("chatbot").is_some() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no max-age rotation"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let last = env.running.daemon.targets()[0]
+        .last_rotation
+        .clone()
+        .unwrap();
+    let j = env.running.daemon.rotation(&last).await.unwrap().unwrap();
+    assert_eq!((j.trigger, j.status), (Trigger::MaxAge, Status::Completed));
+    let again = env.running.daemon.config();
+    env.running.daemon.reload(again).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(rx.at("/200/overdue").len(), 1, "{:?}", rx.all());
+    env.stop().await;
+}
