@@ -663,6 +663,37 @@ address = "http://127.0.0.1:8200"
     }
 
     #[test]
+    fn only_429_5xx_and_transport_failures_are_retried() {
+        let status = |status, retry_after| Failure::Status {
+            status,
+            retry_after,
+        };
+        assert_eq!(status(500, None).verdict().retry, Retry::Yes);
+        assert_eq!(
+            status(429, Some(Duration::from_secs(3))).verdict().retry,
+            Retry::After(Duration::from_secs(3))
+        );
+        assert_eq!(
+            Failure::Timeout(Duration::from_secs(1)).verdict().retry,
+            Retry::Yes
+        );
+        assert_eq!(
+            Failure::Transport("refused".into()).verdict().retry,
+            Retry::Yes
+        );
+        // Negative controls: a wrong or revoked URL is final.
+        assert_eq!(status(404, None).verdict().retry, Retry::No);
+        assert_eq!(
+            status(403, Some(Duration::from_secs(3))).verdict().retry,
+            Retry::No
+        );
+        assert_eq!(
+            status(404, None).verdict().class,
+            StatusClass::from_status(404)
+        );
+    }
+
+    #[test]
     fn signature_covers_timestamp_and_body() {
         let s = Secret::new("whsec");
         let a = signature(&s, 100, b"{}");

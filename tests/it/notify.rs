@@ -657,3 +657,54 @@ async fn an_old_key_is_reported_overdue_once_and_then_rotated() {
     assert_eq!(rx.at("/200/overdue").len(), 1, "{:?}", rx.all());
     env.stop().await;
 }
+
+/// An emergency request for a target mid-rotation upgrades that rotation: the `emergency`
+/// notice says `upgraded` (the plain start before it said nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_to_emergency_is_told() {
+    use openai_key_rotator::daemon::Accepted;
+    let rx = Receiver::start().await;
+    let env = Env::start(|c, _| {
+        set_webhooks(
+            c,
+            vec![webhook(
+                &format!("{}/200/emergency", rx.url),
+                "json",
+                r#"["emergency"]"#,
+                "",
+            )],
+        );
+    })
+    .await;
+    let plain = RotationRequest::new("chatbot", Trigger::Api, "tester", "routine", Utc::now());
+    let id = env
+        .running
+        .daemon
+        .trigger(&plain)
+        .await
+        .unwrap()
+        .rotation_id()
+        .to_string();
+    let urgent = RotationRequest::new("chatbot", Trigger::Api, "oncall", "leak", Utc::now())
+        .emergency(false);
+    assert_eq!(
+        env.running.daemon.trigger(&urgent).await.unwrap(),
+        Accepted::Upgraded(id.clone())
+    );
+    assert_eq!(env.wait_rotation("chatbot", &id).await, Status::Completed);
+    let got = rx
+        .wait_for("/200/emergency", 1, Duration::from_secs(10))
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got_all = rx.at("/200/emergency");
+    assert!(!got.is_empty());
+    let upgraded: Vec<_> = got_all
+        .iter()
+        .map(|c| c.json())
+        .filter(|v| v["outcome"] == "upgraded")
+        .collect();
+    assert_eq!(upgraded.len(), 1, "{got_all:?}");
+    assert_eq!(upgraded[0]["rotation_id"], id.as_str());
+    assert_eq!(upgraded[0]["reason"], "leak");
+    env.stop().await;
+}
