@@ -14,7 +14,8 @@
 //! emergency rotation (trigger `usage_anomaly`, reason `usage-anomaly`) through the normal
 //! trigger path, so the per-target lock, the upgrade of a running rotation and the bounds
 //! apply. Then the target is not judged for `cooldown` (kept in memory: a restart forgets
-//! it, but the rotated key has no history to fire on anyway).
+//! it, but the rotated key has no history to fire on anyway); a refused rotation (Vault
+//! down, shutting down) starts no cooldown, so the next poll tries again.
 
 use crate::config::{AnomalyAction, AnomalyConfig, Config, Target};
 use crate::daemon::{Accepted, Daemon};
@@ -288,7 +289,9 @@ impl Detector {
                         tracing::warn!(target = name, rotation_id = %id, "usage anomaly: emergency rotation requested")
                     }
                     Err(e) => {
-                        tracing::error!(target = name, error = %e, "usage anomaly: the emergency rotation was refused")
+                        // Not rotated: judge (and try) again at the next poll.
+                        self.cooling.locked().remove(name);
+                        tracing::error!(target = name, error = %e, "usage anomaly: the emergency rotation was refused; trying again at the next poll")
                     }
                 }
                 Some(r)

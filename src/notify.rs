@@ -504,24 +504,28 @@ impl Notifier {
         {
             let key = (h.index, n.target.clone(), n.event);
             let cooldown = h.cfg.cooldown.get();
-            {
-                let mut sent = self.sent.locked();
-                if let Some(last) = sent.get(&key) {
-                    if !cooldown.is_zero() && now.duration_since(*last) < cooldown {
-                        tracing::info!(webhook = %h.label, event = n.event.as_str(), target = %n.target, "notification suppressed by the cooldown");
-                        self.metrics.notification(n.event, "suppressed");
-                        continue;
-                    }
-                }
-                sent.insert(key, now);
+            let cooling =
+                self.sent.locked().get(&key).is_some_and(|last| {
+                    !cooldown.is_zero() && now.duration_since(*last) < cooldown
+                });
+            if cooling {
+                tracing::info!(webhook = %h.label, event = n.event.as_str(), target = %n.target, "notification suppressed by the cooldown");
+                self.metrics.notification(n.event, "suppressed");
+                continue;
             }
             let body = body_of(n, h.cfg.format, settings.api_base_url.as_deref());
-            sends.push(self.send(h, n, body));
+            sends.push(async move {
+                // Only a delivered notice starts the cooldown: a failed one hides nothing.
+                if self.send(h, n, body).await {
+                    self.sent.locked().insert(key, now);
+                }
+            });
         }
         futures::future::join_all(sends).await;
     }
 
-    async fn send(&self, h: &Hook, n: &Notice, body: Vec<u8>) {
+    /// Whether it was delivered.
+    async fn send(&self, h: &Hook, n: &Notice, body: Vec<u8>) -> bool {
         let delivery = uuid::Uuid::new_v4().to_string();
         let result = Call::new(Backend::Webhook, "webhook.post", &h.policy, &*self.calls)
             .timeout(h.cfg.timeout.get())
@@ -532,10 +536,12 @@ impl Notifier {
             Ok(()) => {
                 tracing::info!(webhook = %h.label, event = n.event.as_str(), target = %n.target, "notification delivered");
                 self.metrics.notification(n.event, "delivered");
+                true
             }
             Err(g) => {
                 tracing::warn!(webhook = %h.label, event = n.event.as_str(), target = %n.target, error = %g.error, attempts = g.attempts, "notification failed");
                 self.metrics.notification(n.event, "failed");
+                false
             }
         }
     }

@@ -95,6 +95,7 @@ impl UsageSource for FakeUsage {
 
 struct FakeActions {
     leader: AtomicBool,
+    refuse: AtomicBool,
     config: Arc<Config>,
     requests: Mutex<Vec<RotationRequest>>,
 }
@@ -109,6 +110,9 @@ impl AnomalyActions for FakeActions {
     }
     async fn rotate(&self, request: &RotationRequest) -> Result<String, String> {
         self.requests.locked().push(request.clone());
+        if self.refuse.load(Ordering::SeqCst) {
+            return Err("the daemon is shutting down".into());
+        }
         Ok(request.rotation_id.clone())
     }
 }
@@ -171,6 +175,7 @@ fn rig(
     let target = config.targets[0].clone();
     let actions = Arc::new(FakeActions {
         leader: AtomicBool::new(true),
+        refuse: AtomicBool::new(false),
         config: Arc::new(config),
         requests: Mutex::default(),
     });
@@ -358,4 +363,19 @@ poll_interval = "0s"
     let a = c.targets[0].anomaly.as_ref().unwrap();
     assert_eq!(a.bucket_width, BucketWidth::Hour);
     assert_eq!(a.action, AnomalyAction::Alert);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_rotation_starts_no_cooldown() {
+    let r = rig(config("rotate", "1h"), 48, spike);
+    r.actions.refuse.store(true, Ordering::SeqCst);
+    assert_eq!(r.detector.check(&r.target).await, "anomaly");
+    let fired = r.report.fired.locked().clone();
+    assert!(fired[0].1.as_ref().unwrap().is_err());
+    // Tried again at once, not after an hour; once accepted, the cooldown holds.
+    assert_eq!(r.detector.check(&r.target).await, "anomaly");
+    r.actions.refuse.store(false, Ordering::SeqCst);
+    assert_eq!(r.detector.check(&r.target).await, "anomaly");
+    assert_eq!(r.detector.check(&r.target).await, "cooldown");
+    assert_eq!(r.actions.requests.locked().len(), 3);
 }
