@@ -119,6 +119,34 @@ timeout = {{ .timeout | toJson }}
 min_requests = {{ . }}
 {{- end }}
 {{- end }}
+{{- with $t.anomaly }}
+
+[targets.anomaly]
+{{- with .window }}
+window = {{ . | toJson }}
+{{- end }}
+{{- with .baseline }}
+baseline = {{ . | toJson }}
+{{- end }}
+{{- with .ratio }}
+ratio = {{ float64 . }}
+{{- end }}
+{{- with .minRequests }}
+min_requests = {{ int . }}
+{{- end }}
+{{- with .action }}
+action = {{ . | toJson }}
+{{- end }}
+{{- with .cooldown }}
+cooldown = {{ . | toJson }}
+{{- end }}
+{{- with .bucketWidth }}
+bucket_width = {{ . | toJson }}
+{{- end }}
+{{- with .pollInterval }}
+poll_interval = {{ . | toJson }}
+{{- end }}
+{{- end }}
 {{- range $p := $t.smokeProbes }}
 
 [[targets.smoke_probes]]
