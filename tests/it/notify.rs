@@ -213,6 +213,18 @@ impl Env {
     }
 }
 
+/// Wait until `series` in `env`'s metrics reaches `want` (or 10 s), then return it.
+pub async fn settled(env: &Env, series: &str, want: f64) -> f64 {
+    let start = Instant::now();
+    loop {
+        let v = sample(&env.metrics(), series);
+        if v >= want || start.elapsed() > Duration::from_secs(10) {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The value of one sample line (`name{labels} value`), 0 when absent.
 pub fn sample(metrics: &str, series: &str) -> f64 {
     metrics
@@ -354,16 +366,15 @@ async fn notices_carry_ids_and_a_verifiable_signature_but_never_a_key() {
     }
     // Positive control of the scan: the rotation id it looks for alongside is there.
     assert!(everything.iter().any(|e| e.contains(&r1)));
-    let m = env.metrics();
+    let delivered =
+        "openai_key_rotator_notifications_total{event=\"completed\",outcome=\"delivered\"}";
     assert_eq!(
-        sample(
-            &m,
-            "openai_key_rotator_notifications_total{event=\"completed\",outcome=\"delivered\"}"
-        ),
+        settled(&env, delivered, 6.0).await,
         6.0,
-        "{m}"
+        "{}",
+        env.metrics()
     );
-    assert!(!m.contains(&keys[2]));
+    assert!(!env.metrics().contains(&keys[2]));
     env.stop().await;
 }
 
@@ -394,13 +405,9 @@ async fn a_failing_receiver_is_retried_then_counted_and_the_rotation_still_compl
     }
     let m = env.metrics();
     assert_eq!(sample(&m, series), 1.0, "{m}");
-    assert_eq!(
-        sample(
-            &m,
-            "openai_key_rotator_notifications_total{event=\"completed\",outcome=\"delivered\"}"
-        ),
-        1.0
-    );
+    let delivered =
+        "openai_key_rotator_notifications_total{event=\"completed\",outcome=\"delivered\"}";
+    assert_eq!(settled(&env, delivered, 1.0).await, 1.0);
     assert_eq!(rx.at("/200/fine").len(), 1);
     // Every attempt went through the shared observed path.
     assert_eq!(
