@@ -10,8 +10,8 @@ mod collect;
 mod governance;
 
 pub use governance::{
-    webhook_host, AnomalyAction, AnomalyConfig, NotificationsConfig, NotifyEvent, WebhookConfig,
-    WebhookFormat,
+    is_webhook_url, webhook_host, AnomalyAction, AnomalyConfig, NotificationsConfig, NotifyEvent,
+    WebhookConfig, WebhookFormat,
 };
 
 use crate::retry::RetryPolicy;

@@ -11,7 +11,9 @@
 //! index are ever logged. With a `secret_file`, each body is signed (HMAC-SHA256 over
 //! `<timestamp>.<body>`, headers `X-OKR-Timestamp` and `X-OKR-Signature: sha256=<hex>`).
 
-use crate::config::{webhook_host, Config, NotifyEvent, WebhookConfig, WebhookFormat};
+use crate::config::{
+    is_webhook_url, webhook_host, Config, NotifyEvent, WebhookConfig, WebhookFormat,
+};
 use crate::metrics::Metrics;
 use crate::retry::{Call, Retry, RetryPolicy, Timeout, Verdict};
 use crate::rotation::ports::{Backend, CallObserver, StatusClass};
@@ -51,6 +53,15 @@ pub enum NotifyError {
     },
     #[error("notifications.webhooks[{index}].secret_file {}: is empty", path.display())]
     SecretEmpty { index: usize, path: PathBuf },
+    #[error("notifications.webhooks[{index}].url_file {}: {source}", path.display())]
+    UrlFile {
+        index: usize,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file's content is not shown: it is the token.
+    #[error("notifications.webhooks[{index}].url_file {}: does not hold an http(s) URL (not shown)", path.display())]
+    UrlInvalid { index: usize, path: PathBuf },
     #[error("cannot build the webhook HTTP client: {0}")]
     Http(String),
 }
@@ -184,6 +195,8 @@ pub fn body_of(n: &Notice, format: WebhookFormat, api_base_url: Option<&str>) ->
 /// One configured webhook, ready to send.
 struct Hook {
     index: usize,
+    /// The URL (from `url` or `url_file`), kept as a secret: never formatted.
+    url: Secret,
     host: String,
     cfg: WebhookConfig,
     secret: Option<Secret>,
@@ -227,9 +240,32 @@ impl Settings {
                     Some(s)
                 }
             };
-            let host = webhook_host(&w.url);
+            let url = match (&w.url, &w.url_file) {
+                (Some(u), _) => Secret::new(u.clone()),
+                (None, Some(path)) => {
+                    let mut text =
+                        std::fs::read_to_string(path).map_err(|source| NotifyError::UrlFile {
+                            index,
+                            path: path.clone(),
+                            source,
+                        })?;
+                    let u = Secret::new(text.trim());
+                    text.zeroize();
+                    if !is_webhook_url(u.expose()) {
+                        return Err(NotifyError::UrlInvalid {
+                            index,
+                            path: path.clone(),
+                        });
+                    }
+                    u
+                }
+                // Validation refuses it; nothing to send to.
+                (None, None) => continue,
+            };
+            let host = webhook_host(url.expose());
             hooks.push(Hook {
                 index,
+                url,
                 label: format!("webhooks[{index}] ({host})"),
                 host,
                 cfg: w.clone(),
@@ -549,7 +585,7 @@ impl Notifier {
     async fn post(&self, h: &Hook, n: &Notice, body: &[u8], delivery: &str) -> Result<(), Failure> {
         let mut req = self
             .http
-            .post(&h.cfg.url)
+            .post(h.url.expose())
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header(EVENT_HEADER, n.event.as_str())
             .header(DELIVERY_HEADER, delivery);
@@ -770,6 +806,65 @@ secret_file = "{}"
             assert!(!text.contains("topsecret"), "{text}");
         }
         assert!(format!("{n:?}").contains("hooks.slack.com"));
+    }
+
+    #[test]
+    fn the_url_may_come_from_a_file_and_its_content_is_never_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good");
+        std::fs::write(&good, "https://hooks.example/services/FILETOKEN\n").unwrap();
+        let bad = dir.path().join("bad");
+        std::fs::write(&bad, "not a url FILETOKEN").unwrap();
+        let m = Arc::new(Metrics::new(&[]));
+        let c = config(&format!(
+            "[[notifications.webhooks]]\nurl_file = \"{}\"\n",
+            good.display()
+        ));
+        let n = Notifier::new(&c, m.clone(), m.clone()).unwrap();
+        assert_eq!(
+            n.settings.read_now().hooks[0].url.expose(),
+            "https://hooks.example/services/FILETOKEN"
+        );
+        assert!(
+            format!("{n:?}").contains("hooks.example")
+                && !format!("{n:?}{c:?}").contains("FILETOKEN")
+        );
+        for (file, want) in [
+            (bad, "does not hold an http(s) URL"),
+            (dir.path().join("nope"), "url_file"),
+        ] {
+            let c = config(&format!(
+                "[[notifications.webhooks]]\nurl_file = \"{}\"\n",
+                file.display()
+            ));
+            let e = Notifier::new(&c, m.clone(), m.clone())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(want) && e.contains("notifications.webhooks[0]"),
+                "{e}"
+            );
+            assert!(!e.contains("FILETOKEN"), "{e}");
+        }
+        // Exactly one of url and url_file.
+        for (text, want) in [
+            (
+                "[[notifications.webhooks]]\nformat = \"json\"\n",
+                "notifications.webhooks[0].url: missing",
+            ),
+            (
+                "[[notifications.webhooks]]\nurl = \"https://h.example/x\"\nurl_file = \"/x\"\n",
+                "notifications.webhooks[0].url_file: set url or url_file, not both",
+            ),
+        ] {
+            let e = Config::parse(
+                &format!("[vault]\naddress = \"http://v:8200\"\n{text}"),
+                "t.toml",
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains(want), "{e}");
+        }
     }
 
     #[test]

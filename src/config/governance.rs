@@ -100,8 +100,10 @@ impl Default for NotificationsConfig {
 #[derive(Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookConfig {
-    /// Where to POST. Often a secret itself (Slack's): never logged, only its host.
-    pub url: String,
+    /// Where to POST. Often a secret itself (Slack's): never logged, only its host. Set
+    /// this or `url_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
     #[serde(default)]
     pub format: WebhookFormat,
     /// What to send; default every event.
@@ -124,17 +126,27 @@ pub struct WebhookConfig {
     /// (counted): no alert storm from a flapping target. "0s" = off.
     #[serde(default = "default_webhook_cooldown")]
     pub cooldown: DurationStr,
+    /// A file holding the URL (a mounted Secret), read at start and reload: keeps the
+    /// token out of the configuration file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_file: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for WebhookConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WebhookConfig")
-            .field("host", &webhook_host(&self.url))
+            .field("host", &self.url.as_deref().map(webhook_host))
+            .field("url_file", &self.url_file)
             .field("format", &self.format)
             .field("events", &self.events)
             .field("secret_file", &self.secret_file)
             .finish_non_exhaustive()
     }
+}
+
+/// An absolute http(s) URL with a host: what a webhook may POST to.
+pub fn is_webhook_url(url: &str) -> bool {
+    url::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host())
 }
 
 /// What may be shown of a webhook URL: its host (the path and query carry tokens).
@@ -259,11 +271,21 @@ pub(super) fn validate(config: &Config, errors: &mut Vec<String>) {
     }
     for (i, w) in n.webhooks.iter().enumerate() {
         let at = format!("notifications.webhooks[{i}]");
-        match url::Url::parse(&w.url) {
-            Ok(u) if matches!(u.scheme(), "http" | "https") && u.has_host() => {}
-            // Not even redacted: a webhook URL's path is often its token.
-            _ => errors.push(format!(
-                "{at}.url: must be an http(s) URL (not shown: webhook URLs carry tokens)"
+        match (&w.url, &w.url_file) {
+            (Some(url), None) => {
+                if !is_webhook_url(url) {
+                    // Not even redacted: a webhook URL's path is often its token.
+                    errors.push(format!(
+                        "{at}.url: must be an http(s) URL (not shown: webhook URLs carry tokens)"
+                    ));
+                }
+            }
+            (None, Some(_)) => {}
+            (Some(_), Some(_)) => {
+                errors.push(format!("{at}.url_file: set url or url_file, not both"))
+            }
+            (None, None) => errors.push(format!(
+                "{at}.url: missing (set url, or url_file naming a file that holds it)"
             )),
         }
         if w.events.is_empty() {

@@ -381,7 +381,7 @@ async fn notices_carry_ids_and_a_verifiable_signature_but_never_a_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_receiver_is_retried_then_counted_and_the_rotation_still_completes() {
     let rx = Receiver::start().await;
-    let env = Env::start(|c, _| {
+    let env = Env::start(|c, dir| {
         let fast =
             "max_retries = 2\nretry_base = \"10ms\"\nmax_backoff = \"20ms\"\ntimeout = \"2s\"";
         set_webhooks(
@@ -392,6 +392,11 @@ async fn a_failing_receiver_is_retried_then_counted_and_the_rotation_still_compl
                 webhook(&format!("{}/200/fine", rx.url), "json", ALL, fast),
             ],
         );
+        // The healthy one's URL comes from a file (as from a mounted Secret).
+        let file = dir.join("fine-url");
+        std::fs::write(&file, format!("{}/200/fine\n", rx.url)).unwrap();
+        c.notifications.webhooks[1].url = None;
+        c.notifications.webhooks[1].url_file = Some(file);
     })
     .await;
     let (_, status) = env.rotate("chatbot", false).await;
