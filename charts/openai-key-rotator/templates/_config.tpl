@@ -55,6 +55,44 @@ token_file = {{ printf "/etc/openai-key-rotator/vault-token/%s" $v.vault.auth.to
 {{- end }}
 
 [kubernetes]
+{{- with $v.notifications }}
+{{- if or .apiBaseUrl .overdueAfter .queueSize .webhooks }}
+
+[notifications]
+{{- with .apiBaseUrl }}
+api_base_url = {{ . | toJson }}
+{{- end }}
+{{- with .overdueAfter }}
+overdue_after = {{ . | toJson }}
+{{- end }}
+{{- with .queueSize }}
+queue_size = {{ int . }}
+{{- end }}
+{{- range $i, $w := .webhooks }}
+
+[[notifications.webhooks]]
+url_file = {{ printf "/etc/openai-key-rotator/webhooks/%d/url" $i | toJson }}
+{{- if $w.signingSecret }}
+secret_file = {{ printf "/etc/openai-key-rotator/webhooks/%d/secret" $i | toJson }}
+{{- end }}
+{{- with $w.format }}
+format = {{ . | toJson }}
+{{- end }}
+{{- with $w.events }}
+events = {{ . | toJson }}
+{{- end }}
+{{- with $w.timeout }}
+timeout = {{ . | toJson }}
+{{- end }}
+{{- if kindIs "float64" $w.maxRetries }}
+max_retries = {{ int $w.maxRetries }}
+{{- end }}
+{{- with $w.cooldown }}
+cooldown = {{ . | toJson }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- range $t := $v.targets }}
 
 [[targets]]
