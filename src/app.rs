@@ -1,5 +1,6 @@
 //! Wiring: configuration → backend clients → engine → daemon → HTTP server and signals.
 
+use crate::anomaly::{Detector, Finding};
 use crate::audit::{Audit, AuditEvent, AuditFields};
 use crate::config::Config;
 use crate::daemon::{
@@ -10,6 +11,7 @@ use crate::http::{self, ApiTokens, AppState, Readiness, Unready};
 use crate::kube::KubeRoller;
 use crate::leader::{LeaderConfig, LeaderElector};
 use crate::metrics::Metrics;
+use crate::notify::Notifier;
 use crate::openai::{load_admin_key, OpenAiClient};
 use crate::retry::RetryPolicy;
 use crate::rotation::ports::{CallObserver, SecretStore};
@@ -46,6 +48,7 @@ pub struct Services {
     pub roller: Arc<KubeRoller>,
     pub engine: Arc<Engine>,
     pub live: Arc<LiveRotations>,
+    pub notifier: Arc<Notifier>,
 }
 
 pub fn engine_options(config: &Config) -> EngineOptions {
@@ -111,11 +114,17 @@ pub async fn connect_with(
             .context("connecting to Kubernetes")?,
     );
     let live = Arc::new(LiveRotations::default());
+    let notifier = Arc::new(
+        Notifier::new(config, metrics.clone(), metrics.clone())
+            .context("setting up notifications")?,
+    );
+    notifier.spawn(cancel.child_token());
     let mut observers: Vec<Arc<dyn Observer>> = vec![
         live.clone(),
         metrics.clone(),
         Arc::new(audit.clone()),
         Arc::new(LogObserver),
+        notifier.clone(),
     ];
     observers.extend(extra);
     let prober = Arc::new(HttpProber::new().context("building the smoke-probe client")?);
@@ -135,6 +144,7 @@ pub async fn connect_with(
         roller,
         engine,
         live,
+        notifier,
     })
 }
 
@@ -206,6 +216,7 @@ impl crate::rotation::ports::Fence for LeaseFence {
 struct Hooks {
     metrics: Arc<Metrics>,
     audit: Audit,
+    notifier: Arc<Notifier>,
 }
 
 impl Hooks {
@@ -222,6 +233,7 @@ impl ScheduleObserver for Hooks {
     }
     fn key_created(&self, target: &str, at: Option<DateTime<Utc>>) {
         self.metrics.set_key_created(target, at);
+        self.notifier.key_age(target, at, Utc::now());
     }
     fn rotation_requested(&self, r: &RotationRequest, rotation_id: &str) {
         self.record(AuditFields {
@@ -244,6 +256,9 @@ impl ScheduleObserver for Hooks {
             message: Some(e.to_string()),
             ..AuditFields::new(AuditEvent::TriggerRefused)
         });
+        if matches!(r.trigger, Trigger::Schedule | Trigger::MaxAge) {
+            self.notifier.due_refused(r, &e.to_string());
+        }
     }
     fn inventory_taken(&self, projects: &[String], inventory: &crate::inventory::Inventory) {
         self.metrics.set_inventory(projects, inventory);
@@ -300,6 +315,59 @@ impl ScheduleObserver for Hooks {
             reason: Some(r.reason.clone()),
             outcome: Some("upgraded to emergency".into()),
             ..AuditFields::new(AuditEvent::RotationRequested)
+        });
+        self.notifier.emergency_upgraded(r, rotation_id);
+    }
+}
+
+/// Detector → metrics, audit and the `anomaly` notice.
+impl crate::anomaly::AnomalyReport for Hooks {
+    fn checked(&self, target: &str, outcome: &'static str, finding: Option<&Finding>) {
+        self.metrics
+            .anomaly_check(target, outcome, finding.map(|f| (f.ratio, f.fired)));
+    }
+
+    fn fired(
+        &self,
+        target: &crate::config::Target,
+        cfg: &crate::config::AnomalyConfig,
+        finding: &Finding,
+        rotation: Option<&Result<String, String>>,
+    ) {
+        let detail = finding.describe(cfg);
+        let (outcome, rotation_id, message) = match rotation {
+            None => ("alert".to_string(), None, detail.clone()),
+            Some(Ok(id)) => (
+                "emergency rotation requested".into(),
+                Some(id.clone()),
+                detail.clone(),
+            ),
+            Some(Err(e)) => (
+                "emergency rotation refused".into(),
+                None,
+                format!("{detail}; the rotation was refused: {e}"),
+            ),
+        };
+        self.record(AuditFields {
+            rotation_id: rotation_id.clone(),
+            target: Some(target.name.clone()),
+            actor: Some("anomaly".into()),
+            trigger: Some(Trigger::UsageAnomaly.as_str().into()),
+            reason: Some(crate::anomaly::REASON.into()),
+            outcome: Some(outcome),
+            key_id: Some(finding.key_id.clone()),
+            message: Some(message.clone()),
+            ..AuditFields::new(AuditEvent::UsageAnomaly)
+        });
+        self.notifier.notify(crate::notify::Notice {
+            event: crate::config::NotifyEvent::Anomaly,
+            target: target.name.clone(),
+            outcome: cfg.action.as_str().into(),
+            rotation_id,
+            trigger: Some(Trigger::UsageAnomaly.as_str().into()),
+            reason: Some(crate::anomaly::REASON.into()),
+            detail: Some(message),
+            at: Utc::now(),
         });
     }
 }
@@ -371,6 +439,7 @@ pub async fn start(
     let hooks = Arc::new(Hooks {
         metrics: services.metrics.clone(),
         audit: audit.clone(),
+        notifier: services.notifier.clone(),
     });
     // Bound first: the port goes into the API URL this replica advertises.
     let listener = tokio::net::TcpListener::bind(config.daemon.listen)
@@ -444,6 +513,15 @@ pub async fn start(
         DaemonOptions::default(),
         shutdown.clone(),
     );
+    // Polls only while this replica leads; triggers through the daemon like any trigger.
+    Arc::new(Detector::new(
+        services.issuer.clone(),
+        services.store.clone(),
+        Arc::new(daemon.clone()),
+        hooks.clone(),
+        Arc::new(crate::rotation::ports::SystemClock),
+    ))
+    .spawn(shutdown.clone());
     let tokens = match &opts.api_tokens_file {
         Some(f) => ApiTokens::load(f)?,
         None => {
@@ -580,7 +658,8 @@ fn reload(
             Some(f) => Some(ApiTokens::load(f)?),
             None => None,
         };
-        Ok((new, new_tokens))
+        let notify = Notifier::stage(&new)?;
+        Ok((new, new_tokens, notify))
     });
     let rejected = |e: String| {
         tracing::error!(error = %e, "SIGHUP: new configuration rejected; keeping the running one");
@@ -591,7 +670,7 @@ fn reload(
             ..AuditFields::new(AuditEvent::ConfigReloaded)
         });
     };
-    let (new, new_tokens) = match result {
+    let (new, new_tokens, notify) = match result {
         Ok(r) => r,
         Err(e) => return rejected(format!("{e:#}")),
     };
@@ -602,6 +681,7 @@ fn reload(
         return rejected(e.to_string());
     }
     services.metrics.set_targets(&names);
+    services.notifier.apply(notify);
     if let Some(t) = new_tokens {
         *tokens.write_now() = t;
     }
@@ -660,6 +740,10 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         (
             "daemon.max_concurrent_rollouts",
             o.max_concurrent_rollouts != n.max_concurrent_rollouts,
+        ),
+        (
+            "notifications.queue_size",
+            old.notifications.queue_size != new.notifications.queue_size,
         ),
     ]
     .into_iter()

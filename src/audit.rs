@@ -97,6 +97,8 @@ pub enum AuditEvent {
     RollbackRefused,
     UnlistedConsumers,
     UnconfiguredTarget,
+    /// The usage-anomaly detector fired for a target's key.
+    UsageAnomaly,
 }
 
 impl AuditEvent {
@@ -118,6 +120,7 @@ impl AuditEvent {
             AuditEvent::RollbackRefused => "rollback_refused",
             AuditEvent::UnlistedConsumers => "unlisted_consumers",
             AuditEvent::UnconfiguredTarget => "unconfigured_target",
+            AuditEvent::UsageAnomaly => "usage_anomaly",
         }
     }
 }

@@ -7,6 +7,12 @@
 //! `collect.rs`), each naming its line, the target and the field.
 
 mod collect;
+mod governance;
+
+pub use governance::{
+    is_webhook_url, webhook_host, AnomalyAction, AnomalyConfig, NotificationsConfig, NotifyEvent,
+    WebhookConfig, WebhookFormat,
+};
 
 use crate::retry::RetryPolicy;
 use serde::{Deserialize, Serialize};
@@ -54,6 +60,9 @@ pub struct Config {
     pub kubernetes: KubernetesConfig,
     #[serde(default)]
     pub targets: Vec<Target>,
+    /// Webhook notices of rotation outcomes, emergencies, usage anomalies, overdue keys.
+    #[serde(default)]
+    pub notifications: NotificationsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -434,6 +443,9 @@ pub struct Target {
     /// the rotation's worst-case duration plus the expiry alert's margin.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_expiry: Option<DurationStr>,
+    /// Watch the current key's usage for spikes (a leaked key being abused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anomaly: Option<AnomalyConfig>,
 }
 
 impl Target {
@@ -1139,6 +1151,7 @@ impl Config {
                 }
             }
         }
+        governance::validate(self, &mut errors);
         errors
     }
 

@@ -755,6 +755,7 @@ mod tests {
                 ..VaultConfig::default()
             },
             kubernetes: Default::default(),
+            notifications: Default::default(),
             targets: vec![t],
         });
         let live = Arc::new(LiveRotations::default());

@@ -3,6 +3,7 @@
 // Shipped code never unwraps: a failure is reported, and a true invariant says what it is
 // with `expect("...")`. Tests may unwrap.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
+pub mod anomaly;
 pub mod app;
 pub mod audit;
 pub mod cli;
@@ -18,6 +19,7 @@ pub mod kube;
 pub mod leader;
 pub mod metrics;
 pub mod naming;
+pub mod notify;
 pub mod openai;
 pub mod pacer;
 pub mod retry;
@@ -31,4 +33,5 @@ pub mod secret;
 mod simulation;
 pub mod smoke;
 pub mod sync;
+pub mod usage;
 pub mod vault;

@@ -23,16 +23,29 @@ use std::time::Duration;
 const PREFIX: &str = "openai_key_rotator";
 
 /// Every trigger, for pre-creating and removing per-target series.
-const TRIGGERS: [Trigger; 5] = [
+const TRIGGERS: [Trigger; 6] = [
     Trigger::Schedule,
     Trigger::MaxAge,
     Trigger::Signal,
     Trigger::Api,
     Trigger::Cli,
+    Trigger::UsageAnomaly,
 ];
 
 /// The terminal outcomes a rotation is counted under.
 const OUTCOMES: [Status; 3] = [Status::Completed, Status::RolledBack, Status::Failed];
+
+/// What became of a webhook notice (`notifications_total{outcome}`).
+pub const NOTIFY_OUTCOMES: [&str; 4] = ["delivered", "failed", "dropped", "suppressed"];
+
+/// Outcomes of a usage-anomaly check (`usage_anomaly_checks_total{outcome}`).
+pub const ANOMALY_OUTCOMES: [&str; 5] = [
+    "normal",
+    "anomaly",
+    "cooldown",
+    "insufficient_history",
+    "error",
+];
 
 const BACKENDS: [Backend; 3] = [Backend::OpenAi, Backend::Vault, Backend::Kubernetes];
 
@@ -73,6 +86,10 @@ pub struct Metrics {
     inventory_keys: IntGaugeVec,
     inventory_errors: IntGaugeVec,
     key_expires: GaugeVec,
+    notifications: IntCounterVec,
+    usage_anomaly: IntGaugeVec,
+    usage_anomaly_ratio: GaugeVec,
+    usage_anomaly_checks: IntCounterVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -246,6 +263,26 @@ impl Metrics {
                 "When the key Vault serves for the target expires, from the last inventory (0: never or unknown).",
                 &["target"],
             ),
+            notifications: counter(
+                "notifications_total",
+                "Webhook notices by event and outcome (delivered, failed, dropped, suppressed), per webhook.",
+                &["event", "outcome"],
+            ),
+            usage_anomaly: int_gauge(
+                "usage_anomaly",
+                "1 while the target's key's usage is past its anomaly threshold (last check).",
+                &["target"],
+            ),
+            usage_anomaly_ratio: gauge(
+                "usage_anomaly_ratio",
+                "Requests in the anomaly window over the baseline's rate for the same length (0: not judged).",
+                &["target"],
+            ),
+            usage_anomaly_checks: counter(
+                "usage_anomaly_checks_total",
+                "Usage-anomaly checks by outcome (normal, anomaly, cooldown, insufficient_history, error).",
+                &["target", "outcome"],
+            ),
             targets: RwLock::new(BTreeSet::new()),
             registry,
         };
@@ -258,6 +295,12 @@ impl Metrics {
         for backend in BACKENDS {
             m.retries.with_label_values(&[backend.as_str()]);
             m.rate_limit_waits.with_label_values(&[backend.as_str()]);
+        }
+        for event in crate::config::NotifyEvent::ALL {
+            for outcome in NOTIFY_OUTCOMES {
+                m.notifications
+                    .with_label_values(&[event.as_str(), outcome]);
+            }
         }
         m.set_targets(targets);
         m
@@ -341,6 +384,11 @@ impl Metrics {
         self.pending_deletion.with_label_values(&[t]).set(0);
         self.leaked_pending.with_label_values(&[t]).set(0);
         self.unlisted.with_label_values(&[t]).set(0);
+        self.usage_anomaly.with_label_values(&[t]).set(0);
+        self.usage_anomaly_ratio.with_label_values(&[t]).set(0.0);
+        for outcome in ANOMALY_OUTCOMES {
+            self.usage_anomaly_checks.with_label_values(&[t, outcome]);
+        }
     }
 
     fn remove_target(&self, t: &str) {
@@ -364,6 +412,11 @@ impl Metrics {
         let _ = self.leaked_pending.remove_label_values(&[t]);
         let _ = self.unlisted.remove_label_values(&[t]);
         let _ = self.key_expires.remove_label_values(&[t]);
+        let _ = self.usage_anomaly.remove_label_values(&[t]);
+        let _ = self.usage_anomaly_ratio.remove_label_values(&[t]);
+        for outcome in ANOMALY_OUTCOMES {
+            let _ = self.usage_anomaly_checks.remove_label_values(&[t, outcome]);
+        }
     }
 
     pub fn orphans_swept(&self, n: u64) {
@@ -428,6 +481,34 @@ impl Metrics {
             self.rotation_step
                 .with_label_values(&[target, step.as_str()])
                 .set(i64::from(Some(step) == current));
+        }
+    }
+
+    /// One webhook notice's fate; `outcome` is one of [`NOTIFY_OUTCOMES`].
+    pub fn notification(&self, event: crate::config::NotifyEvent, outcome: &'static str) {
+        self.notifications
+            .with_label_values(&[event.as_str(), outcome])
+            .inc();
+    }
+
+    /// One usage-anomaly check of a configured target: its outcome (one of
+    /// [`ANOMALY_OUTCOMES`]) and, when judged, the ratio and whether it is past the threshold.
+    pub fn anomaly_check(&self, target: &str, outcome: &'static str, judged: Option<(f64, bool)>) {
+        let targets = self.targets.read().unwrap_or_else(|e| e.into_inner());
+        if !targets.contains(target) {
+            return;
+        }
+        self.usage_anomaly_checks
+            .with_label_values(&[target, outcome])
+            .inc();
+        if let Some((ratio, firing)) = judged {
+            // +Inf when the baseline saw no use at all.
+            self.usage_anomaly_ratio
+                .with_label_values(&[target])
+                .set(ratio);
+            self.usage_anomaly
+                .with_label_values(&[target])
+                .set(i64::from(firing));
         }
     }
 }

@@ -138,6 +138,7 @@ mod tests {
             smoke_probes: vec![],
             rollout_timeout: DurationStr::from_secs(10),
             key_expiry: None,
+            anomaly: None,
         }
     }
 

@@ -368,6 +368,7 @@ impl Sim {
                 smoke_probes,
                 rollout_timeout: DurationStr::from_secs(300),
                 key_expiry: None,
+                anomaly: None,
             });
         }
         let paths = all.iter().map(|t| t.vault_path.clone()).collect();
@@ -410,6 +411,7 @@ impl Sim {
                 ..VaultConfig::default()
             },
             kubernetes: Default::default(),
+            notifications: Default::default(),
             targets: self
                 .all
                 .iter()

@@ -18,6 +18,7 @@ fn config(targets: Vec<Target>, max_concurrent: usize) -> Arc<Config> {
             ..VaultConfig::default()
         },
         kubernetes: Default::default(),
+        notifications: Default::default(),
         targets,
     };
     c.daemon.max_concurrent_rotations = max_concurrent;
@@ -321,6 +322,7 @@ mod reload {
                 ..VaultConfig::default()
             },
             kubernetes: Default::default(),
+            notifications: Default::default(),
             targets,
         };
         c.daemon.max_concurrent_rotations = max_concurrent;

@@ -841,6 +841,7 @@ impl FakeWorld {
             smoke_probes: vec![],
             rollout_timeout: DurationStr(Duration::from_secs(2)),
             key_expiry: None,
+            anomaly: None,
         };
         (target, old)
     }

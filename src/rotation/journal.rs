@@ -63,6 +63,8 @@ pub enum Trigger {
     Signal,
     Api,
     Cli,
+    /// The usage-anomaly detector (`[targets.anomaly]` with `action = "rotate"`).
+    UsageAnomaly,
 }
 
 impl Trigger {
@@ -73,6 +75,7 @@ impl Trigger {
             Trigger::Signal => "signal",
             Trigger::Api => "api",
             Trigger::Cli => "cli",
+            Trigger::UsageAnomaly => "usage_anomaly",
         }
     }
 }

@@ -17,6 +17,8 @@ pub enum Backend {
     OpenAi,
     Vault,
     Kubernetes,
+    /// Notification webhooks (`[[notifications.webhooks]]`).
+    Webhook,
 }
 
 impl Backend {
@@ -25,6 +27,7 @@ impl Backend {
             Backend::OpenAi => "openai",
             Backend::Vault => "vault",
             Backend::Kubernetes => "kubernetes",
+            Backend::Webhook => "webhook",
         }
     }
 }

@@ -273,6 +273,7 @@ impl Sandbox {
                     ..VaultConfig::default()
                 },
                 kubernetes: KubernetesConfig::default(),
+                notifications: Default::default(),
                 targets: Vec::new(),
             },
             config_path: config_path.clone(),
@@ -470,6 +471,7 @@ impl Sandbox {
             smoke_probes: Vec::new(),
             rollout_timeout: DurationStr::from_secs(60),
             key_expiry: None,
+            anomaly: None,
         })
     }
 

@@ -2,6 +2,7 @@
 
 mod support;
 
+mod anomaly;
 mod audit_cli;
 mod config_corpus;
 mod crash_matrix;
@@ -18,6 +19,7 @@ mod kube_sim;
 mod leader;
 mod load;
 mod metrics_exposition;
+mod notify;
 mod openai_client;
 mod openai_sim;
 mod rotation_e2e;

@@ -21,7 +21,22 @@ use std::time::Duration;
 
 const P: &str = "openai_key_rotator_";
 const TARGETS: [&str; 2] = ["chat", "search"];
-const TRIGGERS: [&str; 5] = ["schedule", "max_age", "signal", "api", "cli"];
+const TRIGGERS: [&str; 6] = [
+    "schedule",
+    "max_age",
+    "signal",
+    "api",
+    "cli",
+    "usage_anomaly",
+];
+const EVENTS: [&str; 6] = [
+    "completed",
+    "rolled_back",
+    "failed",
+    "emergency",
+    "anomaly",
+    "overdue",
+];
 const OUTCOMES: [&str; 3] = ["completed", "rolled_back", "failed"];
 const BACKENDS: [&str; 3] = ["openai", "vault", "kubernetes"];
 const STATUS_CLASSES: [&str; 5] = ["2xx", "429", "4xx", "5xx", "transport"];
@@ -111,7 +126,16 @@ fn unbounded_labels(samples: &BTreeMap<Series, f64>) -> Vec<String> {
             let ok = match k.as_str() {
                 "target" => TARGETS.contains(&v.as_str()),
                 "trigger" => TRIGGERS.contains(&v.as_str()),
-                "outcome" => OUTCOMES.contains(&v.as_str()),
+                "outcome" => match name.as_str() {
+                    "openai_key_rotator_notifications_total" => {
+                        openai_key_rotator::metrics::NOTIFY_OUTCOMES.contains(&v.as_str())
+                    }
+                    "openai_key_rotator_usage_anomaly_checks_total" => {
+                        openai_key_rotator::metrics::ANOMALY_OUTCOMES.contains(&v.as_str())
+                    }
+                    _ => OUTCOMES.contains(&v.as_str()),
+                },
+                "event" => EVENTS.contains(&v.as_str()),
                 "step" => steps.contains(&v.as_str()),
                 "backend" => BACKENDS.contains(&v.as_str()),
                 "status_class" => STATUS_CLASSES.contains(&v.as_str()),
@@ -297,6 +321,14 @@ fn expected() -> BTreeMap<Series, f64> {
     );
     w.insert(series("leader", &[]), 1.0);
     w.insert(series("orphans_swept_total", &[]), 3.0);
+    for e in EVENTS {
+        for o in openai_key_rotator::metrics::NOTIFY_OUTCOMES {
+            w.insert(
+                series("notifications_total", &[("event", e), ("outcome", o)]),
+                0.0,
+            );
+        }
+    }
     for b in BACKENDS {
         w.insert(series("retries_total", &[("backend", b)]), 0.0);
         w.insert(series("rate_limit_waits_total", &[("backend", b)]), 0.0);
@@ -335,8 +367,19 @@ fn expected() -> BTreeMap<Series, f64> {
             "old_account_pending_deletion",
             "leaked_key_pending_revocation",
             "unlisted_consumers",
+            "usage_anomaly",
+            "usage_anomaly_ratio",
         ] {
             w.insert(series(g, &[("target", t)]), 0.0);
+        }
+        for o in openai_key_rotator::metrics::ANOMALY_OUTCOMES {
+            w.insert(
+                series(
+                    "usage_anomaly_checks_total",
+                    &[("target", t), ("outcome", o)],
+                ),
+                0.0,
+            );
         }
         for s in Step::ALL {
             w.insert(
@@ -482,6 +525,10 @@ fn prometheus_client_reads_exactly_the_expected_series() {
         ("unlisted_consumers", "gauge"),
         ("leader", "gauge"),
         ("build_info", "gauge"),
+        ("notifications", "counter"),
+        ("usage_anomaly", "gauge"),
+        ("usage_anomaly_ratio", "gauge"),
+        ("usage_anomaly_checks", "counter"),
     ]
     .into_iter()
     .map(|(n, t)| (p(n), t.to_string()))

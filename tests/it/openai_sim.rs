@@ -1138,3 +1138,97 @@ async fn usage_audit_logs_admin_keys_and_key_expiry_satisfy_the_description_thro
     let lines = await_violation_lines(&prism.guard, 3).await;
     assert_eq!(lines.len(), 3, "Prism log:\n{}", prism.guard.output());
 }
+
+/// `usage_buckets` (the anomaly detector's Usage API read: `end_time`, `bucket_width` 1m
+/// and 1h, every key-filtering endpoint) through Prism: per-bucket sums over all endpoints,
+/// only the asked key, nothing outside `[start, end)`, and no contract violation on the
+/// wire or in Prism's log (the negative controls above show the checks fire).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_buckets_satisfy_the_description_through_prism() {
+    use chrono::DateTime;
+    use openai_key_rotator::config::OpenAiConfig;
+    use openai_key_rotator::rotation::ports::NoCalls;
+    use openai_key_rotator::sandbox::openai::UsageEndpoint;
+    use openai_key_rotator::usage::{BucketWidth, UsageSource};
+    use std::sync::Arc;
+    let sim = OpenAiSim::new(Secret::new(ADMIN));
+    let project = sim.create_project("buckets");
+    let (watched, _) = sim.create_service_account(&project, "okr-watched").unwrap();
+    let (other, _) = sim.create_service_account(&project, "okr-other").unwrap();
+    let (watched, other) = (watched.key_id.unwrap(), other.key_id.unwrap());
+    let server = sim
+        .serve(loopback(0), CancellationToken::new())
+        .await
+        .expect("serve simulator");
+    let direct = format!("{}/v1", server.url());
+    let prism = support::start_prism(&support::openai_spec(), &direct).await;
+    let client = openai_key_rotator::openai::OpenAiClient::new(
+        &OpenAiConfig {
+            base_url: prism.url.clone(),
+            ..OpenAiConfig::default()
+        },
+        Secret::new(ADMIN),
+        Arc::new(NoCalls),
+    )
+    .unwrap();
+    // Minute m (0 = the current hour's start) gets m+1 requests on each endpoint.
+    let hour = sim.now().div_euclid(3600) * 3600 - 3 * 3600;
+    for m in 0..5i64 {
+        for ep in UsageEndpoint::ALL {
+            sim.record_usage(&watched, ep, hour + m * 60 + 5, m as u64 + 1)
+                .unwrap();
+        }
+        sim.record_usage(&other, UsageEndpoint::Completions, hour + m * 60, 1000)
+            .unwrap();
+    }
+    // Outside the asked range: counted nowhere.
+    sim.record_usage(&watched, UsageEndpoint::Embeddings, hour + 3600 + 10, 7777)
+        .unwrap();
+    let at = |s: i64| DateTime::from_timestamp(s, 0).unwrap();
+    let minutes = client
+        .usage_buckets(
+            &project,
+            &watched,
+            at(hour),
+            at(hour + 3600),
+            BucketWidth::Minute,
+        )
+        .await
+        .unwrap();
+    let n = UsageEndpoint::ALL.len() as u64;
+    let with_use: Vec<(i64, u64)> = minutes
+        .iter()
+        .filter(|b| b.requests > 0)
+        .map(|b| (b.start.timestamp() - hour, b.requests))
+        .collect();
+    assert_eq!(
+        with_use,
+        (0..5)
+            .map(|m| (m * 60, (m as u64 + 1) * n))
+            .collect::<Vec<_>>()
+    );
+    assert!(minutes
+        .iter()
+        .all(|b| b.end.timestamp() - b.start.timestamp() == 60));
+    assert!(minutes
+        .iter()
+        .all(|b| b.start >= at(hour) && b.start < at(hour + 3600)));
+    let hours = client
+        .usage_buckets(
+            &project,
+            &watched,
+            at(hour - 3600),
+            at(hour + 3600),
+            BucketWidth::Hour,
+        )
+        .await
+        .unwrap();
+    let total: u64 = hours.iter().map(|b| b.requests).sum();
+    assert_eq!(total, 15 * n, "{hours:?}");
+    let output = prism.guard.output();
+    assert!(
+        violation_lines(&output).is_empty(),
+        "Prism log lines:\n{}",
+        violation_lines(&output).join("\n")
+    );
+}

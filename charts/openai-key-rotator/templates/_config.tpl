@@ -64,6 +64,44 @@ token_file = {{ printf "/etc/openai-key-rotator/vault-token/%s" $v.vault.auth.to
 {{- end }}
 
 [kubernetes]
+{{- with $v.notifications }}
+{{- if or .apiBaseUrl .overdueAfter .queueSize .webhooks }}
+
+[notifications]
+{{- with .apiBaseUrl }}
+api_base_url = {{ . | toJson }}
+{{- end }}
+{{- with .overdueAfter }}
+overdue_after = {{ . | toJson }}
+{{- end }}
+{{- with .queueSize }}
+queue_size = {{ int . }}
+{{- end }}
+{{- range $i, $w := .webhooks }}
+
+[[notifications.webhooks]]
+url_file = {{ printf "/etc/openai-key-rotator/webhooks/%d/url" $i | toJson }}
+{{- if $w.signingSecret }}
+secret_file = {{ printf "/etc/openai-key-rotator/webhooks/%d/secret" $i | toJson }}
+{{- end }}
+{{- with $w.format }}
+format = {{ . | toJson }}
+{{- end }}
+{{- with $w.events }}
+events = {{ . | toJson }}
+{{- end }}
+{{- with $w.timeout }}
+timeout = {{ . | toJson }}
+{{- end }}
+{{- if kindIs "float64" $w.maxRetries }}
+max_retries = {{ int $w.maxRetries }}
+{{- end }}
+{{- with $w.cooldown }}
+cooldown = {{ . | toJson }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- range $t := $v.targets }}
 
 [[targets]]
@@ -129,6 +167,34 @@ on_timeout = {{ . | toJson }}
 timeout = {{ .timeout | toJson }}
 {{- with .minRequests }}
 min_requests = {{ . }}
+{{- end }}
+{{- end }}
+{{- with $t.anomaly }}
+
+[targets.anomaly]
+{{- with .window }}
+window = {{ . | toJson }}
+{{- end }}
+{{- with .baseline }}
+baseline = {{ . | toJson }}
+{{- end }}
+{{- with .ratio }}
+ratio = {{ float64 . }}
+{{- end }}
+{{- with .minRequests }}
+min_requests = {{ int . }}
+{{- end }}
+{{- with .action }}
+action = {{ . | toJson }}
+{{- end }}
+{{- with .cooldown }}
+cooldown = {{ . | toJson }}
+{{- end }}
+{{- with .bucketWidth }}
+bucket_width = {{ . | toJson }}
+{{- end }}
+{{- with .pollInterval }}
+poll_interval = {{ . | toJson }}
 {{- end }}
 {{- end }}
 {{- range $p := $t.smokeProbes }}

@@ -73,6 +73,7 @@ fn world() -> World {
         smoke_probes: vec![],
         rollout_timeout: DurationStr(Duration::from_secs(2)),
         key_expiry: None,
+        anomaly: None,
     };
     let checker = Arc::new(InvariantChecker {
         issuer: issuer.clone(),
