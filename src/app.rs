@@ -126,6 +126,7 @@ pub async fn connect_with(
         )
         .with_observer(Arc::new(Fanout(observers))),
     );
+    engine.set_forensics(crate::forensics::from_config(config, issuer.clone()));
     Ok(Services {
         metrics,
         audit,

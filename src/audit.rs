@@ -97,6 +97,8 @@ pub enum AuditEvent {
     RollbackRefused,
     UnlistedConsumers,
     UnconfiguredTarget,
+    /// An emergency rotation's report on the old key (usage, audit-log events; ids only).
+    EmergencyForensics,
 }
 
 impl AuditEvent {
@@ -118,6 +120,7 @@ impl AuditEvent {
             AuditEvent::RollbackRefused => "rollback_refused",
             AuditEvent::UnlistedConsumers => "unlisted_consumers",
             AuditEvent::UnconfiguredTarget => "unconfigured_target",
+            AuditEvent::EmergencyForensics => "emergency_forensics",
         }
     }
 }
@@ -643,6 +646,20 @@ impl Observer for Audit {
                 f.outcome = Some(j.status.as_str().into());
                 f.vault_version = j.rollback_vault_version.or(j.new_vault_version);
                 f.message = j.error.clone();
+                if let Some(r) = &j.forensics {
+                    let mut g =
+                        with_old_account(rotation_fields(j, AuditEvent::EmergencyForensics), j);
+                    g.outcome = Some(
+                        match (&r.usage_unavailable, &r.audit_unavailable) {
+                            (None, None) => "collected",
+                            (Some(_), Some(_)) => "unavailable",
+                            _ => "partial",
+                        }
+                        .into(),
+                    );
+                    g.message = Some(r.summary());
+                    self.record_or_log(g);
+                }
                 if !j.pending_deletions.is_empty() {
                     let ids: Vec<&str> = j
                         .pending_deletions
@@ -752,6 +769,7 @@ mod tests {
             old_key_sha256: None,
             consecutive_failures: 0,
             last_failure_at: None,
+            forensics: None,
         }
     }
 

@@ -86,6 +86,50 @@ pub struct DaemonConfig {
     pub coalesce_window: DurationStr,
     /// Workloads rolling at once across all rotations; unset = no bound.
     pub max_concurrent_rollouts: Option<usize>,
+    /// Emergency forensics: what an emergency rotation records about the old key.
+    pub forensics: ForensicsConfig,
+    /// Reconciliation of OpenAI's audit log with our own trail.
+    pub reconcile: ReconcileConfig,
+}
+
+/// `[daemon.forensics]`: an emergency rotation records the old key's usage and the audit
+/// log's events on its account and key over `lookback`, each half bounded by `timeout`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ForensicsConfig {
+    pub enabled: bool,
+    pub lookback: DurationStr,
+    pub timeout: DurationStr,
+}
+
+impl Default for ForensicsConfig {
+    fn default() -> Self {
+        ForensicsConfig {
+            enabled: true,
+            lookback: DurationStr::from_secs(24 * 3600),
+            timeout: DurationStr::from_secs(30),
+        }
+    }
+}
+
+/// `[daemon.reconcile]`: compare OpenAI's audit log with our journals every `interval`
+/// (and after each rotation), over the last `lookback`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReconcileConfig {
+    pub enabled: bool,
+    pub interval: DurationStr,
+    pub lookback: DurationStr,
+}
+
+impl Default for ReconcileConfig {
+    fn default() -> Self {
+        ReconcileConfig {
+            enabled: true,
+            interval: DurationStr::from_secs(900),
+            lookback: DurationStr::from_secs(24 * 3600),
+        }
+    }
 }
 
 /// With several replicas, a Kubernetes Lease elects the one that rotates.
@@ -141,6 +185,8 @@ impl Default for DaemonConfig {
             delete_max_backoff: DurationStr::from_secs(60),
             coalesce_window: DurationStr::from_secs(3),
             max_concurrent_rollouts: None,
+            forensics: ForensicsConfig::default(),
+            reconcile: ReconcileConfig::default(),
         }
     }
 }
@@ -181,6 +227,15 @@ pub struct OpenAiConfig {
     pub max_backoff: DurationStr,
     /// Longest `Retry-After` waited; a longer one fails the call at once (transient).
     pub max_retry_after: DurationStr,
+    /// KV v2 path (under the mount) holding the admin key in field `value`: the daemon
+    /// reads it there (not from the file/env) and may rotate it.
+    pub admin_key_vault_path: Option<String>,
+    /// Rotate the admin key once it is older than this (needs `admin_key_vault_path`).
+    pub admin_key_max_age: Option<DurationStr>,
+    /// `expires_in_seconds` of each new admin key; unset = it does not expire.
+    pub admin_key_expiry: Option<DurationStr>,
+    /// How often the admin key's age is checked.
+    pub admin_key_check_interval: DurationStr,
 }
 
 impl Default for OpenAiConfig {
@@ -194,6 +249,10 @@ impl Default for OpenAiConfig {
             retry_base: DurationStr(Duration::from_millis(200)),
             max_backoff: DurationStr::from_secs(30),
             max_retry_after: DurationStr::from_secs(300),
+            admin_key_vault_path: None,
+            admin_key_max_age: None,
+            admin_key_expiry: None,
+            admin_key_check_interval: DurationStr::from_secs(3600),
         }
     }
 }
@@ -878,6 +937,7 @@ impl Config {
                 "daemon.delete_max_backoff: must be at least daemon.delete_retry_base".into(),
             );
         }
+        errors.extend(crate::forensics::validate_config(self));
         if d.state_prefix.trim_matches('/').is_empty() {
             errors.push("daemon.state_prefix: must not be empty".into());
         }

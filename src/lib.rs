@@ -11,6 +11,7 @@ pub mod config;
 pub mod daemon;
 #[cfg(feature = "sandbox")]
 pub mod demo;
+pub mod forensics;
 pub mod forward;
 pub mod http;
 pub mod kube;

@@ -273,6 +273,8 @@ pub struct Engine {
     coalescer: Arc<super::coalesce::Coalescer>,
     /// `max_concurrent_rollouts`: a permit per workload from its roll until verified.
     rollouts: Option<Arc<tokio::sync::Semaphore>>,
+    /// Emergency forensics, collected when an emergency rotation concludes (None: off).
+    forensics: std::sync::RwLock<Option<Arc<crate::forensics::Forensics>>>,
 }
 
 impl Engine {
@@ -293,6 +295,7 @@ impl Engine {
                 .max_concurrent_rollouts
                 .map(|n| Arc::new(tokio::sync::Semaphore::new(n.max(1)))),
             opts,
+            forensics: std::sync::RwLock::new(None),
         }
     }
 
@@ -1166,6 +1169,7 @@ impl Engine {
         status: Status,
     ) -> Result<Journal, EngineError> {
         rec.journal.status = status;
+        self.collect_forensics(rec).await;
         if let Some(target) = rec.journal.spec.clone() {
             // What earlier rotations left pending (a leaked key's failed revoke above all)
             // is tried again now; what this one just failed to delete waits for the next
@@ -1648,6 +1652,24 @@ impl Engine {
             rec.journal.pending_deletions.push(p);
         }
         Ok(format!("{} pending deletion: {problem}", old.id))
+    }
+
+    /// Collect emergency forensics from `forensics` when emergency rotations conclude.
+    pub fn set_forensics(&self, forensics: Option<Arc<crate::forensics::Forensics>>) {
+        *self.forensics.write_now() = forensics;
+    }
+
+    /// An emergency rotation's report on its old key, once (a resumed conclusion keeps the
+    /// first). Bounded by the collector's timeout; it cannot fail the rotation.
+    async fn collect_forensics(&self, rec: &mut Record) {
+        if !rec.journal.emergency || rec.journal.forensics.is_some() {
+            return;
+        }
+        let Some(f) = self.forensics.read_now().clone() else {
+            return;
+        };
+        let report = f.collect(&rec.journal, self.now()).await;
+        rec.journal.forensics = Some(report);
     }
 }
 
