@@ -11,6 +11,7 @@ mod demo;
 mod deploy;
 mod failover;
 mod fault_matrix;
+mod governance;
 mod kube_roller;
 mod kube_sim;
 mod leader;
