@@ -94,17 +94,23 @@ pub async fn connect_with(
     let names: Vec<String> = config.targets.iter().map(|t| t.name.clone()).collect();
     let metrics = Arc::new(Metrics::new(&names));
     let calls: Arc<dyn CallObserver> = metrics.clone();
-    let admin_key = load_admin_key(&config.openai).context("loading the OpenAI admin key")?;
-    let issuer = Arc::new(
-        OpenAiClient::new(&config.openai, admin_key, calls.clone())
-            .context("building the OpenAI client")?,
-    );
     let store = Arc::new(
         VaultStore::connect(&config.vault, calls.clone())
             .await
             .context("connecting to Vault")?,
     );
     store.spawn_token_maintenance(cancel.child_token());
+    // With openai.admin_key_vault_path, Vault serves the admin key (it may be rotated).
+    let admin_key = match config.openai.admin_key_vault_path.as_deref() {
+        Some(path) => crate::admin_key::read_admin_key(&*store, path)
+            .await
+            .context("reading the OpenAI admin key from Vault")?,
+        None => load_admin_key(&config.openai).context("loading the OpenAI admin key")?,
+    };
+    let issuer = Arc::new(
+        OpenAiClient::new(&config.openai, admin_key, calls.clone())
+            .context("building the OpenAI client")?,
+    );
     let roller = Arc::new(
         KubeRoller::connect(&config.kubernetes, calls)
             .await
@@ -441,6 +447,14 @@ pub async fn start(
         DaemonOptions::default(),
         shutdown.clone(),
     );
+    if let Some(rotator) = crate::admin_key::from_config(&config, &services)? {
+        let d = daemon.clone();
+        daemon.spawn_background(rotator.run(
+            config.openai.admin_key_check_interval.get(),
+            move || d.is_leader(),
+            shutdown.clone(),
+        ));
+    }
     let tokens = match &opts.api_tokens_file {
         Some(f) => ApiTokens::load(f)?,
         None => {

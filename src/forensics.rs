@@ -638,6 +638,12 @@ pub fn validate_config(c: &crate::config::Config) -> Vec<String> {
             }
         }
     }
+    if o.admin_key_vault_path.is_some()
+        && o.admin_key_expiry.is_some()
+        && o.admin_key_max_age.is_none()
+    {
+        errors.push("openai.admin_key_expiry: needs openai.admin_key_max_age (or the admin key expires and is never rotated)".into());
+    }
     if o.admin_key_max_age.is_some_and(|a| a.get().is_zero()) {
         errors.push("openai.admin_key_max_age: must be greater than zero".into());
     }

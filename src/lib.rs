@@ -3,6 +3,7 @@
 // Shipped code never unwraps: a failure is reported, and a true invariant says what it is
 // with `expect("...")`. Tests may unwrap.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
+pub mod admin_key;
 pub mod app;
 pub mod audit;
 pub mod cli;

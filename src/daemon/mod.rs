@@ -903,6 +903,15 @@ impl Daemon {
             .get(target)
             .and_then(|s| s.running.as_ref().map(|r| r.id.clone()))
     }
+
+    /// Run `task` as one of the daemon's own: shutdown waits for it (bounded by the
+    /// grace), so it must watch the daemon's shutdown token.
+    pub fn spawn_background<F>(&self, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.inner.tasks.spawn(task);
+    }
 }
 
 #[cfg(test)]
