@@ -202,7 +202,9 @@ impl AdminKeyApi for OpenAiClient {
                     has_more: false,
                     last_id: None,
                 });
-            let next = page.last_id.or_else(|| page.data.last().map(|k| k.id.clone()));
+            let next = page
+                .last_id
+                .or_else(|| page.data.last().map(|k| k.id.clone()));
             out.extend(page.data);
             if !page.has_more {
                 return Ok(out);
@@ -344,8 +346,13 @@ impl AdminKeyMetrics {
 pub enum Pass {
     /// The key is younger than the max age (or no max age is set).
     NotDue,
-    Completed { rotation_id: String },
-    Failed { rotation_id: String, error: String },
+    Completed {
+        rotation_id: String,
+    },
+    Failed {
+        rotation_id: String,
+        error: String,
+    },
 }
 
 /// Rotates the admin key kept at a Vault path.
@@ -362,10 +369,7 @@ pub struct AdminKeyRotator {
 }
 
 /// The admin key Vault serves at `path` (field `value`).
-pub async fn read_admin_key(
-    store: &dyn SecretStore,
-    path: &str,
-) -> Result<Secret, AdminKeyError> {
+pub async fn read_admin_key(store: &dyn SecretStore, path: &str) -> Result<Secret, AdminKeyError> {
     match store.read_key(path, FIELD).await? {
         Some(k) if !k.key.is_empty() => Ok(k.key),
         _ => Err(AdminKeyError::Refused(format!(
@@ -565,7 +569,8 @@ impl AdminKeyRotator {
                 Err(e) => return self.fail(&mut version, j, format!("create: {e}")).await,
             };
             // Any straggler of the same name (a duplicate create) goes too.
-            self.delete_named(&j.new_key_name, Some(&created.id)).await?;
+            self.delete_named(&j.new_key_name, Some(&created.id))
+                .await?;
             j.new_key_id = Some(created.id.clone());
             j.new_key_sha256 = Some(created.key.sha256_hex());
             j.phase = Phase::Created;
@@ -587,7 +592,8 @@ impl AdminKeyRotator {
                         .fail(
                             &mut version,
                             j,
-                            "interrupted before the new admin key was published; it was deleted".into(),
+                            "interrupted before the new admin key was published; it was deleted"
+                                .into(),
                         )
                         .await
                 }
@@ -620,9 +626,7 @@ impl AdminKeyRotator {
                 // Ambiguous or someone else's write: read Vault before deciding.
                 Err(e) => match self.vault_serves(&sha).await {
                     Ok(Some(s)) => j.new_vault_version = Some(s.version),
-                    Ok(None) => {
-                        return self.fail(&mut version, j, format!("publish: {e}")).await
-                    }
+                    Ok(None) => return self.fail(&mut version, j, format!("publish: {e}")).await,
                     Err(read) => return Err(read),
                 },
             }
@@ -672,7 +676,9 @@ impl AdminKeyRotator {
                 match self.run_once().await {
                     Ok(Pass::NotDue) => {}
                     Ok(p) => tracing::info!(pass = ?p, "admin-key rotation pass"),
-                    Err(e) => tracing::warn!(error = %e, "admin-key rotation pass failed; retrying at the next check"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "admin-key rotation pass failed; retrying at the next check")
+                    }
                 }
             }
             tokio::select! {

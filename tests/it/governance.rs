@@ -361,3 +361,358 @@ async fn the_report_reaches_the_audit_trail_and_the_rotation_view() {
         serde_json::to_value(openai_key_rotator::http::RotationView::from(&routine)).unwrap();
     assert!(view.get("forensics").is_none());
 }
+
+// ---------------------------------------------------------------------------------------
+// Admin-key rotation: the OpenAI simulator and the Vault simulator, real clients.
+
+use openai_key_rotator::admin_key::{
+    self, AdminKey, AdminKeyApi, AdminKeyError, AdminKeyJournal, AdminKeyRotator, AdminStatus,
+    NewAdminKey, Pass, Phase,
+};
+use openai_key_rotator::config::{VaultAuth, VaultConfig};
+use openai_key_rotator::rotation::ports::{KeyMeta, SecretStore, StoredKey};
+use openai_key_rotator::sandbox::vault::VaultSim;
+use openai_key_rotator::vault::VaultStore;
+
+const ADMIN_PATH: &str = "ops/openai-admin";
+const JOURNAL: &str = "openai-key-rotator/state/admin-key";
+
+struct AdminEnv {
+    env: Env,
+    _vault_server: Server,
+    store: Arc<VaultStore>,
+    _dir: tempfile::TempDir,
+}
+
+async fn admin_env(with_meta: bool) -> AdminEnv {
+    let env = env().await;
+    let vault = VaultSim::new(Secret::new("vault-root"));
+    let vault_server = vault
+        .serve(loopback(0), CancellationToken::new())
+        .await
+        .expect("vault sim");
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "vault-root\n").unwrap();
+    let store = Arc::new(
+        VaultStore::connect(
+            &VaultConfig {
+                address: vault_server.url(),
+                request_timeout: DurationStr::from_secs(5),
+                max_retries: 2,
+                retry_base: DurationStr(Duration::from_millis(10)),
+                max_backoff: DurationStr(Duration::from_millis(50)),
+                auth: VaultAuth::Token {
+                    token_env: "OKR_UNSET_GOVERNANCE_TOKEN".into(),
+                    token_file: Some(token),
+                },
+                ..VaultConfig::default()
+            },
+            Arc::new(NoCalls),
+        )
+        .await
+        .unwrap(),
+    );
+    // The seeded admin key, as an operator put it there (with or without its id).
+    let seeded = env.sim.admin_keys()[0].id.clone();
+    let meta = if with_meta {
+        KeyMeta {
+            account: Some(AccountRef {
+                id: seeded.clone(),
+                key_id: seeded,
+            }),
+            ..KeyMeta::default()
+        }
+    } else {
+        KeyMeta::default()
+    };
+    store
+        .write_key(ADMIN_PATH, admin_key::FIELD, &Secret::new(ADMIN), &meta, 0)
+        .await
+        .unwrap();
+    AdminEnv {
+        env,
+        _vault_server: vault_server,
+        store,
+        _dir: dir,
+    }
+}
+
+impl AdminEnv {
+    fn rotator(&self, api: Arc<dyn AdminKeyApi>) -> AdminKeyRotator {
+        AdminKeyRotator {
+            api,
+            store: self.store.clone(),
+            vault_path: ADMIN_PATH.into(),
+            journal_path: JOURNAL.into(),
+            name_prefix: "okr".into(),
+            max_age: Some(Duration::from_secs(30 * 86_400)),
+            expiry: Some(Duration::from_secs(90 * 86_400)),
+            metrics: None,
+        }
+    }
+
+    async fn served(&self) -> StoredKey {
+        self.store
+            .read_key(ADMIN_PATH, admin_key::FIELD)
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
+    async fn journal(&self) -> AdminKeyJournal {
+        let (_, doc) = self.store.read_doc(JOURNAL).await.unwrap().unwrap();
+        let text = doc.to_string();
+        assert!(
+            !text.contains("sk-admin-"),
+            "a key value in the journal: {text}"
+        );
+        serde_json::from_value(doc).unwrap()
+    }
+
+    /// Exactly one live admin key, and it is the one Vault serves (by id and by use).
+    async fn assert_one_live_key_served(&self) {
+        let live: Vec<_> = self
+            .env
+            .sim
+            .admin_keys()
+            .into_iter()
+            .filter(|k| k.live)
+            .collect();
+        assert_eq!(live.len(), 1, "{live:?}");
+        let served = self.served().await;
+        let client = self.env.client(served.key.expose());
+        assert!(client.ping().await.is_ok(), "Vault's admin key works");
+        if let Some(a) = &served.meta.account {
+            assert_eq!(a.key_id, live[0].id);
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_admin_key_is_rotated_published_and_switched() {
+    for with_meta in [true, false] {
+        let a = admin_env(with_meta).await;
+        let client = a.env.client(ADMIN);
+        let pass = a.rotator(client.clone()).rotate_now().await.unwrap();
+        assert!(matches!(pass, Pass::Completed { .. }), "{pass:?}");
+        let served = a.served().await;
+        assert_ne!(served.key.expose(), ADMIN);
+        // The running client switched to the new key; the old one is refused.
+        assert_eq!(client.current_admin_key().expose(), served.key.expose());
+        assert!(client.ping().await.is_ok());
+        assert!(
+            a.env.client(ADMIN).ping().await.is_err(),
+            "the old admin key is deleted"
+        );
+        a.assert_one_live_key_served().await;
+        let j = a.journal().await;
+        assert_eq!((j.status, j.phase), (AdminStatus::Completed, Phase::Done));
+        let new = a.env.sim.admin_keys().into_iter().find(|k| k.live).unwrap();
+        assert_eq!(Some(&new.id), j.new_key_id.as_ref());
+        assert!(new.name.starts_with("okr-admin-"), "{}", new.name);
+        assert_eq!(new.expires_at, Some(new.created_at + 90 * 86_400));
+        // Not due again: the new key is young (negative control of the schedule).
+        assert_eq!(
+            a.rotator(client.clone()).run_once().await.unwrap(),
+            Pass::NotDue
+        );
+    }
+}
+
+/// Passes every call to the client, except the ones a test breaks.
+struct Breaking {
+    inner: Arc<OpenAiClient>,
+    /// Verify answers "unauthorized" (the new key does not work).
+    fail_verify: bool,
+    /// Deleting this key id never answers (the process dies there).
+    hang_delete_of: Option<String>,
+}
+
+#[async_trait::async_trait]
+impl AdminKeyApi for Breaking {
+    async fn list_admin_keys(&self) -> Result<Vec<AdminKey>, AdminKeyError> {
+        self.inner.list_admin_keys().await
+    }
+    async fn create_admin_key(
+        &self,
+        name: &str,
+        expires: Option<u64>,
+    ) -> Result<NewAdminKey, AdminKeyError> {
+        self.inner.create_admin_key(name, expires).await
+    }
+    async fn delete_admin_key(&self, id: &str) -> Result<(), AdminKeyError> {
+        if self.hang_delete_of.as_deref() == Some(id) {
+            std::future::pending::<()>().await;
+        }
+        self.inner.delete_admin_key(id).await
+    }
+    async fn verify_admin_key(&self, key: &Secret) -> Result<(), AdminKeyError> {
+        if self.fail_verify {
+            // What the API answers a key that does not work: the real call with a bad key.
+            return self
+                .inner
+                .verify_admin_key(&Secret::new("sk-admin-not-a-key-0123456789"))
+                .await;
+        }
+        self.inner.verify_admin_key(key).await
+    }
+    fn switch_admin_key(&self, key: Secret) -> Result<(), AdminKeyError> {
+        self.inner.switch_admin_key(key)
+    }
+}
+
+#[tokio::test]
+async fn a_failed_verification_keeps_the_old_key_and_deletes_the_new() {
+    let a = admin_env(true).await;
+    let client = a.env.client(ADMIN);
+    let api = Arc::new(Breaking {
+        inner: client.clone(),
+        fail_verify: true,
+        hang_delete_of: None,
+    });
+    let pass = a.rotator(api).rotate_now().await.unwrap();
+    let Pass::Failed { error, .. } = pass else {
+        panic!("{pass:?}")
+    };
+    assert!(error.contains("verify"), "{error}");
+    assert!(
+        !error.contains("sk-admin-"),
+        "a key value in the error: {error}"
+    );
+    assert_eq!(
+        a.served().await.key.expose(),
+        ADMIN,
+        "Vault still serves the old key"
+    );
+    assert_eq!(client.current_admin_key().expose(), ADMIN);
+    a.assert_one_live_key_served().await;
+    assert_eq!(a.env.sim.admin_keys().len(), 2, "one was made, and deleted");
+    assert_eq!(a.journal().await.status, AdminStatus::Failed);
+    // The next pass starts afresh and succeeds (the failure is not sticky).
+    let pass = a.rotator(client.clone()).rotate_now().await.unwrap();
+    assert!(matches!(pass, Pass::Completed { .. }), "{pass:?}");
+    a.assert_one_live_key_served().await;
+}
+
+/// A store whose key writes never answer: the process dies during the publish.
+struct HangingPublish(Arc<VaultStore>);
+
+#[async_trait::async_trait]
+impl SecretStore for HangingPublish {
+    async fn read_key(
+        &self,
+        path: &str,
+        field: &str,
+    ) -> Result<Option<StoredKey>, openai_key_rotator::rotation::ports::BackendError> {
+        self.0.read_key(path, field).await
+    }
+    async fn read_key_version(
+        &self,
+        path: &str,
+        field: &str,
+        version: u64,
+    ) -> Result<Secret, openai_key_rotator::rotation::ports::BackendError> {
+        self.0.read_key_version(path, field, version).await
+    }
+    async fn write_key(
+        &self,
+        _: &str,
+        _: &str,
+        _: &Secret,
+        _: &KeyMeta,
+        _: u64,
+    ) -> Result<u64, openai_key_rotator::rotation::ports::BackendError> {
+        std::future::pending().await
+    }
+    async fn write_key_meta(
+        &self,
+        path: &str,
+        meta: &KeyMeta,
+    ) -> Result<(), openai_key_rotator::rotation::ports::BackendError> {
+        self.0.write_key_meta(path, meta).await
+    }
+    async fn read_doc(
+        &self,
+        path: &str,
+    ) -> Result<Option<(u64, serde_json::Value)>, openai_key_rotator::rotation::ports::BackendError>
+    {
+        self.0.read_doc(path).await
+    }
+    async fn write_doc(
+        &self,
+        path: &str,
+        doc: &serde_json::Value,
+        v: u64,
+    ) -> Result<u64, openai_key_rotator::rotation::ports::BackendError> {
+        self.0.write_doc(path, doc, v).await
+    }
+    async fn list(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<String>, openai_key_rotator::rotation::ports::BackendError> {
+        self.0.list(prefix).await
+    }
+}
+
+#[tokio::test]
+async fn a_crash_after_create_before_publish_resumes_to_one_live_key() {
+    let a = admin_env(true).await;
+    let client = a.env.client(ADMIN);
+    let mut crashing = a.rotator(client.clone());
+    crashing.store = Arc::new(HangingPublish(a.store.clone()));
+    // The process dies during the publish: the task is dropped.
+    let died = tokio::time::timeout(Duration::from_secs(2), crashing.rotate_now()).await;
+    assert!(died.is_err(), "the publish hung");
+    let j = a.journal().await;
+    assert_eq!((j.status, j.phase), (AdminStatus::Running, Phase::Verified));
+    assert_eq!(
+        a.env.sim.admin_keys().iter().filter(|k| k.live).count(),
+        2,
+        "the new key exists (its value died with the process)"
+    );
+    // Restart: the admin key comes from Vault (still the old one); resume.
+    let restarted = a.env.client(
+        admin_key::read_admin_key(&*a.store, ADMIN_PATH)
+            .await
+            .unwrap()
+            .expose(),
+    );
+    let pass = a.rotator(restarted.clone()).run_once().await.unwrap();
+    assert!(matches!(pass, Pass::Failed { .. }), "{pass:?}");
+    a.assert_one_live_key_served().await;
+    assert_eq!(a.served().await.key.expose(), ADMIN);
+}
+
+#[tokio::test]
+async fn a_crash_after_publish_before_delete_resumes_to_one_live_key() {
+    let a = admin_env(true).await;
+    let client = a.env.client(ADMIN);
+    let old_id = a.env.sim.admin_keys()[0].id.clone();
+    let api = Arc::new(Breaking {
+        inner: client.clone(),
+        fail_verify: false,
+        hang_delete_of: Some(old_id.clone()),
+    });
+    let died = tokio::time::timeout(Duration::from_secs(2), a.rotator(api).rotate_now()).await;
+    assert!(died.is_err(), "the delete hung");
+    let j = a.journal().await;
+    assert_eq!((j.status, j.phase), (AdminStatus::Running, Phase::Switched));
+    assert_eq!(a.env.sim.admin_keys().iter().filter(|k| k.live).count(), 2);
+    // Restart: the daemon reads the (new) admin key from Vault and resumes.
+    let served = admin_key::read_admin_key(&*a.store, ADMIN_PATH)
+        .await
+        .unwrap();
+    assert_ne!(served.expose(), ADMIN, "Vault serves the new key");
+    let restarted = a.env.client(served.expose());
+    let pass = a.rotator(restarted.clone()).run_once().await.unwrap();
+    assert!(matches!(pass, Pass::Completed { .. }), "{pass:?}");
+    a.assert_one_live_key_served().await;
+    assert!(!a
+        .env
+        .sim
+        .admin_keys()
+        .iter()
+        .any(|k| k.id == old_id && k.live));
+    assert_eq!(a.journal().await.status, AdminStatus::Completed);
+}
