@@ -46,6 +46,8 @@ pub struct Services {
     pub roller: Arc<KubeRoller>,
     pub engine: Arc<Engine>,
     pub live: Arc<LiveRotations>,
+    /// Notified when a rotation ends: reconciliation runs after each one.
+    pub reconcile_wake: Arc<tokio::sync::Notify>,
 }
 
 pub fn engine_options(config: &Config) -> EngineOptions {
@@ -123,6 +125,10 @@ pub async fn connect_with(
         Arc::new(audit.clone()),
         Arc::new(LogObserver),
     ];
+    let reconcile_wake = Arc::new(tokio::sync::Notify::new());
+    observers.push(Arc::new(crate::reconcile::WakeOnFinish(
+        reconcile_wake.clone(),
+    )));
     observers.extend(extra);
     let prober = Arc::new(HttpProber::new().context("building the smoke-probe client")?);
     let engine = Arc::new(
@@ -141,6 +147,7 @@ pub async fn connect_with(
         roller,
         engine,
         live,
+        reconcile_wake,
     })
 }
 
@@ -452,6 +459,16 @@ pub async fn start(
         daemon.spawn_background(rotator.run(
             config.openai.admin_key_check_interval.get(),
             move || d.is_leader(),
+            shutdown.clone(),
+        ));
+    }
+    if let Some(reconciler) = crate::reconcile::from_config(&config, &services)? {
+        let (d, p) = (daemon.clone(), daemon.clone());
+        daemon.spawn_background(reconciler.run(
+            config.daemon.reconcile.interval.get(),
+            move || crate::reconcile::configured_projects(&p.config()),
+            move || d.is_leader(),
+            services.reconcile_wake.clone(),
             shutdown.clone(),
         ));
     }

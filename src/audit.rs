@@ -99,6 +99,8 @@ pub enum AuditEvent {
     UnconfiguredTarget,
     /// An emergency rotation's report on the old key (usage, audit-log events; ids only).
     EmergencyForensics,
+    /// OpenAI's audit log (or the accounts) does not match our journals.
+    AuditMismatch,
 }
 
 impl AuditEvent {
@@ -121,6 +123,7 @@ impl AuditEvent {
             AuditEvent::UnlistedConsumers => "unlisted_consumers",
             AuditEvent::UnconfiguredTarget => "unconfigured_target",
             AuditEvent::EmergencyForensics => "emergency_forensics",
+            AuditEvent::AuditMismatch => "audit_mismatch",
         }
     }
 }

@@ -20,6 +20,7 @@ pub mod leader;
 pub mod metrics;
 pub mod openai;
 pub mod pacer;
+pub mod reconcile;
 pub mod retry;
 pub mod rng;
 pub mod rotation;

@@ -1671,6 +1671,14 @@ impl Engine {
         let report = f.collect(&rec.journal, self.now()).await;
         rec.journal.forensics = Some(report);
     }
+
+    /// Every journal under the state prefix, current and history: the proof of what is
+    /// ours (reconciliation reads it as the sweep does).
+    pub async fn all_journals(&self) -> Result<Vec<Journal>, EngineError> {
+        let mut out: Vec<Journal> = self.journals().await?.into_iter().map(|s| s.journal).collect();
+        out.extend(self.histories().await?);
+        Ok(out)
+    }
 }
 
 /// `Kind ns/name (via ...)`, for logs, audit and plans.
