@@ -326,10 +326,7 @@ pub enum ReconcileError {
         source: BackendError,
     },
     #[error("project {project}: reading the audit log: {class}")]
-    AuditLog {
-        project: String,
-        class: SourceError,
-    },
+    AuditLog { project: String, class: SourceError },
     #[error("identifying our admin key: {0}")]
     AdminKey(BackendError),
 }
@@ -361,14 +358,14 @@ impl Reconciler {
         now: DateTime<Utc>,
     ) -> Result<ProjectReport, ReconcileError> {
         let journals = self.engine.all_journals().await?;
-        let accounts = self
-            .source
-            .accounts(project)
-            .await
-            .map_err(|source| ReconcileError::Accounts {
-                project: project.to_string(),
-                source,
-            })?;
+        let accounts =
+            self.source
+                .accounts(project)
+                .await
+                .map_err(|source| ReconcileError::Accounts {
+                    project: project.to_string(),
+                    source,
+                })?;
         let since = now - chrono::Duration::from_std(self.lookback).unwrap_or_default();
         let query = AuditQuery {
             project_ids: vec![project.to_string()],
@@ -397,7 +394,10 @@ impl Reconciler {
                 .map_err(ReconcileError::AdminKey)?
         };
         if let Some((store, path)) = &self.admin_journal {
-            let doc = store.read_doc(path).await.map_err(ReconcileError::AdminKey)?;
+            let doc = store
+                .read_doc(path)
+                .await
+                .map_err(ReconcileError::AdminKey)?;
             if let Some(j) = doc.and_then(|(_, d)| {
                 serde_json::from_value::<crate::admin_key::AdminKeyJournal>(d).ok()
             }) {
@@ -434,7 +434,10 @@ impl Reconciler {
         if !available && off.insert(project.to_string()) {
             tracing::warn!(project, "audit logging is off in the OpenAI organization: reconciliation checks accounts only until it is on");
         } else if available && off.remove(project) {
-            tracing::info!(project, "audit logging is on again: reconciliation reads the audit log");
+            tracing::info!(
+                project,
+                "audit logging is on again: reconciliation reads the audit log"
+            );
         }
     }
 
@@ -545,4 +548,159 @@ pub fn from_config(
         ));
     }
     Ok(Some(Arc::new(rec)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::forensics::AuditLogEvent;
+    use crate::rotation::ports::AccountRef;
+    use crate::rotation::{RotationRequest, Trigger};
+
+    const P: &str = "proj_1";
+    const US: &str = "key_admin_us";
+
+    fn journal(old: (&str, &str), new: (&str, &str), retired: bool) -> Journal {
+        let req = RotationRequest::new("chat", Trigger::Cli, "t", "r", Utc::now());
+        let mut j = Journal::queued(&req, "okr");
+        j.old_account = Some(AccountRef {
+            id: old.0.into(),
+            key_id: old.1.into(),
+        });
+        j.new_account = Some(AccountRef {
+            id: new.0.into(),
+            key_id: new.1.into(),
+        });
+        j.old_retired = retired;
+        j
+    }
+
+    fn ev(id: &str, t: &str, resource: &str, actor_key: Option<&str>) -> AuditLogEvent {
+        AuditLogEvent {
+            id: id.into(),
+            event_type: t.into(),
+            effective_at: Utc::now(),
+            actor: actor_key.map_or("session user-x".into(), |k| format!("api_key {k}")),
+            actor_key_id: actor_key.map(str::to_string),
+            resource_id: Some(resource.into()),
+            project_id: Some(P.into()),
+        }
+    }
+
+    fn acct(id: &str, name: &str) -> AccountInfo {
+        AccountInfo {
+            id: id.into(),
+            name: name.into(),
+            created_at: Utc::now(),
+        }
+    }
+
+    fn kinds(m: &[Mismatch]) -> Vec<(MismatchKind, &str)> {
+        m.iter().map(|m| (m.kind, m.account_id.as_str())).collect()
+    }
+
+    #[test]
+    fn our_own_events_match_and_others_on_managed_accounts_do_not() {
+        let j = journal(("svc_old", "key_old"), ("svc_new", "key_new"), true);
+        let live = [acct("svc_new", &j.new_account_name)];
+        let ours = vec![
+            ev("e1", "service_account.created", "svc_new", Some(US)),
+            ev("e2", "api_key.created", "key_new", Some(US)),
+            ev("e3", "service_account.deleted", "svc_old", Some(US)),
+            // The seed account was made by a person: not a mismatch.
+            ev("e4", "service_account.created", "svc_old", None),
+            // Someone else's account: none of our business.
+            ev("e5", "service_account.deleted", "svc_stranger", None),
+        ];
+        let m = compare(
+            P,
+            std::slice::from_ref(&j),
+            &ours,
+            &live,
+            &[US.into()],
+            "okr",
+        );
+        assert!(m.is_empty(), "{m:?}");
+
+        let others = vec![
+            ev("e6", "service_account.deleted", "svc_new", None),
+            ev("e7", "api_key.updated", "key_new", Some("key_someone")),
+            ev("e8", "api_key.created", "key_new", Some("key_someone")),
+        ];
+        let m = compare(
+            P,
+            std::slice::from_ref(&j),
+            &others,
+            &live,
+            &[US.into()],
+            "okr",
+        );
+        assert_eq!(
+            kinds(&m),
+            vec![
+                (MismatchKind::DeletedByOther, "svc_new"),
+                (MismatchKind::ModifiedByOther, "svc_new"),
+                (MismatchKind::CreatedByOther, "svc_new"),
+            ]
+        );
+        assert_eq!(m[0].event_id.as_deref(), Some("e6"));
+        // Without knowing our key, our own events would look foreign: the ids matter.
+        let m = compare(P, std::slice::from_ref(&j), &ours[..1], &live, &[], "okr");
+        assert_eq!(kinds(&m), vec![(MismatchKind::CreatedByOther, "svc_new")]);
+    }
+
+    #[test]
+    fn accounts_are_checked_against_the_journals() {
+        let j = journal(("svc_old", "key_old"), ("svc_new", "key_new"), true);
+        let ours_named = acct("svc_new", &j.new_account_name);
+        // Deleted by us, yet listed.
+        let m = compare(
+            P,
+            std::slice::from_ref(&j),
+            &[],
+            &[ours_named.clone(), acct("svc_old", "chat-initial")],
+            &[],
+            "okr",
+        );
+        assert_eq!(
+            kinds(&m),
+            vec![(MismatchKind::DeletedStillExists, "svc_old")]
+        );
+        // Not retired (a rollback kept it): no mismatch.
+        let kept = journal(("svc_old", "key_old"), ("svc_new", "key_new"), false);
+        let m = compare(
+            P,
+            std::slice::from_ref(&kept),
+            &[],
+            &[ours_named.clone(), acct("svc_old", "chat-initial")],
+            &[],
+            "okr",
+        );
+        assert!(m.is_empty(), "{m:?}");
+        // Named like ours, no journal names it; another prefix or a plain name is left alone.
+        let stray = acct("svc_stray", "okr-chat-20990101000000-abcdef");
+        let m = compare(
+            P,
+            std::slice::from_ref(&j),
+            &[],
+            &[
+                ours_named,
+                stray,
+                acct("svc_x", "other-chat-20990101000000-abcdef"),
+                acct("svc_y", "okr-notes"),
+            ],
+            &[],
+            "okr",
+        );
+        assert_eq!(
+            kinds(&m),
+            vec![(MismatchKind::UnknownManagedAccount, "svc_stray")]
+        );
+    }
+
+    #[test]
+    fn kinds_are_a_bounded_label_set() {
+        let names: BTreeSet<&str> = MismatchKind::ALL.iter().map(|k| k.as_str()).collect();
+        assert_eq!(names.len(), MismatchKind::ALL.len());
+    }
 }

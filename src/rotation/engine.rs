@@ -1675,7 +1675,12 @@ impl Engine {
     /// Every journal under the state prefix, current and history: the proof of what is
     /// ours (reconciliation reads it as the sweep does).
     pub async fn all_journals(&self) -> Result<Vec<Journal>, EngineError> {
-        let mut out: Vec<Journal> = self.journals().await?.into_iter().map(|s| s.journal).collect();
+        let mut out: Vec<Journal> = self
+            .journals()
+            .await?
+            .into_iter()
+            .map(|s| s.journal)
+            .collect();
         out.extend(self.histories().await?);
         Ok(out)
     }
