@@ -716,3 +716,257 @@ async fn a_crash_after_publish_before_delete_resumes_to_one_live_key() {
         .any(|k| k.id == old_id && k.live));
     assert_eq!(a.journal().await.status, AdminStatus::Completed);
 }
+
+// ---------------------------------------------------------------------------------------
+// Reconciliation: a real rotation through the engine (real OpenAI client on the simulator;
+// Vault and Kubernetes in memory), then the audit log compared with the journals.
+
+use openai_key_rotator::reconcile::{MismatchKind, Reconciler};
+use openai_key_rotator::rotation::fakes::{FakeProber, FakeRoller, FakeStore, Log};
+use openai_key_rotator::rotation::{Engine, EngineOptions, Ports, RotationControl};
+
+struct Rig {
+    env: Env,
+    client: Arc<OpenAiClient>,
+    engine: Arc<Engine>,
+    old: AccountRef,
+    old_key: Secret,
+    target: openai_key_rotator::config::Target,
+}
+
+async fn rig() -> Rig {
+    let env = env().await;
+    let client = env.client(ADMIN);
+    let log = Log::default();
+    let store = FakeStore::new(log.clone());
+    let (seed, old_key) = env
+        .sim
+        .create_service_account(&env.project, "chat-initial")
+        .unwrap();
+    let old = AccountRef {
+        id: seed.id,
+        key_id: seed.key_id.unwrap(),
+    };
+    let mut target = env.config().targets[0].clone();
+    target.grace_period = DurationStr(Duration::from_millis(5));
+    target.rollout_timeout = DurationStr::from_secs(5);
+    store.put(
+        &target.vault_path,
+        &target.vault_field,
+        old_key.expose(),
+        KeyMeta {
+            account: Some(old.clone()),
+            rotation_id: Some("seed".into()),
+            key_created_at: Some(Utc::now()),
+        },
+    );
+    let ports = Ports::new(
+        client.clone(),
+        Arc::new(store),
+        Arc::new(FakeRoller::new(log)),
+        Arc::new(FakeProber::default()),
+    );
+    let engine = Arc::new(Engine::new(
+        ports,
+        EngineOptions {
+            poll_interval: Duration::from_millis(10),
+            ..EngineOptions::default()
+        },
+    ));
+    Rig {
+        env,
+        client,
+        engine,
+        old,
+        old_key,
+        target,
+    }
+}
+
+impl Rig {
+    async fn rotate(&self) -> Journal {
+        let req = RotationRequest::new("chat", Trigger::Cli, "test", "reconcile", Utc::now());
+        let j = self
+            .engine
+            .rotate(
+                &self.target,
+                req,
+                None,
+                Arc::new(RotationControl::default()),
+            )
+            .await
+            .unwrap();
+        assert_eq!(j.status, Status::Completed, "{:?}", j.error);
+        j
+    }
+
+    fn reconciler(&self, registry: &prometheus::Registry, audit: Option<Audit>) -> Reconciler {
+        let mut r = Reconciler::new(
+            self.client.clone(),
+            self.engine.clone(),
+            Duration::from_secs(3600),
+            "okr",
+        );
+        r.metrics = Some(
+            openai_key_rotator::reconcile::ReconcileMetrics::register(
+                registry,
+                &[self.env.project.clone()],
+            )
+            .unwrap(),
+        );
+        r.audit = audit;
+        r
+    }
+}
+
+/// The value of a series in `registry` (0 when absent).
+fn metric(registry: &prometheus::Registry, name: &str, labels: &[(&str, &str)]) -> f64 {
+    for f in registry.gather() {
+        if f.name() != name {
+            continue;
+        }
+        for m in f.get_metric() {
+            let fits = labels.iter().all(|(k, v)| {
+                m.get_label()
+                    .iter()
+                    .any(|l| l.name() == *k && l.value() == *v)
+            });
+            if fits {
+                // A family is either counters or gauges; the other reads 0.
+                return m.get_counter().get_value() + m.get_gauge().get_value();
+            }
+        }
+    }
+    0.0
+}
+
+#[tokio::test]
+async fn reconciliation_finds_what_someone_else_did_and_nothing_after_our_own_rotation() {
+    let r = rig().await;
+    let j = r.rotate().await;
+    let new = j.new_account.clone().unwrap();
+    let registry = prometheus::Registry::new();
+    let dir = tempfile::tempdir().unwrap();
+    let audit_path = dir.path().join("audit.jsonl");
+    let audit = Audit::open(Some(&audit_path), false).unwrap();
+    let rec = r.reconciler(&registry, Some(audit));
+    let project = r.env.project.clone();
+    let mismatches = |kind: MismatchKind| {
+        metric(
+            &registry,
+            "openai_key_rotator_audit_mismatches_total",
+            &[("project", project.as_str()), ("kind", kind.as_str())],
+        )
+    };
+
+    // Our own rotation (create of the new account, delete of the old, by our admin key):
+    // everything matches (the negative control).
+    let report = rec.reconcile(&project, Utc::now()).await.unwrap();
+    assert!(report.audit_log_available);
+    assert!(report.events_read >= 4, "{report:?}");
+    assert!(report.mismatches.is_empty(), "{:?}", report.mismatches);
+
+    // Someone changes our new account's key in the dashboard, and someone makes an account
+    // named like ours that no journal names.
+    r.env
+        .sim
+        .inject_audit_event(
+            "api_key.updated",
+            &new.key_id,
+            Some(&project),
+            AuditActor::Session {
+                user_id: "user-mallory".into(),
+                email: "mallory@example.com".into(),
+            },
+        )
+        .unwrap();
+    let (stray, stray_key) = r
+        .env
+        .sim
+        .create_service_account(&project, "okr-chat-20990101000000-abcdef")
+        .unwrap();
+    let report = rec.reconcile(&project, Utc::now()).await.unwrap();
+    let mut kinds: Vec<(MismatchKind, String)> = report
+        .mismatches
+        .iter()
+        .map(|m| (m.kind, m.account_id.clone()))
+        .collect();
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        vec![
+            (MismatchKind::ModifiedByOther, new.id.clone()),
+            (MismatchKind::UnknownManagedAccount, stray.id.clone()),
+        ]
+    );
+    assert_eq!(mismatches(MismatchKind::ModifiedByOther), 1.0);
+    assert_eq!(mismatches(MismatchKind::UnknownManagedAccount), 1.0);
+    assert_eq!(mismatches(MismatchKind::DeletedByOther), 0.0);
+    // The next pass sees them again but counts them once.
+    rec.reconcile(&project, Utc::now()).await.unwrap();
+    assert_eq!(mismatches(MismatchKind::ModifiedByOther), 1.0);
+    let text = std::fs::read_to_string(&audit_path).unwrap();
+    assert_eq!(text.matches("\"audit_mismatch\"").count(), 2, "{text}");
+    for value in [r.old_key.expose(), stray_key.expose(), ADMIN] {
+        assert!(!text.contains(value), "a key value in the audit trail");
+    }
+    // The old account we retired is gone: no deleted_still_exists.
+    assert!(!r
+        .env
+        .sim
+        .service_accounts(&project)
+        .iter()
+        .any(|a| a.id == r.old.id));
+    assert_eq!(mismatches(MismatchKind::DeletedStillExists), 0.0);
+}
+
+#[tokio::test]
+async fn audit_logging_off_is_reported_and_the_account_checks_go_on() {
+    let r = rig().await;
+    r.rotate().await;
+    r.env.sim.set_audit_logging(false);
+    let registry = prometheus::Registry::new();
+    let rec = r.reconciler(&registry, None);
+    let project = r.env.project.clone();
+    let available = || {
+        metric(
+            &registry,
+            "openai_key_rotator_audit_log_available",
+            &[("project", project.as_str())],
+        )
+    };
+    assert_eq!(available(), 1.0, "pre-created as available");
+    let (stray, _) = r
+        .env
+        .sim
+        .create_service_account(&project, "okr-chat-20990101000000-abcdef")
+        .unwrap();
+    let report = rec.reconcile(&project, Utc::now()).await.unwrap();
+    assert!(!report.audit_log_available);
+    assert_eq!(available(), 0.0);
+    assert_eq!(report.events_read, 0);
+    assert_eq!(
+        report
+            .mismatches
+            .iter()
+            .map(|m| (m.kind, m.account_id.clone()))
+            .collect::<Vec<_>>(),
+        vec![(MismatchKind::UnknownManagedAccount, stray.id)]
+    );
+    // Back on: available again.
+    r.env.sim.set_audit_logging(true);
+    assert!(
+        rec.reconcile(&project, Utc::now())
+            .await
+            .unwrap()
+            .audit_log_available
+    );
+    assert_eq!(available(), 1.0);
+    // A failure that is not "logging off" is an error, not "unavailable".
+    r.env
+        .sim
+        .set_faults(Faults::fail_next(100, 500).only("audit_logs.list"));
+    let e = rec.reconcile(&project, Utc::now()).await.unwrap_err();
+    assert!(e.to_string().contains("server_error"), "{e}");
+    r.env.sim.clear_faults();
+}
