@@ -810,7 +810,7 @@ impl Rig {
         r.metrics = Some(
             openai_key_rotator::reconcile::ReconcileMetrics::register(
                 registry,
-                &[self.env.project.clone()],
+                std::slice::from_ref(&self.env.project),
             )
             .unwrap(),
         );
