@@ -1003,8 +1003,12 @@ mod tests {
                 "openai.admin_key_expiry",
             ),
             (
-                "[openai]\nadmin_key_vault_path = \"ops/a\"\nadmin_key_expiry = \"400d\"\n",
+                "[openai]\nadmin_key_vault_path = \"ops/a\"\nadmin_key_max_age = \"30d\"\nadmin_key_expiry = \"400d\"\n",
                 "openai.admin_key_expiry",
+            ),
+            (
+                "[openai]\nadmin_key_vault_path = \"ops/a\"\nadmin_key_expiry = \"40d\"\n",
+                "openai.admin_key_expiry: needs openai.admin_key_max_age",
             ),
         ] {
             let errors = validate_config(&config(extra));
