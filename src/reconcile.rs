@@ -2,12 +2,16 @@
 //! `[daemon.reconcile] interval`, read the project's `service_account.*` / `api_key.*`
 //! events over the last `lookback` and compare them, and the project's accounts, with
 //! what our journals say (ownership is proven by the journals under `state_prefix`, as for
-//! the sweep). Mismatches raise `audit_mismatches_total{project,kind}` and an
+//! the sweep). Mismatches raise `audit_mismatches_total{target,kind}` and an
 //! `audit_mismatch` audit record, once per event or account per process.
 //!
 //! Audit logging may be off in the organization (the list answers 403): that is said once
-//! (log line, `audit_log_available{project} 0`) and the checks that need no audit log (an
+//! (log line, `audit_log_available{target} 0`) and the checks that need no audit log (an
 //! account we deleted still exists, an account named like ours that no journal names) go on.
+//!
+//! Metric labels are configured target names, never project or account ids: a mismatch
+//! counts for the target whose journal names the account (or whose name it carries), else
+//! for the first configured target of its project.
 
 use crate::audit::{Audit, AuditEvent, AuditFields};
 use crate::forensics::{AuditQuery, GovernanceSource, SourceError};
@@ -78,6 +82,8 @@ impl MismatchKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mismatch {
     pub project: String,
+    /// The configured target it counts for (the metric label).
+    pub target: String,
     pub kind: MismatchKind,
     /// The service account concerned.
     pub account_id: String,
@@ -140,8 +146,8 @@ impl ReconcileSource for OpenAiClient {
 /// What the journals prove about one project's accounts.
 #[derive(Debug, Default)]
 struct Ours {
-    /// Account id → the rotation whose journal names it.
-    accounts: BTreeMap<String, String>,
+    /// Account id → the rotation whose journal names it, and its target.
+    accounts: BTreeMap<String, (String, String)>,
     /// Key id → account id.
     keys: BTreeMap<String, String>,
     /// Accounts a journal says were deleted (an old account retired).
@@ -159,7 +165,8 @@ fn ours(journals: &[Journal], project: &str) -> Ours {
         }
         o.names.insert(j.new_account_name.clone());
         for a in j.referenced_accounts() {
-            o.accounts.insert(a.id.clone(), j.rotation_id.clone());
+            o.accounts
+                .insert(a.id.clone(), (j.rotation_id.clone(), j.target.clone()));
             o.keys.insert(a.key_id.clone(), a.id.clone());
         }
         if j.old_retired {
@@ -176,6 +183,7 @@ fn ours(journals: &[Journal], project: &str) -> Ours {
 /// Compare one project's events and accounts with the journals. Pure: no I/O.
 pub fn compare(
     project: &str,
+    targets: &[String],
     journals: &[Journal],
     events: &[crate::forensics::AuditLogEvent],
     accounts: &[AccountInfo],
@@ -183,6 +191,16 @@ pub fn compare(
     account_prefix: &str,
 ) -> Vec<Mismatch> {
     let o = ours(journals, project);
+    let first = targets.first().cloned().unwrap_or_default();
+    // The label for a target name: itself when configured, else the project's first.
+    let label = |t: &str| {
+        if targets.iter().any(|c| c == t) {
+            t.to_string()
+        } else {
+            first.clone()
+        }
+    };
+    let target_of = |account: &str| label(o.accounts.get(account).map_or("", |(_, t)| t));
     let mut out = Vec::new();
     for e in events {
         let Some(r) = e.resource_id.as_deref() else {
@@ -219,6 +237,7 @@ pub fn compare(
         }
         out.push(Mismatch {
             project: project.to_string(),
+            target: target_of(&account),
             kind,
             account_id: account,
             event_id: Some(e.id.clone()),
@@ -230,23 +249,25 @@ pub fn compare(
         if live.contains(id.as_str()) {
             out.push(Mismatch {
                 project: project.to_string(),
+                target: target_of(id),
                 kind: MismatchKind::DeletedStillExists,
                 account_id: id.clone(),
                 event_id: None,
                 detail: format!(
                     "service account {id} was deleted by rotation {} but still exists",
-                    o.accounts.get(id).map_or("?", String::as_str)
+                    o.accounts.get(id).map_or("?", |(r, _)| r.as_str())
                 ),
             });
         }
     }
     for a in accounts {
-        if parse_account_name(account_prefix, &a.name).is_some()
-            && !o.names.contains(&a.name)
-            && !o.accounts.contains_key(&a.id)
-        {
+        let Some((named, _)) = parse_account_name(account_prefix, &a.name) else {
+            continue;
+        };
+        if !o.names.contains(&a.name) && !o.accounts.contains_key(&a.id) {
             out.push(Mismatch {
                 project: project.to_string(),
+                target: label(named),
                 kind: MismatchKind::UnknownManagedAccount,
                 account_id: a.id.clone(),
                 event_id: None,
@@ -260,7 +281,7 @@ pub fn compare(
     out
 }
 
-/// `audit_mismatches_total{project,kind}` and `audit_log_available{project}`.
+/// `audit_mismatches_total{target,kind}` and `audit_log_available{target}`.
 #[derive(Clone)]
 pub struct ReconcileMetrics {
     mismatches: IntCounterVec,
@@ -268,25 +289,25 @@ pub struct ReconcileMetrics {
 }
 
 impl ReconcileMetrics {
-    /// Registered in `registry`, the series of `projects` pre-created.
-    pub fn register(registry: &Registry, projects: &[String]) -> prometheus::Result<Self> {
+    /// Registered in `registry`, the series of `targets` pre-created.
+    pub fn register(registry: &Registry, targets: &[String]) -> prometheus::Result<Self> {
         let mismatches = IntCounterVec::new(
             Opts::new(
                 "openai_key_rotator_audit_mismatches_total",
-                "Differences between OpenAI's audit log (or accounts) and our journals, by project and kind.",
+                "Differences between OpenAI's audit log (or accounts) and our journals, by target (of the account's project) and kind.",
             ),
-            &["project", "kind"],
+            &["target", "kind"],
         )?;
         let available = IntGaugeVec::new(
             Opts::new(
                 "openai_key_rotator_audit_log_available",
-                "1 when the organization's audit log could be read for the project, 0 when audit logging is off.",
+                "1 when the organization's audit log could be read for the target's project, 0 when audit logging is off.",
             ),
-            &["project"],
+            &["target"],
         )?;
         registry.register(Box::new(mismatches.clone()))?;
         registry.register(Box::new(available.clone()))?;
-        for p in projects {
+        for p in targets {
             for k in MismatchKind::ALL {
                 mismatches.with_label_values(&[p.as_str(), k.as_str()]);
             }
@@ -351,10 +372,12 @@ impl Reconciler {
         }
     }
 
-    /// One pass over `project` at `now`. New mismatches are counted and audited.
+    /// One pass over `project` (of the configured `targets`) at `now`. New mismatches are
+    /// counted and audited.
     pub async fn reconcile(
         &self,
         project: &str,
+        targets: &[String],
         now: DateTime<Utc>,
     ) -> Result<ProjectReport, ReconcileError> {
         let journals = self.engine.all_journals().await?;
@@ -384,7 +407,7 @@ impl Reconciler {
                 })
             }
         };
-        self.audit_log_state(project, available);
+        self.audit_log_state(project, targets, available);
         let mut our_ids = if events.is_empty() {
             Vec::new()
         } else {
@@ -407,6 +430,7 @@ impl Reconciler {
         }
         let mismatches = compare(
             project,
+            targets,
             &journals,
             &events,
             &accounts,
@@ -424,11 +448,13 @@ impl Reconciler {
     }
 
     /// Say once when audit logging goes off (and when it is back).
-    fn audit_log_state(&self, project: &str, available: bool) {
+    fn audit_log_state(&self, project: &str, targets: &[String], available: bool) {
         if let Some(m) = &self.metrics {
-            m.available
-                .with_label_values(&[project])
-                .set(i64::from(available));
+            for t in targets {
+                m.available
+                    .with_label_values(&[t.as_str()])
+                    .set(i64::from(available));
+            }
         }
         let mut off = self.off.locked();
         if !available && off.insert(project.to_string()) {
@@ -462,11 +488,12 @@ impl Reconciler {
         if let Some(metrics) = &self.metrics {
             metrics
                 .mismatches
-                .with_label_values(&[m.project.as_str(), m.kind.as_str()])
+                .with_label_values(&[m.target.as_str(), m.kind.as_str()])
                 .inc();
         }
         if let Some(a) = &self.audit {
             let f = AuditFields {
+                target: Some(m.target.clone()),
                 outcome: Some(m.kind.as_str().into()),
                 service_account_id: Some(m.account_id.clone()),
                 message: Some(format!("project {}: {}", m.project, m.detail)),
@@ -479,19 +506,19 @@ impl Reconciler {
     }
 
     /// Every `interval`, and when `wake` is notified (a rotation finished), reconcile every
-    /// project of `projects()` (the leader only) until `shutdown`.
+    /// project of `projects()` with its targets (the leader only) until `shutdown`.
     pub async fn run(
         self: Arc<Self>,
         interval: Duration,
-        projects: impl Fn() -> Vec<String> + Send + Sync + 'static,
+        projects: impl Fn() -> Vec<(String, Vec<String>)> + Send + Sync + 'static,
         is_leader: impl Fn() -> bool + Send + Sync + 'static,
         wake: Arc<Notify>,
         shutdown: CancellationToken,
     ) {
         loop {
             if is_leader() {
-                for p in projects() {
-                    if let Err(e) = self.reconcile(&p, Utc::now()).await {
+                for (p, targets) in projects() {
+                    if let Err(e) = self.reconcile(&p, &targets, Utc::now()).await {
                         tracing::warn!(error = %e, "reconciliation pass failed; retrying at the next one");
                     }
                 }
@@ -516,10 +543,20 @@ impl Observer for WakeOnFinish {
     }
 }
 
-/// The configured targets' projects (the only values the `project` label takes).
-pub fn configured_projects(c: &crate::config::Config) -> Vec<String> {
-    let set: BTreeSet<String> = c.targets.iter().map(|t| t.project_id.clone()).collect();
-    set.into_iter().collect()
+/// The configured targets' projects, each with its targets' names (sorted).
+pub fn configured_projects(c: &crate::config::Config) -> Vec<(String, Vec<String>)> {
+    let mut by: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for t in &c.targets {
+        by.entry(t.project_id.clone())
+            .or_default()
+            .push(t.name.clone());
+    }
+    by.into_iter()
+        .map(|(p, mut t)| {
+            t.sort();
+            (p, t)
+        })
+        .collect()
 }
 
 /// The reconciler `[daemon.reconcile]` asks for (None when disabled).
@@ -531,7 +568,8 @@ pub fn from_config(
     if !r.enabled {
         return Ok(None);
     }
-    let metrics = ReconcileMetrics::register(services.metrics.registry(), &configured_projects(c))
+    let names: Vec<String> = c.targets.iter().map(|t| t.name.clone()).collect();
+    let metrics = ReconcileMetrics::register(services.metrics.registry(), &names)
         .map_err(|e| anyhow::anyhow!("registering the reconciliation metrics: {e}"))?;
     let mut rec = Reconciler::new(
         services.issuer.clone(),
@@ -587,6 +625,10 @@ mod tests {
         }
     }
 
+    fn targets() -> Vec<String> {
+        vec!["chat".into()]
+    }
+
     fn acct(id: &str, name: &str) -> AccountInfo {
         AccountInfo {
             id: id.into(),
@@ -614,6 +656,7 @@ mod tests {
         ];
         let m = compare(
             P,
+            &targets(),
             std::slice::from_ref(&j),
             &ours,
             &live,
@@ -629,6 +672,7 @@ mod tests {
         ];
         let m = compare(
             P,
+            &targets(),
             std::slice::from_ref(&j),
             &others,
             &live,
@@ -644,8 +688,17 @@ mod tests {
             ]
         );
         assert_eq!(m[0].event_id.as_deref(), Some("e6"));
+        assert!(m.iter().all(|m| m.target == "chat"), "{m:?}");
         // Without knowing our key, our own events would look foreign: the ids matter.
-        let m = compare(P, std::slice::from_ref(&j), &ours[..1], &live, &[], "okr");
+        let m = compare(
+            P,
+            &targets(),
+            std::slice::from_ref(&j),
+            &ours[..1],
+            &live,
+            &[],
+            "okr",
+        );
         assert_eq!(kinds(&m), vec![(MismatchKind::CreatedByOther, "svc_new")]);
     }
 
@@ -656,6 +709,7 @@ mod tests {
         // Deleted by us, yet listed.
         let m = compare(
             P,
+            &targets(),
             std::slice::from_ref(&j),
             &[],
             &[ours_named.clone(), acct("svc_old", "chat-initial")],
@@ -670,6 +724,7 @@ mod tests {
         let kept = journal(("svc_old", "key_old"), ("svc_new", "key_new"), false);
         let m = compare(
             P,
+            &targets(),
             std::slice::from_ref(&kept),
             &[],
             &[ours_named.clone(), acct("svc_old", "chat-initial")],
@@ -681,6 +736,7 @@ mod tests {
         let stray = acct("svc_stray", "okr-chat-20990101000000-abcdef");
         let m = compare(
             P,
+            &targets(),
             std::slice::from_ref(&j),
             &[],
             &[
@@ -696,6 +752,22 @@ mod tests {
             kinds(&m),
             vec![(MismatchKind::UnknownManagedAccount, "svc_stray")]
         );
+        // Labelled with a configured target only: a name naming another target counts for
+        // the project's first configured one.
+        let m = compare(
+            P,
+            &["alpha".to_string(), "chat".to_string()],
+            &[],
+            &[],
+            &[
+                acct("svc_1", "okr-chat-20990101000000-abcdef"),
+                acct("svc_2", "okr-ghost-20990101000000-abcdef"),
+            ],
+            &[],
+            "okr",
+        );
+        let labels: Vec<&str> = m.iter().map(|m| m.target.as_str()).collect();
+        assert_eq!(labels, vec!["chat", "alpha"]);
     }
 
     #[test]

@@ -810,7 +810,7 @@ impl Rig {
         r.metrics = Some(
             openai_key_rotator::reconcile::ReconcileMetrics::register(
                 registry,
-                std::slice::from_ref(&self.env.project),
+                &["chat".to_string()],
             )
             .unwrap(),
         );
@@ -855,13 +855,16 @@ async fn reconciliation_finds_what_someone_else_did_and_nothing_after_our_own_ro
         metric(
             &registry,
             "openai_key_rotator_audit_mismatches_total",
-            &[("project", project.as_str()), ("kind", kind.as_str())],
+            &[("target", "chat"), ("kind", kind.as_str())],
         )
     };
 
     // Our own rotation (create of the new account, delete of the old, by our admin key):
     // everything matches (the negative control).
-    let report = rec.reconcile(&project, Utc::now()).await.unwrap();
+    let report = rec
+        .reconcile(&project, &["chat".to_string()], Utc::now())
+        .await
+        .unwrap();
     assert!(report.audit_log_available);
     assert!(report.events_read >= 4, "{report:?}");
     assert!(report.mismatches.is_empty(), "{:?}", report.mismatches);
@@ -885,7 +888,10 @@ async fn reconciliation_finds_what_someone_else_did_and_nothing_after_our_own_ro
         .sim
         .create_service_account(&project, "okr-chat-20990101000000-abcdef")
         .unwrap();
-    let report = rec.reconcile(&project, Utc::now()).await.unwrap();
+    let report = rec
+        .reconcile(&project, &["chat".to_string()], Utc::now())
+        .await
+        .unwrap();
     let mut kinds: Vec<(MismatchKind, String)> = report
         .mismatches
         .iter()
@@ -903,7 +909,9 @@ async fn reconciliation_finds_what_someone_else_did_and_nothing_after_our_own_ro
     assert_eq!(mismatches(MismatchKind::UnknownManagedAccount), 1.0);
     assert_eq!(mismatches(MismatchKind::DeletedByOther), 0.0);
     // The next pass sees them again but counts them once.
-    rec.reconcile(&project, Utc::now()).await.unwrap();
+    rec.reconcile(&project, &["chat".to_string()], Utc::now())
+        .await
+        .unwrap();
     assert_eq!(mismatches(MismatchKind::ModifiedByOther), 1.0);
     let text = std::fs::read_to_string(&audit_path).unwrap();
     assert_eq!(text.matches("\"audit_mismatch\"").count(), 2, "{text}");
@@ -932,7 +940,7 @@ async fn audit_logging_off_is_reported_and_the_account_checks_go_on() {
         metric(
             &registry,
             "openai_key_rotator_audit_log_available",
-            &[("project", project.as_str())],
+            &[("target", "chat")],
         )
     };
     assert_eq!(available(), 1.0, "pre-created as available");
@@ -941,7 +949,10 @@ async fn audit_logging_off_is_reported_and_the_account_checks_go_on() {
         .sim
         .create_service_account(&project, "okr-chat-20990101000000-abcdef")
         .unwrap();
-    let report = rec.reconcile(&project, Utc::now()).await.unwrap();
+    let report = rec
+        .reconcile(&project, &["chat".to_string()], Utc::now())
+        .await
+        .unwrap();
     assert!(!report.audit_log_available);
     assert_eq!(available(), 0.0);
     assert_eq!(report.events_read, 0);
@@ -956,7 +967,7 @@ async fn audit_logging_off_is_reported_and_the_account_checks_go_on() {
     // Back on: available again.
     r.env.sim.set_audit_logging(true);
     assert!(
-        rec.reconcile(&project, Utc::now())
+        rec.reconcile(&project, &["chat".to_string()], Utc::now())
             .await
             .unwrap()
             .audit_log_available
@@ -966,7 +977,10 @@ async fn audit_logging_off_is_reported_and_the_account_checks_go_on() {
     r.env
         .sim
         .set_faults(Faults::fail_next(100, 500).only("audit_logs.list"));
-    let e = rec.reconcile(&project, Utc::now()).await.unwrap_err();
+    let e = rec
+        .reconcile(&project, &["chat".to_string()], Utc::now())
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("server_error"), "{e}");
     r.env.sim.clear_faults();
 }
