@@ -984,3 +984,106 @@ async fn audit_logging_off_is_reported_and_the_account_checks_go_on() {
     assert!(e.to_string().contains("server_error"), "{e}");
     r.env.sim.clear_faults();
 }
+
+// ---------------------------------------------------------------------------------------
+// The governance calls through Prism with the official description (plus the admin-key
+// and expiry fields the SDKs added, as the simulator's contract test has them).
+
+#[tokio::test]
+async fn governance_calls_satisfy_the_description_through_prism() {
+    use crate::openai_client::{tap, violation_lines, Tap};
+    let env = env().await;
+    let (old, _) = env
+        .sim
+        .create_service_account(&env.project, "okr-chat-initial")
+        .unwrap();
+    let old = AccountRef {
+        id: old.id,
+        key_id: old.key_id.unwrap(),
+    };
+    env.sim
+        .record_usage(
+            &old.key_id,
+            UsageEndpoint::Completions,
+            env.sim.now() - 600,
+            2,
+        )
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = crate::openai_sim::spec_with_key_expiry(dir.path());
+    let prism = crate::support::start_prism(&spec, &format!("{}/v1", env.server.url())).await;
+    let t = Tap {
+        upstream: prism.url.clone(),
+        http: reqwest::Client::new(),
+        seen: Arc::default(),
+        violations: Arc::default(),
+    };
+    let router = axum::Router::new().fallback(tap).with_state(t.clone());
+    let tap_server =
+        openai_key_rotator::sandbox::serve(router, loopback(0), CancellationToken::new())
+            .await
+            .expect("serve tap");
+    // Prism serves without /v1: the client's base URL is the tap's root.
+    let mut cfg = env.openai_config();
+    cfg.base_url = tap_server.url();
+    let client = Arc::new(OpenAiClient::new(&cfg, Secret::new(ADMIN), Arc::new(NoCalls)).unwrap());
+
+    // Forensics: usage buckets on every usage endpoint, audit events by resource.
+    let forensics = Forensics::new(
+        client.clone(),
+        Duration::from_secs(24 * 3600),
+        Duration::from_secs(30),
+    );
+    let r = forensics
+        .collect(&emergency_journal(&env, &old), env.now())
+        .await;
+    assert_eq!(r.usage_unavailable, None);
+    assert_eq!(r.audit_unavailable, None);
+    assert_eq!(r.usage_requests, 2);
+    // Reconciliation's query: project and event types.
+    client
+        .audit_events(&AuditQuery {
+            project_ids: vec![env.project.clone()],
+            event_types: openai_key_rotator::reconcile::EVENT_TYPES
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            since: Some(env.now() - chrono::Duration::hours(1)),
+            max_events: 100,
+            ..AuditQuery::default()
+        })
+        .await
+        .unwrap();
+    // Admin keys: list, create with expiry, verify with the new key, delete.
+    let keys = client.list_admin_keys().await.unwrap();
+    assert!(!keys.is_empty());
+    let new = client
+        .create_admin_key("okr-admin-prism", Some(86_400))
+        .await
+        .unwrap();
+    client.verify_admin_key(&new.key).await.unwrap();
+    client.delete_admin_key(&new.id).await.unwrap();
+
+    let seen = t.seen.lock().unwrap().clone();
+    for want in [
+        "GET /organization/usage/completions -> 200",
+        "GET /organization/usage/web_search_calls -> 200",
+        "GET /organization/audit_logs -> 200",
+        "POST /organization/admin_api_keys -> 200",
+        "DELETE /organization/admin_api_keys/",
+    ] {
+        assert!(
+            seen.iter().any(|s| s.starts_with(want) || s.contains(want)),
+            "{want} not in {seen:#?}"
+        );
+    }
+    assert!(seen.iter().all(|s| s.ends_with("-> 200")), "{seen:#?}");
+    let violations = t.violations.lock().unwrap().clone();
+    let lines = violation_lines(&prism.guard.output());
+    assert!(
+        violations.is_empty() && lines.is_empty(),
+        "contract violations:\n{}\nPrism log:\n{}",
+        violations.join("\n"),
+        lines.join("\n")
+    );
+}
