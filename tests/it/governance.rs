@@ -1087,3 +1087,103 @@ async fn governance_calls_satisfy_the_description_through_prism() {
         lines.join("\n")
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// The daemon's wiring (app::connect_with over the sandbox): the admin key from Vault, and
+// forensics in an emergency rotation's journal.
+
+use openai_key_rotator::app;
+use openai_key_rotator::sandbox::scenario::{Sandbox, SandboxOptions};
+
+#[tokio::test]
+async fn the_daemon_reads_its_admin_key_from_vault_and_records_forensics() {
+    let dir = tempfile::tempdir().unwrap();
+    let sb = Sandbox::start(SandboxOptions::for_tests(dir.path()))
+        .await
+        .expect("sandbox");
+    assert!(
+        sb.wait_ready(Duration::from_secs(30)).await,
+        "seeded rollouts"
+    );
+    let vault = sb.vault.as_ref().expect("the Vault simulator");
+    let mut data = serde_json::Map::new();
+    data.insert("value".into(), sb.admin_key.expose().into());
+    vault.put_raw("ops/openai-admin", data);
+    // The file holds a key that does not work: only Vault's can.
+    let wrong = dir.path().join("wrong-admin-key");
+    std::fs::write(&wrong, "sk-admin-wrong-0123456789abcdef").unwrap();
+    let mut config = sb.config.clone();
+    config.openai.admin_key_file = Some(wrong);
+    for t in &mut config.targets {
+        t.grace_period = DurationStr(Duration::from_millis(100));
+        t.rollout_timeout = DurationStr::from_secs(30);
+    }
+    let cancel = CancellationToken::new();
+    let connect = |config: Config| {
+        let cancel = cancel.clone();
+        async move {
+            let audit = Audit::open(None, false).unwrap();
+            let opts = EngineOptions {
+                poll_interval: Duration::from_millis(100),
+                ..app::engine_options(&config)
+            };
+            app::connect_with(&config, audit, &cancel, opts, vec![])
+                .await
+                .expect("connect")
+        }
+    };
+    // Negative control: without the Vault path the file's (wrong) key is used.
+    let from_file = connect(config.clone()).await;
+    assert!(from_file.issuer.ping().await.is_err());
+
+    config.openai.admin_key_vault_path = Some("ops/openai-admin".into());
+    let services = connect(config.clone()).await;
+    services
+        .issuer
+        .ping()
+        .await
+        .expect("Vault's admin key works");
+    assert_eq!(
+        services.issuer.current_admin_key().expose(),
+        sb.admin_key.expose()
+    );
+
+    // An emergency rotation through the daemon's engine records forensics (wired from
+    // [daemon.forensics], on by default); a routine one does not.
+    let target = config.targets[0].clone();
+    let mut req = RotationRequest::new(&target.name, Trigger::Api, "oncall", "leak", Utc::now());
+    req.emergency = true;
+    let prior = services.engine.journal(&target.name).await.unwrap();
+    let j = services
+        .engine
+        .rotate(&target, req, prior, Arc::new(RotationControl::default()))
+        .await
+        .unwrap();
+    assert_eq!(j.status, Status::Completed, "{:?}", j.error);
+    let r = j.forensics.clone().expect("forensics");
+    assert_eq!(r.audit_unavailable, None, "{r:?}");
+    assert!(
+        r.audit_events
+            .iter()
+            .any(|e| e.event_type == "service_account.deleted"),
+        "the revoke is in the audit log: {:?}",
+        r.audit_events
+    );
+    let stored = services
+        .engine
+        .history(&j.rotation_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.forensics, j.forensics, "kept in the history copy");
+    let req = RotationRequest::new(&target.name, Trigger::Cli, "test", "routine", Utc::now());
+    let prior = services.engine.journal(&target.name).await.unwrap();
+    let j = services
+        .engine
+        .rotate(&target, req, prior, Arc::new(RotationControl::default()))
+        .await
+        .unwrap();
+    assert_eq!(j.status, Status::Completed);
+    assert!(j.forensics.is_none());
+    cancel.cancel();
+}
