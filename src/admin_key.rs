@@ -366,6 +366,9 @@ pub struct AdminKeyRotator {
     pub max_age: Option<Duration>,
     pub expiry: Option<Duration>,
     pub metrics: Option<AdminKeyMetrics>,
+    /// Whether this replica may still write (holds the leader Lease); checked before every
+    /// remote write, so a replica that lost it stops and the journal resumes elsewhere.
+    pub may_write: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
 }
 
 /// The admin key Vault serves at `path` (field `value`).
@@ -379,6 +382,15 @@ pub async fn read_admin_key(store: &dyn SecretStore, path: &str) -> Result<Secre
 }
 
 impl AdminKeyRotator {
+    fn fenced(&self) -> Result<(), AdminKeyError> {
+        match &self.may_write {
+            Some(ok) if !ok() => Err(AdminKeyError::Refused(
+                "this replica is not the leader any more: stopping the admin-key rotation (the journal resumes it)".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     async fn load(&self) -> Result<Option<(u64, AdminKeyJournal)>, AdminKeyError> {
         let Some((version, doc)) = self.store.read_doc(&self.journal_path).await? else {
             return Ok(None);
@@ -391,6 +403,7 @@ impl AdminKeyRotator {
     }
 
     async fn save(&self, version: &mut u64, j: &mut AdminKeyJournal) -> Result<(), AdminKeyError> {
+        self.fenced()?;
         j.updated_at = Utc::now();
         let doc = serde_json::to_value(&*j).map_err(|e| AdminKeyError::Journal {
             path: self.journal_path.clone(),
@@ -507,6 +520,7 @@ impl AdminKeyRotator {
     /// Delete every key named `name` but `keep`: creates whose answer (and value) was lost.
     async fn delete_named(&self, name: &str, keep: Option<&str>) -> Result<usize, AdminKeyError> {
         let mut n = 0;
+        self.fenced()?;
         for k in self.api.list_admin_keys().await? {
             if k.name.as_deref() == Some(name) && Some(k.id.as_str()) != keep {
                 self.api.delete_admin_key(&k.id).await?;
@@ -564,6 +578,7 @@ impl AdminKeyRotator {
                 tracing::warn!(rotation_id = %j.rotation_id, stale, "deleted admin keys of an interrupted create");
             }
             let expiry = self.expiry.map(|e| e.as_secs().max(1));
+            self.fenced()?;
             let created = match self.api.create_admin_key(&j.new_key_name, expiry).await {
                 Ok(c) => c,
                 Err(e) => return self.fail(&mut version, j, format!("create: {e}")).await,
@@ -617,6 +632,7 @@ impl AdminKeyRotator {
                 rotation_id: Some(j.rotation_id.clone()),
                 key_created_at: Some(Utc::now()),
             };
+            self.fenced()?;
             match self
                 .store
                 .write_key(&self.vault_path, FIELD, &key, &meta, j.old_vault_version)
@@ -646,6 +662,7 @@ impl AdminKeyRotator {
                 self.save(&mut version, &mut j).await?;
             }
             // Never the key Vault serves: the new one, just checked.
+            self.fenced()?;
             if Some(&j.old_key_id) != j.new_key_id.as_ref() {
                 self.api.delete_admin_key(&j.old_key_id).await?;
             }
@@ -716,5 +733,6 @@ pub fn from_config(
         max_age: Some(max_age.get()),
         expiry: o.admin_key_expiry.map(|e| e.get()),
         metrics: Some(metrics),
+        may_write: None,
     })))
 }

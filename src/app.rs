@@ -454,7 +454,11 @@ pub async fn start(
         DaemonOptions::default(),
         shutdown.clone(),
     );
-    if let Some(rotator) = crate::admin_key::from_config(&config, &services)? {
+    if let Some(mut rotator) = crate::admin_key::from_config(&config, &services)? {
+        let w = daemon.clone();
+        if let Some(r) = Arc::get_mut(&mut rotator) {
+            r.may_write = Some(Arc::new(move || w.is_leader()));
+        }
         let d = daemon.clone();
         daemon.spawn_background(rotator.run(
             config.openai.admin_key_check_interval.get(),

@@ -449,6 +449,7 @@ impl AdminEnv {
             max_age: Some(Duration::from_secs(30 * 86_400)),
             expiry: Some(Duration::from_secs(90 * 86_400)),
             metrics: None,
+            may_write: None,
         }
     }
 
@@ -1186,4 +1187,27 @@ async fn the_daemon_reads_its_admin_key_from_vault_and_records_forensics() {
     assert_eq!(j.status, Status::Completed);
     assert!(j.forensics.is_none());
     cancel.cancel();
+}
+
+#[tokio::test]
+async fn a_replica_that_may_not_write_rotates_nothing() {
+    let a = admin_env(true).await;
+    let client = a.env.client(ADMIN);
+    let mut fenced = a.rotator(client.clone());
+    fenced.may_write = Some(Arc::new(|| false));
+    let e = fenced.rotate_now().await.unwrap_err();
+    assert!(e.to_string().contains("not the leader"), "{e}");
+    assert_eq!(a.env.sim.admin_keys().len(), 1, "no admin key was created");
+    assert!(
+        a.store.read_doc(JOURNAL).await.unwrap().is_none(),
+        "nothing journaled"
+    );
+    assert_eq!(a.served().await.key.expose(), ADMIN);
+    // Allowed again (the control): it rotates.
+    fenced.may_write = Some(Arc::new(|| true));
+    assert!(matches!(
+        fenced.rotate_now().await.unwrap(),
+        Pass::Completed { .. }
+    ));
+    a.assert_one_live_key_served().await;
 }
