@@ -408,14 +408,19 @@ impl Reconciler {
             }
         };
         self.audit_log_state(project, targets, available);
-        let mut our_ids = if events.is_empty() {
-            Vec::new()
-        } else {
-            self.source
-                .our_admin_key_ids()
-                .await
-                .map_err(ReconcileError::AdminKey)?
-        };
+        let mut events = events;
+        let mut our_ids = Vec::new();
+        if !events.is_empty() {
+            match self.source.our_admin_key_ids().await {
+                Ok(ids) => our_ids = ids,
+                // Without our own id every event would look foreign: skip the event checks
+                // this pass rather than raise false mismatches; the account checks go on.
+                Err(e) => {
+                    tracing::warn!(project, error = %e, "cannot tell which admin key is ours (listing admin keys failed); audit-log events not compared this pass");
+                    events.clear();
+                }
+            }
+        }
         if let Some((store, path)) = &self.admin_journal {
             let doc = store
                 .read_doc(path)
@@ -768,6 +773,101 @@ mod tests {
         );
         let labels: Vec<&str> = m.iter().map(|m| m.target.as_str()).collect();
         assert_eq!(labels, vec!["chat", "alpha"]);
+    }
+
+    /// Events by someone else on a managed account; whether our admin key can be told.
+    struct Source {
+        events: Vec<AuditLogEvent>,
+        accounts: Vec<AccountInfo>,
+        ours: Result<Vec<String>, BackendError>,
+    }
+
+    #[async_trait]
+    impl GovernanceSource for Source {
+        async fn usage_buckets(
+            &self,
+            _: &str,
+            _: &str,
+            _: DateTime<Utc>,
+            _: DateTime<Utc>,
+            _: crate::forensics::BucketWidth,
+        ) -> Result<Vec<crate::forensics::UsageBucket>, SourceError> {
+            Ok(vec![])
+        }
+        async fn audit_events(
+            &self,
+            _: &AuditQuery,
+        ) -> Result<crate::forensics::AuditEvents, SourceError> {
+            Ok(crate::forensics::AuditEvents {
+                events: self.events.clone(),
+                truncated: false,
+            })
+        }
+    }
+
+    #[async_trait]
+    impl ReconcileSource for Source {
+        async fn accounts(&self, _: &str) -> Result<Vec<AccountInfo>, BackendError> {
+            Ok(self.accounts.clone())
+        }
+        async fn our_admin_key_ids(&self) -> Result<Vec<String>, BackendError> {
+            self.ours.clone()
+        }
+    }
+
+    #[tokio::test]
+    async fn when_our_admin_key_cannot_be_told_events_are_not_judged() {
+        use crate::rotation::fakes::FakeWorld;
+        use crate::rotation::{EngineOptions, RotationControl};
+        let world = FakeWorld::default();
+        let (target, _) = world.seed_target("chat", Utc::now());
+        let engine = Arc::new(world.engine(EngineOptions::default()));
+        let req = RotationRequest::new("chat", Trigger::Cli, "t", "r", Utc::now());
+        let j = engine
+            .rotate(&target, req, None, Arc::new(RotationControl::default()))
+            .await
+            .unwrap();
+        let new = j.new_account.clone().unwrap();
+        let events = vec![ev(
+            "e1",
+            "api_key.updated",
+            &new.key_id,
+            Some("key_someone"),
+        )];
+        let stray = acct("svc_stray", "okr-chat-20990101000000-abcdef");
+        let run = |ours: Result<Vec<String>, BackendError>| {
+            let rec = Reconciler::new(
+                Arc::new(Source {
+                    events: events.clone(),
+                    accounts: vec![stray.clone()],
+                    ours,
+                }),
+                engine.clone(),
+                Duration::from_secs(3600),
+                "okr",
+            );
+            async move { rec.reconcile("proj_test", &targets(), Utc::now()).await }
+        };
+        // Our key known: the foreign change is a mismatch (the control).
+        let r = run(Ok(vec![US.into()])).await.unwrap();
+        let mut k: Vec<MismatchKind> = r.mismatches.iter().map(|m| m.kind).collect();
+        k.sort();
+        assert_eq!(
+            k,
+            vec![
+                MismatchKind::ModifiedByOther,
+                MismatchKind::UnknownManagedAccount
+            ]
+        );
+        // Not known: no event is judged (no false alarms), the account check still runs.
+        let failed = Err(BackendError::Failed {
+            backend: crate::rotation::ports::Backend::OpenAi,
+            message: "403".into(),
+            transient: false,
+        });
+        let r = run(failed).await.unwrap();
+        let k: Vec<MismatchKind> = r.mismatches.iter().map(|m| m.kind).collect();
+        assert_eq!(k, vec![MismatchKind::UnknownManagedAccount]);
     }
 
     #[test]
