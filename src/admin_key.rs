@@ -717,13 +717,14 @@ pub fn from_config(
     c: &crate::config::Config,
     services: &crate::app::Services,
 ) -> anyhow::Result<Option<Arc<AdminKeyRotator>>> {
+    // Registered either way: the alert rules name these series.
+    let metrics = AdminKeyMetrics::register(services.metrics.registry())
+        .map_err(|e| anyhow::anyhow!("registering the admin-key metrics: {e}"))?;
     let o = &c.openai;
     let (Some(path), Some(max_age)) = (o.admin_key_vault_path.as_deref(), o.admin_key_max_age)
     else {
         return Ok(None);
     };
-    let metrics = AdminKeyMetrics::register(services.metrics.registry())
-        .map_err(|e| anyhow::anyhow!("registering the admin-key metrics: {e}"))?;
     Ok(Some(Arc::new(AdminKeyRotator {
         api: services.issuer.clone(),
         store: services.store.clone(),
