@@ -49,6 +49,8 @@ pub struct Services {
     pub engine: Arc<Engine>,
     pub live: Arc<LiveRotations>,
     pub notifier: Arc<Notifier>,
+    /// Notified when a rotation ends: reconciliation runs after each one.
+    pub reconcile_wake: Arc<tokio::sync::Notify>,
 }
 
 pub fn engine_options(config: &Config) -> EngineOptions {
@@ -97,17 +99,23 @@ pub async fn connect_with(
     let names: Vec<String> = config.targets.iter().map(|t| t.name.clone()).collect();
     let metrics = Arc::new(Metrics::new(&names));
     let calls: Arc<dyn CallObserver> = metrics.clone();
-    let admin_key = load_admin_key(&config.openai).context("loading the OpenAI admin key")?;
-    let issuer = Arc::new(
-        OpenAiClient::new(&config.openai, admin_key, calls.clone())
-            .context("building the OpenAI client")?,
-    );
     let store = Arc::new(
         VaultStore::connect(&config.vault, calls.clone())
             .await
             .context("connecting to Vault")?,
     );
     store.spawn_token_maintenance(cancel.child_token());
+    // With openai.admin_key_vault_path, Vault serves the admin key (it may be rotated).
+    let admin_key = match config.openai.admin_key_vault_path.as_deref() {
+        Some(path) => crate::admin_key::read_admin_key(&*store, path)
+            .await
+            .context("reading the OpenAI admin key from Vault")?,
+        None => load_admin_key(&config.openai).context("loading the OpenAI admin key")?,
+    };
+    let issuer = Arc::new(
+        OpenAiClient::new(&config.openai, admin_key, calls.clone())
+            .context("building the OpenAI client")?,
+    );
     let roller = Arc::new(
         KubeRoller::connect(&config.kubernetes, calls)
             .await
@@ -126,6 +134,10 @@ pub async fn connect_with(
         Arc::new(LogObserver),
         notifier.clone(),
     ];
+    let reconcile_wake = Arc::new(tokio::sync::Notify::new());
+    observers.push(Arc::new(crate::reconcile::WakeOnFinish(
+        reconcile_wake.clone(),
+    )));
     observers.extend(extra);
     let prober = Arc::new(HttpProber::new().context("building the smoke-probe client")?);
     let engine = Arc::new(
@@ -136,6 +148,7 @@ pub async fn connect_with(
         .with_observer(Arc::new(Fanout(observers))),
     );
     engine.set_naming(crate::naming::Naming::from_config(&config.daemon));
+    engine.set_forensics(crate::forensics::from_config(config, issuer.clone()));
     Ok(Services {
         metrics,
         audit,
@@ -145,6 +158,7 @@ pub async fn connect_with(
         engine,
         live,
         notifier,
+        reconcile_wake,
     })
 }
 
@@ -522,6 +536,28 @@ pub async fn start(
         Arc::new(crate::rotation::ports::SystemClock),
     ))
     .spawn(shutdown.clone());
+    if let Some(mut rotator) = crate::admin_key::from_config(&config, &services)? {
+        let w = daemon.clone();
+        if let Some(r) = Arc::get_mut(&mut rotator) {
+            r.may_write = Some(Arc::new(move || w.is_leader()));
+        }
+        let d = daemon.clone();
+        daemon.spawn_background(rotator.run(
+            config.openai.admin_key_check_interval.get(),
+            move || d.is_leader(),
+            shutdown.clone(),
+        ));
+    }
+    if let Some(reconciler) = crate::reconcile::from_config(&config, &services)? {
+        let (d, p) = (daemon.clone(), daemon.clone());
+        daemon.spawn_background(reconciler.run(
+            config.daemon.reconcile.interval.get(),
+            move || crate::reconcile::configured_projects(&p.config()),
+            move || d.is_leader(),
+            services.reconcile_wake.clone(),
+            shutdown.clone(),
+        ));
+    }
     let tokens = match &opts.api_tokens_file {
         Some(f) => ApiTokens::load(f)?,
         None => {

@@ -99,6 +99,10 @@ pub enum AuditEvent {
     UnconfiguredTarget,
     /// The usage-anomaly detector fired for a target's key.
     UsageAnomaly,
+    /// An emergency rotation's report on the old key (usage, audit-log events; ids only).
+    EmergencyForensics,
+    /// OpenAI's audit log (or the accounts) does not match our journals.
+    AuditMismatch,
 }
 
 impl AuditEvent {
@@ -121,6 +125,8 @@ impl AuditEvent {
             AuditEvent::UnlistedConsumers => "unlisted_consumers",
             AuditEvent::UnconfiguredTarget => "unconfigured_target",
             AuditEvent::UsageAnomaly => "usage_anomaly",
+            AuditEvent::EmergencyForensics => "emergency_forensics",
+            AuditEvent::AuditMismatch => "audit_mismatch",
         }
     }
 }
@@ -646,6 +652,20 @@ impl Observer for Audit {
                 f.outcome = Some(j.status.as_str().into());
                 f.vault_version = j.rollback_vault_version.or(j.new_vault_version);
                 f.message = j.error.clone();
+                if let Some(r) = &j.forensics {
+                    let mut g =
+                        with_old_account(rotation_fields(j, AuditEvent::EmergencyForensics), j);
+                    g.outcome = Some(
+                        match (&r.usage_unavailable, &r.audit_unavailable) {
+                            (None, None) => "collected",
+                            (Some(_), Some(_)) => "unavailable",
+                            _ => "partial",
+                        }
+                        .into(),
+                    );
+                    g.message = Some(r.summary());
+                    self.record_or_log(g);
+                }
                 if !j.pending_deletions.is_empty() {
                     let ids: Vec<&str> = j
                         .pending_deletions
@@ -755,6 +775,7 @@ mod tests {
             old_key_sha256: None,
             consecutive_failures: 0,
             last_failure_at: None,
+            forensics: None,
         }
     }
 

@@ -106,6 +106,50 @@ pub struct DaemonConfig {
     pub account_name_template: Option<String>,
     /// The environment `{env}` stands for in the name template (one daemon per environment).
     pub env: Option<String>,
+    /// Emergency forensics: what an emergency rotation records about the old key.
+    pub forensics: ForensicsConfig,
+    /// Reconciliation of OpenAI's audit log with our own trail.
+    pub reconcile: ReconcileConfig,
+}
+
+/// `[daemon.forensics]`: an emergency rotation records the old key's usage and the audit
+/// log's events on its account and key over `lookback`, each half bounded by `timeout`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ForensicsConfig {
+    pub enabled: bool,
+    pub lookback: DurationStr,
+    pub timeout: DurationStr,
+}
+
+impl Default for ForensicsConfig {
+    fn default() -> Self {
+        ForensicsConfig {
+            enabled: true,
+            lookback: DurationStr::from_secs(24 * 3600),
+            timeout: DurationStr::from_secs(30),
+        }
+    }
+}
+
+/// `[daemon.reconcile]`: compare OpenAI's audit log with our journals every `interval`
+/// (and after each rotation), over the last `lookback`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReconcileConfig {
+    pub enabled: bool,
+    pub interval: DurationStr,
+    pub lookback: DurationStr,
+}
+
+impl Default for ReconcileConfig {
+    fn default() -> Self {
+        ReconcileConfig {
+            enabled: true,
+            interval: DurationStr::from_secs(900),
+            lookback: DurationStr::from_secs(24 * 3600),
+        }
+    }
 }
 
 /// With several replicas, a Kubernetes Lease elects the one that rotates.
@@ -166,6 +210,8 @@ impl Default for DaemonConfig {
             inventory_expiring_within: DurationStr::from_secs(7 * 86_400),
             account_name_template: None,
             env: None,
+            forensics: ForensicsConfig::default(),
+            reconcile: ReconcileConfig::default(),
         }
     }
 }
@@ -206,6 +252,15 @@ pub struct OpenAiConfig {
     pub max_backoff: DurationStr,
     /// Longest `Retry-After` waited; a longer one fails the call at once (transient).
     pub max_retry_after: DurationStr,
+    /// KV v2 path (under the mount) holding the admin key in field `value`: the daemon
+    /// reads it there (not from the file/env) and may rotate it.
+    pub admin_key_vault_path: Option<String>,
+    /// Rotate the admin key once it is older than this (needs `admin_key_vault_path`).
+    pub admin_key_max_age: Option<DurationStr>,
+    /// `expires_in_seconds` of each new admin key; unset = it does not expire.
+    pub admin_key_expiry: Option<DurationStr>,
+    /// How often the admin key's age is checked.
+    pub admin_key_check_interval: DurationStr,
 }
 
 impl Default for OpenAiConfig {
@@ -219,6 +274,10 @@ impl Default for OpenAiConfig {
             retry_base: DurationStr(Duration::from_millis(200)),
             max_backoff: DurationStr::from_secs(30),
             max_retry_after: DurationStr::from_secs(300),
+            admin_key_vault_path: None,
+            admin_key_max_age: None,
+            admin_key_expiry: None,
+            admin_key_check_interval: DurationStr::from_secs(3600),
         }
     }
 }
@@ -956,6 +1015,7 @@ impl Config {
                 }
             }
         }
+        errors.extend(crate::forensics::validate_config(self));
         if d.state_prefix.trim_matches('/').is_empty() {
             errors.push("daemon.state_prefix: must not be empty".into());
         }

@@ -577,6 +577,9 @@ pub struct RotationView {
     /// Requests the Usage API counted for the new key when adoption was proven.
     pub new_key_adopted: Option<u64>,
     pub error: Option<String>,
+    /// An emergency rotation's report on the old key: usage buckets and audit-log events.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forensics: Option<crate::forensics::ForensicsReport>,
 }
 
 #[derive(Debug, Serialize)]
@@ -664,6 +667,7 @@ impl From<&Journal> for RotationView {
                 .collect(),
             new_key_adopted: j.new_key_adopted,
             error: j.error.clone(),
+            forensics: j.forensics.clone(),
         }
     }
 }

@@ -3,6 +3,7 @@
 // Shipped code never unwraps: a failure is reported, and a true invariant says what it is
 // with `expect("...")`. Tests may unwrap.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
+pub mod admin_key;
 pub mod anomaly;
 pub mod app;
 pub mod audit;
@@ -12,6 +13,7 @@ pub mod config;
 pub mod daemon;
 #[cfg(feature = "sandbox")]
 pub mod demo;
+pub mod forensics;
 pub mod forward;
 pub mod http;
 pub mod inventory;
@@ -22,6 +24,7 @@ pub mod naming;
 pub mod notify;
 pub mod openai;
 pub mod pacer;
+pub mod reconcile;
 pub mod retry;
 pub mod rng;
 pub mod rotation;

@@ -57,6 +57,10 @@ pub const OPERATIONS: &[&str] = &[
     "usage.file_search_calls",
     "usage.web_search_calls",
     "api_keys.get",
+    "audit_logs.list",
+    "admin_api_keys.list",
+    "admin_api_keys.create",
+    "admin_api_keys.delete",
 ];
 
 /// Every `/organization/usage/*` endpoint of the official description that accepts
@@ -157,7 +161,8 @@ pub struct OpenAiClient {
     http: reqwest::Client,
     /// The configured base URL (normally ending in `/v1`; Prism serves without it).
     base: Url,
-    admin_key: Secret,
+    /// Switchable at runtime (admin-key rotation); every request takes the current one.
+    admin_key: std::sync::RwLock<Arc<Secret>>,
     timeout: Duration,
     retry: RetryPolicy,
     page_size: u32,
@@ -173,7 +178,7 @@ impl fmt::Debug for OpenAiClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("OpenAiClient")
             .field("base", &self.base.as_str())
-            .field("admin_key", &self.admin_key)
+            .field("admin_key", &*self.current_admin_key())
             .field("timeout", &self.timeout)
             .field("retry", &self.retry)
             .field("page_size", &self.page_size)
@@ -454,11 +459,26 @@ struct Req<'a> {
     method: Method,
     url: Url,
     /// Bearer key: the admin key, or the key being checked.
-    auth: &'a Secret,
+    auth: Auth<'a>,
     /// Pre-serialized JSON body.
     body: Option<Vec<u8>>,
     /// A 404 means "already gone" (counts as success for metrics; returned as `None`).
     gone_ok: bool,
+}
+
+/// Whose key a request carries: the admin key current when it was built, or another.
+enum Auth<'a> {
+    Admin(Arc<Secret>),
+    Key(&'a Secret),
+}
+
+impl Auth<'_> {
+    fn secret(&self) -> &Secret {
+        match self {
+            Auth::Admin(s) => s,
+            Auth::Key(k) => k,
+        }
+    }
 }
 
 /// A successful answer: the body of a 2xx, or `None` for an accepted 404.
@@ -484,7 +504,7 @@ impl OpenAiClient {
         if base.cannot_be_a_base() || base.query().is_some() || base.fragment().is_some() {
             return Err(bad("must be a plain base URL without query or fragment"));
         }
-        if admin_key.is_empty() || !admin_key.expose().bytes().all(|b| b.is_ascii_graphic()) {
+        if !usable(&admin_key) {
             return Err(OpenAiError::AdminKeyUnusable);
         }
         let timeout = cfg.request_timeout.get();
@@ -498,7 +518,7 @@ impl OpenAiClient {
         Ok(OpenAiClient {
             http,
             base,
-            admin_key,
+            admin_key: std::sync::RwLock::new(Arc::new(admin_key)),
             timeout,
             retry: cfg.retry_policy(),
             page_size: MAX_PAGE_SIZE,
@@ -556,7 +576,7 @@ impl OpenAiClient {
             op,
             method,
             url,
-            auth: &self.admin_key,
+            auth: Auth::Admin(self.current_admin_key()),
             body: None,
             gone_ok: false,
         }
@@ -568,7 +588,7 @@ impl OpenAiClient {
         let mut builder = self
             .http
             .request(req.method.clone(), req.url.clone())
-            .bearer_auth(req.auth.expose())
+            .bearer_auth(req.auth.secret().expose())
             .header(reqwest::header::ACCEPT, "application/json");
         if let Some(body) = &req.body {
             builder = builder
@@ -601,7 +621,7 @@ impl OpenAiClient {
             Err(Failure::Status {
                 status: status.as_u16(),
                 retry_after: retry_after(&headers),
-                detail: error_detail(&body, &[&self.admin_key, req.auth]),
+                detail: error_detail(&body, &[&self.current_admin_key(), req.auth.secret()]),
             })
         }
     }
@@ -621,7 +641,7 @@ impl OpenAiClient {
     /// Requests with the admin key share the organization's Admin API limit; a checked
     /// key's data-plane call has limits of its own.
     fn paced(&self, req: &Req<'_>) -> bool {
-        std::ptr::eq(req.auth, &self.admin_key)
+        matches!(req.auth, Auth::Admin(_))
     }
 
     /// Attempts under the client's retry policy.
@@ -912,7 +932,7 @@ impl KeyIssuer for OpenAiClient {
     async fn check_key(&self, key: &Secret) -> Result<(), BackendError> {
         const OP: &str = "models.list";
         let req = Req {
-            auth: key,
+            auth: Auth::Key(key),
             ..self.admin_req(OP, Method::GET, self.url(&["models"]))
         };
         let what = format!("key sha256:{}", &key.sha256_hex()[..12]);
@@ -1130,8 +1150,109 @@ impl OpenAiClient {
     }
 }
 
+/// A failed [`OpenAiClient::admin_json`] call: the HTTP status when there was one (a 403
+/// tells "audit logging is off" from the rest), whether it timed out, and the error.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct CallError {
+    pub status: Option<u16>,
+    pub timed_out: bool,
+    pub error: BackendError,
+}
+
+/// One Admin API request for the governance modules (forensics, reconciliation, admin-key
+/// rotation): built by them, sent through the same observed, paced, retried path.
+pub struct AdminRequest<'a> {
+    pub op: &'static str,
+    pub method: Method,
+    pub segments: &'a [&'a str],
+    pub query: &'a [(&'a str, String)],
+    pub body: Option<Vec<u8>>,
+    /// Another key to send instead of the admin key (to verify a new admin key).
+    pub key: Option<&'a Secret>,
+    /// Retries under the client's policy (false: one attempt).
+    pub retry: bool,
+    /// A 404 is an answer (`Ok(None)`), not a failure.
+    pub gone_ok: bool,
+    pub what: &'a str,
+}
+
+impl OpenAiClient {
+    /// Send `r` and parse a 2xx body as `T` (`None` for an accepted 404). Errors carry no
+    /// key value (upstream messages are scrubbed, serde's are reduced to a position).
+    pub async fn admin_json<T: serde::de::DeserializeOwned>(
+        &self,
+        r: AdminRequest<'_>,
+    ) -> Result<Option<T>, CallError> {
+        let mut url = self.url(r.segments);
+        if !r.query.is_empty() {
+            let mut q = url.query_pairs_mut();
+            for (k, v) in r.query {
+                q.append_pair(k, v);
+            }
+        }
+        let req = Req {
+            op: r.op,
+            method: r.method,
+            url,
+            auth: match r.key {
+                Some(k) => Auth::Key(k),
+                None => Auth::Admin(self.current_admin_key()),
+            },
+            body: r.body,
+            gone_ok: r.gone_ok,
+        };
+        let once = RetryPolicy {
+            max_retries: 0,
+            ..self.retry
+        };
+        let policy = if r.retry { self.retry } else { once };
+        match self.call_with(&policy, &req).await {
+            Ok(None) => Ok(None),
+            Ok(Some(body)) => parse(200, &body).map(Some).map_err(|f| CallError {
+                status: f.status(),
+                timed_out: false,
+                error: failed_once(r.op, r.what, &f),
+            }),
+            Err(g) => Err(CallError {
+                status: g.error.status(),
+                timed_out: matches!(
+                    g.error,
+                    Failure::Transport {
+                        kind: Transport::Timeout,
+                        ..
+                    }
+                ),
+                error: self.failed(r.op, r.what, &g),
+            }),
+        }
+    }
+
+    /// The admin key requests are sent with now.
+    pub fn current_admin_key(&self) -> Arc<Secret> {
+        use crate::sync::RwLockExt;
+        self.admin_key.read_now().clone()
+    }
+
+    /// Send every request from now on with `key` (admin-key rotation switches to the new
+    /// key once it is verified and published).
+    pub fn set_admin_key(&self, key: Secret) -> Result<(), OpenAiError> {
+        use crate::sync::RwLockExt;
+        if !usable(&key) {
+            return Err(OpenAiError::AdminKeyUnusable);
+        }
+        *self.admin_key.write_now() = Arc::new(key);
+        Ok(())
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Helpers.
+
+/// Non-empty and fit for an `Authorization` header.
+fn usable(key: &Secret) -> bool {
+    !key.is_empty() && key.expose().bytes().all(|b| b.is_ascii_graphic())
+}
 
 /// A failure outside the retried path (a body that does not parse).
 fn failed_once(op: &str, what: &str, f: &Failure) -> BackendError {

@@ -1008,6 +1008,15 @@ impl Daemon {
         let config = self.config();
         crate::inventory::take(&self.inner.engine, &config.targets, opts).await
     }
+
+    /// Run `task` as one of the daemon's own: shutdown waits for it (bounded by the
+    /// grace), so it must watch the daemon's shutdown token.
+    pub fn spawn_background<F>(&self, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.inner.tasks.spawn(task);
+    }
 }
 
 #[cfg(test)]

@@ -275,6 +275,8 @@ pub struct Engine {
     rollouts: Option<Arc<tokio::sync::Semaphore>>,
     /// `account_name_template` and `env` (a reload may change them, like the prefix).
     pub(super) naming: std::sync::RwLock<crate::naming::Naming>,
+    /// Emergency forensics, collected when an emergency rotation concludes (None: off).
+    forensics: std::sync::RwLock<Option<Arc<crate::forensics::Forensics>>>,
 }
 
 impl Engine {
@@ -296,6 +298,7 @@ impl Engine {
                 .map(|n| Arc::new(tokio::sync::Semaphore::new(n.max(1)))),
             opts,
             naming: std::sync::RwLock::default(),
+            forensics: std::sync::RwLock::new(None),
         }
     }
 
@@ -1175,6 +1178,7 @@ impl Engine {
         status: Status,
     ) -> Result<Journal, EngineError> {
         rec.journal.status = status;
+        self.collect_forensics(rec).await;
         if let Some(target) = rec.journal.spec.clone() {
             // What earlier rotations left pending (a leaked key's failed revoke above all)
             // is tried again now; what this one just failed to delete waits for the next
@@ -1657,6 +1661,37 @@ impl Engine {
             rec.journal.pending_deletions.push(p);
         }
         Ok(format!("{} pending deletion: {problem}", old.id))
+    }
+
+    /// Collect emergency forensics from `forensics` when emergency rotations conclude.
+    pub fn set_forensics(&self, forensics: Option<Arc<crate::forensics::Forensics>>) {
+        *self.forensics.write_now() = forensics;
+    }
+
+    /// An emergency rotation's report on its old key, once (a resumed conclusion keeps the
+    /// first). Bounded by the collector's timeout; it cannot fail the rotation.
+    async fn collect_forensics(&self, rec: &mut Record) {
+        if !rec.journal.emergency || rec.journal.forensics.is_some() {
+            return;
+        }
+        let Some(f) = self.forensics.read_now().clone() else {
+            return;
+        };
+        let report = f.collect(&rec.journal, self.now()).await;
+        rec.journal.forensics = Some(report);
+    }
+
+    /// Every journal under the state prefix, current and history: the proof of what is
+    /// ours (reconciliation reads it as the sweep does).
+    pub async fn all_journals(&self) -> Result<Vec<Journal>, EngineError> {
+        let mut out: Vec<Journal> = self
+            .journals()
+            .await?
+            .into_iter()
+            .map(|s| s.journal)
+            .collect();
+        out.extend(self.histories().await?);
+        Ok(out)
     }
 }
 

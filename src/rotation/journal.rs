@@ -278,6 +278,10 @@ pub struct Journal {
     pub consecutive_failures: u32,
     #[serde(default)]
     pub last_failure_at: Option<DateTime<Utc>>,
+    /// An emergency rotation's report on the old key (usage, audit-log events), written
+    /// when it concludes; ids and counts only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forensics: Option<crate::forensics::ForensicsReport>,
 }
 
 /// A journal and the Vault version it was read or written at (for check-and-set).
@@ -332,6 +336,7 @@ impl Journal {
             old_key_sha256: None,
             consecutive_failures: 0,
             last_failure_at: None,
+            forensics: None,
         }
     }
 

@@ -12,6 +12,7 @@ mod demo;
 mod deploy;
 mod failover;
 mod fault_matrix;
+mod governance;
 mod ha_matrix;
 mod inventory;
 mod kube_roller;

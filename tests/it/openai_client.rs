@@ -983,14 +983,14 @@ async fn no_key_value_reaches_logs_or_errors() {
 /// A recording forwarder between the client and Prism: keeps every `sl-violations` header
 /// and every Prism problem document the client's own requests got.
 #[derive(Clone)]
-struct Tap {
-    upstream: String,
-    http: reqwest::Client,
-    seen: Arc<Mutex<Vec<String>>>,
-    violations: Arc<Mutex<Vec<String>>>,
+pub(crate) struct Tap {
+    pub(crate) upstream: String,
+    pub(crate) http: reqwest::Client,
+    pub(crate) seen: Arc<Mutex<Vec<String>>>,
+    pub(crate) violations: Arc<Mutex<Vec<String>>>,
 }
 
-async fn tap(
+pub(crate) async fn tap(
     axum::extract::State(t): axum::extract::State<Tap>,
     req: axum::extract::Request,
 ) -> axum::response::Response {
@@ -1045,7 +1045,7 @@ async fn tap(
 }
 
 /// Prism's log lines reporting a violation (as the simulator's contract test reads them).
-fn violation_lines(output: &str) -> Vec<String> {
+pub(crate) fn violation_lines(output: &str) -> Vec<String> {
     output
         .lines()
         .filter(|l| {

@@ -604,7 +604,7 @@ async fn prism_flags_an_upstream_that_breaks_the_description() {
 /// not in the stored snapshots (they end 2026-08-22), so the field types come from those
 /// threads: integer or null both ways, no published bounds. Only optional properties are
 /// added; nothing the subset says is loosened. `tests/contract/` keeps the unmodified excerpt.
-fn spec_with_key_expiry(dir: &std::path::Path) -> std::path::PathBuf {
+pub(crate) fn spec_with_key_expiry(dir: &std::path::Path) -> std::path::PathBuf {
     let text = std::fs::read_to_string(support::openai_spec()).expect("read the subset");
     let mut spec: Value = serde_json::from_str(&text).expect("parse the subset");
     let nullable_int = json!({"anyOf": [{"type": "integer"}, {"type": "null"}]});
