@@ -9,13 +9,12 @@
 //!
 //! The audit-log reader here is shared with the reconciliation (`crate::reconcile`).
 
-use crate::openai::{AdminRequest, CallError, OpenAiClient, USAGE_ENDPOINTS};
+use crate::openai::{AdminRequest, CallError, OpenAiClient};
 use crate::rotation::journal::Journal;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use reqwest::Method;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// Audit events kept per report (newest first); the journal lives in Vault, keep it small.
@@ -24,42 +23,7 @@ pub const MAX_EVENTS: usize = 100;
 pub const MAX_BUCKETS: usize = 168;
 /// Pages of the audit log read per query at most.
 const MAX_AUDIT_PAGES: usize = 20;
-/// Usage pages read per endpoint at most.
-const MAX_USAGE_PAGES: usize = 8;
-
-/// One usage bucket of one key, all usage endpoints summed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UsageBucket {
-    pub start: DateTime<Utc>,
-    pub end: DateTime<Utc>,
-    pub requests: u64,
-}
-
-/// Usage API bucket widths.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BucketWidth {
-    Minute,
-    Hour,
-    Day,
-}
-
-impl BucketWidth {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BucketWidth::Minute => "1m",
-            BucketWidth::Hour => "1h",
-            BucketWidth::Day => "1d",
-        }
-    }
-    /// The API's largest page for this width.
-    fn max_limit(self) -> u32 {
-        match self {
-            BucketWidth::Minute => 1440,
-            BucketWidth::Hour => 168,
-            BucketWidth::Day => 31,
-        }
-    }
-}
+pub use crate::usage::{BucketWidth, UsageBucket};
 
 /// An audit-log query: events since `since` (inclusive), newest first.
 #[derive(Debug, Clone, Default)]
@@ -170,32 +134,6 @@ pub trait GovernanceSource: Send + Sync {
 // The real client.
 
 #[derive(Deserialize)]
-struct UsagePage {
-    data: Vec<UsagePageBucket>,
-    #[serde(default)]
-    has_more: bool,
-    #[serde(default)]
-    next_page: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct UsagePageBucket {
-    start_time: i64,
-    end_time: i64,
-    results: Vec<UsagePageResult>,
-}
-
-#[derive(Deserialize)]
-struct UsagePageResult {
-    #[serde(default)]
-    num_model_requests: Option<u64>,
-    #[serde(default)]
-    num_requests: Option<u64>,
-    #[serde(default)]
-    api_key_id: Option<String>,
-}
-
-#[derive(Deserialize)]
 struct AuditPage {
     data: Vec<serde_json::Map<String, serde_json::Value>>,
     #[serde(default)]
@@ -278,79 +216,10 @@ impl GovernanceSource for OpenAiClient {
         end: DateTime<Utc>,
         bucket_width: BucketWidth,
     ) -> Result<Vec<UsageBucket>, SourceError> {
-        let what = format!("project {project} key {key_id}");
-        let mut sum: BTreeMap<(i64, i64), u64> = BTreeMap::new();
-        for (endpoint, op) in USAGE_ENDPOINTS {
-            let mut page: Option<String> = None;
-            let mut done = false;
-            for _ in 0..MAX_USAGE_PAGES {
-                let mut query = vec![
-                    ("start_time", start.timestamp().to_string()),
-                    ("end_time", end.timestamp().to_string()),
-                    ("bucket_width", bucket_width.as_str().to_string()),
-                    ("group_by", "api_key_id".to_string()),
-                    ("api_key_ids", key_id.to_string()),
-                    ("project_ids", project.to_string()),
-                    ("limit", bucket_width.max_limit().to_string()),
-                ];
-                if let Some(p) = &page {
-                    query.push(("page", p.clone()));
-                }
-                let usage: UsagePage = self
-                    .admin_json(AdminRequest {
-                        op,
-                        method: Method::GET,
-                        segments: &["organization", "usage", endpoint],
-                        query: &query,
-                        body: None,
-                        key: None,
-                        retry: true,
-                        gone_ok: false,
-                        what: &what,
-                    })
-                    .await
-                    .map_err(|e| SourceError::of(&e, false))?
-                    .ok_or(SourceError::BadResponse)?;
-                for b in &usage.data {
-                    let n: u64 = b
-                        .results
-                        .iter()
-                        .filter(|r| r.api_key_id.as_deref().is_none_or(|k| k == key_id))
-                        .map(|r| {
-                            r.num_model_requests
-                                .unwrap_or(0)
-                                .max(r.num_requests.unwrap_or(0))
-                        })
-                        .sum();
-                    if n > 0 {
-                        *sum.entry((b.start_time, b.end_time)).or_default() += n;
-                    }
-                }
-                match (usage.has_more, usage.next_page) {
-                    (true, Some(next)) if page.as_deref() != Some(next.as_str()) => {
-                        page = Some(next)
-                    }
-                    (true, _) => return Err(SourceError::BadResponse),
-                    (false, _) => {
-                        done = true;
-                        break;
-                    }
-                }
-            }
-            if !done {
-                return Err(SourceError::BadResponse);
-            }
-        }
-        Ok(sum
-            .into_iter()
-            .filter_map(|((s, e), requests)| {
-                Some(UsageBucket {
-                    start: DateTime::from_timestamp(s, 0)?,
-                    end: DateTime::from_timestamp(e, 0)?,
-                    requests,
-                })
-            })
-            .collect())
+        crate::usage::fetch(self, project, key_id, start, end, bucket_width)
+            .await
+            .map(|all| all.into_iter().filter(|b| b.requests > 0).collect())
+            .map_err(|e| SourceError::of(&e, false))
     }
 
     async fn audit_events(&self, q: &AuditQuery) -> Result<AuditEvents, SourceError> {

@@ -1124,32 +1124,6 @@ impl OpenAiClient {
     }
 }
 
-impl OpenAiClient {
-    /// One admin-key `GET` through the observed path (timeout, bounded retry, the pacer):
-    /// the raw 2xx body. For modules that model their own read-only endpoints
-    /// ([`crate::usage`]); `op` is one of [`OPERATIONS`].
-    pub(crate) async fn admin_get(
-        &self,
-        op: &'static str,
-        segments: &[&str],
-        query: &[(&str, String)],
-        what: &str,
-    ) -> Result<bytes::Bytes, BackendError> {
-        let mut url = self.url(segments);
-        if !query.is_empty() {
-            let mut q = url.query_pairs_mut();
-            for (k, v) in query {
-                q.append_pair(k, v);
-            }
-        }
-        let req = self.admin_req(op, Method::GET, url);
-        self.call(&req)
-            .await
-            .map(Option::unwrap_or_default)
-            .map_err(|g| self.failed(op, what, &g))
-    }
-}
-
 /// A failed [`OpenAiClient::admin_json`] call: the HTTP status when there was one (a 403
 /// tells "audit logging is off" from the rest), whether it timed out, and the error.
 #[derive(Debug, thiserror::Error)]

@@ -2,10 +2,11 @@
 //! filters by `api_key_ids` ([`crate::openai::USAGE_ENDPOINTS`]): what the usage-anomaly
 //! detector compares. A port ([`UsageSource`]) so the detector is tested over a fake.
 
-use crate::openai::{OpenAiClient, USAGE_ENDPOINTS};
+use crate::openai::{AdminRequest, CallError, OpenAiClient, USAGE_ENDPOINTS};
 use crate::rotation::ports::{Backend, BackendError};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use reqwest::Method;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -43,8 +44,8 @@ impl BucketWidth {
     }
 }
 
-/// Requests of one key in `[start, end)`, all endpoints together.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Requests of one key in `[start, end)`, all endpoints together (journaled by forensics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageBucket {
     pub start: DateTime<Utc>,
     pub end: DateTime<Utc>,
@@ -103,11 +104,17 @@ impl Row {
     }
 }
 
-fn failed(op: &str, what: &str, msg: String) -> BackendError {
-    BackendError::Failed {
-        backend: Backend::OpenAi,
-        message: format!("{op} ({what}): {msg}"),
-        transient: false,
+/// A 2xx answer the daemon cannot use: a `CallError` with the status it came with, so
+/// callers that classify by status see "bad response", not a transport failure.
+fn bad(op: &str, what: &str, msg: String) -> CallError {
+    CallError {
+        status: Some(200),
+        timed_out: false,
+        error: BackendError::Failed {
+            backend: Backend::OpenAi,
+            message: format!("{op} ({what}): {msg}"),
+            transient: false,
+        },
     }
 }
 
@@ -121,101 +128,108 @@ impl UsageSource for OpenAiClient {
         end: DateTime<Utc>,
         width: BucketWidth,
     ) -> Result<Vec<UsageBucket>, BackendError> {
-        let what = format!("project {project} key {key_id}");
-        let mut sums: BTreeMap<(i64, i64), u64> = BTreeMap::new();
-        for (endpoint, op) in USAGE_ENDPOINTS {
-            let mut page: Option<String> = None;
-            let mut done = false;
-            for _ in 0..MAX_PAGES {
-                let mut query = vec![
-                    ("start_time", start.timestamp().to_string()),
-                    ("end_time", end.timestamp().to_string()),
-                    ("bucket_width", width.as_str().to_string()),
-                    ("group_by", "api_key_id".to_string()),
-                    ("api_key_ids", key_id.to_string()),
-                    ("project_ids", project.to_string()),
-                    ("limit", width.page_limit().to_string()),
-                ];
-                if let Some(p) = &page {
-                    query.push(("page", p.clone()));
-                }
-                let body = self
-                    .admin_get(op, &["organization", "usage", endpoint], &query, &what)
-                    .await?;
-                // serde's messages can quote values: keep only category and position.
-                let parsed: Page = serde_json::from_slice(&body).map_err(|e| {
-                    failed(
-                        op,
-                        &what,
-                        format!(
-                            "unexpected body: {:?} error at line {} column {}",
-                            e.classify(),
-                            e.line(),
-                            e.column()
-                        ),
-                    )
-                })?;
-                for b in &parsed.data {
-                    let mut n = 0u64;
-                    for r in &b.results {
-                        if r.api_key_id.as_deref().is_some_and(|k| k != key_id) {
-                            continue;
-                        }
-                        n = n.saturating_add(r.requests().ok_or_else(|| {
-                            failed(
-                                op,
-                                &what,
-                                "a usage result has neither num_model_requests nor num_requests"
-                                    .into(),
-                            )
-                        })?);
+        fetch(self, project, key_id, start, end, width)
+            .await
+            .map_err(|e| e.error)
+    }
+}
+
+/// The buckets of `key_id`, every endpoint summed, through the client's observed path (the
+/// one fetch behind the anomaly detector and emergency forensics). The error keeps the
+/// HTTP status, for callers that tell a 403 or a timeout from the rest.
+pub(crate) async fn fetch(
+    client: &OpenAiClient,
+    project: &str,
+    key_id: &str,
+    start: DateTime<Utc>,
+    end: DateTime<Utc>,
+    width: BucketWidth,
+) -> Result<Vec<UsageBucket>, CallError> {
+    let what = format!("project {project} key {key_id}");
+    let mut sums: BTreeMap<(i64, i64), u64> = BTreeMap::new();
+    for (endpoint, op) in USAGE_ENDPOINTS {
+        let mut page: Option<String> = None;
+        let mut done = false;
+        for _ in 0..MAX_PAGES {
+            let mut query = vec![
+                ("start_time", start.timestamp().to_string()),
+                ("end_time", end.timestamp().to_string()),
+                ("bucket_width", width.as_str().to_string()),
+                ("group_by", "api_key_id".to_string()),
+                ("api_key_ids", key_id.to_string()),
+                ("project_ids", project.to_string()),
+                ("limit", width.page_limit().to_string()),
+            ];
+            if let Some(p) = &page {
+                query.push(("page", p.clone()));
+            }
+            let parsed: Page = client
+                .admin_json(AdminRequest {
+                    op,
+                    method: Method::GET,
+                    segments: &["organization", "usage", endpoint],
+                    query: &query,
+                    body: None,
+                    key: None,
+                    retry: true,
+                    gone_ok: false,
+                    what: &what,
+                })
+                .await?
+                .ok_or_else(|| bad(op, &what, "no body".into()))?;
+            for b in &parsed.data {
+                let mut n = 0u64;
+                for r in &b.results {
+                    if r.api_key_id.as_deref().is_some_and(|k| k != key_id) {
+                        continue;
                     }
-                    let e = sums.entry((b.start_time, b.end_time)).or_default();
-                    *e = e.saturating_add(n);
-                }
-                match (parsed.has_more, parsed.next_page) {
-                    (true, Some(next)) if page.as_deref() != Some(next.as_str()) => {
-                        page = Some(next)
-                    }
-                    (true, _) => {
-                        return Err(failed(
+                    n = n.saturating_add(r.requests().ok_or_else(|| {
+                        bad(
                             op,
                             &what,
-                            "has_more is true but next_page gives no new cursor".into(),
-                        ))
-                    }
-                    (false, _) => {
-                        done = true;
-                        break;
-                    }
+                            "a usage result has neither num_model_requests nor num_requests".into(),
+                        )
+                    })?);
                 }
+                let e = sums.entry((b.start_time, b.end_time)).or_default();
+                *e = e.saturating_add(n);
             }
-            if !done {
-                return Err(failed(
-                    op,
-                    &what,
-                    format!("still has_more after {MAX_PAGES} pages"),
-                ));
+            match (parsed.has_more, parsed.next_page) {
+                (true, Some(next)) if page.as_deref() != Some(next.as_str()) => page = Some(next),
+                (true, _) => {
+                    return Err(bad(
+                        op,
+                        &what,
+                        "has_more is true but next_page gives no new cursor".into(),
+                    ))
+                }
+                (false, _) => {
+                    done = true;
+                    break;
+                }
             }
         }
-        sums.into_iter()
-            .map(|((s, e), requests)| {
-                match (
-                    DateTime::from_timestamp(s, 0),
-                    DateTime::from_timestamp(e, 0),
-                ) {
-                    (Some(start), Some(end)) => Ok(UsageBucket {
-                        start,
-                        end,
-                        requests,
-                    }),
-                    _ => Err(failed(
-                        "usage",
-                        &what,
-                        "a bucket time is out of range".into(),
-                    )),
-                }
-            })
-            .collect()
+        if !done {
+            return Err(bad(
+                op,
+                &what,
+                format!("still has_more after {MAX_PAGES} pages"),
+            ));
+        }
     }
+    sums.into_iter()
+        .map(|((s, e), requests)| {
+            match (
+                DateTime::from_timestamp(s, 0),
+                DateTime::from_timestamp(e, 0),
+            ) {
+                (Some(start), Some(end)) => Ok(UsageBucket {
+                    start,
+                    end,
+                    requests,
+                }),
+                _ => Err(bad("usage", &what, "a bucket time is out of range".into())),
+            }
+        })
+        .collect()
 }
