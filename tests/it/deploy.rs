@@ -216,6 +216,9 @@ async fn prometheus_fires_the_rollback_alert_for_a_rolled_back_rotation() {
     let mut config = sb.config.clone();
     let target = config.targets[0].name.clone();
     config.targets[0].rollout_timeout = DurationStr::from_secs(3);
+    // The inventory's metrics exist once it has run: soon, so the rules' metrics can be
+    // checked below.
+    config.daemon.inventory_interval = DurationStr::from_secs(2);
     let stuck = config.targets[0].workloads[0].clone();
     let config_path = dir.path().join("daemon.toml");
     std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
@@ -271,12 +274,24 @@ async fn prometheus_fires_the_rollback_alert_for_a_rolled_back_rotation() {
     .await;
     // Every metric the rules and the dashboard use is one the daemon exports, and every
     // dashboard query parses and evaluates in this Prometheus.
-    let exposition = reqwest::get(format!("{daemon_url}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let started = std::time::Instant::now();
+    let exposition = loop {
+        let text = reqwest::get(format!("{daemon_url}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if text.contains("# TYPE openai_key_rotator_inventory_keys ") {
+            break text;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no inventory within 30 s:\n{}",
+            daemon.output()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     let dashboard_path = support::repo_root().join("deploy/grafana/dashboard.json");
     let dashboard: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&dashboard_path).unwrap()).unwrap();
