@@ -334,22 +334,15 @@ impl Detector {
     /// Run the loop in a task until `cancel`, restarting it if it panics.
     pub fn spawn(self: &Arc<Self>, cancel: CancellationToken) -> JoinHandle<()> {
         let this = Arc::clone(self);
-        tokio::spawn(async move {
-            loop {
-                let worker = Arc::clone(&this);
-                let stop = cancel.clone();
-                match tokio::spawn(async move { worker.run(stop).await }).await {
-                    Ok(()) => return,
-                    Err(e) => {
-                        tracing::error!(error = %e, "the usage-anomaly task died; restarting it");
-                        tokio::select! {
-                            _ = cancel.cancelled() => return,
-                            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-                        }
-                    }
-                }
-            }
-        })
+        tokio::spawn(crate::supervise::supervised(
+            "usage-anomaly",
+            Duration::from_secs(5),
+            cancel.clone(),
+            move || {
+                let (worker, stop) = (Arc::clone(&this), cancel.clone());
+                async move { worker.run(stop).await }
+            },
+        ))
     }
 }
 

@@ -541,21 +541,44 @@ pub async fn start(
         if let Some(r) = Arc::get_mut(&mut rotator) {
             r.may_write = Some(Arc::new(move || w.is_leader()));
         }
-        let d = daemon.clone();
-        daemon.spawn_background(rotator.run(
+        let (d, every, stop) = (
+            daemon.clone(),
             config.openai.admin_key_check_interval.get(),
-            move || d.is_leader(),
             shutdown.clone(),
+        );
+        daemon.spawn_background(crate::supervise::supervised(
+            "admin-key rotation",
+            Duration::from_secs(5),
+            shutdown.clone(),
+            move || {
+                let d = d.clone();
+                rotator
+                    .clone()
+                    .run(every, move || d.is_leader(), stop.clone())
+            },
         ));
     }
     if let Some(reconciler) = crate::reconcile::from_config(&config, &services)? {
-        let (d, p) = (daemon.clone(), daemon.clone());
-        daemon.spawn_background(reconciler.run(
+        let (d, every, wake, stop) = (
+            daemon.clone(),
             config.daemon.reconcile.interval.get(),
-            move || crate::reconcile::configured_projects(&p.config()),
-            move || d.is_leader(),
             services.reconcile_wake.clone(),
             shutdown.clone(),
+        );
+        daemon.spawn_background(crate::supervise::supervised(
+            "reconciliation",
+            Duration::from_secs(5),
+            shutdown.clone(),
+            move || {
+                let (p, l) = (d.clone(), d.clone());
+                reconciler.clone().run(
+                    every,
+                    move || crate::reconcile::configured_projects(&p.config()),
+                    move || l.is_leader(),
+                    wake.clone(),
+                    stop.clone(),
+                )
+            },
         ));
     }
     let tokens = match &opts.api_tokens_file {

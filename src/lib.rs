@@ -35,6 +35,7 @@ pub mod secret;
 #[cfg(test)]
 mod simulation;
 pub mod smoke;
+pub mod supervise;
 pub mod sync;
 pub mod usage;
 pub mod vault;

@@ -493,22 +493,15 @@ impl Notifier {
     /// Run the delivery task until `cancel`, restarting it if it panics.
     pub fn spawn(self: &Arc<Self>, cancel: CancellationToken) -> JoinHandle<()> {
         let this = Arc::clone(self);
-        tokio::spawn(async move {
-            loop {
-                let worker = Arc::clone(&this);
-                let stop = cancel.clone();
-                match tokio::spawn(async move { worker.deliver_all(stop).await }).await {
-                    Ok(()) => return,
-                    Err(e) => {
-                        tracing::error!(error = %e, "the notification task died; restarting it");
-                        tokio::select! {
-                            _ = cancel.cancelled() => return,
-                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        }
-                    }
-                }
-            }
-        })
+        tokio::spawn(crate::supervise::supervised(
+            "notifications",
+            Duration::from_secs(1),
+            cancel.clone(),
+            move || {
+                let (worker, stop) = (Arc::clone(&this), cancel.clone());
+                async move { worker.deliver_all(stop).await }
+            },
+        ))
     }
 
     async fn deliver_all(&self, cancel: CancellationToken) {
