@@ -237,6 +237,31 @@ def check_peer_controls():
     check(peer_rules(docs) == (True, False), f"the peer check missed a removed egress rule: {peer_rules(docs)}")
 
 
+def admin_key_volumes(docs):
+    [dep] = by_kind(docs, "Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    mounts = {m["name"] for c in pod["containers"] for m in c.get("volumeMounts", [])}
+    return ({v["name"] for v in pod.get("volumes", [])} | mounts) & {"openai-admin-key"}
+
+
+def check_admin_key_source():
+    """With openai.adminKeyVaultPath the admin key comes from Vault: no Secret is needed or
+    mounted, and the config names the path (values-ha); without it (values-required, the
+    control) the Secret is mounted and the config names its file."""
+    docs = docs_of(render(load_values("values-ha")))
+    toml = config_toml(docs)
+    check(not admin_key_volumes(docs), "values-ha: the admin-key Secret is still mounted")
+    check('admin_key_vault_path = "ops/openai-admin"' in toml and "admin_key_file" not in toml,
+          f"values-ha: config has no admin_key_vault_path:\n{toml}")
+    check('admin_key_max_age = "30d"' in toml and 'admin_key_expiry = "45d"' in toml,
+          "values-ha: admin-key age and expiry not rendered")
+    docs = docs_of(render(load_values("values-required")))
+    toml = config_toml(docs)
+    check(admin_key_volumes(docs) == {"openai-admin-key"}, "values-required: no admin-key Secret mounted")
+    check("admin_key_file" in toml and "admin_key_vault_path" not in toml,
+          "values-required: config does not name the admin key file")
+
+
 def check_no_inline_secrets(docs, rendered, label):
     check(not by_kind(docs, "Secret"), f"{label}: the chart must reference Secrets, not create them")
     for name, text in rendered:
@@ -368,6 +393,7 @@ def main():
             NAMESPACE: leases,
         }})
     check_peer_controls()
+    check_admin_key_source()
     # Negative control: values-all with discovery off renders no cluster-wide RBAC.
     values = load_values("values-all")
     values["discovery"]["enabled"] = False

@@ -26,6 +26,18 @@ account_name_template = {{ . | toJson }}
 {{- with $v.daemon.env }}
 env = {{ . | toJson }}
 {{- end }}
+{{- with $v.daemon.forensics }}
+
+[daemon.forensics]
+enabled = {{ .enabled }}
+lookback = {{ .lookback | toJson }}
+{{- end }}
+{{- with $v.daemon.reconcile }}
+
+[daemon.reconcile]
+enabled = {{ .enabled }}
+interval = {{ .interval | toJson }}
+{{- end }}
 
 [daemon.leader_election]
 enabled = {{ $v.leaderElection.enabled }}
@@ -41,7 +53,17 @@ stdout = {{ $v.daemon.auditStdout }}
 
 [openai]
 base_url = {{ $v.openai.baseUrl | toJson }}
+{{- if $v.openai.adminKeyVaultPath }}
+admin_key_vault_path = {{ $v.openai.adminKeyVaultPath | toJson }}
+{{- with $v.openai.adminKeyMaxAge }}
+admin_key_max_age = {{ . | toJson }}
+{{- end }}
+{{- with $v.openai.adminKeyExpiry }}
+admin_key_expiry = {{ . | toJson }}
+{{- end }}
+{{- else }}
 admin_key_file = {{ printf "/etc/openai-key-rotator/openai/%s" $v.openai.adminKeySecret.key | toJson }}
+{{- end }}
 request_timeout = {{ $v.openai.requestTimeout | toJson }}
 max_retries = {{ int $v.openai.maxRetries }}
 

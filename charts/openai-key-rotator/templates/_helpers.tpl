@@ -49,7 +49,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{/* Fail early with a clear message when a mandatory value is missing. */}}
 {{- define "okr.validate" -}}
-{{- $_ := required "openai.adminKeySecret.name is required: the name of an existing Secret holding the OpenAI admin key" .Values.openai.adminKeySecret.name -}}
+{{- if not .Values.openai.adminKeyVaultPath -}}
+{{- $_ := required "openai.adminKeySecret.name is required: the name of an existing Secret holding the OpenAI admin key (or set openai.adminKeyVaultPath)" .Values.openai.adminKeySecret.name -}}
+{{- end -}}
 {{- $_ := required "vault.address is required, e.g. https://vault.vault.svc:8200" .Values.vault.address -}}
 {{- if not .Values.targets -}}
 {{- fail "targets: at least one target is required (name, projectId, vaultPath, workloads or waves)" -}}
