@@ -220,18 +220,19 @@ async fn the_follower_forwards_api_calls_to_the_leader_and_the_cli_works_through
     );
     let (s, fwd, via_b) = get(pb, location.clone()).await;
     assert_eq!((s.as_u16(), fwd.as_deref()), (200, Some("okr-a")));
-    let (_, _, on_a) = get(pa, location.clone()).await;
     assert_eq!(via_b["rotation_id"], id.as_str());
     assert_eq!(via_b["actor"], "oncall");
     assert_eq!(via_b["reason"], "via the follower");
-    assert_eq!(via_b["started_at"], on_a["started_at"]);
-    assert_eq!(via_b["new_account_name"], on_a["new_account_name"]);
 
-    // Followed through the follower to the end.
+    // Followed through the follower to the end; then the whole view is the leader's (while
+    // it waits for a slot the view's start time is the request's, so two reads a moment
+    // apart may differ in it).
     let start = Instant::now();
     loop {
         let (_, _, j) = get(pb, location.clone()).await;
         if j["status"] == "completed" {
+            let (_, _, on_a) = get(pa, location.clone()).await;
+            assert_eq!(j, on_a, "the follower's view is not the leader's");
             break;
         }
         assert!(

@@ -178,6 +178,11 @@ async fn fault_matrix() {
         let mut notes = String::new();
         let failed_before = rig.sb.consumers.total().failed;
         let creates_before = rig.sb.openai.calls("service_accounts.create");
+        let hung_before = rig.sb.openai.calls(if row == Row::OpenAiHangDelete {
+            "service_accounts.delete"
+        } else {
+            "service_accounts.create"
+        });
         let retries_before = metric(&rig, "openai_key_rotator_retries_total").await;
         let waits_before = metric(&rig, "openai_key_rotator_rate_limit_waits_total").await;
         let admin = |f: OpenAiFaults| f.in_scope(FaultScope::Admin);
@@ -284,6 +289,22 @@ async fn fault_matrix() {
         });
         match row {
             Row::OpenAiHangCreate | Row::OpenAiHangDelete => {
+                // Three seconds from the first hung call, not from the arming: on a loaded
+                // machine the rotation may reach the call later, and would not feel it.
+                let op = if row == Row::OpenAiHangCreate {
+                    "service_accounts.create"
+                } else {
+                    "service_accounts.delete"
+                };
+                let start = Instant::now();
+                while rig.sb.openai.calls(op) == hung_before {
+                    assert!(
+                        start.elapsed() < Duration::from_secs(60),
+                        "{row:?}: no {op} call\n{}",
+                        daemon.output()
+                    );
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
                 tokio::time::sleep(Duration::from_secs(3)).await;
                 rig.sb.openai.clear_faults();
             }
