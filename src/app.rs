@@ -524,7 +524,7 @@ pub async fn start(
         services.live.clone(),
         hooks.clone(),
         leader,
-        DaemonOptions::default(),
+        daemon_options(&config),
         shutdown.clone(),
     );
     // Polls only while this replica leads; triggers through the daemon like any trigger.
@@ -646,6 +646,14 @@ pub async fn start(
         addr,
         done,
     })
+}
+
+/// The daemon's loop settings from the file.
+fn daemon_options(config: &Config) -> DaemonOptions {
+    DaemonOptions {
+        pending_retry_interval: config.daemon.pending_retry_interval.get(),
+        ..DaemonOptions::default()
+    }
 }
 
 /// The API URL to advertise: the configured one, else `http://POD_IP:port` (the pod's IP
@@ -799,6 +807,10 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         (
             "daemon.max_concurrent_rollouts",
             o.max_concurrent_rollouts != n.max_concurrent_rollouts,
+        ),
+        (
+            "daemon.pending_retry_interval",
+            o.pending_retry_interval != n.pending_retry_interval,
         ),
         (
             "notifications.queue_size",
@@ -955,4 +967,43 @@ pub async fn inventory_once(
     } else {
         std::process::ExitCode::SUCCESS
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TARGET: &str = r#"
+[vault]
+address = "http://127.0.0.1:8200"
+
+[[targets]]
+name = "chatbot"
+project_id = "proj_abc"
+vault_path = "apps/chatbot/openai"
+workloads = ["demo/Deployment/chatbot"]
+"#;
+
+    #[test]
+    fn the_pending_retry_interval_comes_from_the_file_and_changes_only_on_restart() {
+        let default = Config::parse(TARGET, "t").unwrap();
+        assert_eq!(
+            daemon_options(&default).pending_retry_interval,
+            Duration::from_secs(300)
+        );
+        let set = Config::parse(
+            &format!("[daemon]\npending_retry_interval = \"30s\"\n{TARGET}"),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(
+            daemon_options(&set).pending_retry_interval,
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            restart_only_changes(&default, &set),
+            vec!["daemon.pending_retry_interval"]
+        );
+        assert!(restart_only_changes(&default, &default).is_empty());
+    }
 }

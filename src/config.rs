@@ -106,6 +106,9 @@ pub struct DaemonConfig {
     pub account_name_template: Option<String>,
     /// The environment `{env}` stands for in the name template (one daemon per environment).
     pub env: Option<String>,
+    /// How often unfinished rotations and pending deletions (a failed revoke of a leaked
+    /// key above all) are tried again.
+    pub pending_retry_interval: DurationStr,
     /// Emergency forensics: what an emergency rotation records about the old key.
     pub forensics: ForensicsConfig,
     /// Reconciliation of OpenAI's audit log with our own trail.
@@ -210,6 +213,7 @@ impl Default for DaemonConfig {
             inventory_expiring_within: DurationStr::from_secs(7 * 86_400),
             account_name_template: None,
             env: None,
+            pending_retry_interval: DurationStr::from_secs(300),
             forensics: ForensicsConfig::default(),
             reconcile: ReconcileConfig::default(),
         }
@@ -959,6 +963,11 @@ impl Config {
                     "daemon.{field}: must be greater than zero (it paces a polling loop)"
                 ));
             }
+        }
+        if d.pending_retry_interval.get() < Duration::from_secs(1) {
+            errors.push(
+                "daemon.pending_retry_interval: must be at least 1s (a leaked key's failed revoke is retried this often)".into(),
+            );
         }
         if d.sweep_min_age.get().is_zero() {
             errors.push(
@@ -1810,6 +1819,10 @@ schedule = "0 0 3 * * *"
             (
                 format!("[daemon]\nsweep_min_age = \"0s\"\n{MINIMAL}"),
                 "line 2: daemon.sweep_min_age: must be greater than zero",
+            ),
+            (
+                format!("[daemon]\npending_retry_interval = \"0s\"\n{MINIMAL}"),
+                "line 2: daemon.pending_retry_interval: must be at least 1s",
             ),
             (
                 MINIMAL.replace("[vault]\n", "[vault]\nrequest_timeout = \"0s\"\n"),
