@@ -371,6 +371,16 @@ pub struct AdminKeyRotator {
     pub may_write: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
 }
 
+/// Whether `redacted` (the Admin API's `redacted_value`: the first 8 and last 4 characters
+/// of a key) could be `key`'s. The only way to tell which listed admin key a value is when
+/// Vault's metadata does not name it.
+pub fn fits_redacted(key: &Secret, redacted: Option<&str>) -> bool {
+    let v = key.expose();
+    let head = v.get(..8).unwrap_or(v);
+    let tail = v.get(v.len().saturating_sub(4)..).unwrap_or(v);
+    redacted.is_some_and(|r| r.len() >= 12 && r.starts_with(head) && r.ends_with(tail))
+}
+
 /// The admin key Vault serves at `path` (field `value`).
 pub async fn read_admin_key(store: &dyn SecretStore, path: &str) -> Result<Secret, AdminKeyError> {
     match store.read_key(path, FIELD).await? {
@@ -491,21 +501,12 @@ impl AdminKeyRotator {
         if let Some(a) = &meta.account {
             return Ok(a.key_id.clone());
         }
-        let v = key.expose();
-        let (head, tail) = (
-            v.get(..8).unwrap_or(v),
-            v.get(v.len().saturating_sub(4)..).unwrap_or(v),
-        );
         let fits: Vec<AdminKey> = self
             .api
             .list_admin_keys()
             .await?
             .into_iter()
-            .filter(|k| {
-                k.redacted_value
-                    .as_deref()
-                    .is_some_and(|r| r.len() >= 12 && r.starts_with(head) && r.ends_with(tail))
-            })
+            .filter(|k| fits_redacted(key, k.redacted_value.as_deref()))
             .collect();
         match fits.as_slice() {
             [one] => Ok(one.id.clone()),
@@ -736,4 +737,20 @@ pub fn from_config(
         metrics: Some(metrics),
         may_write: None,
     })))
+}
+
+#[cfg(test)]
+mod fits_tests {
+    use super::*;
+
+    #[test]
+    fn a_redacted_value_fits_only_its_own_key() {
+        let key = Secret::new("sk-admin-abcdefghijklmnop-WXYZ".to_string());
+        assert!(fits_redacted(&key, Some("sk-admin****WXYZ")));
+        // Negative controls: another tail, another head, too short, none.
+        assert!(!fits_redacted(&key, Some("sk-admin****WXYQ")));
+        assert!(!fits_redacted(&key, Some("sk-adm1n****WXYZ")));
+        assert!(!fits_redacted(&key, Some("sk-adminXYZ")));
+        assert!(!fits_redacted(&key, None));
+    }
 }

@@ -120,9 +120,6 @@ impl ReconcileSource for OpenAiClient {
     async fn our_admin_key_ids(&self) -> Result<Vec<String>, BackendError> {
         use crate::admin_key::AdminKeyApi;
         let key = self.current_admin_key();
-        let v = key.expose();
-        let head = v.get(..8).unwrap_or(v);
-        let tail = v.get(v.len().saturating_sub(4)..).unwrap_or(v);
         let keys = self
             .list_admin_keys()
             .await
@@ -133,11 +130,7 @@ impl ReconcileSource for OpenAiClient {
             })?;
         Ok(keys
             .into_iter()
-            .filter(|k| {
-                k.redacted_value
-                    .as_deref()
-                    .is_some_and(|r| r.len() >= 12 && r.starts_with(head) && r.ends_with(tail))
-            })
+            .filter(|k| crate::admin_key::fits_redacted(&key, k.redacted_value.as_deref()))
             .map(|k| k.id)
             .collect())
     }
