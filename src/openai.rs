@@ -229,13 +229,31 @@ struct ServiceAccount {
     created_at: i64,
 }
 
-/// `ProjectServiceAccountListResponse`.
+/// A cursor-paged list answer (`ProjectServiceAccountListResponse`,
+/// `ProjectApiKeyListResponse`): the next page starts `after` the last id.
 #[derive(Debug, Deserialize)]
-struct ServiceAccountList {
-    data: Vec<ServiceAccount>,
+struct CursorPage<T> {
+    data: Vec<T>,
     #[serde(default)]
     last_id: Option<String>,
     has_more: bool,
+}
+
+/// An item of a [`CursorPage`]: its id is the cursor when `last_id` is missing.
+trait Listed {
+    fn id(&self) -> &str;
+}
+
+impl Listed for ServiceAccount {
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl Listed for ListedApiKey {
+    fn id(&self) -> &str {
+        &self.id
+    }
 }
 
 /// `ProjectServiceAccountDeleteResponse`.
@@ -281,15 +299,6 @@ struct ListedOwnerRef {
     id: String,
     #[serde(default)]
     name: Option<String>,
-}
-
-/// `ProjectApiKeyListResponse`.
-#[derive(Debug, Deserialize)]
-struct ApiKeyList {
-    data: Vec<ListedApiKey>,
-    #[serde(default)]
-    last_id: Option<String>,
-    has_more: bool,
 }
 
 /// `UsageResponse`.
@@ -548,6 +557,74 @@ impl OpenAiClient {
 
     /// For `/readyz`: one authenticated cheap admin call (`GET /organization/projects?limit=1`),
     /// without retries so a probe answers within one request timeout.
+    /// Every page of the cursor-paged list at `segments` (with `query`), bounded by
+    /// `max_pages`, through the retried, paced path; a 404 is `NotFound`.
+    async fn list_all<T: serde::de::DeserializeOwned + Listed>(
+        &self,
+        op: &'static str,
+        segments: &[&str],
+        query: &[(&str, &str)],
+        what: &str,
+    ) -> Result<Vec<T>, BackendError> {
+        let mut out = Vec::new();
+        let mut after: Option<String> = None;
+        for _ in 0..self.max_pages {
+            let mut url = self.url(segments);
+            {
+                let mut q = url.query_pairs_mut();
+                q.append_pair("limit", &self.page_size.to_string());
+                for (k, v) in query {
+                    q.append_pair(k, v);
+                }
+                if let Some(a) = &after {
+                    q.append_pair("after", a);
+                }
+            }
+            let req = self.admin_req(op, Method::GET, url);
+            let body = match self.call(&req).await {
+                Ok(body) => body.unwrap_or_default(),
+                Err(GaveUp {
+                    error: Failure::Status { status: 404, .. },
+                    ..
+                }) => {
+                    return Err(BackendError::NotFound {
+                        backend: Backend::OpenAi,
+                        what: what.to_string(),
+                    })
+                }
+                Err(g) => return Err(self.failed(op, what, &g)),
+            };
+            let page: CursorPage<T> = parse(200, &body).map_err(|f| failed_once(op, what, &f))?;
+            let next = page
+                .last_id
+                .or_else(|| page.data.last().map(|i| i.id().to_string()));
+            out.extend(page.data);
+            if !page.has_more {
+                return Ok(out);
+            }
+            match next {
+                Some(n) if after.as_deref() != Some(n.as_str()) => after = Some(n),
+                _ => {
+                    return Err(failed_msg(
+                        op,
+                        what,
+                        "has_more is true but the page gives no new cursor",
+                        false,
+                    ))
+                }
+            }
+        }
+        Err(failed_msg(
+            op,
+            what,
+            &format!(
+                "still has_more after {} pages of {}; giving up",
+                self.max_pages, self.page_size
+            ),
+            false,
+        ))
+    }
+
     pub async fn ping(&self) -> Result<(), BackendError> {
         let mut url = self.url(&["organization", "projects"]);
         url.query_pairs_mut().append_pair("limit", "1");
@@ -822,37 +899,17 @@ impl KeyIssuer for OpenAiClient {
     async fn list_service_accounts(&self, project: &str) -> Result<Vec<AccountInfo>, BackendError> {
         const OP: &str = "service_accounts.list";
         let what = format!("project {project}");
-        let mut out = Vec::new();
-        let mut after: Option<String> = None;
-        for _ in 0..self.max_pages {
-            let mut url = self.url(&["organization", "projects", project, "service_accounts"]);
-            {
-                let mut q = url.query_pairs_mut();
-                q.append_pair("limit", &self.page_size.to_string());
-                if let Some(a) = &after {
-                    q.append_pair("after", a);
-                }
-            }
-            let req = self.admin_req(OP, Method::GET, url);
-            let body = match self.call(&req).await {
-                Ok(body) => body.unwrap_or_default(),
-                Err(GaveUp {
-                    error: Failure::Status { status: 404, .. },
-                    ..
-                }) => {
-                    return Err(BackendError::NotFound {
-                        backend: Backend::OpenAi,
-                        what,
-                    })
-                }
-                Err(g) => return Err(self.failed(OP, &what, &g)),
-            };
-            let page: ServiceAccountList =
-                parse(200, &body).map_err(|f| failed_once(OP, &what, &f))?;
-            let next = page
-                .last_id
-                .or_else(|| page.data.last().map(|a| a.id.clone()));
-            for a in page.data {
+        let listed: Vec<ServiceAccount> = self
+            .list_all(
+                OP,
+                &["organization", "projects", project, "service_accounts"],
+                &[],
+                &what,
+            )
+            .await?;
+        listed
+            .into_iter()
+            .map(|a| {
                 let created_at = timestamp(a.created_at).ok_or_else(|| {
                     failed_once(
                         OP,
@@ -863,36 +920,13 @@ impl KeyIssuer for OpenAiClient {
                         },
                     )
                 })?;
-                out.push(AccountInfo {
+                Ok(AccountInfo {
                     id: a.id,
                     name: a.name,
                     created_at,
-                });
-            }
-            if !page.has_more {
-                return Ok(out);
-            }
-            match next {
-                Some(n) if after.as_deref() != Some(n.as_str()) => after = Some(n),
-                _ => {
-                    return Err(failed_msg(
-                        OP,
-                        &what,
-                        "has_more is true but the page gives no new cursor",
-                        false,
-                    ))
-                }
-            }
-        }
-        Err(failed_msg(
-            OP,
-            &what,
-            &format!(
-                "still has_more after {} pages of {}; giving up",
-                self.max_pages, self.page_size
-            ),
-            false,
-        ))
+                })
+            })
+            .collect()
     }
 
     async fn delete_service_account(&self, project: &str, id: &str) -> Result<(), BackendError> {
@@ -993,63 +1027,18 @@ impl KeyIssuer for OpenAiClient {
     async fn list_project_keys(&self, project: &str) -> Result<Vec<ProjectKey>, BackendError> {
         const OP: &str = "api_keys.list";
         let what = format!("project {project}");
-        let mut out = Vec::new();
-        let mut after: Option<String> = None;
-        for _ in 0..self.max_pages {
-            let mut url = self.url(&["organization", "projects", project, "api_keys"]);
-            {
-                let mut q = url.query_pairs_mut();
-                q.append_pair("limit", &self.page_size.to_string())
-                    .append_pair("owner_project_access", "any");
-                if let Some(a) = &after {
-                    q.append_pair("after", a);
-                }
-            }
-            let req = self.admin_req(OP, Method::GET, url);
-            let body = match self.call(&req).await {
-                Ok(body) => body.unwrap_or_default(),
-                Err(GaveUp {
-                    error: Failure::Status { status: 404, .. },
-                    ..
-                }) => {
-                    return Err(BackendError::NotFound {
-                        backend: Backend::OpenAi,
-                        what,
-                    })
-                }
-                Err(g) => return Err(self.failed(OP, &what, &g)),
-            };
-            let page: ApiKeyList = parse(200, &body).map_err(|f| failed_once(OP, &what, &f))?;
-            let next = page
-                .last_id
-                .or_else(|| page.data.last().map(|k| k.id.clone()));
-            for k in page.data {
-                out.push(listed_key(k).map_err(|m| failed_msg(OP, &what, &m, false))?);
-            }
-            if !page.has_more {
-                return Ok(out);
-            }
-            match next {
-                Some(n) if after.as_deref() != Some(n.as_str()) => after = Some(n),
-                _ => {
-                    return Err(failed_msg(
-                        OP,
-                        &what,
-                        "has_more is true but the page gives no new cursor",
-                        false,
-                    ))
-                }
-            }
-        }
-        Err(failed_msg(
-            OP,
-            &what,
-            &format!(
-                "still has_more after {} pages of {}; giving up",
-                self.max_pages, self.page_size
-            ),
-            false,
-        ))
+        let listed: Vec<ListedApiKey> = self
+            .list_all(
+                OP,
+                &["organization", "projects", project, "api_keys"],
+                &[("owner_project_access", "any")],
+                &what,
+            )
+            .await?;
+        listed
+            .into_iter()
+            .map(|k| listed_key(k).map_err(|m| failed_msg(OP, &what, &m, false)))
+            .collect()
     }
 }
 
